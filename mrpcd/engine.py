@@ -1,0 +1,397 @@
+"""The public engine API.
+
+Every engine — in-tree or third-party — is written against this module only.
+An engine is a non-blocking unit of work sitting in a *datapath* (the chain
+``frontend -> [policies...] -> transport`` serving one application). Items flow
+in two directions through four queues the datapath hands the engine:
+
+    tx_in  -> engine -> tx_out      (toward the network)
+    rx_out <- engine <- rx_in       (toward the application)
+
+Items are :class:`Rpc` objects. The queues belong to the datapath, not to the
+engine, so detaching, upgrading or replacing an engine never loses what sits in
+them; whatever an engine holds internally (a delay queue) it hands over through
+``flush()`` (push it on) or ``decompose()`` (give it to its successor).
+
+Engines never sleep and never block: ``do_work()`` does what can be done now and
+returns how many items it processed. Time comes from ``ctx.clock`` so that
+time-based logic is tested with :class:`MockClock`, without sleeping.
+
+Lifecycle (one table, see ``ENGINE_STATES``)::
+
+    loaded --attach--> attached --detach--> detached
+                          |  ^
+                  upgrade |  | restore
+                          v  |
+                      decomposed
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from libmrpc.status import ConfigError, StatusCode
+
+ENGINE_API_VERSION = 1
+
+ENGINE_STATES: dict[str, dict[str, str]] = {
+    "loaded": {"attach": "attached"},
+    "attached": {"detach": "detached", "upgrade": "decomposed"},
+    "decomposed": {"restore": "attached", "rollback": "attached"},
+    "detached": {},
+}
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds."""
+        ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class MockClock:
+    """A clock that moves only when told to (``advance``); for tests."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock never goes backwards")
+        self._now += seconds
+
+
+# --------------------------------------------------------------------------- RPC items
+
+
+class RpcKind(enum.IntEnum):
+    CALL = 1  # a request: outbound from a client app (tx) or inbound for a server app (rx)
+    REPLY = 2  # a reply or error: outbound from a server app (tx) or inbound for a client (rx)
+    RECLAIM = 3  # daemon bookkeeping: the app may reuse the send-heap memory of call_id
+
+
+class Side(str, enum.Enum):
+    SEND = "send"  # calls the application sends (client role), seen in the tx direction
+    RECEIVE = "receive"  # calls the application receives (server role), seen in rx
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRef:
+    """What engines know about a method (a subset of the schema's MethodInfo)."""
+
+    id: int
+    service: str  # full service name, "echo.Echo"
+    name: str  # method name, "Echo"
+    path: str  # "/echo.Echo/Echo"
+    request: str  # full request message name
+    response: str  # full response message name
+
+
+@dataclass(eq=False, slots=True)
+class Rpc:
+    """One RPC (or reply) moving through a datapath.
+
+    Policies read the public fields. ``view()`` gives a read-only message view
+    of the payload in daemon-private memory, safe against the application
+    changing shared memory after the check (the bytes checked are the bytes
+    sent). Fields whose names start with ``_`` belong to the frontend and
+    transport.
+    """
+
+    kind: RpcKind
+    app: str  # name of the application whose datapath this is
+    app_pid: int
+    call_id: int  # unique per datapath while the call is alive; a CALL and its REPLY share it
+    method: MethodRef | None
+    deadline: float | None = None  # clock time, or None
+    status: StatusCode = StatusCode.OK  # for REPLY: the call's outcome
+    details: str = ""
+    size: int = 0  # bytes of the message image (0 until known)
+    created: float = 0.0  # clock time the daemon first saw this item
+    meta: dict[str, Any] = field(default_factory=dict)  # scratch space for engines
+    # --- frontend/transport private state ---
+    _view: Callable[[], Any] | None = None
+    _state: Any = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind is RpcKind.REPLY and self.status is not StatusCode.OK
+
+    def view(self) -> Any:
+        """The message as a read-only view over daemon-private memory.
+
+        Raises ``LookupError`` when the payload is not available (error replies).
+        """
+        if self._view is None:
+            raise LookupError(f"rpc {self.call_id} of {self.app!r} carries no message")
+        return self._view()
+
+    def error_reply(self, status: StatusCode, details: str) -> Rpc:
+        """A REPLY carrying ``status`` for this CALL; see ``Datapath.reject``."""
+        if self.kind is not RpcKind.CALL:
+            raise ValueError("only a CALL can be answered with an error")
+        return Rpc(
+            kind=RpcKind.REPLY,
+            app=self.app,
+            app_pid=self.app_pid,
+            call_id=self.call_id,
+            method=self.method,
+            deadline=self.deadline,
+            status=StatusCode(status),
+            details=details,
+            created=self.created,
+            meta=self.meta,
+            _state=("rejected", self._state),
+        )
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class EngineContext:
+    """What the daemon gives an engine: identity, clock, log, shared services."""
+
+    engine_id: str  # stable operator-facing id, e.g. "kv/ratelimit-1"
+    app: str  # application name ("" for daemon-wide engines)
+    app_pid: int
+    clock: Clock
+    side: Side = Side.SEND
+    method: str | None = None  # restrict to one method ("Echo" or "/echo.Echo/Echo")
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("mrpcd.engine"))
+    runtime_local: dict[str, Any] = field(default_factory=dict)  # state shared by engines of one runtime
+    services: dict[str, Any] = field(default_factory=dict)  # daemon services (metrics registry, ...)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class Engine(abc.ABC):
+    """The engine contract (DESIGN.md, "Engines, runtimes, datapaths")."""
+
+    NAME: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    #: True for policies that read message content: the datapath then gives
+    #: ``Rpc.view()`` a daemon-private copy before this engine runs.
+    READS_CONTENT: ClassVar[bool] = False
+
+    tx_in: deque[Rpc]
+    tx_out: deque[Rpc]
+    rx_in: deque[Rpc]
+    rx_out: deque[Rpc]
+
+    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.config = dict(self.validate_config(config))
+        self.tx_in, self.tx_out, self.rx_in, self.rx_out = deque(), deque(), deque(), deque()
+
+    def bind(self, tx_in: deque[Rpc], tx_out: deque[Rpc], rx_in: deque[Rpc], rx_out: deque[Rpc]) -> None:
+        """Called by the datapath to splice the engine in."""
+        self.tx_in, self.tx_out, self.rx_in, self.rx_out = tx_in, tx_out, rx_in, rx_out
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Return the complete, checked config; raise ``ConfigError`` naming the key."""
+        if config:
+            raise ConfigError(f"engine {cls.NAME!r} takes no config keys, got {sorted(config)}")
+        return {}
+
+    @abc.abstractmethod
+    def do_work(self) -> int:
+        """Process what can be processed now; return the number of items (0 = idle)."""
+
+    def flush(self) -> int:
+        """Push every buffered item on to the next engine; return how many."""
+        return 0
+
+    def decompose(self) -> dict[str, Any]:
+        """Hand over internal state (plain data and Rpc objects) for ``restore``."""
+        return {}
+
+    @classmethod
+    def restore(
+        cls, ctx: EngineContext, config: Mapping[str, Any], state: Mapping[str, Any], prev_version: int
+    ) -> Engine:
+        """Build an engine of this version from a predecessor's ``decompose()``."""
+        engine = cls(ctx, config)
+        engine.load_state(state, prev_version)
+        return engine
+
+    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        """Adopt ``state``; the default accepts only an empty state."""
+        if state:
+            raise ValueError(f"{self.NAME} v{self.VERSION} cannot restore state {sorted(state)}")
+
+    def update_config(self, config: Mapping[str, Any]) -> None:
+        """Change config in place, all or nothing: validate first, then apply."""
+        merged = dict(self.config)
+        merged.update(config)
+        self.config = dict(self.validate_config(merged))
+
+    def handle_request(self, cmd: Mapping[str, Any]) -> dict[str, Any]:
+        """An operator command addressed to this engine."""
+        raise ValueError(f"engine {self.NAME!r} has no command {cmd.get('op')!r}")
+
+    def statistics(self) -> dict[str, int | float]:
+        return {}
+
+    def next_timer(self) -> float | None:
+        """Clock time at which ``do_work`` must run even with no new input."""
+        return None
+
+    def wakeup_fds(self) -> list[int]:
+        """File descriptors whose readiness means this engine has work (epoll)."""
+        return []
+
+    def close(self) -> None:
+        """Release OS resources; called after detach (and after ``decompose``)."""
+
+
+# --------------------------------------------------------------------------- policies
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    HOLD = "hold"  # the engine keeps the call and forwards it later with ``release``
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    status: StatusCode
+    details: str
+
+
+class PolicyEngine(Engine):
+    """Base for policies: decides on CALLs of one side, observes replies.
+
+    Subclasses implement ``on_call`` (and optionally ``on_reply``). The base
+    handles direction (``ctx.side``), the ``method`` filter, shadow mode
+    (``enforce: false`` counts and logs what it would have done and passes the
+    call) and turning rejections into error replies toward the caller.
+    """
+
+    COMMON_KEYS: ClassVar[frozenset[str]] = frozenset({"enforce"})
+
+    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, config)
+        self.counters: dict[str, int] = {"calls": 0, "passed": 0, "rejected": 0, "held": 0,
+                                          "would_reject": 0, "would_hold": 0}
+
+    @property
+    def enforce(self) -> bool:
+        return bool(self.config.get("enforce", True))
+
+    @classmethod
+    def common_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        enforce = config.get("enforce", True)
+        if not isinstance(enforce, bool):
+            raise ConfigError(f"{cls.NAME}: enforce: expected true or false, got {enforce!r}")
+        return {"enforce": enforce}
+
+    def on_call(self, rpc: Rpc) -> Verdict | Reject:
+        return Verdict.PASS
+
+    def on_reply(self, rpc: Rpc) -> None:
+        """Observe a reply (or error) on its way; it is always forwarded."""
+
+    def matches(self, rpc: Rpc) -> bool:
+        want = self.ctx.method
+        if want is None or rpc.method is None:
+            return want is None
+        return want in (rpc.method.name, rpc.method.path, f"{rpc.method.service}/{rpc.method.name}")
+
+    # The datapath's outbound error path: a CALL refused on the send side goes
+    # back toward the app (rx_out); one refused on the receive side goes back
+    # toward the network (tx_out) so the remote caller hears about it.
+    def reject(self, rpc: Rpc, status: StatusCode, details: str) -> None:
+        reply = rpc.error_reply(status, details)
+        (self.rx_out if self.ctx.side is Side.SEND else self.tx_out).append(reply)
+
+    def release(self, rpc: Rpc) -> None:
+        """Forward a call this engine held."""
+        (self.tx_out if self.ctx.side is Side.SEND else self.rx_out).append(rpc)
+
+    def _decide(self, rpc: Rpc) -> None:
+        self.counters["calls"] += 1
+        verdict = self.on_call(rpc) if self.matches(rpc) else Verdict.PASS
+        if verdict is Verdict.PASS:
+            self.counters["passed"] += 1
+            self.release(rpc)
+        elif verdict is Verdict.HOLD:
+            self.counters["held"] += 1
+        elif self.enforce:
+            self.counters["rejected"] += 1
+            self.reject(rpc, verdict.status, verdict.details)
+        else:
+            self.counters["would_reject"] += 1
+            self.counters["passed"] += 1
+            self.ctx.log.info("shadow %s: would reject %s call %s: %s", self.ctx.engine_id,
+                              rpc.method.path if rpc.method else "?", rpc.call_id, verdict.details)
+            self.release(rpc)
+
+    def do_work(self) -> int:
+        n = 0
+        send = self.ctx.side is Side.SEND
+        tx_in, tx_out, rx_in, rx_out = self.tx_in, self.tx_out, self.rx_in, self.rx_out
+        while tx_in:
+            rpc = tx_in.popleft()
+            n += 1
+            if send and rpc.kind is RpcKind.CALL:
+                self._decide(rpc)
+            else:
+                if rpc.kind is RpcKind.REPLY:
+                    self.on_reply(rpc)
+                tx_out.append(rpc)
+        while rx_in:
+            rpc = rx_in.popleft()
+            n += 1
+            if not send and rpc.kind is RpcKind.CALL:
+                self._decide(rpc)
+            else:
+                if rpc.kind is RpcKind.REPLY:
+                    self.on_reply(rpc)
+                rx_out.append(rpc)
+        return n
+
+    def statistics(self) -> dict[str, int | float]:
+        return dict(self.counters)
+
+    def decompose(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters)}
+
+    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        self.counters.update(state.get("counters", {}))
+
+
+def validate_engine_class(obj: object, where: str) -> type[Engine]:
+    """Check that ``obj`` implements the engine contract; raise ``TypeError`` naming the gap."""
+    if not isinstance(obj, type) or not issubclass(obj, Engine):
+        raise TypeError(f"{where}: ENGINE must be a subclass of mrpcd.engine.Engine, got {obj!r}")
+    if not isinstance(getattr(obj, "NAME", None), str) or not obj.NAME:
+        raise TypeError(f"{where}: engine class {obj.__name__} needs a NAME string")
+    if not isinstance(getattr(obj, "VERSION", None), int):
+        raise TypeError(f"{where}: engine class {obj.__name__} needs an integer VERSION")
+    abstract = getattr(obj, "__abstractmethods__", frozenset())
+    if abstract:
+        raise TypeError(
+            f"{where}: engine {obj.NAME!r} does not implement {', '.join(sorted(abstract))} "
+            f"(expected e.g. 'def do_work(self) -> int')"
+        )
+    return obj
