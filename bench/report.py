@@ -1,0 +1,418 @@
+"""Turn ``results.json`` into ``results.md`` and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.plan import GOODPUT_TARGET_SIZE, LATENCY_REQ, RATE_REQ, RATE_TARGET_CONC, REPLY_SIZE
+
+COLORS = {
+    "mrpc": "tab:red", "mrpc-null": "tab:orange", "grpc-sync": "tab:blue",
+    "grpc-aio": "tab:cyan", "grpc-envoy": "tab:purple", "tcp-floor": "tab:gray",
+    "shm-floor": "tab:green", "socket-stream": "black",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    peer: str
+    workload: str
+    mode: str
+    conc: int
+    size: int
+    metric: str  # a key of a case summary: p50, p99, rate, goodput_Bps, cpu_us_per_rpc
+    op: str  # "<=" or ">="
+    bound: float
+
+
+TARGETS = (
+    Target("RTT p50 (pinned): mrpc ≤ 0.2 × grpc-sync", "grpc-sync", "latency", "pinned", 1,
+           LATENCY_REQ, "p50", "<=", 0.2),
+    Target("RTT p50 (pinned): mrpc ≤ 0.1 × grpc-envoy", "grpc-envoy", "latency", "pinned", 1,
+           LATENCY_REQ, "p50", "<=", 0.1),
+    Target("RTT p99 (pinned): mrpc ≤ 0.25 × grpc-sync", "grpc-sync", "latency", "pinned", 1,
+           LATENCY_REQ, "p99", "<=", 0.25),
+    Target(f"rate at concurrency {RATE_TARGET_CONC}: mrpc ≥ 10 × grpc-aio", "grpc-aio", "rate",
+           "scheduled", RATE_TARGET_CONC, RATE_REQ, "rate", ">=", 10.0),
+    Target("8 MiB goodput: mrpc ≥ 3 × grpc-sync", "grpc-sync", "goodput", "scheduled", 1,
+           GOODPUT_TARGET_SIZE, "goodput_Bps", ">=", 3.0),
+    Target("8 MiB goodput: mrpc ≥ 60 % of a Python socket stream", "socket-stream", "goodput",
+           "scheduled", 1, GOODPUT_TARGET_SIZE, "goodput_Bps", ">=", 0.6),
+    Target(f"CPU per small RPC (rate, c={RATE_TARGET_CONC}): mrpc ≤ 0.15 × grpc-sync",
+           "grpc-sync", "rate", "scheduled", RATE_TARGET_CONC, RATE_REQ, "cpu_us_per_rpc", "<=",
+           0.15),
+)
+
+
+# ----------------------------------------------------------------------------- lookups
+
+
+def find_case(sysrec: dict[str, Any] | None, workload: str, mode: str, conc: int, clients: int,
+              size: int) -> dict[str, Any] | None:
+    if not sysrec:
+        return None
+    for c in sysrec.get("cases", []):
+        k = c["case"]
+        if (k["workload"], k["mode"], k["conc"], k["clients"], k["req_size"]) == (
+                workload, mode, conc, clients, size):
+            return c
+    return None
+
+
+def metric(case: dict[str, Any] | None, key: str) -> dict[str, float] | None:
+    if case is None or "error" in case:
+        return None
+    m = case.get("summary", {}).get(key)
+    if not m or m.get("runs", 0) == 0 or _nan(m["median"]):
+        return None
+    return m
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt(m: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
+    if m is None:
+        return "—"
+    f = f"{{:,.{digits}f}}"
+    return (f"{f.format(m['median'] * scale)} "
+            f"<sub>[{f.format(m['min'] * scale)}–{f.format(m['max'] * scale)}]</sub>")
+
+
+def _digits(v: float) -> int:
+    return 0 if v >= 100 else (1 if v >= 10 else 2)
+
+
+def fmt_auto(m: dict[str, float] | None, scale: float = 1.0) -> str:
+    if m is None:
+        return "—"
+    return fmt(m, scale, _digits(abs(m["median"] * scale)))
+
+
+def size_label(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n // (1024 * 1024)} MiB"
+    if n >= 1024:
+        return f"{n // 1024} KiB"
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def status_line(name: str, rec: dict[str, Any]) -> str | None:
+    st = rec.get("status")
+    if st == "skipped":
+        return f"- **{name}** skipped: {rec.get('reason')}"
+    if st == "failed":
+        return f"- **{name}** failed: {rec.get('reason')} (see `logs/{name}/`)"
+    bad = [c for c in rec.get("cases", []) if "error" in c]
+    if bad:
+        first = bad[0]["error"].strip().splitlines()
+        return (f"- **{name}**: {len(bad)} case(s) failed, first `{bad[0]['case']['key']}`: "
+                f"{first[-1][:200] if first else ''}")
+    errs = sum(c.get("summary", {}).get("errors", 0) for c in rec.get("cases", []))
+    if errs:
+        return f"- **{name}**: {errs} calls failed during measurement (see results.json)"
+    return None
+
+
+def targets_table(results: dict[str, Any]) -> list[str]:
+    systems = results["systems"]
+    mrpc = systems.get("mrpc")
+    lines = ["| target | mrpc | peer | ratio mrpc/peer | goal | verdict |", "|---|---|---|---|---|---|"]
+    for t in TARGETS:
+        peer = systems.get(t.peer)
+        mine = metric(find_case(mrpc, t.workload, t.mode, t.conc, 1, t.size), t.metric)
+        theirs = metric(find_case(peer, t.workload, t.mode, t.conc, 1, t.size), t.metric)
+        unit_scale, unit = _unit(t.metric)
+        a = f"{fmt_auto(mine, unit_scale)} {unit}" if mine else "—"
+        b = f"{fmt_auto(theirs, unit_scale)} {unit}" if theirs else "—"
+        if mine and theirs and theirs["median"] > 0:
+            ratio = mine["median"] / theirs["median"]
+            ok = ratio <= t.bound if t.op == "<=" else ratio >= t.bound
+            verdict = "**met**" if ok else "**missed**"
+            r = f"{ratio:.3g}"
+        else:
+            missing = []
+            if not mine:
+                missing.append(_why("mrpc", mrpc))
+            if not theirs:
+                missing.append(_why(t.peer, peer))
+            verdict, r = "n/a (" + "; ".join(missing) + ")", "—"
+        lines.append(f"| {t.text} ({t.peer}: {b}) | {a} | {t.peer} | {r} | {t.op} {t.bound:g} "
+                     f"| {verdict} |")
+    return lines
+
+
+def _why(name: str, rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return f"{name} not in this run"
+    if rec.get("status") in ("skipped", "failed"):
+        return f"{name} {rec['status']}"
+    return f"{name}: no data"
+
+
+def _unit(key: str) -> tuple[float, str]:
+    return {"p50": (1, "µs"), "p99": (1, "µs"), "p99.9": (1, "µs"), "rate": (1, "RPC/s"),
+            "goodput_Bps": (1e-6, "MB/s"), "cpu_us_per_rpc": (1, "µs")}[key]
+
+
+def latency_table(results: dict[str, Any], mode: str) -> list[str]:
+    lines = ["| system | p50 µs | p99 µs | p99.9 µs | CPU µs/RPC (all processes) | calls/run |",
+             "|---|---|---|---|---|---|"]
+    for name, rec in results["systems"].items():
+        c = find_case(rec, "latency", mode, 1, 1, LATENCY_REQ)
+        if c is None:
+            continue
+        if "error" in c:
+            lines.append(f"| {name} | error | | | | |")
+            continue
+        s = c["summary"]
+        n = [r["count"] for r in c["runs"]]
+        lines.append(f"| {name} | {fmt_auto(metric(c, 'p50'))} | {fmt_auto(metric(c, 'p99'))} | "
+                     f"{fmt_auto(metric(c, 'p99.9'))} | {fmt_auto(metric(c, 'cpu_us_per_rpc'))} | "
+                     f"{min(n) if n else 0:,}–{max(n) if n else 0:,} |"
+                     if s.get("runs") else f"| {name} | no data | | | | |")
+    return lines
+
+
+def _concs(results: dict[str, Any]) -> list[int]:
+    plan = results["plan"]
+    return sorted(set(plan["rate_concs"]) | set(plan["rate_two_client_concs"]))
+
+
+def rate_table(results: dict[str, Any], key: str, scale: float = 1.0) -> list[str]:
+    concs = _concs(results)
+    lines = ["| system | client procs | " + " | ".join(f"c={c}" for c in concs) + " |",
+             "|---|---|" + "---|" * len(concs)]
+    for name, rec in results["systems"].items():
+        for clients in (1, 2):
+            cells = []
+            any_case = False
+            for c in concs:
+                case = find_case(rec, "rate", "scheduled", c, clients, RATE_REQ)
+                any_case |= case is not None
+                cells.append("error" if case and "error" in case else
+                             fmt_auto(metric(case, key), scale))
+            if any_case:
+                lines.append(f"| {name} | {clients} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goodput_table(results: dict[str, Any]) -> list[str]:
+    sizes = results["plan"]["goodput_sizes"]
+    lines = ["| system | " + " | ".join(size_label(s) for s in sizes) + " | CPU µs/RPC at "
+             + size_label(sizes[-1]) + " |", "|---|" + "---|" * (len(sizes) + 1)]
+    for name, rec in results["systems"].items():
+        cells, any_case = [], False
+        for s in sizes:
+            case = find_case(rec, "goodput", "scheduled", 1, 1, s)
+            any_case |= case is not None
+            cells.append("error" if case and "error" in case else
+                         fmt_auto(metric(case, "goodput_Bps"), 1e-6))
+        last = find_case(rec, "goodput", "scheduled", 1, 1, sizes[-1])
+        if any_case:
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | "
+                         f"{fmt_auto(metric(last, 'cpu_us_per_rpc'))} |")
+    return lines
+
+
+def memory_table(results: dict[str, Any]) -> list[str]:
+    lines = ["| system | process | idle RSS MiB | peak RSS under load MiB |", "|---|---|---|---|"]
+    for name, rec in results["systems"].items():
+        if rec.get("status") not in ("ok", "partial"):
+            continue
+        idle: dict[str, int] = dict(rec.get("idle_rss_kib", {}))
+        load: dict[str, int] = {}
+        for c in rec.get("cases", []):
+            if "client_idle_rss_kib" in c:
+                idle["client-app"] = max(idle.get("client-app", 0), c["client_idle_rss_kib"])
+            if c["case"]["workload"] == "latency" and c["case"]["mode"] == "pinned":
+                pass
+            for r in c.get("runs", []):
+                for role, kib in r.get("rss_peak_kib", {}).items():
+                    load[role] = max(load.get(role, 0), kib)
+        for role in sorted(set(idle) | set(load), key=lambda r: (r == "client-app", r)):
+            i = f"{idle[role] / 1024:.1f}" if role in idle else "—"
+            lv = f"{load[role] / 1024:.1f}" if role in load else "—"
+            lines.append(f"| {name} | {role} | {i} | {lv} |")
+    return lines
+
+
+def bind_table(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for name, rec in results["systems"].items():
+        bind = rec.get("extra", {}).get("bind")
+        if not bind:
+            continue
+        if not lines:
+            lines = ["| system | phase | median ms [min–max] | what is timed |", "|---|---|---|---|"]
+        for phase in ("cold", "cached"):
+            m = bind.get(phase)
+            if m:
+                lines.append(f"| {name} | {phase} | {fmt_auto(m)} | {bind.get('what', '')} |")
+        if bind.get("error"):
+            lines.append(f"| {name} | error | — | {bind['error'][:200]} |")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    plan, mach = results["plan"], results["machine"]
+    v = mach.get("versions", {})
+    out = [
+        f"# mrpc benchmarks — {results['started']}",
+        "",
+        f"{'Quick' if plan['quick'] else 'Full'} run in {results.get('seconds', 0):.0f} s on "
+        f"{mach['cpus']} CPUs ({mach['cpu_model']}), kernel {mach['kernel']}, commit "
+        f"`{mach.get('commit', '?')}`. Python {v.get('python')}, grpcio {v.get('grpc')}, "
+        f"protobuf {v.get('google.protobuf')}, Envoy {v.get('envoy')}.",
+        "",
+        f"Every figure is the median of {plan['runs']} runs with [min–max]. Windows: latency "
+        f"{plan['lat_duration']} s, rate {plan['rate_duration']} s, goodput "
+        f"{plan['goodput_duration']} s, each after {plan['warmup']} s of warm-up. "
+        "CPU per RPC is the user+sys CPU of every process involved (client apps, servers, "
+        "daemons, Envoys) over the window divided by the RPCs completed in it. *Pinned*: every "
+        "thread of every process of the case on CPU 0; *scheduled*: left to the kernel (this VM "
+        "halts idle CPUs and charges ~50 µs to wake one, so the pinned figure is the stable one).",
+        "",
+    ]
+    notes = [s for n, r in results["systems"].items() if (s := status_line(n, r))]
+    if results.get("shm_leftovers"):
+        notes.append(f"- left in /dev/shm after the run: {results['shm_leftovers']}")
+    if notes:
+        out += ["## Skipped, failed, warnings", "", *notes, ""]
+    out += ["## Targets", "",
+            "Latency targets use the pinned cases; rate, goodput and CPU use the scheduled "
+            "cases (those need both CPUs). All from this one run.", "",
+            *targets_table(results), ""]
+    for mode in ("pinned", "scheduled"):
+        out += [f"## Latency, {mode} ({LATENCY_REQ} B request, {REPLY_SIZE} B reply, one "
+                "outstanding call)", "", *latency_table(results, mode), ""]
+    out += [f"## Rate (RPC/s, {RATE_REQ} B requests, {REPLY_SIZE} B replies; c = outstanding "
+            "calls per client process)", "", *rate_table(results, "rate"), "",
+            "## CPU per small RPC (µs of CPU, all processes, rate cases)", "",
+            *rate_table(results, "cpu_us_per_rpc"), "",
+            "## Latency under load (p50 µs, rate cases)", "", *rate_table(results, "p50"), "",
+            f"## Goodput (MB/s of request payload, {REPLY_SIZE} B replies, one outstanding call)",
+            "", "`socket-stream` is a plain one-way Python TCP stream of the same chunks, the "
+            "reference for the 8 MiB target.", "", *goodput_table(results), "",
+            "## Memory (RSS)", "", "Idle: after start (servers) or after connecting (client "
+            "app); under load: the peak sampled every "
+            f"{plan['sample_interval']} s over all cases.", "", *memory_table(results), ""]
+    bind = bind_table(results)
+    if bind:
+        out += ["## Bind time (mrpc)", "", *bind, ""]
+    out += ["## Systems", ""]
+    for name, rec in results["systems"].items():
+        out.append(f"- **{name}**: {rec.get('summary', '')}")
+    out += ["", "Plots: `latency_cdf.png`, `rate_vs_concurrency.png`, `goodput_vs_size.png`, "
+            "`cpu_per_rpc.png`. Raw data: `results.json`; process logs: `logs/`.", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    systems = results["systems"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, ("pinned", "scheduled"), strict=True):
+        for name, rec in systems.items():
+            c = find_case(rec, "latency", mode, 1, 1, LATENCY_REQ)
+            if c is None or "error" in c or not c["runs"]:
+                continue
+            runs = sorted(c["runs"], key=lambda r: r["lat"].get("p50", 0))
+            cdf = runs[len(runs) // 2].get("cdf") or []
+            if cdf:
+                ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=name,
+                        color=COLORS.get(name))
+        ax.set_xscale("log")
+        ax.set_title(f"RTT CDF, {mode} ({LATENCY_REQ} B / {REPLY_SIZE} B, median run)")
+        ax.set_xlabel("round-trip time (µs, log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("fraction of calls")
+    written.append(_save(fig, out_dir / "latency_cdf.png"))
+
+    concs = _concs(results)
+    for key, fname, ylabel, title in (
+        ("rate", "rate_vs_concurrency.png", "RPC/s (log)", "Small-RPC rate"),
+        ("cpu_us_per_rpc", "cpu_per_rpc.png", "CPU µs per RPC, all processes (log)",
+         "CPU per small RPC"),
+    ):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, clients in zip(axes, (1, 2), strict=True):
+            for name, rec in systems.items():
+                xs, ys, lo, hi = [], [], [], []
+                for c in concs:
+                    m = metric(find_case(rec, "rate", "scheduled", c, clients, RATE_REQ), key)
+                    if m:
+                        xs.append(c)
+                        ys.append(m["median"])
+                        lo.append(m["median"] - m["min"])
+                        hi.append(m["max"] - m["median"])
+                if xs:
+                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name,
+                                color=COLORS.get(name))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(concs, [str(c) for c in concs])
+            ax.set_title(f"{title}, {clients} client process{'es' if clients > 1 else ''}")
+            ax.set_xlabel("outstanding calls per client process")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel(ylabel)
+        written.append(_save(fig, out_dir / fname))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = results["plan"]["goodput_sizes"]
+    for name, rec in systems.items():
+        xs, ys, lo, hi = [], [], [], []
+        for s in sizes:
+            m = metric(find_case(rec, "goodput", "scheduled", 1, 1, s), "goodput_Bps")
+            if m:
+                xs.append(s)
+                ys.append(m["median"] / 1e6)
+                lo.append((m["median"] - m["min"]) / 1e6)
+                hi.append((m["max"] - m["median"]) / 1e6)
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="s" if len(xs) == 1 else "o", capsize=3,
+                        label=name, color=COLORS.get(name), markersize=8 if len(xs) == 1 else 5)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [size_label(s) for s in sizes])
+    ax.set_xlabel("request size (reply 8 B)")
+    ax.set_ylabel("goodput, MB/s (log)")
+    ax.set_title("Goodput vs request size, one outstanding call")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "goodput_vs_size.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    md = out_dir / "results.md"
+    md.write_text(markdown(results))
+    return [md, *plots(results, out_dir)]

@@ -1,0 +1,394 @@
+"""Orchestration: start each system, run its cases, account CPU and memory.
+
+For every system: start its server side (servers, daemons, sidecars), record
+idle RSS, then for each case start the client worker process(es), and repeat
+the measured window ``plan.runs`` times. Per run the runner snapshots the CPU
+of every server-side process (descendants included) right before telling the
+clients "go" and right after the last result, and samples RSS of everything
+every ``plan.sample_interval`` seconds. Pinned cases put every thread of every
+process involved on CPU 0 (clients are started pinned; servers are re-pinned
+thread by thread and unpinned afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench import procs, stats
+from bench.plan import REPLY_SIZE, Case, Plan
+from bench.systems import StartContext, System, Unavailable, registry
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 90.0
+PINNED_CPUS = (0,)
+
+
+class CaseError(RuntimeError):
+    pass
+
+
+class Workers:
+    """The client worker processes of one case, driven over their stdin/stdout."""
+
+    def __init__(self, system: System, server_info: dict[str, Any], case: Case,
+                 log_dir: Path) -> None:
+        self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        self.procs: list[procs.Proc] = []
+        cpus = PINNED_CPUS if case.mode == "pinned" else None
+        config = {"driver": system.driver, "server": server_info,
+                  "case": {"conc": case.conc, "req_size": case.req_size}}
+        safe = case.key.replace("/", "_")
+        for i in range(case.clients):
+            p = procs.spawn(f"client-{safe}-{i}",
+                            procs.python_argv("bench.worker", json.dumps(config)),
+                            log_dir=log_dir, cpus=cpus, stdin_pipe=True, stdout_pipe=True)
+            self.procs.append(p)
+            threading.Thread(target=self._reader, args=(i, p), daemon=True).start()
+
+    def _reader(self, i: int, p: procs.Proc) -> None:
+        assert p.popen.stdout is not None
+        for _ in range(100_000):
+            line = p.popen.stdout.readline()
+            if not line:
+                self.events.put((i, {"event": "eof"}))
+                return
+            try:
+                self.events.put((i, json.loads(line)))
+            except json.JSONDecodeError:
+                log.warning("worker %d said: %s", i, line[:200])
+
+    def send(self, obj: dict[str, Any]) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        for p in self.procs:
+            assert p.popen.stdin is not None
+            p.popen.stdin.write(data)
+            p.popen.stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
+        """One ``event`` from every worker, in worker order; CaseError otherwise."""
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.procs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CaseError(f"timed out after {timeout:.0f}s waiting for {event!r}")
+            try:
+                i, obj = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if obj.get("event") == event:
+                got[i] = obj
+            elif obj.get("event") == "error":
+                raise CaseError(f"client {i} failed:\n{obj.get('message', '')}")
+            elif obj.get("event") == "eof":
+                raise CaseError(f"client {i} exited before {event!r}:\n"
+                                f"{self.procs[i].log_tail()}")
+        return [got[i] for i in range(len(self.procs))]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                if p.alive() and p.popen.stdin is not None:
+                    p.popen.stdin.write(b'{"cmd": "exit"}\n')
+                    p.popen.stdin.flush()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5.0
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            procs.stop(p, grace=1.0)
+
+
+class RssSampler:
+    """Peak RSS per pid, sampled on a background thread."""
+
+    def __init__(self, pids: dict[int, str], interval: float) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._sample()
+
+    def _sample(self) -> None:
+        for pid in self.pids:
+            kib = procs.rss_kib(pid)
+            if kib is not None and kib > self.peak.get(pid, 0):
+                self.peak[pid] = kib
+
+    def _run(self) -> None:
+        for _ in range(100_000):
+            self._sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def by_role(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pid, kib in self.peak.items():
+            role = self.pids[pid]
+            out[role] = max(out.get(role, 0), kib)
+        return out
+
+
+def _role_rss(pids: dict[int, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pid, role in pids.items():
+        kib = procs.rss_kib(pid)
+        if kib is not None:
+            out[role] = max(out.get(role, 0), kib)
+    return out
+
+
+def run_case(system: System, server_info: dict[str, Any], case: Case, plan: Plan,
+             log_dir: Path) -> dict[str, Any]:
+    """Run every repeat of one case; return its raw record."""
+    server_pids = system.accounted()
+    cpus = PINNED_CPUS if case.mode == "pinned" else sorted(procs.ALL_CPUS)
+    procs.set_affinity_all_threads(server_pids, cpus)
+    workers = Workers(system, server_info, case, log_dir)
+    record: dict[str, Any] = {"case": case.to_json(), "runs": []}
+    duration = plan.duration(case)
+    try:
+        ready = workers.expect("ready", READY_TIMEOUT_S)
+        record["client_info"] = ready[0].get("info", {})
+        record["client_idle_rss_kib"] = max(r.get("rss_kib") or 0 for r in ready)
+        system.on_clients_ready(ready)
+        server_pids = system.accounted()
+        if case.mode == "pinned":  # threads a hook may have started
+            procs.set_affinity_all_threads(server_pids, cpus)
+        for run in range(plan.runs):
+            workers.send({"cmd": "run", "duration": duration, "warmup": plan.warmup,
+                          "max_calls": 2_000_000, "cdf": case.workload == "latency"})
+            workers.expect("warm", duration + plan.warmup + 60.0)
+            server_pids = system.accounted()
+            watched = dict(server_pids) | {pid: "client-app" for pid in workers.pids()}
+            with RssSampler(watched, plan.sample_interval) as sampler:
+                snap0 = procs.cpu_snapshot(server_pids)
+                t0 = time.monotonic()
+                workers.send({"cmd": "go"})
+                results = workers.expect("result", duration + 60.0)
+                snap1 = procs.cpu_snapshot(server_pids)
+                wall = time.monotonic() - t0
+            record["runs"].append(_run_record(run, results, server_pids, snap0, snap1, wall,
+                                              sampler.by_role(), case))
+    except CaseError as exc:
+        record["error"] = str(exc)
+    finally:
+        workers.close()
+        if case.mode == "pinned":
+            procs.set_affinity_all_threads(system.accounted(), sorted(procs.ALL_CPUS))
+    record["summary"] = summarize_case(record)
+    return record
+
+
+def _run_record(run: int, results: list[dict[str, Any]], server_pids: dict[int, str],
+                snap0: Any, snap1: Any, wall: float, rss: dict[str, int],
+                case: Case) -> dict[str, Any]:
+    deltas = procs.cpu_delta_s(snap0, snap1)
+    cpu_by_role: dict[str, float] = {}
+    for pid, sec in deltas.items():
+        role = server_pids.get(pid, str(pid))
+        cpu_by_role[role] = cpu_by_role.get(role, 0.0) + sec
+    cpu_by_role["client-app"] = sum(r["cpu_s"] for r in results)
+    count = sum(r["count"] for r in results)
+    rate = sum(r["count"] / r["elapsed_s"] for r in results if r["elapsed_s"] > 0)
+    errors = sum(r["errors"] for r in results)
+    total_cpu = sum(cpu_by_role.values())
+    out: dict[str, Any] = {
+        "run": run,
+        "count": count,
+        "errors": errors,
+        "error_samples": [e for r in results for e in r.get("error_samples", [])][:3],
+        "rate": rate,
+        "goodput_Bps": rate * case.req_size,
+        "wall_s": wall,
+        "cpu_s": cpu_by_role,
+        "cpu_us_per_rpc": (total_cpu / count * 1e6) if count else math.nan,
+        "rss_peak_kib": rss,
+        "lat": _combine_lat([r["lat"] for r in results]),
+    }
+    if "cdf" in results[0]:
+        out["cdf"] = results[0]["cdf"]
+    return out
+
+
+def _combine_lat(parts: list[dict[str, float]]) -> dict[str, float]:
+    if len(parts) == 1:
+        return parts[0]
+    # Percentiles do not merge; with several clients report the median client's.
+    keys = parts[0].keys()
+    return {k: stats.spread([p.get(k, math.nan) for p in parts])["median"] for k in keys}
+
+
+def summarize_case(record: dict[str, Any]) -> dict[str, Any]:
+    runs = [r for r in record["runs"] if r["count"] > 0]
+    out: dict[str, Any] = {"runs": len(runs)}
+    if not runs:
+        return out
+    out["rate"] = stats.spread([r["rate"] for r in runs])
+    out["goodput_Bps"] = stats.spread([r["goodput_Bps"] for r in runs])
+    out["cpu_us_per_rpc"] = stats.spread([r["cpu_us_per_rpc"] for r in runs])
+    for p in ("p50", "p99", "p99.9"):
+        out[p] = stats.spread([r["lat"].get(p, math.nan) for r in runs])
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
+
+
+def run_system(cls: type[System], plan: Plan, out_dir: Path, scratch: Path,
+               progress: Any) -> dict[str, Any]:
+    system = cls()
+    rec: dict[str, Any] = {"name": cls.name, "summary": cls.summary, "cases": []}
+    try:
+        system.check()
+    except Unavailable as exc:
+        rec.update(status="skipped", reason=str(exc))
+        progress(f"{cls.name}: skipped: {exc}")
+        return rec
+    ctx = StartContext(workdir=scratch / cls.name, log_dir=out_dir / "logs" / cls.name,
+                       reply_size=REPLY_SIZE, lifetime_s=900.0)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        server_info = system.start(ctx)
+        rec["server_info"] = server_info
+        time.sleep(0.3)  # let the servers settle before the idle snapshot
+        rec["idle_rss_kib"] = _role_rss(system.accounted())
+        progress(f"{cls.name}: started in {time.monotonic() - t0:.1f}s")
+        for case in plan.cases(cls.workloads):
+            c0 = time.monotonic()
+            crec = run_case(system, server_info, case, plan, ctx.log_dir)
+            rec["cases"].append(crec)
+            progress(f"{cls.name}: {case.key}: {_brief(crec)} ({time.monotonic() - c0:.1f}s)")
+        rec["extra"] = system.extra(ctx)
+        failed = [c for c in rec["cases"] if "error" in c]
+        rec["status"] = "ok" if not failed else "partial"
+    except Unavailable as exc:
+        rec.update(status="skipped", reason=str(exc))
+        progress(f"{cls.name}: skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one broken system must not stop the run
+        tails = {p.role: p.log_tail() for p in system.procs}
+        rec.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(), log_tails=tails)
+        progress(f"{cls.name}: FAILED: {exc}")
+    finally:
+        system.stop()
+        rec["seconds"] = time.monotonic() - t0
+    return rec
+
+
+def _brief(crec: dict[str, Any]) -> str:
+    if "error" in crec:
+        return "ERROR " + crec["error"].splitlines()[0][:120]
+    s = crec["summary"]
+    if "rate" not in s:
+        return "no data"
+    wl = crec["case"]["workload"]
+    if wl == "latency":
+        return f"p50 {s['p50']['median']:.1f} us, p99 {s['p99']['median']:.1f} us"
+    if wl == "goodput":
+        return f"{s['goodput_Bps']['median'] / 1e6:.1f} MB/s"
+    return f"{s['rate']['median']:.0f} RPC/s, {s['cpu_us_per_rpc']['median']:.1f} us CPU/RPC"
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for mod in ("grpc", "google.protobuf", "matplotlib", "posix_ipc"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            versions[mod] = str(getattr(m, "__version__", getattr(m, "VERSION", "?")))
+        except ImportError:
+            versions[mod] = "missing"
+    try:
+        from bench import sidecars
+
+        versions["envoy"] = sidecars.envoy_version()
+    except Exception:  # noqa: BLE001
+        versions["envoy"] = "missing"
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=procs.REPO_ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpus": len(procs.ALL_CPUS), "cpu_model": model, "kernel": platform.release(),
+            "versions": versions, "commit": commit}
+
+
+def run(plan: Plan, names: list[str], out_dir: Path, progress: Any) -> dict[str, Any]:
+    table = registry()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; known: {', '.join(table)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shm_before = procs.shm_entries()
+    started = datetime.now().astimezone()
+    t0 = time.monotonic()
+    results: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "plan": plan.to_json(),
+        "machine": machine_info(),
+        "systems": {},
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="mrpc-bench-"))
+    try:
+        for name in names:
+            results["systems"][name] = run_system(table[name], plan, out_dir, scratch, progress)
+            _write(out_dir, results)  # keep partial results if a later system hangs
+    finally:
+        procs.stop_all()
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["seconds"] = time.monotonic() - t0
+    leftovers = sorted(procs.shm_entries() - shm_before)
+    results["shm_leftovers"] = leftovers
+    if leftovers:
+        progress(f"warning: left in /dev/shm after the run: {leftovers}")
+    _write(out_dir, results)
+    return results
+
+
+def _write(out_dir: Path, results: dict[str, Any]) -> None:
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
+    tmp.replace(out_dir / "results.json")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

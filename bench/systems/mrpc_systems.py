@@ -1,0 +1,2 @@
+SYSTEMS = ()
+SERVERS = {}
