@@ -1,0 +1,262 @@
+"""The ``metrics`` policy: Prometheus counters and latency histograms per app and method.
+
+How this works
+--------------
+The engine never changes an RPC; it counts what passes. On the send side (the
+app is a client) it exports the ``grpc_client_*`` family, on the receive side
+(the app is a server) the ``grpc_server_*`` family, named and labelled like
+go-grpc-prometheus so existing dashboards work (``grpc_code`` uses gRPC's
+canonical names "OK", "ResourceExhausted", ...), plus an ``app`` label:
+
+========================================  =========  ======================================
+metric                                    type       labels
+========================================  =========  ======================================
+grpc_{client,server}_started_total        counter    app, grpc_service, grpc_method
+grpc_{client,server}_handled_total        counter    app, grpc_service, grpc_method, grpc_code
+grpc_{client,server}_handling_seconds     histogram  app, grpc_service, grpc_method
+mrpc_rpc_bytes_total                      counter    app, direction ("tx" to network, "rx")
+========================================  =========  ======================================
+
+Latency is clock time from seeing the CALL to seeing its REPLY (same
+``call_id``); the engine keeps ``call_id -> start`` for calls in flight, at most
+``max_inflight`` entries (the oldest is evicted and counted as ``evicted``).
+Replies created by policies after this one (rejections) are counted with their
+status. All metrics engines of a daemon share one registry: the daemon's
+``ctx.services["metrics_registry"]`` or else this module's own; metric objects
+are cached per registry because several instances register the same names.
+
+OpenTelemetry equivalents (semantic conventions for RPC): ``grpc_*_handling_seconds``
+is ``rpc.server.duration`` / ``rpc.client.duration`` (``rpc.{server,client}.call.duration``
+in newer conventions) with attributes ``rpc.system="grpc"``, ``rpc.service``,
+``rpc.method`` and ``rpc.grpc.status_code``; ``grpc_*_handled_total`` is the count
+of those histograms by status; ``mrpc_rpc_bytes_total`` sums
+``rpc.{client,server}.request.size`` and ``.response.size``. ``started_total``
+has no OTel instrument (it is ``handled`` plus calls in flight).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from libmrpc.status import ConfigError, StatusCode
+from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, RpcKind, Side, Verdict
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+    from prometheus_client import generate_latest as _generate_latest
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("the metrics engine needs prometheus_client: pip install 'mrpc[metrics]'") \
+        from exc
+
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEFAULTS: dict[str, Any] = {"max_inflight": 1_000_000}
+#: gRPC's canonical code names, as go-grpc-prometheus puts them in ``grpc_code``.
+CODE_NAMES = {c: "".join(p.capitalize() for p in c.name.split("_")) for c in StatusCode}
+CODE_NAMES[StatusCode.OK] = "OK"
+CODE_NAMES[StatusCode.CANCELLED] = "Canceled"
+
+_default_registry = CollectorRegistry()
+_families: dict[int, _Families] = {}
+_families_lock = threading.Lock()
+
+
+class _Families:
+    """The metric objects of one registry (created once, shared by every engine)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        m, mc = ("app", "grpc_service", "grpc_method"), ("app", "grpc_service", "grpc_method",
+                                                         "grpc_code")
+        self.started: dict[str, Counter] = {}
+        self.handled: dict[str, Counter] = {}
+        self.seconds: dict[str, Histogram] = {}
+        for role in ("client", "server"):
+            self.started[role] = Counter(f"grpc_{role}_started_total",
+                                         f"RPCs started on the {role} (mrpc).", m,
+                                         registry=registry)
+            self.handled[role] = Counter(f"grpc_{role}_handled_total",
+                                         f"RPCs completed on the {role}, by status code (mrpc).",
+                                         mc, registry=registry)
+            self.seconds[role] = Histogram(f"grpc_{role}_handling_seconds",
+                                           f"Seconds from call to reply on the {role} (mrpc).",
+                                           m, buckets=LATENCY_BUCKETS, registry=registry)
+        self.bytes = Counter("mrpc_rpc_bytes_total", "Message bytes through mrpc policies.",
+                             ("app", "direction"), registry=registry)
+
+
+def families(registry: CollectorRegistry) -> _Families:
+    """The shared metric objects of ``registry``, registering them on first use."""
+    with _families_lock:
+        found = _families.get(id(registry))
+        if found is None or found.registry is not registry:  # ids are reused after gc
+            found = _families[id(registry)] = _Families(registry)
+        return found
+
+
+def default_registry() -> CollectorRegistry:
+    """The registry used when the daemon provides none."""
+    return _default_registry
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """The Prometheus text exposition of ``registry`` (default: this module's)."""
+    return _generate_latest(registry if registry is not None else _default_registry)
+
+
+def start_http_server(registry: CollectorRegistry | None, host: str = "127.0.0.1",
+                      port: int = 0) -> tuple[ThreadingHTTPServer, int]:
+    """Serve ``GET /metrics`` from a daemon thread; return ``(server, bound_port)``.
+
+    ``port=0`` picks a free port. Stop with ``server.shutdown(); server.server_close()``.
+    Raises ``OSError`` when the address cannot be bound (nothing is left running).
+    """
+    reg = registry if registry is not None else _default_registry
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = render(reg)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name=f"mrpc-metrics-{port}",
+                              daemon=True)
+    thread.start()
+    return server, int(server.server_address[1])
+
+
+class Metrics(PolicyEngine):
+    """Counts calls, replies, bytes and latency; forwards everything unchanged."""
+
+    NAME = "metrics"
+    VERSION = 1
+
+    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, config)
+        self.counters.update({"replies": 0, "unmatched_replies": 0, "evicted": 0})
+        fam = families(self._registry())
+        role = "client" if ctx.side is Side.SEND else "server"
+        self._started, self._handled, self._seconds = (fam.started[role], fam.handled[role],
+                                                       fam.seconds[role])
+        self._tx_bytes = fam.bytes.labels(ctx.app, "tx")
+        self._rx_bytes = fam.bytes.labels(ctx.app, "rx")
+        self._children: dict[Any, Any] = {}  # label-child cache: (kind, path[, code]) -> child
+        self._inflight: dict[int, float] = {}  # call_id -> clock time the call was seen
+
+    def _registry(self) -> CollectorRegistry:
+        registry = self.ctx.services.get("metrics_registry")
+        return registry if registry is not None else _default_registry
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"enforce", "max_inflight"}``; ``ConfigError`` names the bad key and value."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{cls.NAME}: config must be a mapping, got {type(config).__name__}")
+        unknown = sorted(map(str, set(config) - set(DEFAULTS) - cls.COMMON_KEYS))
+        if unknown:
+            raise ConfigError(f"{cls.NAME}: unknown config key(s) {', '.join(unknown)}; expected "
+                              f"{', '.join(sorted(set(DEFAULTS) | cls.COMMON_KEYS))}")
+        out = cls.common_config(config)
+        value = config.get("max_inflight", DEFAULTS["max_inflight"])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{cls.NAME}: max_inflight: expected an integer >= 1, got {value!r}")
+        out["max_inflight"] = value
+        return out
+
+    # ------------------------------------------------------------------ datapath
+
+    def do_work(self) -> int:
+        send = self.ctx.side is Side.SEND
+        return (self._pump(self.tx_in, self.tx_out, self._tx_bytes, calls=send)
+                + self._pump(self.rx_in, self.rx_out, self._rx_bytes, calls=not send))
+
+    def _pump(self, src: deque[Rpc], dst: deque[Rpc], nbytes: Any, *, calls: bool) -> int:
+        """Move ``src`` to ``dst``: decide our side's CALLs, observe the REPLYs coming back."""
+        n = 0
+        while src:
+            rpc = src.popleft()
+            n += 1
+            if rpc.size:
+                nbytes.inc(rpc.size)
+            if rpc.kind is RpcKind.CALL and calls:
+                self._decide(rpc)  # on_call, then forwarded by release()
+                continue
+            if rpc.kind is RpcKind.REPLY and not calls and self.matches(rpc):
+                self._observe(rpc)
+            dst.append(rpc)
+        return n
+
+    def _labels(self, rpc: Rpc) -> tuple[str, str, str]:
+        m = rpc.method
+        return (self.ctx.app, m.service, m.name) if m else (self.ctx.app, "unknown", "unknown")
+
+    def _child(self, key: tuple[Any, ...], family: Any, labels: tuple[str, ...]) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
+    def on_call(self, rpc: Rpc) -> Verdict | Reject:
+        path = rpc.method.path if rpc.method else ""
+        self._child(("s", path), self._started, self._labels(rpc)).inc()
+        inflight = self._inflight
+        if len(inflight) >= self.config["max_inflight"]:
+            del inflight[next(iter(inflight))]  # oldest first (dicts keep insertion order)
+            self.counters["evicted"] += 1
+        inflight[rpc.call_id] = self.ctx.clock.now()
+        return Verdict.PASS
+
+    def _observe(self, rpc: Rpc) -> None:
+        self.counters["replies"] += 1
+        path = rpc.method.path if rpc.method else ""
+        labels = self._labels(rpc)
+        code = CODE_NAMES.get(rpc.status, str(int(rpc.status)))
+        self._child(("h", path, code), self._handled, (*labels, code)).inc()
+        start = self._inflight.pop(rpc.call_id, None)
+        if start is None:
+            self.counters["unmatched_replies"] += 1
+        else:
+            self._child(("t", path), self._seconds, labels).observe(self.ctx.clock.now() - start)
+
+    # ------------------------------------------------------------------ state
+
+    def statistics(self) -> dict[str, int | float]:
+        stats: dict[str, int | float] = dict(self.counters)
+        stats["inflight"] = len(self._inflight)
+        return stats
+
+    def decompose(self) -> dict[str, Any]:
+        """Counters and start times of calls in flight (the registry lives on by itself)."""
+        return {"counters": dict(self.counters),
+                "inflight": [[cid, t] for cid, t in self._inflight.items()]}
+
+    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        super().load_state(state, prev_version)
+        self._inflight = {int(cid): float(t) for cid, t in state.get("inflight", [])}
+
+    def handle_request(self, cmd: Mapping[str, Any]) -> dict[str, Any]:
+        """``stats`` -> counters; ``scrape`` -> the registry's text exposition."""
+        op = cmd.get("op")
+        if op == "stats":
+            return {"engine": self.NAME, "id": self.ctx.engine_id, "stats": self.statistics()}
+        if op == "scrape":
+            return {"text": render(self._registry()).decode()}
+        return super().handle_request(cmd)
+
+
+ENGINE = Metrics
