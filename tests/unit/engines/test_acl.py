@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,11 +27,15 @@ def msg(**fields: Any) -> Any:
     return SimpleNamespace(**fields)
 
 
+def const(m: Any) -> Callable[[], Any]:
+    return lambda: m
+
+
 def run(engine: Acl, w: Any, clock: MockClock, *messages: Any, method: Any = GET) -> list[Rpc]:
     """Send one call per message; return the error replies produced."""
     start = len(w.rx_out)
     for i, m in enumerate(messages):
-        w.tx_in.append(call(i, clock, method=method, view=(lambda m=m: m)))
+        w.tx_in.append(call(i, clock, method=method, view=const(m)))
     engine.do_work()
     return list(w.rx_out)[start:]
 

@@ -217,6 +217,7 @@ def test_decompose_restore_hands_over_held_calls_once() -> None:
         rt.send(b, wb, i, BULK)
     state = b.decompose()
     fresh = Qos.restore(b.ctx, b.config, state, prev_version=1)
+    assert isinstance(fresh, Qos)
     fresh.load_state(state, 1)  # idempotent: no duplicates
     wire(fresh, wb)
     assert fresh.scheduler is a.scheduler and fresh.statistics()["held_now"] == 3
