@@ -1,0 +1,292 @@
+"""Generate, cache and load the one Python module of a schema bundle.
+
+How this works: :func:`generate_source` turns a :class:`SchemaBundle` into the
+source of a module with one class per message type (accessors from
+:mod:`libmrpc.codegen_access`), an ``IntEnum`` per enum type, the daemon's
+MARSHAL/VALIDATE tables (:mod:`libmrpc.codegen_wire`) and the METHODS/SERVICES
+tables; its last statement hands the namespace to ``libmrpc.stubs``. The module
+embeds its schema texts and descriptor set, so it imports without protoc.
+
+:func:`load_module` imports generated source under a unique module name, writing
+it first (atomically) to ``cache_dir/<cache_key>.py`` when a cache directory is
+given; :func:`load_cached` is the hit path that never runs protoc: hash the texts,
+import the file. Loaded modules are memoized per cache key in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import linecache
+import logging
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from google.protobuf import descriptor_pb2
+
+from libmrpc.codegen_access import accessors, spec_bindings, struct_helpers
+from libmrpc.codegen_wire import marshal_code, validate_code
+from libmrpc.layout import LAYOUT_VERSION, MessageLayout, MethodInfo, compute_layouts
+from libmrpc.schema import GENERATOR_VERSION, SchemaBundle, cache_key_for
+
+__all__ = ["MethodInfo", "generate_source", "load_cached", "load_module"]
+
+log = logging.getLogger(__name__)
+
+_LOADED: dict[str, ModuleType] = {}
+_LOCK = threading.RLock()
+
+
+def _lit(v: Any) -> str:
+    """A Python literal for layout records (validated names, ints, tuples)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        short = {"FieldLayout": "_FL", "MessageLayout": "_ML", "OneofLayout": "_OL",
+                 "MethodInfo": "_MI"}[type(v).__name__]
+        args = ", ".join(_lit(getattr(v, f.name)) for f in dataclasses.fields(v))
+        return f"{short}({args})"
+    if isinstance(v, tuple):
+        return "(" + "".join(_lit(x) + ", " for x in v) + ")"
+    if v is None or isinstance(v, (bool, int, str)):
+        return repr(v)
+    raise TypeError(f"no literal for {type(v).__name__}")
+
+
+class _Types:
+    """Message and enum types of the bundle, in a deterministic order."""
+
+    def __init__(self, fds: descriptor_pb2.FileDescriptorSet, user: set[str]) -> None:
+        self.messages: list[tuple[str, str | None, str, bool]] = []  # full, parent, name, user
+        self.enums: list[tuple[str, str | None, str, bool, list[tuple[str, int]]]] = []
+        for f in fds.file:
+            if f.syntax != "proto3":
+                continue  # only reachable as an unused import (checked by schema)
+            prefix = f.package + "." if f.package else ""
+            for e in f.enum_type:
+                self._enum(prefix + e.name, None, e, f.name in user)
+            for m in f.message_type:
+                self._msg(prefix + m.name, None, m, f.name in user)
+
+    def _enum(self, full: str, parent: str | None, e: Any, user: bool) -> None:
+        self.enums.append((full, parent, e.name, user, [(v.name, v.number) for v in e.value]))
+
+    def _msg(self, full: str, parent: str | None, m: Any, user: bool) -> None:
+        self.messages.append((full, parent, m.name, user))
+        for e in m.enum_type:
+            self._enum(f"{full}.{e.name}", full, e, user)
+        for n in m.nested_type:
+            self._msg(f"{full}.{n.name}", full, n, user)
+
+
+def _methods(fds: descriptor_pb2.FileDescriptorSet, user: set[str]) -> list[MethodInfo]:
+    services = []
+    for f in fds.file:
+        if f.name not in user:
+            continue
+        prefix = f.package + "." if f.package else ""
+        services += [(prefix + s.name, s) for s in f.service]
+    out: list[MethodInfo] = []
+    for full, s in sorted(services, key=lambda x: x[0]):
+        for m in s.method:
+            out.append(MethodInfo(len(out), full, m.name, f"/{full}/{m.name}",
+                                  m.input_type.lstrip("."), m.output_type.lstrip("."),
+                                  m.client_streaming, m.server_streaming))
+    return out
+
+
+def generate_source(bundle: SchemaBundle) -> str:
+    """The generated module's source for ``bundle`` (deterministic)."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(bundle.fds)
+    user = set(bundle.texts)
+    layouts: dict[str, MessageLayout] = compute_layouts(fds)
+    types = _Types(fds, user)
+    ids = {full: k for k, (full, *_r) in enumerate(types.messages)}
+    qual: dict[str, str] = {}
+    for full, parent, name, _u in types.messages:
+        qual[full] = f"{qual[parent]}.{name}" if parent else name
+
+    o: list[str] = [
+        (f'"""mrpc generated module for schema {bundle.schema_hash} '
+         f'({", ".join(sorted(repr(k) for k in bundle.texts))}). DO NOT EDIT."""'),
+        "import enum as _enum",
+        "import struct as _struct",
+        "from libmrpc import marshal_rt as _mr",
+        "from libmrpc import message as _rt",
+        "from libmrpc import message_views as _rv",
+        "from libmrpc.layout import FieldLayout as _FL, MessageLayout as _ML",
+        "from libmrpc.layout import MethodInfo as _MI, OneofLayout as _OL",
+        "from libmrpc.status import WireError as _WireError",
+        "",
+        f"SCHEMA_HASH = {bundle.schema_hash!r}",
+        f"CACHE_KEY = {bundle.cache_key!r}",
+        f"LAYOUT_VERSION = {LAYOUT_VERSION!r}",
+        f"GENERATOR_VERSION = {GENERATOR_VERSION!r}",
+        f"TEXTS = {dict(sorted(bundle.texts.items()))!a}",
+        f"FDS = {bundle.fds!r}",
+        "",
+        struct_helpers(),
+        "_EMPTY = _rv._EMPTY",
+        "",
+    ]
+    bodies: dict[int, list[str]] = {}
+    for full, *_r in types.messages:
+        k = ids[full]
+        src, props = accessors(k, layouts[full], ids)
+        o.append(src)
+        bodies[k] = props
+    for full, parent, name, _u in types.messages:
+        k, ml = ids[full], layouts[full]
+        o += [f"class _C{k}(_rt.Message):",
+              "    __slots__ = ()",
+              f"    _FULL_NAME = {full!r}",
+              f"    _SIZE = {ml.size}",
+              f"    _LAYOUT = {_lit(ml)}",
+              *bodies[k],
+              f"_C{k}.__name__ = {name!r}",
+              f"_C{k}.__qualname__ = {qual[full]!r}",
+              ""]
+    for full, parent, name, user_type in types.messages:
+        if parent is not None:
+            o.append(f"_C{ids[parent]}.{name} = _C{ids[full]}")
+        elif user_type:
+            o.append(f"{name} = _C{ids[full]}")
+    o += ["", "ENUMS = {}"]
+    for j, (full, parent, name, user_type, values) in enumerate(types.enums):
+        qn = f"{qual[parent]}.{name}" if parent else name
+        o.append(f"_E{j} = _enum.IntEnum({name!r}, {values!r}, module=__name__, "
+                 f"qualname={qn!r})")
+        o.append(f"ENUMS[{full!r}] = _E{j}")
+        target = f"_C{ids[parent]}." if parent else ("" if user_type else None)
+        if target is not None:
+            o.append(f"{target}{name} = _E{j}")
+            o += [f"{target}{vn} = {vnum!r}" for vn, vnum in values]
+    o += ["", "MESSAGES = {" + ", ".join(f"{f!r}: _C{ids[f]}" for f, *_r in types.messages) + "}",
+          "_rt.finish_classes(MESSAGES, FDS)"]
+    for full, *_r in types.messages:
+        o += spec_bindings(ids[full], layouts[full])
+    o.append("")
+    for full, *_r in types.messages:
+        k = ids[full]
+        o.append(marshal_code(k, layouts[full], ids, layouts))
+        o.append(validate_code(k, layouts[full], ids, layouts))
+    names = [f for f, *_r in types.messages]
+    o += ["MARSHAL = {" + ", ".join(f"{f!r}: _marshal{ids[f]}" for f in names) + "}",
+          "VALIDATE = {" + ", ".join(f"{f!r}: _validate{ids[f]}" for f in names) + "}",
+          ""]
+    methods = _methods(fds, user)
+    o.append("METHODS = [" + "".join("\n    " + _lit(m) + "," for m in methods) + "\n]")
+    services: dict[str, list[int]] = {}
+    for m in methods:
+        services.setdefault(m.service, []).append(m.id)
+    o.append("SERVICES = {" + ", ".join(f"{s!r}: {tuple(ids_)!r}"
+                                        for s, ids_ in services.items()) + "}")
+    o += ["", "from libmrpc import stubs as _stubs  # noqa: E402",
+          "_stubs.install_services(globals())", ""]
+    return "\n".join(o)
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def _module_name(key: str) -> str:
+    return f"_mrpc_schema_{key[:24]}"
+
+
+def _exec_source(src: str, key: str) -> ModuleType:
+    name = _module_name(key)
+    filename = f"<mrpc schema {key[:16]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    mod = ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod
+    try:
+        exec(compile(src, filename, "exec"), mod.__dict__)  # noqa: S102 - our generated code
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
+def _import_file(path: Path, key: str) -> ModuleType:
+    name = _module_name(key)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename (no torn files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_module(bundle: SchemaBundle, cache_dir: Path | str | None = None) -> ModuleType:
+    """Import the generated module of ``bundle`` (from/to ``cache_dir`` if given)."""
+    key = bundle.cache_key
+    with _LOCK:
+        mod = _LOADED.get(key)
+        if mod is not None:
+            return mod
+        if cache_dir is None:
+            mod = _exec_source(generate_source(bundle), key)
+        else:
+            path = Path(cache_dir) / f"{key}.py"
+            mod = _try_import(path, key, bundle.texts) if path.is_file() else None
+            if mod is None:
+                write_atomic(path, generate_source(bundle))
+                mod = _import_file(path, key)
+        _LOADED[key] = mod
+        return mod
+
+
+def _try_import(path: Path, key: str, texts: dict[str, str]) -> ModuleType | None:
+    try:
+        mod = _import_file(path, key)
+    except Exception:
+        log.exception("ignoring unloadable schema cache file %s", path)
+        return None
+    if getattr(mod, "CACHE_KEY", None) != key or getattr(mod, "TEXTS", None) != texts:
+        log.warning("ignoring schema cache file %s: it is for other texts", path)
+        return None
+    return mod
+
+
+def load_cached(texts: dict[str, str], cache_dir: Path | str | None) -> ModuleType | None:
+    """The module for ``texts`` from this process or ``cache_dir``; None on a miss.
+
+    Never runs protoc. A cache file that fails to import is logged and ignored
+    (the caller recompiles and overwrites it).
+    """
+    key = cache_key_for(texts)
+    with _LOCK:
+        mod = _LOADED.get(key)
+        if mod is not None:
+            return mod
+        if cache_dir is None:
+            return None
+        path = Path(cache_dir) / f"{key}.py"
+        mod = _try_import(path, key, texts) if path.is_file() else None
+        if mod is not None:
+            _LOADED[key] = mod
+        return mod
