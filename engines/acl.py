@@ -270,7 +270,7 @@ class Acl(PolicyEngine):
                 why += f" {'.'.join(rule.field)}={shown!r}"
         return Reject(StatusCode.PERMISSION_DENIED,
                       f"{why}; ask the operator to change the policy if this call should be "
-                      f"allowed (mrpcctl policy show {eid})")
+                      f"allowed (`mrpcctl list` shows the rules of {eid})")
 
     # ------------------------------------------------------------------ state
 

@@ -193,7 +193,7 @@ class RateLimit(PolicyEngine):
         return (f"rate limited by policy {self.ctx.engine_id}: {scope} may make "
                 f"{c['tokens_per_fill']} calls per {c['fill_interval']:g}s "
                 f"(burst {c['max_tokens']}){full}; retry with backoff, or ask the operator to "
-                f"raise the limit (mrpcctl policy update {self.ctx.engine_id})")
+                f"raise the limit (mrpcctl policy set {self.ctx.engine_id} tokens_per_fill=N)")
 
     # ------------------------------------------------------------------ held calls
 
