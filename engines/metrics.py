@@ -23,7 +23,8 @@ Latency is clock time from seeing the CALL to seeing its REPLY (same
 Replies created by policies after this one (rejections) are counted with their
 status. All metrics engines of a daemon share one registry: the daemon's
 ``ctx.services["metrics_registry"]`` or else this module's own; metric objects
-are cached per registry because several instances register the same names.
+are cached per registry because several instances register the same names
+(the cache survives a reload of this module, i.e. a live upgrade).
 
 OpenTelemetry equivalents (semantic conventions for RPC): ``grpc_*_handling_seconds``
 is ``rpc.server.duration`` / ``rpc.client.duration`` (``rpc.{server,client}.call.duration``
@@ -60,9 +61,11 @@ CODE_NAMES = {c: "".join(p.capitalize() for p in c.name.split("_")) for c in Sta
 CODE_NAMES[StatusCode.OK] = "OK"
 CODE_NAMES[StatusCode.CANCELLED] = "Canceled"
 
-_default_registry = CollectorRegistry()
-_families: dict[int, _Families] = {}
-_families_lock = threading.Lock()
+# Module state survives ``importlib.reload`` (live upgrade re-executes this module in
+# the same namespace): registering the same metric names again would fail.
+_default_registry: CollectorRegistry = globals().get("_default_registry") or CollectorRegistry()
+_families: dict[int, Any] = globals().get("_families", {})  # id(registry) -> _Families
+_families_lock: threading.Lock = globals().get("_families_lock") or threading.Lock()
 
 
 class _Families:
@@ -89,7 +92,7 @@ class _Families:
                              ("app", "direction"), registry=registry)
 
 
-def families(registry: CollectorRegistry) -> _Families:
+def families(registry: CollectorRegistry) -> Any:
     """The shared metric objects of ``registry``, registering them on first use."""
     with _families_lock:
         found = _families.get(id(registry))

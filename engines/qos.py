@@ -4,8 +4,10 @@ How this works
 --------------
 Every app's datapath has its own ``qos`` instance; the instances of one runtime
 share a :class:`QosScheduler` in ``ctx.runtime_local["qos"]`` (created by the
-first instance). A CALL is *priority* when its message is smaller than
-``small_threshold`` bytes or its app is ``latency_sensitive``; otherwise *bulk*.
+first instance; any object with ``last_priority`` and ``instances`` is adopted,
+so instances of an upgraded module version keep sharing it with older ones).
+A CALL is *priority* when its message is smaller than ``small_threshold``
+bytes or its app is ``latency_sensitive``; otherwise *bulk*.
 
 1. A priority call is forwarded at once and stamps ``scheduler.last_priority``.
 2. "Priority is active" while ``now - last_priority < priority_window``.
@@ -55,8 +57,10 @@ class QosScheduler:
         self.last_priority = last_priority  # clock time of the latest priority call
         self.instances = 0  # qos instances using this scheduler
 
-    def priority_active(self, now: float, window: float) -> bool:
-        return now + _SLACK < self.last_priority + window
+
+def priority_active(scheduler: QosScheduler, now: float, window: float) -> bool:
+    """Whether a priority call was seen within ``window`` seconds before ``now``."""
+    return now + _SLACK < scheduler.last_priority + window
 
 
 class Qos(PolicyEngine):
@@ -75,12 +79,13 @@ class Qos(PolicyEngine):
 
     @staticmethod
     def _join(runtime_local: dict[str, Any]) -> QosScheduler:
-        found = runtime_local.get("qos")
-        if not isinstance(found, QosScheduler):  # absent, or left by another module version
+        found: Any = runtime_local.get("qos")
+        if not (hasattr(found, "last_priority") and hasattr(found, "instances")):
             found = QosScheduler(getattr(found, "last_priority", -math.inf))
             runtime_local["qos"] = found
         found.instances += 1
-        return found
+        scheduler: QosScheduler = found  # or a compatible one from another module version
+        return scheduler
 
     # ------------------------------------------------------------------ config
 
@@ -118,7 +123,7 @@ class Qos(PolicyEngine):
             self.scheduler.last_priority = now
             return Verdict.PASS
         self.counters["bulk"] += 1
-        if not self._held and not self.scheduler.priority_active(now, c["priority_window"]):
+        if not self._held and not priority_active(self.scheduler, now, c["priority_window"]):
             self.counters["bulk_direct"] += 1
             return Verdict.PASS
         if not self.enforce:
@@ -145,7 +150,7 @@ class Qos(PolicyEngine):
         while self._held and now + _SLACK >= self._held[0][1] + max_delay:
             self._release_head(now, "released_overdue")
             n += 1
-        if self._held and not self.scheduler.priority_active(now, self.config["priority_window"]):
+        if self._held and not priority_active(self.scheduler, now, self.config["priority_window"]):
             budget, first = self.config["bulk_budget_bytes"], True
             while self._held and (first or self._held[0][0].size <= budget):
                 budget -= self._held[0][0].size
@@ -197,8 +202,8 @@ class Qos(PolicyEngine):
         if op == "scheduler":
             now, last = self.ctx.clock.now(), self.scheduler.last_priority
             return {"instances": self.scheduler.instances,
-                    "priority_active": self.scheduler.priority_active(
-                        now, self.config["priority_window"]),
+                    "priority_active": priority_active(self.scheduler, now,
+                                                       self.config["priority_window"]),
                     "since_priority": None if math.isinf(last) else now - last}
         return super().handle_request(cmd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import urllib.error
 import urllib.request
 from typing import Any
@@ -173,6 +174,22 @@ def test_decompose_restore_keeps_inflight_latency() -> None:
     assert value(reg, "grpc_client_handling_seconds_sum", **lab) == pytest.approx(0.0002)
     assert fresh.handle_request({"op": "stats"})["stats"]["calls"] == 1
     assert "grpc_client_handled_total" in fresh.handle_request({"op": "scrape"})["text"]
+
+
+def test_module_reload_keeps_the_registry_usable() -> None:
+    reg = CollectorRegistry()
+    engine, w, clock = make(reg)
+    w.tx_in.append(call(1, clock))
+    engine.do_work()
+    default = metrics_mod.default_registry()
+    reloaded = importlib.reload(metrics_mod)  # what a live upgrade does
+    assert reloaded.default_registry() is default
+    fresh = reloaded.ENGINE.restore(engine.ctx, engine.config, engine.decompose(), 1)
+    wire(fresh, w)
+    w.tx_in.append(call(2, clock))
+    fresh.do_work()
+    assert value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV",
+                 grpc_method="Get") == 2
 
 
 # ---------------------------------------------------------------------- exposition

@@ -72,12 +72,21 @@ def test_instances_share_one_scheduler() -> None:
     assert a.scheduler.instances == 1
 
 
-def test_scheduler_left_by_another_version_is_replaced_keeping_its_signal() -> None:
+def test_a_compatible_scheduler_from_another_version_is_shared() -> None:
+    rt = Runtime()
+    old = rt.local["qos"] = SimpleNamespace(last_priority=rt.clock.now(), instances=3)
+    a, w = rt.add("a")
+    assert a.scheduler is old and old.instances == 4
+    rt.send(a, w, 1, BULK)  # priority is active per the old scheduler's stamp
+    assert not w.tx_out
+
+
+def test_an_incompatible_scheduler_is_replaced_keeping_its_signal() -> None:
     rt = Runtime()
     rt.local["qos"] = SimpleNamespace(last_priority=rt.clock.now())
     a, w = rt.add("a")
-    assert isinstance(a.scheduler, QosScheduler)
-    rt.send(a, w, 1, BULK)  # priority was active per the old scheduler's stamp
+    assert isinstance(a.scheduler, QosScheduler) and rt.local["qos"] is a.scheduler
+    rt.send(a, w, 1, BULK)
     assert not w.tx_out
 
 
