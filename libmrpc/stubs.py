@@ -1,13 +1,174 @@
 """gRPC-shaped stub and servicer classes built from a generated schema module.
 
-(Placeholder: filled in by the channel/server work. Generated modules call
-``install_services(globals())`` as their last statement.)
+A generated module ends with ``install_services(globals())``, which adds for
+every service ``S``: ``SStub(channel)`` with one callable per method
+(``stub.M(req, timeout=...)``, ``stub.M.future(req)``, ``await stub.M.aio(req)``),
+``SServicer`` (a base class whose methods answer UNIMPLEMENTED) and
+``add_SServicer_to_server(servicer, server)``.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any
+
+from libmrpc.status import RpcError, StatusCode
+
+
+@dataclass(frozen=True)
+class SchemaInfo:
+    """What the runtime needs of a generated module (its globals)."""
+
+    SCHEMA_HASH: str
+    TEXTS: dict[str, str]
+    METHODS: list[Any]
+    MESSAGES: dict[str, Any]
+    SERVICES: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, ns: dict[str, Any]) -> SchemaInfo:
+        return cls(ns["SCHEMA_HASH"], ns["TEXTS"], ns["METHODS"], ns["MESSAGES"], ns["SERVICES"])
+
+
+class CallFuture:
+    """``stub.M.future(req)``: a grpc.Future-like handle on one call."""
+
+    def __init__(self, call: Any, timeout: float | None) -> None:
+        self._call = call
+        self._timeout = timeout
+
+    def done(self) -> bool:
+        return self._call.done
+
+    def running(self) -> bool:
+        return not self._call.done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False  # the daemon completes every call; see the deadline instead
+
+    def result(self, timeout: float | None = None) -> Any:
+        wait = self._timeout if timeout is None else timeout
+        if not self._call.wait(wait):
+            if timeout is not None and (self._timeout is None or timeout < self._timeout):
+                raise TimeoutError(f"{self._call.method} not done after {timeout}s")
+            self._call.abandoned = True
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
+                           f"{self._call.method}: deadline of {self._timeout}s exceeded")
+        if self._call.error is not None:
+            raise self._call.error
+        return self._call.result
+
+    def exception(self, timeout: float | None = None) -> RpcError | None:
+        try:
+            self.result(timeout)
+        except RpcError as e:
+            return e
+        return None
+
+    def add_done_callback(self, fn: Any) -> None:
+        call = self._call
+        if call.callbacks is None:
+            call.callbacks = []
+        call.callbacks.append(lambda _c: fn(self))
+        if call.done:
+            fn(self)
+
+
+class UnaryUnaryMultiCallable:
+    """``stub.Method``: call it, or use ``.future()`` / ``.aio()``."""
+
+    __slots__ = ("_channel", "_conn", "_method", "_request_cls", "_response_cls", "_schema")
+
+    def __init__(self, channel: Any, schema: SchemaInfo, method: Any) -> None:
+        self._channel = channel
+        self._schema = schema
+        self._method = method
+        self._request_cls = schema.MESSAGES[method.request]
+        self._response_cls = schema.MESSAGES[method.response]
+        self._conn: tuple[Any, int] | None = None
+
+    def _start(self, request: Any, timeout: float | None) -> Any:
+        if not isinstance(request, self._request_cls):
+            raise TypeError(f"{self._method.path} takes {self._method.request}, "
+                            f"got {type(request).__name__}")
+        session = self._channel._session()
+        conn = self._conn
+        if conn is None or conn[0] is not session:
+            conn = self._conn = (session, session.open_conn(self._channel.target, session.bind(self._schema)))
+        return session.start_call(conn[1], self._method.id, self._method.path, request,
+                                  self._response_cls, timeout)
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
+                 wait_for_ready: Any = None) -> Any:
+        call = self._start(request, timeout)
+        if not call.wait(timeout):
+            call.abandoned = True
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
+                           f"{self._method.path}: deadline of {timeout}s exceeded")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
+        return CallFuture(self._start(request, timeout), timeout)
+
+    async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        call = self._start(request, timeout)
+        self._channel._session().add_aio(loop, fut, call)
+        try:
+            return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except TimeoutError:
+            call.abandoned = True
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
+                           f"{self._method.path}: deadline of {timeout}s exceeded") from None
+
+
+def _make_stub(schema: SchemaInfo, service: str) -> type:
+    methods = [schema.METHODS[i] for i in schema.SERVICES[service]
+               if not (schema.METHODS[i].client_streaming or schema.METHODS[i].server_streaming)]
+
+    def __init__(self: Any, channel: Any) -> None:
+        for m in methods:
+            setattr(self, m.name, UnaryUnaryMultiCallable(channel, schema, m))
+
+    return type(f"{service.rsplit('.', 1)[-1]}Stub", (), {
+        "__init__": __init__, "__doc__": f"Client stub for {service}.", "_MRPC_SERVICE": service})
+
+
+def _unimplemented(name: str, path: str) -> Any:
+    def method(self: Any, request: Any, context: Any) -> Any:
+        raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server")
+
+    method.__name__ = name
+    method._mrpc_unimplemented = True  # type: ignore[attr-defined]
+    return method
+
+
+def _make_servicer(schema: SchemaInfo, service: str) -> type:
+    attrs: dict[str, Any] = {"_MRPC_SCHEMA": schema, "_MRPC_SERVICE": service,
+                             "__doc__": f"Base class for {service} servers: override its methods."}
+    for i in schema.SERVICES[service]:
+        m = schema.METHODS[i]
+        attrs[m.name] = _unimplemented(m.name, m.path)
+    return type(f"{service.rsplit('.', 1)[-1]}Servicer", (), attrs)
 
 
 def install_services(namespace: dict[str, Any]) -> None:
     """Add ``<Service>Stub``, ``<Service>Servicer`` and ``add_<Service>Servicer_to_server``."""
+    schema = SchemaInfo.of(namespace)
+    namespace["_SCHEMA_INFO"] = schema
+    for service in schema.SERVICES:
+        short = service.rsplit(".", 1)[-1]
+        namespace[f"{short}Stub"] = _make_stub(schema, service)
+        servicer = namespace[f"{short}Servicer"] = _make_servicer(schema, service)
+
+        def add(svc: Any, server: Any, _cls: type = servicer) -> None:
+            server.add_servicer(svc)
+
+        namespace[f"add_{short}Servicer_to_server"] = add

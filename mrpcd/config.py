@@ -43,6 +43,7 @@ from typing import Any, cast
 
 import yaml
 
+from libmrpc.paths import default_prefix
 from libmrpc.status import ConfigError
 
 __all__ = [
@@ -405,15 +406,6 @@ _TOP = tuple(k for k in _KEYS if "." not in k) + tuple(_SECTIONS)
 def env_var_name(key: str) -> str:
     """The environment variable that overrides dotted ``key``: ``MRPC_SHM_RING_SLOTS``."""
     return "MRPC_" + key.upper().replace(".", "_")
-
-
-def default_prefix(env: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_RUNTIME_DIR/mrpc`` if that directory exists and is writable, else
-    ``/tmp/mrpc-<uid>``. The daemon must check who owns the directory it finds there."""
-    xdg = (os.environ if env is None else env).get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        return Path(xdg) / "mrpc"
-    return Path(f"/tmp/mrpc-{os.getuid()}")
 
 
 def _fixed(source: str) -> Callable[[str], str]:

@@ -256,9 +256,12 @@ class Engine(abc.ABC):
         """Clock time at which ``do_work`` must run even with no new input."""
         return None
 
-    def wakeup_fds(self) -> list[int]:
-        """File descriptors whose readiness means this engine has work (epoll)."""
-        return []
+    def prepare_sleep(self) -> bool:
+        """The runtime is about to block: arm wake-ups; return True if work is pending."""
+        return False
+
+    def woke(self) -> None:
+        """The runtime woke from blocking (undo what ``prepare_sleep`` armed)."""
 
     def close(self) -> None:
         """Release OS resources; called after detach (and after ``decompose``)."""

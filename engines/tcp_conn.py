@@ -1,0 +1,254 @@
+"""One non-blocking TCP connection between two daemons (both directions).
+
+The I/O shell around :class:`libmrpc.wire.FrameAssembler`: reads in batches
+into a staging buffer, or straight into a body's final place (an application's
+receive heap) when a large body is being received; writes queued frames with
+one ``sendmsg`` per flush, scatter-gather, zero-copy from shared memory.
+Callbacks registered with a queued frame run once the kernel has taken all of
+its bytes (that is when the application may reuse that send-heap memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from libmrpc.status import WireError
+from libmrpc.wire import FrameAssembler, FrameHeader
+
+log = logging.getLogger(__name__)
+
+STAGING = 256 * 1024
+DIRECT_MIN = 64 * 1024  # a body with at least this much left is received in place
+IOV_MAX = 1024
+READS_PER_EVENT = 64
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
+
+
+class ConnOwner(Protocol):
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None: ...
+    def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None: ...
+    def conn_closed(self, conn: Conn, reason: str) -> None: ...
+
+
+class SendQueue:
+    """Buffers to write, in order, with completion marks at byte positions."""
+
+    def __init__(self) -> None:
+        self.iov: deque[bytes | bytearray | memoryview] = deque()
+        self.marks: deque[tuple[int, Callable[[], None]]] = deque()
+        self.queued = 0
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self.queued - self.sent
+
+    def add(self, bufs: list[Any], done: Callable[[], None] | None = None) -> None:
+        for b in bufs:
+            n = len(b)
+            if n:
+                self.iov.append(b)
+                self.queued += n
+        if done is not None:
+            self.marks.append((self.queued, done))
+
+    def flush(self, sock: socket.socket) -> bool:
+        """Write as much as the socket takes; True when everything went out."""
+        iov = self.iov
+        while iov:
+            batch = list(iov) if len(iov) <= IOV_MAX else [iov[i] for i in range(IOV_MAX)]
+            try:
+                n = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.sent += n
+            while n:
+                first = iov[0]
+                size = len(first)
+                if size <= n:
+                    iov.popleft()
+                    n -= size
+                else:
+                    iov[0] = memoryview(first)[n:]
+                    n = 0
+            self._fire()
+        self._fire()
+        return True
+
+    def _fire(self) -> None:
+        marks = self.marks
+        while marks and marks[0][0] <= self.sent:
+            marks.popleft()[1]()
+
+    def drop(self) -> list[Callable[[], None]]:
+        """Forget unsent data; return the callbacks that never fired."""
+        self.iov.clear()
+        callbacks = [cb for _, cb in self.marks]
+        self.marks.clear()
+        self.sent = self.queued
+        return callbacks
+
+
+class Conn:
+    def __init__(self, sock: socket.socket, owner: ConnOwner, poller: Any, *, peer: str,
+                 outbound: bool, max_body: int, connecting: bool = False) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.owner = owner
+        self.poller = poller
+        self.peer = peer
+        self.outbound = outbound
+        self.state = "connecting" if connecting else "open"
+        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch)
+        self.sendq = SendQueue()
+        self._staging = bytearray(STAGING)
+        self._staging_view = memoryview(self._staging)
+        self.cur: Any = None  # the owner's note about the body being received
+        self.info: dict[str, Any] = {}  # handshake results and owner bookkeeping
+        self.calls: set[int] = set()
+        self._events = EPOLLIN | (EPOLLOUT if connecting else 0)
+        self.bytes_in = self.bytes_out = self.frames_in = 0
+        poller.register(self.fd, self._events, self.on_event)
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    def _sink(self, header: FrameHeader) -> memoryview | None:
+        if self.state == "closed":
+            raise WireError("connection closed")  # stops the assembler mid-feed
+        return self.owner.frame_sink(self, header)
+
+    # ---------------------------------------------------------------- writing
+
+    def queue(self, bufs: list[Any], done: Callable[[], None] | None = None) -> None:
+        if self.state == "closed":
+            if done is not None:
+                done()
+            return
+        self.sendq.add(bufs, done)
+
+    def flush(self) -> None:
+        if self.state != "open" or not len(self.sendq):
+            return
+        before = self.sendq.sent
+        try:
+            empty = self.sendq.flush(self.sock)
+        except OSError as e:
+            self.close(f"write failed: {e.strerror or e}")
+            return
+        self.bytes_out += self.sendq.sent - before
+        want = EPOLLIN | (0 if empty else EPOLLOUT)
+        if want != self._events:
+            self._events = want
+            self.poller.modify(self.fd, want)
+
+    # ---------------------------------------------------------------- reading
+
+    def on_event(self, events: int) -> None:
+        if self.state == "connecting":
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.close(f"cannot connect to {self.peer}: {os.strerror(err)}")
+                return
+            if not events & (EPOLLOUT | EPOLL_FAIL):
+                return
+            self.state = "open"
+            self.flush()
+            if not len(self.sendq) and self._events != EPOLLIN:
+                self._events = EPOLLIN
+                self.poller.modify(self.fd, EPOLLIN)
+        if events & (EPOLLIN | EPOLL_FAIL):
+            self._read()
+        if events & EPOLLOUT and self.state == "open":
+            self.flush()
+
+    def _read(self) -> None:
+        asm, sock, staging = self.assembler, self.sock, self._staging_view
+        for _ in range(READS_PER_EVENT):
+            if self.state == "closed":
+                return
+            try:
+                if asm.in_body and len(window := asm.body_window()) >= DIRECT_MIN:
+                    n = sock.recv_into(window)
+                    if n == 0:
+                        return self.close(f"{self.peer} closed the connection mid-frame")
+                    self.bytes_in += n
+                    frame = asm.body_received(n)
+                    if frame is not None:
+                        self._dispatch(*frame)
+                    continue
+                n = sock.recv_into(staging)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                return self.close(f"read failed: {e.strerror or e}")
+            if n == 0:
+                return self.close("peer closed the connection" if not asm.in_body
+                                  else f"{self.peer} closed the connection mid-frame")
+            self.bytes_in += n
+            try:
+                asm.feed(staging[:n])
+            except WireError as e:
+                return self.close(f"malformed frame from {self.peer}: {e}")
+            if n < len(staging):
+                return
+
+    def _dispatch(self, header: FrameHeader, body: memoryview) -> None:
+        if self.state == "closed":
+            raise WireError("connection closed")
+        self.frames_in += 1
+        try:
+            self.owner.handle_frame(self, header, body)
+        except WireError as e:
+            self.close(f"protocol error from {self.peer}: {e}")
+        finally:
+            self.cur = None
+
+    def close(self, reason: str) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        log.info("connection %s %s closed: %s", "to" if self.outbound else "from", self.peer, reason)
+        self.poller.unregister(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        for cb in self.sendq.drop():
+            cb()
+        self.owner.conn_closed(self, reason)
+
+
+def connect_nonblocking(host: str, port: int, *, nodelay: bool, sndbuf: int | None,
+                        rcvbuf: int | None) -> tuple[socket.socket, bool]:
+    """Start a connect; returns (socket, still_connecting). Raises OSError on failure."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        configure(sock, nodelay=nodelay, sndbuf=sndbuf, rcvbuf=rcvbuf)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, err != 0
+
+
+def configure(sock: socket.socket, *, nodelay: bool, sndbuf: int | None, rcvbuf: int | None) -> None:
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)

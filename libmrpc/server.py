@@ -1,0 +1,283 @@
+"""Servers: receive requests through the local mrpcd and answer them.
+
+Handlers are grpc-style servicer methods ``def M(self, request, context)`` or
+plain closures (``add_method``), either sync or ``async def``. Sync handlers
+run in a thread pool (like grpcio) or, with ``inline=True``, directly on the
+completion thread (lowest latency; such handlers must not block or make sync
+nested calls). Async handlers run on the server's event loop and may await
+nested calls (``await stub.M.aio(req)``) freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from libmrpc.session import RecvBlock, Session, get_session
+from libmrpc.status import RpcError, StatusCode
+from libmrpc.stubs import SchemaInfo
+
+log = logging.getLogger(__name__)
+
+
+class ServicerContext:
+    """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
+
+    __slots__ = ("_code", "_deadline_ns", "_details", "_method")
+
+    def __init__(self, method: str, deadline_ns: int) -> None:
+        self._method = method
+        self._deadline_ns = deadline_ns
+        self._code: StatusCode | None = None
+        self._details = ""
+
+    def time_remaining(self) -> float | None:
+        if not self._deadline_ns:
+            return None
+        return max(0.0, (self._deadline_ns - time.monotonic_ns()) / 1e9)
+
+    def abort(self, code: StatusCode, details: str) -> None:
+        raise RpcError(code, details)
+
+    def set_code(self, code: StatusCode) -> None:
+        self._code = StatusCode(code)
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def method(self) -> str:
+        return self._method
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "mrpc"
+
+    def is_active(self) -> bool:
+        rem = self.time_remaining()
+        return rem is None or rem > 0
+
+
+@dataclass
+class _Handler:
+    fn: Callable[..., Any]
+    path: str
+    request_cls: Any
+    response_cls: Any
+    is_async: bool
+    takes_context: bool
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return True
+    return len(params) >= 2
+
+
+class Server:
+    def __init__(self, prefix: str | os.PathLike[str] | None = None, *, max_workers: int = 8,
+                 inline: bool = False, name: str | None = None) -> None:
+        self._prefix = prefix
+        self._name = name
+        self._inline = inline
+        self._max_workers = max_workers
+        self._pending: list[tuple[SchemaInfo, str, dict[int, _Handler]]] = []
+        self._handlers: dict[tuple[int, int], _Handler] = {}
+        self._session: Session | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self.started = False
+
+    # ------------------------------------------------------------------ setup
+
+    def _schema_of(self, servicer: Any) -> tuple[SchemaInfo, str]:
+        for klass in type(servicer).__mro__:
+            schema = klass.__dict__.get("_MRPC_SCHEMA")
+            if schema is not None:
+                return schema, klass.__dict__["_MRPC_SERVICE"]
+        raise TypeError(f"{type(servicer).__name__} does not derive from a generated <Service>Servicer")
+
+    def add_servicer(self, servicer: Any) -> None:
+        """Serve every method ``servicer`` overrides; the others answer UNIMPLEMENTED."""
+        schema, service = self._schema_of(servicer)
+        handlers: dict[int, _Handler] = {}
+        for mid in schema.SERVICES[service]:
+            m = schema.METHODS[mid]
+            fn = getattr(servicer, m.name, None)
+            if fn is None or getattr(fn, "_mrpc_unimplemented", False):
+                continue
+            handlers[mid] = self._handler(fn, schema, m)
+        self._add(schema, service, handlers)
+
+    def add_method(self, module: Any, path: str, fn: Callable[..., Any]) -> None:
+        """Serve method ``path`` ("/pkg.Service/Method") of a generated module with ``fn``.
+
+        ``fn(request)`` or ``fn(request, context)``, sync or async: closures as handlers.
+        """
+        schema: SchemaInfo = module._SCHEMA_INFO
+        for m in schema.METHODS:
+            if path in (m.path, f"{m.service}/{m.name}"):
+                self._add(schema, m.service, {m.id: self._handler(fn, schema, m)})
+                return
+        raise ValueError(f"schema {schema.SCHEMA_HASH} has no method {path!r}")
+
+    def _handler(self, fn: Callable[..., Any], schema: SchemaInfo, m: Any) -> _Handler:
+        return _Handler(fn, m.path, schema.MESSAGES[m.request], schema.MESSAGES[m.response],
+                        inspect.iscoroutinefunction(fn), _takes_context(fn))
+
+    def _add(self, schema: SchemaInfo, service: str, handlers: dict[int, _Handler]) -> None:
+        if self.started:
+            raise RuntimeError("add servicers before start()")
+        for s, svc, hs in self._pending:
+            if s is schema and svc == service:
+                hs.update(handlers)
+                return
+        self._pending.append((schema, service, handlers))
+
+    def start(self) -> None:
+        """Register the services with the local daemon; requests flow from now on.
+
+        Raises RpcError: UNAVAILABLE (no daemon), ALREADY_EXISTS (service served by
+        another app at that daemon), INVALID_ARGUMENT (bad schema).
+        """
+        if self.started:
+            return
+        session = get_session(self._prefix, self._name)
+        if session.server is not None and session.server is not self:
+            raise RuntimeError("this process already runs a Server on that daemon")
+        if any(h.is_async for _, _, hs in self._pending for h in hs.values()):
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="mrpc-server-loop",
+                                                 daemon=True)
+            self._loop_thread.start()
+        if not self._inline:
+            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="mrpc-handler")
+        for schema, _service, handlers in self._pending:
+            slot = session.bind(schema)
+            for mid, h in handlers.items():
+                self._handlers[(slot, mid)] = h
+        session.server = self
+        self._session = session
+        for schema, service, _ in self._pending:
+            session.control({"op": "serve", "slot": session.bind(schema), "services": [service]})
+        self.started = True
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Stop taking requests (new ones get UNAVAILABLE), let running ones finish
+        for up to ``grace`` seconds, then unregister. Returns an Event set when done."""
+        if not self.started or self._stopping:
+            self._stopped.set()
+            return self._stopped
+        self._stopping = True
+        session = self._session
+        assert session is not None
+        try:
+            session.control({"op": "unserve"})
+        except RpcError:
+            pass
+        deadline = time.monotonic() + (grace or 0.0)
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if session.server is self:
+            session.server = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._stopped.set()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+    # ------------------------------------------------------------------ serving
+
+    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int) -> None:
+        """Called on the completion thread for every request."""
+        session = self._session
+        assert session is not None
+        h = self._handlers.get((slot, method_id))
+        owner = RecvBlock(session, off)
+        if h is None or self._stopping:
+            code = StatusCode.UNAVAILABLE if self._stopping else StatusCode.UNIMPLEMENTED
+            msg = ("server is stopping" if self._stopping else
+                   f"method id {method_id} is not implemented by server app {session.name!r}")
+            session.send_reply(token, None, code, msg)
+            return
+        request = h.request_cls._from_image(session.recv_view, off, owner)
+        ctx = ServicerContext(h.path, deadline_ns)
+        with self._active_lock:
+            self._active += 1
+        if h.is_async:
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(self._run_async(h, request, ctx, token), self._loop)
+        elif self._executor is not None:
+            self._executor.submit(self._run_sync, h, request, ctx, token)
+        else:
+            self._run_sync(h, request, ctx, token)
+
+    def _run_sync(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        try:
+            reply = h.fn(request, ctx) if h.takes_context else h.fn(request)
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a status
+            self._answer(h, token, None, ctx, e)
+        else:
+            self._answer(h, token, reply, ctx, None)
+
+    async def _run_async(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        try:
+            reply = await (h.fn(request, ctx) if h.takes_context else h.fn(request))
+        except BaseException as e:  # noqa: BLE001
+            self._answer(h, token, None, ctx, e)
+        else:
+            self._answer(h, token, reply, ctx, None)
+
+    def _answer(self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None) -> None:
+        session = self._session
+        assert session is not None
+        try:
+            if error is not None:
+                if isinstance(error, RpcError):
+                    code, details = error.code(), error.details()
+                else:
+                    code, details = StatusCode.UNKNOWN, f"Exception calling application: {error!r}"
+                    log.info("handler of %s raised %r", h.path, error)
+            elif ctx._code not in (None, StatusCode.OK):
+                code, details = ctx._code, ctx._details
+            elif not isinstance(reply, h.response_cls):
+                code, details = (StatusCode.INTERNAL,
+                                 f"handler of {h.path} returned {type(reply).__name__}, "
+                                 f"expected {h.response_cls._FULL_NAME}")
+            else:
+                session.send_reply(token, reply)
+                return
+            session.send_reply(token, None, code, details)
+        except RpcError as e:
+            log.warning("could not answer %s: %s", h.path, e)
+        finally:
+            with self._active_lock:
+                self._active -= 1

@@ -1,0 +1,383 @@
+"""A process's registration with its local mrpcd: rings, heaps, completions.
+
+How this works: the first ``connect``/``Server`` for a prefix registers the
+process with that daemon over its unix control socket and maps the shared
+memory it receives. New messages are then built in the send heap (it becomes
+the default heap). Calls are descriptors pushed on the submit ring; one reader
+thread drains the completion ring in batches and resolves calls, hands
+requests to the server, and frees reply memory when the daemon reclaims it.
+
+Memory rules: a request stays alive (referenced by its call) until the daemon
+completes the call, even if the caller gave up waiting; received messages are
+released back to the daemon (batched) when the last view of them is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from libmrpc.control import open_control, request
+from libmrpc.heap import Heap
+from libmrpc.message import Arena, copy_message, set_default_heap
+from libmrpc.paths import app_socket_path, resolve_prefix
+from libmrpc.ring import (
+    CMP_RECLAIM,
+    CMP_REPLY,
+    CMP_REQUEST,
+    DESCRIPTOR,
+    SUB_CALL,
+    SUB_RELEASE,
+    SUB_REPLY,
+    RingConsumer,
+    RingProducer,
+)
+from libmrpc.shm import ShmLayout, drain, map_app_regions, notify
+from libmrpc.status import RpcError, StatusCode
+
+log = logging.getLogger(__name__)
+SPIN_S = 50e-6  # poll this long before blocking on the eventfd
+SAFETY_SLEEP = 0.5
+
+
+class RecvBlock:
+    """Owns one receive-heap block; releasing happens when the last view is gone."""
+
+    __slots__ = ("__weakref__", "off", "session")
+
+    def __init__(self, session: Session, off: int) -> None:
+        self.session = session
+        self.off = off
+
+    def __del__(self) -> None:
+        self.session._releases.append(self.off)
+
+
+class Call:
+    """One outstanding call; completed exactly once, from the reader thread."""
+
+    __slots__ = (
+        "_lock",
+        "abandoned",
+        "call_id",
+        "callbacks",
+        "done",
+        "error",
+        "method",
+        "request",
+        "response_cls",
+        "result",
+    )
+
+    def __init__(self, call_id: int, request: Any, response_cls: Any, method: str) -> None:
+        self.call_id = call_id
+        self.request = request
+        self.response_cls = response_cls
+        self.method = method
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.result: Any = None
+        self.error: RpcError | None = None
+        self.done = False
+        self.abandoned = False
+        self.callbacks: list[Callable[[Call], None]] | None = None
+
+    def finish(self, result: Any, error: RpcError | None) -> None:
+        self.result, self.error, self.done = result, error, True
+        self.request = None
+        self._lock.release()
+        if self.callbacks:
+            for cb in self.callbacks:
+                try:
+                    cb(self)
+                except Exception:
+                    log.exception("call completion callback failed")
+
+    def wait(self, timeout: float | None) -> bool:
+        if self.done:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()
+            return True
+        return self.done
+
+
+class Session:
+    def __init__(self, prefix: Path, name: str | None = None) -> None:
+        self.prefix = prefix
+        self.pid = os.getpid()
+        self.name = name or Path(os.path.basename(sys.argv[0] or "python")).stem or f"pid{self.pid}"
+        self._ctl = open_control(app_socket_path(prefix))
+        self._ctl_lock = threading.Lock()
+        reply, fds = request(self._ctl, {"op": "register", "name": self.name, "pid": self.pid})
+        self.app_id = reply["app_id"]
+        self.daemon = reply.get("daemon", "")
+        layout = ShmLayout(**reply["layout"])
+        self.regions = map_app_regions(layout, fds)
+        ctl = memoryview(self.regions.ctl)
+        self.submit = RingProducer(ctl[: layout.ring_size], layout.ring_slots, name="submit ring")
+        self.complete = RingConsumer(ctl[layout.ring_size:], layout.ring_slots, name="completion ring")
+        self.send_heap = Heap(memoryview(self.regions.send), name="send heap")
+        self.recv_view = memoryview(self.regions.recv)
+        self._submit_lock = threading.Lock()
+        self._releases: deque[int] = deque()
+        self._slots: dict[str, int] = {}
+        self._conns: dict[tuple[str, int], int] = {}
+        self.calls: dict[int, Call] = {}
+        self.replies: dict[int, Any] = {}  # server token -> reply kept alive until reclaimed
+        self._call_ids = itertools.count(1)
+        self.server: Any = None
+        self.closed = False
+        self.close_reason = ""
+        self._aio: dict[Any, list[tuple[Any, Call]]] = {}
+        set_default_heap(self.send_heap)
+        self._reader = threading.Thread(target=self._read_loop, name="mrpc-completions", daemon=True)
+        self._reader.start()
+
+    # ------------------------------------------------------------------ control
+
+    def control(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.closed:
+            raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
+        with self._ctl_lock:
+            reply, _ = request(self._ctl, msg)
+        return reply
+
+    def bind(self, schema: Any) -> int:
+        """Register a generated schema module with the daemon; returns its slot."""
+        slot = self._slots.get(schema.SCHEMA_HASH)
+        if slot is not None:
+            return slot
+        reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)})
+        if reply["schema_hash"] != schema.SCHEMA_HASH:
+            raise RpcError(StatusCode.FAILED_PRECONDITION,
+                           f"mrpcd computed schema hash {reply['schema_hash']} where this app has "
+                           f"{schema.SCHEMA_HASH}: libmrpc and mrpcd versions differ; upgrade one")
+        self._slots[schema.SCHEMA_HASH] = slot = reply["slot"]
+        log.info("bound schema %s as slot %d (%s, %.2f ms)", schema.SCHEMA_HASH, slot, reply["how"],
+                 reply["bind_ms"])
+        return slot
+
+    def open_conn(self, target: str, slot: int) -> int:
+        key = (target, slot)
+        conn = self._conns.get(key)
+        if conn is None:
+            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot})["conn_id"]
+        return conn
+
+    # ------------------------------------------------------------------ submitting
+
+    def _push(self, kind: int, status: int, conn: int, call_id: int, method: int, off: int, length: int,
+              deadline_ns: int) -> None:
+        """Push one descriptor, waiting (back-pressure) while the ring is full."""
+        with self._submit_lock:
+            self._flush_releases()
+            waited = 0.0
+            while not self.submit.push(DESCRIPTOR, kind, 0, status, conn, call_id, method, 0, off, length,
+                                       deadline_ns):
+                if self.closed:
+                    raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
+                notify(self.regions.submit_efd)
+                time.sleep(min(0.001, 0.00005 + waited))
+                waited += 0.0001
+            if self.submit.consumer_sleeping():
+                notify(self.regions.submit_efd)
+
+    def _flush_releases(self) -> None:
+        releases = self._releases
+        while releases:
+            off = releases[0]
+            if not self.submit.push(DESCRIPTOR, SUB_RELEASE, 0, 0, 0, 0, 0, 0, off, 0, 0):
+                return
+            releases.popleft()
+
+    def _own(self, msg: Any) -> Any:
+        """``msg`` if it lives in this session's send heap, else a copy that does."""
+        owner = getattr(msg, "_owner", None)
+        if isinstance(owner, Arena) and owner.heap is self.send_heap and msg._w == 0:
+            return msg
+        return copy_message(msg, self.send_heap)
+
+    def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
+                   timeout: float | None) -> Call:
+        if self.closed:
+            raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
+        request = self._own(request)
+        call_id = next(self._call_ids)
+        call = Call(call_id, request, response_cls, path)
+        self.calls[call_id] = call
+        deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
+        try:
+            self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
+        except BaseException:
+            self.calls.pop(call_id, None)
+            raise
+        return call
+
+    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "") -> None:
+        if status is StatusCode.OK:
+            reply = self._own(reply)
+            self.replies[token] = reply
+            self._push(SUB_REPLY, 0, 0, token, 0, reply._off, 0, 0)
+            return
+        arena = Arena(self.send_heap)
+        data = details.encode()[:16000]
+        off = arena.alloc(max(len(data), 1), zero=False)
+        self.send_heap.buf[off:off + len(data)] = data
+        self.replies[token] = arena
+        self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), 0)
+
+    # ------------------------------------------------------------------ completions
+
+    def _read_loop(self) -> None:
+        efd = self.regions.complete_efd
+        poller = select.poll()
+        poller.register(efd, select.POLLIN)
+        poller.register(self._ctl.fileno(), select.POLLRDHUP | select.POLLHUP)
+        ctl_fd = self._ctl.fileno()
+        complete = self.complete
+        perf = time.perf_counter
+        try:
+            while not self.closed:
+                batch = complete.pop_batch(DESCRIPTOR, 256)
+                if batch:
+                    self._handle(batch)
+                    continue
+                if self._releases:
+                    with self._submit_lock:
+                        self._flush_releases()
+                        if self.submit.consumer_sleeping():
+                            notify(self.regions.submit_efd)
+                spin_until = perf() + SPIN_S
+                while perf() < spin_until and not complete.available():
+                    pass
+                if complete.available():
+                    continue
+                complete.set_sleeping(True)
+                if not complete.available():
+                    for fd, ev in poller.poll(SAFETY_SLEEP * 1000):
+                        if fd == ctl_fd and ev & (select.POLLRDHUP | select.POLLHUP):
+                            complete.set_sleeping(False)
+                            self._daemon_gone("mrpcd closed the connection (daemon stopped or crashed)")
+                            return
+                drain(efd)
+                complete.set_sleeping(False)
+        except Exception as e:  # the mapping went away or a bug: fail calls, do not hang them
+            if not self.closed:
+                log.exception("completion reader failed")
+                self._daemon_gone(f"completion reader failed: {e}")
+
+    def _handle(self, batch: list[tuple[int, ...]]) -> None:
+        calls, recv = self.calls, self.recv_view
+        for kind, _flags, status, _conn, call_id, method, aux, off, length, deadline_ns in batch:
+            if kind == CMP_REPLY:
+                call = calls.pop(call_id, None)
+                if status == 0:
+                    owner = RecvBlock(self, off)
+                    if call is None or call.abandoned:
+                        continue  # late reply after a local timeout: the owner releases it now
+                    try:
+                        result = call.response_cls._from_image(recv, off, owner)
+                    except Exception as e:
+                        call.finish(None, RpcError(StatusCode.INTERNAL, f"cannot read reply: {e}"))
+                        continue
+                    self._finish(call, result, None)
+                else:
+                    details = bytes(recv[off:off + length]).decode("utf-8", "replace") if length else ""
+                    if length:
+                        self._releases.append(off)
+                    if call is not None and not call.abandoned:
+                        self._finish(call, None, RpcError(StatusCode(status), details))
+            elif kind == CMP_REQUEST:
+                server = self.server
+                if server is None:
+                    self._releases.append(off)
+                    self.send_reply(call_id, None, StatusCode.UNIMPLEMENTED, "no server in this app")
+                else:
+                    server._dispatch(call_id, method, aux, off, length, deadline_ns)
+            elif kind == CMP_RECLAIM:
+                self.replies.pop(call_id, None)
+        if self._aio:
+            pending, self._aio = self._aio, {}
+            for loop, items in pending.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve_aio, items)
+                except RuntimeError:
+                    pass  # the loop is closed; nobody is waiting
+
+    def _finish(self, call: Call, result: Any, error: RpcError | None) -> None:
+        call.finish(result, error)
+
+    def add_aio(self, loop: Any, fut: Any, call: Call) -> None:
+        """Resolve ``fut`` on ``loop`` when ``call`` completes (batched per loop)."""
+
+        def done(c: Call) -> None:
+            self._aio.setdefault(loop, []).append((fut, c))
+
+        if call.callbacks is None:
+            call.callbacks = []
+        call.callbacks.append(done)
+        if call.done:  # raced with the reader: resolve directly
+            call.callbacks.remove(done)
+            loop.call_soon_threadsafe(_resolve_aio, [(fut, call)])
+
+    def _daemon_gone(self, reason: str) -> None:
+        self.closed = True
+        self.close_reason = reason
+        err = RpcError(StatusCode.UNAVAILABLE, f"{reason}; calls in flight were lost, retry once mrpcd is back")
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            if not call.done:
+                call.finish(None, err)
+        if self._aio:
+            for loop, items in self._aio.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve_aio, items)
+                except RuntimeError:
+                    pass
+            self._aio = {}
+        log.warning("session with mrpcd ended: %s", reason)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = "session closed"
+        set_default_heap(None)
+        try:
+            self._ctl.close()
+        except OSError:
+            pass
+
+
+def _resolve_aio(items: list[tuple[Any, Call]]) -> None:
+    for fut, call in items:
+        if fut.done():
+            continue
+        if call.error is not None:
+            fut.set_exception(call.error)
+        else:
+            fut.set_result(call.result)
+
+
+_sessions: dict[Path, Session] = {}
+_sessions_lock = threading.Lock()
+
+
+def get_session(prefix: str | os.PathLike[str] | None = None, name: str | None = None) -> Session:
+    """The process's session with the daemon at ``prefix`` (created on first use)."""
+    path = resolve_prefix(prefix).resolve()
+    with _sessions_lock:
+        s = _sessions.get(path)
+        if s is None or s.closed or s.pid != os.getpid():
+            s = _sessions[path] = Session(path, name)
+        return s

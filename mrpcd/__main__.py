@@ -1,0 +1,3 @@
+from mrpcd.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""What the daemon knows about one registered application.
+
+Part of the engine API for always-on engines (frontend, transports): they reach
+an application's rings, heaps, bindings and in-flight tables through this
+object (``ctx.services["app"]``), and the daemon-wide routing through
+:class:`Router` (``ctx.services["router"]``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from libmrpc.heap import Heap
+from libmrpc.ring import RingConsumer, RingProducer
+from libmrpc.shm import DaemonRegions, notify
+from libmrpc.status import RpcError, StatusCode
+from mrpcd.engine import Rpc
+
+if TYPE_CHECKING:
+    from mrpcd.datapath import Datapath
+    from mrpcd.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Binding:
+    """A schema an application bound: its slot number in that app and its module."""
+
+    slot: int
+    module: ModuleType
+    schema_hash: str
+    services: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class ConnSpec:
+    """An application's connection to a remote daemon for one schema."""
+
+    conn_id: int
+    host: str
+    port: int
+    slot: int
+
+    @property
+    def addr(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(eq=False, slots=True)
+class Landed:
+    """A received message image: in the app's receive heap or in private memory."""
+
+    heap_off: int | None  # block offset in the app's receive heap
+    length: int
+    private: bytearray | memoryview | None = None
+
+
+@dataclass(eq=False, slots=True)
+class TxCall:
+    """State of an outbound CALL: where its request lives in the app's send heap."""
+
+    conn: ConnSpec
+    binding: Binding
+    rec_off: int
+    image: bytearray | None = None  # a private copy, made if a content policy looked
+
+
+@dataclass(eq=False, slots=True)
+class RxCall:
+    """State of an inbound CALL for a server app: where to send the answer."""
+
+    origin: Any  # the inbound connection object of the transport
+    wire_id: int
+    binding: Binding
+    landed: Landed | None
+
+
+@dataclass(eq=False, slots=True)
+class TxReply:
+    """State of a server app's REPLY on its way out."""
+
+    call: RxCall
+    rec_off: int  # 0 for an error reply
+    image: bytearray | None = None
+
+
+class AppState:
+    def __init__(self, app_id: int, name: str, pid: int, uid: int, regions: DaemonRegions,
+                 submit_efd: int, complete_efd: int) -> None:
+        self.app_id = app_id
+        self.name = name
+        self.pid = pid
+        self.uid = uid
+        self.regions = regions
+        layout = regions.layout
+        ctl = memoryview(regions.ctl)
+        self.submit = RingConsumer(ctl[: layout.ring_size], layout.ring_slots, name=f"{name} submit ring")
+        self.complete = RingProducer(ctl[layout.ring_size:], layout.ring_slots,
+                                     name=f"{name} completion ring")
+        self.submit_efd = submit_efd
+        self.complete_efd = complete_efd
+        self.send_view = memoryview(regions.send)  # read-only
+        self.recv_view = memoryview(regions.recv)
+        self.recv_heap = Heap(self.recv_view, name=f"receive heap of {name!r}")
+        self.bindings: list[Binding] = []
+        self.conns: dict[int, ConnSpec] = {}
+        self.served: dict[str, Binding] = {}
+        self.datapath: Datapath | None = None
+        self.runtime: Runtime | None = None
+        self.server_calls: dict[int, Rpc] = {}
+        self.inflight: set[int] = set()
+        self._tokens = itertools.count(1)
+        self.lock = threading.Lock()
+        self.closed = False
+        self.registered_at = 0.0
+        self.counters = {"calls": 0, "replies": 0, "served": 0, "errors": 0}
+
+    def next_token(self) -> int:
+        return next(self._tokens)
+
+    def wake_app(self) -> None:
+        if self.complete.consumer_sleeping():
+            notify(self.complete_efd)
+
+    def describe(self) -> dict[str, Any]:
+        dp = self.datapath
+        return {
+            "app_id": self.app_id, "name": self.name, "pid": self.pid, "uid": self.uid,
+            "schemas": [{"slot": b.slot, "hash": b.schema_hash, "services": list(b.services)}
+                        for b in self.bindings],
+            "serves": sorted(self.served),
+            "connections": [{"conn_id": c.conn_id, "addr": c.addr, "schema_slot": c.slot}
+                            for c in self.conns.values()],
+            "inflight_calls": len(self.inflight), "serving_calls": len(self.server_calls),
+            "datapath": dp.describe() if dp else [],
+            "runtime": self.runtime.name if self.runtime else None,
+            "recv_heap": self.recv_heap.statistics().__dict__ if hasattr(
+                self.recv_heap.statistics(), "__dict__") else _stats(self.recv_heap),
+            "counters": dict(self.counters),
+        }
+
+    def close(self) -> None:
+        """Drop mappings (views still held elsewhere keep theirs alive until released)."""
+        self.closed = True
+        self.recv_heap.closed = True
+        for view in (self.send_view, self.recv_view):
+            try:
+                view.release()
+            except (BufferError, ValueError):
+                pass
+        for m in (self.regions.ctl, self.regions.send, self.regions.recv):
+            try:
+                m.close()
+            except BufferError:
+                pass  # exported views (e.g. a zero-copy send in progress) keep it mapped
+        import os
+
+        for fd in (self.submit_efd, self.complete_efd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _stats(heap: Heap) -> dict[str, int]:
+    s = heap.statistics()
+    return {"size": s.size, "used": s.used, "allocations": s.allocations, "largest_free": s.largest_free}
+
+
+class Router:
+    """Daemon-wide routing: which server app serves which service."""
+
+    def __init__(self, daemon_name: str) -> None:
+        self.daemon_name = daemon_name
+        self.services: dict[str, AppState] = {}
+        self.lock = threading.Lock()
+
+    def bind(self, app: AppState, binding: Binding, services: list[str]) -> None:
+        with self.lock:
+            for svc in services:
+                other = self.services.get(svc)
+                if other is not None and other is not app and not other.closed:
+                    raise RpcError(StatusCode.ALREADY_EXISTS,
+                                   f"service {svc} is already served by app {other.name!r} "
+                                   f"(pid {other.pid}) at this daemon")
+            for svc in services:
+                self.services[svc] = app
+                app.served[svc] = binding
+
+    def unbind_app(self, app: AppState) -> None:
+        with self.lock:
+            for svc in [s for s, a in self.services.items() if a is app]:
+                del self.services[svc]
+
+    def check_hello(self, schema_hash: str, services: list[str], client: str) -> None:
+        """Refuse a connection whose schema differs from a bound server's."""
+        with self.lock:
+            for svc in services:
+                app = self.services.get(svc)
+                if app is None:
+                    continue
+                bound = app.served[svc].schema_hash
+                if bound != schema_hash:
+                    raise RpcError(
+                        StatusCode.FAILED_PRECONDITION,
+                        f"schema mismatch for service {svc}: the client app {client} uses schema "
+                        f"{schema_hash}, server app {app.name!r} at daemon {self.daemon_name} uses "
+                        f"{bound}; build both applications from the same .proto files")
+
+    def route(self, schema_hash: str, method_id: int, services: list[str]) -> tuple[AppState, Binding, Any]:
+        """Find the server app and method for an inbound call, or raise RpcError."""
+        with self.lock:
+            apps = {svc: self.services.get(svc) for svc in services}
+        for svc, app in apps.items():
+            if app is None or app.closed:
+                continue
+            binding = app.served[svc]
+            if binding.schema_hash != schema_hash:
+                raise RpcError(StatusCode.FAILED_PRECONDITION,
+                               f"schema mismatch for service {svc}: call uses {schema_hash}, "
+                               f"server app {app.name!r} at daemon {self.daemon_name} uses "
+                               f"{binding.schema_hash}")
+            methods = binding.module.METHODS
+            if not 0 <= method_id < len(methods):
+                raise RpcError(StatusCode.UNIMPLEMENTED,
+                               f"method id {method_id} does not exist in schema {schema_hash}")
+            method = methods[method_id]
+            if method.service in binding.services and self.services.get(method.service) is app:
+                return app, binding, method
+        # no bound server for the method's service
+        raise RpcError(StatusCode.UNAVAILABLE,
+                       f"no server application serves the called service at daemon "
+                       f"{self.daemon_name}; start the server app (services asked: "
+                       f"{', '.join(services) or 'none'})")

@@ -1,0 +1,218 @@
+"""``mrpcctl``: the operator CLI. Works by names (apps, engines), never by channel ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from libmrpc.control import open_control, request
+from libmrpc.status import RpcError
+
+
+def _operator_socket(prefix: str | None) -> str:
+    from mrpcd.config import default_prefix
+
+    base = Path(prefix or os.environ.get("MRPC_PREFIX") or default_prefix())
+    state = base / "mrpcd.json"
+    if state.exists():
+        try:
+            return json.loads(state.read_text())["operator_socket"]
+        except (ValueError, KeyError):
+            pass
+    return str(base / "ctl.sock")
+
+
+def _call(ctx: click.Context, msg: dict[str, Any]) -> dict[str, Any]:
+    path = _operator_socket(ctx.obj["prefix"])
+    try:
+        with open_control(path) as sock:
+            reply, _ = request(sock, msg)
+    except RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    reply.pop("ok", None)
+    return reply
+
+
+def _out(ctx: click.Context, data: dict[str, Any], text: str) -> None:
+    if ctx.obj["json"]:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+@click.group()
+@click.option("--prefix", default=None, help="The daemon's prefix directory (default: MRPC_PREFIX or mrpcd's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def main(ctx: click.Context, prefix: str | None, as_json: bool) -> None:
+    """Operate a running mrpcd."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(prefix=prefix, json=as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Daemon status: pid, address, apps, runtimes, bind cache."""
+    ctx.obj["json"] |= as_json
+    r = _call(ctx, {"op": "status"})
+    rts = ", ".join(f"{rt['name']}({rt['engines']} engines)" for rt in r["runtimes"])
+    _out(ctx, r, f"mrpcd {r['version']} pid {r['pid']} listening on {r['listen']}\n"
+                 f"prefix {r['prefix']}  uptime {r['uptime_s']:.0f}s  apps {r['apps']}  "
+                 f"transport {r['transport']}\nruntimes {rts}\nbind cache {r['bind_cache']}"
+                 + (f"\nmetrics http://{r['metrics']}/metrics" if r.get("metrics") else ""))
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Applications, their datapaths (engines with ids) and connections."""
+    ctx.obj["json"] |= as_json
+    r = _call(ctx, {"op": "list"})
+    lines = []
+    for app in r["apps"]:
+        lines.append(f"app {app['name']} (#{app['app_id']}, pid {app['pid']}) serves "
+                     f"{', '.join(app['serves']) or '-'}; {app['inflight_calls']} calls in flight")
+        for e in app["datapath"]:
+            cfg = f" {e['config']}" if e["config"] else ""
+            lines.append(f"  engine {e['id']}  [{e['engine']} v{e['version']}, {e['side']}"
+                         f"{', method ' + e['method'] if e['method'] else ''}]{cfg}")
+        for c in app["connections"]:
+            lines.append(f"  connection {c['conn_id']} -> {c['addr']}")
+    _out(ctx, r, "\n".join(lines) or "no applications")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Per-engine counters."""
+    ctx.obj["json"] |= as_json
+    r = _call(ctx, {"op": "stats"})
+    lines = []
+    for app in r["apps"]:
+        lines.append(f"app {app['app']} (pid {app['pid']})")
+        for e in app["engines"]:
+            counters = " ".join(f"{k}={v}" for k, v in e.get("stats", {}).items())
+            lines.append(f"  {e.get('engine_id', '?')}: {counters}")
+    lines.append("ingress: " + " ".join(f"{k}={v}" for k, v in r.get("ingress", {}).items()))
+    _out(ctx, r, "\n".join(lines))
+
+
+@main.group()
+def schema() -> None:
+    """Schema cache commands."""
+
+
+@schema.command()
+@click.argument("proto", type=click.Path(exists=True, dir_okay=False))
+@click.option("-I", "--include", multiple=True, help="Import search directory.")
+@click.pass_context
+def prefetch(ctx: click.Context, proto: str, include: tuple[str, ...]) -> None:
+    """Compile PROTO into the daemon's binding cache, so apps bind in milliseconds."""
+    from libmrpc.schema import read_proto
+
+    texts = read_proto(proto, include_dirs=include)
+    r = _call(ctx, {"op": "schema_prefetch", "texts": texts})
+    _out(ctx, r, f"schema {r['schema_hash']} ({', '.join(r['services'])}) {r['how']} in {r['bind_ms']} ms")
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}")
+        config[key] = yaml.safe_load(value) if value else ""
+    return config
+
+
+@main.group()
+def policy() -> None:
+    """Attach, detach and reconfigure policy engines."""
+
+
+@policy.command()
+@click.argument("name", required=False)
+@click.option("--app", "app", default=None, help="Application name or pid.")
+@click.option("--all", "all_apps", is_flag=True, help="Every application.")
+@click.option("--future", is_flag=True, help="Also apply to applications that register later.")
+@click.option("--side", type=click.Choice(["send", "receive"]), default=None)
+@click.option("--method", default=None, help="Only this method (name or /pkg.Service/Method).")
+@click.option("--set", "sets", multiple=True, help="Config key=value (repeatable).")
+@click.option("--file", "spec_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A policy spec (policies/*.yaml).")
+@click.pass_context
+def attach(ctx: click.Context, name: str | None, app: str | None, all_apps: bool, future: bool,
+           side: str | None, method: str | None, sets: tuple[str, ...], spec_file: str | None) -> None:
+    """Attach policy engine NAME to an application's datapath."""
+    spec: dict[str, Any] = {}
+    if spec_file:
+        spec = yaml.safe_load(Path(spec_file).read_text()) or {}
+        if not isinstance(spec, dict):
+            raise click.ClickException(f"{spec_file}: a policy spec must be a mapping")
+    engine = name or spec.get("engine")
+    if not engine:
+        raise click.UsageError("name the engine (or give --file with an engine: key)")
+    if not app and not all_apps:
+        raise click.UsageError("say which application: --app NAME|PID or --all")
+    config = dict(spec.get("config") or {})
+    config.update(_parse_sets(sets))
+    msg = {"op": "policy_attach", "engine": engine, "app": "*" if all_apps else app,
+           "side": side or spec.get("side") or "send", "method": method or spec.get("method"),
+           "config": config, "future": future}
+    r = _call(ctx, msg)
+    text = "\n".join(f"attached {eid}" for eid in r["engine_ids"]) or "attached to no running app"
+    if r.get("rule_id"):
+        text += f"\nstanding rule {r['rule_id']} applies to applications that register later"
+    _out(ctx, r, text)
+
+
+@policy.command()
+@click.argument("engine_id", required=False)
+@click.option("--app", default=None, help="Application name or pid (with --engine).")
+@click.option("--engine", "engine", default=None, help="Engine name (with --app).")
+@click.option("--rule", "rule_id", default=None, help="Remove a standing rule.")
+@click.pass_context
+def detach(ctx: click.Context, engine_id: str | None, app: str | None, engine: str | None,
+           rule_id: str | None) -> None:
+    """Detach ENGINE_ID (or every ENGINE of --app); queued RPCs are handed on, none lost."""
+    if not (engine_id or rule_id or (app and engine)):
+        raise click.UsageError("give ENGINE_ID, or --app and --engine, or --rule")
+    r = _call(ctx, {"op": "policy_detach", "engine_id": engine_id, "app": app, "engine": engine,
+                    "rule_id": rule_id})
+    lines = [f"detached {d['engine_id']} ({d['handed_on']} queued RPCs handed on)" for d in r["detached"]]
+    if r.get("rule_removed"):
+        lines.append(f"removed standing rule {r['rule_removed']}")
+    _out(ctx, r, "\n".join(lines))
+
+
+@policy.command("set")
+@click.argument("engine_id")
+@click.argument("pairs", nargs=-1, required=True)
+@click.pass_context
+def set_(ctx: click.Context, engine_id: str, pairs: tuple[str, ...]) -> None:
+    """Reconfigure ENGINE_ID in place: key=value ... (all or nothing)."""
+    r = _call(ctx, {"op": "policy_set", "engine_id": engine_id, "config": _parse_sets(pairs)})
+    _out(ctx, r, "\n".join(f"updated {eid}: {r['config'][eid]}" for eid in r["updated"]))
+
+
+@policy.command()
+@click.pass_context
+def rules(ctx: click.Context) -> None:
+    """Standing rules (applied to applications that register later)."""
+    r = _call(ctx, {"op": "policy_rules"})
+    _out(ctx, r, "\n".join(f"{x['rule_id']}: {x['engine']} on {x['app']} ({x['side']}) {x['config']}"
+                           for x in r["rules"]) or "no standing rules")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

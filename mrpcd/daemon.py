@@ -1,0 +1,409 @@
+"""The daemon process: control sockets, application lifecycle, runtimes.
+
+Threads: one accept thread per unix socket (applications, operators), one
+thread per connected application (it blocks on the control socket; end of
+stream means the application is gone, whatever the cause, and triggers its
+cleanup), and the runtimes. Everything that touches a datapath runs on that
+datapath's runtime via ``Runtime.call``.
+"""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from libmrpc.control import error_reply, peer_credentials, recv_msg, send_msg
+from libmrpc.shm import ShmLayout, create_regions
+from libmrpc.status import MrpcError, RpcError, StatusCode
+from libmrpc.wire import ERROR, encode_header
+from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
+from mrpcd.binding import BindingCache
+from mrpcd.config import Config, format_hostport, parse_hostport
+from mrpcd.datapath import Datapath
+from mrpcd.engine import EngineContext, MonotonicClock, Rpc, RpcKind, Side
+from mrpcd.registry import EngineRegistry, load_engine_class
+from mrpcd.runtime import Runtime
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+def _unix_listener(path: Path, mode: int, group: str | None = None) -> socket.socket:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.bind(str(path))
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    if gid != -1:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clock = MonotonicClock()
+        self.started = time.time()
+        self.prefix = config.prefix
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.prefix, 0o755)
+        self.layout = ShmLayout(config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size)
+        self.bindings = BindingCache(config.cache_dir)
+        self.registry = EngineRegistry(config.engines)
+        self.runtimes = [Runtime(f"rt{i}", self.clock, spin_us=config.spin_us) for i in range(config.runtimes)]
+        self.apps: dict[int, AppState] = {}
+        self.apps_lock = threading.Lock()
+        self._app_ids = itertools.count(1)
+        self._stopping = threading.Event()
+        self.draining = False
+        self._threads: list[threading.Thread] = []
+        self.listener = self._tcp_listener()
+        self.listen_addr = format_hostport(*self.listener.getsockname()[:2])
+        self.name = f"{socket.gethostname()}/{self.listen_addr}"
+        self.router = Router(self.name)
+        self.services_base: dict[str, Any] = {
+            "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
+            "daemon_name": self.name,
+        }
+        self.frontend_cls = self.registry.get("frontend")
+        self.transport_cls = self.registry.get(config.transport)
+        self.ingress = None
+        self.app_sock_path = config.app_socket
+        self.op_sock_path = config.operator_socket
+        self.app_listener = _unix_listener(self.app_sock_path, 0o666)
+        self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
+                                          config.operator_group)
+        self.operator = None  # set in start(): the operator command handler
+
+    def _tcp_listener(self) -> socket.socket:
+        host, port = self.config.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise MrpcError(f"cannot listen on {format_hostport(host, port)}: {e.strerror}; "
+                            f"choose another address with --listen or MRPC_LISTEN") from None
+        sock.listen(1024)
+        return sock
+
+    # ------------------------------------------------------------------ start/stop
+
+    def start(self) -> None:
+        from mrpcd.operator import OperatorHandler
+
+        self.operator = OperatorHandler(self)
+        rt0 = self.runtimes[0]
+        ingress_cls = load_engine_class(self.config.engines.get(self.config.transport, "engines.tcp"),
+                                        name="tcp-ingress", attr="INGRESS")
+        ctx = EngineContext("daemon/tcp-ingress", "", 0, self.clock,
+                            services=dict(self.services_base, poller=rt0.poller, listener=self.listener))
+        self.ingress = ingress_cls(ctx, {})
+        rt0.add_engine(self.ingress)
+        for rt in self.runtimes:
+            rt.start()
+        for target, name in ((self._accept_apps, "mrpcd-apps"), (self._accept_operators, "mrpcd-ops")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.operator.start_metrics()
+        self._write_state_file()
+        log.info("mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix)
+
+    def _write_state_file(self) -> None:
+        state = {"pid": os.getpid(), "listen": self.listen_addr, "app_socket": str(self.app_sock_path),
+                 "operator_socket": str(self.op_sock_path), "prefix": str(self.prefix),
+                 "version": VERSION, "metrics": self.operator.metrics_addr if self.operator else None}
+        tmp = self.prefix / "mrpcd.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.prefix / "mrpcd.json")
+
+    def inflight(self) -> int:
+        with self.apps_lock:
+            apps = list(self.apps.values())
+        return sum(len(a.inflight) + len(a.server_calls) for a in apps)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking new work; wait for in-flight calls. True when all finished."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.inflight() == 0:
+                return True
+            time.sleep(0.01)
+        return self.inflight() == 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for s in (self.app_listener, self.op_listener):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        with self.apps_lock:
+            apps = list(self.apps.values())
+        for app in apps:
+            self._cleanup(app, "daemon stopping")
+        rt0 = self.runtimes[0]
+        if self.ingress is not None:
+            rt0.call(self.ingress.close)
+        for rt in self.runtimes:
+            rt.stop()
+        self.listener.close()
+        if self.operator is not None:
+            self.operator.stop()
+        for p in (self.app_sock_path, self.op_sock_path, self.prefix / "mrpcd.json"):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def wait(self) -> None:
+        self._stopping.wait()
+
+    # ------------------------------------------------------------------ sockets
+
+    def _accept_apps(self) -> None:
+        self._accept_loop(self.app_listener, self._serve_app, "app")
+
+    def _accept_operators(self) -> None:
+        self._accept_loop(self.op_listener, self._serve_operator, "operator")
+
+    def _accept_loop(self, listener: socket.socket, serve: Any, what: str) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                log.error("%s socket accept failed: %s; retrying in 100 ms", what, e)
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=serve, args=(sock,), name=f"mrpcd-{what}-conn", daemon=True).start()
+
+    def _serve_operator(self, sock: socket.socket) -> None:
+        assert self.operator is not None
+        with sock:
+            try:
+                pid, uid, _gid = peer_credentials(sock)
+                refusal = self.operator.refuse(pid, uid)
+                while True:
+                    msg, fds = recv_msg(sock)
+                    for fd in fds:
+                        os.close(fd)
+                    if msg is None:
+                        return
+                    reply = refusal or self.operator.handle(msg)
+                    send_msg(sock, reply)
+                    if refusal:
+                        return
+            except (OSError, ValueError) as e:
+                log.info("operator connection ended: %s", e)
+
+    def _serve_app(self, sock: socket.socket) -> None:
+        app: AppState | None = None
+        try:
+            pid, uid, _ = peer_credentials(sock)
+            while True:
+                try:
+                    msg, fds = recv_msg(sock)
+                except ValueError as e:
+                    send_msg(sock, error_reply(StatusCode.INVALID_ARGUMENT, f"bad control message: {e}"))
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if msg is None:
+                    return
+                op = msg.get("op")
+                try:
+                    if op == "register":
+                        if app is not None:
+                            raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
+                        app, reply_fds = self._register(sock, msg, pid, uid)
+                        continue
+                    if app is None:
+                        raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
+                    reply = self._app_op(app, op, msg)
+                except RpcError as e:
+                    reply = error_reply(e.code(), e.details())
+                except MrpcError as e:
+                    reply = error_reply(StatusCode.INVALID_ARGUMENT, str(e))
+                except Exception as e:
+                    log.exception("control op %r of pid %d failed", op, pid)
+                    reply = error_reply(StatusCode.INTERNAL, f"mrpcd failed on {op!r}: {e}")
+                send_msg(sock, reply)
+        except OSError as e:
+            log.info("app control connection error: %s", e)
+        finally:
+            sock.close()
+            if app is not None:
+                self._cleanup(app, "application disconnected")
+
+    # ------------------------------------------------------------------ app lifecycle
+
+    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int) -> tuple[AppState, None]:
+        if self.draining or self._stopping.is_set():
+            raise RpcError(StatusCode.UNAVAILABLE, "mrpcd is shutting down; retry against the new daemon")
+        name = str(msg.get("name") or f"pid{pid}")[:64]
+        app_id = next(self._app_ids)
+        regions, submit_efd, complete_efd = create_regions(name, self.layout)
+        app = AppState(app_id, name, pid, uid, regions, submit_efd, complete_efd)
+        app.registered_at = time.time()
+        runtime = self.runtimes[app_id % len(self.runtimes)]
+        app.runtime = runtime
+        services = dict(self.services_base, app=app, poller=runtime.poller)
+        fe = self.frontend_cls(EngineContext(f"{name}/frontend", name, pid, self.clock,
+                                             runtime_local=runtime.local, services=services), {})
+        tr = self.transport_cls(EngineContext(f"{name}/{self.transport_cls.NAME}", name, pid, self.clock,
+                                              runtime_local=runtime.local, services=services), {})
+        app.datapath = Datapath(name, fe, tr)
+
+        def attach() -> None:
+            runtime.add_engine(fe)
+            runtime.add_engine(tr)
+            runtime.poller.register(submit_efd, 1, fe.on_submit_event)
+
+        runtime.call(attach)
+        with self.apps_lock:
+            self.apps[app_id] = app
+        if self.operator is not None:
+            self.operator.app_registered(app)  # standing policies before the first call
+        try:
+            send_msg(sock, {"ok": True, "app_id": app_id, "name": name, "layout": self.layout.to_dict(),
+                            "daemon": self.name, "version": VERSION}, regions.fds())
+        finally:
+            regions.close_fds()
+        log.info("app %r (pid %d, uid %d) registered as #%d on %s", name, pid, uid, app_id, runtime.name)
+        return app, None
+
+    def _app_op(self, app: AppState, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        if op == "bind_schema":
+            texts = msg.get("texts")
+            if not isinstance(texts, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in texts.items()):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, "bind_schema needs texts: {path: proto source}")
+            result = self.bindings.bind(texts)
+            module = result.module
+            with app.lock:
+                for b in app.bindings:
+                    if b.schema_hash == result.schema_hash:
+                        slot = b.slot
+                        break
+                else:
+                    slot = len(app.bindings)
+                    app.bindings.append(Binding(slot, module, result.schema_hash, tuple(module.SERVICES)))
+            return {"ok": True, "slot": slot, "schema_hash": result.schema_hash, "how": result.how,
+                    "bind_ms": round(result.seconds * 1e3, 3)}
+        if op == "connect":
+            slot = msg.get("slot")
+            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {slot!r}")
+            try:
+                host, port = parse_hostport(msg.get("addr"), key="addr", source="connect request")
+            except MrpcError as e:
+                raise RpcError(StatusCode.INVALID_ARGUMENT, str(e)) from None
+            conn_id = len(app.conns) + 1
+            app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
+            return {"ok": True, "conn_id": conn_id}
+        if op == "serve":
+            slot = msg.get("slot")
+            services = msg.get("services")
+            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {slot!r}")
+            binding = app.bindings[slot]
+            if not isinstance(services, list) or not services:
+                raise RpcError(StatusCode.INVALID_ARGUMENT, "serve needs a list of service names")
+            unknown = [s for s in services if s not in binding.services]
+            if unknown:
+                raise RpcError(StatusCode.NOT_FOUND, f"schema {binding.schema_hash} has no service "
+                               f"{', '.join(map(str, unknown))}; it defines {', '.join(binding.services)}")
+            self.router.bind(app, binding, services)
+            log.info("app %r serves %s", app.name, ", ".join(services))
+            return {"ok": True}
+        if op == "unserve":
+            self.router.unbind_app(app)
+            app.served.clear()
+            return {"ok": True}
+        if op == "ping":
+            return {"ok": True}
+        raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
+
+    def _cleanup(self, app: AppState, reason: str) -> None:
+        with self.apps_lock:
+            if self.apps.pop(app.app_id, None) is None:
+                return
+        self.router.unbind_app(app)
+        runtime = app.runtime
+        assert runtime is not None
+        try:
+            runtime.call(lambda: self._teardown(app, reason))
+        except Exception:
+            log.exception("teardown of app %r failed", app.name)
+        log.info("app %r (pid %d) cleaned up: %s", app.name, app.pid, reason)
+        if self.operator is not None:
+            self.operator.app_left(app)
+
+    def _teardown(self, app: AppState, reason: str) -> None:
+        dp = app.datapath
+        assert dp is not None and app.runtime is not None
+        app.closed = True
+        for engine in dp.engines:
+            app.runtime.remove_engine(engine)
+        app.runtime.poller.unregister(app.submit_efd)
+        items: list[Rpc] = dp.drain_all() + list(app.server_calls.values())
+        app.server_calls.clear()
+        gone = f"server app {app.name!r} (pid {app.pid}) exited before replying ({reason}); retry"
+        for rpc in items:
+            st = rpc._state
+            if isinstance(st, tuple) and st[0] == "rejected":
+                st = st[1]
+            if isinstance(st, TxReply):
+                st = st.call
+            if isinstance(st, RxCall) and not st.origin.closed:
+                body = gone.encode()
+                st.origin.queue([encode_header(ERROR, call_id=st.wire_id, status=int(StatusCode.UNAVAILABLE),
+                                               body_len=len(body)), body])
+                st.origin.flush()
+        for engine in dp.engines:
+            try:
+                engine.close()
+            except Exception:
+                log.exception("closing engine %s of %r failed", engine.NAME, app.name)
+        dp.state = "closed"
+        app.close()
+
+    def describe_apps(self) -> list[dict[str, Any]]:
+        with self.apps_lock:
+            apps = list(self.apps.values())
+        out = []
+        for app in apps:
+            try:
+                out.append(app.runtime.call(app.describe) if app.runtime else app.describe())
+            except Exception as e:
+                out.append({"app_id": app.app_id, "name": app.name, "error": str(e)})
+        return out
+
+    def find_apps(self, selector: str) -> list[AppState]:
+        with self.apps_lock:
+            apps = list(self.apps.values())
+        if selector in ("*", "--all"):
+            return apps
+        return [a for a in apps if a.name == selector or str(a.pid) == selector or f"#{a.app_id}" == selector]
+
+
+_ = (RpcKind, Side)  # re-exported names used by operator commands

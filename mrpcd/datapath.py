@@ -1,0 +1,122 @@
+"""Datapaths: the chain of engines serving one application.
+
+How this works: a datapath is ``[frontend, policy..., transport]``. Between two
+neighbours ``a`` (app side) and ``b`` (network side) sit two deques: ``a.tx_out
+is b.tx_in`` and ``b.rx_out is a.rx_in``. Attaching a policy ``p`` between them
+gives ``p`` the *existing* deques as its outputs and new empty deques as its
+inputs, and re-points ``a.tx_out``/``b.rx_out`` at those inputs — items already
+queued keep flowing, nothing is copied or lost. Detaching reverses that: the
+engine flushes what it holds into its outputs, whatever still waits in its
+inputs is moved to its outputs in order, and the neighbours are re-pointed.
+Upgrading binds the new engine to exactly the old engine's deques.
+
+All mutations run on the datapath's runtime thread (``Runtime.call``), between
+two ``do_work`` rounds, so no engine ever sees a half-spliced chain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from mrpcd.engine import Engine, Rpc
+
+log = logging.getLogger(__name__)
+
+
+class DatapathError(Exception):
+    pass
+
+
+class Datapath:
+    def __init__(self, app: str, frontend: Engine, transport: Engine) -> None:
+        self.app = app
+        self.engines: list[Engine] = [frontend, transport]
+        self.state = "active"  # active | upgrading | closed
+        a, b = frontend, transport
+        tx, rx = deque(), deque()
+        a.bind(deque(), tx, rx, deque())  # the frontend's tx_in / rx_out are unused ends
+        b.bind(tx, deque(), deque(), rx)  # the transport's tx_out / rx_in are unused ends
+
+    @property
+    def frontend(self) -> Engine:
+        return self.engines[0]
+
+    @property
+    def transport(self) -> Engine:
+        return self.engines[-1]
+
+    @property
+    def policies(self) -> list[Engine]:
+        return self.engines[1:-1]
+
+    def reads_content(self) -> bool:
+        return any(e.READS_CONTENT for e in self.policies)
+
+    def insert(self, engine: Engine, index: int | None = None) -> None:
+        """Splice ``engine`` in before position ``index`` (default: just before the transport)."""
+        if self.state != "active":
+            raise DatapathError(f"can't attach to {self.app!r}: datapath is {self.state}")
+        if index is None:
+            index = len(self.engines) - 1
+        if not 1 <= index <= len(self.engines) - 1:
+            raise DatapathError(f"position {index} is outside the policy chain of {self.app!r}")
+        a, b = self.engines[index - 1], self.engines[index]
+        new_tx, new_rx = deque(), deque()
+        engine.bind(new_tx, a.tx_out, new_rx, b.rx_out)
+        a.tx_out = new_tx
+        b.rx_out = new_rx
+        self.engines.insert(index, engine)
+
+    def remove(self, engine: Engine) -> int:
+        """Unsplice a policy; returns how many items it handed on."""
+        if engine not in self.policies:
+            raise DatapathError(f"engine is not a policy of {self.app!r}")
+        index = self.engines.index(engine)
+        a, b = self.engines[index - 1], self.engines[index + 1]
+        moved = engine.flush()
+        while engine.tx_in:
+            engine.tx_out.append(engine.tx_in.popleft())
+            moved += 1
+        while engine.rx_in:
+            engine.rx_out.append(engine.rx_in.popleft())
+            moved += 1
+        # order: whatever the engine queued downstream already is ahead of the
+        # items that were still waiting for it, which is the order they came in
+        a.tx_out = engine.tx_out
+        b.rx_out = engine.rx_out
+        self.engines.pop(index)
+        return moved
+
+    def replace(self, old: Engine, new: Engine) -> None:
+        """Put ``new`` in ``old``'s place on the same deques (live upgrade)."""
+        index = self.engines.index(old)
+        new.bind(old.tx_in, old.tx_out, old.rx_in, old.rx_out)
+        self.engines[index] = new
+
+    def drain_all(self) -> list[Rpc]:
+        """Take every item out of every deque and engine (teardown)."""
+        items: list[Rpc] = []
+        for engine in self.policies:
+            try:
+                engine.flush()
+            except Exception:
+                log.exception("flush of %s failed during teardown", engine.NAME)
+        seen: set[int] = set()
+        for engine in self.engines:
+            for q in (engine.tx_in, engine.tx_out, engine.rx_in, engine.rx_out):
+                if id(q) in seen:
+                    continue
+                seen.add(id(q))
+                items.extend(q)
+                q.clear()
+        return items
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.engines:
+            out.append({"id": e.ctx.engine_id, "engine": e.NAME, "version": e.VERSION,
+                        "side": e.ctx.side.value, "method": e.ctx.method,
+                        "config": e.config, "queued": len(e.tx_in) + len(e.rx_in)})
+        return out

@@ -1,0 +1,128 @@
+"""Operator commands (the ``mrpcctl`` side of the daemon).
+
+Every command answers: ``{"ok": true, ...}`` or an error with a gRPC status
+number and a message saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from libmrpc.control import error_reply
+from libmrpc.status import MrpcError, RpcError, StatusCode
+
+if TYPE_CHECKING:
+    from mrpcd.appstate import AppState
+    from mrpcd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class OperatorHandler:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.metrics_addr: str | None = None
+        self._metrics_server: Any = None
+        from mrpcd.policy import PolicyManager
+
+        self.policies = PolicyManager(daemon)
+
+    # ------------------------------------------------------------------ access
+
+    def refuse(self, pid: int, uid: int) -> dict[str, Any] | None:
+        """An error reply for a peer that must not operate the daemon, else None."""
+        with self.daemon.apps_lock:
+            app_pids = {a.pid for a in self.daemon.apps.values()}
+        if pid in app_pids:
+            return error_reply(StatusCode.PERMISSION_DENIED,
+                               f"process {pid} is registered as an mrpc application; applications "
+                               f"may not use the operator socket")
+        if uid in (0, os.getuid()):
+            return None
+        group = self.daemon.config.operator_group
+        if group:
+            try:
+                g = grp.getgrnam(group)
+                import pwd
+
+                name = pwd.getpwuid(uid).pw_name
+                if name in g.gr_mem or pwd.getpwuid(uid).pw_gid == g.gr_gid:
+                    return None
+            except KeyError:
+                pass
+        return error_reply(StatusCode.PERMISSION_DENIED,
+                           f"uid {uid} is not allowed to operate mrpcd (root, the daemon's user, "
+                           f"or members of operator_group)")
+
+    # ------------------------------------------------------------------ metrics endpoint
+
+    def start_metrics(self) -> None:
+        listen = self.daemon.config.metrics.listen
+        registry = self.policies.metrics_registry()
+        if listen is None or registry is None:
+            return
+        from engines.metrics import start_http_server
+
+        self._metrics_server, port = start_http_server(registry, listen[0], listen[1])
+        self.metrics_addr = f"{listen[0]}:{port}"
+        log.info("metrics on http://%s/metrics", self.metrics_addr)
+
+    def stop(self) -> None:
+        if self._metrics_server is not None:
+            try:
+                self._metrics_server.shutdown()
+            except Exception:
+                pass
+
+    def app_registered(self, app: AppState) -> None:
+        self.policies.app_registered(app)
+
+    def app_left(self, app: AppState) -> None:
+        self.policies.app_left(app)
+
+    # ------------------------------------------------------------------ commands
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+        if handler is None:
+            handler = self.policies.handler(op)
+        if handler is None:
+            return error_reply(StatusCode.UNIMPLEMENTED, f"unknown operator command {op!r}")
+        try:
+            result = handler(msg)
+        except RpcError as e:
+            return error_reply(e.code(), e.details())
+        except MrpcError as e:
+            return error_reply(StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            log.exception("operator command %r failed", op)
+            return error_reply(StatusCode.INTERNAL, f"{op} failed inside mrpcd: {e}")
+        return {"ok": True, **result}
+
+    def op_status(self, msg: dict[str, Any]) -> dict[str, Any]:
+        d = self.daemon
+        return {
+            "pid": os.getpid(), "version": d.__class__.__module__ and __import__("mrpcd.daemon").daemon.VERSION,
+            "listen": d.listen_addr, "prefix": str(d.prefix), "uptime_s": round(time.time() - d.started, 3),
+            "apps": len(d.apps), "draining": d.draining, "transport": d.config.transport,
+            "runtimes": [{"name": rt.name, "engines": len(rt.engines), "rounds": rt.rounds,
+                          "sleeps": rt.sleeps} for rt in d.runtimes],
+            "bind_cache": dict(d.bindings.stats, dir=str(d.bindings.cache_dir)),
+            "metrics": self.metrics_addr, "config": d.config.to_dict(),
+        }
+
+    def op_list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"apps": self.daemon.describe_apps()}
+
+    def op_schema_prefetch(self, msg: dict[str, Any]) -> dict[str, Any]:
+        texts = msg.get("texts")
+        if not isinstance(texts, dict) or not texts:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "schema_prefetch needs texts: {path: source}")
+        result = self.daemon.bindings.bind(texts)
+        return {"schema_hash": result.schema_hash, "how": result.how, "bind_ms": round(result.seconds * 1e3, 3),
+                "services": list(result.module.SERVICES)}

@@ -1,0 +1,253 @@
+"""Attaching, detaching and reconfiguring policy engines by name, at runtime.
+
+Every change is all-or-nothing: the engine is loaded and its config validated
+before any datapath changes; a splice runs on the datapath's runtime between
+two rounds (see mrpcd.datapath), so in-flight RPCs are never dropped.
+
+Standing rules (``--all`` with ``future``, and ``policies:`` in the daemon
+config) are applied to every application that registers later too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from libmrpc.status import ConfigError, RpcError, StatusCode
+from mrpcd.engine import Engine, EngineContext, Side
+from mrpcd.registry import EngineLoadError
+
+if TYPE_CHECKING:
+    from mrpcd.appstate import AppState
+    from mrpcd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+ALWAYS_ON = {"frontend", "tcp", "rdma", "tcp-ingress"}
+
+
+@dataclass
+class Standing:
+    rule_id: str
+    engine: str
+    selector: str
+    side: Side
+    method: str | None
+    config: dict[str, Any]
+    engine_ids: list[str] = field(default_factory=list)
+
+
+class PolicyManager:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.engines: dict[str, tuple[AppState, Engine]] = {}
+        self.standing: dict[str, Standing] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._registry: Any = None
+        for i, p in enumerate(daemon.config.policies):
+            spec = {"engine": p.engine, "app": p.app, "side": p.side, "method": p.method,
+                    "config": dict(p.config), "future": True}
+            try:
+                self._prepare(spec)
+            except RpcError as e:
+                raise ConfigError(f"policies[{i}]: {e.details()}") from None
+            self.standing[f"rule-{i + 1}"] = self._standing(f"rule-{i + 1}", spec)
+
+    def handler(self, op: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        return {"policy_attach": self.attach, "policy_detach": self.detach, "policy_set": self.set,
+                "stats": self.stats, "policy_rules": self.rules}.get(op)
+
+    def metrics_registry(self) -> Any:
+        if self._registry is None:
+            try:
+                from prometheus_client import CollectorRegistry
+            except ImportError:
+                return None
+            self._registry = CollectorRegistry()
+            self.daemon.services_base["metrics_registry"] = self._registry
+        return self._registry
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prepare(self, msg: dict[str, Any]) -> tuple[type[Engine], dict[str, Any], Side, str | None]:
+        name = msg.get("engine")
+        if not isinstance(name, str) or not name:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "policy attach needs an engine name")
+        if name in ALWAYS_ON:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, f"{name!r} is always on; it is not a policy")
+        try:
+            cls = self.daemon.registry.get(name)
+        except EngineLoadError as e:
+            raise RpcError(StatusCode.NOT_FOUND, str(e)) from None
+        try:
+            side = Side(msg.get("side") or "send")
+        except ValueError:
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
+                           f"side must be 'send' or 'receive', got {msg.get('side')!r}") from None
+        config = msg.get("config") or {}
+        if not isinstance(config, dict):
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "policy config must be a mapping")
+        try:
+            checked = dict(cls.validate_config(config))
+        except ConfigError as e:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, f"bad config for {name}: {e}") from None
+        method = msg.get("method")
+        if method is not None and not isinstance(method, str):
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "method must be a string")
+        return cls, checked, side, method
+
+    def _standing(self, rule_id: str, msg: dict[str, Any]) -> Standing:
+        return Standing(rule_id, msg["engine"], str(msg.get("app") or "*"), Side(msg.get("side") or "send"),
+                        msg.get("method"), dict(msg.get("config") or {}))
+
+    def _attach_to(self, app: AppState, cls: type[Engine], config: dict[str, Any], side: Side,
+                   method: str | None) -> str:
+        runtime = app.runtime
+        assert runtime is not None and app.datapath is not None
+        with self._lock:
+            engine_id = f"{app.name}/{cls.NAME}-{next(self._ids)}"
+        services = dict(self.daemon.services_base, app=app, poller=runtime.poller)
+        if cls.NAME == "metrics":
+            self.metrics_registry()
+            services["metrics_registry"] = self._registry
+        ctx = EngineContext(engine_id, app.name, app.pid, self.daemon.clock, side=side, method=method,
+                            log=logging.getLogger(f"mrpcd.policy.{cls.NAME}"),
+                            runtime_local=runtime.local, services=services)
+        engine = cls(ctx, config)
+
+        def splice() -> None:
+            dp = app.datapath
+            if app.closed or dp is None:
+                raise RpcError(StatusCode.NOT_FOUND, f"app {app.name!r} left before the attach")
+            dp.insert(engine)
+            rt_engines = runtime.engines
+            rt_engines.insert(rt_engines.index(dp.transport), engine)
+
+        runtime.call(splice)
+        with self._lock:
+            self.engines[engine_id] = (app, engine)
+        log.info("attached %s (%s side%s) to app %r", engine_id, side.value,
+                 f", method {method}" if method else "", app.name)
+        return engine_id
+
+    # ------------------------------------------------------------------ commands
+
+    def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
+        cls, config, side, method = self._prepare(msg)
+        selector = str(msg.get("app") or "")
+        if not selector:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "say which application: --app NAME|PID or --all")
+        apps = self.daemon.find_apps(selector)
+        future = bool(msg.get("future"))
+        if not apps and not future:
+            raise RpcError(StatusCode.NOT_FOUND, f"no application matches {selector!r}; "
+                           f"see `mrpcctl list` (or use --all --future for apps that come later)")
+        ids = [self._attach_to(app, cls, config, side, method) for app in apps]
+        result: dict[str, Any] = {"engine_ids": ids}
+        if future:
+            rule_id = f"rule-{next(self._ids)}"
+            rule = self._standing(rule_id, dict(msg, side=side.value, config=config))
+            rule.engine_ids.extend(ids)
+            self.standing[rule_id] = rule
+            result["rule_id"] = rule_id
+        return result
+
+    def _find(self, msg: dict[str, Any]) -> list[tuple[str, AppState, Engine]]:
+        engine_id = msg.get("engine_id")
+        with self._lock:
+            if engine_id:
+                if engine_id in self.engines:
+                    app, engine = self.engines[engine_id]
+                    return [(engine_id, app, engine)]
+                raise RpcError(StatusCode.NOT_FOUND, f"no attached engine {engine_id!r}; see `mrpcctl list`")
+            app_sel, name = msg.get("app"), msg.get("engine")
+            found = [(eid, a, e) for eid, (a, e) in self.engines.items()
+                     if (not name or e.NAME == name)
+                     and (app_sel in ("*", None) or app_sel in (a.name, str(a.pid)))]
+        if not found:
+            raise RpcError(StatusCode.NOT_FOUND, f"no attached engine matches app={app_sel!r} engine={name!r}")
+        return found
+
+    def detach(self, msg: dict[str, Any]) -> dict[str, Any]:
+        rule_id = msg.get("rule_id")
+        if rule_id:
+            if self.standing.pop(rule_id, None) is None:
+                raise RpcError(StatusCode.NOT_FOUND, f"no standing rule {rule_id!r}")
+            return {"detached": [], "rule_removed": rule_id}
+        detached = []
+        for engine_id, app, engine in self._find(msg):
+            runtime = app.runtime
+            assert runtime is not None
+
+            def unsplice(app: AppState = app, engine: Engine = engine, runtime: Any = runtime) -> int:
+                moved = 0
+                if app.datapath is not None and engine in app.datapath.policies:
+                    moved = app.datapath.remove(engine)
+                runtime.remove_engine(engine)
+                engine.close()
+                return moved
+
+            moved = runtime.call(unsplice)
+            with self._lock:
+                self.engines.pop(engine_id, None)
+            detached.append({"engine_id": engine_id, "handed_on": moved})
+            log.info("detached %s from app %r (%d queued items handed on)", engine_id, app.name, moved)
+        return {"detached": detached}
+
+    def set(self, msg: dict[str, Any]) -> dict[str, Any]:
+        config = msg.get("config")
+        if not isinstance(config, dict) or not config:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "policy set needs key=value pairs")
+        targets = self._find(msg)
+        for _eid, _app, engine in targets:  # all or nothing: check everything first
+            merged = dict(engine.config)
+            merged.update(config)
+            try:
+                engine.validate_config(merged)
+            except ConfigError as e:
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}") from None
+        for _eid, app, engine in targets:
+            assert app.runtime is not None
+            app.runtime.call(lambda engine=engine: engine.update_config(config))
+        return {"updated": [t[0] for t in targets], "config": {t[0]: t[2].config for t in targets}}
+
+    def stats(self, msg: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for app in self.daemon.find_apps("*"):
+            runtime, dp = app.runtime, app.datapath
+            if runtime is None or dp is None:
+                continue
+            try:
+                rows = runtime.call(lambda dp=dp: [{"engine_id": e.ctx.engine_id, "engine": e.NAME,
+                                                    "stats": e.statistics()} for e in dp.engines])
+            except Exception as e:
+                rows = [{"error": str(e)}]
+            out.append({"app": app.name, "pid": app.pid, "engines": rows})
+        return {"apps": out, "ingress": self.daemon.ingress.statistics() if self.daemon.ingress else {}}
+
+    def rules(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"rules": [{"rule_id": r.rule_id, "engine": r.engine, "app": r.selector, "side": r.side.value,
+                           "method": r.method, "config": r.config, "engine_ids": r.engine_ids}
+                          for r in self.standing.values()]}
+
+    # ------------------------------------------------------------------ app hooks
+
+    def app_registered(self, app: AppState) -> None:
+        for rule in list(self.standing.values()):
+            if rule.selector not in ("*", app.name, str(app.pid)):
+                continue
+            try:
+                cls, config, side, method = self._prepare({"engine": rule.engine, "side": rule.side.value,
+                                                           "method": rule.method, "config": rule.config})
+                rule.engine_ids.append(self._attach_to(app, cls, config, side, method))
+            except Exception:
+                log.exception("standing rule %s failed for app %r", rule.rule_id, app.name)
+
+    def app_left(self, app: AppState) -> None:
+        with self._lock:
+            for eid in [eid for eid, (a, _) in self.engines.items() if a is app]:
+                del self.engines[eid]
