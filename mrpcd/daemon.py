@@ -9,6 +9,7 @@ datapath's runtime via ``Runtime.call``.
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import itertools
 import json
@@ -59,6 +60,7 @@ class Daemon:
         self.prefix = config.prefix
         self.prefix.mkdir(parents=True, exist_ok=True)
         os.chmod(self.prefix, 0o755)
+        self._lock_fd = self._lock_prefix()
         self.layout = ShmLayout(config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size)
         self.bindings = BindingCache(config.cache_dir)
         self.registry = EngineRegistry(config.engines)
@@ -86,6 +88,19 @@ class Daemon:
         self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
                                           config.operator_group)
         self.operator = None  # set in start(): the operator command handler
+
+    def _lock_prefix(self) -> int:
+        """Hold ``PREFIX/mrpcd.lock`` for our lifetime: one daemon per prefix."""
+        fd = os.open(self.prefix / "mrpcd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = json.loads((self.prefix / "mrpcd.json").read_text()).get("pid", "?") if (
+                self.prefix / "mrpcd.json").exists() else "?"
+            raise MrpcError(f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
+                            f"stop it or choose another --prefix") from None
+        return fd
 
     def _tcp_listener(self) -> socket.socket:
         host, port = self.config.listen
@@ -172,6 +187,7 @@ class Daemon:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        os.close(self._lock_fd)  # last: until here the prefix's files are ours
 
     def wait(self) -> None:
         self._stopping.wait()
