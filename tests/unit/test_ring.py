@@ -268,7 +268,7 @@ def test_threaded_stress_every_item_once_in_order() -> None:
                     i += 1
                 else:
                     time.sleep(0)
-        except BaseException as e:  # reported by the main thread
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     def consume() -> None:
@@ -279,7 +279,7 @@ def test_threaded_stress_every_item_once_in_order() -> None:
                     received.extend(v for (v,) in batch)
                 else:
                     time.sleep(0)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
