@@ -64,8 +64,7 @@ class Frontend(Engine):
         try:
             batch = app.submit.pop_batch(DESCRIPTOR, BATCH)
         except RingCorrupted as e:
-            self.ctx.log.error("app %r (pid %d): %s; ignoring its submit ring", app.name, app.pid, e)
-            app.closed = True
+            self._broken(e)
             return 0
         for kind, _flags, status, conn, call_id, method, _aux, off, length, deadline_ns in batch:
             n += 1
@@ -226,12 +225,27 @@ class Frontend(Engine):
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)
         return True
 
+    def _broken(self, error: Exception) -> None:
+        """The app wrote impossible ring counters: disconnect it (the daemon cleans up)."""
+        app = self.app
+        self.ctx.log.error("app %r (pid %d) corrupted its rings (%s); disconnecting it", app.name, app.pid, error)
+        app.closed = True
+        on_broken = self.ctx.services.get("on_app_broken")
+        if on_broken is not None:
+            on_broken(app, str(error))
+
     def _deliver(self) -> int:
         n = 0
         backlog, rx_in = self.backlog, self.rx_in
         while backlog or rx_in:
             rpc = backlog.popleft() if backlog else rx_in.popleft()
-            if not self._complete(rpc):
+            try:
+                ok = self._complete(rpc)
+            except RingCorrupted as e:
+                backlog.appendleft(rpc)
+                self._broken(e)
+                return n
+            if not ok:
                 backlog.appendleft(rpc)
                 break
             n += 1

@@ -77,8 +77,9 @@ class Daemon:
         self.router = Router(self.name)
         self.services_base: dict[str, Any] = {
             "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
-            "daemon_name": self.name,
+            "daemon_name": self.name, "on_app_broken": self._app_broken,
         }
+        self._app_socks: dict[int, socket.socket] = {}
         self.frontend_cls = self.registry.get("frontend")
         self.transport_cls = self.registry.get(config.transport)
         self.ingress = None
@@ -297,6 +298,7 @@ class Daemon:
         runtime.call(attach)
         with self.apps_lock:
             self.apps[app_id] = app
+            self._app_socks[app_id] = sock
         if self.operator is not None:
             self.operator.app_registered(app)  # standing policies before the first call
         try:
@@ -359,8 +361,19 @@ class Daemon:
             return {"ok": True}
         raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
 
+    def _app_broken(self, app: AppState, reason: str) -> None:
+        """Disconnect a misbehaving app; its control thread then cleans it up."""
+        with self.apps_lock:
+            sock = self._app_socks.get(app.app_id)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _cleanup(self, app: AppState, reason: str) -> None:
         with self.apps_lock:
+            self._app_socks.pop(app.app_id, None)
             if self.apps.pop(app.app_id, None) is None:
                 return
         self.router.unbind_app(app)
