@@ -25,159 +25,28 @@ iterable to a repeated field (or a mapping to a map) replaces its contents.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import mmap
 import operator
 import struct
 import threading
-import weakref
 from typing import Any, ClassVar
 
+from libmrpc.arena import (
+    Arena,
+    ReadOnlyOwner,
+    default_heap,
+    set_default_heap,
+    zeros,
+)
 from libmrpc.heap import Heap
 from libmrpc.layout import Kind, MessageLayout, OneofLayout
+
+__all__ = ["Arena", "Message", "ReadOnlyOwner", "copy_message", "default_heap",
+           "set_default_heap", "zeros"]
 
 REF = struct.Struct("<II")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-
-DEFAULT_HEAP_SIZE = 64 << 20
-CHUNK_FIRST = 256
-CHUNK_MAX = 4096
-BIG = 1024  # allocations above this get their own heap block
-
-_default_heap: Heap | None = None
-_private_heap: Heap | None = None
-_heap_lock = threading.Lock()
-
-
-def set_default_heap(heap: Heap | None) -> None:
-    """Make new messages allocate in ``heap`` (None: a process-private heap)."""
-    global _default_heap
-    _default_heap = heap
-
-
-def default_heap() -> Heap:
-    """The heap new messages allocate in (a lazily created private one by default)."""
-    global _private_heap
-    if _default_heap is not None:
-        return _default_heap
-    if _private_heap is None:
-        with _heap_lock:
-            if _private_heap is None:
-                # an anonymous mapping: pages cost memory only once touched
-                buf = memoryview(mmap.mmap(-1, DEFAULT_HEAP_SIZE))
-                _private_heap = Heap(buf, name="private message heap")
-    return _private_heap
-
-
-_ZEROS: dict[int, memoryview] = {}
-
-
-def zeros(n: int) -> memoryview:
-    """A read-only all-zero buffer of ``n`` bytes (shared; the default record)."""
-    z = _ZEROS.get(n)
-    if z is None:
-        z = _ZEROS[n] = memoryview(bytes(n))
-    return z
-
-
-class Arena:
-    """Blocks of one heap owned by a message tree; freed together on collection."""
-
-    __slots__ = (
-        "__weakref__",
-        "_blocks",
-        "_cur",
-        "_end",
-        "_next",
-        "buf",
-        "caps",
-        "heap",
-        "views",
-    )
-
-    def __init__(self, heap: Heap) -> None:
-        self.heap = heap
-        self.buf: memoryview = heap.buf
-        self._blocks: list[int] = []
-        self._cur = 0
-        self._end = 0
-        self._next = CHUNK_FIRST
-        self.caps: dict[int, int] = {}  # array offset -> capacity in bytes
-        self.views: dict[int, list[weakref.ref[Message]]] | None = None  # array -> elem views
-
-    def alloc(self, n: int, zero: bool = True) -> int:
-        """Offset of ``n`` fresh bytes, 8-byte aligned; zeroed unless ``zero`` is False.
-
-        Raises :class:`~libmrpc.heap.HeapExhausted` when the heap is full.
-        """
-        n = (n + 7) & ~7 or 8
-        cur = self._cur
-        if cur + n <= self._end:
-            self._cur = cur + n
-            return cur
-        heap = self.heap
-        if n > BIG:
-            off = heap.alloc(n)
-            self._blocks.append(off)
-            if zero:
-                self.buf[off:off + n] = bytes(n)
-            return off
-        size = max(self._next, n)
-        off = heap.alloc(size)
-        self._blocks.append(off)
-        self.buf[off:off + size] = zeros(size)
-        self._cur, self._end = off + n, off + size
-        self._next = min(size * 2, CHUNK_MAX)
-        return off
-
-    def track(self, array: int, view: Message) -> None:
-        """Remember an element view of a growable array so a move can update it."""
-        views = self.views
-        if views is None:
-            views = self.views = {}
-        refs = views.get(array)
-        if refs is None:
-            refs = views[array] = []
-        refs.append(weakref.ref(view))
-        n = len(refs)
-        if n >= 64 and not n & (n - 1):  # amortized pruning of dead views
-            refs[:] = [r for r in refs if r() is not None]
-
-    def moved(self, old: int, new: int, removed: int = -1, stride: int = 0) -> None:
-        """Array ``old`` now lives at ``new`` (element ``removed`` dropped: later shift)."""
-        views = self.views
-        if not views or old not in views:
-            return
-        dest = views.setdefault(new, [])
-        gone = old + removed * stride if removed >= 0 else -1
-        delta = new - old
-        for r in views.pop(old):
-            v = r()
-            if v is None or v._off == gone:
-                continue  # dead, or the removed element: keeps its old memory (detached)
-            v._off += delta - stride if gone >= 0 and v._off > gone else delta
-            dest.append(r)
-
-    def __del__(self) -> None:
-        heap = self.heap
-        if heap.closed:
-            return
-        for off in self._blocks:
-            with contextlib.suppress(Exception):  # never raise from a finalizer
-                heap.free(off)
-        self._blocks = []
-
-
-class ReadOnlyOwner:
-    """A trivial owner for images in plain buffers (tests, private copies)."""
-
-    __slots__ = ("__weakref__", "buf")
-
-    def __init__(self, buf: Any) -> None:
-        self.buf = buf
-
 
 # --- value checks (shared by generated setters) -------------------------------------
 
