@@ -12,8 +12,9 @@ length is known. The image is ``head + b"".join(segs)``, with the root at 0 and
 every reference relative to the image start.
 
 Work is bounded for any input: a visit budget (a legitimate message cannot have
-more records and blobs than its heap has 8-byte words), a depth limit, and a size
-limit checked before each copy. Every failure is a :class:`WireError`.
+more records and blobs than its heap has 8-byte words, nor more than one per four
+image bytes), a depth limit, and a size limit checked before each copy. Every
+failure is a :class:`WireError`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Marshal:
         self.patches: list[tuple[int, int, int]] = []
         self.segbytes = 0
         self.zc = zero_copy_min
-        self.budget = min(hsize, self.max) // 8 + 1
+        # A legitimate message costs at most one visit per 8 heap bytes (arena blocks
+        # are 8-aligned) and at most 2 per 9 image bytes (1-byte zero-copy blobs).
+        self.budget = min(hsize // 8, self.max // 4) + 16
 
     def bad(self, where: str, r: int, n: int, record: int = 0) -> NoReturn:
         if record and n != record:

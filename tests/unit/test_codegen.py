@@ -286,3 +286,13 @@ def test_inactive_oneof_refs_are_not_followed(mod: ModuleType) -> None:
     head, _ = marshal(mod, a)
     assert REF.unpack_from(head, mod.AllTypes._LAYOUT.field("c_string").offset) == (0, 0)
     mod.VALIDATE["alltypes.AllTypes"](head)
+
+
+def test_many_tiny_blobs_fit_the_visit_budget(mod: ModuleType) -> None:
+    a = mod.AllTypes(r_bytes=[b"x"] * 2000, r_string=["y"] * 2000)
+    head, segs = marshal(mod, a, zc=0, max_size=1 << 24)
+    size = len(head) + sum(len(s) for s in segs)
+    head2, segs2 = marshal(mod, a, zc=0, max_size=size)  # exactly at the limit: still fine
+    assert len(segs2) == 4000 and bytes(head2) == bytes(head)
+    with pytest.raises(WireError):
+        marshal(mod, a, zc=0, max_size=size - 1)
