@@ -16,7 +16,6 @@ any daemon.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import threading
 import weakref
@@ -150,10 +149,12 @@ class Arena:
         heap = self.heap
         if heap.closed:
             return
-        for off in self._blocks:
-            with contextlib.suppress(Exception):  # never raise from a finalizer
+        blocks, self._blocks = self._blocks, []
+        for off in blocks:
+            try:
                 heap.free(off)
-        self._blocks = []
+            except Exception:  # noqa: BLE001, S112 - a finalizer must never raise
+                continue
 
 
 class ReadOnlyOwner:
