@@ -128,7 +128,12 @@ def _wkt_include() -> str:
 
 
 def _run_protoc(args: list[str]) -> tuple[int, str]:
-    """Run protoc in-process; return (exit code, what it wrote to stderr)."""
+    """Run protoc in-process; return (exit code, what it wrote to stderr).
+
+    protoc writes errors to file descriptor 2, so fd 2 is redirected to a temporary
+    file for the duration (serialized by a lock; other threads' stderr output in
+    that window lands in the captured text).
+    """
     from grpc_tools import protoc
 
     with _PROTOC_LOCK, tempfile.TemporaryFile() as err:
