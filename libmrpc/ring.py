@@ -4,7 +4,7 @@ How this works: a ring region is
 
     [0:8)     head  u64  consumer's count of slots taken      (own cache line)
     [64:72)   tail  u64  producer's count of slots published  (own cache line)
-    [128:132) sleeping u32  1 while the consumer is (about to be) blocked
+    [128:136) sleeping u64  1 while the consumer is (about to be) blocked
     [192:...) slots, ``nslots`` x ``SLOT_SIZE`` bytes
 
 The producer writes a slot, then publishes it by storing ``tail + 1``; the
@@ -20,6 +20,11 @@ Each side keeps its own counter privately and reads the other side's counter
 from shared memory; a reader that does not trust the other side (the daemon)
 validates it (``RingCorrupted``) instead of trusting it.
 
+Counters are read and written through a native ``memoryview.cast("Q")``: one
+aligned 8-byte load or store each, which the other process can never see torn.
+(``struct.pack_into`` must not be used for them: it zeroes the target first and
+then writes byte by byte, so a concurrent reader can observe 0 or a mix.)
+
 Pure memory code: no sockets, no threads; eventfd writes are the caller's job.
 """
 
@@ -29,9 +34,8 @@ import struct
 
 SLOT_SIZE = 64
 HEADER_SIZE = 192
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-_HEAD, _TAIL, _SLEEPING = 0, 64, 128
+# indices into the header viewed as native u64 words
+_HEAD, _TAIL, _SLEEPING = 0, 8, 16
 
 
 class RingCorrupted(Exception):
@@ -50,16 +54,17 @@ class _RingSide:
         if len(buf) < ring_bytes(nslots):
             raise ValueError(f"{name}: region of {len(buf)} bytes is too small for {nslots} slots")
         self.buf = buf
+        self.words = buf[:HEADER_SIZE].cast("Q")  # atomic aligned 8-byte accesses
         self.nslots = nslots
         self.mask = nslots - 1
         self.name = name
 
-    def _read(self, off: int) -> int:
-        return _U64.unpack_from(self.buf, off)[0]
+    def _read(self, index: int) -> int:
+        return self.words[index]
 
     @property
     def sleeping(self) -> bool:
-        return _U32.unpack_from(self.buf, _SLEEPING)[0] != 0
+        return self.words[_SLEEPING] != 0
 
 
 class RingProducer(_RingSide):
@@ -84,11 +89,11 @@ class RingProducer(_RingSide):
             return False
         packer.pack_into(self.buf, HEADER_SIZE + (self.tail & self.mask) * SLOT_SIZE, *values)
         self.tail += 1
-        _U64.pack_into(self.buf, _TAIL, self.tail)
+        self.words[_TAIL] = self.tail  # publish: the slot is complete before this store
         return True
 
     def consumer_sleeping(self) -> bool:
-        return _U32.unpack_from(self.buf, _SLEEPING)[0] != 0
+        return self.words[_SLEEPING] != 0
 
 
 class RingConsumer(_RingSide):
@@ -114,11 +119,11 @@ class RingConsumer(_RingSide):
         buf, mask, head, unpack = self.buf, self.mask, self.head, unpacker.unpack_from
         out = [unpack(buf, HEADER_SIZE + ((head + i) & mask) * SLOT_SIZE) for i in range(n)]
         self.head = head + n
-        _U64.pack_into(buf, _HEAD, self.head)
+        self.words[_HEAD] = self.head
         return out
 
     def set_sleeping(self, value: bool) -> None:
-        _U32.pack_into(self.buf, _SLEEPING, 1 if value else 0)
+        self.words[_SLEEPING] = 1 if value else 0
 
 
 # ---------------------------------------------------------------- descriptors

@@ -41,6 +41,7 @@ def main(prefix: str, target: str, calls: int, concurrency: int, size: int, fore
     errors: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     mismatches = 0
+    details: dict[str, str] = {}
 
     async def worker(n: int, tag: int) -> None:
         nonlocal mismatches
@@ -51,6 +52,7 @@ def main(prefix: str, target: str, calls: int, concurrency: int, size: int, fore
                 reply = await stub.Call.aio(testing.Request(payload=body), timeout=30)
             except libmrpc.RpcError as e:
                 errors[e.code().name] += 1
+                details.setdefault(e.code().name, e.details())
                 continue
             latencies.append(time.perf_counter() - t0)
             if bytes(reply.payload) != body:
@@ -67,7 +69,7 @@ def main(prefix: str, target: str, calls: int, concurrency: int, size: int, fore
     asyncio.run(run())
     took = time.perf_counter() - t0
     latencies.sort()
-    print(json.dumps({"ok": len(latencies), "errors": dict(errors), "mismatches": mismatches,
+    print(json.dumps({"ok": len(latencies), "errors": dict(errors), "mismatches": mismatches, "details": details,
                       "seconds": took,
                       "p50_us": latencies[len(latencies) // 2] * 1e6 if latencies else None}), flush=True)
 
