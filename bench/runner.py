@@ -25,10 +25,10 @@ import time
 import traceback
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench import procs, stats
-from bench.plan import REPLY_SIZE, Case, Plan
+from bench.plan import MAX_CALLS, REPLY_SIZE, Case, Plan
 from bench.systems import StartContext, System, Unavailable, registry
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,27 @@ class CaseError(RuntimeError):
 class Workers:
     """The client worker processes of one case, driven over their stdin/stdout."""
 
-    def __init__(self, system: System, server_info: dict[str, Any], case: Case,
-                 log_dir: Path) -> None:
+    def __init__(
+        self, system: System, server_info: dict[str, Any], case: Case, log_dir: Path
+    ) -> None:
         self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         self.procs: list[procs.Proc] = []
         cpus = PINNED_CPUS if case.mode == "pinned" else None
-        config = {"driver": system.driver, "server": server_info,
-                  "case": {"conc": case.conc, "req_size": case.req_size}}
+        config = {
+            "driver": system.driver,
+            "server": server_info,
+            "case": {"conc": case.conc, "req_size": case.req_size},
+        }
         safe = case.key.replace("/", "_")
         for i in range(case.clients):
-            p = procs.spawn(f"client-{safe}-{i}",
-                            procs.python_argv("bench.worker", json.dumps(config)),
-                            log_dir=log_dir, cpus=cpus, stdin_pipe=True, stdout_pipe=True)
+            p = procs.spawn(
+                f"client-{safe}-{i}",
+                procs.python_argv("bench.worker", json.dumps(config)),
+                log_dir=log_dir,
+                cpus=cpus,
+                stdin_pipe=True,
+                stdout_pipe=True,
+            )
             self.procs.append(p)
             threading.Thread(target=self._reader, args=(i, p), daemon=True).start()
 
@@ -95,8 +104,7 @@ class Workers:
             elif obj.get("event") == "error":
                 raise CaseError(f"client {i} failed:\n{obj.get('message', '')}")
             elif obj.get("event") == "eof":
-                raise CaseError(f"client {i} exited before {event!r}:\n"
-                                f"{self.procs[i].log_tail()}")
+                raise CaseError(f"client {i} exited before {event!r}:\n{self.procs[i].log_tail()}")
         return [got[i] for i in range(len(self.procs))]
 
     def pids(self) -> list[int]:
@@ -129,7 +137,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -167,8 +175,9 @@ def _role_rss(pids: dict[int, str]) -> dict[str, int]:
     return out
 
 
-def run_case(system: System, server_info: dict[str, Any], case: Case, plan: Plan,
-             log_dir: Path) -> dict[str, Any]:
+def run_case(
+    system: System, server_info: dict[str, Any], case: Case, plan: Plan, log_dir: Path
+) -> dict[str, Any]:
     """Run every repeat of one case; return its raw record."""
     server_pids = system.accounted()
     cpus = PINNED_CPUS if case.mode == "pinned" else sorted(procs.ALL_CPUS)
@@ -185,20 +194,35 @@ def run_case(system: System, server_info: dict[str, Any], case: Case, plan: Plan
         if case.mode == "pinned":  # threads a hook may have started
             procs.set_affinity_all_threads(server_pids, cpus)
         for run in range(plan.runs):
-            workers.send({"cmd": "run", "duration": duration, "warmup": plan.warmup,
-                          "max_calls": 2_000_000, "cdf": case.workload == "latency"})
+            workers.send(
+                {
+                    "cmd": "run",
+                    "duration": duration,
+                    "warmup": plan.warmup,
+                    "max_calls": MAX_CALLS,
+                    "cdf": case.workload == "latency",
+                }
+            )
             workers.expect("warm", duration + plan.warmup + 60.0)
             server_pids = system.accounted()
             watched = dict(server_pids) | {pid: "client-app" for pid in workers.pids()}
             with RssSampler(watched, plan.sample_interval) as sampler:
                 snap0 = procs.cpu_snapshot(server_pids)
+                busy0 = procs.host_busy_s()
                 t0 = time.monotonic()
                 workers.send({"cmd": "go"})
                 results = workers.expect("result", duration + 60.0)
                 snap1 = procs.cpu_snapshot(server_pids)
+                busy1 = procs.host_busy_s()
                 wall = time.monotonic() - t0
-            record["runs"].append(_run_record(run, results, server_pids, snap0, snap1, wall,
-                                              sampler.by_role(), case))
+            rec = _run_record(
+                run, results, server_pids, snap0, snap1, wall, sampler.by_role(), case
+            )
+            # CPU the host spent on processes that are not part of this case (other work on
+            # the machine disturbs the figures; the report warns when it is large).
+            rec["host_busy_s"] = busy1 - busy0
+            rec["foreign_cpu_s"] = max(0.0, busy1 - busy0 - sum(rec["cpu_s"].values()))
+            record["runs"].append(rec)
     except CaseError as exc:
         record["error"] = str(exc)
     finally:
@@ -209,9 +233,16 @@ def run_case(system: System, server_info: dict[str, Any], case: Case, plan: Plan
     return record
 
 
-def _run_record(run: int, results: list[dict[str, Any]], server_pids: dict[int, str],
-                snap0: Any, snap1: Any, wall: float, rss: dict[str, int],
-                case: Case) -> dict[str, Any]:
+def _run_record(
+    run: int,
+    results: list[dict[str, Any]],
+    server_pids: dict[int, str],
+    snap0: Any,
+    snap1: Any,
+    wall: float,
+    rss: dict[str, int],
+    case: Case,
+) -> dict[str, Any]:
     deltas = procs.cpu_delta_s(snap0, snap1)
     cpu_by_role: dict[str, float] = {}
     for pid, sec in deltas.items():
@@ -262,8 +293,9 @@ def summarize_case(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_system(cls: type[System], plan: Plan, out_dir: Path, scratch: Path,
-               progress: Any) -> dict[str, Any]:
+def run_system(
+    cls: type[System], plan: Plan, out_dir: Path, scratch: Path, progress: Any
+) -> dict[str, Any]:
     system = cls()
     rec: dict[str, Any] = {"name": cls.name, "summary": cls.summary, "cases": []}
     try:
@@ -272,8 +304,12 @@ def run_system(cls: type[System], plan: Plan, out_dir: Path, scratch: Path,
         rec.update(status="skipped", reason=str(exc))
         progress(f"{cls.name}: skipped: {exc}")
         return rec
-    ctx = StartContext(workdir=scratch / cls.name, log_dir=out_dir / "logs" / cls.name,
-                       reply_size=REPLY_SIZE, lifetime_s=900.0)
+    ctx = StartContext(
+        workdir=scratch / cls.name,
+        log_dir=out_dir / "logs" / cls.name,
+        reply_size=REPLY_SIZE,
+        lifetime_s=900.0,
+    )
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     try:
@@ -282,11 +318,18 @@ def run_system(cls: type[System], plan: Plan, out_dir: Path, scratch: Path,
         time.sleep(0.3)  # let the servers settle before the idle snapshot
         rec["idle_rss_kib"] = _role_rss(system.accounted())
         progress(f"{cls.name}: started in {time.monotonic() - t0:.1f}s")
+        dead_starts = 0
         for case in plan.cases(cls.workloads):
             c0 = time.monotonic()
             crec = run_case(system, server_info, case, plan, ctx.log_dir)
             rec["cases"].append(crec)
             progress(f"{cls.name}: {case.key}: {_brief(crec)} ({time.monotonic() - c0:.1f}s)")
+            # Clients that cannot even connect twice in a row will not in later cases either.
+            dead_starts = dead_starts + 1 if crec.get("error") and not crec["runs"] else 0
+            if dead_starts >= 2:
+                progress(f"{cls.name}: giving up on the remaining cases")
+                rec["gave_up"] = "two cases in a row failed before measuring anything"
+                break
         rec["extra"] = system.extra(ctx)
         failed = [c for c in rec["cases"] if "error" in c]
         rec["status"] = "ok" if not failed else "partial"
@@ -295,8 +338,12 @@ def run_system(cls: type[System], plan: Plan, out_dir: Path, scratch: Path,
         progress(f"{cls.name}: skipped: {exc}")
     except Exception as exc:  # noqa: BLE001 - one broken system must not stop the run
         tails = {p.role: p.log_tail() for p in system.procs}
-        rec.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
-                   traceback=traceback.format_exc(), log_tails=tails)
+        rec.update(
+            status="failed",
+            reason=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            log_tails=tails,
+        )
         progress(f"{cls.name}: FAILED: {exc}")
     finally:
         system.stop()
@@ -342,12 +389,23 @@ def machine_info() -> dict[str, Any]:
         versions["envoy"] = "missing"
     commit = ""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=procs.REPO_ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=procs.REPO_ROOT,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpus": len(procs.ALL_CPUS), "cpu_model": model, "kernel": platform.release(),
-            "versions": versions, "commit": commit}
+    return {
+        "cpus": len(procs.ALL_CPUS),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "versions": versions,
+        "commit": commit,
+    }
 
 
 def run(plan: Plan, names: list[str], out_dir: Path, progress: Any) -> dict[str, Any]:

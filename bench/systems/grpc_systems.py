@@ -32,7 +32,7 @@ CALL_TIMEOUT_S = 30.0
 
 def load_echo() -> tuple[Any, Any]:
     """(messages module, services module) for schemas/echo.proto."""
-    import grpc
+    import grpc  # type: ignore[import-untyped]
 
     schemas = str(REPO_ROOT / "schemas")
     if schemas not in sys.path:
@@ -44,13 +44,13 @@ def load_echo() -> tuple[Any, Any]:
 
 
 def serve_grpc_sync(args: argparse.Namespace, extra: list[str], ready: Callable[..., None]) -> None:
-    import grpc
+    import grpc  # type: ignore[import-untyped]
 
     protos, services = load_echo()
     payload = b"r" * args.reply_size
 
-    class Echo(services.EchoServicer):
-        def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC naming
+    class Echo(services.EchoServicer):  # type: ignore[name-defined,misc]
+        def Echo(self, request: Any, context: Any) -> Any:
             return protos.EchoReply(payload=payload)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS), options=OPTIONS)
@@ -65,13 +65,13 @@ def serve_grpc_sync(args: argparse.Namespace, extra: list[str], ready: Callable[
 
 
 def serve_grpc_aio(args: argparse.Namespace, extra: list[str], ready: Callable[..., None]) -> None:
-    import grpc
+    import grpc  # type: ignore[import-untyped]
 
     protos, services = load_echo()
     payload = b"r" * args.reply_size
 
-    class Echo(services.EchoServicer):
-        async def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802
+    class Echo(services.EchoServicer):  # type: ignore[name-defined,misc]
+        async def Echo(self, request: Any, context: Any) -> Any:
             return protos.EchoReply(payload=payload)
 
     async def main() -> None:
@@ -102,7 +102,7 @@ class GrpcSyncClient:
         self.channel: Any = None
 
     def open(self) -> dict[str, Any]:
-        import grpc
+        import grpc  # type: ignore[import-untyped]
 
         self.protos, services = load_echo()
         self.channel = grpc.insecure_channel(self.target, options=OPTIONS)
@@ -133,7 +133,7 @@ class GrpcAioClient:
         self.channel: Any = None
 
     async def open(self) -> dict[str, Any]:
-        import grpc
+        import grpc  # type: ignore[import-untyped]
 
         self.protos, services = load_echo()
         self.channel = grpc.aio.insecure_channel(self.target, options=OPTIONS)
@@ -145,8 +145,7 @@ class GrpcAioClient:
     async def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Window:
         req = self.protos.EchoRequest(payload=b"x" * req_size)
         call = self.call
-        return await run_tasks(lambda: call(req, timeout=CALL_TIMEOUT_S), conc, duration,
-                               max_calls)
+        return await run_tasks(lambda: call(req, timeout=CALL_TIMEOUT_S), conc, duration, max_calls)
 
     async def close(self) -> None:
         if self.channel is not None:

@@ -1,2 +1,333 @@
-SYSTEMS = ()
-SERVERS = {}
+"""mrpc: two mrpcd daemons ("hosts" A and B on loopback), a server app on B and
+client apps on A; ``mrpc-null`` adds the no-op policy engine on both daemons.
+
+Apps only talk to their local daemon (shared memory + a unix control socket);
+the daemons carry the calls over TCP. Single outstanding calls use the sync
+stub (``stub.Echo(req)``); several outstanding calls per process use asyncio
+tasks (``await stub.Echo.aio(req)``). Requests are built once and re-sent.
+
+Bind time is measured before any workload, on extra daemons with fresh
+prefixes: *cold* is the first app to bind the echo schema on a daemon whose
+prefix has never seen it; *warm daemon* is a second app on that same daemon
+(in-memory table); *cached* is an app on a daemon restarted on the same prefix
+(on-disk binding cache, no protoc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import procs, stats
+from bench.clients import run_inline, run_tasks
+from bench.systems import StartContext, System, Unavailable, watch_parent
+
+ECHO_PROTO = procs.REPO_ROOT / "schemas" / "echo.proto"
+CALL_TIMEOUT_S = 30.0
+DAEMON_START_TIMEOUT_S = 60.0
+
+
+def _api_problem() -> str | None:
+    """Why the mrpc API is not usable yet, or None when it is."""
+    try:
+        import libmrpc
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+        return f"libmrpc does not import ({type(exc).__name__}: {exc})"
+    missing = [n for n in ("connect", "load_proto", "Server") if not hasattr(libmrpc, n)]
+    if missing:
+        return (
+            f"libmrpc has no {', '.join(missing)} yet (the mrpc API is still being built); "
+            "this system runs once it lands"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("mrpcd.__main__") is None:
+        return "mrpcd has no __main__ yet (python -m mrpcd run is not available)"
+    return None
+
+
+def start_daemon(role: str, prefix: Path, log_dir: Path) -> tuple[procs.Proc, dict[str, Any]]:
+    """``python -m mrpcd run --prefix PREFIX --listen 127.0.0.1:0``; waits for mrpcd.json."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    state = prefix / "mrpcd.json"
+    state.unlink(missing_ok=True)
+    proc = procs.spawn(
+        role,
+        procs.python_argv("mrpcd", "run", "--prefix", str(prefix), "--listen", "127.0.0.1:0"),
+        log_dir=log_dir,
+    )
+    try:
+        info = procs.wait_for_json(state, DAEMON_START_TIMEOUT_S, proc)
+    except Exception:
+        procs.stop(proc)
+        raise
+    if info.get("pid") and info["pid"] != proc.pid:
+        proc.extra_pids.append(int(info["pid"]))
+    return proc, info
+
+
+def mrpcctl(prefix: Path, *args: str, timeout: float = 30.0) -> str:
+    """Run ``mrpcctl --prefix PREFIX ARGS`` (as ``python -m mrpcd.ctl``); raise on failure."""
+    argv = [
+        sys.executable,
+        "-c",
+        "from mrpcd.ctl import main; main()",
+        "--prefix",
+        str(prefix),
+        *args,
+    ]
+    out = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=procs.REPO_ROOT,
+        env=procs.child_env(),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"mrpcctl {' '.join(args)} failed ({out.returncode}): "
+            f"{(out.stderr or out.stdout).strip()[-500:]}"
+        )
+    return out.stdout
+
+
+# ----------------------------------------------------------------------------- server app
+
+
+def serve_mrpc(args: argparse.Namespace, extra: list[str], ready: Callable[..., None]) -> None:
+    import libmrpc
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--prefix", required=True)
+    opts = p.parse_args(extra)
+    echo = libmrpc.load_proto(str(ECHO_PROTO))
+    payload = b"r" * args.reply_size
+
+    class Echo(echo.EchoServicer):  # type: ignore[name-defined,misc]
+        def Echo(self, request: Any, context: Any) -> Any:
+            return echo.EchoReply(payload=payload)
+
+    server = _make(libmrpc.Server, prefix=opts.prefix, name="bench-server")
+    server.add_servicer(Echo())
+    server.start()
+    ready({"prefix": opts.prefix})
+    try:
+        watch_parent(args.lifetime)
+    finally:
+        server.stop(0)
+
+
+def _make(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (``name`` is optional API)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(**kwargs)
+
+
+# ----------------------------------------------------------------------------- client app
+
+
+class MrpcClient:
+    """Sync stub for one outstanding call, asyncio tasks for several."""
+
+    def __init__(self, server: dict[str, Any], case: dict[str, Any]) -> None:
+        self.target = server["target"]
+        self.prefix = server["prefix"]
+        self.channel: Any = None
+
+    def open(self) -> dict[str, Any]:
+        import libmrpc
+
+        self.echo = libmrpc.load_proto(str(ECHO_PROTO))
+        name = f"bench-client-{os.getpid()}"
+        self.channel = _make(libmrpc.connect, target=self.target, prefix=self.prefix, name=name)
+        self.stub = self.echo.EchoStub(self.channel)
+        self.stub.Echo(self.echo.EchoRequest(payload=b"hello"), timeout=CALL_TIMEOUT_S)
+        return {"app": name}
+
+    def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Any:
+        req = self.echo.EchoRequest(payload=b"x" * req_size)
+        if conc == 1:
+            call = self.stub.Echo
+            return run_inline(lambda: call(req, timeout=CALL_TIMEOUT_S), duration, max_calls)
+        aio = self.stub.Echo.aio
+        return run_tasks(lambda: aio(req, timeout=CALL_TIMEOUT_S), conc, duration, max_calls)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+
+
+class _BindLog(logging.Handler):
+    """Collects libmrpc's "bound schema ... (how, X ms)" log line, if it logs one."""
+
+    PATTERN = re.compile(r"bound schema \S+ as slot \d+ \((\w+), ([\d.]+) ms\)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.how: str | None = None
+        self.daemon_ms: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self.PATTERN.search(record.getMessage())
+        if m:
+            self.how, self.daemon_ms = m.group(1), float(m.group(2))
+
+
+def bind_probe(argv: list[str]) -> None:
+    """``python -c 'from bench.systems.mrpc_systems import bind_probe; ...' TARGET PREFIX``:
+    time one fresh app's load_proto, connect + stub, and first call; print JSON."""
+    target, prefix = argv
+    handler = _BindLog()
+    lg = logging.getLogger("libmrpc")
+    lg.setLevel(logging.INFO)
+    lg.addHandler(handler)
+    lg.propagate = False
+    t0 = time.perf_counter()
+    import libmrpc
+
+    t1 = time.perf_counter()
+    echo = libmrpc.load_proto(str(ECHO_PROTO))
+    t2 = time.perf_counter()
+    channel = _make(libmrpc.connect, target=target, prefix=prefix, name=f"bind-{os.getpid()}")
+    stub = echo.EchoStub(channel)
+    t3 = time.perf_counter()
+    stub.Echo(echo.EchoRequest(payload=b"x"), timeout=CALL_TIMEOUT_S)
+    t4 = time.perf_counter()
+    channel.close()
+    print(
+        json.dumps(
+            {
+                "import_ms": (t1 - t0) * 1e3,
+                "load_proto_ms": (t2 - t1) * 1e3,
+                "connect_ms": (t3 - t2) * 1e3,
+                "first_call_ms": (t4 - t3) * 1e3,
+                "bind_ms": (t4 - t2) * 1e3,
+                "how": handler.how,
+                "daemon_bind_ms": handler.daemon_ms,
+            }
+        )
+    )
+
+
+def _run_probe(target: str, prefix: Path) -> dict[str, Any]:
+    code = "import sys; from bench.systems.mrpc_systems import bind_probe; bind_probe(sys.argv[1:])"
+    out = subprocess.run(
+        [sys.executable, "-c", code, target, str(prefix)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=procs.REPO_ROOT,
+        env=procs.child_env(),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"bind probe failed ({out.returncode}): {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- systems
+
+
+class Mrpc(System):
+    name = "mrpc"
+    summary = (
+        "client app -> mrpcd A -> TCP -> mrpcd B -> server app (shared memory between "
+        "apps and daemons)"
+    )
+    driver = "bench.systems.mrpc_systems:MrpcClient"
+    has_bind_time = True
+    policy: str | None = None
+
+    def check(self) -> None:
+        problem = _api_problem()
+        if problem:
+            raise Unavailable(problem)
+
+    def start(self, ctx: StartContext) -> dict[str, Any]:
+        self.ctx = ctx
+        self.dir_a, self.dir_b = ctx.workdir / "A", ctx.workdir / "B"
+        proc_b, info_b = start_daemon("mrpcd-B", self.dir_b, ctx.log_dir)
+        self.procs.append(proc_b)
+        proc_a, info_a = start_daemon("mrpcd-A", self.dir_a, ctx.log_dir)
+        self.procs.append(proc_a)
+        self.target = info_b["listen"]
+        if self.policy:
+            self.attach_policy()
+        self.start_server(ctx, "mrpc", "server-app", "--prefix", str(self.dir_b))
+        return {
+            "target": self.target,
+            "prefix": str(self.dir_a),
+            "daemon_a": info_a,
+            "daemon_b": info_b,
+            "policy": self.policy,
+        }
+
+    def attach_policy(self) -> None:
+        """Attach ``self.policy`` on both daemons to every app, present and future."""
+        for prefix in (self.dir_a, self.dir_b):
+            mrpcctl(prefix, "policy", "attach", str(self.policy), "--all", "--future")
+
+    def extra(self, ctx: StartContext) -> dict[str, Any]:
+        return {"bind": self.measure_bind(ctx, runs=3)}
+
+    def measure_bind(self, ctx: StartContext, runs: int) -> dict[str, Any]:
+        samples: dict[str, list[dict[str, Any]]] = {"cold": [], "warm daemon": [], "cached": []}
+        error = None
+        for i in range(runs):
+            prefix = ctx.workdir / f"bind-{i}"
+            proc: procs.Proc | None = None
+            try:
+                for phase in ("cold", "warm daemon", "cached"):
+                    if phase == "cached" and proc is not None:  # restart on the warm prefix
+                        procs.stop(proc)
+                    if phase != "warm daemon":
+                        proc, _ = start_daemon(f"mrpcd-bind-{i}", prefix, ctx.log_dir)
+                    samples[phase].append(_run_probe(self.target, prefix))
+            except Exception as exc:  # noqa: BLE001 - reported in the results
+                error = f"{type(exc).__name__}: {exc}"
+                break
+            finally:
+                if proc is not None:
+                    procs.stop(proc)
+        out: dict[str, Any] = {
+            "what": "fresh app process: connect + EchoStub + first call (ms); "
+            "load_proto separately",
+            "samples": samples,
+        }
+        for phase, rows in samples.items():
+            if rows:
+                out[phase] = stats.spread([r["bind_ms"] for r in rows])
+                out[f"{phase} load_proto"] = stats.spread([r["load_proto_ms"] for r in rows])
+        if error:
+            out["error"] = error
+        return out
+
+
+class MrpcNull(Mrpc):
+    name = "mrpc-null"
+    summary = "mrpc with the no-op policy engine attached on both daemons (policy overhead)"
+    policy = "null"
+
+    def extra(self, ctx: StartContext) -> dict[str, Any]:
+        return {}
+
+
+SYSTEMS = (Mrpc, MrpcNull)
+SERVERS = {"mrpc": "bench.systems.mrpc_systems:serve_mrpc"}

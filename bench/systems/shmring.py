@@ -28,7 +28,7 @@ import struct
 import time
 from typing import Any
 
-import posix_ipc
+import posix_ipc  # type: ignore[import-not-found]
 
 from bench.clients import Window
 
@@ -92,8 +92,9 @@ def serve_one(conn: socket.socket, reply_size: int, deadline: float) -> None:
 
 
 class ClientRing:
-    def __init__(self, conn: socket.socket, mm: mmap.mmap, req: Any, rep: Any,
-                 slots: int, slot_size: int) -> None:
+    def __init__(
+        self, conn: socket.socket, mm: mmap.mmap, req: Any, rep: Any, slots: int, slot_size: int
+    ) -> None:
         self.conn, self.mm, self.req, self.rep = conn, mm, req, rep
         self.n, self.slot_size = slots, slot_size
         self.first, self.stride, _ = _layout(slots, slot_size)
@@ -115,8 +116,13 @@ class ClientRing:
             req = posix_ipc.Semaphore(tag + "-req", posix_ipc.O_CREX, initial_value=0)
             rep = posix_ipc.Semaphore(tag + "-rep", posix_ipc.O_CREX, initial_value=0)
             conn = socket.create_connection(addr, timeout=10.0)
-            hello = {"shm": shm.name, "req": req.name, "rep": rep.name, "slots": slots,
-                     "slot_size": slot_size}
+            hello = {
+                "shm": shm.name,
+                "req": req.name,
+                "rep": rep.name,
+                "slots": slots,
+                "slot_size": slot_size,
+            }
             conn.sendall(json.dumps(hello).encode() + b"\n")
             if conn.makefile("rb").readline().strip() != b"ok":
                 raise ConnectionError("shm-floor server refused the ring")
@@ -137,8 +143,10 @@ class ClientRing:
 
     def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Window:
         if conc > self.n or req_size > self.slot_size:
-            raise ValueError(f"ring has {self.n} slots of {self.slot_size} B; asked for "
-                             f"{conc} calls of {req_size} B")
+            raise ValueError(
+                f"ring has {self.n} slots of {self.slot_size} B; asked for "
+                f"{conc} calls of {req_size} B"
+            )
         payload = b"x" * req_size
         sent_at = [0] * conc
         win = Window()
