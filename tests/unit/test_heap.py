@@ -3,6 +3,7 @@ machine checking that live blocks never overlap and accounting stays exact."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -190,30 +191,39 @@ def test_heap_threads_never_share_a_block() -> None:
     errors: list[str] = []
 
     def worker(tid: int) -> None:
-        mine: list[int] = []
-        for i in range(2000):
-            if mine and i % 3 == 0:
-                off = mine.pop()
+        mine: list[int] = []  # at most 32 live blocks of <= 512 bytes: 4 threads fit in 64 KiB
+        try:
+            for i in range(2000):
+                if len(mine) >= 32 or (mine and i % 3 == 0):
+                    off = mine.pop(i % len(mine))
+                    with lock:
+                        del owners[off]
+                    heap.free(off)
+                    continue
+                off = heap.alloc(64 + (i % 5) * 50)
+                with lock:
+                    if off in owners:
+                        errors.append(f"offset {off} handed to threads {owners[off]} and {tid}")
+                    owners[off] = tid
+                mine.append(off)
+            for off in mine:
                 with lock:
                     del owners[off]
                 heap.free(off)
-                continue
-            off = heap.alloc(64 + (i % 5) * 50)
-            with lock:
-                if off in owners:
-                    errors.append(f"offset {off} handed to threads {owners[off]} and {tid}")
-                owners[off] = tid
-            mine.append(off)
-        for off in mine:
-            with lock:
-                del owners[off]
-            heap.free(off)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # make the threads really interleave
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads)
     assert not errors
     assert heap.statistics() == fresh_stats(256 * KIB)
 
