@@ -7,9 +7,10 @@ signal handler by the runner) ends them, by group id, never by name.
 
 CPU time is read per thread from ``/proc/<pid>/task/<tid>/schedstat`` (ns
 resolution; ``/proc/<pid>/stat`` only has 10 ms ticks, too coarse for sub-second
-windows). A thread that exits inside a window loses its share of that window:
-the servers measured here keep their threads, and clients account themselves
-with ``getrusage``.
+windows). A thread that exits inside a window takes its schedstat with it, so
+the process total from ``/proc/<pid>/stat`` is kept too and used when it shows
+more work than the live threads do. Clients account themselves with
+``getrusage``.
 """
 
 from __future__ import annotations
@@ -203,13 +204,23 @@ def descendants(pids: Iterable[int]) -> list[int]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+PROCESS_KEY = -1  # cpu_snapshot key holding the whole process's /proc/<pid>/stat time
+
+
 def thread_cpu_ns(pid: int) -> dict[int, int]:
-    """On-CPU nanoseconds of each live thread of ``pid`` (empty if it is gone)."""
+    """On-CPU ns of each live thread of ``pid``, plus the process total under
+    ``PROCESS_KEY`` (tick resolution, but it includes threads that already exited).
+    Empty if the process is gone."""
     out: dict[int, int] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return out
+    fields = stat[stat.rfind(")") + 2 :].split()
+    out[PROCESS_KEY] = (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _TICK
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
@@ -226,16 +237,22 @@ def cpu_snapshot(pids: Iterable[int]) -> dict[int, dict[int, int]]:
 def cpu_delta_s(
     before: dict[int, dict[int, int]], after: dict[int, dict[int, int]]
 ) -> dict[int, float]:
-    """CPU seconds per pid between two snapshots (threads born in between count from 0)."""
+    """CPU seconds per pid between two snapshots.
+
+    The per-thread sum is exact for threads alive at the end (threads born in
+    between count from 0). When the process total grew by more than two ticks
+    beyond it, threads did work and exited inside the window: use the total.
+    """
     out: dict[int, float] = {}
+    tick_ns = 1_000_000_000 // _TICK
     for pid, threads in after.items():
         old = before.get(pid, {})
-        ns = sum(max(0, v - old.get(tid, 0)) for tid, v in threads.items())
-        out[pid] = ns / 1e9
+        precise = sum(
+            max(0, v - old.get(tid, 0)) for tid, v in threads.items() if tid != PROCESS_KEY
+        )
+        coarse = threads.get(PROCESS_KEY, 0) - old.get(PROCESS_KEY, 0)
+        out[pid] = (coarse if coarse - precise > 2 * tick_ns else precise) / 1e9
     return out
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def host_busy_s() -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import stats
 from bench.plan import GOODPUT_TARGET_SIZE, LATENCY_REQ, RATE_REQ, RATE_TARGET_CONC, REPLY_SIZE
 
 COLORS = {
@@ -367,23 +368,52 @@ def memory_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+BREAKDOWN_CASES = (
+    ("latency", "pinned", 1, 1, LATENCY_REQ, "latency pinned"),
+    ("rate", "scheduled", RATE_TARGET_CONC, 1, RATE_REQ, f"rate c={RATE_TARGET_CONC}"),
+    ("goodput", "scheduled", 1, 1, GOODPUT_TARGET_SIZE, "goodput 8 MiB"),
+)
+
+
+def cpu_breakdown_table(results: dict[str, Any]) -> list[str]:
+    """µs of CPU per RPC of each process role (median over runs)."""
+    lines = ["| system | case | CPU µs per RPC by process |", "|---|---|---|"]
+    for name, rec in results["systems"].items():
+        for wl, mode, conc, clients, size, label in BREAKDOWN_CASES:
+            case = find_case(rec, wl, mode, conc, clients, size)
+            runs = [r for r in (case or {}).get("runs", []) if r.get("count")]
+            if not runs:
+                continue
+            roles = sorted({role for r in runs for role in r["cpu_s"]})
+            parts = []
+            for role in roles:
+                per = stats.spread([r["cpu_s"].get(role, 0.0) / r["count"] * 1e6 for r in runs])
+                parts.append(f"{role} {per['median']:,.{_digits(per['median'])}f}")
+            lines.append(f"| {name} | {label} | {', '.join(parts)} |")
+    return lines
+
+
 def bind_table(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for name, rec in results["systems"].items():
-        bind = rec.get("extra", {}).get("bind")
+        bind = (rec.get("extra") or {}).get("bind")
         if not bind:
             continue
         if not lines:
             lines = [
-                "| system | phase | median ms [min–max] | what is timed |",
-                "|---|---|---|---|",
+                (
+                    "| system | phase | connect + stub + first call, ms | daemon bind, ms | "
+                    "daemon cache level | load_proto in the app, ms |"
+                ),
+                "|---|---|---|---|---|---|",
             ]
-        for phase in ("cold", "cached"):
-            m = bind.get(phase)
-            if m:
-                lines.append(f"| {name} | {phase} | {fmt_auto(m)} | {bind.get('what', '')} |")
+        for phase, ph in bind.get("phases", {}).items():
+            lines.append(
+                f"| {name} | {phase} | {fmt_auto(ph['app_ms'])} | {fmt_auto(ph['daemon_ms'])} | "
+                f"{', '.join(ph['levels'])} | {fmt_auto(ph['load_proto_ms'])} |"
+            )
         if bind.get("error"):
-            lines.append(f"| {name} | error | — | {bind['error'][:200]} |")
+            lines.append(f"| {name} | error | {bind['error'][:300]} | | | |")
     return lines
 
 
@@ -451,6 +481,11 @@ def markdown(results: dict[str, Any]) -> str:
     )
     section("Latency under load (p50 µs, rate cases)", None, rate_table(results, "p50"))
     section(
+        "Where the CPU goes (µs of CPU per RPC, by process)",
+        "`+child` rows are processes forked by that process.",
+        cpu_breakdown_table(results),
+    )
+    section(
         f"Goodput (MB/s of request payload, {REPLY_SIZE} B replies, one outstanding call)",
         (
             "`socket-stream` is a plain one-way Python TCP stream of the same chunks, the "
@@ -468,7 +503,16 @@ def markdown(results: dict[str, Any]) -> str:
     )
     bind = bind_table(results)
     if bind:
-        section("Bind time (mrpc)", None, bind)
+        section(
+            "Bind time (mrpc)",
+            (
+                "A fresh app process each time. *cold*: first app on a daemon whose prefix "
+                "never bound the schema; *warm daemon*: a second app on that daemon; *cached*: "
+                "an app on a daemon restarted on the same prefix (on-disk binding cache). The "
+                "daemon binds during the first call; its own figure is from libmrpc's log."
+            ),
+            bind,
+        )
     section(
         "Systems",
         None,

@@ -268,8 +268,7 @@ class Mrpc(System):
         proc_a, info_a = start_daemon("mrpcd-A", self.dir_a, ctx.log_dir)
         self.procs.append(proc_a)
         self.target = info_b["listen"]
-        if self.policy:
-            self.attach_policy()
+        attached = self.attach_policy() if self.policy else []
         self.start_server(ctx, "mrpc", "server-app", "--prefix", str(self.dir_b))
         return {
             "target": self.target,
@@ -277,12 +276,15 @@ class Mrpc(System):
             "daemon_a": info_a,
             "daemon_b": info_b,
             "policy": self.policy,
+            "policy_attach": attached,
         }
 
-    def attach_policy(self) -> None:
+    def attach_policy(self) -> list[str]:
         """Attach ``self.policy`` on both daemons to every app, present and future."""
-        for prefix in (self.dir_a, self.dir_b):
-            mrpcctl(prefix, "policy", "attach", str(self.policy), "--all", "--future")
+        return [
+            mrpcctl(prefix, "policy", "attach", str(self.policy), "--all", "--future").strip()
+            for prefix in (self.dir_a, self.dir_b)
+        ]
 
     def extra(self, ctx: StartContext) -> dict[str, Any]:
         return {"bind": self.measure_bind(ctx, runs=3)}
@@ -306,15 +308,16 @@ class Mrpc(System):
             finally:
                 if proc is not None:
                     procs.stop(proc)
-        out: dict[str, Any] = {
-            "what": "fresh app process: connect + EchoStub + first call (ms); "
-            "load_proto separately",
-            "samples": samples,
-        }
+        out: dict[str, Any] = {"samples": samples, "phases": {}}
         for phase, rows in samples.items():
             if rows:
-                out[phase] = stats.spread([r["bind_ms"] for r in rows])
-                out[f"{phase} load_proto"] = stats.spread([r["load_proto_ms"] for r in rows])
+                daemon = [r["daemon_bind_ms"] for r in rows if r.get("daemon_bind_ms") is not None]
+                out["phases"][phase] = {
+                    "app_ms": stats.spread([r["bind_ms"] for r in rows]),
+                    "daemon_ms": stats.spread(daemon) if daemon else None,
+                    "load_proto_ms": stats.spread([r["load_proto_ms"] for r in rows]),
+                    "levels": sorted({str(r.get("how")) for r in rows}),
+                }
         if error:
             out["error"] = error
         return out
