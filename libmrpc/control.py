@@ -100,7 +100,10 @@ def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], l
         raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
     if not reply.get("ok", False):
         _close_all(fds)
-        raise ControlError(reply.get("code", StatusCode.UNKNOWN), reply.get("error", "unknown error"))
+        code = reply.get("code")
+        if code not in StatusCode._value2member_map_:
+            code = StatusCode.UNKNOWN
+        raise ControlError(code, str(reply.get("error", "unknown error")))
     return reply, fds
 
 

@@ -82,6 +82,8 @@ class BuddyAllocator:
 
     def free(self, off: int) -> None:
         """Return a block. Raises ``ValueError`` for an offset that is not allocated."""
+        if off == self._reserved:
+            raise ValueError(f"{self.name}: offset {off} is the reserved block; it is never freed")
         try:
             order = self._allocated.pop(off)
         except KeyError:

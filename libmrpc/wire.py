@@ -56,7 +56,9 @@ def encode_header(ftype: int, *, call_id: int = 0, method: int = 0, body_len: in
 
 def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
                   max_body: int) -> FrameHeader:
-    """Decode and check one header; raise WireError for anything malformed."""
+    """Decode and check one header; raise WireError for anything malformed or short."""
+    if len(buf) - offset < HEADER_SIZE:
+        raise WireError(f"truncated frame header: {len(buf) - offset} of {HEADER_SIZE} bytes")
     magic, version, ftype, status, flags, call_id, method, body_len, aux = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise WireError(f"bad frame magic 0x{magic:04x} (expected 0x{MAGIC:04x}): not an mrpc peer")
@@ -83,8 +85,8 @@ def encode_json_frame(ftype: int, obj: dict[str, Any]) -> bytes:
 def decode_json_body(body: bytes | memoryview) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(body))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise WireError(f"control frame body is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError(f"control frame body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise WireError("control frame body must be a JSON object")
     return obj

@@ -156,9 +156,6 @@ def test_request_error_without_code(pair: Pair) -> None:
     assert info.value.code() is StatusCode.UNKNOWN and info.value.details() == "unknown error"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an error reply whose code is not a gRPC status "
-                                       "(e.g. 99) makes request() raise ValueError from "
-                                       "StatusCode(99) instead of ControlError")
 def test_request_error_with_unknown_code(pair: Pair) -> None:
     a, b = pair
     send_msg(b, {"ok": False, "code": 99, "error": "from a newer daemon"})

@@ -139,8 +139,6 @@ def test_control_body_limit_is_inclusive() -> None:
     assert hdr.body_len == MAX_CONTROL_BODY
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_header raises struct.error (not WireError, "
-                                       "no 'need more data' answer) for a buffer under 32 bytes")
 def test_decode_header_on_truncated_buffer_is_a_wire_error() -> None:
     """Fed byte at a time, the public header decoder must not leak ``struct.error``."""
     data = encode_header(PING)
@@ -176,9 +174,6 @@ def test_json_body_errors(body: bytes, match: str) -> None:
         decode_json_body(memoryview(body))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a deeply nested JSON body (1 MiB control frames are "
-                                       "allowed) makes decode_json_body raise RecursionError, "
-                                       "which escapes tcp.py's HELLO handler and Conn._read")
 def test_deeply_nested_json_body_is_a_wire_error() -> None:
     with pytest.raises(WireError):
         decode_json_body(b"[" * 100_000)
