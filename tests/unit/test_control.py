@@ -158,9 +158,12 @@ def test_request_error_without_code(pair: Pair) -> None:
 
 def test_request_error_with_unknown_code(pair: Pair) -> None:
     a, b = pair
-    send_msg(b, {"ok": False, "code": 99, "error": "from a newer daemon"})
-    with pytest.raises(ControlError):
-        request(a, {"op": "x"})
+    for code in (99, -1, "NOT_FOUND", None, 2.5):
+        send_msg(b, {"ok": False, "code": code, "error": "from a newer daemon"})
+        with pytest.raises(ControlError) as info:
+            request(a, {"op": "x"})
+        assert info.value.code() is StatusCode.UNKNOWN
+        assert info.value.details() == "from a newer daemon"
 
 
 def test_request_on_closed_connection(pair: Pair) -> None:

@@ -157,8 +157,9 @@ def test_double_free_and_bad_offsets() -> None:
 
 
 def test_freeing_the_reserved_block_is_refused() -> None:
-    a = BuddyAllocator(1 * KIB)
-    with pytest.raises(ValueError):
+    """Offset 0 means "null"; an app RELEASE-ing it must not corrupt the allocator."""
+    a = BuddyAllocator(1 * KIB, name="recv")
+    with pytest.raises(ValueError, match="recv: offset 0 is the reserved block"):
         a.free(0)
     assert a.statistics() == fresh_stats(1 * KIB)
     assert 0 not in [a.alloc(64) for _ in range(15)]

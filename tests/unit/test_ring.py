@@ -147,10 +147,10 @@ def test_sleeping_flag_round_trips() -> None:
     assert not prod.consumer_sleeping() and not cons.sleeping
     cons.set_sleeping(True)
     assert prod.consumer_sleeping() and prod.sleeping and cons.sleeping
-    assert struct.unpack_from("<I", buf, SLEEPING)[0] == 1
+    assert U64.unpack_from(buf, SLEEPING)[0] == 1  # a whole 8-byte word
     cons.set_sleeping(False)
     assert not prod.consumer_sleeping() and not cons.sleeping
-    assert struct.unpack_from("<I", buf, SLEEPING)[0] == 0
+    assert U64.unpack_from(buf, SLEEPING)[0] == 0
 
 
 # ------------------------------------------------------------------ an untrusted peer

@@ -143,8 +143,10 @@ def test_decode_header_on_truncated_buffer_is_a_wire_error() -> None:
     """Fed byte at a time, the public header decoder must not leak ``struct.error``."""
     data = encode_header(PING)
     for n in range(HEADER_SIZE):
-        with pytest.raises(WireError):
+        with pytest.raises(WireError, match=f"truncated frame header: {n} of 32 bytes"):
             decode_header(data[:n], max_body=0)
+    with pytest.raises(WireError, match="truncated frame header: 31 of 32 bytes"):
+        decode_header(b"xx" + data[:31], 2, max_body=0)
 
 
 # ------------------------------------------------------------------ JSON control frames
@@ -175,8 +177,10 @@ def test_json_body_errors(body: bytes, match: str) -> None:
 
 
 def test_deeply_nested_json_body_is_a_wire_error() -> None:
-    with pytest.raises(WireError):
-        decode_json_body(b"[" * 100_000)
+    """A 1 MiB HELLO body is allowed, so a peer can nest that deep."""
+    for body in (b"[" * 100_000, b'{"a":' * 100_000, b"[" * 50_000 + b"]" * 50_000):
+        with pytest.raises(WireError, match="not JSON"):
+            decode_json_body(body)
 
 
 @settings(deadline=None)
