@@ -222,7 +222,7 @@ def targets_table(results: dict[str, Any]) -> list[str]:
     systems = results["systems"]
     mrpc = systems.get("mrpc")
     lines = [
-        "| target | mrpc | peer | ratio mrpc/peer | goal | verdict |",
+        "| target | mrpc | peer | mrpc / peer | goal | verdict |",
         "|---|---|---|---|---|---|",
     ]
     for t in TARGETS:
@@ -244,9 +244,8 @@ def targets_table(results: dict[str, Any]) -> list[str]:
             if not theirs:
                 missing.append(_why(t.peer, peer))
             verdict, r = "n/a (" + "; ".join(missing) + ")", "—"
-        lines.append(
-            f"| {t.text} ({t.peer}: {b}) | {a} | {t.peer} | {r} | {t.op} {t.bound:g} | {verdict} |"
-        )
+        op = "≤" if t.op == "<=" else "≥"
+        lines.append(f"| {t.text} | {a} | {t.peer}: {b} | {r} | {op} {t.bound:g} | {verdict} |")
     return lines
 
 
