@@ -55,7 +55,7 @@ class PolicyManager:
                 self._prepare(spec)
             except RpcError as e:
                 raise ConfigError(f"policies[{i}]: {e.details()}") from None
-            self.standing[f"rule-{i + 1}"] = self._standing(f"rule-{i + 1}", spec)
+            self.standing[f"config-{i + 1}"] = self._standing(f"config-{i + 1}", spec)
 
     def handler(self, op: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         return {"policy_attach": self.attach, "policy_detach": self.detach, "policy_set": self.set,

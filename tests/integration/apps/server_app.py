@@ -36,7 +36,8 @@ def answer(request: object, name: str) -> object:
         raise RpcError(StatusCode[code], text)
     n = request.reply_size
     payload = bytes(request.payload) if n == 0 else b"r" * n
-    return testing.Reply(payload=payload, request_size=len(request.payload), served_by=name)
+    return testing.Reply(payload=payload, request_size=len(request.payload), served_by=name,
+                         key=request.key)
 
 
 @click.command()
