@@ -174,6 +174,7 @@ class Server:
             for mid, h in handlers.items():
                 self._handlers[(slot, mid)] = h
         session.server = self
+        session.background(0)  # wake the completion thread: requests may arrive now
         self._session = session
         for schema, service, _ in self._pending:
             session.control({"op": "serve", "slot": session.bind(schema), "services": [service]})

@@ -45,8 +45,8 @@ from libmrpc.shm import ShmLayout, drain, map_app_regions, notify
 from libmrpc.status import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
-SPIN_S = 50e-6  # poll this long before blocking on the eventfd
 SAFETY_SLEEP = 0.5
+RELEASE_PERIOD = 0.1  # how often an idle process hands released messages back
 
 
 class RecvBlock:
@@ -68,6 +68,7 @@ class Call:
     __slots__ = (
         "_lock",
         "abandoned",
+        "bg",
         "call_id",
         "callbacks",
         "done",
@@ -90,6 +91,7 @@ class Call:
         self.done = False
         self.abandoned = False
         self.callbacks: list[Callable[[Call], None]] | None = None
+        self.bg = False  # the background thread must lead until this completes
 
     def finish(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error, self.done = result, error, True
@@ -139,6 +141,14 @@ class Session:
         self.closed = False
         self.close_reason = ""
         self._aio: dict[Any, list[tuple[Any, Call]]] = {}
+        self._poll_lock = threading.Lock()
+        self._poller = select.poll()  # efd readable, or the daemon hung up (not: a control reply)
+        self._poller.register(self.regions.complete_efd, select.POLLIN)
+        self._poller.register(self._ctl.fileno(), select.POLLRDHUP)
+        self._bg_lock = threading.Lock()
+        self._background = 0
+        self._reader_wanted = threading.Event()
+        self.spin = int(os.environ.get("MRPC_SPIN_US", "0")) / 1e6
         set_default_heap(self.send_heap)
         self._reader = threading.Thread(target=self._read_loop, name="mrpc-completions", daemon=True)
         self._reader.start()
@@ -208,20 +218,36 @@ class Session:
         return copy_message(msg, self.send_heap)
 
     def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None) -> Call:
+                   timeout: float | None, background: bool = False) -> Call:
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         request = self._own(request)
         call_id = next(self._call_ids)
         call = Call(call_id, request, response_cls, path)
         self.calls[call_id] = call
+        if background:
+            call.bg = True
+            self.background(1)
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
         try:
             self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
         except BaseException:
             self.calls.pop(call_id, None)
+            if call.bg:
+                self.background(-1)
             raise
         return call
+
+    def abandon(self, call: Call) -> None:
+        """The caller stopped waiting (deadline): let the background thread reap it."""
+        with self._bg_lock:
+            if call.done:
+                return
+            call.abandoned = True
+            if not call.bg:
+                call.bg = True
+                self._background += 1
+        self._reader_wanted.set()
 
     def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "") -> None:
         if status is StatusCode.OK:
@@ -238,39 +264,98 @@ class Session:
 
     # ------------------------------------------------------------------ completions
 
-    def _read_loop(self) -> None:
-        efd = self.regions.complete_efd
-        poller = select.poll()
-        poller.register(efd, select.POLLIN)
-        poller.register(self._ctl.fileno(), select.POLLRDHUP | select.POLLHUP)
-        ctl_fd = self._ctl.fileno()
-        complete = self.complete
+    def needs_reader(self) -> bool:
+        """Whether the background thread must lead: a server, futures or asyncio calls."""
+        return self.server is not None or self._background > 0
+
+    def background(self, delta: int) -> None:
+        """Count completions that only the background thread may wait for."""
+        with self._bg_lock:
+            self._background += delta
+        if delta >= 0:
+            self._reader_wanted.set()
+
+    def wait_call(self, call: Call, timeout: float | None) -> bool:
+        """Wait for ``call`` (a sync caller); True when it completed.
+
+        The waiting thread polls the completion ring itself when nobody else
+        does (no thread hand-off on the reply path); otherwise it waits for the
+        current leader to resolve its call.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not call.done:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return call.done
+            if self._poll_lock.acquire(blocking=False):
+                try:
+                    self._lead(call, deadline)
+                finally:
+                    self._poll_lock.release()
+                if self.needs_reader():
+                    self._reader_wanted.set()
+            else:
+                call.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    def _lead(self, call: Call | None, deadline: float | None) -> None:
+        """Handle completions until ``call`` is done (or, for the background
+        thread, until nothing needs it); block on the eventfd when idle."""
+        complete, efd, ctl_fd = self.complete, self.regions.complete_efd, self._ctl.fileno()
         perf = time.perf_counter
-        try:
-            while not self.closed:
-                batch = complete.pop_batch(DESCRIPTOR, 256)
-                if batch:
-                    self._handle(batch)
-                    continue
-                if self._releases:
-                    with self._submit_lock:
-                        self._flush_releases()
-                        if self.submit.consumer_sleeping():
-                            notify(self.regions.submit_efd)
-                spin_until = perf() + SPIN_S
+        while not self.closed:
+            batch = complete.pop_batch(DESCRIPTOR, 256)
+            if batch:
+                self._handle(batch)
+                if call is not None and call.done:
+                    return
+                continue
+            if self._releases:
+                with self._submit_lock:
+                    self._flush_releases()
+                    if self.submit.consumer_sleeping():
+                        notify(self.regions.submit_efd)
+            if call is None and not self.needs_reader():
+                return
+            if self.spin:
+                spin_until = perf() + self.spin
                 while perf() < spin_until and not complete.available():
                     pass
                 if complete.available():
                     continue
-                complete.set_sleeping(True)
-                if not complete.available():
-                    for fd, ev in poller.poll(SAFETY_SLEEP * 1000):
-                        if fd == ctl_fd and ev & (select.POLLRDHUP | select.POLLHUP):
-                            complete.set_sleeping(False)
-                            self._daemon_gone("mrpcd closed the connection (daemon stopped or crashed)")
-                            return
-                drain(efd)
+            timeout = SAFETY_SLEEP
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return
+                timeout = min(timeout, SAFETY_SLEEP)
+            complete.set_sleeping(True)
+            try:
+                if complete.available():
+                    continue
+                for fd, ev in self._poller.poll(timeout * 1000):  # only the leader polls
+                    if fd == ctl_fd and ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                        self._daemon_gone("mrpcd closed the connection (daemon stopped or crashed)")
+                        return
+            finally:
                 complete.set_sleeping(False)
+            drain(efd)
+
+    def _read_loop(self) -> None:
+        """The background leader: serves servers, futures and asyncio callers."""
+        try:
+            while not self.closed:
+                if not self.needs_reader():
+                    self._reader_wanted.wait(RELEASE_PERIOD)
+                    self._reader_wanted.clear()
+                    if self._releases:  # batched releases of dropped replies
+                        with self._submit_lock:
+                            self._flush_releases()
+                            if self.submit.consumer_sleeping():
+                                notify(self.regions.submit_efd)
+                    continue
+                with self._poll_lock:
+                    self._lead(None, None)
         except Exception as e:  # the mapping went away or a bug: fail calls, do not hang them
             if not self.closed:
                 log.exception("completion reader failed")
@@ -284,18 +369,20 @@ class Session:
                 if status == 0:
                     owner = RecvBlock(self, off)
                     if call is None or call.abandoned:
+                        if call is not None:
+                            self._finish(call, None, None)
                         continue  # late reply after a local timeout: the owner releases it now
                     try:
                         result = call.response_cls._from_image(recv, off, owner)
                     except Exception as e:
-                        call.finish(None, RpcError(StatusCode.INTERNAL, f"cannot read reply: {e}"))
+                        self._finish(call, None, RpcError(StatusCode.INTERNAL, f"cannot read reply: {e}"))
                         continue
                     self._finish(call, result, None)
                 else:
                     details = bytes(recv[off:off + length]).decode("utf-8", "replace") if length else ""
                     if length:
                         self._releases.append(off)
-                    if call is not None and not call.abandoned:
+                    if call is not None:
                         self._finish(call, None, RpcError(StatusCode(status), details))
             elif kind == CMP_REQUEST:
                 server = self.server
@@ -315,6 +402,10 @@ class Session:
                     pass  # the loop is closed; nobody is waiting
 
     def _finish(self, call: Call, result: Any, error: RpcError | None) -> None:
+        with self._bg_lock:
+            if call.bg:
+                call.bg = False
+                self._background -= 1
         call.finish(result, error)
 
     def add_aio(self, loop: Any, fut: Any, call: Call) -> None:

@@ -55,7 +55,7 @@ class CallFuture:
         if not self._call.wait(wait):
             if timeout is not None and (self._timeout is None or timeout < self._timeout):
                 raise TimeoutError(f"{self._call.method} not done after {timeout}s")
-            self._call.abandoned = True
+            self._call.abandoned = True  # already a background call: the reader reaps it
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,
                            f"{self._call.method}: deadline of {self._timeout}s exceeded")
         if self._call.error is not None:
@@ -91,7 +91,7 @@ class UnaryUnaryMultiCallable:
         self._response_cls = schema.MESSAGES[method.response]
         self._conn: tuple[Any, int] | None = None
 
-    def _start(self, request: Any, timeout: float | None) -> Any:
+    def _start(self, request: Any, timeout: float | None, background: bool = False) -> Any:
         if not isinstance(request, self._request_cls):
             raise TypeError(f"{self._method.path} takes {self._method.request}, "
                             f"got {type(request).__name__}")
@@ -100,13 +100,18 @@ class UnaryUnaryMultiCallable:
         if conn is None or conn[0] is not session:
             conn = self._conn = (session, session.open_conn(self._channel.target, session.bind(self._schema)))
         return session.start_call(conn[1], self._method.id, self._method.path, request,
-                                  self._response_cls, timeout)
+                                  self._response_cls, timeout, background)
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  wait_for_ready: Any = None) -> Any:
         call = self._start(request, timeout)
-        if not call.wait(timeout):
-            call.abandoned = True
+        session = self._channel._session()
+        if not session.wait_call(call, timeout):
+            session.abandon(call)
+            if call.done:  # completed while giving up
+                if call.error is not None:
+                    raise call.error
+                return call.result
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,
                            f"{self._method.path}: deadline of {timeout}s exceeded")
         if call.error is not None:
@@ -114,17 +119,17 @@ class UnaryUnaryMultiCallable:
         return call.result
 
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
-        return CallFuture(self._start(request, timeout), timeout)
+        return CallFuture(self._start(request, timeout, background=True), timeout)
 
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        call = self._start(request, timeout)
+        call = self._start(request, timeout, background=True)
         self._channel._session().add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except TimeoutError:
-            call.abandoned = True
+            self._channel._session().abandon(call)
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,
                            f"{self._method.path}: deadline of {timeout}s exceeded") from None
 

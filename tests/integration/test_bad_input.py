@@ -41,7 +41,7 @@ def raw_call(session, conn: int, method: int, off: int, call_id: int | None = No
     call = Call(cid, None, testing.Reply, "raw")
     session.calls[cid] = call
     session._push(SUB_CALL, 0, conn, cid, method, off, 0, 0)
-    assert call.wait(10), "the daemon never completed the call"
+    assert session.wait_call(call, 10), "the daemon never completed the call"
     return call.error
 
 
