@@ -188,6 +188,11 @@ def status_line(name: str, rec: dict[str, Any]) -> str | None:
     if st == "failed":
         return f"- **{name}** failed: {rec.get('reason')} (see `logs/{name}/`)"
     bad = [c for c in rec.get("cases", []) if "error" in c]
+    restarts = rec.get("restarts", [])
+    if restarts:
+        prefix = f"- **{name}** was restarted: {'; '.join(restarts)}"
+        rest = status_line(name, {k: v for k, v in rec.items() if k != "restarts"})
+        return prefix + (f"\n{rest}" if rest else "")
     if bad:
         first = bad[0]["error"].strip().splitlines()
         gave_up = f"; {rec['gave_up']}, the rest was not run" if rec.get("gave_up") else ""

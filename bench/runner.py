@@ -34,6 +34,7 @@ from bench.systems import StartContext, System, Unavailable, registry
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 90.0
+MAX_RESTARTS = 1
 PINNED_CPUS = (0,)
 
 
@@ -319,9 +320,41 @@ def run_system(
         rec["idle_rss_kib"] = _role_rss(system.accounted())
         progress(f"{cls.name}: started in {time.monotonic() - t0:.1f}s")
         dead_starts = 0
+        restarts: list[str] = []
+
+        def restart_if_dead(when: str) -> bool:
+            """Restart the system if a server-side process died; False when out of restarts.
+
+            Processes die by crashing, or because something outside the bench killed them
+            (this machine is shared): note it and restart the whole system once.
+            """
+            nonlocal server_info
+            dead = [f"{p.role} (exit {p.popen.returncode})" for p in system.procs if not p.alive()]
+            if not dead:
+                return True
+            note = f"{when}: {', '.join(dead)} had exited; restarted the system"
+            progress(f"{cls.name}: {note}")
+            restarts.append(note)
+            rec["restarts"] = restarts
+            if len(restarts) > MAX_RESTARTS:
+                rec["gave_up"] = "server-side processes kept dying"
+                return False
+            system.stop()
+            server_info = system.start(ctx)
+            return True
+
         for case in plan.cases(cls.workloads):
+            if not restart_if_dead(f"before {case.key}"):
+                break
             c0 = time.monotonic()
             crec = run_case(system, server_info, case, plan, ctx.log_dir)
+            if "error" in crec and any(not p.alive() for p in system.procs):
+                if not restart_if_dead(f"during {case.key}"):
+                    rec["cases"].append(crec)
+                    break
+                failed_attempt = crec
+                crec = run_case(system, server_info, case, plan, ctx.log_dir)
+                crec["failed_attempt"] = failed_attempt
             rec["cases"].append(crec)
             progress(f"{cls.name}: {case.key}: {_brief(crec)} ({time.monotonic() - c0:.1f}s)")
             # Clients that cannot even connect twice in a row will not in later cases either.

@@ -65,6 +65,7 @@ def start_sidecar(
         )
     )
     admin_file = workdir / f"{name}.admin"
+    admin_file.unlink(missing_ok=True)
     argv = [
         str(envoy_binary()),
         "-c",

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +83,7 @@ class System:
     ) -> dict[str, Any]:
         """Run ``python -m bench.serve KIND`` and wait for its ready file."""
         ready = ctx.workdir / f"{role}.ready.json"
+        ready.unlink(missing_ok=True)  # a restart must not read the previous instance's file
         argv = procs.python_argv(
             "bench.serve",
             kind,
@@ -108,10 +110,20 @@ def write_ready(path: str, info: dict[str, Any]) -> None:
 
 def watch_parent(lifetime_s: float) -> None:
     """Block until the parent dies or ``lifetime_s`` passes (bounded server lifetime)."""
+    keep_serving = serving_while_parent_lives(lifetime_s)
+    while keep_serving():
+        time.sleep(0.5)
+
+
+def serving_while_parent_lives(lifetime_s: float) -> Callable[[], bool]:
+    """A predicate for server loops: False once the parent is gone or the lifetime is up."""
     parent = os.getppid()
     deadline = time.monotonic() + lifetime_s
-    while time.monotonic() < deadline and os.getppid() == parent:
-        time.sleep(0.5)
+
+    def keep_serving() -> bool:
+        return time.monotonic() < deadline and os.getppid() == parent
+
+    return keep_serving
 
 
 _MODULES = ("bench.systems.floors", "bench.systems.grpc_systems", "bench.systems.mrpc_systems")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.clients import Window
-from bench.systems import StartContext, System
+from bench.systems import StartContext, System, serving_while_parent_lives
 
 LEN = struct.Struct("<I")
 
@@ -91,8 +91,8 @@ def serve_tcp_floor(args: argparse.Namespace, extra: list[str], ready: Callable[
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ, None)
     ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
-    deadline = time.monotonic() + args.lifetime
-    while time.monotonic() < deadline:
+    keep_serving = serving_while_parent_lives(args.lifetime)
+    while keep_serving():
         for key, _ in sel.select(timeout=1.0):
             if key.data is None:
                 try:
@@ -231,7 +231,8 @@ def serve_shm_floor(args: argparse.Namespace, extra: list[str], ready: Callable[
     ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
     lsock.settimeout(1.0)
     deadline = time.monotonic() + args.lifetime
-    while time.monotonic() < deadline:
+    keep_serving = serving_while_parent_lives(args.lifetime)
+    while keep_serving():
         try:
             conn, _ = lsock.accept()
         except TimeoutError:
@@ -315,8 +316,8 @@ def serve_stream_sink(
     lsock = _listen()
     ready({"addr": f"127.0.0.1:{lsock.getsockname()[1]}"})
     lsock.settimeout(1.0)
-    deadline = time.monotonic() + args.lifetime
-    while time.monotonic() < deadline:
+    keep_serving = serving_while_parent_lives(args.lifetime)
+    while keep_serving():
         try:
             conn, _ = lsock.accept()
         except TimeoutError:

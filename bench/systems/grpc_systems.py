@@ -28,6 +28,7 @@ OPTIONS = [
 ]
 SERVER_WORKERS = 32
 CALL_TIMEOUT_S = 30.0
+FIRST_CALL_TIMEOUT_S = 10.0
 
 
 def load_echo() -> tuple[Any, Any]:
@@ -108,7 +109,7 @@ class GrpcSyncClient:
         self.channel = grpc.insecure_channel(self.target, options=OPTIONS)
         grpc.channel_ready_future(self.channel).result(timeout=15.0)
         self.call = services.EchoStub(self.channel).Echo
-        self.call(self.protos.EchoRequest(payload=b"hello"), timeout=CALL_TIMEOUT_S)
+        self.call(self.protos.EchoRequest(payload=b"hello"), timeout=FIRST_CALL_TIMEOUT_S)
         return {"grpc": grpc.__version__}
 
     def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Window:
@@ -139,7 +140,7 @@ class GrpcAioClient:
         self.channel = grpc.aio.insecure_channel(self.target, options=OPTIONS)
         await asyncio.wait_for(self.channel.channel_ready(), timeout=15.0)
         self.call = services.EchoStub(self.channel).Echo
-        await self.call(self.protos.EchoRequest(payload=b"hello"), timeout=CALL_TIMEOUT_S)
+        await self.call(self.protos.EchoRequest(payload=b"hello"), timeout=FIRST_CALL_TIMEOUT_S)
         return {"grpc": grpc.__version__}
 
     async def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Window:

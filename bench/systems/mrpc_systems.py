@@ -34,6 +34,7 @@ from bench.systems import StartContext, System, Unavailable, watch_parent
 
 ECHO_PROTO = procs.REPO_ROOT / "schemas" / "echo.proto"
 CALL_TIMEOUT_S = 30.0
+FIRST_CALL_TIMEOUT_S = 10.0
 DAEMON_START_TIMEOUT_S = 60.0
 
 
@@ -158,7 +159,7 @@ class MrpcClient:
         name = f"bench-client-{os.getpid()}"
         self.channel = _make(libmrpc.connect, target=self.target, prefix=self.prefix, name=name)
         self.stub = self.echo.EchoStub(self.channel)
-        self.stub.Echo(self.echo.EchoRequest(payload=b"hello"), timeout=CALL_TIMEOUT_S)
+        self.stub.Echo(self.echo.EchoRequest(payload=b"hello"), timeout=FIRST_CALL_TIMEOUT_S)
         return {"app": name}
 
     def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Any:
