@@ -27,6 +27,18 @@ from mrpcd.engine import Clock, Engine
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_SLEEP = 0.5  # seconds; a safety net against a lost wake-up
+MAX_ROUNDS = 16  # engine rounds per wake-up before checking sockets again
+
+
+def effective_spin(spin_us: int) -> float:
+    """Busy-poll time in seconds; none when confined to one CPU (spinning there only
+    delays the process we are waiting for)."""
+    try:
+        if len(os.sched_getaffinity(0)) <= 1:
+            return 0.0
+    except OSError:
+        pass
+    return spin_us / 1e6
 
 
 class Poller:
@@ -70,7 +82,7 @@ class Runtime:
     def __init__(self, name: str, clock: Clock, *, spin_us: int = 50) -> None:
         self.name = name
         self.clock = clock
-        self.spin = spin_us / 1e6
+        self.spin = effective_spin(spin_us)
         self.engines: list[Engine] = []
         self.poller = Poller()
         self.local: dict[str, Any] = {}  # runtime-local state shared by its engines (QoS)
@@ -153,17 +165,26 @@ class Runtime:
                 log.exception("runtime %s: command failed", self.name)
         return n
 
+    def _work(self) -> int:
+        """Commands, then engine rounds until a round finds nothing (no syscalls here)."""
+        n = self._run_commands()
+        for _ in range(MAX_ROUNDS):
+            done = 0
+            for engine in self.engines:
+                try:
+                    done += engine.do_work()
+                except Exception:
+                    log.exception("runtime %s: engine %s failed in do_work", self.name,
+                                  getattr(engine, "ctx", None) and engine.ctx.engine_id)
+            n += done
+            if not done:
+                break
+        return n
+
     def run_once(self) -> int:
         """One round without blocking; returns the work done (tests drive this)."""
-        n = self._run_commands()
-        for engine in self.engines:
-            try:
-                n += engine.do_work()
-            except Exception:
-                log.exception("runtime %s: engine %s failed in do_work", self.name,
-                              getattr(engine, "ctx", None) and engine.ctx.engine_id)
-        n += self.poller.poll(0)
-        return n
+        n = self.poller.poll(0)
+        return n + self._work()
 
     def _sleep_timeout(self) -> float:
         now = self.clock.now()
@@ -175,21 +196,49 @@ class Runtime:
         return timeout
 
     def _run(self) -> None:
+        profile_to = os.environ.get("MRPC_PROFILE")  # debugging aid: cProfile this runtime
+        if not profile_to:
+            return self._loop()
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            self._loop()
+        finally:
+            prof.disable()
+            prof.dump_stats(f"{profile_to}.{self.name}.{os.getpid()}")
+
+    def _loop(self) -> None:
+        """poll (handlers run) -> engine rounds -> spin or arm wake-ups and block.
+
+        One ``epoll_wait`` per event when idle between events: a blocking one.
+        """
         perf = time.perf_counter
+        engines = self.engines
         spin_until = 0.0
+        timeout = 0.0
+        armed = False
         while not self._stop:
             self.rounds += 1
-            if self.run_once():
-                spin_until = perf() + self.spin
-                continue
-            if perf() < spin_until:
+            n = self.poller.poll(timeout)
+            if armed:
+                for engine in engines:
+                    engine.woke()
+                armed = False
+            n += self._work()
+            now = perf()
+            if n:
+                spin_until = now + self.spin
+            if now < spin_until:
+                timeout = 0.0
                 continue
             pending = False
-            for engine in self.engines:
+            for engine in engines:
                 pending |= engine.prepare_sleep()
-            if not pending and not self._commands:
-                self.sleeps += 1
-                self.poller.poll(self._sleep_timeout())
-            for engine in self.engines:
-                engine.woke()
-            spin_until = perf() + self.spin
+            armed = True
+            if pending or self._commands:
+                timeout = 0.0
+                continue
+            self.sleeps += 1
+            timeout = self._sleep_timeout()
