@@ -33,7 +33,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -302,7 +302,17 @@ class PolicyEngine(Engine):
         return bool(self.config.get("enforce", True))
 
     @classmethod
-    def common_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+    def common_config(cls, config: Mapping[str, Any], keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """Check the parts every policy shares: a mapping, no unknown keys (when the
+        engine's own ``keys`` are given), and ``enforce``; returns ``{"enforce": ...}``."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{cls.NAME}: config must be a mapping, got {type(config).__name__}")
+        if keys is not None:
+            allowed = set(keys) | cls.COMMON_KEYS
+            unknown = sorted(map(str, set(config) - allowed))
+            if unknown:
+                raise ConfigError(f"{cls.NAME}: unknown config key(s) {', '.join(unknown)}; "
+                                  f"expected {', '.join(sorted(allowed))}")
         enforce = config.get("enforce", True)
         if not isinstance(enforce, bool):
             raise ConfigError(f"{cls.NAME}: enforce: expected true or false, got {enforce!r}")
