@@ -520,6 +520,20 @@ class TcpIngress(Engine):
     def statistics(self) -> dict[str, int | float]:
         return dict(self.counters, connections=len(self.conns))
 
+    def decompose(self) -> dict[str, Any]:
+        """Hand over the listener's connections (sockets, buffers, half-read frames)."""
+        self.poller.unregister(self.listener.fileno())
+        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters)}
+        self.conns, self.dirty = set(), set()
+        return state
+
+    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        self.conns.update(state.get("conns", ()))
+        self.dirty.update(state.get("dirty", ()))
+        self.counters.update(state.get("counters", {}))
+        for conn in self.conns:
+            conn.owner = self
+
     def close(self) -> None:
         self.poller.unregister(self.listener.fileno())
         for conn in list(self.conns):

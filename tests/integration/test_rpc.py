@@ -199,3 +199,21 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(cluster: Cluster) -> None
     assert [bytes(f.result().payload) for f in futs] == [b"%d" % i for i in range(8)]
     assert a.proc.wait(15) == 0
     assert not (a.prefix / "app.sock").exists() and not (a.prefix / "mrpcd.json").exists()
+
+
+def test_several_server_apps_on_one_daemon_route_by_service(cluster: Cluster) -> None:
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b)
+    echo_srv = cluster.app("../../../examples/echo_server.py", "--prefix", str(b.prefix), wait=False,
+                           name="echo_server")
+    assert echo_srv.proc.stdout.readline().strip() == "echo server ready"
+    echo = libmrpc.load_proto(ROOT / "schemas" / "echo.proto")
+    channel = libmrpc.connect(b.listen, prefix=a.prefix)
+    t, e = testing.TestStub(channel), echo.EchoStub(channel)
+    for i in range(20):
+        assert t.Call(testing.Request(payload=b"t%d" % i), timeout=10).served_by == "server"
+        assert bytes(e.Echo(echo.EchoRequest(payload=b"e%d" % i), timeout=10).payload) == b"e%d" % i
+    assert sorted(x["serves"][0] for x in b.apps()) == ["echo.Echo", "mrpctest.Test"]
+    # a second app cannot take a service that is already served
+    dup = cluster.app("server_app.py", str(b.prefix), "--name", "dup", wait=False, name="dup")
+    assert dup.proc.wait(30) != 0 and "ALREADY_EXISTS" in dup.proc.stderr.read()

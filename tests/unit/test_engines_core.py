@@ -200,3 +200,85 @@ def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
     (err,) = tcp.rx_out
     assert err.status is StatusCode.UNAVAILABLE and str(port) in err.details
     poller.close()
+
+
+def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() -> None:
+    from engines.tcp import TcpIngress
+    from mrpcd.appstate import Router
+
+    poller = Poller()
+    listener = socket.create_server(("127.0.0.1", 0))
+    services = {"router": Router("test"), "poller": poller, "listener": listener,
+                "tcp_config": SimpleNamespace(nodelay=True, connect_timeout=2.0, zero_copy_min=2048,
+                                              sndbuf=None, rcvbuf=None)}
+    ctx = EngineContext("daemon/tcp-ingress", "", 0, MockClock(), services=services)
+    old = TcpIngress(ctx, {})
+    client = socket.create_connection(listener.getsockname())
+    try:
+        hello = encode_json_frame(HELLO, {"version": 1, "schema_hash": echo.SCHEMA_HASH,
+                                          "services": ["echo.Echo"], "app": "t", "pid": 1})
+        client.sendall(hello[:10])  # half a frame arrives before the upgrade
+        for _ in range(50):
+            poller.poll(0.01)
+            if old.conns and next(iter(old.conns)).bytes_in == 10:
+                break
+        assert len(old.conns) == 1
+        fresh = TcpIngress.restore(ctx, {}, old.decompose(), TcpIngress.VERSION)
+        client.sendall(hello[10:])  # the rest goes to the new instance
+        got = []
+        asm = FrameAssembler(on_frame=lambda h, b: got.append((h, bytes(b))))
+        client.settimeout(0.01)
+        for _ in range(100):
+            poller.poll(0.01)
+            fresh.do_work()
+            try:
+                asm.feed(client.recv(4096))
+            except TimeoutError:
+                pass
+            if got:
+                break
+        (h, body), = got
+        assert h.type == HELLO_ACK and b'"ok":true' in body
+        assert fresh.counters["accepted"] == 1 and not old.conns
+    finally:
+        client.close()
+        listener.close()
+        poller.close()
+
+
+def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> None:
+    import engines.tcp_conn as tcp_conn
+    from engines.frontend import method_ref
+    from mrpcd.appstate import TxCall
+
+    state, app, binding = app_pair
+    peer = FakePeer()
+    poller = Poller()
+    writes: list[int] = []
+    real_flush = tcp_conn.SendQueue.flush
+
+    class Counting:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def sendmsg(self, bufs: list) -> int:
+            writes.append(len(bufs))
+            return self.sock.sendmsg(bufs)
+
+    monkeypatch.setattr(tcp_conn.SendQueue, "flush", lambda self, sock: real_flush(self, Counting(sock)))
+    try:
+        state.conns[1] = ConnSpec(1, "127.0.0.1", peer.port, 0)
+        tcp = _engine(TcpTransport, state, MockClock(), poller)
+        big = b"z" * 10000  # above zero_copy_min: a scatter-gather segment from the send heap
+        reqs = [echo.EchoRequest.new(app.heap, payload=big) for _ in range(10)]
+        for i, req in enumerate(reqs):
+            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, method_ref(echo.METHODS[0]),
+                                 _state=TxCall(state.conns[1], binding, req._off)))
+        _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
+        # the handshake and all ten calls (header, record, zero-copy segment each) in one sendmsg
+        assert writes == [1 + 10 * 3], writes
+        bodies = [b for h, b in peer.frames if h.type == CALL]
+        assert all(bytes(echo.EchoRequest._from_image(memoryview(b), 0, None).payload) == big for b in bodies)
+    finally:
+        peer.close()
+        poller.close()
