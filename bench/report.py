@@ -13,6 +13,8 @@ from bench.plan import GOODPUT_TARGET_SIZE, LATENCY_REQ, RATE_REQ, RATE_TARGET_C
 COLORS = {
     "mrpc": "tab:red",
     "mrpc-null": "tab:orange",
+    "mrpc-ratelimit": "tab:olive",
+    "mrpc-acl": "tab:brown",
     "grpc-sync": "tab:blue",
     "grpc-aio": "tab:cyan",
     "grpc-envoy": "tab:purple",

@@ -139,6 +139,8 @@ def registry() -> dict[str, type[System]]:
     order = [
         "mrpc",
         "mrpc-null",
+        "mrpc-ratelimit",
+        "mrpc-acl",
         "grpc-sync",
         "grpc-aio",
         "grpc-envoy",

@@ -36,6 +36,7 @@ ECHO_PROTO = procs.REPO_ROOT / "schemas" / "echo.proto"
 CALL_TIMEOUT_S = 30.0
 FIRST_CALL_TIMEOUT_S = 10.0
 DAEMON_START_TIMEOUT_S = 60.0
+CLIENT_APP = "bench-client"  # the name client apps register with (policies attach by name)
 
 
 def _api_problem() -> str | None:
@@ -150,13 +151,15 @@ class MrpcClient:
     def __init__(self, server: dict[str, Any], case: dict[str, Any]) -> None:
         self.target = server["target"]
         self.prefix = server["prefix"]
+        self.app_name: str | None = case.get("app_name") or server.get("client_app")
         self.channel: Any = None
 
     def open(self) -> dict[str, Any]:
         import libmrpc
 
         self.echo = libmrpc.load_proto(str(ECHO_PROTO))
-        name = f"bench-client-{os.getpid()}"
+        # The app name operators attach policies by (several processes may share it).
+        name = self.app_name or f"bench-client-{os.getpid()}"
         self.channel = _make(libmrpc.connect, target=self.target, prefix=self.prefix, name=name)
         self.stub = self.echo.EchoStub(self.channel)
         self.stub.Echo(self.echo.EchoRequest(payload=b"hello"), timeout=FIRST_CALL_TIMEOUT_S)
@@ -254,7 +257,9 @@ class Mrpc(System):
     )
     driver = "bench.systems.mrpc_systems:MrpcClient"
     has_bind_time = True
-    policy: str | None = None
+    policy: str | None = None  # attached on both daemons to every app (--all --future)
+    # (engine, --set pairs): attached on daemon A to the client app, send side
+    client_policy: tuple[str, tuple[str, ...]] | None = None
 
     def check(self) -> None:
         problem = _api_problem()
@@ -270,13 +275,17 @@ class Mrpc(System):
         self.procs.append(proc_a)
         self.target = info_b["listen"]
         attached = self.attach_policy() if self.policy else []
+        if self.client_policy:
+            attached.append(self.attach_client_policy())
+        self.policy_check: dict[str, Any] | None = None
         self.start_server(ctx, "mrpc", "server-app", "--prefix", str(self.dir_b))
         return {
             "target": self.target,
             "prefix": str(self.dir_a),
+            "client_app": CLIENT_APP,
             "daemon_a": info_a,
             "daemon_b": info_b,
-            "policy": self.policy,
+            "policy": self.policy or (self.client_policy[0] if self.client_policy else None),
             "policy_attach": attached,
         }
 
@@ -287,8 +296,53 @@ class Mrpc(System):
             for prefix in (self.dir_a, self.dir_b)
         ]
 
+    def attach_client_policy(self) -> str:
+        """Attach ``self.client_policy`` on daemon A to the client app (a standing rule by
+        name, so every client process of every case gets its own engine), send side."""
+        assert self.client_policy is not None
+        engine, sets = self.client_policy
+        argv = ["policy", "attach", engine, "--app", CLIENT_APP, "--side", "send", "--future"]
+        for pair in sets:
+            argv += ["--set", pair]
+        return mrpcctl(self.dir_a, *argv).strip()
+
+    def on_clients_ready(self, client_infos: list[dict[str, Any]]) -> None:
+        """Once per system: check on daemon A that every client app has the engine."""
+        if not self.client_policy or self.policy_check is not None:
+            return
+        engine = self.client_policy[0]
+        try:
+            listing = json.loads(mrpcctl(self.dir_a, "list", "--json"))
+            counters = json.loads(mrpcctl(self.dir_a, "stats", "--json"))
+        except Exception as exc:  # noqa: BLE001 - reported, the case still runs
+            self.policy_check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return
+        apps = [a for a in listing.get("apps", []) if a.get("name") == CLIENT_APP]
+        engines = {
+            a["pid"]: [e["id"] for e in a.get("datapath", []) if e.get("engine") == engine]
+            for a in apps
+        }
+        stats_rows = [
+            e
+            for a in counters.get("apps", [])
+            if a.get("app") == CLIENT_APP
+            for e in a.get("engines", [])
+            if e.get("engine") == engine
+        ]
+        self.policy_check = {
+            "ok": bool(apps) and all(engines.values()) and len(apps) == len(client_infos),
+            "client_apps": len(apps),
+            "engines": engines,
+            "stats_after_first_call": [r.get("stats", {}) for r in stats_rows],
+        }
+
     def extra(self, ctx: StartContext) -> dict[str, Any]:
-        return {"bind": self.measure_bind(ctx, runs=3)}
+        out: dict[str, Any] = {}
+        if self.policy_check is not None:
+            out["policy_check"] = self.policy_check
+        if self.has_bind_time:
+            out["bind"] = self.measure_bind(ctx, runs=3)
+        return out
 
     def measure_bind(self, ctx: StartContext, runs: int) -> dict[str, Any]:
         samples: dict[str, list[dict[str, Any]]] = {"cold": [], "warm daemon": [], "cached": []}
@@ -327,11 +381,39 @@ class Mrpc(System):
 class MrpcNull(Mrpc):
     name = "mrpc-null"
     summary = "mrpc with the no-op policy engine attached on both daemons (policy overhead)"
+    has_bind_time = False
     policy = "null"
 
-    def extra(self, ctx: StartContext) -> dict[str, Any]:
-        return {}
+
+# Never limits: 10^8 tokens, refilled to 10^8 every second.
+RATELIMIT_NEVER = ("max_tokens=100000000", "tokens_per_fill=100000000", "fill_interval=1s")
+# Allows everything; still reads every request's payload for one deny rule that never matches
+# (acl compares bytes fields as text: no payload starts with NUL + "never").
+ACL_NEVER = (
+    "default=allow",
+    'rules=[{name: never, action: deny, field: payload, prefix: "\\u0000never"}]',
+)
 
 
-SYSTEMS = (Mrpc, MrpcNull)
+class MrpcRatelimit(Mrpc):
+    name = "mrpc-ratelimit"
+    summary = (
+        "mrpc with ratelimit on the client app (daemon A, send side) at a limit it never "
+        "reaches (10^8 tokens per second)"
+    )
+    has_bind_time = False
+    client_policy = ("ratelimit", RATELIMIT_NEVER)
+
+
+class MrpcAcl(Mrpc):
+    name = "mrpc-acl"
+    summary = (
+        "mrpc with acl on the client app (daemon A, send side): default allow, one deny rule "
+        "on the payload field that never matches"
+    )
+    has_bind_time = False
+    client_policy = ("acl", ACL_NEVER)
+
+
+SYSTEMS = (Mrpc, MrpcNull, MrpcRatelimit, MrpcAcl)
 SERVERS = {"mrpc": "bench.systems.mrpc_systems:serve_mrpc"}
