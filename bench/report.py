@@ -374,6 +374,70 @@ def memory_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+POLICY_SYSTEMS = ("mrpc", "mrpc-null", "mrpc-ratelimit", "mrpc-acl")
+POLICY_COLUMNS = (
+    # (header, workload, mode, conc, size, metric, unit)
+    ("p50 pinned", "latency", "pinned", 1, LATENCY_REQ, "p50", "µs"),
+    ("p50 scheduled", "latency", "scheduled", 1, LATENCY_REQ, "p50", "µs"),
+    (
+        f"rate c={RATE_TARGET_CONC}",
+        "rate",
+        "scheduled",
+        RATE_TARGET_CONC,
+        RATE_REQ,
+        "rate",
+        "RPC/s",
+    ),
+    (
+        f"CPU/RPC c={RATE_TARGET_CONC}",
+        "rate",
+        "scheduled",
+        RATE_TARGET_CONC,
+        RATE_REQ,
+        "cpu_us_per_rpc",
+        "µs",
+    ),
+    ("CPU/RPC pinned latency", "latency", "pinned", 1, LATENCY_REQ, "cpu_us_per_rpc", "µs"),
+)
+
+
+def _delta(mine: dict[str, float] | None, base: dict[str, float] | None, unit: str) -> str:
+    if mine is None or base is None or not base["median"]:
+        return ""
+    d = mine["median"] - base["median"]
+    pct = d / base["median"] * 100
+    if unit == "RPC/s":
+        return f"{pct:+.0f} %"
+    return f"{d:+,.{_digits(abs(d))}f} {unit} ({pct:+.0f} %)"
+
+
+def policy_table(results: dict[str, Any]) -> list[str]:
+    """The policy systems side by side, each figure with its change against plain mrpc."""
+    systems = results["systems"]
+    present = [n for n in POLICY_SYSTEMS if n in systems and systems[n].get("cases")]
+    if len(present) < 2 or "mrpc" not in present:
+        return []
+    base = systems["mrpc"]
+    lines = [
+        "| system | " + " | ".join(c[0] for c in POLICY_COLUMNS) + " |",
+        "|---|" + "---|" * len(POLICY_COLUMNS),
+    ]
+    for name in present:
+        cells = []
+        for _h, wl, mode, conc, size, key, unit in POLICY_COLUMNS:
+            mine = metric(find_case(systems[name], wl, mode, conc, 1, size), key)
+            if mine is None:
+                cells.append("—")
+                continue
+            cell = f"{fmt_auto(mine)} {unit}"
+            if name != "mrpc":
+                d = _delta(mine, metric(find_case(base, wl, mode, conc, 1, size), key), unit)
+                cell += f"<br>Δ {d}" if d else ""
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 BREAKDOWN_CASES = (
     ("latency", "pinned", 1, 1, LATENCY_REQ, "latency pinned"),
     ("rate", "scheduled", RATE_TARGET_CONC, 1, RATE_REQ, f"rate c={RATE_TARGET_CONC}"),
@@ -486,6 +550,20 @@ def markdown(results: dict[str, Any]) -> str:
         rate_table(results, "cpu_us_per_rpc"),
     )
     section("Latency under load (p50 µs, rate cases)", None, rate_table(results, "p50"))
+    policy = policy_table(results)
+    if policy:
+        section(
+            "Policy overhead",
+            (
+                "Each policy system against plain `mrpc` in this run (Δ: change of the "
+                "median; the [min–max] spreads show how much of it is noise). `mrpc-null`: the "
+                "no-op engine on both daemons, every app (send side); `mrpc-ratelimit`: "
+                "ratelimit at 10^8 tokens/s on the client app, daemon A, send side; "
+                "`mrpc-acl`: acl (default allow, one never-matching deny rule on `payload`) on "
+                "the client app, daemon A, send side. CPU is all processes, per RPC."
+            ),
+            policy,
+        )
     section(
         "Where the CPU goes (µs of CPU per RPC, by process)",
         "`+child` rows are processes forked by that process.",
