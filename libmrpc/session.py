@@ -14,6 +14,7 @@ released back to the daemon (batched) when the last view of them is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -148,6 +149,7 @@ class Session:
         self._bg_lock = threading.Lock()
         self._background = 0
         self._reader_wanted = threading.Event()
+        self._loop: Any = None  # an asyncio loop that drains completions itself
         self.spin = int(os.environ.get("MRPC_SPIN_US", "0")) / 1e6
         set_default_heap(self.send_heap)
         self._reader = threading.Thread(target=self._read_loop, name="mrpc-completions", daemon=True)
@@ -338,7 +340,8 @@ class Session:
                         self._daemon_gone("mrpcd closed the connection (daemon stopped or crashed)")
                         return
             finally:
-                complete.set_sleeping(False)
+                if self._loop is None or self._loop.is_closed():
+                    complete.set_sleeping(False)
             drain(efd)
 
     def _read_loop(self) -> None:
@@ -395,7 +398,11 @@ class Session:
                 self.replies.pop(call_id, None)
         if self._aio:
             pending, self._aio = self._aio, {}
+            here = _running_loop()
             for loop, items in pending.items():
+                if loop is here:
+                    _resolve_aio(items)  # we are the loop: no thread hand-off
+                    continue
                 try:
                     loop.call_soon_threadsafe(_resolve_aio, items)
                 except RuntimeError:
@@ -407,6 +414,40 @@ class Session:
                 call.bg = False
                 self._background -= 1
         call.finish(result, error)
+
+    def attach_loop(self, loop: Any) -> bool:
+        """Let ``loop`` drain completions itself (True if it is, or now is, attached).
+
+        One event loop at a time reads the completion eventfd with ``add_reader``;
+        its ``.aio`` calls then need neither the background thread nor a
+        cross-thread hand-off. While a loop is attached the ring's sleeping flag
+        stays set, so the daemon signals every completion batch.
+        """
+        current = self._loop
+        if current is loop:
+            return True
+        if current is not None and not current.is_closed():
+            return False
+        try:
+            loop.add_reader(self.regions.complete_efd, self._on_loop_readable)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return False
+        self._loop = loop
+        self.complete.set_sleeping(True)
+        return True
+
+    def _on_loop_readable(self) -> None:
+        drain(self.regions.complete_efd)
+        if not self._poll_lock.acquire(blocking=False):
+            return  # another leader is draining; it hands our results over
+        try:
+            while batch := self.complete.pop_batch(DESCRIPTOR, 256):
+                self._handle(batch)
+        except Exception as e:  # noqa: BLE001 - never let the loop's callback raise
+            log.exception("completion handling on the event loop failed")
+            self._daemon_gone(f"completion handling failed: {e}")
+        finally:
+            self._poll_lock.release()
 
     def add_aio(self, loop: Any, fut: Any, call: Call) -> None:
         """Resolve ``fut`` on ``loop`` when ``call`` completes (batched per loop)."""
@@ -448,6 +489,13 @@ class Session:
             self._ctl.close()
         except OSError:
             pass
+
+
+def _running_loop() -> Any:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve_aio(items: list[tuple[Any, Call]]) -> None:

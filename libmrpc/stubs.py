@@ -124,8 +124,9 @@ class UnaryUnaryMultiCallable:
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        call = self._start(request, timeout, background=True)
-        self._channel._session().add_aio(loop, fut, call)
+        session = self._channel._session()
+        call = self._start(request, timeout, background=not session.attach_loop(loop))
+        session.add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except TimeoutError:
