@@ -121,7 +121,9 @@ class Frontend(Engine):
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref,
                   deadline=deadline_ns / 1e9 if deadline_ns else None, created=self.ctx.clock.now(),
                   _state=TxCall(spec, binding, off))
-        rpc._view = _private_view(rpc, app, binding, info.request, self.max_message_size)
+        dp = app.datapath
+        if dp is not None and dp.content:  # only content policies need a private copy
+            rpc._view = _private_view(rpc, app, binding, info.request, self.max_message_size)
         self.tx_out.append(rpc)
 
     def _reply(self, token: int, status: int, off: int, length: int) -> None:
@@ -148,7 +150,7 @@ class Frontend(Engine):
                 reply.status = StatusCode.INTERNAL
                 reply.details = f"server app {app.name!r} replied with a record offset outside its heap"
                 reply._state.rec_off = 0
-            else:
+            elif app.datapath is not None and app.datapath.content:
                 reply._view = _private_view(reply, app, rx.binding, call.method.response if call.method
                                             else "", self.max_message_size)
         self.tx_out.append(reply)

@@ -34,6 +34,7 @@ class Datapath:
         self.app = app
         self.engines: list[Engine] = [frontend, transport]
         self.state = "active"  # active | upgrading | closed
+        self.content = False  # a policy reads message content (kept by insert/remove/replace)
         a, b = frontend, transport
         tx, rx = deque(), deque()
         a.bind(deque(), tx, rx, deque())  # the frontend's tx_in / rx_out are unused ends
@@ -52,7 +53,10 @@ class Datapath:
         return self.engines[1:-1]
 
     def reads_content(self) -> bool:
-        return any(e.READS_CONTENT for e in self.policies)
+        return self.content
+
+    def _update(self) -> None:
+        self.content = any(e.READS_CONTENT for e in self.policies)
 
     def insert(self, engine: Engine, index: int | None = None) -> None:
         """Splice ``engine`` in before position ``index`` (default: just before the transport)."""
@@ -68,6 +72,7 @@ class Datapath:
         a.tx_out = new_tx
         b.rx_out = new_rx
         self.engines.insert(index, engine)
+        self._update()
 
     def remove(self, engine: Engine) -> int:
         """Unsplice a policy; returns how many items it handed on."""
@@ -87,6 +92,7 @@ class Datapath:
         a.tx_out = engine.tx_out
         b.rx_out = engine.rx_out
         self.engines.pop(index)
+        self._update()
         return moved
 
     def replace(self, old: Engine, new: Engine) -> None:
@@ -94,6 +100,7 @@ class Datapath:
         index = self.engines.index(old)
         new.bind(old.tx_in, old.tx_out, old.rx_in, old.rx_out)
         self.engines[index] = new
+        self._update()
 
     def drain_all(self) -> list[Rpc]:
         """Take every item out of every deque and engine (teardown)."""

@@ -64,6 +64,7 @@ def _engine(cls, state, clock, poller=None, **services):
 def test_frontend_validates_and_forwards_calls(app_pair) -> None:
     state, app, _ = app_pair
     state.conns[1] = ConnSpec(1, "127.0.0.1", 9, 0)
+    state.datapath = SimpleNamespace(content=True)  # as if an ACL were attached
     fe = _engine(Frontend, state, MockClock())
     req = echo.EchoRequest.new(app.heap, payload=b"hi")
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 7, 0, 0, req._off, 0, 0)
