@@ -443,7 +443,7 @@ class Session:
         try:
             while batch := self.complete.pop_batch(DESCRIPTOR, 256):
                 self._handle(batch)
-        except Exception as e:  # noqa: BLE001 - never let the loop's callback raise
+        except Exception as e:
             log.exception("completion handling on the event loop failed")
             self._daemon_gone(f"completion handling failed: {e}")
         finally:

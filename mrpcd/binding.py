@@ -17,8 +17,8 @@ from types import ModuleType
 
 # Generated modules import these; importing them with the daemon keeps that
 # one-time cost (tens of ms without bytecode caches) out of the first bind.
-import libmrpc.marshal_rt  # noqa: F401
-import libmrpc.message  # noqa: F401
+import libmrpc.marshal_rt
+import libmrpc.message
 import libmrpc.stubs  # noqa: F401
 from libmrpc.codegen import load_cached, load_module
 from libmrpc.schema import cache_key_for, compile_texts

@@ -18,8 +18,16 @@ from libmrpc.control import open_control, recv_msg, request, send_msg
 from libmrpc.heap import Heap
 from libmrpc.ring import SUB_CALL, SUB_RELEASE
 from libmrpc.session import Call, get_session
-from libmrpc.wire import (CALL, ERROR, HELLO, HELLO_ACK, REPLY, FrameAssembler, encode_header,
-                          encode_json_frame)
+from libmrpc.wire import (
+    CALL,
+    ERROR,
+    HELLO,
+    HELLO_ACK,
+    REPLY,
+    FrameAssembler,
+    encode_header,
+    encode_json_frame,
+)
 from tests.integration.conftest import ROOT, Cluster
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")

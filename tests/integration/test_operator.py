@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-
-import pytest
 
 import libmrpc
 from libmrpc import StatusCode

@@ -147,7 +147,7 @@ def test_acl_send_side_denies_with_policy_and_rule_named(cluster: Cluster) -> No
 
 def test_acl_receive_side_server_never_sees_denied_calls(cluster: Cluster) -> None:
     a, b, stub = setup(cluster)
-    served = lambda: next(x for x in b.apps() if x["name"] == "server")["counters"]["served"]  # noqa: E731
+    served = lambda: next(x for x in b.apps() if x["name"] == "server")["counters"]["served"]
     b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-denylist.yaml"), "--app", "server",
           "--set", "rules=[{name: no-admin, action: deny, field: key, prefix: admin/}]")
     before = served()

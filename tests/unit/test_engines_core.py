@@ -15,16 +15,24 @@ from types import SimpleNamespace
 import pytest
 
 import libmrpc
+from engines.frontend import Frontend
+from engines.tcp import TcpTransport
 from libmrpc.heap import Heap
-from libmrpc.ring import (CMP_REPLY, DESCRIPTOR, SUB_CALL, RingConsumer, RingProducer)
+from libmrpc.ring import CMP_REPLY, DESCRIPTOR, SUB_CALL, RingConsumer, RingProducer
 from libmrpc.shm import ShmLayout, create_regions, map_app_regions
 from libmrpc.status import StatusCode
-from libmrpc.wire import CALL, HELLO, HELLO_ACK, REPLY, FrameAssembler, encode_header, encode_json_frame
+from libmrpc.wire import (
+    CALL,
+    HELLO,
+    HELLO_ACK,
+    REPLY,
+    FrameAssembler,
+    encode_header,
+    encode_json_frame,
+)
 from mrpcd.appstate import AppState, Binding, ConnSpec
 from mrpcd.engine import EngineContext, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
-from engines.frontend import Frontend
-from engines.tcp import TcpTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 echo = libmrpc.load_proto(ROOT / "schemas" / "echo.proto")
@@ -248,7 +256,7 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
 
 
 def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> None:
-    import engines.tcp_conn as tcp_conn
+    from engines import tcp_conn
     from engines.frontend import method_ref
     from mrpcd.appstate import TxCall
 

@@ -19,7 +19,7 @@ import click
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-import libmrpc  # noqa: E402
+import libmrpc
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 

@@ -19,8 +19,8 @@ import click
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-import libmrpc  # noqa: E402
-from libmrpc import RpcError, StatusCode  # noqa: E402
+import libmrpc
+from libmrpc import RpcError, StatusCode
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
