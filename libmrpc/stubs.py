@@ -25,10 +25,13 @@ class SchemaInfo:
     METHODS: list[Any]
     MESSAGES: dict[str, Any]
     SERVICES: dict[str, tuple[int, ...]]
+    MARSHAL: dict[str, Any]
+    VALIDATE: dict[str, Any]
 
     @classmethod
     def of(cls, ns: dict[str, Any]) -> SchemaInfo:
-        return cls(ns["SCHEMA_HASH"], ns["TEXTS"], ns["METHODS"], ns["MESSAGES"], ns["SERVICES"])
+        return cls(ns["SCHEMA_HASH"], ns["TEXTS"], ns["METHODS"], ns["MESSAGES"], ns["SERVICES"],
+                   ns["MARSHAL"], ns["VALIDATE"])
 
 
 class CallFuture:

@@ -1,0 +1,166 @@
+"""Test your handlers without daemons: an in-memory channel (like grpclib.testing).
+
+    from libmrpc.testing import channel_for
+
+    def test_echo():
+        with channel_for([MyEcho()]) as channel:
+            stub = echo.EchoStub(channel)
+            assert bytes(stub.Echo(echo.EchoRequest(payload=b"hi")).payload) == b"hi"
+
+Calls go through the same generated stubs, and each request and reply is
+marshalled and validated by the schema's real marshallers (as the daemons
+would), then handed over as a read-only received message — so a handler sees
+exactly what it would see in production, and a message that would not survive
+the wire fails here too. Handler errors become ``RpcError`` with the same
+status codes as through mrpcd. Sync, ``.future()`` and ``.aio`` calls work;
+``async def`` handlers are run to completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from libmrpc.heap import Heap
+from libmrpc.message import ReadOnlyOwner
+from libmrpc.server import ServicerContext, _takes_context
+from libmrpc.session import Call
+from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.stubs import SchemaInfo
+
+MAX_MESSAGE = 64 << 20
+
+
+def _wire(schema: SchemaInfo, type_name: str, msg: Any) -> Any:
+    """``msg`` as the receiving side would see it: marshalled, validated, read-only."""
+    heap = msg._owner.heap if hasattr(msg._owner, "heap") else None
+    if heap is None:  # a received (read-only) message: copy it into a scratch heap first
+        heap = Heap.private(max(1 << 20, 4 * MAX_MESSAGE // 64))
+        msg = schema.MESSAGES[type_name].from_pb(msg.to_pb(), heap=heap)
+    head, segs = schema.MARSHAL[type_name](heap.buf, msg._off, sys.maxsize, MAX_MESSAGE)
+    image = bytes(head) + b"".join(bytes(s) for s in segs)
+    view = memoryview(image)
+    schema.VALIDATE[type_name](view)
+    return schema.MESSAGES[type_name]._from_image(view, 0, ReadOnlyOwner(image))
+
+
+class _Session:
+    """Stands in for libmrpc.session.Session: answers calls in the caller's thread."""
+
+    def __init__(self, servicers: Iterable[Any]) -> None:
+        self.handlers: dict[tuple[str, int], Any] = {}
+        self.closed = False
+        for servicer in servicers:
+            for klass in type(servicer).__mro__:
+                schema = klass.__dict__.get("_MRPC_SCHEMA")
+                if schema is None:
+                    continue
+                for mid in schema.SERVICES[klass.__dict__["_MRPC_SERVICE"]]:
+                    fn = getattr(servicer, schema.METHODS[mid].name, None)
+                    if fn is not None and not getattr(fn, "_mrpc_unimplemented", False):
+                        self.handlers[(schema.SCHEMA_HASH, mid)] = fn
+                break
+            else:
+                raise TypeError(f"{type(servicer).__name__} does not derive from a generated Servicer")
+        self._schemas: dict[int, SchemaInfo] = {}
+        self._ids = iter(range(1, sys.maxsize))
+
+    def bind(self, schema: SchemaInfo) -> int:
+        slot = len(self._schemas)
+        for k, s in self._schemas.items():
+            if s is schema:
+                return k
+        self._schemas[slot] = schema
+        return slot
+
+    def open_conn(self, target: str, slot: int) -> int:
+        return slot
+
+    def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
+                   timeout: float | None, background: bool = False) -> Call:
+        schema = self._schemas[conn]
+        method = schema.METHODS[method_id]
+        call = Call(next(self._ids), None, response_cls, path)
+        deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
+        try:
+            received = _wire(schema, method.request, request)
+            fn = self.handlers.get((schema.SCHEMA_HASH, method_id))
+            if fn is None:
+                raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server")
+            ctx = ServicerContext(path, deadline_ns)
+            reply = fn(received, ctx) if _takes_context(fn) else fn(received)
+            if inspect.isawaitable(reply):
+                reply = _run(reply)
+            if ctx._code not in (None, StatusCode.OK):
+                raise RpcError(ctx._code, ctx._details)
+            if not isinstance(reply, response_cls):
+                raise RpcError(StatusCode.INTERNAL, f"handler of {path} returned {type(reply).__name__}, "
+                                                    f"expected {response_cls._FULL_NAME}")
+            call.finish(_wire(schema, method.response, reply), None)
+        except RpcError as e:
+            call.finish(None, e)
+        except WireError as e:
+            call.finish(None, RpcError(e.status, f"{path}: {e}"))
+        except Exception as e:  # noqa: BLE001 - a handler exception, as through mrpcd
+            call.finish(None, RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}"))
+        return call
+
+    def wait_call(self, call: Call, timeout: float | None) -> bool:
+        return call.done
+
+    def abandon(self, call: Call) -> None:
+        call.abandoned = True
+
+    def attach_loop(self, loop: Any) -> bool:
+        return True
+
+    def add_aio(self, loop: Any, fut: Any, call: Call) -> None:
+        if call.error is not None:
+            fut.set_exception(call.error)
+        else:
+            fut.set_result(call.result)
+
+
+def _run(coro: Any) -> Any:
+    """Run an async handler to completion, also from inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.update(r=asyncio.run(coro)))
+    t.start()
+    t.join()
+    return box["r"]
+
+
+class TestChannel:
+    """A channel whose calls are answered in memory by the given servicers."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, servicers: Iterable[Any]) -> None:
+        self.target = "in-memory"
+        self._fake = _Session(servicers)
+
+    def _session(self) -> Any:
+        return self._fake
+
+    def close(self) -> None:
+        self._fake.closed = True
+
+    def __enter__(self) -> TestChannel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def channel_for(servicers: Iterable[Any]) -> TestChannel:
+    """An in-memory channel serving ``servicers`` (generated ``<Service>Servicer`` subclasses)."""
+    return TestChannel(servicers)
