@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from libmrpc.status import ConfigError, StatusCode
+from libmrpc.status import ConfigError, StatusCode, WireError
 
 ENGINE_API_VERSION = 1
 
@@ -343,7 +343,15 @@ class PolicyEngine(Engine):
 
     def _decide(self, rpc: Rpc) -> None:
         self.counters["calls"] += 1
-        verdict = self.on_call(rpc) if self.matches(rpc) else Verdict.PASS
+        try:
+            verdict = self.on_call(rpc) if self.matches(rpc) else Verdict.PASS
+        except WireError as e:  # the message itself is malformed (an app's bad references)
+            verdict = Reject(e.status, f"{self.ctx.engine_id}: malformed request: {e}")
+        except Exception as e:  # a policy bug must fail this call, never lose it
+            self.ctx.log.exception("policy %s failed on call %s", self.ctx.engine_id, rpc.call_id)
+            verdict = Reject(StatusCode.INTERNAL, f"policy {self.ctx.engine_id} failed: {e!r}")
+            if not self.enforce:
+                verdict = Verdict.PASS
         if verdict is Verdict.PASS:
             self.counters["passed"] += 1
             self.release(rpc)
