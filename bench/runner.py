@@ -29,10 +29,11 @@ from typing import Any, Self
 
 from bench import procs, stats
 from bench.plan import MAX_CALLS, REPLY_SIZE, Case, Plan
-from bench.systems import StartContext, System, Unavailable, registry
+from bench.systems import EXPERIMENTS, WORKLOADS, StartContext, System, Unavailable, registry
 
 log = logging.getLogger(__name__)
 
+ALL_WORKLOADS = (*WORKLOADS, *EXPERIMENTS)
 READY_TIMEOUT_S = 90.0
 MAX_RESTARTS = 1
 PINNED_CPUS = (0,)
@@ -48,18 +49,33 @@ class Workers:
     def __init__(
         self, system: System, server_info: dict[str, Any], case: Case, log_dir: Path
     ) -> None:
-        self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
-        self.procs: list[procs.Proc] = []
-        cpus = PINNED_CPUS if case.mode == "pinned" else None
         config = {
             "driver": system.driver,
             "server": server_info,
             "case": {"conc": case.conc, "req_size": case.req_size},
         }
         safe = case.key.replace("/", "_")
-        for i in range(case.clients):
+        self._spawn(
+            [(f"client-{safe}-{i}", config) for i in range(case.clients)],
+            log_dir,
+            PINNED_CPUS if case.mode == "pinned" else None,
+        )
+
+    @classmethod
+    def of(
+        cls, specs: list[tuple[str, dict[str, Any]]], log_dir: Path, cpus: Any = None
+    ) -> Workers:
+        """Worker processes with different configs: ``(role, {"driver", "server", "case"})``."""
+        self = cls.__new__(cls)
+        self._spawn(specs, log_dir, cpus)
+        return self
+
+    def _spawn(self, specs: list[tuple[str, dict[str, Any]]], log_dir: Path, cpus: Any) -> None:
+        self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        self.procs: list[procs.Proc] = []
+        for i, (role, config) in enumerate(specs):
             p = procs.spawn(
-                f"client-{safe}-{i}",
+                role,
                 procs.python_argv("bench.worker", json.dumps(config)),
                 log_dir=log_dir,
                 cpus=cpus,
@@ -81,18 +97,25 @@ class Workers:
             except json.JSONDecodeError:
                 log.warning("worker %d said: %s", i, line[:200])
 
-    def send(self, obj: dict[str, Any]) -> None:
+    def send(self, obj: dict[str, Any], only: list[int] | None = None) -> None:
+        """Send a command to every worker (or to the workers numbered in ``only``)."""
         data = (json.dumps(obj) + "\n").encode()
-        for p in self.procs:
+        for i, p in enumerate(self.procs):
+            if only is not None and i not in only:
+                continue
             assert p.popen.stdin is not None
             p.popen.stdin.write(data)
             p.popen.stdin.flush()
 
-    def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
-        """One ``event`` from every worker, in worker order; CaseError otherwise."""
+    def expect(
+        self, event: str, timeout: float, only: list[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """One ``event`` from every worker (or those in ``only``), in worker order;
+        CaseError otherwise."""
         got: dict[int, dict[str, Any]] = {}
+        want = len(self.procs) if only is None else len(only)
         deadline = time.monotonic() + timeout
-        while len(got) < len(self.procs):
+        while len(got) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CaseError(f"timed out after {timeout:.0f}s waiting for {event!r}")
@@ -106,7 +129,7 @@ class Workers:
                 raise CaseError(f"client {i} failed:\n{obj.get('message', '')}")
             elif obj.get("event") == "eof":
                 raise CaseError(f"client {i} exited before {event!r}:\n{self.procs[i].log_tail()}")
-        return [got[i] for i in range(len(self.procs))]
+        return [got[i] for i in sorted(got)]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -295,10 +318,21 @@ def summarize_case(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_system(
-    cls: type[System], plan: Plan, out_dir: Path, scratch: Path, progress: Any
+    cls: type[System],
+    plan: Plan,
+    out_dir: Path,
+    scratch: Path,
+    progress: Any,
+    workloads: tuple[str, ...] = ALL_WORKLOADS,
 ) -> dict[str, Any]:
     system = cls()
     rec: dict[str, Any] = {"name": cls.name, "summary": cls.summary, "cases": []}
+    cases = plan.cases([w for w in cls.workloads if w in workloads])
+    experiments = [e for e in cls.experiments if e in workloads]
+    if not cases and not experiments:
+        rec.update(status="skipped", reason=f"runs none of {', '.join(workloads)}")
+        progress(f"{cls.name}: skipped: runs none of the selected workloads")
+        return rec
     try:
         system.check()
     except Unavailable as exc:
@@ -343,7 +377,7 @@ def run_system(
             server_info = system.start(ctx)
             return True
 
-        for case in plan.cases(cls.workloads):
+        for case in cases:
             if not restart_if_dead(f"before {case.key}"):
                 break
             c0 = time.monotonic()
@@ -363,8 +397,18 @@ def run_system(
                 progress(f"{cls.name}: giving up on the remaining cases")
                 rec["gave_up"] = "two cases in a row failed before measuring anything"
                 break
-        rec["extra"] = system.extra(ctx)
+        for name in experiments if not rec.get("gave_up") else ():
+            if not restart_if_dead(f"before the {name} workload"):
+                break
+            try:
+                exp = system.run_experiment(name, server_info, plan, ctx.log_dir, progress)
+            except Exception as exc:  # noqa: BLE001 - reported; the rest of the system goes on
+                exp = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                progress(f"{cls.name}: {name}: FAILED: {exc}")
+            rec.setdefault("experiments", {})[name] = exp
+        rec["extra"] = system.extra(ctx) if cases else {}
         failed = [c for c in rec["cases"] if "error" in c]
+        failed += [e for e in rec.get("experiments", {}).values() if "error" in e]
         rec["status"] = "ok" if not failed else "partial"
     except Unavailable as exc:
         rec.update(status="skipped", reason=str(exc))
@@ -441,7 +485,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def run(plan: Plan, names: list[str], out_dir: Path, progress: Any) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    names: list[str],
+    out_dir: Path,
+    progress: Any,
+    workloads: tuple[str, ...] = ALL_WORKLOADS,
+) -> dict[str, Any]:
     table = registry()
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -453,13 +503,16 @@ def run(plan: Plan, names: list[str], out_dir: Path, progress: Any) -> dict[str,
     results: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "plan": plan.to_json(),
+        "workloads": list(workloads),
         "machine": machine_info(),
         "systems": {},
     }
     scratch = Path(tempfile.mkdtemp(prefix="mrpc-bench-"))
     try:
         for name in names:
-            results["systems"][name] = run_system(table[name], plan, out_dir, scratch, progress)
+            results["systems"][name] = run_system(
+                table[name], plan, out_dir, scratch, progress, workloads
+            )
             _write(out_dir, results)  # keep partial results if a later system hangs
     finally:
         procs.stop_all()

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 from bench import procs
 
-WORKLOADS = ("latency", "rate", "goodput")
+WORKLOADS = ("latency", "rate", "goodput")  # the case workloads (bench/plan.py)
+EXPERIMENTS = ("qos",)  # whole-system experiments a System may implement (run_experiment)
 
 
 class Unavailable(Exception):
@@ -42,6 +43,7 @@ class System:
     summary: ClassVar[str]
     driver: ClassVar[str]  # "module:Class" of the client driver
     workloads: ClassVar[tuple[str, ...]] = WORKLOADS
+    experiments: ClassVar[tuple[str, ...]] = ()
     has_bind_time: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -62,6 +64,12 @@ class System:
     def extra(self, ctx: StartContext) -> dict[str, Any]:
         """System-specific measurements (mrpc: bind time); run after the workloads."""
         return {}
+
+    def run_experiment(
+        self, name: str, server_info: dict[str, Any], plan: Any, log_dir: Path, progress: Any
+    ) -> dict[str, Any]:
+        """Run experiment ``name`` (one of ``self.experiments``) after the cases."""
+        raise NotImplementedError(name)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

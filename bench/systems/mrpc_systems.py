@@ -257,6 +257,7 @@ class Mrpc(System):
     )
     driver = "bench.systems.mrpc_systems:MrpcClient"
     has_bind_time = True
+    experiments = ("qos",)
     policy: str | None = None  # attached on both daemons to every app (--all --future)
     # (engine, --set pairs): attached on daemon A to the client app, send side
     client_policy: tuple[str, tuple[str, ...]] | None = None
@@ -336,6 +337,14 @@ class Mrpc(System):
             "stats_after_first_call": [r.get("stats", {}) for r in stats_rows],
         }
 
+    def run_experiment(
+        self, name: str, server_info: dict[str, Any], plan: Any, log_dir: Path, progress: Any
+    ) -> dict[str, Any]:
+        from bench import qos
+
+        assert name == "qos"
+        return qos.run(self, server_info, plan, log_dir, progress)
+
     def extra(self, ctx: StartContext) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.policy_check is not None:
@@ -382,6 +391,7 @@ class MrpcNull(Mrpc):
     name = "mrpc-null"
     summary = "mrpc with the no-op policy engine attached on both daemons (policy overhead)"
     has_bind_time = False
+    experiments = ()
     policy = "null"
 
 
@@ -402,6 +412,7 @@ class MrpcRatelimit(Mrpc):
         "reaches (10^8 tokens per second)"
     )
     has_bind_time = False
+    experiments = ()
     client_policy = ("ratelimit", RATELIMIT_NEVER)
 
 
@@ -412,6 +423,7 @@ class MrpcAcl(Mrpc):
         "on the payload field that never matches"
     )
     has_bind_time = False
+    experiments = ()
     client_policy = ("acl", ACL_NEVER)
 
 
