@@ -82,6 +82,7 @@ class Runtime:
     def __init__(self, name: str, clock: Clock, *, spin_us: int = 50) -> None:
         self.name = name
         self.clock = clock
+        self.spin_us = spin_us
         self.spin = effective_spin(spin_us)
         self.engines: list[Engine] = []
         self.poller = Poller()
@@ -219,6 +220,7 @@ class Runtime:
         spin_until = 0.0
         timeout = 0.0
         armed = False
+        recheck = 0.0
         while not self._stop:
             self.rounds += 1
             n = self.poller.poll(timeout)
@@ -242,3 +244,6 @@ class Runtime:
                 continue
             self.sleeps += 1
             timeout = self._sleep_timeout()
+            if now >= recheck:  # someone may have pinned us (taskset) since we started
+                self.spin = effective_spin(self.spin_us)
+                recheck = now + 1.0
