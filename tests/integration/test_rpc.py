@@ -217,3 +217,48 @@ def test_several_server_apps_on_one_daemon_route_by_service(cluster: Cluster) ->
     # a second app cannot take a service that is already served
     dup = cluster.app("server_app.py", str(b.prefix), "--name", "dup", wait=False, name="dup")
     assert dup.proc.wait(30) != 0 and "ALREADY_EXISTS" in dup.proc.stderr.read()
+
+
+def test_remote_daemon_sigkill_mid_call_is_unavailable(cluster: Cluster) -> None:
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix))
+    fut = stub.Call.future(testing.Request(payload=b"x", sleep_ms=5000), timeout=30)
+    time.sleep(0.3)
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait()
+    t0 = time.monotonic()
+    with pytest.raises(RpcError) as e:
+        fut.result()
+    assert e.value.code() is StatusCode.UNAVAILABLE and b.listen in e.value.details()
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(RpcError) as e:  # and new calls fail fast too
+        stub.Call(testing.Request(payload=b"y"), timeout=10)
+    assert e.value.code() is StatusCode.UNAVAILABLE
+
+
+def test_local_daemon_sigkill_fails_calls_and_leaves_nothing(cluster: Cluster) -> None:
+    before = shm_listing()
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix))
+    assert stub.Call(testing.Request(payload=b"x"), timeout=10).served_by == "server"
+    fut = stub.Call.future(testing.Request(payload=b"x", sleep_ms=5000), timeout=30)
+    time.sleep(0.3)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    with pytest.raises(RpcError) as e:
+        fut.result()
+    assert e.value.code() is StatusCode.UNAVAILABLE and "mrpcd" in e.value.details()
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(payload=b"y"), timeout=10)
+    assert e.value.code() is StatusCode.UNAVAILABLE
+    assert shm_listing() == before
+    # the server side finishes the orphaned call and frees its memory
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        srv = b.apps()[0]
+        if srv["serving_calls"] == 0 and srv["recv_heap"]["used"] == 0:
+            break
+        time.sleep(0.1)
+    assert srv["serving_calls"] == 0 and srv["recv_heap"]["used"] == 0, srv
