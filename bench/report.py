@@ -618,6 +618,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"average during the measured windows (worst case `{load[2]}`: "
             f"{load[1] * 100:.0f} %): figures are disturbed, compare within this run"
         )
+    end = results.get("code_end")
+    if end and (end.get("commit"), end.get("dirty")) != (mach.get("commit"), mach.get("dirty")):
+        notes.append(
+            f"- the code changed during the run (shared working tree): HEAD "
+            f"`{mach.get('commit')}` → `{end.get('commit')}`, uncommitted changes outside "
+            f"bench/ at start {mach.get('dirty') or 'none'}, at end {end.get('dirty') or 'none'}; "
+            "systems started after the change ran the newer code"
+        )
+    elif mach.get("dirty"):
+        notes.append(f"- uncommitted changes outside bench/ during the run: {mach['dirty']}")
     if results.get("shm_leftovers"):
         notes.append(f"- left in /dev/shm after the run: {results['shm_leftovers']}")
     if notes:

@@ -464,25 +464,38 @@ def machine_info() -> dict[str, Any]:
         versions["envoy"] = sidecars.envoy_version()
     except Exception:  # noqa: BLE001
         versions["envoy"] = "missing"
-    commit = ""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=procs.REPO_ROOT,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     return {
         "cpus": len(procs.ALL_CPUS),
         "cpu_model": model,
         "kernel": platform.release(),
         "versions": versions,
-        "commit": commit,
+        **code_state(),
     }
+
+
+def code_state() -> dict[str, Any]:
+    """HEAD and the tracked files outside bench/ with uncommitted changes (the working
+    tree may be shared with other work: the code under test can change during a run)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args],
+                cwd=procs.REPO_ROOT,
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [
+        line[3:]
+        for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        if len(line) > 3 and not line[3:].startswith("bench/")
+    ]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "dirty": dirty[:20]}
 
 
 def run(
@@ -518,6 +531,13 @@ def run(
         procs.stop_all()
         shutil.rmtree(scratch, ignore_errors=True)
     results["seconds"] = time.monotonic() - t0
+    end = code_state()
+    results["code_end"] = end
+    if end != {k: results["machine"].get(k) for k in end}:
+        progress(
+            f"warning: the code changed during the run: {results['machine'].get('commit')} "
+            f"-> {end['commit']}, uncommitted outside bench/: {end['dirty'] or 'none'}"
+        )
     leftovers = sorted(procs.shm_entries() - shm_before)
     results["shm_leftovers"] = leftovers
     if leftovers:
