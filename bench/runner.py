@@ -37,6 +37,24 @@ ALL_WORKLOADS = (*WORKLOADS, *EXPERIMENTS)
 READY_TIMEOUT_S = 90.0
 MAX_RESTARTS = 1
 PINNED_CPUS = (0,)
+# mrpcd re-reads its CPU affinity at most once a second when its runtime goes to sleep
+# (it busy-polls only when it has more than one CPU), and sleeps at most 0.5 s: measure
+# only this long after the bench changed the affinity of server-side processes.
+AFFINITY_SETTLE_S = 1.6
+_affinity_changed = 0.0
+
+
+def _set_affinity(pids: dict[int, str], cpus: Any) -> None:
+    global _affinity_changed
+    procs.set_affinity_all_threads(pids, cpus)
+    _affinity_changed = time.monotonic()
+
+
+def _settle() -> None:
+    """Wait until server-side processes have had time to notice an affinity change."""
+    left = _affinity_changed + AFFINITY_SETTLE_S - time.monotonic()
+    if left > 0:
+        time.sleep(left)
 
 
 class CaseError(RuntimeError):
@@ -205,7 +223,8 @@ def run_case(
     """Run every repeat of one case; return its raw record."""
     server_pids = system.accounted()
     cpus = PINNED_CPUS if case.mode == "pinned" else sorted(procs.ALL_CPUS)
-    procs.set_affinity_all_threads(server_pids, cpus)
+    if case.mode == "pinned":
+        _set_affinity(server_pids, cpus)
     workers = Workers(system, server_info, case, log_dir)
     record: dict[str, Any] = {"case": case.to_json(), "runs": []}
     duration = plan.duration(case)
@@ -217,6 +236,7 @@ def run_case(
         server_pids = system.accounted()
         if case.mode == "pinned":  # threads a hook may have started
             procs.set_affinity_all_threads(server_pids, cpus)
+        _settle()
         for run in range(plan.runs):
             workers.send(
                 {
@@ -252,7 +272,7 @@ def run_case(
     finally:
         workers.close()
         if case.mode == "pinned":
-            procs.set_affinity_all_threads(system.accounted(), sorted(procs.ALL_CPUS))
+            _set_affinity(system.accounted(), sorted(procs.ALL_CPUS))
     record["summary"] = summarize_case(record)
     return record
 
