@@ -50,6 +50,8 @@ class Frontend(Engine):
         super().__init__(ctx, config)
         self.app: AppState = ctx.services["app"]
         self.max_message_size: int = ctx.services.get("max_message_size", 256 << 20)
+        tcp = ctx.services.get("tcp_config")
+        self.zero_copy_min: int = tcp.zero_copy_min if tcp is not None else 2048
         self.backlog: deque[Rpc] = deque()
         self._refs: dict[tuple[int, int], MethodRef] = {}
         self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0}
@@ -121,9 +123,11 @@ class Frontend(Engine):
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref,
                   deadline=deadline_ns / 1e9 if deadline_ns else None, created=self.ctx.clock.now(),
                   _state=TxCall(spec, binding, off))
-        dp = app.datapath
-        if dp is not None and dp.content:  # only content policies need a private copy
-            rpc._view = _private_view(rpc, app, binding, info.request, self.max_message_size)
+        try:
+            self._marshal(rpc, binding.module, info.request)
+        except WireError as e:
+            self.rx_in.append(rpc.error_reply(e.status, f"bad request for {info.path}: {e}"))
+            return
         self.tx_out.append(rpc)
 
     def _reply(self, token: int, status: int, off: int, length: int) -> None:
@@ -150,10 +154,35 @@ class Frontend(Engine):
                 reply.status = StatusCode.INTERNAL
                 reply.details = f"server app {app.name!r} replied with a record offset outside its heap"
                 reply._state.rec_off = 0
-            elif app.datapath is not None and app.datapath.content:
-                reply._view = _private_view(reply, app, rx.binding, call.method.response if call.method
-                                            else "", self.max_message_size)
+            else:
+                try:
+                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "")
+                except (WireError, KeyError) as e:
+                    reply.status = StatusCode.INTERNAL
+                    reply.details = f"server app {app.name!r} returned a malformed reply: {e}"
+                    reply._state.rec_off = 0
         self.tx_out.append(reply)
+
+    def _marshal(self, rpc: Rpc, module: Any, type_name: str) -> None:
+        """Marshal the message once, here, so every policy knows its size; the
+        transport sends exactly this. With a content policy attached the image is
+        a daemon-private copy (what a policy checks is what goes out), else bulk
+        fields stay zero-copy segments of the send heap. Raises WireError."""
+        st = rpc._state
+        dp = self.app.datapath
+        private = dp is not None and dp.content
+        head, segs = module.MARSHAL[type_name](
+            self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min,
+            self.max_message_size)
+        if private:
+            for seg in segs:  # a fully private image has none; be safe anyway
+                head += seg
+            segs = []
+            st.image = head
+            cls = module.MESSAGES[type_name]
+            rpc._view = lambda: cls._from_image(memoryview(head).toreadonly(), 0, st)
+        st.wire = (head, segs)
+        rpc.size = len(head) + sum(len(seg) for seg in segs)
 
     def _read_details(self, off: int, length: int) -> str:
         view = self.app.send_view
@@ -287,22 +316,6 @@ class Frontend(Engine):
         self.backlog.extend(state.get("backlog", ()))
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
-
-
-def _private_view(rpc: Rpc, app: AppState, binding: Any, type_name: str, max_size: int) -> Any:
-    """``Rpc.view`` for content policies: marshal once into daemon-private memory."""
-
-    def view() -> Any:
-        st = rpc._state
-        if st.image is None:
-            head, segs = binding.module.MARSHAL[type_name](app.send_view, st.rec_off, sys.maxsize, max_size)
-            for seg in segs:  # a fully private image has none; be safe anyway
-                head += seg
-            st.image = head
-        cls = binding.module.MESSAGES[type_name]
-        return cls._from_image(memoryview(st.image).toreadonly(), 0, st)
-
-    return view
 
 
 ENGINE = Frontend

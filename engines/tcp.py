@@ -151,7 +151,9 @@ class TcpTransport(Engine):
         if isinstance(conn, tuple):
             return self._fail(rpc, *conn)
         assert rpc.method is not None
-        if st.image is not None:
+        if st.wire is not None:
+            head, segs = st.wire
+        elif st.image is not None:
             head, segs = st.image, []
         else:
             try:
@@ -209,7 +211,9 @@ class TcpTransport(Engine):
             reclaim()
             return
         assert rpc.method is not None
-        if st.image is not None:
+        if st.wire is not None:
+            head, segs = st.wire
+        elif st.image is not None:
             head, segs = st.image, []
         else:
             try:

@@ -68,7 +68,8 @@ class TxCall:
     conn: ConnSpec
     binding: Binding
     rec_off: int
-    image: bytearray | None = None  # a private copy, made if a content policy looked
+    image: bytearray | None = None  # a private copy, made when a content policy is attached
+    wire: tuple[bytearray, list[memoryview]] | None = None  # the marshalled image (head, segments)
 
 
 @dataclass(eq=False, slots=True)
@@ -88,6 +89,7 @@ class TxReply:
     call: RxCall
     rec_off: int  # 0 for an error reply
     image: bytearray | None = None
+    wire: tuple[bytearray, list[memoryview]] | None = None
 
 
 class AppState:

@@ -222,6 +222,8 @@ def test_metrics_scraped_over_http_match_the_calls_made(cluster: Cluster) -> Non
     assert _metric(server, "grpc_server_handled_total", grpc_code="OK", **kw) == 37
     assert _metric(server, "grpc_server_handled_total", grpc_code="Unknown", **kw) == 5
     assert re.search(r'grpc_client_handling_seconds_count\{.*grpc_method="Call".*\} 42', client)
+    # request sizes are known on the send side (marshalled once, before the policies)
+    assert _metric(client, "mrpc_rpc_bytes_total", app="loadgen", direction="tx") >= 45 * 16
 
 
 def test_shadow_mode_passes_everything_and_counts(cluster: Cluster) -> None:
@@ -261,3 +263,19 @@ def test_all_future_and_startup_policies_apply_to_later_apps(cluster: Cluster) -
     assert bytes(stub.Call(testing.Request(payload=b"x"), timeout=10).payload) == b"x"
     (app,) = a.apps()
     assert [e["engine"] for e in app["datapath"]] == ["frontend", "null", "metrics", "tcp"]
+
+
+def test_qos_sees_message_sizes_on_the_send_side(cluster: Cluster) -> None:
+    a, _, stub = setup(cluster)
+    (eid,) = a.ctl("policy", "attach", "qos", "--app", "loadgen", "--set", "small_threshold=1024")["engine_ids"]
+
+    async def burst() -> None:
+        small = [stub.Call.aio(testing.Request(payload=b"s"), timeout=10) for _ in range(20)]
+        big = [stub.Call.aio(testing.Request(payload=b"b" * 32768), timeout=10) for _ in range(20)]
+        await asyncio.gather(*small, *big)
+
+    asyncio.run(burst())
+    stats = {e["engine_id"]: e["stats"] for app in a.ctl("stats")["apps"] for e in app["engines"]}
+    assert stats[eid]["calls"] == 40
+    # the 32 KiB calls are bulk, the one-byte ones priority (sizes were 0 here once)
+    assert stats[eid]["priority"] == 20 and stats[eid]["bulk"] == 20, stats[eid]
