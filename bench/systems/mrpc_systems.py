@@ -121,7 +121,9 @@ def serve_mrpc(args: argparse.Namespace, extra: list[str], ready: Callable[..., 
         def Echo(self, request: Any, context: Any) -> Any:
             return echo.EchoReply(payload=payload)
 
-    server = _make(libmrpc.Server, prefix=opts.prefix, name="bench-server")
+    # the echo handler never blocks: run it on the completion thread (like a grpc.aio
+    # handler on its loop) instead of handing each request to a thread pool
+    server = _make(libmrpc.Server, prefix=opts.prefix, name="bench-server", inline=True)
     server.add_servicer(Echo())
     server.start()
     ready({"prefix": opts.prefix})
