@@ -79,11 +79,11 @@ class Plan:
 
 # Every qos variant attaches qos on daemon A to both client apps (the latency app with
 # latency_sensitive=true) with the "bulk" settings; "receive" also attaches qos on daemon B to
-# the server app's receive side with those settings. small_threshold=0 on daemon A: the
-# frontend leaves a CALL's size at 0 on the send side, so with the default threshold every
-# bulk call would count as small (priority) and qos would never hold one ("qos defaults"
-# shows that). priority_window=50ms: the latency app calls every few ms, so priority stays
-# active and bulk calls wait max_delay each.
+# the server app's receive side with those settings. The time-based variants hold bulk calls
+# while priority traffic was seen within priority_window (50ms: the latency app calls every
+# few ms, so bulk calls wait max_delay each). The bulk_inflight variants are work-conserving:
+# they cap the bulk app's calls in flight downstream, so a latency call queues behind at most
+# that many bulk calls, and bulk keeps the pipe full.
 QOS_ALWAYS = ("small_threshold=0", "priority_window=50ms")
 QOS_DEFAULTS = {"name": "qos defaults", "bulk": []}
 QOS_A_1MS = {"name": "qos A, max_delay 1ms", "bulk": [*QOS_ALWAYS, "max_delay=1ms"]}
@@ -92,6 +92,13 @@ QOS_AB_1MS = {
     "name": "qos A + B receive, max_delay 1ms",
     "bulk": [*QOS_ALWAYS, "max_delay=1ms"],
     "receive": ["priority_window=50ms", "max_delay=1ms"],
+}
+QOS_CAP_8 = {"name": "qos A, bulk_inflight 8", "bulk": ["bulk_inflight=8"]}
+QOS_CAP_16 = {"name": "qos A, bulk_inflight 16", "bulk": ["bulk_inflight=16"]}
+QOS_AB_CAP_8 = {
+    "name": "qos A + B receive, bulk_inflight 8",
+    "bulk": ["bulk_inflight=8"],
+    "receive": ["bulk_inflight=8"],
 }
 
 FULL = Plan(
@@ -106,7 +113,7 @@ FULL = Plan(
     goodput_sizes=(8 * KIB, 64 * KIB, MIB, 8 * MIB),
     qos_runs=5,
     qos_duration=1.5,
-    qos_variants=(QOS_DEFAULTS, QOS_A_1MS, QOS_A_2MS, QOS_AB_1MS),
+    qos_variants=(QOS_DEFAULTS, QOS_A_1MS, QOS_AB_1MS, QOS_CAP_8, QOS_CAP_16, QOS_AB_CAP_8),
 )
 
 QUICK = Plan(
@@ -121,5 +128,5 @@ QUICK = Plan(
     goodput_sizes=(64 * KIB, 8 * MIB),
     qos_runs=3,
     qos_duration=1.5,
-    qos_variants=(QOS_A_1MS, QOS_AB_1MS),
+    qos_variants=(QOS_A_1MS, QOS_CAP_8, QOS_CAP_16),
 )

@@ -20,7 +20,14 @@ bytes or its app is ``latency_sensitive``; otherwise *bulk*.
    traffic does; with more than ``max_held`` held the oldest is released early.
 
 So bulk waits only while latency-sensitive traffic is (recently) active, never
-more than ``max_delay``. ``next_timer()`` is the earlier of the oldest call's
+more than ``max_delay``.
+
+In-flight cap (``bulk_inflight: N``, work-conserving; replaces steps 2-5): bulk
+calls are admitted while fewer than N released bulk calls of this app await
+their replies; the rest wait here, in order, and each reply (or error) admits
+the next. Downstream queues (sockets, the peer daemon, the server's ring) then
+never hold more than N bulk calls of this app, so a latency-sensitive call
+overtakes all but N of them, while bulk keeps the pipe full. ``next_timer()`` is the earlier of the oldest call's
 ``max_delay`` and the end of the priority window (``now`` if a budgeted turn is
 due). ``flush()`` releases every held call; ``decompose()`` carries them over.
 Shadow mode (``enforce: false``) counts ``would_hold`` and forwards.
@@ -44,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "priority_window": 0.001,  # seconds priority counts as active after a priority call
     "max_delay": 0.002,  # seconds a bulk call may be held at most
     "max_held": 10_000,  # bulk calls held at most per app
+    "bulk_inflight": None,  # cap on this app's bulk calls in flight downstream (None: time-based)
 }
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 _SLACK = 1e-9  # seconds: float rounding must not make a timer fire a hair too early
@@ -75,6 +83,7 @@ class Qos(PolicyEngine):
                               "released_overdue": 0, "flushed": 0, "overflow": 0})
         self.hold_seconds = 0.0  # total time bulk calls spent held
         self._held: deque[tuple[Rpc, float]] = deque()  # (call, clock time held)
+        self._out: set[int] = set()  # bulk calls released and not answered yet (bulk_inflight)
         self.scheduler = self._join(ctx.runtime_local)
 
     @staticmethod
@@ -105,6 +114,10 @@ class Qos(PolicyEngine):
         out["latency_sensitive"] = sensitive
         for key in ("priority_window", "max_delay"):
             out[key] = _duration(key, config.get(key, DEFAULTS[key]))
+        cap = config.get("bulk_inflight", None)
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"{cls.NAME}: bulk_inflight: expected an integer >= 1 or null, got {cap!r}")
+        out["bulk_inflight"] = cap
         return out
 
     # ------------------------------------------------------------------ decisions
@@ -117,7 +130,13 @@ class Qos(PolicyEngine):
             self.scheduler.last_priority = now
             return Verdict.PASS
         self.counters["bulk"] += 1
-        if not self._held and not priority_active(self.scheduler, now, c["priority_window"]):
+        cap = c["bulk_inflight"]
+        if cap is not None:
+            if not self._held and len(self._out) < cap:
+                self._out.add(rpc.call_id)
+                self.counters["bulk_direct"] += 1
+                return Verdict.PASS
+        elif not self._held and not priority_active(self.scheduler, now, c["priority_window"]):
             self.counters["bulk_direct"] += 1
             return Verdict.PASS
         if not self.enforce:
@@ -127,6 +146,10 @@ class Qos(PolicyEngine):
             self._release_head(now, "overflow")
         self._held.append((rpc, now))
         return Verdict.HOLD
+
+    def on_reply(self, rpc: Rpc) -> None:
+        if self._out:
+            self._out.discard(rpc.call_id)  # its slot is free (reply or error alike)
 
     def do_work(self) -> int:
         n = super().do_work()
@@ -140,6 +163,13 @@ class Qos(PolicyEngine):
 
     def _release(self, now: float) -> int:
         n = 0
+        cap = self.config["bulk_inflight"]
+        if cap is not None:
+            while self._held and len(self._out) < cap:
+                self._out.add(self._held[0][0].call_id)
+                self._release_head(now, "released")
+                n += 1
+            return n
         max_delay = self.config["max_delay"]
         while self._held and now + _SLACK >= self._held[0][1] + max_delay:
             self._release_head(now, "released_overdue")
@@ -160,8 +190,8 @@ class Qos(PolicyEngine):
         return n
 
     def next_timer(self) -> float | None:
-        if not self._held:
-            return None
+        if not self._held or self.config["bulk_inflight"] is not None:
+            return None  # the cap mode is driven by replies, not by time
         now = self.ctx.clock.now()
         window_end = self.scheduler.last_priority + self.config["priority_window"]
         return max(now, min(self._held[0][1] + self.config["max_delay"], window_end))
@@ -171,19 +201,21 @@ class Qos(PolicyEngine):
     def statistics(self) -> dict[str, int | float]:
         stats: dict[str, int | float] = dict(self.counters)
         stats["held_now"] = len(self._held)
+        stats["bulk_in_flight"] = len(self._out)
         stats["hold_seconds"] = self.hold_seconds
         return stats
 
     def decompose(self) -> dict[str, Any]:
         """Counters and held calls (a snapshot: this engine is unchanged)."""
         return {"counters": dict(self.counters), "hold_seconds": self.hold_seconds,
-                "held": [[rpc, since] for rpc, since in self._held]}
+                "held": [[rpc, since] for rpc, since in self._held], "out": sorted(self._out)}
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt a predecessor's state, replacing (not merging) the held calls."""
         super().load_state(state, prev_version)
         self.hold_seconds = float(state.get("hold_seconds", 0.0))
         self._held = deque((rpc, float(since)) for rpc, since in state.get("held", []))
+        self._out = set(state.get("out", ()))
 
     def close(self) -> None:
         self.scheduler.instances -= 1

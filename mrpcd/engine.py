@@ -322,7 +322,9 @@ class PolicyEngine(Engine):
         return Verdict.PASS
 
     def on_reply(self, rpc: Rpc) -> None:
-        """Observe a reply (or error) on its way; it is always forwarded."""
+        """Observe the reply (or error) to a call of this side (send side: replies
+        coming back to the app; receive side: the app's replies going out); it is
+        always forwarded."""
 
     def matches(self, rpc: Rpc) -> bool:
         want = self.ctx.method
@@ -377,7 +379,7 @@ class PolicyEngine(Engine):
             if send and rpc.kind is RpcKind.CALL:
                 self._decide(rpc)
             else:
-                if rpc.kind is RpcKind.REPLY:
+                if not send and rpc.kind is RpcKind.REPLY:  # answers a call this side decided on
                     self.on_reply(rpc)
                 tx_out.append(rpc)
         while rx_in:
@@ -386,7 +388,7 @@ class PolicyEngine(Engine):
             if not send and rpc.kind is RpcKind.CALL:
                 self._decide(rpc)
             else:
-                if rpc.kind is RpcKind.REPLY:
+                if send and rpc.kind is RpcKind.REPLY:
                     self.on_reply(rpc)
                 rx_out.append(rpc)
         return n

@@ -42,7 +42,7 @@ def test_valid_engine_and_defaults() -> None:
     assert Qos.validate_config({}) == {
         "enforce": True, "small_threshold": 4096, "latency_sensitive": False,
         "bulk_budget_bytes": 262144, "priority_window": 0.001, "max_delay": 0.002,
-        "max_held": 10_000}
+        "max_held": 10_000, "bulk_inflight": None}
     assert Qos.validate_config({"max_delay": "5ms", "priority_window": "500us"})["max_delay"] \
         == pytest.approx(0.005)
 
@@ -234,3 +234,52 @@ def test_decompose_restore_hands_over_held_calls_once() -> None:
     fresh.do_work()
     assert wb.ids("tx_out") == [1, 2, 3] and fresh.flush() == 0
     assert fresh.statistics()["hold_seconds"] == pytest.approx(0.006)
+
+
+# ---------------------------------------------------------------- bulk_inflight (in-flight cap)
+
+
+def test_bulk_inflight_caps_calls_in_flight_and_replies_admit_more() -> None:
+    from collections import deque as _dq
+
+    from engines.qos import Qos
+    from mrpcd.engine import EngineContext, MethodRef, MockClock, Rpc, RpcKind, Side
+
+    clock = MockClock()
+    eng = Qos(EngineContext("bulk/qos-1", "bulk", 1, clock, side=Side.SEND),
+              {"bulk_inflight": 2, "small_threshold": 100})
+    tx_in, tx_out, rx_in, rx_out = _dq(), _dq(), _dq(), _dq()
+    eng.bind(tx_in, tx_out, rx_in, rx_out)
+    m = MethodRef(0, "s.S", "M", "/s.S/M", "s.A", "s.B")
+    for i in range(5):
+        tx_in.append(Rpc(RpcKind.CALL, "bulk", 1, i, m, size=32768))
+    tx_in.append(Rpc(RpcKind.CALL, "bulk", 1, 99, m, size=10))  # small: never waits
+    eng.do_work()
+    assert [r.call_id for r in tx_out] == [0, 1, 99]
+    assert eng.next_timer() is None  # driven by replies, not by time
+    clock.advance(10.0)
+    eng.do_work()
+    assert len(tx_out) == 3  # no time-based release in cap mode
+    rx_in.append(Rpc(RpcKind.REPLY, "bulk", 1, 0, m))
+    eng.do_work()
+    assert [r.call_id for r in tx_out] == [0, 1, 99, 2] and [r.call_id for r in rx_out] == [0]
+    state = eng.decompose()
+    fresh = Qos.restore(eng.ctx, eng.config, state, Qos.VERSION)
+    fresh.bind(tx_in, tx_out, rx_in, rx_out)
+    rx_in.extend(Rpc(RpcKind.REPLY, "bulk", 1, i, m) for i in (1, 2))
+    fresh.do_work()
+    assert [r.call_id for r in tx_out] == [0, 1, 99, 2, 3, 4]
+    assert fresh.statistics()["bulk_in_flight"] == 2 and fresh.statistics()["held_now"] == 0
+
+
+def test_bulk_inflight_validation() -> None:
+    import pytest as _pt
+
+    from engines.qos import Qos
+    from libmrpc.status import ConfigError
+
+    assert Qos.validate_config({})["bulk_inflight"] is None
+    assert Qos.validate_config({"bulk_inflight": 16})["bulk_inflight"] == 16
+    for bad in (0, -1, True, "8"):
+        with _pt.raises(ConfigError, match="bulk_inflight"):
+            Qos.validate_config({"bulk_inflight": bad})
