@@ -126,7 +126,7 @@ QUICK = Plan(
     rate_concs=(1, 64),
     rate_two_client_concs=(64,),
     goodput_sizes=(64 * KIB, 8 * MIB),
-    qos_runs=3,
+    qos_runs=2,
     qos_duration=1.5,
-    qos_variants=(QOS_A_1MS, QOS_CAP_8, QOS_CAP_16),
+    qos_variants=(QOS_CAP_16,),
 )

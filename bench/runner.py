@@ -37,10 +37,10 @@ ALL_WORKLOADS = (*WORKLOADS, *EXPERIMENTS)
 READY_TIMEOUT_S = 90.0
 MAX_RESTARTS = 1
 PINNED_CPUS = (0,)
-# mrpcd re-reads its CPU affinity at most once a second when its runtime goes to sleep
-# (it busy-polls only when it has more than one CPU), and sleeps at most 0.5 s: measure
-# only this long after the bench changed the affinity of server-side processes.
-AFFINITY_SETTLE_S = 1.6
+# mrpcd re-reads its CPU affinity (it busy-polls only with more than one CPU) whenever its
+# runtime goes to sleep, at most every 0.1 s; the first call of a case wakes it, so the
+# new affinity applies within the warm-up: wait only this long after changing it.
+AFFINITY_SETTLE_S = 0.3
 _affinity_changed = 0.0
 
 

@@ -246,4 +246,4 @@ class Runtime:
             timeout = self._sleep_timeout()
             if now >= recheck:  # someone may have pinned us (taskset) since we started
                 self.spin = effective_spin(self.spin_us)
-                recheck = now + 1.0
+                recheck = now + 0.1
