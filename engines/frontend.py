@@ -38,10 +38,6 @@ MAX_DETAILS = 16 * 1024
 BATCH = 256
 
 
-def method_ref(info: Any) -> MethodRef:
-    return MethodRef(info.id, info.service, info.name, info.path, info.request, info.response)
-
-
 class Frontend(Engine):
     NAME = "frontend"
     VERSION = 1
@@ -119,7 +115,7 @@ class Frontend(Engine):
         app.counters["calls"] += 1
         ref = self._refs.get((spec.slot, method_id))
         if ref is None:
-            ref = self._refs[(spec.slot, method_id)] = method_ref(info)
+            ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref,
                   deadline=deadline_ns / 1e9 if deadline_ns else None, created=self.ctx.clock.now(),
                   _state=TxCall(spec, binding, off))

@@ -39,11 +39,12 @@ from libmrpc.wire import (
     REPLY,
     FrameHeader,
     decode_json_body,
+    encode_error,
     encode_header,
     encode_json_frame,
 )
 from mrpcd.appstate import AppState, ConnSpec, Landed, RxCall, TxCall, TxReply
-from mrpcd.engine import Engine, EngineContext, Rpc, RpcKind
+from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
 
 log = logging.getLogger(__name__)
 FAILED_RETRY = 1.0  # seconds a failed connection keeps failing calls fast before a retry
@@ -59,8 +60,7 @@ def _free_landed(app: AppState, landed: Landed | None) -> None:
 
 
 def _send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> None:
-    body = details.encode()[:16384]
-    conn.queue([encode_header(ERROR, call_id=wire_id, status=int(code), body_len=len(body)), body])
+    conn.queue(encode_error(wire_id, code, details))
 
 
 class TcpTransport(Engine):
@@ -500,9 +500,7 @@ class TcpIngress(Engine):
             return
         now = self.ctx.clock.now()
         token = app.next_token()
-        from engines.frontend import method_ref
-
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, method_ref(method),
+        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
                   deadline=now + header.aux / 1e6 if header.aux else None, size=header.body_len,
                   created=now, _state=RxCall(conn, header.call_id, binding, landed))
         cls = binding.module.MESSAGES[method.request]

@@ -204,6 +204,13 @@ class Session:
             if self.submit.consumer_sleeping():
                 notify(self.regions.submit_efd)
 
+    def _hand_back_releases(self) -> None:
+        """Post pending RELEASE descriptors now; wake the daemon if it sleeps."""
+        with self._submit_lock:
+            self._flush_releases()
+            if self.submit.consumer_sleeping():
+                notify(self.regions.submit_efd)
+
     def _flush_releases(self) -> None:
         releases = self._releases
         while releases:
@@ -313,10 +320,7 @@ class Session:
                     return
                 continue
             if self._releases:
-                with self._submit_lock:
-                    self._flush_releases()
-                    if self.submit.consumer_sleeping():
-                        notify(self.regions.submit_efd)
+                self._hand_back_releases()
             if call is None and not self.needs_reader():
                 return
             if self.spin:
@@ -352,10 +356,7 @@ class Session:
                     self._reader_wanted.wait(RELEASE_PERIOD)
                     self._reader_wanted.clear()
                     if self._releases:  # batched releases of dropped replies
-                        with self._submit_lock:
-                            self._flush_releases()
-                            if self.submit.consumer_sleeping():
-                                notify(self.regions.submit_efd)
+                        self._hand_back_releases()
                     continue
                 with self._poll_lock:
                     self._lead(None, None)

@@ -77,6 +77,12 @@ def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
     return FrameHeader(ftype, status, flags, call_id, method, body_len, aux)
 
 
+def encode_error(call_id: int, status: int, details: str) -> list[bytes]:
+    """An ERROR frame answering ``call_id`` (details cut to 16 KiB), as buffers to send."""
+    body = details.encode()[:16384]
+    return [encode_header(ERROR, call_id=call_id, status=int(status), body_len=len(body)), body]
+
+
 def encode_json_frame(ftype: int, obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return encode_header(ftype, body_len=len(body)) + body

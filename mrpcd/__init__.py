@@ -1,0 +1,3 @@
+"""mrpcd: the mrpc daemon."""
+
+VERSION = "0.1.0"

@@ -142,8 +142,7 @@ class AppState:
             "inflight_calls": len(self.inflight), "serving_calls": len(self.server_calls),
             "datapath": dp.describe() if dp else [],
             "runtime": self.runtime.name if self.runtime else None,
-            "recv_heap": self.recv_heap.statistics().__dict__ if hasattr(
-                self.recv_heap.statistics(), "__dict__") else _stats(self.recv_heap),
+            "recv_heap": _stats(self.recv_heap),
             "counters": dict(self.counters),
         }
 

@@ -24,17 +24,17 @@ from typing import Any
 from libmrpc.control import error_reply, peer_credentials, recv_msg, send_msg
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
-from libmrpc.wire import ERROR, encode_header
+from libmrpc.wire import encode_error
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache
+from mrpcd import VERSION
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.datapath import Datapath
-from mrpcd.engine import EngineContext, MonotonicClock, Rpc, RpcKind, Side
+from mrpcd.engine import EngineContext, MonotonicClock, Rpc
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 def _unix_listener(path: Path, mode: int, group: str | None = None) -> socket.socket:
@@ -251,7 +251,7 @@ class Daemon:
                     if op == "register":
                         if app is not None:
                             raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
-                        app, reply_fds = self._register(sock, msg, pid, uid)
+                        app = self._register(sock, msg, pid, uid)
                         continue
                     if app is None:
                         raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
@@ -273,7 +273,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ app lifecycle
 
-    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int) -> tuple[AppState, None]:
+    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int) -> AppState:
         if self.draining or self._stopping.is_set():
             raise RpcError(StatusCode.UNAVAILABLE, "mrpcd is shutting down; retry against the new daemon")
         name = str(msg.get("name") or f"pid{pid}")[:64]
@@ -307,7 +307,7 @@ class Daemon:
         finally:
             regions.close_fds()
         log.info("app %r (pid %d, uid %d) registered as #%d on %s", name, pid, uid, app_id, runtime.name)
-        return app, None
+        return app
 
     def _app_op(self, app: AppState, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
         if op == "bind_schema":
@@ -404,9 +404,7 @@ class Daemon:
             if isinstance(st, TxReply):
                 st = st.call
             if isinstance(st, RxCall) and not st.origin.closed:
-                body = gone.encode()
-                st.origin.queue([encode_header(ERROR, call_id=st.wire_id, status=int(StatusCode.UNAVAILABLE),
-                                               body_len=len(body)), body])
+                st.origin.queue(encode_error(st.wire_id, StatusCode.UNAVAILABLE, gone))
                 st.origin.flush()
         for engine in dp.engines:
             try:
@@ -434,5 +432,3 @@ class Daemon:
             return apps
         return [a for a in apps if a.name == selector or str(a.pid) == selector or f"#{a.app_id}" == selector]
 
-
-_ = (RpcKind, Side)  # re-exported names used by operator commands

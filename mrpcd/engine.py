@@ -103,6 +103,11 @@ class MethodRef:
     request: str  # full request message name
     response: str  # full response message name
 
+    @classmethod
+    def of(cls, info: Any) -> MethodRef:
+        """From a generated schema's MethodInfo."""
+        return cls(info.id, info.service, info.name, info.path, info.request, info.response)
+
 
 @dataclass(eq=False, slots=True)
 class Rpc:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from libmrpc.control import error_reply
 from libmrpc.status import MrpcError, RpcError, StatusCode
+from mrpcd import VERSION
 
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
@@ -107,7 +108,7 @@ class OperatorHandler:
     def op_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         d = self.daemon
         return {
-            "pid": os.getpid(), "version": d.__class__.__module__ and __import__("mrpcd.daemon").daemon.VERSION,
+            "pid": os.getpid(), "version": VERSION,
             "listen": d.listen_addr, "prefix": str(d.prefix), "uptime_s": round(time.time() - d.started, 3),
             "apps": len(d.apps), "draining": d.draining, "transport": d.config.transport,
             "runtimes": [{"name": rt.name, "engines": len(rt.engines), "rounds": rt.rounds,

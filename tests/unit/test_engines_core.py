@@ -31,7 +31,7 @@ from libmrpc.wire import (
     encode_json_frame,
 )
 from mrpcd.appstate import AppState, Binding, ConnSpec
-from mrpcd.engine import EngineContext, MockClock, Rpc, RpcKind
+from mrpcd.engine import EngineContext, MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,13 +149,12 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
     try:
         state.conns[1] = ConnSpec(1, "127.0.0.1", peer.port, 0)
         tcp = _engine(TcpTransport, state, clock, poller)
-        from engines.frontend import method_ref
         from mrpcd.appstate import TxCall
 
         for i in range(10):
             req = echo.EchoRequest.new(app.heap, payload=b"call %d" % i)
             app.keep = getattr(app, "keep", []) + [req]
-            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, method_ref(echo.METHODS[0]),
+            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, MethodRef.of(echo.METHODS[0]),
                                  _state=TxCall(state.conns[1], binding, req._off)))
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
         hello = [b for h, b in peer.frames if h.type == HELLO]
@@ -189,7 +188,6 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
 
 def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
     state, app, binding = app_pair
-    from engines.frontend import method_ref
     from mrpcd.appstate import TxCall
 
     probe = socket.create_server(("127.0.0.1", 0))
@@ -199,7 +197,7 @@ def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
     poller = Poller()
     tcp = _engine(TcpTransport, state, MockClock(), poller)
     req = echo.EchoRequest.new(app.heap, payload=b"x")
-    tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, 1, method_ref(echo.METHODS[0]),
+    tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, 1, MethodRef.of(echo.METHODS[0]),
                          _state=TxCall(state.conns[1], binding, req._off)))
     for _ in range(100):
         tcp.do_work()
@@ -257,7 +255,6 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
 
 def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> None:
     from engines import tcp_conn
-    from engines.frontend import method_ref
     from mrpcd.appstate import TxCall
 
     state, app, binding = app_pair
@@ -281,7 +278,7 @@ def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> Non
         big = b"z" * 10000  # above zero_copy_min: a scatter-gather segment from the send heap
         reqs = [echo.EchoRequest.new(app.heap, payload=big) for _ in range(10)]
         for i, req in enumerate(reqs):
-            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, method_ref(echo.METHODS[0]),
+            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, MethodRef.of(echo.METHODS[0]),
                                  _state=TxCall(state.conns[1], binding, req._off)))
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
         # the handshake and all ten calls (header, record, zero-copy segment each) in one sendmsg
