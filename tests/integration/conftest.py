@@ -168,3 +168,85 @@ def cluster() -> Iterator[Cluster]:
 
 def shm_listing() -> set[str]:
     return set(os.listdir("/dev/shm"))
+
+
+# --------------------------------------------------------------------------- other Unix users
+
+
+class User:
+    """A real second Unix user (created with useradd, removed at session end)."""
+
+    def __init__(self, name: str) -> None:
+        import pwd
+
+        pw = pwd.getpwnam(name)
+        self.name, self.uid, self.gid = name, pw.pw_uid, pw.pw_gid
+
+    @property
+    def python(self) -> list[str]:
+        """A Python this user may execute, with the project and its dependencies importable.
+
+        The test interpreter may live under a home directory other users cannot
+        enter (pyenv under /root); the system Python of the same minor version
+        loads the same site-packages then.
+        """
+        return [_python_for_others()]
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        import site
+
+        paths = [str(ROOT), *site.getsitepackages()]
+        env = {**os.environ, "HOME": "/", "USER": self.name, "PYTHONPATH": os.pathsep.join(paths), **extra}
+        env.pop("XDG_RUNTIME_DIR", None)
+        return env
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` as this user (no supplementary groups), cwd the repository."""
+        kw.setdefault("cwd", ROOT)
+        env = self._env(kw.pop("env", {}))
+        return subprocess.Popen(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, **kw)
+
+    def run(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 60)
+        kw.setdefault("cwd", ROOT)
+        env = self._env(kw.pop("env", {}))
+        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, **kw)
+
+
+def _python_for_others() -> str:
+    """sys.executable if every directory above it is world-searchable, else the
+    system python3.X of the same minor version."""
+    real = Path(os.path.realpath(sys.executable))
+    if all(os.stat(p).st_mode & 0o001 for p in real.parents):
+        return sys.executable
+    candidate = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if candidate.exists():
+        return str(candidate)
+    pytest.skip(f"no Python that another user may run ({real} is under a private directory)")
+
+
+def _ensure_user(name: str) -> User:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip("creating a second Unix user needs root")
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+    return User(name)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> User:
+    """A second, unprivileged Unix user ("mrpc-eve") for cross-user tests."""
+    return _ensure_user("mrpc-eve")
+
+
+@pytest.fixture(scope="session")
+def third_user() -> User:
+    """A third unprivileged Unix user ("mrpc-mallory")."""
+    return _ensure_user("mrpc-mallory")
