@@ -35,6 +35,7 @@ from libmrpc.ring import (
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
+    CMPF_DUPLICATE,
     DESCRIPTOR,
     SUB_CALL,
     SUB_RELEASE,
@@ -367,7 +368,12 @@ class Session:
 
     def _handle(self, batch: list[tuple[int, ...]]) -> None:
         calls, recv = self.calls, self.recv_view
-        for kind, _flags, status, _conn, call_id, method, aux, off, length, deadline_ns in batch:
+        for kind, flags, status, _conn, call_id, method, aux, off, length, deadline_ns in batch:
+            if kind == CMP_REPLY and flags & CMPF_DUPLICATE:  # not the outcome of call_id
+                if length:
+                    self._releases.append(off)
+                log.error("mrpcd refused a second call with id %d (a libmrpc bug?)", call_id)
+                continue
             if kind == CMP_REPLY:
                 call = calls.pop(call_id, None)
                 if status == 0:
