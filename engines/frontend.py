@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from libmrpc.heap import HeapExhausted
+from libmrpc.marshal_rt import TooBig
 from libmrpc.ring import (
     CMP_RECLAIM,
     CMP_REPLY,
@@ -39,7 +40,6 @@ from libmrpc.ring import (
     SUB_REPLY,
     RingCorrupted,
 )
-from libmrpc.marshal_rt import TooBig
 from libmrpc.shm import drain
 from libmrpc.status import StatusCode, WireError
 from mrpcd.admission import Admission, app_deadline, deadline_field
