@@ -8,6 +8,8 @@ bound (daemon RSS from /proc, the client's rate and errors, answer times).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
 import time
 from pathlib import Path
@@ -185,3 +187,28 @@ def test_millions_of_shared_references_fail_fast(cluster: Cluster) -> None:
     assert "limits.marshal_work" in r["details"]["RESOURCE_EXHAUSTED"]
     assert r["answer_ms"] < 1000
     assert box["r"]["errors"] == 0 and box["r"]["worst_ms"] < 2000
+
+
+def test_a_server_app_that_never_reads_gets_no_unbounded_queue(cluster: Cluster) -> None:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b", config="limits: {calls_in_flight: 256, completion_backlog: 256}\n"
+                                   "shm: {ring_slots: 1024}\n")
+    cluster.app("hostile_app.py", str(b.prefix), "-", "deaf", name="deaf")
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="pytest"))
+    req = testing.Request(payload=b"anyone there?")
+
+    async def flood() -> list[object]:
+        return await asyncio.gather(*(stub.Call.aio(req, timeout=3) for _ in range(2000)),
+                                    return_exceptions=True)
+
+    before = memory(b.pid)
+    t0 = time.monotonic()
+    results = asyncio.run(flood())
+    codes = collections.Counter(r.code().name if isinstance(r, RpcError) else "OK" for r in results)
+    deaf = _app(b, "deaf")
+    print(f"2000 calls to a server app that never reads, in {time.monotonic() - t0:.1f}s: {dict(codes)}; "
+          f"it holds {deaf['serving_calls']} unanswered calls; daemon b memory before {before}, "
+          f"after {memory(b.pid)} (MiB)")
+    assert deaf["serving_calls"] <= 256
+    assert codes["RESOURCE_EXHAUSTED"] >= 2000 - 256 - 256 - 16
+    assert set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}

@@ -14,6 +14,8 @@ Modes (every mode prints READY once connected, then one JSON line of results):
             daemon answered the second; prints every completion for that id.
   deadline  COUNT calls with deadline 2**64-1, then calls with deadlines 2**63 and 1;
             prints the statuses.
+  deaf      (TARGET unused) serve mrpctest.Test at PREFIX's daemon and never read a
+            completion, so never answer; waits until stdin closes.
 """
 
 from __future__ import annotations
@@ -97,12 +99,18 @@ def statuses(raw: Raw, done: list[tuple[int, ...]]) -> dict[str, object]:
 @click.command()
 @click.argument("prefix")
 @click.argument("target")
-@click.argument("mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline"]))
+@click.argument("mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline", "deaf"]))
 @click.option("--count", default=64)
 @click.option("--size-mib", default=64)
 @click.option("--refs", default=4_000_000)
 @click.option("--seconds", default=5.0)
 def main(prefix: str, target: str, mode: str, count: int, size_mib: int, refs: int, seconds: float) -> None:
+    if mode == "deaf":
+        s = get_session(prefix, name="deaf")
+        s.control({"op": "serve", "slot": s.bind(testing), "services": ["mrpctest.Test"]})
+        print("READY", flush=True)
+        sys.stdin.read()
+        return
     raw = Raw(prefix, target, mode == "refs")
     call = method_id(testing, "Call")
     print("READY", flush=True)
