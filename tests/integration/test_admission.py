@@ -212,3 +212,22 @@ def test_a_server_app_that_never_reads_gets_no_unbounded_queue(cluster: Cluster)
     assert deaf["serving_calls"] <= 256
     assert codes["RESOURCE_EXHAUSTED"] >= 2000 - 256 - 256 - 16
     assert set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+
+
+def test_out_of_range_numbers_in_a_server_reply_fail_that_call_only(cluster: Cluster) -> None:
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.app("hostile_app.py", str(b.prefix), "-", "badreply", name="badreply")
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="pytest"))
+    got = []
+    for _ in range(6):  # one call per bad reply shape
+        try:
+            stub.Call(testing.Request(payload=b"q"), timeout=5)
+            got.append("OK")
+        except RpcError as e:
+            got.append(f"{e.code().name}: {e.details()[:80]}")
+    print("replies with status 65535 / offset 2**64-1 / length 2**64-1 ...:", got)
+    assert [g.split(":")[0] for g in got] == ["UNKNOWN", "INTERNAL", "UNKNOWN", "INTERNAL", "INTERNAL",
+                                              "INTERNAL"]
+    time.sleep(0.3)
+    srv = _app(b, "badreply")
+    assert srv["serving_calls"] == 0 and srv["recv_heap"]["used"] == 0

@@ -16,6 +16,8 @@ Modes (every mode prints READY once connected, then one JSON line of results):
             prints the statuses.
   deaf      (TARGET unused) serve mrpctest.Test at PREFIX's daemon and never read a
             completion, so never answer; waits until stdin closes.
+  badreply  (TARGET unused) serve mrpctest.Test and answer every call with a raw
+            SUB_REPLY carrying out-of-range numbers (status, offset, length).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import collections
 import json
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 import libmrpc
-from libmrpc.ring import CMP_REPLY, DESCRIPTOR, SUB_CALL
+from libmrpc.ring import CMP_REPLY, CMP_REQUEST, DESCRIPTOR, SUB_CALL, SUB_RELEASE, SUB_REPLY
 from libmrpc.session import get_session
 from libmrpc.shm import notify
 from libmrpc.status import StatusCode
@@ -86,6 +89,31 @@ class Raw:
         return bytes(self.s.recv_view[off:off + length]).decode("utf-8", "replace") if length else ""
 
 
+# (status, off, length) of SUB_REPLY descriptors no libmrpc would post
+BAD_REPLIES = [(65535, 0, U64_MAX), (0, U64_MAX, 0), (2, 1 << 63, U64_MAX), (0, 12345, 7), (0, 0, 0),
+               (13, 64, U64_MAX)]
+
+
+def bad_replies(s: object) -> None:
+    """Answer each request with the next bad reply; hand its receive block back."""
+    i = 0
+    while True:
+        batch = s.complete.pop_batch(DESCRIPTOR, 64)  # type: ignore[attr-defined]
+        if not batch:
+            time.sleep(0.001)
+            continue
+        for kind, _f, _st, _c, token, _m, _aux, off, _length, _dl in batch:
+            if kind != CMP_REQUEST:
+                continue
+            status, roff, rlen = BAD_REPLIES[i % len(BAD_REPLIES)]
+            i += 1
+            for d in ((SUB_RELEASE, 0, 0, 0, 0, 0, 0, off, 0, 0),
+                      (SUB_REPLY, 0, status, 0, token, 0, 0, roff, rlen, 0)):
+                while not s.submit.push(DESCRIPTOR, *d):  # type: ignore[attr-defined]
+                    time.sleep(0.001)
+            notify(s.regions.submit_efd)  # type: ignore[attr-defined]
+
+
 def method_id(schema: object, name: str) -> int:
     return next(m.id for m in schema.METHODS if m.name == name)  # type: ignore[attr-defined]
 
@@ -99,16 +127,19 @@ def statuses(raw: Raw, done: list[tuple[int, ...]]) -> dict[str, object]:
 @click.command()
 @click.argument("prefix")
 @click.argument("target")
-@click.argument("mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline", "deaf"]))
+@click.argument("mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline", "deaf",
+                                                  "badreply"]))
 @click.option("--count", default=64)
 @click.option("--size-mib", default=64)
 @click.option("--refs", default=4_000_000)
 @click.option("--seconds", default=5.0)
 def main(prefix: str, target: str, mode: str, count: int, size_mib: int, refs: int, seconds: float) -> None:
-    if mode == "deaf":
-        s = get_session(prefix, name="deaf")
+    if mode in ("deaf", "badreply"):
+        s = get_session(prefix, name=mode)
         s.control({"op": "serve", "slot": s.bind(testing), "services": ["mrpctest.Test"]})
         print("READY", flush=True)
+        if mode == "badreply":
+            threading.Thread(target=bad_replies, args=(s,), daemon=True).start()
         sys.stdin.read()
         return
     raw = Raw(prefix, target, mode == "refs")
