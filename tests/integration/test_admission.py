@@ -231,3 +231,25 @@ def test_out_of_range_numbers_in_a_server_reply_fail_that_call_only(cluster: Clu
     time.sleep(0.3)
     srv = _app(b, "badreply")
     assert srv["serving_calls"] == 0 and srv["recv_heap"]["used"] == 0
+
+
+def test_an_asyncio_client_far_over_the_quotas_is_slowed_not_stuck(cluster: Cluster) -> None:
+    """Back-pressure must not deadlock a legitimate app: an event loop that starts far
+    more calls than the quotas and rings hold reads completions while it waits."""
+    a = cluster.daemon("a", config="limits: {calls_in_flight: 256, completion_backlog: 256}\n"
+                                   "shm: {ring_slots: 1024}\n")
+    b = cluster.daemon("b")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="pytest"))
+    req = testing.Request(payload=b"x")
+
+    async def burst() -> list[object]:
+        return await asyncio.gather(*(stub.Call.aio(req, timeout=20) for _ in range(6000)),
+                                    return_exceptions=True)
+
+    t0 = time.monotonic()
+    results = asyncio.run(burst())
+    errors = [r for r in results if isinstance(r, Exception)]
+    print(f"6000 concurrent asyncio calls through quotas of 256: {time.monotonic() - t0:.1f}s, "
+          f"{len(errors)} errors")
+    assert not errors, errors[:3]
