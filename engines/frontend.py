@@ -48,7 +48,7 @@ from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
 
 MAX_DETAILS = 16 * 1024
 BATCH = 256  # descriptors taken per do_work at most
-CHUNK = 16  # descriptors popped at a time (the time slice is checked between chunks)
+CHUNK = 32  # descriptors popped at a time (the time slice is checked between chunks)
 _DUPLICATE = "duplicate call id"  # _state of the refusal of a duplicate call id
 
 
@@ -202,11 +202,11 @@ class Frontend(Engine):
             ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref, deadline=deadline, created=now,
                   _state=TxCall(spec, binding, off))
-        by_quota = adm.size_limit(self.max_message_size) < self.max_message_size
+        max_size = adm.size_limit(self.max_message_size)
         try:
-            self._marshal(rpc, binding.module, info.request)
+            self._marshal(rpc, binding.module, info.request, max_size)
         except TooBig as e:
-            if not by_quota:  # larger than max_message_size: no waiting helps
+            if max_size >= self.max_message_size:  # larger than max_message_size: no waiting helps
                 self._fail_call(call_id, e.status, f"bad request for {info.path}: {e}")
                 return True
             if adm.must_wait(e.at_least):
@@ -248,13 +248,14 @@ class Frontend(Engine):
                 reply.details = f"server app {app.name!r} replied with a record offset outside its heap"
                 reply._state.rec_off = 0
             else:
+                max_size = self.admission.size_limit(self.max_message_size)
                 try:
-                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "")
+                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "",
+                                  max_size)
                 except TooBig as e:
                     reply.status = StatusCode.RESOURCE_EXHAUSTED
                     reply.details = (f"server app {app.name!r} returned a reply too large: {e}"
-                                     if self.admission.size_limit(self.max_message_size)
-                                     >= self.max_message_size else
+                                     if max_size >= self.max_message_size else
                                      self.admission.too_big_details(
                                          f"server app {app.name!r}'s reply", e.at_least))
                     reply._state.rec_off = 0
@@ -266,17 +267,18 @@ class Frontend(Engine):
                     self.admission.admit_reply(token, reply.size)
         self.tx_out.append(reply)
 
-    def _marshal(self, rpc: Rpc, module: Any, type_name: str) -> None:
+    def _marshal(self, rpc: Rpc, module: Any, type_name: str, max_size: int) -> None:
         """Marshal the message once, here, so every policy knows its size; the
         transport sends exactly this. With a content policy attached the image is
         a daemon-private copy (what a policy checks is what goes out), else bulk
-        fields stay zero-copy segments of the send heap. Raises WireError."""
+        fields stay zero-copy segments of the send heap. ``max_size`` is what is left
+        of the app's byte quota (or max_message_size). Raises WireError (TooBig)."""
         st = rpc._state
         dp = self.app.datapath
         private = dp is not None and dp.content
         head, segs = module.MARSHAL[type_name](
             self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min,
-            self.admission.size_limit(self.max_message_size))
+            max_size)
         if private:
             for seg in segs:  # a fully private image has none; be safe anyway
                 head += seg
