@@ -455,7 +455,7 @@ class Frontend(Engine):
         adm = self.admission
         return dict(self.counters, backlog=len(self.backlog), pending=len(self.pending),
                     inflight_bytes=self.app.bytes_inflight, too_big=adm.too_big,
-                    blocked={"calls": 1, "backlog": 2, "bytes": 3}.get(adm.blocked or "", 0))
+                    held=int(self.held), **{f"holds_{k}": v for k, v in adm.holds.items()})
 
     def decompose(self) -> dict[str, Any]:
         state = {"backlog": list(self.backlog), "pending": list(self.pending),

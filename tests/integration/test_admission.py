@@ -162,9 +162,12 @@ def test_an_app_that_never_reads_completions_is_held_back(cluster: Cluster) -> N
     posted = hostile.proc.stdout.readline()
     after = memory(a.pid)
     h = _app(a, "hostile")
+    fe = next(e["stats"] for x in a.ctl("stats")["apps"] if x["app"] == "hostile"
+              for e in x["engines"] if e["engine_id"].endswith("frontend"))
     print(f"good client alone {alone}, during the flood {during}; hostile {posted.strip()}, "
-          f"admitted {h['counters']['calls']}, in flight {h['inflight_calls']}; "
+          f"admitted {h['counters']['calls']}, in flight {h['inflight_calls']}; its frontend {fe}; "
           f"daemon memory before {before}, after {after} (MiB)")
+    assert fe["held"] == 1 and fe["backlog"] <= 256
     # the ring (1024) + the completion ring (1024) + 256 in flight + 256 waiting, not 100000
     assert h["counters"]["calls"] <= 1024 + 2 * 256 + 16
     assert '"posted": 100000' not in posted
