@@ -8,21 +8,32 @@ with a gRPC status; nothing else is disturbed.
 rx: turns replies, inbound calls and reclaim notices into completion
 descriptors. A full completion ring is back-pressure: items wait in a backlog,
 in order, and nothing is dropped.
+
+Admission (mrpcd/admission.py): an app at its quota of calls in flight, of
+waiting completions or of bytes held gets no more CALLs taken from its ring
+(they wait there; replies and releases behind them are still taken), and one
+app's frontend runs at most ``limits.slice_us`` per round. A server app that
+does not keep up gets further inbound calls refused with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from libmrpc.heap import HeapExhausted
+from libmrpc.marshal_rt import TooBig
 from libmrpc.ring import (
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
+    CMPF_DUPLICATE,
     DESCRIPTOR,
+    HEADER_SIZE,
+    SLOT_SIZE,
     SUB_CALL,
     SUB_CANCEL,
     SUB_RELEASE,
@@ -31,11 +42,14 @@ from libmrpc.ring import (
 )
 from libmrpc.shm import drain
 from libmrpc.status import StatusCode, WireError
+from mrpcd.admission import Admission, app_deadline, deadline_field
 from mrpcd.appstate import AppState, Landed, RxCall, TxCall, TxReply
 from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
 
 MAX_DETAILS = 16 * 1024
-BATCH = 256
+BATCH = 256  # descriptors taken per do_work at most
+CHUNK = 32  # descriptors popped at a time (the time slice is checked between chunks)
+_DUPLICATE = "duplicate call id"  # _state of the refusal of a duplicate call id
 
 
 class Frontend(Engine):
@@ -49,82 +63,165 @@ class Frontend(Engine):
         tcp = ctx.services.get("tcp_config")
         self.zero_copy_min: int = tcp.zero_copy_min if tcp is not None else 2048
         self.backlog: deque[Rpc] = deque()
+        self.pending: deque[tuple[int, ...]] = deque()  # popped, not yet taken (<= CHUNK)
+        self.held = False  # pending[0] is a CALL the quotas hold back
+        self.admission = Admission(self.app, ctx.services.get("limits"))
+        self.slice = self.admission.limits.slice_us / 1e6
         self._refs: dict[tuple[int, int], MethodRef] = {}
-        self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0}
+        self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0,
+                         "refused_inbound": 0}
 
     # ------------------------------------------------------------------ tx
 
     def do_work(self) -> int:
-        app = self.app
-        if app.closed:
+        if self.app.closed:
             return 0
-        n = 0
         try:
-            batch = app.submit.pop_batch(DESCRIPTOR, BATCH)
+            n = self._take()
         except RingCorrupted as e:
             self._broken(e)
             return 0
-        for kind, _flags, status, conn, call_id, method, _aux, off, length, deadline_ns in batch:
-            n += 1
-            if kind == SUB_CALL:
-                self._call(conn, call_id, method, off, deadline_ns)
-            elif kind == SUB_REPLY:
-                self._reply(call_id, status, off, length)
-            elif kind == SUB_RELEASE:
-                try:
-                    app.recv_heap.free(off)
-                except ValueError:
-                    self.counters["rejected_descriptors"] += 1
-                    self.ctx.log.warning("app %r released receive-heap offset %d it does not hold",
-                                         app.name, off)
-            elif kind == SUB_CANCEL:
-                pass  # the daemon still completes the call once (deadline or reply)
-            else:
-                self.counters["rejected_descriptors"] += 1
-                self.ctx.log.warning("app %r posted a descriptor of unknown kind %d", app.name, kind)
         return n + self._deliver()
 
-    def _fail_call(self, call_id: int, code: StatusCode, details: str) -> None:
+    def _take(self) -> int:
+        """Take up to BATCH descriptors, for at most one time slice; a CALL the
+        quotas hold back stays first in ``pending`` and stops the taking of
+        CALLs (replies and releases are still taken). Raises RingCorrupted."""
+        pending, submit = self.pending, self.app.submit
+        stop = time.perf_counter() + self.slice
+        n = 0
+        while n < BATCH:
+            if not pending:
+                pending.extend(submit.pop_batch(DESCRIPTOR, CHUNK))
+                if not pending:
+                    break
+            while pending:
+                d = pending[0]
+                if d[0] == SUB_CALL:
+                    self.held = not self._call(d)
+                    if self.held:
+                        return n + self._take_non_calls(BATCH - n)
+                else:
+                    self._other(d)
+                pending.popleft()
+                n += 1
+            if time.perf_counter() >= stop:
+                break
+        return n
+
+    def _take_non_calls(self, limit: int) -> int:
+        """CALLs are held back: take the replies and releases queued behind them."""
+        n = 0
+        pending = self.pending
+        if any(d[0] != SUB_CALL for d in pending):
+            for d in [d for d in pending if d[0] != SUB_CALL]:
+                self._other(d)
+                n += 1
+            kept = [d for d in pending if d[0] == SUB_CALL]
+            pending.clear()
+            pending.extend(kept)
+        while n < limit and self._head_kind() not in (None, SUB_CALL):
+            for d in self.app.submit.pop_batch(DESCRIPTOR, 1):
+                if d[0] == SUB_CALL:  # the app rewrote the slot meanwhile
+                    pending.append(d)
+                    return n
+                self._other(d)
+                n += 1
+        return n
+
+    def _head_kind(self) -> int | None:
+        """Kind of the oldest descriptor still in the submit ring (None: empty)."""
+        submit = self.app.submit
+        if not submit.available():
+            return None
+        return submit.buf[HEADER_SIZE + (submit.head & submit.mask) * SLOT_SIZE]
+
+    def _other(self, d: tuple[int, ...]) -> None:
+        kind, _flags, status, _conn, call_id, _method, _aux, off, length, _deadline = d
+        app = self.app
+        if kind == SUB_REPLY:
+            self._reply(call_id, status, off, length)
+        elif kind == SUB_RELEASE:
+            try:
+                app.recv_heap.free(off)
+            except ValueError:
+                self.counters["rejected_descriptors"] += 1
+                self.ctx.log.warning("app %r released receive-heap offset %d it does not hold",
+                                     app.name, off)
+        elif kind == SUB_CANCEL:
+            pass  # the daemon still completes the call once (deadline or reply)
+        else:
+            self.counters["rejected_descriptors"] += 1
+            self.ctx.log.warning("app %r posted a descriptor of unknown kind %d", app.name, kind)
+
+    def _fail_call(self, call_id: int, code: StatusCode, details: str, state: object = None) -> None:
         self.counters["rejected_descriptors"] += 1
         self.rx_in.append(Rpc(RpcKind.REPLY, self.app.name, self.app.pid, call_id, None,
-                              status=code, details=details))
+                              status=code, details=details, _state=state))
 
-    def _call(self, conn_id: int, call_id: int, method_id: int, off: int, deadline_ns: int) -> None:
+    def _call(self, d: tuple[int, ...]) -> bool:
+        """Take one CALL descriptor; False when the quotas make it wait (untouched)."""
+        _kind, _flags, _status, conn_id, call_id, method_id, _aux, off, _length, deadline_ns = d
         app = self.app
-        self.counters["submitted"] += 1
+        if call_id in app.inflight:  # refuse it without touching the call that holds the id
+            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
+                            f"call id {call_id} is already in flight; this call was not sent",
+                            _DUPLICATE)
+            return True
+        adm = self.admission
+        if adm.wait_reason(len(self.backlog)) is not None:
+            return False
         spec = app.conns.get(conn_id)
         if spec is None:
-            return self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                                   f"call {call_id} names connection {conn_id}, which this app never opened")
+            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
+                            f"call {call_id} names connection {conn_id}, which this app never opened")
+            return True
         binding = app.bindings[spec.slot]
         methods = binding.module.METHODS
         if not 0 <= method_id < len(methods):
-            return self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
-                                   f"method id {method_id} is not in schema {binding.schema_hash}")
+            self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
+                            f"method id {method_id} is not in schema {binding.schema_hash}")
+            return True
         info = methods[method_id]
         if info.client_streaming or info.server_streaming:
-            return self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
-                                   f"{info.path} is a streaming method; mrpc serves unary methods only")
+            self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
+                            f"{info.path} is a streaming method; mrpc serves unary methods only")
+            return True
         if off <= 0 or off % 8 or off >= len(app.send_view):
-            return self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                                   f"call {call_id}: request record offset {off} is outside the send heap")
-        if call_id in app.inflight:
-            return self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                                   f"call id {call_id} is already in flight")
-        app.inflight.add(call_id)
-        app.counters["calls"] += 1
+            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
+                            f"call {call_id}: request record offset {off} is outside the send heap")
+            return True
+        now = self.ctx.clock.now()
+        deadline = app_deadline(deadline_ns, now)
+        if deadline is not None and deadline <= now:
+            self._fail_call(call_id, StatusCode.DEADLINE_EXCEEDED,
+                            f"call {call_id} to {info.path}: its deadline passed before mrpcd took it")
+            return True
         ref = self._refs.get((spec.slot, method_id))
         if ref is None:
             ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref,
-                  deadline=deadline_ns / 1e9 if deadline_ns else None, created=self.ctx.clock.now(),
+        rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref, deadline=deadline, created=now,
                   _state=TxCall(spec, binding, off))
+        max_size = adm.size_limit(self.max_message_size)
         try:
-            self._marshal(rpc, binding.module, info.request)
+            self._marshal(rpc, binding.module, info.request, max_size)
+        except TooBig as e:
+            if max_size >= self.max_message_size:  # larger than max_message_size: no waiting helps
+                self._fail_call(call_id, e.status, f"bad request for {info.path}: {e}")
+                return True
+            if adm.must_wait(e.at_least):
+                return False
+            self._fail_call(call_id, StatusCode.RESOURCE_EXHAUSTED,
+                            adm.too_big_details(f"request for {info.path}", e.at_least))
+            return True
         except WireError as e:
-            self.rx_in.append(rpc.error_reply(e.status, f"bad request for {info.path}: {e}"))
-            return
+            self._fail_call(call_id, e.status, f"bad request for {info.path}: {e}")
+            return True
+        self.counters["submitted"] += 1
+        adm.admit_call(call_id, rpc.size)
+        app.counters["calls"] += 1
         self.tx_out.append(rpc)
+        return True
 
     def _reply(self, token: int, status: int, off: int, length: int) -> None:
         app = self.app
@@ -151,25 +248,37 @@ class Frontend(Engine):
                 reply.details = f"server app {app.name!r} replied with a record offset outside its heap"
                 reply._state.rec_off = 0
             else:
+                max_size = self.admission.size_limit(self.max_message_size)
                 try:
-                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "")
+                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "",
+                                  max_size)
+                except TooBig as e:
+                    reply.status = StatusCode.RESOURCE_EXHAUSTED
+                    reply.details = (f"server app {app.name!r} returned a reply too large: {e}"
+                                     if max_size >= self.max_message_size else
+                                     self.admission.too_big_details(
+                                         f"server app {app.name!r}'s reply", e.at_least))
+                    reply._state.rec_off = 0
                 except (WireError, KeyError) as e:
                     reply.status = StatusCode.INTERNAL
                     reply.details = f"server app {app.name!r} returned a malformed reply: {e}"
                     reply._state.rec_off = 0
+                else:
+                    self.admission.admit_reply(token, reply.size)
         self.tx_out.append(reply)
 
-    def _marshal(self, rpc: Rpc, module: Any, type_name: str) -> None:
+    def _marshal(self, rpc: Rpc, module: Any, type_name: str, max_size: int) -> None:
         """Marshal the message once, here, so every policy knows its size; the
         transport sends exactly this. With a content policy attached the image is
         a daemon-private copy (what a policy checks is what goes out), else bulk
-        fields stay zero-copy segments of the send heap. Raises WireError."""
+        fields stay zero-copy segments of the send heap. ``max_size`` is what is left
+        of the app's byte quota (or max_message_size). Raises WireError (TooBig)."""
         st = rpc._state
         dp = self.app.datapath
         private = dp is not None and dp.content
         head, segs = module.MARSHAL[type_name](
             self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min,
-            self.max_message_size)
+            max_size)
         if private:
             for seg in segs:  # a fully private image has none; be safe anyway
                 head += seg
@@ -189,8 +298,8 @@ class Frontend(Engine):
     # ------------------------------------------------------------------ rx
 
     def _push(self, kind: int, status: int, call_id: int, method: int, aux: int, off: int,
-              length: int, deadline_ns: int = 0) -> bool:
-        return self.app.complete.push(DESCRIPTOR, kind, 0, status, 0, call_id, method, aux, off,
+              length: int, deadline_ns: int = 0, flags: int = 0) -> bool:
+        return self.app.complete.push(DESCRIPTOR, kind, flags, status, 0, call_id, method, aux, off,
                                       length, deadline_ns)
 
     def _land(self, landed: Landed) -> int:
@@ -220,7 +329,11 @@ class Frontend(Engine):
         if app.complete.free_slots() == 0:
             return False
         if rpc.kind is RpcKind.REPLY:
-            app.inflight.discard(rpc.call_id)
+            if rpc._state is _DUPLICATE:  # refuses a second post of an id: not the call's outcome
+                off, n = self._text(rpc.details)
+                return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
+                                  flags=CMPF_DUPLICATE)
+            self.admission.release_call(rpc.call_id)
             landed = rpc._state if isinstance(rpc._state, Landed) else None
             if rpc.status is StatusCode.OK and landed is not None:
                 try:
@@ -236,21 +349,31 @@ class Frontend(Engine):
         if rpc.kind is RpcKind.CALL:
             rx: RxCall = rpc._state
             assert rx.landed is not None
+            if self.admission.serving_full():
+                self._refuse(rpc, f"server app {app.name!r} already holds "
+                                  f"{len(app.server_calls)} calls it has not answered "
+                                  f"(limits.calls_in_flight); retry later")
+                return True
             try:
                 off = self._land(rx.landed)
             except HeapExhausted as e:
                 self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
                                                    f"server app {app.name!r}: {e}"))
                 return True
+            method_id = rpc.method.id if rpc.method else 0
             app.server_calls[rpc.call_id] = rpc
             app.counters["served"] += 1
-            deadline_ns = int(rpc.deadline * 1e9) if rpc.deadline else 0
-            method_id = rpc.method.id if rpc.method else 0
             return self._push(CMP_REQUEST, 0, rpc.call_id, method_id, rx.binding.slot, off,
-                              rx.landed.length, deadline_ns)
+                              rx.landed.length, deadline_field(rpc.deadline))
         if rpc.kind is RpcKind.RECLAIM:
+            self.admission.release_reply(rpc.call_id)
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)
         return True
+
+    def _refuse(self, rpc: Rpc, details: str) -> None:
+        """Answer an inbound call with RESOURCE_EXHAUSTED instead of delivering it."""
+        self.counters["refused_inbound"] += 1
+        self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED, details))
 
     def _broken(self, error: Exception) -> None:
         """The app wrote impossible ring counters: disconnect it (the daemon cleans up)."""
@@ -264,6 +387,7 @@ class Frontend(Engine):
     def _deliver(self) -> int:
         n = 0
         backlog, rx_in = self.backlog, self.rx_in
+        full = False
         while backlog or rx_in:
             rpc = backlog.popleft() if backlog else rx_in.popleft()
             try:
@@ -274,12 +398,28 @@ class Frontend(Engine):
                 return n
             if not ok:
                 backlog.appendleft(rpc)
+                full = True
                 break
             n += 1
+        if full and rx_in:
+            self._spill()
         if n:
             self.counters["completed"] += n
             self.app.wake_app()
         return n
+
+    def _spill(self) -> None:
+        """The completion ring is full: queue what arrived in the backlog, refusing
+        inbound calls past ``limits.completion_backlog`` (the app is not reading)."""
+        backlog, rx_in = self.backlog, self.rx_in
+        bound = self.admission.limits.completion_backlog
+        while rx_in:
+            rpc = rx_in.popleft()
+            if rpc.kind is RpcKind.CALL and len(backlog) >= bound:
+                self._refuse(rpc, f"server app {self.app.name!r} is not reading its completions "
+                                  f"({len(backlog)} wait; limits.completion_backlog); retry later")
+            else:
+                backlog.append(rpc)
 
     # ------------------------------------------------------------------ runtime hooks
 
@@ -289,9 +429,20 @@ class Frontend(Engine):
             return False
         app.submit.set_sleeping(True)
         try:
-            return app.submit.available() > 0 or bool(self.rx_in)
+            if self.rx_in:
+                return True
+            if self.held:  # CALLs wait for quota; replies and releases behind them do not
+                return self._head_kind() not in (None, SUB_CALL)
+            return bool(self.pending) or app.submit.available() > 0
         except RingCorrupted:
             return False
+
+    def next_timer(self) -> float | None:
+        """Completions wait for ring room, or CALLs for quota: look again soon (the app
+        does not signal that it has read its completion ring)."""
+        if self.backlog or self.held:
+            return self.ctx.clock.now() + 0.001
+        return None
 
     def woke(self) -> None:
         if not self.app.closed:
@@ -301,15 +452,21 @@ class Frontend(Engine):
         drain(self.app.submit_efd)
 
     def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, backlog=len(self.backlog))
+        adm = self.admission
+        return dict(self.counters, backlog=len(self.backlog), pending=len(self.pending),
+                    inflight_bytes=self.app.bytes_inflight, too_big=adm.too_big,
+                    held=int(self.held), **{f"holds_{k}": v for k, v in adm.holds.items()})
 
     def decompose(self) -> dict[str, Any]:
-        state = {"backlog": list(self.backlog), "counters": dict(self.counters), "refs": self._refs}
+        state = {"backlog": list(self.backlog), "pending": list(self.pending),
+                 "counters": dict(self.counters), "refs": self._refs}
         self.backlog.clear()
+        self.pending.clear()
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         self.backlog.extend(state.get("backlog", ()))
+        self.pending.extend(state.get("pending", ()))
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
 

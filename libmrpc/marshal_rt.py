@@ -13,8 +13,12 @@ every reference relative to the image start.
 
 Work is bounded for any input: a visit budget (a legitimate message cannot have
 more records and blobs than its heap has 8-byte words, nor more than one per four
-image bytes), a depth limit, and a size limit checked before each copy. Every
-failure is a :class:`WireError`.
+image bytes, and the daemon caps it at :data:`WORK` — ``limits.marshal_work``), a
+depth limit, and a size limit checked before each copy. A repeated string/bytes
+field is charged its elements' *total* length before any of them is copied, so
+millions of references to one shared blob fail at once, not after seconds of
+copying. Every failure is a :class:`WireError`; exceeding a size limit raises
+:class:`TooBig`, which says how many bytes the message needs at least.
 """
 
 from __future__ import annotations
@@ -28,6 +32,27 @@ from libmrpc.status import StatusCode, WireError
 REF = struct.Struct("<II")
 U32_MAX = 0xFFFFFFFF
 _PAD = bytes(8)
+DEFAULT_WORK = 1 << 18
+#: Records and blobs one message may have (marshal) or records one image may
+#: have (validate): each costs about a microsecond of daemon CPU. The daemon sets
+#: it from ``limits.marshal_work`` with :func:`set_work_limit`.
+WORK = DEFAULT_WORK
+
+
+def set_work_limit(n: int) -> None:
+    """Cap the records and blobs per message for every MARSHAL/VALIDATE in this process."""
+    global WORK
+    if type(n) is not int or n < 1:
+        raise ValueError(f"work limit must be an integer >= 1, got {n!r}")
+    WORK = n
+
+
+class TooBig(WireError):
+    """The marshalled message would exceed the size limit it was given."""
+
+    def __init__(self, message: str, at_least: int) -> None:
+        super().__init__(message, StatusCode.RESOURCE_EXHAUSTED)
+        self.at_least = at_least  # bytes the message needs, at least
 
 
 def _short(v: Any) -> str:
@@ -38,7 +63,7 @@ def _short(v: Any) -> str:
 class Marshal:
     """Marshalling state of one message (send side, untrusted heap)."""
 
-    __slots__ = ("budget", "head", "hsize", "max", "name", "patches", "segbytes", "segs", "zc")
+    __slots__ = ("budget", "capped", "head", "hsize", "max", "name", "patches", "segbytes", "segs", "zc")
 
     def __init__(self, heap: memoryview, off: Any, size: int, zero_copy_min: int,
                  max_size: int, name: str) -> None:
@@ -61,7 +86,9 @@ class Marshal:
         self.zc = zero_copy_min
         # A legitimate message costs at most one visit per 8 heap bytes (arena blocks
         # are 8-aligned) and at most 2 per 9 image bytes (1-byte zero-copy blobs).
-        self.budget = min(hsize // 8, self.max // 4) + 16
+        budget = min(hsize // 8, self.max // 4) + 16
+        self.capped = budget > WORK
+        self.budget = WORK if self.capped else budget
 
     def bad(self, where: str, r: int, n: int, record: int = 0) -> NoReturn:
         if record and n != record:
@@ -76,14 +103,18 @@ class Marshal:
                         StatusCode.INVALID_ARGUMENT)
 
     def too_big(self, more: int) -> NoReturn:
-        raise WireError(
-            f"{self.name}: marshalled message exceeds the limit of {self.max} bytes "
-            f"(at least {len(getattr(self, 'head', b'')) + getattr(self, 'segbytes', 0) + more})",
-            StatusCode.RESOURCE_EXHAUSTED)
+        need = len(getattr(self, "head", b"")) + getattr(self, "segbytes", 0) + more
+        raise TooBig(f"{self.name}: marshalled message exceeds the limit of {self.max} bytes "
+                     f"(at least {need})", need)
 
     def spend(self, n: int) -> None:
         self.budget -= n
         if self.budget < 0:
+            if self.capped:
+                raise WireError(
+                    f"{self.name}: more than {WORK} records and blobs in one message "
+                    "(the daemon's limits.marshal_work); send fewer, larger elements",
+                    StatusCode.RESOURCE_EXHAUSTED)
             raise WireError(
                 f"{self.name}: more records and blobs than the heap can hold "
                 "(shared or cyclic references)", StatusCode.INVALID_ARGUMENT)
@@ -130,6 +161,11 @@ class Marshal:
     def blobs(self, heap: memoryview, p: int, n: int, where: str) -> None:
         """Emit the blobs of an array of ``n`` refs already copied to head[p:]."""
         head, hsize = self.head, self.hsize
+        # every element counts with its full length, shared or not: fail before copying
+        with memoryview(head) as mv, mv[p:p + 8 * n] as refs, refs.cast("I") as words:
+            total = sum(words[1::2])
+        if len(head) + self.segbytes + total > self.max:
+            self.too_big(total)
         for q in range(p, p + 8 * n, 8):
             r, m = REF.unpack_from(head, q)
             if m:
@@ -164,7 +200,7 @@ class Validate:
             raise WireError(f"{name}: image of {n} bytes is shorter than its root record "
                             f"({size} bytes)")
         self.size = n
-        self.budget = n // 8 + 1
+        self.budget = min(n // 8 + 1, WORK)
 
     def bad(self, where: str, r: int, n: int, record: int = 0) -> NoReturn:
         if record and n != record:
@@ -179,6 +215,10 @@ class Validate:
     def visit(self, n: int) -> None:
         self.budget -= n
         if self.budget < 0:
+            if self.size // 8 + 1 > WORK:
+                raise WireError(f"{self.name}: more than {WORK} records in one message "
+                                "(the receiving daemon's limits.marshal_work)",
+                                StatusCode.RESOURCE_EXHAUSTED)
             raise WireError(f"{self.name}: more records than the image can hold "
                             "(shared or cyclic references)")
 

@@ -144,3 +144,6 @@ SUB_CANCEL = 4  # call_id: the caller gave up (deadline/cancel); the daemon stil
 CMP_REPLY = 1  # call_id, status; off/length = image (OK) or details text (error) in receive heap
 CMP_REQUEST = 2  # call_id=server token, method, aux=schema slot, off/length=image, deadline_ns
 CMP_RECLAIM = 3  # call_id=server token: the reply's send-heap memory may be reused
+# completion flags
+CMPF_DUPLICATE = 1  # CMP_REPLY refusing a SUB_CALL whose call_id was already in flight: it
+#                     is not the outcome of the call that holds that id

@@ -35,6 +35,7 @@ from libmrpc.ring import (
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
+    CMPF_DUPLICATE,
     DESCRIPTOR,
     SUB_CALL,
     SUB_RELEASE,
@@ -131,7 +132,7 @@ class Session:
         self.complete = RingConsumer(ctl[layout.ring_size:], layout.ring_slots, name="completion ring")
         self.send_heap = Heap(memoryview(self.regions.send), name="send heap")
         self.recv_view = memoryview(self.regions.recv)
-        self._submit_lock = threading.Lock()
+        self._submit_lock = threading.RLock()  # re-entered when completions read while pushing reply
         self._releases: deque[int] = deque()
         self._slots: dict[str, int] = {}
         self._conns: dict[tuple[str, int], int] = {}
@@ -199,17 +200,38 @@ class Session:
                 if self.closed:
                     raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
                 notify(self.regions.submit_efd)
-                time.sleep(min(0.001, 0.00005 + waited))
-                waited += 0.0001
+                if not self._read_while_full():
+                    time.sleep(min(0.001, 0.00005 + waited))
+                    waited += 0.0001
             if self.submit.consumer_sleeping():
                 notify(self.regions.submit_efd)
 
+    def _read_while_full(self) -> bool:
+        """The submit ring is full, maybe because the daemon holds our calls back until
+        we read completions (its per-app quotas): read them here unless another
+        thread leads (an event loop pushing many calls is the one that would read
+        them). True if there were any."""
+        if not self._poll_lock.acquire(blocking=False):
+            return False
+        try:
+            batch = self.complete.pop_batch(DESCRIPTOR, 256)
+            if batch:
+                self._handle(batch)
+            return bool(batch)
+        finally:
+            self._poll_lock.release()
+
     def _hand_back_releases(self) -> None:
-        """Post pending RELEASE descriptors now; wake the daemon if it sleeps."""
-        with self._submit_lock:
+        """Post pending RELEASE descriptors now; wake the daemon if it sleeps. Skipped
+        while another thread pushes (it flushes them; a leader must not block here)."""
+        if not self._submit_lock.acquire(blocking=False):
+            return
+        try:
             self._flush_releases()
             if self.submit.consumer_sleeping():
                 notify(self.regions.submit_efd)
+        finally:
+            self._submit_lock.release()
 
     def _flush_releases(self) -> None:
         releases = self._releases
@@ -367,7 +389,12 @@ class Session:
 
     def _handle(self, batch: list[tuple[int, ...]]) -> None:
         calls, recv = self.calls, self.recv_view
-        for kind, _flags, status, _conn, call_id, method, aux, off, length, deadline_ns in batch:
+        for kind, flags, status, _conn, call_id, method, aux, off, length, deadline_ns in batch:
+            if kind == CMP_REPLY and flags & CMPF_DUPLICATE:  # not the outcome of call_id
+                if length:
+                    self._releases.append(off)
+                log.error("mrpcd refused a second call with id %d (a libmrpc bug?)", call_id)
+                continue
             if kind == CMP_REPLY:
                 call = calls.pop(call_id, None)
                 if status == 0:

@@ -117,6 +117,11 @@ class AppState:
         self.runtime: Runtime | None = None
         self.server_calls: dict[int, Rpc] = {}
         self.inflight: set[int] = set()
+        # admission accounting, kept by the frontend (mrpcd/admission.py): bytes of
+        # marshalled images the daemon holds for this app, per call id and per reply token
+        self.call_bytes: dict[int, int] = {}
+        self.reply_bytes: dict[int, int] = {}
+        self.bytes_inflight = 0
         self._tokens = itertools.count(1)
         self.lock = threading.Lock()
         self.closed = False
@@ -140,6 +145,7 @@ class AppState:
             "connections": [{"conn_id": c.conn_id, "addr": c.addr, "schema_slot": c.slot}
                             for c in self.conns.values()],
             "inflight_calls": len(self.inflight), "serving_calls": len(self.server_calls),
+            "inflight_bytes": self.bytes_inflight,
             "datapath": dp.describe() if dp else [],
             "runtime": self.runtime.name if self.runtime else None,
             "recv_heap": _stats(self.recv_heap),

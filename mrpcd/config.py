@@ -48,6 +48,7 @@ from libmrpc.status import ConfigError
 
 __all__ = [
     "Config",
+    "LimitsConfig",
     "MetricsConfig",
     "PolicyAttachment",
     "ShmConfig",
@@ -88,6 +89,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Per-application admission quotas (see deploy/mrpcd.yaml, ``limits``)."""
+
+    calls_in_flight: int  # calls an app may have in flight (and server calls unanswered)
+    bytes_in_flight: int  # bytes of marshalled requests/replies the daemon holds per app
+    completion_backlog: int  # completions waiting for room in an app's completion ring
+    marshal_work: int  # records and blobs per message (marshal and validate)
+    slice_us: int  # microseconds one app's frontend may run per runtime round
+
+
+@dataclass(frozen=True)
 class PolicyAttachment:
     engine: str  # a name in Config.engines
     app: str  # app name, or "*" for every app including later ones
@@ -115,6 +127,7 @@ class Config:
     shm: ShmConfig
     tcp: TcpConfig
     metrics: MetricsConfig
+    limits: LimitsConfig
     engines: Mapping[str, str]  # engine name -> module path; read-only
     policies: tuple[PolicyAttachment, ...]
 
@@ -391,6 +404,11 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "tcp.sndbuf": (_nullable(_size(KiB, 2**31 - 1)), None),
     "tcp.rcvbuf": (_nullable(_size(KiB, 2**31 - 1)), None),
     "metrics.listen": (_nullable(_hostport), None),
+    "limits.calls_in_flight": (_int(1, 1 << 24), 4096),
+    "limits.bytes_in_flight": (_size(MiB, TiB), "256MiB"),
+    "limits.completion_backlog": (_int(1, 1 << 24), 4096),
+    "limits.marshal_work": (_int(1024, 1 << 30), 1 << 18),
+    "limits.slice_us": (_int(100, 10_000_000), 2000),
     "engines": (_engines, {n: f"engines.{n}" for n in (*_DATAPATH_ENGINES, *_POLICY_ENGINES)}),
     "policies": (_policies, []),
 }
@@ -572,4 +590,5 @@ def _finish(v: dict[str, Any], sources: dict[str, Callable[[str], str]]) -> Conf
         shm=ShmConfig(**sections["shm"]),
         tcp=TcpConfig(**sections["tcp"]),
         metrics=MetricsConfig(**sections["metrics"]),
+        limits=LimitsConfig(**sections["limits"]),
     )

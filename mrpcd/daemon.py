@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from libmrpc import marshal_rt
 from libmrpc.control import error_reply, peer_credentials, recv_msg, send_msg
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
@@ -77,8 +78,9 @@ class Daemon:
         self.router = Router(self.name)
         self.services_base: dict[str, Any] = {
             "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
-            "daemon_name": self.name, "on_app_broken": self._app_broken,
+            "daemon_name": self.name, "on_app_broken": self._app_broken, "limits": config.limits,
         }
+        marshal_rt.set_work_limit(config.limits.marshal_work)
         self._app_socks: dict[int, socket.socket] = {}
         self.frontend_cls = self.registry.get("frontend")
         self.transport_cls = self.registry.get(config.transport)

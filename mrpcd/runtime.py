@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_SLEEP = 0.5  # seconds; a safety net against a lost wake-up
 MAX_ROUNDS = 16  # engine rounds per wake-up before checking sockets again
+ROUNDS_BUDGET = 0.01  # seconds of engine rounds per wake-up before checking sockets again
+SLOW_ENGINE = 0.1  # seconds: a do_work this long is logged (engines bound their own work)
 
 
 def effective_spin(spin_us: int) -> float:
@@ -94,6 +96,7 @@ class Runtime:
         self._thread = threading.Thread(target=self._run, name=f"mrpcd-{name}", daemon=True)
         self.rounds = 0
         self.sleeps = 0
+        self.slow_rounds = 0
 
     # ----------------------------------------------------------- control side
 
@@ -167,20 +170,37 @@ class Runtime:
         return n
 
     def _work(self) -> int:
-        """Commands, then engine rounds until a round finds nothing (no syscalls here)."""
+        """Commands, then engine rounds until a round finds nothing (no syscalls here).
+
+        Every engine gets one ``do_work`` per round, in turn (the frontends bound
+        theirs to ``limits.slice_us``), and the rounds stop after ROUNDS_BUDGET so
+        sockets are polled again even while some app keeps its engines busy."""
         n = self._run_commands()
+        perf = time.perf_counter
+        start = perf()
         for _ in range(MAX_ROUNDS):
             done = 0
             for engine in self.engines:
+                t0 = perf()
                 try:
                     done += engine.do_work()
                 except Exception:
                     log.exception("runtime %s: engine %s failed in do_work", self.name,
                                   getattr(engine, "ctx", None) and engine.ctx.engine_id)
+                took = perf() - t0
+                if took > SLOW_ENGINE:
+                    self._slow(engine, took)
             n += done
-            if not done:
+            if not done or perf() - start > ROUNDS_BUDGET:
                 break
         return n
+
+    def _slow(self, engine: Engine, took: float) -> None:
+        eid = getattr(engine, "ctx", None) and engine.ctx.engine_id
+        self.slow_rounds += 1
+        if self.slow_rounds <= 10 or self.slow_rounds % 1000 == 0:
+            log.warning("runtime %s: engine %s held the runtime for %.0f ms in one do_work "
+                        "(%d such rounds so far)", self.name, eid, took * 1e3, self.slow_rounds)
 
     def run_once(self) -> int:
         """One round without blocking; returns the work done (tests drive this)."""
