@@ -8,7 +8,9 @@ Requests carry ``op``; replies carry ``ok`` and either results or ``code``
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import socket
 import struct
 from typing import Any
@@ -17,6 +19,10 @@ from libmrpc.status import RpcError, StatusCode
 
 MAX_PACKET = 256 * 1024
 MAX_FDS = 16
+MAX_DEPTH = 32  # deepest JSON nesting a control message may have
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux: the peer's supplementary groups
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class ControlError(RpcError):
@@ -73,13 +79,36 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     try:
         if flags & socket.MSG_TRUNC:
             raise ValueError("control message truncated")
-        obj = json.loads(msg)
+        check_depth(msg)
+        try:
+            obj = json.loads(msg)
+        except RecursionError:
+            raise ValueError(f"control message nests deeper than Python can parse (limit {MAX_DEPTH})") from None
         if not isinstance(obj, dict):
             raise ValueError("control message must be a JSON object")
     except (ValueError, UnicodeDecodeError):
         _close_all(fds)
         raise
     return obj, fds
+
+
+def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
+    """Raise ValueError if the JSON text ``data`` nests arrays/objects deeper than ``limit``.
+
+    Cheap: counting brackets settles nearly every message; otherwise strings are
+    cut out and the brackets that are left are walked.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b'""', data)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                raise ValueError(f"control message nests JSON deeper than {limit} levels; "
+                                 f"flatten it")
+        else:
+            depth -= 1
 
 
 def _close_all(fds: list[int]) -> None:
@@ -93,9 +122,25 @@ def _close_all(fds: list[int]) -> None:
 
 
 def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    """Send a request and wait for its reply; raise ControlError for an error reply."""
-    send_msg(sock, obj)
-    reply, fds = recv_msg(sock)
+    """Send a request and wait for its reply; raise ControlError for an error reply.
+
+    If the daemon refused the connection and closed it before our request went
+    out (e.g. RESOURCE_EXHAUSTED), its error reply is still read and raised.
+    """
+    try:
+        send_msg(sock, obj)
+    except OSError as e:
+        if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+            raise
+        try:
+            reply, fds = recv_msg(sock)
+        except (OSError, ValueError):
+            reply, fds = None, []
+        if reply is None or reply.get("ok", False):
+            _close_all(fds)
+            raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd closed the control connection: {e}") from None
+    else:
+        reply, fds = recv_msg(sock)
     if reply is None:
         raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
     if not reply.get("ok", False):
@@ -112,6 +157,26 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return pid, uid, gid
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The supplementary group ids the peer of a unix socket had when it connected.
+
+    Read with SO_PEERGROUPS (credentials captured by the kernel at connect(),
+    not a racy look-up by pid). Empty if the kernel does not support it.
+    """
+    for size in (4 * 64, 4 * 65536):
+        try:
+            data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            if e.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                return frozenset()
+            raise
+        n = len(data) // 4
+        return frozenset(struct.unpack(f"{n}I", data[: n * 4]))
+    return frozenset()
 
 
 def error_reply(code: StatusCode, message: str) -> dict[str, Any]:

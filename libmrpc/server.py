@@ -6,6 +6,12 @@ run in a thread pool (like grpcio) or, with ``inline=True``, directly on the
 completion thread (lowest latency; such handlers must not block or make sync
 nested calls). Async handlers run on the server's event loop and may await
 nested calls (``await stub.M.aio(req)``) freely.
+
+When the local mrpcd goes away (restart, crash), a started server registers
+again by itself: it retries with backoff (50 ms doubling to 1 s) until a daemon
+answers at the same prefix, then binds its schemas and serves its services
+again. If none does within ``reconnect_timeout`` seconds, the server stops and
+``wait_for_termination()`` raises ``RpcError(UNAVAILABLE)`` saying so.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ log = logging.getLogger(__name__)
 class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
-    __slots__ = ("_code", "_deadline_ns", "_details", "_method")
+    __slots__ = ("_code", "_deadline_ns", "_details", "_method", "_session")
 
-    def __init__(self, method: str, deadline_ns: int) -> None:
+    def __init__(self, method: str, deadline_ns: int, session: Session | None = None) -> None:
+        self._session = session  # the registration the request came through (its reply goes there)
         self._method = method
         self._deadline_ns = deadline_ns
         self._code: StatusCode | None = None
@@ -88,8 +95,14 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
 
 class Server:
     def __init__(self, prefix: str | os.PathLike[str] | None = None, *, max_workers: int = 8,
-                 inline: bool = False, name: str | None = None) -> None:
+                 inline: bool = False, name: str | None = None, reconnect_timeout: float = 60.0) -> None:
+        """``reconnect_timeout``: seconds a started server waits for its mrpcd to come
+        back after the daemon went away, before it stops (see the module doc)."""
         self._prefix = prefix
+        self._reconnect_timeout = reconnect_timeout
+        self._reconnecting = False
+        self._reconnect_lock = threading.Lock()
+        self._error: RpcError | None = None
         self._name = name
         self._inline = inline
         self._max_workers = max_workers
@@ -159,9 +172,6 @@ class Server:
         """
         if self.started:
             return
-        session = get_session(self._prefix, self._name)
-        if session.server is not None and session.server is not self:
-            raise RuntimeError("this process already runs a Server on that daemon")
         if any(h.is_async for _, _, hs in self._pending for h in hs.values()):
             self._loop = asyncio.new_event_loop()
             self._loop_thread = threading.Thread(target=self._loop.run_forever, name="mrpc-server-loop",
@@ -169,16 +179,68 @@ class Server:
             self._loop_thread.start()
         if not self._inline:
             self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="mrpc-handler")
-        for schema, _service, handlers in self._pending:
+        self._register()
+        self.started = True
+
+    def _register(self) -> None:
+        """Bind the schemas and serve the services at the local daemon (again)."""
+        session = get_session(self._prefix, self._name)
+        if session.server is not None and session.server is not self:
+            raise RuntimeError("this process already runs a Server on that daemon")
+        handlers: dict[tuple[int, int], _Handler] = {}
+        for schema, _service, hs in self._pending:
             slot = session.bind(schema)
-            for mid, h in handlers.items():
-                self._handlers[(slot, mid)] = h
+            for mid, h in hs.items():
+                handlers[(slot, mid)] = h
+        self._handlers = handlers
+        self._session = session
         session.server = self
         session.background(0)  # wake the completion thread: requests may arrive now
-        self._session = session
         for schema, service, _ in self._pending:
             session.control({"op": "serve", "slot": session.bind(schema), "services": [service]})
-        self.started = True
+
+    def _session_lost(self, session: Session, reason: str) -> None:
+        """Called by the session when its daemon went away: register again in the background."""
+        with self._reconnect_lock:
+            if self._stopping or not self.started or session is not self._session or self._reconnecting:
+                return
+            self._reconnecting = True
+        threading.Thread(target=self._reconnect, args=(reason,), name="mrpc-server-reconnect",
+                         daemon=True).start()
+
+    def _reconnect(self, reason: str) -> None:
+        where = self._session.prefix if self._session is not None else self._prefix
+        log.info("server: mrpcd at %s went away (%s); registering again (up to %gs)", where, reason,
+                 self._reconnect_timeout)
+        started = time.monotonic()
+        delay, last = 0.05, "no attempt yet"
+        while not self._stopping:
+            try:
+                self._register()
+            except Exception as e:  # noqa: BLE001 - no daemon yet, or it refused: retry until the deadline
+                last = f"{type(e).__name__}: {e}"
+            else:
+                with self._reconnect_lock:
+                    session = self._session
+                    if session is not None and not session.closed:  # else it went away again: retry
+                        self._reconnecting = False
+                        log.info("server: registered again with mrpcd at %s after %.2fs", where,
+                                 time.monotonic() - started)
+                        return
+                last = "mrpcd went away again"
+            if time.monotonic() - started + delay > self._reconnect_timeout:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if self._stopping:
+            return
+        self._error = RpcError(StatusCode.UNAVAILABLE,
+                               f"the server stopped: mrpcd at {where} went away ({reason}) and did not come "
+                               f"back within {self._reconnect_timeout:g}s (last error: {last}); restart "
+                               f"the daemon and then this server, or raise reconnect_timeout")
+        log.error("%s", self._error.details())
+        self._stopping = True
+        self._shut_down()
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Stop taking requests (new ones get UNAVAILABLE), let running ones finish
@@ -196,17 +258,29 @@ class Server:
         deadline = time.monotonic() + (grace or 0.0)
         while self._active and time.monotonic() < deadline:
             time.sleep(0.005)
-        if session.server is self:
+        self._shut_down()
+        return self._stopped
+
+    def _shut_down(self) -> None:
+        session = self._session
+        if session is not None and session.server is self:
             session.server = None
         if self._executor is not None:
             self._executor.shutdown(wait=False)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._stopped.set()
-        return self._stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
+        """Wait until the server stopped; True if it did within ``timeout``.
+
+        Raises RpcError(UNAVAILABLE) if it stopped because its mrpcd went away and
+        did not come back within ``reconnect_timeout``.
+        """
+        done = self._stopped.wait(timeout)
+        if done and self._error is not None:
+            raise self._error
+        return done
 
     def __enter__(self) -> Server:
         self.start()
@@ -230,7 +304,7 @@ class Server:
             session.send_reply(token, None, code, msg)
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
-        ctx = ServicerContext(h.path, deadline_ns)
+        ctx = ServicerContext(h.path, deadline_ns, session)
         with self._active_lock:
             self._active += 1
         if h.is_async:
@@ -258,7 +332,7 @@ class Server:
             self._answer(h, token, reply, ctx, None)
 
     def _answer(self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None) -> None:
-        session = self._session
+        session = ctx._session or self._session
         assert session is not None
         try:
             if error is not None:

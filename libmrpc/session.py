@@ -506,6 +506,9 @@ class Session:
                     pass
             self._aio = {}
         log.warning("session with mrpcd ended: %s", reason)
+        server = self.server
+        if server is not None:
+            server._session_lost(self, reason)  # a server registers again by itself
 
     def close(self) -> None:
         if self.closed:

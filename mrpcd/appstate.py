@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -180,27 +182,67 @@ def _stats(heap: Heap) -> dict[str, int]:
     return {"size": s.size, "used": s.used, "allocations": s.allocations, "largest_free": s.largest_free}
 
 
+@dataclass(eq=False, slots=True)
+class ServiceOwner:
+    """Who owns a service name at this daemon: the uid that served it last (kept after it exits)."""
+
+    uid: int
+    app_name: str
+    pid: int
+    app_id: int
+    since: float
+
+
 class Router:
-    """Daemon-wide routing: which server app serves which service."""
+    """Daemon-wide routing: which server app serves which service, and who owns each name."""
+
+    MAX_IDLE_OWNERS_PER_UID = 4096  # records of names a uid no longer serves; the oldest go first
 
     def __init__(self, daemon_name: str) -> None:
         self.daemon_name = daemon_name
         self.services: dict[str, AppState] = {}
+        self.owners: dict[str, ServiceOwner] = {}
         self.lock = threading.Lock()
 
-    def bind(self, app: AppState, binding: Binding, services: list[str]) -> None:
+    def bind(self, app: AppState, binding: Binding, services: list[str],
+             authorize: Callable[[str, int | None, int | None], bool] | None = None) -> list[tuple[str, AppState]]:
+        """Route ``services`` to ``app``: all or none.
+
+        ``authorize(service, owner_uid, holder_uid)`` raises RpcError to refuse, and
+        returns True if ``app`` may take the service over from the app serving it
+        now (else that is ALREADY_EXISTS). Returns the (service, app) pairs taken over.
+        """
         with self.lock:
+            taken = []
             for svc in services:
                 other = self.services.get(svc)
-                if other is not None and other is not app and not other.closed:
+                holder = other if other is not None and other is not app and not other.closed else None
+                owner = self.owners.get(svc)
+                take = False
+                if authorize is not None:
+                    take = authorize(svc, owner.uid if owner else None, holder.uid if holder else None)
+                if holder is not None and not take:
                     raise RpcError(StatusCode.ALREADY_EXISTS,
-                                   f"service {svc} is already served by app {other.name!r} "
-                                   f"(pid {other.pid}) at this daemon")
+                                   f"service {svc} is already served by app {holder.name!r} "
+                                   f"(pid {holder.pid}) at this daemon")
+                if holder is not None:
+                    taken.append((svc, holder))
+            now = time.time()
             for svc in services:
                 self.services[svc] = app
                 app.served[svc] = binding
+                self.owners.pop(svc, None)  # re-inserted last: dict order is age order
+                self.owners[svc] = ServiceOwner(app.uid, app.name, app.pid, app.app_id, now)
+            self._trim_owners(app.uid)
+        return taken
+
+    def _trim_owners(self, uid: int) -> None:
+        idle = [svc for svc, o in self.owners.items() if o.uid == uid and svc not in self.services]
+        for svc in idle[: max(0, len(idle) - self.MAX_IDLE_OWNERS_PER_UID)]:
+            del self.owners[svc]
 
     def unbind_app(self, app: AppState) -> None:
+        """Stop routing to ``app``; the names stay owned by its uid."""
         with self.lock:
             for svc in [s for s, a in self.services.items() if a is app]:
                 del self.services[svc]

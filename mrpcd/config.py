@@ -47,10 +47,12 @@ from libmrpc.paths import default_prefix
 from libmrpc.status import ConfigError
 
 __all__ = [
+    "AppsConfig",
     "Config",
     "LimitsConfig",
     "MetricsConfig",
     "PolicyAttachment",
+    "ServiceRule",
     "ShmConfig",
     "TcpConfig",
     "default_prefix",
@@ -109,6 +111,22 @@ class PolicyAttachment:
 
 
 @dataclass(frozen=True)
+class AppsConfig:
+    max: int  # registered applications at once, all users
+    max_per_uid: int  # registered applications at once, per Unix user
+    register_timeout: float  # seconds a new app connection has to register
+
+
+@dataclass(frozen=True)
+class ServiceRule:
+    """Who may serve services whose name matches ``name`` ("pkg.Service", "pkg.*", "*")."""
+
+    name: str
+    uids: tuple[int | str, ...]  # uids or user names
+    groups: tuple[int | str, ...]  # gids or group names (primary or supplementary)
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon configuration; build it with :func:`load_config`."""
 
@@ -130,6 +148,8 @@ class Config:
     limits: LimitsConfig
     engines: Mapping[str, str]  # engine name -> module path; read-only
     policies: tuple[PolicyAttachment, ...]
+    apps: AppsConfig
+    services: tuple[ServiceRule, ...]
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON/YAML-able data; loading it as a config file gives this Config back."""
@@ -139,6 +159,7 @@ class Config:
         d["listen"] = format_hostport(*self.listen)
         d["metrics"]["listen"] = self.metrics.listen and format_hostport(*self.metrics.listen)
         d["policies"] = list(d["policies"])
+        d["services"] = [dict(r, uids=list(r["uids"]), groups=list(r["groups"])) for r in d["services"]]
         return d
 
 
@@ -372,6 +393,45 @@ def _policies(value: object, path: str) -> tuple[PolicyAttachment, ...]:
     return tuple(out)
 
 
+_SERVICE_RULE_KEYS = ("name", "uids", "groups")
+_SERVICE_NAME = re.compile(r"\*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\.\*)?")
+_ID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def _ids(value: object, path: str, what: str) -> tuple[int | str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _expected(path, f"a list of {what} ids or names", value)
+    out: list[int | str] = []
+    for i, v in enumerate(value):
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32:
+            out.append(v)
+        elif isinstance(v, str) and _ID_NAME.fullmatch(v):
+            out.append(v)
+        else:
+            raise _expected(f"{path}[{i}]", f"a {what} id or name", v)
+    return tuple(out)
+
+
+def _service_rules(value: object, path: str) -> tuple[ServiceRule, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _expected(path, "a list of service rules", value)
+    out = []
+    for i, item in enumerate(value):
+        p = f"{path}[{i}]"
+        item = _mapping(item, p)
+        _check_known(item, _SERVICE_RULE_KEYS, p + ".")
+        name = item.get("name")
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
+            raise _expected(f"{p}.name", 'a service name like "pkg.Service", "pkg.*" or "*"', name)
+        out.append(ServiceRule(name, _ids(item.get("uids"), f"{p}.uids", "user"),
+                               _ids(item.get("groups"), f"{p}.groups", "group")))
+    return tuple(out)
+
+
 def _check_known(mapping: Mapping[object, object], known: tuple[str, ...], prefix: str) -> None:
     for key in mapping:
         if key not in known:
@@ -411,8 +471,12 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "limits.slice_us": (_int(100, 10_000_000), 2000),
     "engines": (_engines, {n: f"engines.{n}" for n in (*_DATAPATH_ENGINES, *_POLICY_ENGINES)}),
     "policies": (_policies, []),
+    "apps.max": (_int(1, 1_000_000), 1024),
+    "apps.max_per_uid": (_int(1, 1_000_000), 128),
+    "apps.register_timeout": (_float(0.0, 3600.0, positive=True), 10.0),
+    "services": (_service_rules, []),
 }
-_NO_ENV = ("engines", "policies")
+_NO_ENV = ("engines", "policies", "services")
 _SECTIONS: dict[str, tuple[str, ...]] = {}
 for _key in _KEYS:
     if "." in _key:
@@ -591,4 +655,5 @@ def _finish(v: dict[str, Any], sources: dict[str, Callable[[str], str]]) -> Conf
         tcp=TcpConfig(**sections["tcp"]),
         metrics=MetricsConfig(**sections["metrics"]),
         limits=LimitsConfig(**sections["limits"]),
+        apps=AppsConfig(**sections["apps"]),
     )

@@ -79,7 +79,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     r = _call(ctx, {"op": "list"})
     lines = []
     for app in r["apps"]:
-        lines.append(f"app {app['name']} (#{app['app_id']}, pid {app['pid']}) serves "
+        lines.append(f"app {app['name']} (#{app['app_id']}, pid {app['pid']}, uid {app['uid']}) serves "
                      f"{', '.join(app['serves']) or '-'}; {app['inflight_calls']} calls in flight")
         for e in app["datapath"]:
             cfg = f" {e['config']}" if e["config"] else ""
@@ -88,6 +88,23 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         for c in app["connections"]:
             lines.append(f"  connection {c['conn_id']} -> {c['addr']}")
     _out(ctx, r, "\n".join(lines) or "no applications")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def services(ctx: click.Context, as_json: bool) -> None:
+    """Service names: the uid that owns each, and the app serving it now."""
+    ctx.obj["json"] |= as_json
+    r = _call(ctx, {"op": "services"})
+    lines = []
+    for s in r["services"]:
+        by = s["served_by"]
+        now = f"served by app {by['app']} (#{by['app_id']}, pid {by['pid']}, uid {by['uid']})" if by else "not served"
+        rule = f"; rule {s['rule']}" if s["rule"] else ""
+        lines.append(f"{s['service']}: owner uid {s['owner_uid']} (app {s['owner_app']}, pid {s['owner_pid']}); "
+                     f"{now}{rule}")
+    _out(ctx, r, "\n".join(lines) or "no services")
 
 
 @main.command()

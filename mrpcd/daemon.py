@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from libmrpc import marshal_rt
-from libmrpc.control import error_reply, peer_credentials, recv_msg, send_msg
+from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from libmrpc.wire import encode_error
+from mrpcd.accept import accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache
 from mrpcd import VERSION
@@ -34,6 +35,7 @@ from mrpcd.datapath import Datapath
 from mrpcd.engine import EngineContext, MonotonicClock, Rpc
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
+from mrpcd.services import Claimant, ServicePolicy
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,10 @@ class Daemon:
         self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
                                           config.operator_group)
         self.operator = None  # set in start(): the operator command handler
+        # admission and service ownership (apps.*, services)
+        self.service_policy = ServicePolicy(config.services)
+        self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
+        self._registering: dict[int, int] = {}  # uid -> registrations under way
 
     def _lock_prefix(self) -> int:
         """Hold ``PREFIX/mrpcd.lock`` for our lifetime: one daemon per prefix."""
@@ -204,25 +210,23 @@ class Daemon:
         self._accept_loop(self.op_listener, self._serve_operator, "operator")
 
     def _accept_loop(self, listener: socket.socket, serve: Any, what: str) -> None:
-        while not self._stopping.is_set():
-            try:
-                sock, _ = listener.accept()
-            except OSError as e:
-                if self._stopping.is_set():
-                    return
-                log.error("%s socket accept failed: %s; retrying in 100 ms", what, e)
-                time.sleep(0.1)
-                continue
-            threading.Thread(target=serve, args=(sock,), name=f"mrpcd-{what}-conn", daemon=True).start()
+        accept_loop(listener, serve, what, self._stopping)
 
     def _serve_operator(self, sock: socket.socket) -> None:
         assert self.operator is not None
         with sock:
             try:
-                pid, uid, _gid = peer_credentials(sock)
-                refusal = self.operator.refuse(pid, uid)
+                _pid, uid, gid = peer_credentials(sock)
+                refusal = self.operator.refuse(uid, gid, peer_groups(sock))
                 while True:
-                    msg, fds = recv_msg(sock)
+                    try:
+                        msg, fds = recv_msg(sock)
+                    except ValueError as e:
+                        send_msg(sock, refusal or error_reply(StatusCode.INVALID_ARGUMENT,
+                                                              f"bad operator message: {e}"))
+                        if refusal:
+                            return
+                        continue
                     for fd in fds:
                         os.close(fd)
                     if msg is None:
@@ -231,13 +235,15 @@ class Daemon:
                     send_msg(sock, reply)
                     if refusal:
                         return
-            except (OSError, ValueError) as e:
+            except OSError as e:
                 log.info("operator connection ended: %s", e)
 
     def _serve_app(self, sock: socket.socket) -> None:
         app: AppState | None = None
         try:
-            pid, uid, _ = peer_credentials(sock)
+            pid, uid, gid = peer_credentials(sock)
+            groups = peer_groups(sock)
+            sock.settimeout(self.config.apps.register_timeout)  # until it registers
             while True:
                 try:
                     msg, fds = recv_msg(sock)
@@ -253,7 +259,8 @@ class Daemon:
                     if op == "register":
                         if app is not None:
                             raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
-                        app = self._register(sock, msg, pid, uid)
+                        app = self._register(sock, msg, pid, uid, Claimant(uid, gid, groups, "", pid))
+                        sock.settimeout(None)
                         continue
                     if app is None:
                         raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
@@ -262,10 +269,15 @@ class Daemon:
                     reply = error_reply(e.code(), e.details())
                 except MrpcError as e:
                     reply = error_reply(StatusCode.INVALID_ARGUMENT, str(e))
+                except ConnectionError:
+                    raise  # the app hung up: no reply to send
                 except Exception as e:
                     log.exception("control op %r of pid %d failed", op, pid)
                     reply = error_reply(StatusCode.INTERNAL, f"mrpcd failed on {op!r}: {e}")
                 send_msg(sock, reply)
+        except TimeoutError:
+            log.info("app connection closed: it did not register within %gs (apps.register_timeout)",
+                     self.config.apps.register_timeout)
         except OSError as e:
             log.info("app control connection error: %s", e)
         finally:
@@ -275,39 +287,84 @@ class Daemon:
 
     # ------------------------------------------------------------------ app lifecycle
 
-    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int) -> AppState:
+    def _admit(self, uid: int) -> None:
+        """Count a registration of ``uid`` against apps.max and apps.max_per_uid, or raise."""
+        limits = self.config.apps
+        with self.apps_lock:
+            total = len(self.apps) + sum(self._registering.values())
+            mine = sum(1 for a in self.apps.values() if a.uid == uid) + self._registering.get(uid, 0)
+            if total >= limits.max:
+                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"mrpcd has {total} applications registered, its limit (apps.max = "
+                               f"{limits.max}); retry after others exit or ask the operator to raise it")
+            if mine >= limits.max_per_uid:
+                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"uid {uid} has {mine} applications registered at this mrpcd, the limit "
+                               f"per user (apps.max_per_uid = {limits.max_per_uid}); close some or ask "
+                               f"the operator to raise it")
+            self._registering[uid] = self._registering.get(uid, 0) + 1
+
+    def _registered(self, uid: int) -> None:
+        """A registration of ``uid`` is no longer under way (call with apps_lock held)."""
+        left = self._registering[uid] - 1
+        if left:
+            self._registering[uid] = left
+        else:
+            del self._registering[uid]
+
+    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int,
+                  claimant: Claimant) -> AppState:
+        """Register the app on ``sock``: all or nothing. If anything fails (the app
+        hung up before the reply arrived, included) everything is undone."""
         if self.draining or self._stopping.is_set():
             raise RpcError(StatusCode.UNAVAILABLE, "mrpcd is shutting down; retry against the new daemon")
-        name = str(msg.get("name") or f"pid{pid}")[:64]
-        app_id = next(self._app_ids)
-        regions, submit_efd, complete_efd = create_regions(name, self.layout)
-        app = AppState(app_id, name, pid, uid, regions, submit_efd, complete_efd)
-        app.registered_at = time.time()
-        runtime = self.runtimes[app_id % len(self.runtimes)]
-        app.runtime = runtime
-        services = dict(self.services_base, app=app, poller=runtime.poller)
-        fe = self.frontend_cls(EngineContext(f"{name}/frontend", name, pid, self.clock,
-                                             runtime_local=runtime.local, services=services), {})
-        tr = self.transport_cls(EngineContext(f"{name}/{self.transport_cls.NAME}", name, pid, self.clock,
-                                              runtime_local=runtime.local, services=services), {})
-        app.datapath = Datapath(name, fe, tr)
-
-        def attach() -> None:
-            runtime.add_engine(fe)
-            runtime.add_engine(tr)
-            runtime.poller.register(submit_efd, 1, fe.on_submit_event)
-
-        runtime.call(attach)
-        with self.apps_lock:
-            self.apps[app_id] = app
-            self._app_socks[app_id] = sock
-        if self.operator is not None:
-            self.operator.app_registered(app)  # standing policies before the first call
+        self._admit(uid)
+        added = False
+        app: AppState | None = None
         try:
+            name = str(msg.get("name") or f"pid{pid}")[:64]
+            app_id = next(self._app_ids)
+            regions, submit_efd, complete_efd = create_regions(name, self.layout)
+            app = AppState(app_id, name, pid, uid, regions, submit_efd, complete_efd)
+            app.registered_at = time.time()
+            runtime = self.runtimes[app_id % len(self.runtimes)]
+            app.runtime = runtime
+            services = dict(self.services_base, app=app, poller=runtime.poller)
+            fe = self.frontend_cls(EngineContext(f"{name}/frontend", name, pid, self.clock,
+                                                 runtime_local=runtime.local, services=services), {})
+            tr = self.transport_cls(EngineContext(f"{name}/{self.transport_cls.NAME}", name, pid, self.clock,
+                                                  runtime_local=runtime.local, services=services), {})
+            app.datapath = Datapath(name, fe, tr)
+
+            def attach() -> None:
+                runtime.add_engine(fe)
+                runtime.add_engine(tr)
+                runtime.poller.register(submit_efd, 1, fe.on_submit_event)
+
+            with self.apps_lock:
+                self.apps[app_id] = app
+                self._app_socks[app_id] = sock
+                self._claimants[app_id] = Claimant(uid, claimant.gid, claimant.groups, name, pid)
+                self._registered(uid)
+                added = True
+            runtime.call(attach)
+            if self.operator is not None:
+                self.operator.app_registered(app)  # standing policies before the first call
             send_msg(sock, {"ok": True, "app_id": app_id, "name": name, "layout": self.layout.to_dict(),
                             "daemon": self.name, "version": VERSION}, regions.fds())
+        except BaseException as e:
+            if added:
+                assert app is not None
+                self._cleanup(app, f"registration failed: {e}")
+            else:
+                with self.apps_lock:
+                    self._registered(uid)
+                if app is not None:
+                    app.close()
+            raise
         finally:
-            regions.close_fds()
+            if app is not None:
+                app.regions.close_fds()
         log.info("app %r (pid %d, uid %d) registered as #%d on %s", name, pid, uid, app_id, runtime.name)
         return app
 
@@ -352,7 +409,13 @@ class Daemon:
             if unknown:
                 raise RpcError(StatusCode.NOT_FOUND, f"schema {binding.schema_hash} has no service "
                                f"{', '.join(map(str, unknown))}; it defines {', '.join(binding.services)}")
-            self.router.bind(app, binding, services)
+            claimant = self._claimants.get(app.app_id) or Claimant(app.uid, -1, frozenset(), app.name, app.pid)
+            taken = self.router.bind(app, binding, services,
+                                     lambda svc, owner, holder: self.service_policy.authorize(
+                                         svc, claimant, owner, holder))
+            for svc, other in taken:
+                log.warning("app %r (pid %d, uid %d) took service %s over from app %r (pid %d, uid %d)",
+                            app.name, app.pid, app.uid, svc, other.name, other.pid, other.uid)
             log.info("app %r serves %s", app.name, ", ".join(services))
             return {"ok": True}
         if op == "unserve":
@@ -376,6 +439,7 @@ class Daemon:
     def _cleanup(self, app: AppState, reason: str) -> None:
         with self.apps_lock:
             self._app_socks.pop(app.app_id, None)
+            self._claimants.pop(app.app_id, None)
             if self.apps.pop(app.app_id, None) is None:
                 return
         self.router.unbind_app(app)
@@ -414,6 +478,12 @@ class Daemon:
             except Exception:
                 log.exception("closing engine %s of %r failed", engine.NAME, app.name)
         dp.state = "closed"
+        for ring in (app.submit, app.complete):  # their views pin the ctl mapping (and its fd) until a GC
+            for view in (ring.words, ring.buf):
+                try:
+                    view.release()
+                except (BufferError, ValueError):
+                    pass
         app.close()
 
     def describe_apps(self) -> list[dict[str, Any]]:
@@ -422,9 +492,28 @@ class Daemon:
         out = []
         for app in apps:
             try:
-                out.append(app.runtime.call(app.describe) if app.runtime else app.describe())
+                d = app.runtime.call(app.describe) if app.runtime else app.describe()
             except Exception as e:
-                out.append({"app_id": app.app_id, "name": app.name, "error": str(e)})
+                d = {"app_id": app.app_id, "name": app.name, "uid": app.uid, "error": str(e)}
+            with self.router.lock:  # a service taken over by another app is no longer served here
+                d["serves"] = sorted(s for s in app.served if self.router.services.get(s) is app)
+            out.append(d)
+        return out
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        """Every service name this daemon knows: its owner uid and the app serving it now."""
+        with self.router.lock:
+            owners = dict(self.router.owners)
+            serving = dict(self.router.services)
+        out = []
+        for svc in sorted(owners):
+            o, app = owners[svc], serving.get(svc)
+            rule = self.service_policy.rule_for(svc)
+            out.append({"service": svc, "owner_uid": o.uid, "owner_app": o.app_name, "owner_pid": o.pid,
+                        "since": round(o.since, 3),
+                        "served_by": None if app is None or app.closed else
+                        {"app": app.name, "app_id": app.app_id, "pid": app.pid, "uid": app.uid},
+                        "rule": None if rule is None else f"services[{rule.index}] ({rule.name})"})
         return out
 
     def find_apps(self, selector: str) -> list[AppState]:

@@ -34,30 +34,31 @@ class OperatorHandler:
 
     # ------------------------------------------------------------------ access
 
-    def refuse(self, pid: int, uid: int) -> dict[str, Any] | None:
-        """An error reply for a peer that must not operate the daemon, else None."""
-        with self.daemon.apps_lock:
-            app_pids = {a.pid for a in self.daemon.apps.values()}
-        if pid in app_pids:
-            return error_reply(StatusCode.PERMISSION_DENIED,
-                               f"process {pid} is registered as an mrpc application; applications "
-                               f"may not use the operator socket")
-        if uid in (0, os.getuid()):
+    def refuse(self, uid: int, gid: int, groups: frozenset[int]) -> dict[str, Any] | None:
+        """An error reply for a peer that must not operate the daemon, else None.
+
+        Decided by the credentials the kernel recorded when the peer connected
+        (SO_PEERCRED, SO_PEERGROUPS): root, the daemon's own user, or a process
+        holding ``operator_group`` as its primary or a supplementary group. Not by
+        pid and not by the group database: what counts is what the process holds.
+        """
+        if uid in (0, os.geteuid()):
             return None
         group = self.daemon.config.operator_group
+        hint = "root or the daemon's user"
         if group:
+            hint += f", or a process in group {group!r} (operator_group)"
             try:
-                g = grp.getgrnam(group)
-                import pwd
-
-                name = pwd.getpwuid(uid).pw_name
-                if name in g.gr_mem or pwd.getpwuid(uid).pw_gid == g.gr_gid:
-                    return None
+                ops_gid = grp.getgrnam(group).gr_gid
             except KeyError:
-                pass
+                log.warning("operator_group %r does not exist; only root and uid %d may operate",
+                            group, os.geteuid())
+            else:
+                if ops_gid == gid or ops_gid in groups:
+                    return None
         return error_reply(StatusCode.PERMISSION_DENIED,
-                           f"uid {uid} is not allowed to operate mrpcd (root, the daemon's user, "
-                           f"or members of operator_group)")
+                           f"uid {uid} (gid {gid}) is not allowed to operate mrpcd: operators are {hint}; "
+                           f"a user added to the group must log in again to hold it")
 
     # ------------------------------------------------------------------ metrics endpoint
 
@@ -119,6 +120,9 @@ class OperatorHandler:
 
     def op_list(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"apps": self.daemon.describe_apps()}
+
+    def op_services(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"services": self.daemon.describe_services()}
 
     def op_schema_prefetch(self, msg: dict[str, Any]) -> dict[str, Any]:
         texts = msg.get("texts")

@@ -205,3 +205,30 @@ def test_open_control_connects(tmp_path: os.PathLike[str]) -> None:
             send_msg(client, {"op": "hello"})
             assert recv_msg(conn) == ({"op": "hello"}, [])
             assert peer_credentials(conn)[0] == os.getpid()
+
+
+# -- nesting depth and peer groups ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [b'{"a":' + b"[" * 31 + b"]" * 31 + b"}",  # 32 levels with the object
+                                  b'{"s":"' + b"[{" * 5000 + b'"}',
+                                  b'{"s":"\\"' + b"[" * 100 + b'","t":[1]}'])
+def test_depth_within_limit_or_inside_strings_is_fine(text: bytes) -> None:
+    from libmrpc.control import check_depth
+
+    check_depth(text)
+
+
+def test_deep_nesting_is_a_value_error_not_recursion(pair: Pair) -> None:
+    a, b = pair
+    a.sendall(b'{"op":"x","y":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(ValueError, match="deeper than 32"):
+        recv_msg(b)
+    send_msg(a, {"op": "ping"})  # the connection still works
+    assert recv_msg(b)[0] == {"op": "ping"}
+
+
+def test_peer_groups_are_this_process_groups(pair: Pair) -> None:
+    from libmrpc.control import peer_groups
+
+    assert peer_groups(pair[0]) == frozenset(os.getgroups())
