@@ -16,6 +16,7 @@ not put in ``sys.modules``, so nothing else keeps them alive.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -91,7 +92,12 @@ class BindingCache:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters of binds by outcome, and the sizes of the memory and disk tables."""
+        """Counters of binds by outcome, and the sizes of the memory and disk tables.
+
+        Collects garbage first: a module is freed when the last app holding it is,
+        and apps' state is reclaimed by the cycle collector.
+        """
+        gc.collect()
         with self._lock:
             return dict(self.counts, loaded=len(self._live), kept_unused=len(self._recent),
                         **self.disk.stats())
@@ -139,6 +145,8 @@ class BindingCache:
             module = self._from_disk(key, texts)
             if module is None:
                 how = "compiled"
+                if len(self._live) > len(self._recent):
+                    gc.collect()  # free modules of apps that left before holding more (compiles are rare)
                 with self._jobs:
                     compiled = compile_in_child(texts, timeout=self.limits.compile_timeout,
                                                 memory=self.limits.compile_memory)
