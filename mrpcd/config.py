@@ -408,7 +408,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "schema.max_bytes": (_size(KiB, 64 * MiB), "256KiB"),
     "schema.max_per_app": (_int(1, 4096), 16),
     "schema.compile_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
-    "schema.compile_memory": (_size(128 * MiB, TiB), "1GiB"),
+    "schema.compile_memory": (_size(16 * MiB, TiB), "512MiB"),
     "schema.compile_jobs": (_int(1, 64), 2),
     "schema.keep_unused": (_int(0, 1 << 20), 32),
     "schema.cache_max_entries": (_int(0, 1 << 24), 256),

@@ -75,6 +75,9 @@ def check_dir_fd(fd: int, path: Path, what: str) -> os.stat_result:
 def ensure_dir(path: Path, mode: int, what: str = "directory", *, fix_mode: bool = True) -> None:
     """Create ``path`` (and missing parents, 0755) or verify the existing one; see the module doc.
 
+    A directory it creates gets exactly ``mode``; an existing one too if
+    ``fix_mode`` (else its mode is left, once checked).
+
     Raises :class:`PrefixError` for a symlink, a non-directory, another owner or
     a directory others may write; then nothing was created or changed.
     """
@@ -82,8 +85,10 @@ def ensure_dir(path: Path, mode: int, what: str = "directory", *, fix_mode: bool
     if not path.parent.exists():
         ensure_dir(path.parent, 0o755, "parent directory", fix_mode=False)
     _check_ancestors(path, what)
+    created = False
     try:
         os.mkdir(path, 0o700)  # opened up below, after the checks, whatever the umask
+        created = True
         log.info("created %s %s", what, path)
     except FileExistsError:
         pass
@@ -101,7 +106,7 @@ def ensure_dir(path: Path, mode: int, what: str = "directory", *, fix_mode: bool
                           f"or choose another path") from None
     try:
         st = check_dir_fd(fd, path, what)
-        if fix_mode and stat.S_IMODE(st.st_mode) != mode:
+        if (created or fix_mode) and stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
     finally:
         os.close(fd)

@@ -120,6 +120,18 @@ def test_large_schema_does_not_stall_calls_or_grow_the_daemon(cluster: Cluster) 
     assert err.code() == StatusCode.RESOURCE_EXHAUSTED and "schema.max_bytes" in err.details()
 
 
+def test_compile_limits_give_resource_exhausted_naming_the_key(cluster: Cluster) -> None:
+    texts = big_schema(150_000)
+    for name, env, key in (("t", {"MRPC_SCHEMA_COMPILE_TIMEOUT": "0.3"}, "schema.compile_timeout"),
+                           ("m", {"MRPC_SCHEMA_COMPILE_MEMORY": "48MiB"}, "schema.compile_memory")):
+        d = cluster.daemon(name, env=env)
+        t0 = time.monotonic()
+        err = bind_error(raw_app(d.prefix), texts)
+        print(f"{key}: {err.code().name} after {time.monotonic() - t0:.1f}s: {err.details()}")
+        assert err.code() == StatusCode.RESOURCE_EXHAUSTED and key in err.details(), err.details()
+        assert bind(raw_app(d.prefix, "small"), small("fine"))["how"] == "compiled"  # the daemon is fine
+
+
 def test_schema_count_per_app_and_eviction(cluster: Cluster) -> None:
     a = cluster.daemon("a", env={"MRPC_SCHEMA_MAX_PER_APP": "3", "MRPC_SCHEMA_KEEP_UNUSED": "2",
                                  "MRPC_SCHEMA_CACHE_MAX_ENTRIES": "4"})
