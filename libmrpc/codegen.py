@@ -203,7 +203,7 @@ def _module_name(key: str) -> str:
 
 # A top-level statement of generated code starts at column 0 with a name
 # (continuation lines are indented or close a bracket).
-_STATEMENT = re.compile(r"^(?=[A-Za-z_])", re.M)
+_STATEMENT = re.compile(r"^(?=[A-Za-z_])", re.MULTILINE)
 _CHUNK = 64 * 1024
 
 

@@ -175,7 +175,8 @@ def _run_protoc(args: list[str], cwd: str) -> tuple[int, str]:
     """
     try:
         r = subprocess.run([sys.executable, "-c", _PROTOC_MAIN, *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=PROTOC_TIMEOUT)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=PROTOC_TIMEOUT,
+                           check=False)
     except subprocess.TimeoutExpired:
         raise SchemaError(f"protoc did not finish within {PROTOC_TIMEOUT:g}s; simplify the schema") from None
     return r.returncode, r.stderr.decode("utf-8", "replace")

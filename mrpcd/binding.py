@@ -174,7 +174,7 @@ class BindingCache:
             return None
         try:
             return self._load(compiled, texts)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever a bad entry raises, compile it again
             log.warning("ignoring cached schema %s: %s; compiling it again", key[:16], e)
             self.disk.discard(key)
             return None

@@ -25,6 +25,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 
 from libmrpc.status import RpcError, SchemaError, StatusCode
 
@@ -104,10 +105,8 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def load_payload(payload: bytes, max_size: int) -> tuple:  # type: ignore[type-arg]
+def load_payload(payload: bytes, max_size: int) -> tuple[CodeType, ...]:
     """The code objects of a :class:`Compiled` payload; ValueError if it is not one."""
-    from types import CodeType
-
     d = zlib.decompressobj()
     raw = d.decompress(payload, max_size)
     if d.unconsumed_tail or not d.eof:

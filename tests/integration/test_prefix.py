@@ -164,7 +164,7 @@ def test_cache_dir_of_another_user_is_refused(shared_dir: Path, other_user: User
     cfg.write_text(f"cache_dir: {cache}\n")
     proc = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"), "--listen",
                            "127.0.0.1:0", "--config", str(cfg)], capture_output=True, text=True, timeout=30,
-                          cwd=ROOT)
+                          cwd=ROOT, check=False)
     print(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cache directory" in proc.stderr and other_user.name in proc.stderr
@@ -279,7 +279,7 @@ def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) 
         assert str(prefix) in info.value.details() and other_user.name in info.value.details()
         assert not (prefix / "captured").exists(), (prefix / "captured").read_text()
         ctl = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(prefix), "status"],
-                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+                             capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
         assert ctl.returncode != 0 and "PERMISSION_DENIED" in ctl.stderr, ctl.stderr
     finally:
         fake.kill()

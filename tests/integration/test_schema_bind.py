@@ -9,6 +9,7 @@ code are refused with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -105,7 +106,7 @@ def test_large_schema_does_not_stall_calls_or_grow_the_daemon(cluster: Cluster) 
     stop.set()
     t.join(30)
     window = [x for x in done if t0 - 0.2 <= x <= t1 + 0.2]
-    gaps = [b - a_ for a_, b in zip(window, window[1:])]
+    gaps = [b - a_ for a_, b in itertools.pairwise(window)]
     longest = max(gaps, default=t1 - t0)
     after = proc_status(a.pid)
     print(f"bound a {size}-byte schema ({reply['how']}) in {t1 - t0:.2f}s; client: {len(window)} calls "
