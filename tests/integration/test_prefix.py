@@ -281,6 +281,12 @@ def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) 
         ctl = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(prefix), "status"],
                              capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
         assert ctl.returncode != 0 and "PERMISSION_DENIED" in ctl.stderr, ctl.stderr
+        from libmrpc.paths import check_daemon_peer
+
+        sock = open_control(str(prefix / "app.sock"))  # past the file checks: the peer's uid still counts
+        with sock, pytest.raises(RpcError) as info:
+            check_daemon_peer(sock, str(prefix / "app.sock"))
+        assert info.value.code() == StatusCode.PERMISSION_DENIED and other_user.name in info.value.details()
     finally:
         fake.kill()
         fake.wait()
