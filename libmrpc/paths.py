@@ -1,7 +1,7 @@
 """Where a daemon lives: its prefix directory and the files in it.
 
-An application trusts a daemon only if root or its own user runs it: before it
-connects, the prefix, ``mrpcd.json`` and the socket must belong to root or to
+An application trusts a daemon only if root, its own user or the user named by
+``MRPC_DAEMON_USER`` runs it: before it connects, the prefix, ``mrpcd.json`` and the socket must belong to root or to
 the application's effective uid and be closed to others' writes (so no other
 local user can have planted them or swapped the socket), and after connecting
 the peer's credentials must say the same (:func:`check_daemon_peer`).
@@ -23,7 +23,16 @@ MAX_STATE_FILE = 64 * 1024
 
 
 def _trusted_uids() -> tuple[int, ...]:
-    return (0, os.geteuid())
+    """root, our euid, and the user named by ``MRPC_DAEMON_USER`` (a daemon run as a service user)."""
+    extra = os.environ.get("MRPC_DAEMON_USER", "").strip()
+    if not extra:
+        return (0, os.geteuid())
+    try:
+        uid = int(extra) if extra.isdigit() else pwd.getpwnam(extra).pw_uid
+    except KeyError:
+        raise RpcError(StatusCode.INVALID_ARGUMENT,
+                       f"MRPC_DAEMON_USER={extra!r} names no user; set it to the daemon's user name or uid") from None
+    return (0, os.geteuid(), uid)
 
 
 def _who(uid: int) -> str:
@@ -68,7 +77,8 @@ def resolve_prefix(prefix: str | os.PathLike[str] | None) -> Path:
 
 
 def _trusted_text() -> str:
-    return "root" if os.geteuid() == 0 else f"root or by {_who(os.geteuid())}"
+    names = ["root"] + [_who(u) for u in dict.fromkeys(_trusted_uids()[1:]) if u != 0]
+    return " or ".join(names) + " (MRPC_DAEMON_USER adds a user)"
 
 
 def _refuse(path: Path | str, what: str, st: os.stat_result, problem: str) -> RpcError:

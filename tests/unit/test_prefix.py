@@ -107,3 +107,18 @@ def test_disk_cache_rejects_tampered_entries_and_evicts(tmp_path: Path) -> None:
     (tmp_path / "c" / "stray.py").write_text("print('never run')")
     again = DiskCache(tmp_path / "c", max_entries=2, max_bytes=1 << 20)
     assert again.load(keys[1]) is not None and not (tmp_path / "c" / "stray.py").exists()
+
+
+def test_daemon_user_can_be_trusted_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = tmp_path / "p"
+    prefix.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the prefix to another uid")
+    os.chown(prefix, 12345, -1)
+    with pytest.raises(RpcError, match="uid 12345"):
+        app_socket_path(prefix)
+    monkeypatch.setenv("MRPC_DAEMON_USER", "12345")
+    assert app_socket_path(prefix) == str(prefix / "app.sock")
+    monkeypatch.setenv("MRPC_DAEMON_USER", "no-such-user-here")
+    with pytest.raises(RpcError, match="names no user"):
+        app_socket_path(prefix)
