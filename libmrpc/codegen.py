@@ -252,16 +252,16 @@ def _exec_source(src: str, key: str) -> ModuleType:
 
 
 def _read_own(path: Path) -> bytes:
-    """A file's bytes if it is a regular file of ours that others cannot write.
+    """A file's bytes if it is a regular file of ours (or root's) that others cannot write.
 
     Raises OSError otherwise (the caller treats it as a cache miss).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise PermissionError(f"{path} is not a regular file of uid {os.geteuid()} closed to others "
-                                  f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise PermissionError(f"{path} is not a regular file of uid {os.geteuid()} or root closed to "
+                                  f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
         return f.read()
 
 
@@ -320,8 +320,13 @@ def load_module(bundle: SchemaBundle, cache_dir: Path | str | None = None) -> Mo
             path = Path(cache_dir) / f"{key}.py"
             mod = _try_import(path, key, bundle.texts) if path.is_file() else None
             if mod is None:
-                write_atomic(path, generate_source(bundle))
-                mod = _import_file(path, key)
+                src = generate_source(bundle)
+                try:
+                    write_atomic(path, src)
+                    mod = _import_file(path, key)
+                except OSError as e:
+                    log.warning("not caching schema module in %s: %s", cache_dir, e)
+                    mod = _exec_source(src, key)
         _LOADED[key] = mod
         return mod
 

@@ -122,3 +122,20 @@ def test_daemon_user_can_be_trusted_by_name(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("MRPC_DAEMON_USER", "no-such-user-here")
     with pytest.raises(RpcError, match="names no user"):
         app_socket_path(prefix)
+
+
+def test_app_side_cache_ignores_files_others_may_write(tmp_path: Path) -> None:
+    from libmrpc.loader import load_proto
+    from libmrpc.schema import cache_key_for, read_proto
+
+    proto = tmp_path / "appcache.proto"
+    proto.write_text('syntax = "proto3";\npackage appcache;\nmessage M { int32 x = 1; }\n')
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    marker = tmp_path / "PWNED"
+    planted = cache / f"{cache_key_for(read_proto(proto))}.py"
+    planted.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    os.chmod(planted, 0o666)
+    mod = load_proto(proto, cache_dir=cache)
+    assert not marker.exists() and mod.M(x=3).x == 3
+    assert stat.S_IMODE(os.stat(planted).st_mode) == 0o644  # replaced by our own file
