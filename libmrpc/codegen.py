@@ -23,11 +23,13 @@ import linecache
 import logging
 import marshal
 import os
+import re
+import stat
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 from google.protobuf import descriptor_pb2
@@ -37,7 +39,7 @@ from libmrpc.codegen_wire import marshal_code, validate_code
 from libmrpc.layout import LAYOUT_VERSION, MessageLayout, MethodInfo, compute_layouts
 from libmrpc.schema import GENERATOR_VERSION, SchemaBundle, cache_key_for
 
-__all__ = ["MethodInfo", "generate_source", "load_cached", "load_module"]
+__all__ = ["MethodInfo", "compile_source", "exec_codes", "generate_source", "load_cached", "load_module"]
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,9 @@ def generate_source(bundle: SchemaBundle) -> str:
     for full, parent, name, _u in types.messages:
         qual[full] = f"{qual[parent]}.{name}" if parent else name
 
+    files = ", ".join(sorted(bundle.texts))
     o: list[str] = [
-        (f'"""mrpc generated module for schema {bundle.schema_hash} '
-         f'({", ".join(sorted(repr(k) for k in bundle.texts))}). DO NOT EDIT."""'),
+        ascii(f"mrpc generated module for schema {bundle.schema_hash} ({files}). DO NOT EDIT."),
         "import enum as _enum",
         "import struct as _struct",
         "from libmrpc import marshal_rt as _mr",
@@ -199,57 +201,103 @@ def _module_name(key: str) -> str:
     return f"_mrpc_schema_{key[:24]}"
 
 
-def _exec_source(src: str, key: str) -> ModuleType:
+# A top-level statement of generated code starts at column 0 with a name
+# (continuation lines are indented or close a bracket).
+_STATEMENT = re.compile(r"^(?=[A-Za-z_])", re.MULTILINE)
+_CHUNK = 64 * 1024
+
+
+def compile_source(src: str, filename: str) -> tuple[CodeType, ...]:
+    """Compile generated source in chunks of whole top-level statements.
+
+    Compiling one huge module costs memory in proportion to its whole syntax
+    tree (a 200 KB schema's 9 MB of code took 1 GB); chunks of ~64 KB keep that
+    small. Line numbers stay those of ``src``. Run the chunks in order with
+    :func:`exec_codes`.
+    """
+    codes: list[CodeType] = []
+    start, line = 0, 0
+    for m in _STATEMENT.finditer(src, 1):
+        if m.start() - start >= _CHUNK:
+            chunk = src[start:m.start()]
+            codes.append(compile("\n" * line + chunk, filename, "exec"))
+            line += chunk.count("\n")
+            start = m.start()
+    if src[start:].strip():
+        codes.append(compile("\n" * line + src[start:], filename, "exec"))
+    return tuple(codes)
+
+
+def exec_codes(codes: tuple[CodeType, ...], key: str, filename: str, *, register: bool = True) -> ModuleType:
+    """A new module from compiled chunks; in ``sys.modules`` only if ``register``."""
     name = _module_name(key)
-    filename = f"<mrpc schema {key[:16]}>"
-    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     mod = ModuleType(name)
     mod.__file__ = filename
-    sys.modules[name] = mod
+    if register:
+        sys.modules[name] = mod
     try:
-        exec(compile(src, filename, "exec"), mod.__dict__)  # noqa: S102 - our generated code
+        for code in codes:
+            exec(code, mod.__dict__)  # noqa: S102 - our generated code
     except BaseException:
-        sys.modules.pop(name, None)
+        if register:
+            sys.modules.pop(name, None)
         raise
     return mod
+
+
+def _exec_source(src: str, key: str) -> ModuleType:
+    filename = f"<mrpc schema {key[:16]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    return exec_codes(compile_source(src, filename), key, filename)
+
+
+def _read_own(path: Path) -> bytes:
+    """A file's bytes if it is a regular file of ours (or root's) that others cannot write.
+
+    Raises OSError otherwise (the caller treats it as a cache miss).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise PermissionError(f"{path} is not a regular file of uid {os.geteuid()} or root closed to "
+                                  f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+        return f.read()
 
 
 def _import_file(path: Path, key: str) -> ModuleType:
-    """Import a cached module; its code object is cached next to it as ``<key>.code``.
+    """Import a cached module; its code is cached next to it as ``<key>.code``.
 
     (Our own bytecode cache, so a hit stays fast under PYTHONDONTWRITEBYTECODE.)
+    Both files must be ours and closed to others' writes.
     """
-    src = path.read_bytes()
+    src = _read_own(path)
     stamp = importlib.util.MAGIC_NUMBER + hashlib.sha256(src).digest()[:12]
     code_path = path.with_suffix(".code")
-    code = None
+    codes = None
     try:
-        data = code_path.read_bytes()
+        data = _read_own(code_path)
         if data[:16] == stamp:
-            code = marshal.loads(data[16:])
+            codes = marshal.loads(data[16:])
+            if not isinstance(codes, tuple) or not all(isinstance(c, CodeType) for c in codes):
+                codes = None
     except (OSError, ValueError, EOFError, TypeError):
-        code = None
-    if code is None:
-        code = compile(src, str(path), "exec")
+        codes = None
+    if codes is None:
+        codes = compile_source(src.decode("utf-8"), str(path))
         with contextlib.suppress(OSError):
-            write_atomic(code_path, stamp + marshal.dumps(code))
-    name = _module_name(key)
-    mod = ModuleType(name)
-    mod.__file__ = str(path)
-    sys.modules[name] = mod
-    try:
-        exec(code, mod.__dict__)  # noqa: S102 - our generated code
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return mod
+            write_atomic(code_path, stamp + marshal.dumps(codes))
+    return exec_codes(codes, key, str(path))
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename (no torn files)."""
+def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename (no torn files).
+
+    The file gets ``mode`` (default 0644) whatever the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644 if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -272,8 +320,13 @@ def load_module(bundle: SchemaBundle, cache_dir: Path | str | None = None) -> Mo
             path = Path(cache_dir) / f"{key}.py"
             mod = _try_import(path, key, bundle.texts) if path.is_file() else None
             if mod is None:
-                write_atomic(path, generate_source(bundle))
-                mod = _import_file(path, key)
+                src = generate_source(bundle)
+                try:
+                    write_atomic(path, src)
+                    mod = _import_file(path, key)
+                except OSError as e:
+                    log.warning("not caching schema module in %s: %s", cache_dir, e)
+                    mod = _exec_source(src, key)
         _LOADED[key] = mod
         return mod
 
@@ -281,6 +334,9 @@ def load_module(bundle: SchemaBundle, cache_dir: Path | str | None = None) -> Mo
 def _try_import(path: Path, key: str, texts: dict[str, str]) -> ModuleType | None:
     try:
         mod = _import_file(path, key)
+    except OSError as e:
+        log.warning("ignoring schema cache file %s: %s", path, e)
+        return None
     except Exception:
         log.exception("ignoring unloadable schema cache file %s", path)
         return None

@@ -3,10 +3,12 @@
 How this works: :func:`read_proto` collects the text of a file and of every file it
 imports (transitively), keyed by the import path protoc sees. Those texts are what
 an application sends to the daemon at bind time. :func:`compile_texts` writes them
-into a private temporary directory, runs protoc (``grpcio-tools``, in-process) to
-get a ``FileDescriptorSet``, then checks the result: proto3 only, and every name
-that generated code will use is a plain identifier (no code injection through a
-schema). Two hashes come out: ``schema_hash`` (what the wire layout depends on,
+into a private temporary directory, runs protoc (``grpcio-tools``, in a child
+process whose stderr is its own, so its messages never mix with other threads'
+output) to get a ``FileDescriptorSet``, then checks the result: proto3 only, file
+names are plain relative ``.proto`` paths (never protoc options), and every name
+that generated code will use is a plain identifier that no generated name takes
+(no code injection through a schema, no crash of the generator). Two hashes come out: ``schema_hash`` (what the wire layout depends on,
 insensitive to comments and whitespace) and ``cache_key`` (what the generated code
 depends on: the exact texts plus layout and generator versions).
 """
@@ -18,8 +20,9 @@ import json
 import keyword
 import os
 import re
+import subprocess
+import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,17 @@ MODULE_NAMES = frozenset(
     {"SCHEMA_HASH", "CACHE_KEY", "LAYOUT_VERSION", "GENERATOR_VERSION", "TEXTS", "FDS",
      "MESSAGES", "ENUMS", "METHODS", "SERVICES", "MARSHAL", "VALIDATE"}
 )
+# Attributes the generator and the runtime set on every generated message class
+# (besides the methods of libmrpc.message.Message): no field, nested type or
+# nested enum value may take them.
+CLASS_NAMES = frozenset({"_FULL_NAME", "_SIZE", "_LAYOUT", "_PB", "_SPECS", "_ATTRS", "_MEMBERS"})
+# Attributes of generated servicer/stub classes: no method may take them.
+SERVICE_NAMES = frozenset({"_MRPC_SCHEMA", "_MRPC_SERVICE"})
+# File names: relative paths of plain components ending in .proto; a component
+# never starts with '-' or '@' (protoc would read it as an option or a response file).
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}){0,15}")
+MAX_FILES = 1024
+PROTOC_TIMEOUT = 120.0  # seconds; the daemon bounds its compiles more tightly
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,31 @@ def _check_import_path(path: str, where: str) -> None:
     parts = path.split("/")
     if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
         raise SchemaError(f"{where}: import path {path!r} must be relative, without '..'")
+
+
+def check_file_names(names: list[str] | set[str] | dict[str, str]) -> None:
+    """Refuse schema file names protoc or the file system would misread.
+
+    Each name is a relative path of at most 16 components of letters, digits and
+    ``_ . + -`` (not starting with ``-``, ``.`` or ``@``), at most 100 characters
+    each, ending in ``.proto``; no name is also the directory of another.
+    Raises :class:`SchemaError` naming the file.
+    """
+    if len(names) > MAX_FILES:
+        raise SchemaError(f"schema bundle has {len(names)} files; at most {MAX_FILES} are allowed")
+    for k in names:
+        if not isinstance(k, str) or not FILE_NAME.fullmatch(k) or not k.endswith(".proto") or any(
+                p in (".", "..") for p in k.split("/")):
+            raise SchemaError(
+                f"schema file name {str(k)[:120]!r} is not a plain relative path ending in .proto "
+                "(components of letters, digits, '_', '.', '+', '-', not starting with '-' or '.'); "
+                "rename the file")
+        if k.startswith(WELL_KNOWN_PREFIX):
+            raise SchemaError(f"{k}: google/protobuf/* files are supplied by the compiler")
+    dirs = {"/".join(k.split("/")[:i]) for k in names for i in range(1, k.count("/") + 1)}
+    clash = sorted(set(names) & dirs)
+    if clash:
+        raise SchemaError(f"schema file name {clash[0]!r} is also the directory of another file; rename one")
 
 
 def read_proto(path: str | os.PathLike[str], include_dirs: tuple | list = ()) -> dict[str, str]:
@@ -118,34 +157,29 @@ def cache_key_for(texts: dict[str, str]) -> str:
 
 # --- compiling -----------------------------------------------------------------------
 
-_PROTOC_LOCK = threading.Lock()
-
-
 def _wkt_include() -> str:
     import importlib.resources
 
     return str(importlib.resources.files("grpc_tools") / "_proto")
 
 
-def _run_protoc(args: list[str]) -> tuple[int, str]:
-    """Run protoc in-process; return (exit code, what it wrote to stderr).
+_PROTOC_MAIN = ("import sys\nfrom grpc_tools import _protoc_compiler as c\n"
+                "sys.exit(c.run_main([a.encode() for a in sys.argv[1:]]))")
 
-    protoc writes errors to file descriptor 2, so fd 2 is redirected to a temporary
-    file for the duration (serialized by a lock; other threads' stderr output in
-    that window lands in the captured text).
+
+def _run_protoc(args: list[str], cwd: str) -> tuple[int, str]:
+    """Run protoc (grpcio-tools) in a child process; return (exit code, its stderr).
+
+    The child's stderr is a pipe of its own: the messages are protoc's alone, and
+    nothing this process's other threads write to fd 2 is captured or lost.
     """
-    from grpc_tools import protoc
-
-    with _PROTOC_LOCK, tempfile.TemporaryFile() as err:
-        saved = os.dup(2)
-        try:
-            os.dup2(err.fileno(), 2)
-            rc = protoc.main(args)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        err.seek(0)
-        return rc, err.read().decode("utf-8", "replace")
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROTOC_MAIN, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=PROTOC_TIMEOUT,
+                           check=False)
+    except subprocess.TimeoutExpired:
+        raise SchemaError(f"protoc did not finish within {PROTOC_TIMEOUT:g}s; simplify the schema") from None
+    return r.returncode, r.stderr.decode("utf-8", "replace")
 
 
 def compile_texts(texts: dict[str, str]) -> SchemaBundle:
@@ -157,20 +191,22 @@ def compile_texts(texts: dict[str, str]) -> SchemaBundle:
     """
     if not texts:
         raise SchemaError("no schema texts to compile")
-    for k in texts:
-        _check_import_path(k, "schema bundle")
-        if k.startswith(WELL_KNOWN_PREFIX):
-            raise SchemaError(f"{k}: google/protobuf/* files are supplied by the compiler")
+    check_file_names(texts)
     with tempfile.TemporaryDirectory(prefix="mrpc-protoc-") as d:
+        src = Path(d, "src")
         for k, t in texts.items():
-            p = Path(d, "src", k)
+            p = Path(src, k)
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(t, encoding="utf-8")
+            try:
+                p.write_bytes(t.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise SchemaError(f"{k}: schema text is not valid Unicode ({e.reason} at {e.start})") from None
         out = Path(d, "out.pb")
-        args = ["protoc", f"-I{Path(d, 'src')}", f"-I{_wkt_include()}",
-                f"--descriptor_set_out={out}", "--include_imports", *sorted(texts)]
-        rc, err = _run_protoc(args)
+        args = ["protoc", "-I.", f"-I{_wkt_include()}", "--descriptor_set_out=../out.pb", "--include_imports",
+                *sorted(texts)]
+        rc, err = _run_protoc(args, str(src))
         if rc != 0 or not out.exists():
+            err = err.replace(str(src) + "/", "")
             raise SchemaError(f"protoc rejected the schema:\n{err.strip() or f'exit code {rc}'}")
         raw = out.read_bytes()
     fds = descriptor_pb2.FileDescriptorSet.FromString(raw)
@@ -196,7 +232,22 @@ def _ident(name: str, what: str, file: str, *, allow_keyword: bool = False) -> N
 def _reserved_attrs() -> frozenset[str]:
     from libmrpc.message import Message
 
-    return frozenset(dir(Message))
+    return frozenset(dir(Message)) | CLASS_NAMES
+
+
+def _class_attr(name: str, what: str, full: str, file: str, reserved: frozenset[str]) -> None:
+    """``name`` becomes an attribute of the generated class of ``full``."""
+    if name in reserved:
+        raise SchemaError(
+            f"{file}: {what} {full}.{name} collides with the generated message "
+            f"method/attribute {name!r}; rename it"
+        )
+
+
+def _enum_member(name: str, full: str, file: str) -> None:
+    """Python's enum module reserves ``_sunder_`` names and ``mro``."""
+    if name == "mro" or (len(name) > 2 and name[0] == name[-1] == "_"):
+        raise SchemaError(f"{file}: value {name!r} of enum {full} is a name Python enums reserve; rename it")
 
 
 def _check_scope(names: list[tuple[str, str]], where: str, file: str) -> None:
@@ -230,11 +281,15 @@ def _check_message(
         _ident(od.name, f"oneof of {full}", file, allow_keyword=True)
     for e in m.enum_type:
         _check_enum(e, f"{full}.{e.name}", file)
+        _class_attr(e.name, "nested enum", full, file, reserved)
         scope.append((e.name, "enum"))
+        for v in e.value:
+            _class_attr(v.name, "enum value", full, file, reserved)
         scope.extend((v.name, "enum value") for v in e.value)
     for n in m.nested_type:
         _check_message(n, f"{full}.{n.name}", file, reserved)
         if not n.options.map_entry:
+            _class_attr(n.name, "nested message", full, file, reserved)
             scope.append((n.name, "message"))
     _check_scope(scope, full, file)
 
@@ -243,6 +298,7 @@ def _check_enum(e: descriptor_pb2.EnumDescriptorProto, full: str, file: str) -> 
     _ident(e.name, "enum", file)
     for v in e.value:
         _ident(v.name, f"value of enum {full}", file)
+        _enum_member(v.name, full, file)
 
 
 def check_descriptors(fds: descriptor_pb2.FileDescriptorSet, user_files: set[str]) -> None:
@@ -273,6 +329,9 @@ def check_descriptors(fds: descriptor_pb2.FileDescriptorSet, user_files: set[str
             _ident(s.name, "service", f.name)
             for meth in s.method:
                 _ident(meth.name, f"method of {prefix}{s.name}", f.name)
+                if meth.name in SERVICE_NAMES:
+                    raise SchemaError(f"{f.name}: method {prefix}{s.name}.{meth.name} collides with an "
+                                      "attribute of the generated stub and servicer classes; rename it")
         if not user:
             continue
         names = [(m.name, "message") for m in f.message_type]

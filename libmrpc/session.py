@@ -30,7 +30,7 @@ from typing import Any
 from libmrpc.control import open_control, request
 from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
-from libmrpc.paths import app_socket_path, resolve_prefix
+from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
 from libmrpc.ring import (
     CMP_RECLAIM,
     CMP_REPLY,
@@ -120,7 +120,13 @@ class Session:
         self.prefix = prefix
         self.pid = os.getpid()
         self.name = name or Path(os.path.basename(sys.argv[0] or "python")).stem or f"pid{self.pid}"
-        self._ctl = open_control(app_socket_path(prefix))
+        path = app_socket_path(prefix)
+        self._ctl = open_control(path)
+        try:
+            check_daemon_peer(self._ctl, path)
+        except RpcError:
+            self._ctl.close()
+            raise
         self._ctl_lock = threading.Lock()
         reply, fds = request(self._ctl, {"op": "register", "name": self.name, "pid": self.pid})
         self.app_id = reply["app_id"]

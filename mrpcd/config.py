@@ -53,6 +53,7 @@ __all__ = [
     "MetricsConfig",
     "PolicyAttachment",
     "ServiceRule",
+    "SchemaConfig",
     "ShmConfig",
     "TcpConfig",
     "default_prefix",
@@ -102,6 +103,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SchemaConfig:
+    max_bytes: int  # largest schema bundle (file names + texts, UTF-8) an app may bind
+    max_per_app: int  # distinct schemas one app may bind
+    compile_timeout: float  # seconds of wall-clock time for one compile (protoc + codegen)
+    compile_memory: int  # address-space limit of the compile process, bytes
+    compile_jobs: int  # compiles that may run at once
+    keep_unused: int  # loaded schemas kept in memory after the last app holding them left
+    cache_max_entries: int  # compiled schemas kept in cache_dir
+    cache_max_bytes: int  # bytes of compiled schemas kept in cache_dir
+
+
+@dataclass(frozen=True)
 class PolicyAttachment:
     engine: str  # a name in Config.engines
     app: str  # app name, or "*" for every app including later ones
@@ -146,6 +159,7 @@ class Config:
     tcp: TcpConfig
     metrics: MetricsConfig
     limits: LimitsConfig
+    schema: SchemaConfig
     engines: Mapping[str, str]  # engine name -> module path; read-only
     policies: tuple[PolicyAttachment, ...]
     apps: AppsConfig
@@ -469,6 +483,14 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "limits.completion_backlog": (_int(1, 1 << 24), 4096),
     "limits.marshal_work": (_int(1024, 1 << 30), 1 << 18),
     "limits.slice_us": (_int(100, 10_000_000), 2000),
+    "schema.max_bytes": (_size(KiB, 64 * MiB), "256KiB"),
+    "schema.max_per_app": (_int(1, 4096), 16),
+    "schema.compile_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
+    "schema.compile_memory": (_size(16 * MiB, TiB), "512MiB"),
+    "schema.compile_jobs": (_int(1, 64), 2),
+    "schema.keep_unused": (_int(0, 1 << 20), 32),
+    "schema.cache_max_entries": (_int(0, 1 << 24), 256),
+    "schema.cache_max_bytes": (_size(0, TiB), "256MiB"),
     "engines": (_engines, {n: f"engines.{n}" for n in (*_DATAPATH_ENGINES, *_POLICY_ENGINES)}),
     "policies": (_policies, []),
     "apps.max": (_int(1, 1_000_000), 1024),
@@ -656,4 +678,5 @@ def _finish(v: dict[str, Any], sources: dict[str, Callable[[str], str]]) -> Conf
         metrics=MetricsConfig(**sections["metrics"]),
         limits=LimitsConfig(**sections["limits"]),
         apps=AppsConfig(**sections["apps"]),
+        schema=SchemaConfig(**sections["schema"]),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,20 @@ import click
 import yaml
 
 from libmrpc.control import open_control, request
+from libmrpc.paths import check_daemon_peer, operator_socket_path, resolve_prefix
 from libmrpc.status import RpcError
 
 
 def _operator_socket(prefix: str | None) -> str:
-    from mrpcd.config import default_prefix
-
-    base = Path(prefix or os.environ.get("MRPC_PREFIX") or default_prefix())
-    state = base / "mrpcd.json"
-    if state.exists():
-        try:
-            return json.loads(state.read_text())["operator_socket"]
-        except (ValueError, KeyError):
-            pass
-    return str(base / "ctl.sock")
+    """The operator socket at ``prefix`` (checked: root's or ours, see libmrpc.paths)."""
+    return operator_socket_path(resolve_prefix(prefix))
 
 
 def _call(ctx: click.Context, msg: dict[str, Any]) -> dict[str, Any]:
-    path = _operator_socket(ctx.obj["prefix"])
     try:
+        path = _operator_socket(ctx.obj["prefix"])
         with open_control(path) as sock:
+            check_daemon_peer(sock, path)
             reply, _ = request(sock, msg)
     except RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from None

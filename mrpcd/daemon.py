@@ -10,7 +10,6 @@ datapath's runtime via ``Runtime.call``.
 from __future__ import annotations
 
 import fcntl
-import grp
 import itertools
 import json
 import logging
@@ -23,15 +22,18 @@ from typing import Any
 
 from libmrpc import marshal_rt
 from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
+from libmrpc.paths import daemon_state
+from libmrpc.schema import cache_key_for
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from libmrpc.wire import encode_error
 from mrpcd.accept import accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
-from mrpcd.binding import BindingCache
+from mrpcd.binding import BindingCache, check_texts
 from mrpcd import VERSION
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.datapath import Datapath
+from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.engine import EngineContext, MonotonicClock, Rpc
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
@@ -41,18 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _unix_listener(path: Path, mode: int, group: str | None = None) -> socket.socket:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.bind(str(path))
-    gid = grp.getgrnam(group).gr_gid if group else -1
-    if gid != -1:
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
-    sock.listen(128)
-    return sock
+    return unix_listener(path, mode, group)
 
 
 class Daemon:
@@ -61,11 +52,10 @@ class Daemon:
         self.clock = MonotonicClock()
         self.started = time.time()
         self.prefix = config.prefix
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.prefix, 0o755)
+        ensure_dir(self.prefix, 0o755, "prefix")
         self._lock_fd = self._lock_prefix()
         self.layout = ShmLayout(config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size)
-        self.bindings = BindingCache(config.cache_dir)
+        self.bindings = BindingCache(config.cache_dir, config.schema)
         self.registry = EngineRegistry(config.engines)
         self.runtimes = [Runtime(f"rt{i}", self.clock, spin_us=config.spin_us) for i in range(config.runtimes)]
         self.apps: dict[int, AppState] = {}
@@ -100,13 +90,12 @@ class Daemon:
 
     def _lock_prefix(self) -> int:
         """Hold ``PREFIX/mrpcd.lock`` for our lifetime: one daemon per prefix."""
-        fd = os.open(self.prefix / "mrpcd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_file(self.prefix / "mrpcd.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            other = json.loads((self.prefix / "mrpcd.json").read_text()).get("pid", "?") if (
-                self.prefix / "mrpcd.json").exists() else "?"
+            other = daemon_state(self.prefix).get("pid", "?")
             raise MrpcError(f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
                             f"stop it or choose another --prefix") from None
         return fd
@@ -152,9 +141,7 @@ class Daemon:
         state = {"pid": os.getpid(), "listen": self.listen_addr, "app_socket": str(self.app_sock_path),
                  "operator_socket": str(self.op_sock_path), "prefix": str(self.prefix),
                  "version": VERSION, "metrics": self.operator.metrics_addr if self.operator else None}
-        tmp = self.prefix / "mrpcd.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.prefix / "mrpcd.json")
+        write_file(self.prefix / "mrpcd.json", json.dumps(state, indent=2).encode(), 0o644)
 
     def inflight(self) -> int:
         with self.apps_lock:
@@ -370,10 +357,16 @@ class Daemon:
 
     def _app_op(self, app: AppState, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
         if op == "bind_schema":
-            texts = msg.get("texts")
-            if not isinstance(texts, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                      for k, v in texts.items()):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, "bind_schema needs texts: {path: proto source}")
+            texts = check_texts(msg.get("texts"), self.config.schema.max_bytes)
+            key = cache_key_for(texts)
+            with app.lock:
+                known = any(getattr(b.module, "CACHE_KEY", None) == key for b in app.bindings)
+                count = len(app.bindings)
+            limit = self.config.schema.max_per_app
+            if not known and count >= limit:
+                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"app {app.name!r} has bound {count} schemas, the most schema.max_per_app "
+                               f"({limit}) allows; bind fewer distinct schemas or ask the operator to raise it")
             result = self.bindings.bind(texts)
             module = result.module
             with app.lock:

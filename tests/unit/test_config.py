@@ -60,7 +60,7 @@ def error(text: str, tmp: Path, **kw: object) -> str:
 def test_defaults_without_file() -> None:
     c = load_config(env={})
     prefix = default_prefix({})
-    assert c.prefix == prefix == Path(f"/tmp/mrpc-{os.getuid()}")
+    assert c.prefix == prefix == (Path("/run/mrpc") if os.geteuid() == 0 else Path(f"/tmp/mrpc-{os.geteuid()}"))
     assert c.listen == ("127.0.0.1", 5150)
     assert (c.transport, c.log_level) == ("tcp", "info")
     assert c.app_socket == prefix / "app.sock"
@@ -76,12 +76,24 @@ def test_defaults_without_file() -> None:
     assert c.policies == ()
 
 
-def test_default_prefix_uses_writable_xdg_runtime_dir(tmp_path: Path) -> None:
-    assert default_prefix({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "mrpc"
-    missing = {"XDG_RUNTIME_DIR": str(tmp_path / "nope")}
-    assert default_prefix(missing) == Path(f"/tmp/mrpc-{os.getuid()}")
-    assert default_prefix({"XDG_RUNTIME_DIR": "relative"}) == Path(f"/tmp/mrpc-{os.getuid()}")
-    assert load_config(env={"XDG_RUNTIME_DIR": str(tmp_path)}).prefix == tmp_path / "mrpc"
+def test_default_prefix_uses_own_private_xdg_runtime_dir(tmp_path: Path) -> None:
+    uid = os.geteuid() or 54321  # as root: pretend to be a user who owns tmp_path
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    os.chmod(xdg, 0o700)
+    if os.geteuid() == 0:
+        os.chown(xdg, uid, -1)
+    assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid) == xdg / "mrpc"
+    fallback = Path(f"/tmp/mrpc-{uid}")
+    assert default_prefix({"XDG_RUNTIME_DIR": str(tmp_path / "nope")}, uid=uid) == fallback
+    assert default_prefix({"XDG_RUNTIME_DIR": "relative"}, uid=uid) == fallback
+    os.chmod(xdg, 0o755)  # not private: not an XDG runtime dir
+    assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid) == fallback
+    os.chmod(xdg, 0o700)
+    assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid + 1) == Path(f"/tmp/mrpc-{uid + 1}")  # not ours
+    assert default_prefix({}, uid=0) == Path("/run/mrpc")
+    assert default_prefix({"RUNTIME_DIRECTORY": "/run/x:/run/y"}, uid=uid) == Path("/run/x")
+    assert load_config(env={"RUNTIME_DIRECTORY": str(tmp_path)}).prefix == tmp_path
 
 
 def test_config_is_frozen() -> None:
