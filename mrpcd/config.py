@@ -128,6 +128,8 @@ class AppsConfig:
     max: int  # registered applications at once, all users
     max_per_uid: int  # registered applications at once, per Unix user
     register_timeout: float  # seconds a new app connection has to register
+    register_rate: float  # registrations per second one uid may make (burst: register_burst)
+    register_burst: int  # registrations one uid may make at once before register_rate applies
 
 
 @dataclass(frozen=True)
@@ -496,6 +498,8 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "apps.max": (_int(1, 1_000_000), 1024),
     "apps.max_per_uid": (_int(1, 1_000_000), 128),
     "apps.register_timeout": (_float(0.0, 3600.0, positive=True), 10.0),
+    "apps.register_rate": (_float(0.0, 1e6, positive=True), 50.0),
+    "apps.register_burst": (_int(1, 1_000_000), 100),
     "services": (_service_rules, []),
 }
 _NO_ENV = ("engines", "policies", "services")

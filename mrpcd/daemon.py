@@ -87,6 +87,7 @@ class Daemon:
         self.service_policy = ServicePolicy(config.services)
         self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
         self._registering: dict[int, int] = {}  # uid -> registrations under way
+        self._register_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
 
     def _lock_prefix(self) -> int:
         """Hold ``PREFIX/mrpcd.lock`` for our lifetime: one daemon per prefix."""
@@ -289,7 +290,26 @@ class Daemon:
                                f"uid {uid} has {mine} applications registered at this mrpcd, the limit "
                                f"per user (apps.max_per_uid = {limits.max_per_uid}); close some or ask "
                                f"the operator to raise it")
+            self._take_register_token(uid)
             self._registering[uid] = self._registering.get(uid, 0) + 1
+
+    def _take_register_token(self, uid: int) -> None:
+        """apps.register_rate per uid (a token bucket); raise when ``uid`` registers too
+        fast. Call with apps_lock held."""
+        limits, now = self.config.apps, time.monotonic()
+        tokens, then = self._register_tokens.get(uid, (float(limits.register_burst), now))
+        tokens = min(float(limits.register_burst), tokens + (now - then) * limits.register_rate)
+        if tokens < 1.0:
+            raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                           f"uid {uid} registers applications faster than apps.register_rate "
+                           f"({limits.register_rate:g}/s after a burst of {limits.register_burst}); "
+                           f"retry in {(1.0 - tokens) / limits.register_rate:.2f}s")
+        self._register_tokens[uid] = (tokens - 1.0, now)
+        if len(self._register_tokens) > 4096:  # forget users whose buckets are full again
+            full = [u for u, (t, w) in self._register_tokens.items()
+                    if t + (now - w) * limits.register_rate >= limits.register_burst]
+            for u in full:
+                del self._register_tokens[u]
 
     def _registered(self, uid: int) -> None:
         """A registration of ``uid`` is no longer under way (call with apps_lock held)."""

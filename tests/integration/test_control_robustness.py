@@ -37,6 +37,26 @@ print("done", flush=True)
 """
 
 
+NO_RATE = "apps:\n  register_rate: 1000000\n  register_burst: 1000000\n"
+
+FLOOD = """
+import sys
+from libmrpc.control import ControlError, open_control, request
+path, n = sys.argv[1], int(sys.argv[2])
+ok = refused = 0
+detail = ""
+for i in range(n):
+    with open_control(path) as s:
+        try:
+            request(s, {"op": "register", "name": f"flood{i}"})
+            ok += 1
+        except ControlError as e:
+            refused += 1
+            detail = e.details()
+print(ok, refused, detail, flush=True)
+"""
+
+
 def resources(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -69,7 +89,8 @@ def wait_apps(d: Daemon, names: set[str], timeout: float = 30) -> list[str]:
 
 @pytest.mark.parametrize("n", [600, pytest.param(3000, marks=pytest.mark.slow)])
 def test_apps_that_hang_up_before_the_register_reply_leave_nothing(cluster: Cluster, n: int) -> None:
-    a, b = cluster.daemon("a"), cluster.daemon("b")
+    # no registration rate limit here: every hit-and-run registration must be undone
+    a, b = cluster.daemon("a", config=NO_RATE), cluster.daemon("b")
     cluster.server(b)
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="good"))
     rate(stub, 0.3)  # warm up
@@ -96,6 +117,24 @@ def test_apps_that_hang_up_before_the_register_reply_leave_nothing(cluster: Clus
     assert after["rss_kib"] <= before["rss_kib"] + 32 * 1024
     assert rate_after >= 0.5 * rate_before
     assert "Traceback" not in a.log()
+
+
+def test_a_registration_flood_is_rate_limited_per_user(cluster: Cluster) -> None:
+    a, b = cluster.daemon("a", config="apps:\n  register_rate: 20\n  register_burst: 40\n"), cluster.daemon("b")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="good"))
+    rate(stub, 0.3)  # warm up
+    rate_before, _ = rate(stub, 1.0)
+    attack = subprocess.Popen([sys.executable, "-c", FLOOD, str(a.prefix / "app.sock"), "1000"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    rate_during, errors_during = rate(stub, 1.5)
+    ok, refused, detail = attack.communicate(timeout=120)[0].strip().split(" ", 2)
+    print(f"\nregistration flood of 1000: {ok} registered, {refused} refused; well-behaved client "
+          f"{rate_before:.0f} RPC/s before, {rate_during:.0f} during ({errors_during} errors)")
+    assert int(ok) + int(refused) == 1000
+    assert 40 <= int(ok) < 500, "the burst is admitted, then at most register_rate per second"
+    assert "apps.register_rate" in detail and "uid 0" in detail
+    assert errors_during == 0
 
 
 def test_too_many_apps_are_resource_exhausted_naming_the_limit(cluster: Cluster) -> None:
