@@ -13,6 +13,12 @@ service to the server app and lands them in that app's receive heap.
 
 Every call gets exactly one outcome: a reply, an error frame, a local error
 (connection refused, deadline, connection lost) — never none, never two.
+
+Peers are untrusted (see :mod:`engines.tcp_limits`): a body the daemon will
+not keep is skipped without storing it, every connection's reservations and
+queues are bounded, stalled and idle connections are timed out, and host names
+are resolved off the runtime thread (:mod:`engines.tcp_resolve`). An app's
+connections to one (host, port, schema) share one TCP connection.
 """
 
 from __future__ import annotations
@@ -21,14 +27,21 @@ import heapq
 import itertools
 import logging
 import socket
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from engines import tcp_resolve
 from engines.tcp_conn import Conn, configure, connect_nonblocking
+from engines.tcp_limits import PONG_QUEUE_MAX, PeerLimits, RateLimitedLog, admit, overdue, reap_gone_apps, settle
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    DISCARD,
+    FRAME_NAMES,
+    MAX_HELLO_SERVICES,
+    MAX_SERVICE_NAME,
     ERROR,
     GOAWAY,
     HELLO,
@@ -37,7 +50,9 @@ from libmrpc.wire import (
     PONG,
     PROTOCOL_VERSION,
     REPLY,
+    Body,
     FrameHeader,
+    clamp_timeout_us,
     decode_json_body,
     encode_error,
     encode_header,
@@ -63,6 +78,30 @@ def _send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> Non
     conn.queue(encode_error(wire_id, code, details))
 
 
+def _answer_ping(conn: Conn, header: FrameHeader) -> bool:
+    """Queue a PONG unless the peer leaves output unread (a PING flood then costs nothing)."""
+    if len(conn.sendq) >= PONG_QUEUE_MAX:
+        return False
+    conn.queue([encode_header(PONG, call_id=header.call_id)])
+    return True
+
+
+Target = tuple[str, int, int]  # (host, port, schema slot): one shared connection each
+
+
+def format_target(key: Target) -> str:
+    return f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}"
+
+
+def _status(value: Any, default: StatusCode) -> StatusCode:
+    """A status code from a peer, or ``default`` if it is not a valid one."""
+    try:
+        code = StatusCode(int(value))
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return code if code is not StatusCode.OK else default
+
+
 class TcpTransport(Engine):
     NAME = "tcp"
     VERSION = 1
@@ -75,11 +114,16 @@ class TcpTransport(Engine):
         self.tcp = svc["tcp_config"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
-        self.conns: dict[int, Conn] = {}
+        self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
+        self.conns: dict[Target, Conn] = {}
         self.pending: dict[int, tuple[Rpc, Conn]] = {}
         self.deadlines: list[tuple[float, int]] = []
-        self.failed: dict[int, tuple[float, StatusCode, str]] = {}
+        self.failed: dict[Target, tuple[float, StatusCode, str]] = {}
         self.dirty: set[Conn] = set()
+        # calls waiting for their host name to resolve: target -> (give-up time, calls)
+        self.resolving: dict[Target, tuple[float, list[Rpc]]] = {}
+        self._resolved: deque[Target] = deque()  # appended by resolver threads
+        self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
         self.counters = {"calls_sent": 0, "replies_received": 0, "replies_sent": 0, "errors": 0,
                          "late_replies": 0, "deadline_expired": 0}
@@ -103,51 +147,119 @@ class TcpTransport(Engine):
                 log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
                 if rpc.kind is RpcKind.CALL:
                     self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
+        while self._resolved:
+            n += self._retry_resolved(self._resolved.popleft())
         if self.dirty:
             for conn in self.dirty:
                 conn.flush()
             self.dirty.clear()
-        if self.deadlines and self.deadlines[0][0] <= self.ctx.clock.now():
+        now = self.ctx.clock.now()
+        if self.deadlines and self.deadlines[0][0] <= now:
             n += self._expire()
+        if now >= self._next_sweep and (self.conns or self.resolving):
+            self._next_sweep = now + self.limits.tick
+            n += self._sweep(now)
         return n
 
     def _fail(self, rpc: Rpc, code: StatusCode, details: str) -> None:
         self.counters["errors"] += 1
         self.rx_out.append(rpc.error_reply(code, details))
 
-    def _conn_for(self, spec: ConnSpec, binding: Any) -> Conn | tuple[StatusCode, str]:
-        conn = self.conns.get(spec.conn_id)
+    def _conn_for(self, spec: ConnSpec, binding: Any, rpc: Rpc) -> Conn | tuple[StatusCode, str] | None:
+        """The open connection for ``spec``, a local error, or None: ``rpc`` waits
+        for the host name to resolve and is sent (or failed) then."""
+        key: Target = spec.key
+        conn = self.conns.get(key)
         if conn is not None and not conn.closed and not conn.info.get("goaway"):
             return conn
-        failed = self.failed.get(spec.conn_id)
+        now = self.ctx.clock.now()
+        failed = self.failed.get(key)
         if failed is not None:
             until, code, msg = failed
-            if self.ctx.clock.now() < until:
+            if now < until:
                 return code, msg
-            del self.failed[spec.conn_id]
+            del self.failed[key]
+        waiting = self.resolving.get(key)
+        if waiting is not None:
+            waiting[1].append(rpc)
+            return None
+        known = tcp_resolve.lookup(spec.host, spec.port, lambda: self._on_resolved(key))
+        if known is None:
+            self.resolving[key] = (now + self.tcp.connect_timeout, [rpc])
+            return None
+        addr, error = known
+        if addr is None:
+            msg = (f"cannot resolve host {spec.host!r} of {spec.addr}: {error}; "
+                   f"check the name or connect by IP address")
+            self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
+            return StatusCode.UNAVAILABLE, msg
         try:
-            sock, connecting = connect_nonblocking(spec.host, spec.port, nodelay=self.tcp.nodelay,
+            sock, connecting = connect_nonblocking(addr, spec.port, nodelay=self.tcp.nodelay,
                                                    sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
         except OSError as e:
             msg = (f"cannot reach mrpcd at {spec.addr}: {e.strerror or e}; "
                    f"is the remote daemon running and listening there?")
-            self.failed[spec.conn_id] = (self.ctx.clock.now() + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
+            self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
             return StatusCode.UNAVAILABLE, msg
         conn = Conn(sock, self, self.poller, peer=spec.addr, outbound=True,
-                    max_body=self.max_message_size, connecting=connecting)
-        conn.info.update(conn_id=spec.conn_id, connect_deadline=self.ctx.clock.now() + self.tcp.connect_timeout)
+                    max_body=self.max_message_size, connecting=connecting, clock=self.ctx.clock,
+                    max_sendq=self.limits.max_send_queue)
+        conn.info.update(conn_id=key, schema_hash=binding.schema_hash,
+                         connect_deadline=now + self.tcp.connect_timeout)
         conn.queue([encode_json_frame(HELLO, {
             "version": PROTOCOL_VERSION, "schema_hash": binding.schema_hash,
-            "services": list(binding.services), "app": self.app.name, "pid": self.app.pid,
-            "daemon": self.daemon_name})])
-        self.conns[spec.conn_id] = conn
+            "services": list(binding.services)[:MAX_HELLO_SERVICES], "app": self.app.name,
+            "pid": self.app.pid, "daemon": self.daemon_name})])
+        self.conns[key] = conn
         if connecting:
             heapq.heappush(self.deadlines, (conn.info["connect_deadline"], -conn.fd))
         return conn
 
+    def _on_resolved(self, key: Target) -> None:
+        """From a resolver thread: hand the target to the runtime thread."""
+        self._resolved.append(key)
+        runtime = self.app.runtime
+        if runtime is not None:
+            runtime.wake()
+
+    def _retry_resolved(self, key: Target) -> int:
+        entry = self.resolving.pop(key, None)
+        if entry is None:
+            return 0
+        for rpc in entry[1]:
+            self._send_call(rpc)
+        return len(entry[1])
+
+    def _sweep(self, now: float) -> int:
+        """Time out stalled or idle connections and calls that wait on name resolution too long."""
+        n = 0
+        for conn in list(self.conns.values()):
+            reason = overdue(conn, now, self.limits)
+            if reason is not None:
+                conn.close(reason)
+        for key, (give_up, calls) in list(self.resolving.items()):
+            if now >= give_up:
+                del self.resolving[key]
+                msg = (f"cannot reach mrpcd at {format_target(key)}: resolving host {key[0]!r} "
+                       f"took longer than {self.tcp.connect_timeout:g}s (tcp.connect_timeout)")
+                for rpc in calls:
+                    self._fail(rpc, StatusCode.UNAVAILABLE, msg)
+                n += len(calls)
+                continue
+            late = [r for r in calls if r.deadline is not None and r.deadline <= now]
+            for rpc in late:
+                calls.remove(rpc)
+                self.counters["deadline_expired"] += 1
+                self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
+                           f"deadline exceeded while resolving host {key[0]!r}")
+            n += len(late)
+        return n
+
     def _send_call(self, rpc: Rpc) -> None:
         st: TxCall = rpc._state
-        conn = self._conn_for(st.conn, st.binding)
+        conn = self._conn_for(st.conn, st.binding, rpc)
+        if conn is None:
+            return  # waits for name resolution
         if isinstance(conn, tuple):
             return self._fail(rpc, *conn)
         assert rpc.method is not None
@@ -191,6 +303,7 @@ class TcpTransport(Engine):
             inner = st[1]
             if isinstance(inner, RxCall):  # refused on the receive side: tell the caller
                 _free_landed(self.app, inner.landed)
+                settle(inner.origin, inner.wire_id)
                 if not inner.origin.closed:
                     _send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
                     self.dirty.add(inner.origin)
@@ -201,6 +314,7 @@ class TcpTransport(Engine):
             self.rx_out.append(rpc)
             return
         origin: Conn = st.call.origin
+        settle(origin, st.call.wire_id)
         reclaim = self._reclaim_cb(rpc.call_id)
         if origin.closed:
             reclaim()
@@ -255,30 +369,40 @@ class TcpTransport(Engine):
         return n
 
     def next_timer(self) -> float | None:
-        return self.deadlines[0][0] if self.deadlines else None
+        t = self.deadlines[0][0] if self.deadlines else None
+        if self.conns or self.resolving:
+            t = self._next_sweep if t is None else min(t, self._next_sweep)
+        return t
 
     # ------------------------------------------------------------------ rx (outbound conns)
 
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None:
-        if header.type != REPLY or header.body_len == 0:
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
+        t = header.type
+        if t != REPLY:
+            if t == CALL or t == HELLO:
+                raise WireError(f"peer sent a {FRAME_NAMES[t]} frame on a client connection")
+            return DISCARD if t in (PING, PONG) else None  # small control bodies are kept
+        if header.body_len == 0:
             return None
-        if header.call_id not in self.pending:
-            return None  # a late reply: received into a scratch buffer and dropped
+        entry = self.pending.get(header.call_id)
+        if entry is None or entry[1] is not conn:
+            return DISCARD  # a late (or made-up) reply: skipped, never stored
         try:
             off = self.app.recv_heap.alloc(header.body_len)
         except HeapExhausted as e:
             conn.cur = e
-            return None
+            return DISCARD
         conn.cur = Landed(off, header.body_len)
         return self.app.recv_view[off:off + header.body_len]
 
     def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
         t = header.type
         if t == REPLY or t == ERROR:
-            entry = self.pending.pop(header.call_id, None)
-            if entry is None:
+            entry = self.pending.get(header.call_id)
+            if entry is None or entry[1] is not conn:
                 self.counters["late_replies"] += 1
                 return
+            del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
             if t == ERROR:
@@ -302,16 +426,17 @@ class TcpTransport(Engine):
         elif t == HELLO_ACK:
             ack = decode_json_body(body)
             if not ack.get("ok"):
-                code = StatusCode(int(ack.get("code", StatusCode.UNAVAILABLE)))
-                msg = str(ack.get("error", "the remote daemon refused the connection"))
+                code = _status(ack.get("code"), StatusCode.UNAVAILABLE)
+                msg = str(ack.get("error", "the remote daemon refused the connection"))[:2000]
+                msg += f" (this app's schema hash is {conn.info.get('schema_hash')})"
                 conn.info["refused"] = (code, msg)
                 self.failed[conn.info["conn_id"]] = (self.ctx.clock.now() + FAILED_RETRY, code, msg)
                 conn.close(f"handshake refused: {msg}")
             else:
                 conn.info["peer_daemon"] = ack.get("daemon")
         elif t == PING:
-            conn.queue([encode_header(PONG, call_id=header.call_id)])
-            self.dirty.add(conn)
+            if _answer_ping(conn, header):
+                self.dirty.add(conn)
         elif t == GOAWAY:
             conn.info["goaway"] = True
         elif t == PONG:
@@ -378,10 +503,15 @@ class TcpIngress(Engine):
         self.listener: socket.socket = svc["listener"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
+        self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: set[Conn] = set()
         self.dirty: set[Conn] = set()
+        self.per_ip: dict[str, int] = {}
         self._resume_accept: float | None = None
-        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0}
+        self._next_sweep = 0.0
+        self._log_refused = RateLimitedLog()
+        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0,
+                         "connections_refused": 0, "connections_timed_out": 0}
         self.listener.setblocking(False)
         self.poller.register(self.listener.fileno(), 1, self._on_accept)
 
@@ -396,16 +526,32 @@ class TcpIngress(Engine):
                 self.poller.unregister(self.listener.fileno())
                 self._resume_accept = self.ctx.clock.now() + 0.1
                 return
+            ip = str(addr[0])
+            if len(self.conns) >= self.limits.max_inbound or self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
+                sock.close()
+                self.counters["connections_refused"] += 1
+                self._log_refused(self.ctx.clock.now(), "refused a peer connection from %s: %d open "
+                                  "(%d from that address); limits tcp.max_inbound_connections=%d, "
+                                  "tcp.max_inbound_per_ip=%d", ip, len(self.conns), self.per_ip.get(ip, 0),
+                                  self.limits.max_inbound, self.limits.max_per_ip)
+                continue
             configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
-            peer = f"{addr[0]}:{addr[1]}"
-            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size)
+            peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
+            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size,
+                        clock=self.ctx.clock, max_sendq=self.limits.max_send_queue)
+            conn.info["ip"] = ip
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
             self.conns.add(conn)
             self.counters["accepted"] += 1
 
     def do_work(self) -> int:
-        if self._resume_accept is not None and self.ctx.clock.now() >= self._resume_accept:
+        now = self.ctx.clock.now()
+        if self._resume_accept is not None and now >= self._resume_accept:
             self._resume_accept = None
             self.poller.register(self.listener.fileno(), 1, self._on_accept)
+        if self.conns and now >= self._next_sweep:
+            self._next_sweep = now + self.limits.tick
+            self._sweep(now)
         if not self.dirty:
             return 0
         for conn in self.dirty:
@@ -413,26 +559,53 @@ class TcpIngress(Engine):
         self.dirty.clear()
         return 0
 
-    def next_timer(self) -> float | None:
-        return self._resume_accept
+    def _sweep(self, now: float) -> None:
+        for conn in list(self.conns):
+            reap_gone_apps(conn)
+            reason = overdue(conn, now, self.limits)
+            if reason is not None:
+                self.counters["connections_timed_out"] += 1
+                conn.close(reason)
 
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None:
-        if header.type != CALL or "hello" not in conn.info or header.body_len == 0:
+    def next_timer(self) -> float | None:
+        t = self._resume_accept
+        if self.conns:
+            t = self._next_sweep if t is None else min(t, self._next_sweep)
+        return t
+
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
+        t = header.type
+        if t == HELLO:
+            if "hello" in conn.info:
+                raise WireError("a second HELLO on one connection")
+            return None  # at most MAX_HELLO_BODY bytes, kept
+        if t != CALL:
+            if t in (PING, PONG, GOAWAY):
+                return DISCARD if header.body_len else None
+            raise WireError(f"unexpected {FRAME_NAMES[t]} frame on a server connection")
+        if "hello" not in conn.info:
+            raise WireError("CALL before HELLO")
+        if header.body_len == 0:
             return None
         hello = conn.info["hello"]
         try:
             app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
         except RpcError as e:
             conn.cur = e
-            return None
+            return DISCARD
+        refusal = admit(conn, app, header.call_id, header.body_len, self.limits)
+        if refusal is not None:
+            conn.cur = RpcError(*refusal)
+            return DISCARD
         if app.datapath is not None and app.datapath.reads_content():
             conn.cur = (app, binding, method, Landed(None, header.body_len))
-            return None  # land in private memory; a receive-side policy looks first
+            return None  # land in private memory (grown as it arrives); a receive-side policy looks first
         try:
             off = app.recv_heap.alloc(header.body_len)
         except HeapExhausted as e:
+            settle(conn, header.call_id)
             conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
-            return None
+            return DISCARD
         conn.cur = (app, binding, method, Landed(off, header.body_len))
         return app.recv_view[off:off + header.body_len]
 
@@ -443,8 +616,8 @@ class TcpIngress(Engine):
         elif t == HELLO:
             self._hello(conn, body)
         elif t == PING:
-            conn.queue([encode_header(PONG, call_id=header.call_id)])
-            self.dirty.add(conn)
+            if _answer_ping(conn, header):
+                self.dirty.add(conn)
         elif t in (PONG, GOAWAY):
             pass
         else:
@@ -456,9 +629,17 @@ class TcpIngress(Engine):
         if (not isinstance(schema_hash, str) or not isinstance(services, list)
                 or not all(isinstance(s, str) for s in services)):
             raise WireError("HELLO lacks schema_hash or services")
-        client = f"{hello.get('app', '?')!r} (pid {hello.get('pid', '?')}) at {hello.get('daemon', conn.peer)}"
+        if len(schema_hash) > 128:
+            raise WireError(f"HELLO schema_hash of {len(schema_hash)} characters (at most 128)")
+        if len(services) > MAX_HELLO_SERVICES:
+            raise WireError(f"HELLO lists {len(services)} services (at most {MAX_HELLO_SERVICES})")
+        if any(len(svc) > MAX_SERVICE_NAME for svc in services):
+            raise WireError(f"HELLO lists a service name longer than {MAX_SERVICE_NAME} characters")
+        client = (f"{str(hello.get('app', '?'))[:64]!r} (pid {str(hello.get('pid', '?'))[:12]}) "
+                  f"at {str(hello.get('daemon', '?'))[:128]!r} from {conn.peer}")
+        announced = frozenset(services)
         try:
-            self.router.check_hello(schema_hash, services, client)
+            self.router.check_hello(schema_hash, announced, client)
         except RpcError as e:
             self.counters["handshakes_refused"] += 1
             conn.queue([encode_json_frame(HELLO_ACK, {"ok": False, "code": int(e.code()),
@@ -466,7 +647,7 @@ class TcpIngress(Engine):
             conn.flush()
             conn.close(f"handshake refused: {e.details()}")
             return
-        conn.info["hello"] = {"schema_hash": schema_hash, "services": services, "client": client}
+        conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
         conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name})])
         self.dirty.add(conn)
 
@@ -488,20 +669,23 @@ class TcpIngress(Engine):
             binding.module.VALIDATE[method.request](body)
         except WireError as e:
             _free_landed(app, landed)
+            settle(conn, header.call_id)
             _send_error(conn, header.call_id, StatusCode.INVALID_ARGUMENT,
                         f"malformed {method.request} for {method.path}: {e}")
             self.dirty.add(conn)
             return
         if app.closed or app.datapath is None:
             _free_landed(app, landed)
+            settle(conn, header.call_id)
             _send_error(conn, header.call_id, StatusCode.UNAVAILABLE,
                         f"server app {app.name!r} is gone")
             self.dirty.add(conn)
             return
         now = self.ctx.clock.now()
         token = app.next_token()
+        timeout_us = clamp_timeout_us(header.aux)  # a peer's u64: at most a week
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
-                  deadline=now + header.aux / 1e6 if header.aux else None, size=header.body_len,
+                  deadline=now + timeout_us / 1e6 if timeout_us else None, size=header.body_len,
                   created=now, _state=RxCall(conn, header.call_id, binding, landed))
         cls = binding.module.MESSAGES[method.request]
         rpc._view = lambda: cls._from_image(
@@ -516,7 +700,14 @@ class TcpIngress(Engine):
         cur = conn.cur
         if isinstance(cur, tuple):
             _free_landed(cur[0], cur[3])
-        self.conns.discard(conn)
+        if conn in self.conns:
+            self.conns.discard(conn)
+            ip = conn.info.get("ip")
+            left = self.per_ip.get(ip, 0) - 1
+            if left > 0:
+                self.per_ip[ip] = left
+            else:
+                self.per_ip.pop(ip, None)
         self.dirty.discard(conn)
 
     def statistics(self) -> dict[str, int | float]:
@@ -525,13 +716,15 @@ class TcpIngress(Engine):
     def decompose(self) -> dict[str, Any]:
         """Hand over the listener's connections (sockets, buffers, half-read frames)."""
         self.poller.unregister(self.listener.fileno())
-        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters)}
-        self.conns, self.dirty = set(), set()
+        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters),
+                 "per_ip": dict(self.per_ip)}
+        self.conns, self.dirty, self.per_ip = set(), set(), {}
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         self.conns.update(state.get("conns", ()))
         self.dirty.update(state.get("dirty", ()))
+        self.per_ip.update(state.get("per_ip", {}))
         self.counters.update(state.get("counters", {}))
         for conn in self.conns:
             conn.owner = self
