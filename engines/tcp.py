@@ -23,6 +23,7 @@ connections to one (host, port, schema) share one TCP connection.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -33,19 +34,28 @@ from typing import Any
 
 from engines import tcp_resolve
 from engines.tcp_conn import Conn, configure, connect_nonblocking
-from engines.tcp_limits import PONG_QUEUE_MAX, PeerLimits, RateLimitedLog, admit, overdue, reap_gone_apps, settle
+from engines.tcp_limits import (
+    PONG_QUEUE_MAX,
+    PeerLimits,
+    RateLimitedLog,
+    admit,
+    count_ping,
+    overdue,
+    reap_gone_apps,
+    settle,
+)
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode, WireError
 from libmrpc.wire import (
     CALL,
     DISCARD,
-    FRAME_NAMES,
-    MAX_HELLO_SERVICES,
-    MAX_SERVICE_NAME,
     ERROR,
+    FRAME_NAMES,
     GOAWAY,
     HELLO,
     HELLO_ACK,
+    MAX_HELLO_SERVICES,
+    MAX_SERVICE_NAME,
     PING,
     PONG,
     PROTOCOL_VERSION,
@@ -79,7 +89,8 @@ def _send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> Non
 
 
 def _answer_ping(conn: Conn, header: FrameHeader) -> bool:
-    """Queue a PONG unless the peer leaves output unread (a PING flood then costs nothing)."""
+    """Queue a PONG unless the peer leaves output unread; a PING flood closes the connection."""
+    count_ping(conn)
     if len(conn.sendq) >= PONG_QUEUE_MAX:
         return False
     conn.queue([encode_header(PONG, call_id=header.call_id)])
@@ -150,9 +161,9 @@ class TcpTransport(Engine):
         while self._resolved:
             n += self._retry_resolved(self._resolved.popleft())
         if self.dirty:
-            for conn in self.dirty:
+            dirty, self.dirty = self.dirty, set()
+            for conn in dirty:  # a flush may close a connection (and touch self.dirty)
                 conn.flush()
-            self.dirty.clear()
         now = self.ctx.clock.now()
         if self.deadlines and self.deadlines[0][0] <= now:
             n += self._expire()
@@ -467,9 +478,9 @@ class TcpTransport(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
-                 "failed": self.failed, "next_wire_id": next(self._wire_ids),
+                 "failed": self.failed, "resolving": self.resolving, "next_wire_id": next(self._wire_ids),
                  "counters": dict(self.counters)}
-        self.conns, self.pending, self.deadlines, self.failed = {}, {}, [], {}
+        self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
@@ -478,6 +489,10 @@ class TcpTransport(Engine):
         self.deadlines.extend(state.get("deadlines", []))
         heapq.heapify(self.deadlines)
         self.failed.update(state.get("failed", {}))
+        for key, entry in state.get("resolving", {}).items():
+            self.resolving[key] = entry  # ask again: the old instance's callback would be lost
+            if tcp_resolve.lookup(key[0], key[1], functools.partial(self._on_resolved, key)) is not None:
+                self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))
         for conn in self.conns.values():
@@ -554,9 +569,9 @@ class TcpIngress(Engine):
             self._sweep(now)
         if not self.dirty:
             return 0
-        for conn in self.dirty:
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:  # a flush may close a connection (and touch self.dirty)
             conn.flush()
-        self.dirty.clear()
         return 0
 
     def _sweep(self, now: float) -> None:
@@ -702,7 +717,7 @@ class TcpIngress(Engine):
             _free_landed(cur[0], cur[3])
         if conn in self.conns:
             self.conns.discard(conn)
-            ip = conn.info.get("ip")
+            ip = str(conn.info.get("ip"))
             left = self.per_ip.get(ip, 0) - 1
             if left > 0:
                 self.per_ip[ip] = left

@@ -39,6 +39,7 @@ STAGING = 256 * 1024
 DIRECT_MIN = 64 * 1024  # a body with at least this much left is received in place
 IOV_MAX = 1024
 READS_PER_EVENT = 64
+STAGED_PER_EVENT = 1 << 20  # bytes parsed from one connection before others get their turn
 _local = threading.local()
 
 
@@ -144,6 +145,7 @@ class Conn:
         self.opened = self.last_in = self.frame_at = self.last_frame = now
         self.out_since: float | None = None  # when queued output last made progress
         self._frames_seen = 0
+        self.pings, self.ping_window = 0, now  # PINGs seen in the current one-second window
         self._events = EPOLLIN | (EPOLLOUT if connecting else 0)
         self.bytes_in = self.bytes_out = self.frames_in = 0
         poller.register(self.fd, self._events, self.on_event)
@@ -190,6 +192,7 @@ class Conn:
             self.out_since = None if empty else self.now()
         if self.read_paused and len(self.sendq) <= self.max_sendq // 2:
             self.read_paused = False
+            self.last_in = self.frame_at = self.now()  # stall timers restart with reading
         elif not self.read_paused and len(self.sendq) > self.max_sendq:
             self.read_paused = True
         want = (0 if self.read_paused else EPOLLIN) | (0 if empty else EPOLLOUT)
@@ -218,7 +221,10 @@ class Conn:
 
     def _read(self) -> None:
         asm, sock, staging = self.assembler, self.sock, _staging()
+        staged = 0
         for _ in range(READS_PER_EVENT):
+            if staged >= STAGED_PER_EVENT:
+                return  # level-triggered: the rest waits for the next round, after the others
             if self.state == "closed" or self.read_paused:
                 return
             try:
@@ -243,6 +249,7 @@ class Conn:
                 return self.close("peer closed the connection" if not asm.partial
                                   else f"{self.peer} closed the connection mid-frame")
             self.bytes_in += n
+            staged += n
             now = self.last_in = self.now()
             was_partial, seen = asm.partial, self._frames_seen
             try:

@@ -25,11 +25,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.status import StatusCode
+from libmrpc.status import StatusCode, WireError
 
 log = logging.getLogger(__name__)
 
 PONG_QUEUE_MAX = 64 << 10  # a PING is ignored while this much output waits for the peer
+MAX_PINGS_PER_SECOND = 1000  # more from one connection is a flood: it is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,9 @@ class PeerLimits:
     def from_config(cls, tcp: Any, max_message_size: int) -> PeerLimits:
         """From a TcpConfig (fields missing on an older one keep their defaults)."""
         d = cls()
-        g = lambda name, default: getattr(tcp, name, default)  # noqa: E731
+        def g(name: str, default: Any) -> Any:
+            return getattr(tcp, name, default)
+
         reserved = g("max_reserved_per_connection", None)
         return cls(
             handshake_timeout=g("handshake_timeout", d.handshake_timeout),
@@ -78,15 +81,15 @@ def admit(conn: Any, app: Any, wire_id: int, size: int, limits: PeerLimits) -> t
         if wire_id in conn.rx_calls:
             return StatusCode.INVALID_ARGUMENT, f"call id {wire_id} is already in flight on this connection"
         if len(conn.rx_calls) >= limits.max_calls:
-            return (StatusCode.RESOURCE_EXHAUSTED,
-                    f"{len(conn.rx_calls)} calls are in flight on this connection, the limit "
-                    f"(tcp.max_calls_per_connection at the server daemon) is {limits.max_calls}; "
-                    f"retry when some have finished")
+            return StatusCode.RESOURCE_EXHAUSTED, (
+                f"{len(conn.rx_calls)} calls are in flight on this connection, the limit "
+                f"(tcp.max_calls_per_connection at the server daemon) is {limits.max_calls}; "
+                f"retry when some have finished")
         if conn.reserved + size > limits.max_reserved:
-            return (StatusCode.RESOURCE_EXHAUSTED,
-                    f"a {size}-byte call would raise this connection's receive-heap reservation "
-                    f"to {conn.reserved + size} bytes, above the limit of {limits.max_reserved} "
-                    f"(tcp.max_reserved_per_connection at the server daemon); retry later")
+            return StatusCode.RESOURCE_EXHAUSTED, (
+                f"a {size}-byte call would raise this connection's receive-heap reservation "
+                f"to {conn.reserved + size} bytes, above the limit of {limits.max_reserved} "
+                f"(tcp.max_reserved_per_connection at the server daemon); retry later")
         conn.rx_calls[wire_id] = (app, size)
         conn.reserved += size
     return None
@@ -110,6 +113,16 @@ def reap_gone_apps(conn: Any) -> None:
             conn.reserved -= conn.rx_calls.pop(w)[1]
 
 
+def count_ping(conn: Any) -> None:
+    """Count a PING; raise WireError (the connection closes) on a flood."""
+    now = conn.last_in
+    if now - conn.ping_window >= 1.0:
+        conn.ping_window, conn.pings = now, 0
+    conn.pings += 1
+    if conn.pings > MAX_PINGS_PER_SECOND:
+        raise WireError(f"PING flood: more than {MAX_PINGS_PER_SECOND} PINGs within a second")
+
+
 def overdue(conn: Any, now: float, limits: PeerLimits) -> str | None:
     """Why ``conn`` should be closed now, or None."""
     if conn.state != "open":
@@ -117,7 +130,9 @@ def overdue(conn: Any, now: float, limits: PeerLimits) -> str | None:
     asm = conn.assembler
     if not conn.outbound and "hello" not in conn.info and now - conn.opened > limits.handshake_timeout:
         return f"no HELLO within {limits.handshake_timeout:g}s"
-    if asm.in_body:
+    if conn.read_paused:
+        pass  # we stopped reading (back-pressure): a half-read frame is not the peer's stall
+    elif asm.in_body:
         if now - conn.last_in > limits.body_stall_timeout:
             return (f"a frame body stalled: no byte for {limits.body_stall_timeout:g}s "
                     f"({asm.body_left} bytes still missing)")
