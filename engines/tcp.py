@@ -7,9 +7,10 @@ segments — and queues the frames on the connection; all frames queued in one
 round go out in one ``sendmsg``. rx: replies land directly in the app's
 receive heap and are validated before the app hears of them.
 
-``tcp-ingress`` owns the listening socket and inbound connections; it checks
-each peer's handshake (protocol version, schema hash), routes inbound calls by
-service to the server app and lands them in that app's receive heap.
+``tcp-ingress`` (in :mod:`engines.tcp_ingress`, exported here as ``INGRESS``)
+owns the listening socket and inbound connections; it checks each peer's
+handshake, routes inbound calls to the server app and lands them in that app's
+receive heap.
 
 Every call gets exactly one outcome: a reply, an error frame, a local error
 (connection refused, deadline, connection lost) — never none, never two.
@@ -27,25 +28,17 @@ import functools
 import heapq
 import itertools
 import logging
-import socket
+import sys
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from engines import tcp_resolve
-from engines.tcp_conn import Conn, configure, connect_nonblocking
-from engines.tcp_limits import (
-    PONG_QUEUE_MAX,
-    PeerLimits,
-    RateLimitedLog,
-    admit,
-    count_ping,
-    overdue,
-    reap_gone_apps,
-    settle,
-)
+from engines.tcp_conn import Conn, connect_nonblocking
+from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
+from engines.tcp_limits import PeerLimits, overdue, settle
 from libmrpc.heap import HeapExhausted
-from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
     CALL,
     DISCARD,
@@ -55,48 +48,21 @@ from libmrpc.wire import (
     HELLO,
     HELLO_ACK,
     MAX_HELLO_SERVICES,
-    MAX_SERVICE_NAME,
     PING,
     PONG,
     PROTOCOL_VERSION,
     REPLY,
     Body,
     FrameHeader,
-    clamp_timeout_us,
     decode_json_body,
-    encode_error,
     encode_header,
     encode_json_frame,
 )
 from mrpcd.appstate import AppState, ConnSpec, Landed, RxCall, TxCall, TxReply
-from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
+from mrpcd.engine import Engine, EngineContext, Rpc, RpcKind
 
 log = logging.getLogger(__name__)
 FAILED_RETRY = 1.0  # seconds a failed connection keeps failing calls fast before a retry
-
-
-def _free_landed(app: AppState, landed: Landed | None) -> None:
-    if landed is not None and landed.heap_off is not None:
-        try:
-            app.recv_heap.free(landed.heap_off)
-        except ValueError:
-            pass
-        landed.heap_off = None
-
-
-def _send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> None:
-    conn.queue(encode_error(wire_id, code, details))
-
-
-def _answer_ping(conn: Conn, header: FrameHeader) -> bool:
-    """Queue a PONG unless the peer leaves output unread; a PING flood closes the connection."""
-    count_ping(conn)
-    if len(conn.sendq) >= PONG_QUEUE_MAX:
-        return False
-    conn.queue([encode_header(PONG, call_id=header.call_id)])
-    return True
-
-
 Target = tuple[str, int, int]  # (host, port, schema slot): one shared connection each
 
 
@@ -127,6 +93,7 @@ class TcpTransport(Engine):
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: dict[Target, Conn] = {}
+        self.retired: set[Conn] = set()  # told GOAWAY, replaced; closed once their calls are done
         self.pending: dict[int, tuple[Rpc, Conn]] = {}
         self.deadlines: list[tuple[float, int]] = []
         self.failed: dict[Target, tuple[float, StatusCode, str]] = {}
@@ -167,7 +134,7 @@ class TcpTransport(Engine):
         now = self.ctx.clock.now()
         if self.deadlines and self.deadlines[0][0] <= now:
             n += self._expire()
-        if now >= self._next_sweep and (self.conns or self.resolving):
+        if now >= self._next_sweep and (self.conns or self.resolving or self.retired):
             self._next_sweep = now + self.limits.tick
             n += self._sweep(now)
         return n
@@ -181,8 +148,11 @@ class TcpTransport(Engine):
         for the host name to resolve and is sent (or failed) then."""
         key: Target = spec.key
         conn = self.conns.get(key)
-        if conn is not None and not conn.closed and not conn.info.get("goaway"):
-            return conn
+        if conn is not None and not conn.closed:
+            if not conn.info.get("goaway"):
+                return conn
+            self.retired.add(conn)  # a new connection takes its place; it finishes its calls
+            del self.conns[key]
         now = self.ctx.clock.now()
         failed = self.failed.get(key)
         if failed is not None:
@@ -214,7 +184,7 @@ class TcpTransport(Engine):
             return StatusCode.UNAVAILABLE, msg
         conn = Conn(sock, self, self.poller, peer=spec.addr, outbound=True,
                     max_body=self.max_message_size, connecting=connecting, clock=self.ctx.clock,
-                    max_sendq=self.limits.max_send_queue)
+                    max_sendq=sys.maxsize)  # never stop reading replies: the server may be waiting on us
         conn.info.update(conn_id=key, schema_hash=binding.schema_hash,
                          connect_deadline=now + self.tcp.connect_timeout)
         conn.queue([encode_json_frame(HELLO, {
@@ -244,7 +214,10 @@ class TcpTransport(Engine):
     def _sweep(self, now: float) -> int:
         """Time out stalled or idle connections and calls that wait on name resolution too long."""
         n = 0
-        for conn in list(self.conns.values()):
+        for conn in list(self.retired):
+            if not conn.calls:
+                conn.close("the peer said GOAWAY and no call is left on it")
+        for conn in [*self.conns.values(), *self.retired]:
             reason = overdue(conn, now, self.limits)
             if reason is not None:
                 conn.close(reason)
@@ -313,10 +286,10 @@ class TcpTransport(Engine):
         if isinstance(st, tuple) and st[0] == "rejected":
             inner = st[1]
             if isinstance(inner, RxCall):  # refused on the receive side: tell the caller
-                _free_landed(self.app, inner.landed)
+                free_landed(self.app, inner.landed)
                 settle(inner.origin, inner.wire_id)
                 if not inner.origin.closed:
-                    _send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
+                    send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
                     self.dirty.add(inner.origin)
             else:
                 self.rx_out.append(rpc)  # a send-side error that reached us: back to the app
@@ -332,7 +305,7 @@ class TcpTransport(Engine):
             return
         self.dirty.add(origin)
         if rpc.status is not StatusCode.OK:
-            _send_error(origin, st.call.wire_id, rpc.status, rpc.details)
+            send_error(origin, st.call.wire_id, rpc.status, rpc.details)
             reclaim()
             return
         assert rpc.method is not None
@@ -345,7 +318,7 @@ class TcpTransport(Engine):
                 head, segs = st.call.binding.module.MARSHAL[rpc.method.response](
                     self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size)
             except WireError as e:
-                _send_error(origin, st.call.wire_id, StatusCode.INTERNAL,
+                send_error(origin, st.call.wire_id, StatusCode.INTERNAL,
                             f"server app {self.app.name!r} returned a malformed reply: {e}")
                 reclaim()
                 return
@@ -381,7 +354,7 @@ class TcpTransport(Engine):
 
     def next_timer(self) -> float | None:
         t = self.deadlines[0][0] if self.deadlines else None
-        if self.conns or self.resolving:
+        if self.conns or self.resolving or self.retired:
             t = self._next_sweep if t is None else min(t, self._next_sweep)
         return t
 
@@ -428,7 +401,7 @@ class TcpTransport(Engine):
                 rpc_module = rpc._state.binding.module
                 rpc_module.VALIDATE[rpc.method.response](body)
             except WireError as e:
-                _free_landed(self.app, landed)
+                free_landed(self.app, landed)
                 return self._fail(rpc, StatusCode.INTERNAL, f"malformed reply from {conn.peer}: {e}")
             self.counters["replies_received"] += 1
             self.rx_out.append(Rpc(RpcKind.REPLY, rpc.app, rpc.app_pid, rpc.call_id, rpc.method,
@@ -446,7 +419,7 @@ class TcpTransport(Engine):
             else:
                 conn.info["peer_daemon"] = ack.get("daemon")
         elif t == PING:
-            if _answer_ping(conn, header):
+            if answer_ping(conn, header):
                 self.dirty.add(conn)
         elif t == GOAWAY:
             conn.info["goaway"] = True
@@ -460,7 +433,7 @@ class TcpTransport(Engine):
             StatusCode.UNAVAILABLE, f"connection to mrpcd at {conn.peer} lost: {reason}")
         landed = conn.cur
         if isinstance(landed, Landed):
-            _free_landed(self.app, landed)
+            free_landed(self.app, landed)
         for wire_id in list(conn.calls):
             entry = self.pending.pop(wire_id, None)
             if entry is not None:
@@ -469,6 +442,7 @@ class TcpTransport(Engine):
         cid = conn.info.get("conn_id")
         if cid is not None and self.conns.get(cid) is conn:
             del self.conns[cid]
+        self.retired.discard(conn)
         self.dirty.discard(conn)
 
     # ------------------------------------------------------------------ lifecycle
@@ -478,13 +452,15 @@ class TcpTransport(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
-                 "failed": self.failed, "resolving": self.resolving, "next_wire_id": next(self._wire_ids),
-                 "counters": dict(self.counters)}
+                 "failed": self.failed, "resolving": self.resolving, "retired": self.retired,
+                 "next_wire_id": next(self._wire_ids), "counters": dict(self.counters)}
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
+        self.retired = set()
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         self.conns.update(state.get("conns", {}))
+        self.retired.update(state.get("retired", ()))
         self.pending.update(state.get("pending", {}))
         self.deadlines.extend(state.get("deadlines", []))
         heapq.heapify(self.deadlines)
@@ -495,259 +471,12 @@ class TcpTransport(Engine):
                 self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))
-        for conn in self.conns.values():
+        for conn in [*self.conns.values(), *self.retired]:
             conn.owner = self
 
     def close(self) -> None:
-        for conn in list(self.conns.values()):
+        for conn in [*self.conns.values(), *self.retired]:
             conn.close("application left")
-
-
-class TcpIngress(Engine):
-    """Daemon-wide: accepts peer daemons' connections and routes their calls."""
-
-    NAME = "tcp-ingress"
-    VERSION = 1
-
-    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
-        super().__init__(ctx, config)
-        svc = ctx.services
-        self.router = svc["router"]
-        self.poller = svc["poller"]
-        self.tcp = svc["tcp_config"]
-        self.listener: socket.socket = svc["listener"]
-        self.max_message_size: int = svc.get("max_message_size", 256 << 20)
-        self.daemon_name: str = svc.get("daemon_name", "mrpcd")
-        self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
-        self.conns: set[Conn] = set()
-        self.dirty: set[Conn] = set()
-        self.per_ip: dict[str, int] = {}
-        self._resume_accept: float | None = None
-        self._next_sweep = 0.0
-        self._log_refused = RateLimitedLog()
-        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0,
-                         "connections_refused": 0, "connections_timed_out": 0}
-        self.listener.setblocking(False)
-        self.poller.register(self.listener.fileno(), 1, self._on_accept)
-
-    def _on_accept(self, _events: int) -> None:
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: back off, keep serving
-                log.error("accept failed: %s; pausing accepts for 100 ms", e)
-                self.poller.unregister(self.listener.fileno())
-                self._resume_accept = self.ctx.clock.now() + 0.1
-                return
-            ip = str(addr[0])
-            if len(self.conns) >= self.limits.max_inbound or self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
-                sock.close()
-                self.counters["connections_refused"] += 1
-                self._log_refused(self.ctx.clock.now(), "refused a peer connection from %s: %d open "
-                                  "(%d from that address); limits tcp.max_inbound_connections=%d, "
-                                  "tcp.max_inbound_per_ip=%d", ip, len(self.conns), self.per_ip.get(ip, 0),
-                                  self.limits.max_inbound, self.limits.max_per_ip)
-                continue
-            configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
-            peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
-            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size,
-                        clock=self.ctx.clock, max_sendq=self.limits.max_send_queue)
-            conn.info["ip"] = ip
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-            self.conns.add(conn)
-            self.counters["accepted"] += 1
-
-    def do_work(self) -> int:
-        now = self.ctx.clock.now()
-        if self._resume_accept is not None and now >= self._resume_accept:
-            self._resume_accept = None
-            self.poller.register(self.listener.fileno(), 1, self._on_accept)
-        if self.conns and now >= self._next_sweep:
-            self._next_sweep = now + self.limits.tick
-            self._sweep(now)
-        if not self.dirty:
-            return 0
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:  # a flush may close a connection (and touch self.dirty)
-            conn.flush()
-        return 0
-
-    def _sweep(self, now: float) -> None:
-        for conn in list(self.conns):
-            reap_gone_apps(conn)
-            reason = overdue(conn, now, self.limits)
-            if reason is not None:
-                self.counters["connections_timed_out"] += 1
-                conn.close(reason)
-
-    def next_timer(self) -> float | None:
-        t = self._resume_accept
-        if self.conns:
-            t = self._next_sweep if t is None else min(t, self._next_sweep)
-        return t
-
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
-        t = header.type
-        if t == HELLO:
-            if "hello" in conn.info:
-                raise WireError("a second HELLO on one connection")
-            return None  # at most MAX_HELLO_BODY bytes, kept
-        if t != CALL:
-            if t in (PING, PONG, GOAWAY):
-                return DISCARD if header.body_len else None
-            raise WireError(f"unexpected {FRAME_NAMES[t]} frame on a server connection")
-        if "hello" not in conn.info:
-            raise WireError("CALL before HELLO")
-        if header.body_len == 0:
-            return None
-        hello = conn.info["hello"]
-        try:
-            app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
-        except RpcError as e:
-            conn.cur = e
-            return DISCARD
-        refusal = admit(conn, app, header.call_id, header.body_len, self.limits)
-        if refusal is not None:
-            conn.cur = RpcError(*refusal)
-            return DISCARD
-        if app.datapath is not None and app.datapath.reads_content():
-            conn.cur = (app, binding, method, Landed(None, header.body_len))
-            return None  # land in private memory (grown as it arrives); a receive-side policy looks first
-        try:
-            off = app.recv_heap.alloc(header.body_len)
-        except HeapExhausted as e:
-            settle(conn, header.call_id)
-            conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
-            return DISCARD
-        conn.cur = (app, binding, method, Landed(off, header.body_len))
-        return app.recv_view[off:off + header.body_len]
-
-    def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
-        t = header.type
-        if t == CALL:
-            self._call(conn, header, body)
-        elif t == HELLO:
-            self._hello(conn, body)
-        elif t == PING:
-            if _answer_ping(conn, header):
-                self.dirty.add(conn)
-        elif t in (PONG, GOAWAY):
-            pass
-        else:
-            raise WireError(f"unexpected frame type {t} on a server connection")
-
-    def _hello(self, conn: Conn, body: memoryview) -> None:
-        hello = decode_json_body(body)
-        schema_hash, services = hello.get("schema_hash"), hello.get("services")
-        if (not isinstance(schema_hash, str) or not isinstance(services, list)
-                or not all(isinstance(s, str) for s in services)):
-            raise WireError("HELLO lacks schema_hash or services")
-        if len(schema_hash) > 128:
-            raise WireError(f"HELLO schema_hash of {len(schema_hash)} characters (at most 128)")
-        if len(services) > MAX_HELLO_SERVICES:
-            raise WireError(f"HELLO lists {len(services)} services (at most {MAX_HELLO_SERVICES})")
-        if any(len(svc) > MAX_SERVICE_NAME for svc in services):
-            raise WireError(f"HELLO lists a service name longer than {MAX_SERVICE_NAME} characters")
-        client = (f"{str(hello.get('app', '?'))[:64]!r} (pid {str(hello.get('pid', '?'))[:12]}) "
-                  f"at {str(hello.get('daemon', '?'))[:128]!r} from {conn.peer}")
-        announced = frozenset(services)
-        try:
-            self.router.check_hello(schema_hash, announced, client)
-        except RpcError as e:
-            self.counters["handshakes_refused"] += 1
-            conn.queue([encode_json_frame(HELLO_ACK, {"ok": False, "code": int(e.code()),
-                                                      "error": e.details()})])
-            conn.flush()
-            conn.close(f"handshake refused: {e.details()}")
-            return
-        conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
-        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name})])
-        self.dirty.add(conn)
-
-    def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
-        cur = conn.cur
-        if "hello" not in conn.info:
-            raise WireError("CALL before HELLO")
-        if cur is None:  # empty body: not even a root record
-            cur = RpcError(StatusCode.INVALID_ARGUMENT, "call carries an empty message image")
-        if isinstance(cur, RpcError):
-            self.counters["calls_refused"] += 1
-            _send_error(conn, header.call_id, cur.code(), cur.details())
-            self.dirty.add(conn)
-            return
-        app, binding, method, landed = cur
-        if landed.heap_off is None:
-            landed.private = body
-        try:
-            binding.module.VALIDATE[method.request](body)
-        except WireError as e:
-            _free_landed(app, landed)
-            settle(conn, header.call_id)
-            _send_error(conn, header.call_id, StatusCode.INVALID_ARGUMENT,
-                        f"malformed {method.request} for {method.path}: {e}")
-            self.dirty.add(conn)
-            return
-        if app.closed or app.datapath is None:
-            _free_landed(app, landed)
-            settle(conn, header.call_id)
-            _send_error(conn, header.call_id, StatusCode.UNAVAILABLE,
-                        f"server app {app.name!r} is gone")
-            self.dirty.add(conn)
-            return
-        now = self.ctx.clock.now()
-        token = app.next_token()
-        timeout_us = clamp_timeout_us(header.aux)  # a peer's u64: at most a week
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
-                  deadline=now + timeout_us / 1e6 if timeout_us else None, size=header.body_len,
-                  created=now, _state=RxCall(conn, header.call_id, binding, landed))
-        cls = binding.module.MESSAGES[method.request]
-        rpc._view = lambda: cls._from_image(
-            (memoryview(landed.private) if landed.private is not None
-             else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
-        self.counters["calls_routed"] += 1
-        app.datapath.transport.rx_out.append(rpc)
-        if app.runtime is not None and not app.runtime.in_runtime():
-            app.runtime.wake()
-
-    def conn_closed(self, conn: Conn, reason: str) -> None:
-        cur = conn.cur
-        if isinstance(cur, tuple):
-            _free_landed(cur[0], cur[3])
-        if conn in self.conns:
-            self.conns.discard(conn)
-            ip = str(conn.info.get("ip"))
-            left = self.per_ip.get(ip, 0) - 1
-            if left > 0:
-                self.per_ip[ip] = left
-            else:
-                self.per_ip.pop(ip, None)
-        self.dirty.discard(conn)
-
-    def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, connections=len(self.conns))
-
-    def decompose(self) -> dict[str, Any]:
-        """Hand over the listener's connections (sockets, buffers, half-read frames)."""
-        self.poller.unregister(self.listener.fileno())
-        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters),
-                 "per_ip": dict(self.per_ip)}
-        self.conns, self.dirty, self.per_ip = set(), set(), {}
-        return state
-
-    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
-        self.conns.update(state.get("conns", ()))
-        self.dirty.update(state.get("dirty", ()))
-        self.per_ip.update(state.get("per_ip", {}))
-        self.counters.update(state.get("counters", {}))
-        for conn in self.conns:
-            conn.owner = self
-
-    def close(self) -> None:
-        self.poller.unregister(self.listener.fileno())
-        for conn in list(self.conns):
-            conn.close("daemon shutting down")
 
 
 ENGINE = TcpTransport

@@ -10,7 +10,8 @@ Timers (checked by the owning engine every ``tick`` seconds, via ``next_timer``)
 
     handshake     inbound, no HELLO yet, open longer than handshake_timeout
     header        a frame header half received for longer than header_timeout
-    body stall    a frame body without a new byte for body_stall_timeout
+    body stall    a frame body without a new byte for body_stall_timeout, or
+                  slower on average than min_body_rate after that long (a drip)
     write stall   queued output the peer has not read for write_stall_timeout
     idle          no frame and no call in flight for idle_timeout (outbound
                   connections close themselves at half of it, before the peer
@@ -40,6 +41,7 @@ class PeerLimits:
     body_stall_timeout: float = 30.0
     idle_timeout: float = 300.0
     write_stall_timeout: float = 30.0
+    min_body_rate: int = 64 << 10  # bytes per second a body must average after body_stall_timeout
     max_send_queue: int = 8 << 20
     max_calls: int = 4096
     max_reserved: int = 256 << 20
@@ -60,6 +62,7 @@ class PeerLimits:
             body_stall_timeout=g("body_stall_timeout", d.body_stall_timeout),
             idle_timeout=g("idle_timeout", d.idle_timeout),
             write_stall_timeout=g("write_stall_timeout", d.write_stall_timeout),
+            min_body_rate=g("min_body_rate", d.min_body_rate),
             max_send_queue=g("max_send_queue", d.max_send_queue),
             max_calls=g("max_calls_per_connection", d.max_calls),
             max_reserved=reserved if reserved is not None else max_message_size,
@@ -136,6 +139,11 @@ def overdue(conn: Any, now: float, limits: PeerLimits) -> str | None:
         if now - conn.last_in > limits.body_stall_timeout:
             return (f"a frame body stalled: no byte for {limits.body_stall_timeout:g}s "
                     f"({asm.body_left} bytes still missing)")
+        slow = now - conn.frame_at - limits.body_stall_timeout
+        got = asm.body_received_so_far
+        if slow > 0 and got < slow * limits.min_body_rate:
+            return (f"a frame body trickles in: {got} bytes in {now - conn.frame_at:.1f}s, "
+                    f"slower than tcp.min_body_rate ({limits.min_body_rate} bytes/s)")
     elif asm.partial and now - conn.frame_at > limits.header_timeout:
         return f"a frame header stayed incomplete for more than {limits.header_timeout:g}s"
     if conn.out_since is not None and now - conn.out_since > limits.write_stall_timeout:

@@ -180,6 +180,10 @@ class FrameAssembler:
         return self._header is not None or bool(self._hdr)
 
     @property
+    def body_received_so_far(self) -> int:
+        return self._filled if self._header is not None else 0
+
+    @property
     def body_left(self) -> int:
         return self._header.body_len - self._filled if self._header is not None else 0
 

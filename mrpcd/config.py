@@ -89,6 +89,7 @@ class TcpConfig:
     body_stall_timeout: float = 30.0  # seconds a frame body may go without a byte
     idle_timeout: float = 300.0  # seconds without frames or calls before a connection closes
     write_stall_timeout: float = 30.0  # seconds queued output may go unread by the peer
+    min_body_rate: int = 64 << 10  # bytes/s a frame body must average once body_stall_timeout passed
     max_send_queue: int = 8 << 20  # bytes queued to one peer before reading its calls pauses
     max_calls_per_connection: int = 4096  # calls one inbound connection may have unanswered
     max_reserved_per_connection: int | None = None  # receive-heap bytes; None = max_message_size
@@ -410,6 +411,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "tcp.body_stall_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
     "tcp.idle_timeout": (_float(0.0, 86400.0, positive=True), 300.0),
     "tcp.write_stall_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
+    "tcp.min_body_rate": (_size(0, 16 * GiB), "64KiB"),
     "tcp.max_send_queue": (_size(64 * KiB, 16 * GiB), "8MiB"),
     "tcp.max_calls_per_connection": (_int(1, 1 << 24), 4096),
     "tcp.max_reserved_per_connection": (_nullable(_size(KiB, 64 * GiB)), None),

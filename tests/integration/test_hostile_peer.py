@@ -145,6 +145,44 @@ def test_stalled_bodies_reserve_a_bounded_share_and_give_it_back(hosts: Hosts) -
     hosts.steady_report()
 
 
+def test_a_body_that_trickles_in_is_dropped_and_its_reservation_returned(hosts: Hosts) -> None:
+    b = hosts.b
+    p = Peer(b.listen)
+    p.send(hello(testing.SCHEMA_HASH) + encode_header(3, call_id=1, method=0, body_len=4 * MiB) + b"\0" * 64)
+    assert wait_for(lambda: hosts.server_heap()["used"] >= 4 * MiB, 5)
+    t0, closed = time.monotonic(), False
+    while time.monotonic() - t0 < 6 and not closed:
+        try:
+            p.send(b"\0")  # one byte every 0.2 s: never a 1-s stall, but hopelessly slow
+        except OSError:
+            closed = True
+        closed = closed or p.closed_by_daemon(0.2)
+    print(f"dripping body dropped after {time.monotonic() - t0:.1f} s")
+    assert closed and "trickles in" in b.log()
+    assert wait_for(lambda: hosts.server_heap()["used"] < MiB, 5), hosts.server_heap()
+    hosts.steady_report()
+
+
+def test_idle_connections_close_and_reopen_transparently(cluster: Cluster) -> None:
+    """The server side closes a connection idle for tcp.idle_timeout; a client's
+    outbound connection closes itself at half of it; the next call reconnects."""
+    a = cluster.daemon("a", config="tcp:\n  idle_timeout: 1.0\n")  # closes its own at 0.5 s
+    c = cluster.daemon("c")  # default: would wait 150 s, so the server closes first
+    b = cluster.daemon("b", config="tcp:\n  idle_timeout: 1.0\n")
+    cluster.server(b)
+    stubs = [testing.TestStub(libmrpc.connect(b.listen, prefix=d.prefix, name="idler")) for d in (a, c)]
+    for i in range(3):
+        for stub in stubs:
+            reply = stub.Call(testing.Request(payload=b"idle %d" % i), timeout=10)
+            assert bytes(reply.payload) == b"idle %d" % i
+        if i < 2:
+            time.sleep(1.6)
+    assert a.log().count("idle for 0.5s") >= 2, a.log()[-2000:]
+    assert b.log().count("idle for 1s") >= 2, b.log()[-2000:]
+    for d in (a, c):
+        get_session(d.prefix).close()
+
+
 def test_a_peer_that_never_reads_replies_is_paused_then_dropped(hosts: Hosts) -> None:
     b = hosts.b
     before = proc_stats(b.pid)

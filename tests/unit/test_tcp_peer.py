@@ -165,9 +165,12 @@ def test_timers() -> None:
     conn.read_paused = False
     conn.assembler = _conn().assembler
     conn.assembler.feed(encode_header(CALL, body_len=10) + b"abc")
-    conn.last_in = 5.0
+    conn.last_in = conn.frame_at = 5.0
     assert overdue(conn, 7.0, limits) is None
     assert "stalled" in overdue(conn, 8.5, limits)
+    conn.last_in = 8.4  # a byte now and then, but far below min_body_rate
+    assert "trickles in" in overdue(conn, 8.5, limits)
+    assert overdue(conn, 8.5, PeerLimits(body_stall_timeout=3, min_body_rate=0)) is None
     conn.assembler = _conn().assembler
     conn.out_since, conn.sendq = 8.0, b"x" * 10
     assert "read none" in overdue(conn, 12.5, limits)
