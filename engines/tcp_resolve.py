@@ -11,15 +11,15 @@ thread) when to ask again. Results — addresses and failures — are cached for
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
-TTL = 30.0  # seconds a result (address or failure) is reused
+TTL = 30.0  # seconds an address is reused
 FAILURE_TTL = 2.0  # seconds a failure is reused
-WORKERS = 2
+WORKERS = 2  # daemon threads (they never hold up the daemon's exit)
 
 
 def _getaddrinfo(host: str, port: int) -> str:
@@ -31,12 +31,13 @@ def _getaddrinfo(host: str, port: int) -> str:
 
 
 resolve: Callable[[str, int], str] = _getaddrinfo
-"""The blocking resolver run on the pool; a test may replace it."""
+"""The blocking resolver run on the worker threads; a test may replace it."""
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, int], tuple[float, str | None, str]] = {}  # key -> (expires, addr, error)
-_pending: dict[tuple[str, int], Future[None]] = {}
-_pool: ThreadPoolExecutor | None = None
+_pending: dict[tuple[str, int], list[Callable[[], None]]] = {}  # key -> who to tell
+_jobs: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+_workers: list[threading.Thread] = []
 
 
 def is_ip(host: str) -> bool:
@@ -47,19 +48,23 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _run(key: tuple[str, int]) -> None:
-    try:
-        addr: str | None = resolve(*key)
-        error, ttl = "", TTL
-    except (OSError, UnicodeError) as e:
-        addr, error, ttl = None, str(getattr(e, "strerror", None) or e), FAILURE_TTL
-    with _lock:
-        _cache[key] = (time.monotonic() + ttl, addr, error)
-        _pending.pop(key, None)
-        if len(_cache) > 4096:  # old entries of names nobody asks for any more
+def _work() -> None:
+    while True:
+        key = _jobs.get()
+        try:
+            addr: str | None = resolve(*key)
+            error, ttl = "", TTL
+        except (OSError, UnicodeError, ValueError) as e:
+            addr, error, ttl = None, str(getattr(e, "strerror", None) or e), FAILURE_TTL
+        with _lock:
             now = time.monotonic()
-            for k in [k for k, v in _cache.items() if v[0] < now]:
-                del _cache[k]
+            _cache[key] = (now + ttl, addr, error)
+            waiters = _pending.pop(key, [])
+            if len(_cache) > 4096:  # names nobody asks for any more
+                for k in [k for k, v in _cache.items() if v[0] < now]:
+                    del _cache[k]
+        for notify in waiters:
+            notify()
 
 
 def lookup(host: str, port: int, on_done: Callable[[], None]) -> tuple[str | None, str] | None:
@@ -68,17 +73,20 @@ def lookup(host: str, port: int, on_done: Callable[[], None]) -> tuple[str | Non
     if is_ip(host):
         return host, ""
     key = (host, port)
-    global _pool
     with _lock:
         hit = _cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1], hit[2]
-        fut = _pending.get(key)
-        if fut is None:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="mrpcd-resolve")
-            fut = _pending[key] = _pool.submit(_run, key)
-    fut.add_done_callback(lambda _f: on_done())
+        waiters = _pending.get(key)
+        if waiters is not None:
+            waiters.append(on_done)
+            return None
+        _pending[key] = [on_done]
+        if len(_workers) < WORKERS:
+            t = threading.Thread(target=_work, name=f"mrpcd-resolve{len(_workers)}", daemon=True)
+            _workers.append(t)
+            t.start()
+    _jobs.put(key)
     return None
 
 
