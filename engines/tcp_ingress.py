@@ -135,13 +135,14 @@ class TcpIngress(Engine):
             self.counters["accepted"] += 1
 
     def do_work(self) -> int:
-        now = self.ctx.clock.now()
-        if self._resume_accept is not None and now >= self._resume_accept:
-            self._resume_accept = None
-            self.poller.register(self.listener.fileno(), 1, self._on_accept)
-        if self.conns and now >= self._next_sweep:
-            self._next_sweep = now + self.limits.tick
-            self._sweep(now)
+        if self._resume_accept is not None or self.conns:
+            now = self.ctx.clock.now()
+            if self._resume_accept is not None and now >= self._resume_accept:
+                self._resume_accept = None
+                self.poller.register(self.listener.fileno(), 1, self._on_accept)
+            if self.conns and now >= self._next_sweep:
+                self._next_sweep = now + self.limits.tick
+                self._sweep(now)
         if not self.dirty:
             return 0
         dirty, self.dirty = self.dirty, set()
