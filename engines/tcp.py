@@ -54,6 +54,7 @@ from libmrpc.wire import (
     REPLY,
     Body,
     FrameHeader,
+    clamp_timeout_us,
     decode_json_body,
     encode_header,
     encode_json_frame,
@@ -112,21 +113,13 @@ class TcpTransport(Engine):
         n = 0
         tx_in = self.tx_in
         while tx_in:
-            rpc = tx_in.popleft()
+            self._send(tx_in.popleft())
             n += 1
-            try:
-                if rpc.kind is RpcKind.CALL:
-                    self._send_call(rpc)
-                elif rpc.kind is RpcKind.REPLY:
-                    self._send_reply(rpc)
-                else:
-                    self.rx_out.append(rpc)
-            except Exception:
-                log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
-                if rpc.kind is RpcKind.CALL:
-                    self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
-        while self._resolved:
-            n += self._retry_resolved(self._resolved.popleft())
+        while self._resolved:  # host names resolved meanwhile: their calls go now
+            entry = self.resolving.pop(self._resolved.popleft(), None)
+            for rpc in entry[1] if entry is not None else ():
+                self._send(rpc)
+                n += 1
         if self.dirty:
             dirty, self.dirty = self.dirty, set()
             for conn in dirty:  # a flush may close a connection (and touch self.dirty)
@@ -138,6 +131,19 @@ class TcpTransport(Engine):
             self._next_sweep = now + self.limits.tick
             n += self._sweep(now)
         return n
+
+    def _send(self, rpc: Rpc) -> None:
+        try:
+            if rpc.kind is RpcKind.CALL:
+                self._send_call(rpc)
+            elif rpc.kind is RpcKind.REPLY:
+                self._send_reply(rpc)
+            else:
+                self.rx_out.append(rpc)
+        except Exception:
+            log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
+            if rpc.kind is RpcKind.CALL:
+                self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
 
     def _fail(self, rpc: Rpc, code: StatusCode, details: str) -> None:
         self.counters["errors"] += 1
@@ -203,14 +209,6 @@ class TcpTransport(Engine):
         if runtime is not None:
             runtime.wake()
 
-    def _retry_resolved(self, key: Target) -> int:
-        entry = self.resolving.pop(key, None)
-        if entry is None:
-            return 0
-        for rpc in entry[1]:
-            self._send_call(rpc)
-        return len(entry[1])
-
     def _sweep(self, now: float) -> int:
         """Time out stalled or idle connections and calls that wait on name resolution too long."""
         n = 0
@@ -262,7 +260,7 @@ class TcpTransport(Engine):
         wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
-            timeout_us = max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6))
+            timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
         conn.queue([encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
                                   aux=timeout_us), head, *segs])

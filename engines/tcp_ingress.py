@@ -125,7 +125,12 @@ class TcpIngress(Engine):
                                   "tcp.max_inbound_per_ip=%d", ip, len(self.conns), self.per_ip.get(ip, 0),
                                   self.limits.max_inbound, self.limits.max_per_ip)
                 continue
-            configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
+            try:
+                configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
+            except OSError as e:  # reset before we got to it
+                log.info("peer connection from %s failed at once: %s", ip, e)
+                sock.close()
+                continue
             peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
             conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size,
                         clock=self.ctx.clock, max_sendq=self.limits.max_send_queue)
