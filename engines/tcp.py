@@ -7,60 +7,77 @@ segments — and queues the frames on the connection; all frames queued in one
 round go out in one ``sendmsg``. rx: replies land directly in the app's
 receive heap and are validated before the app hears of them.
 
-``tcp-ingress`` owns the listening socket and inbound connections; it checks
-each peer's handshake (protocol version, schema hash), routes inbound calls by
-service to the server app and lands them in that app's receive heap.
+``tcp-ingress`` (in :mod:`engines.tcp_ingress`, exported here as ``INGRESS``)
+owns the listening socket and inbound connections; it checks each peer's
+handshake, routes inbound calls to the server app and lands them in that app's
+receive heap.
 
 Every call gets exactly one outcome: a reply, an error frame, a local error
 (connection refused, deadline, connection lost) — never none, never two.
+
+Peers are untrusted (see :mod:`engines.tcp_limits`): a body the daemon will
+not keep is skipped without storing it, every connection's reservations and
+queues are bounded, stalled and idle connections are timed out, and host names
+are resolved off the runtime thread (:mod:`engines.tcp_resolve`). An app's
+connections to one (host, port, schema) share one TCP connection.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
-import socket
+import sys
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from engines.tcp_conn import Conn, configure, connect_nonblocking
+from engines import tcp_resolve
+from engines.tcp_conn import Conn, connect_nonblocking
+from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
+from engines.tcp_limits import PeerLimits, overdue, settle
 from libmrpc.heap import HeapExhausted
-from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    DISCARD,
     ERROR,
+    FRAME_NAMES,
     GOAWAY,
     HELLO,
     HELLO_ACK,
+    MAX_HELLO_SERVICES,
     PING,
     PONG,
     PROTOCOL_VERSION,
     REPLY,
+    Body,
     FrameHeader,
+    clamp_timeout_us,
     decode_json_body,
-    encode_error,
     encode_header,
     encode_json_frame,
 )
 from mrpcd.appstate import AppState, ConnSpec, Landed, RxCall, TxCall, TxReply
-from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
+from mrpcd.engine import Engine, EngineContext, Rpc, RpcKind
 
 log = logging.getLogger(__name__)
 FAILED_RETRY = 1.0  # seconds a failed connection keeps failing calls fast before a retry
+Target = tuple[str, int, int]  # (host, port, schema slot): one shared connection each
 
 
-def _free_landed(app: AppState, landed: Landed | None) -> None:
-    if landed is not None and landed.heap_off is not None:
-        try:
-            app.recv_heap.free(landed.heap_off)
-        except ValueError:
-            pass
-        landed.heap_off = None
+def format_target(key: Target) -> str:
+    return f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}"
 
 
-def _send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> None:
-    conn.queue(encode_error(wire_id, code, details))
+def _status(value: Any, default: StatusCode) -> StatusCode:
+    """A status code from a peer, or ``default`` if it is not a valid one."""
+    try:
+        code = StatusCode(int(value))
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return code if code is not StatusCode.OK else default
 
 
 class TcpTransport(Engine):
@@ -75,11 +92,17 @@ class TcpTransport(Engine):
         self.tcp = svc["tcp_config"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
-        self.conns: dict[int, Conn] = {}
+        self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
+        self.conns: dict[Target, Conn] = {}
+        self.retired: set[Conn] = set()  # told GOAWAY, replaced; closed once their calls are done
         self.pending: dict[int, tuple[Rpc, Conn]] = {}
         self.deadlines: list[tuple[float, int]] = []
-        self.failed: dict[int, tuple[float, StatusCode, str]] = {}
+        self.failed: dict[Target, tuple[float, StatusCode, str]] = {}
         self.dirty: set[Conn] = set()
+        # calls waiting for their host name to resolve: target -> (give-up time, calls)
+        self.resolving: dict[Target, tuple[float, list[Rpc]]] = {}
+        self._resolved: deque[Target] = deque()  # appended by resolver threads
+        self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
         self.counters = {"calls_sent": 0, "replies_received": 0, "replies_sent": 0, "errors": 0,
                          "late_replies": 0, "deadline_expired": 0}
@@ -90,64 +113,135 @@ class TcpTransport(Engine):
         n = 0
         tx_in = self.tx_in
         while tx_in:
-            rpc = tx_in.popleft()
+            self._send(tx_in.popleft())
             n += 1
-            try:
-                if rpc.kind is RpcKind.CALL:
-                    self._send_call(rpc)
-                elif rpc.kind is RpcKind.REPLY:
-                    self._send_reply(rpc)
-                else:
-                    self.rx_out.append(rpc)
-            except Exception:
-                log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
-                if rpc.kind is RpcKind.CALL:
-                    self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
+        while self._resolved:  # host names resolved meanwhile: their calls go now
+            entry = self.resolving.pop(self._resolved.popleft(), None)
+            for rpc in entry[1] if entry is not None else ():
+                self._send(rpc)
+                n += 1
         if self.dirty:
-            for conn in self.dirty:
+            dirty, self.dirty = self.dirty, set()
+            for conn in dirty:  # a flush may close a connection (and touch self.dirty)
                 conn.flush()
-            self.dirty.clear()
-        if self.deadlines and self.deadlines[0][0] <= self.ctx.clock.now():
+        now = self.ctx.clock.now()
+        if self.deadlines and self.deadlines[0][0] <= now:
             n += self._expire()
+        if now >= self._next_sweep and (self.conns or self.resolving or self.retired):
+            self._next_sweep = now + self.limits.tick
+            n += self._sweep(now)
         return n
+
+    def _send(self, rpc: Rpc) -> None:
+        try:
+            if rpc.kind is RpcKind.CALL:
+                self._send_call(rpc)
+            elif rpc.kind is RpcKind.REPLY:
+                self._send_reply(rpc)
+            else:
+                self.rx_out.append(rpc)
+        except Exception:
+            log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
+            if rpc.kind is RpcKind.CALL:
+                self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
 
     def _fail(self, rpc: Rpc, code: StatusCode, details: str) -> None:
         self.counters["errors"] += 1
         self.rx_out.append(rpc.error_reply(code, details))
 
-    def _conn_for(self, spec: ConnSpec, binding: Any) -> Conn | tuple[StatusCode, str]:
-        conn = self.conns.get(spec.conn_id)
-        if conn is not None and not conn.closed and not conn.info.get("goaway"):
-            return conn
-        failed = self.failed.get(spec.conn_id)
+    def _conn_for(self, spec: ConnSpec, binding: Any, rpc: Rpc) -> Conn | tuple[StatusCode, str] | None:
+        """The open connection for ``spec``, a local error, or None: ``rpc`` waits
+        for the host name to resolve and is sent (or failed) then."""
+        key: Target = spec.key
+        conn = self.conns.get(key)
+        if conn is not None and not conn.closed:
+            if not conn.info.get("goaway"):
+                return conn
+            self.retired.add(conn)  # a new connection takes its place; it finishes its calls
+            del self.conns[key]
+        now = self.ctx.clock.now()
+        failed = self.failed.get(key)
         if failed is not None:
             until, code, msg = failed
-            if self.ctx.clock.now() < until:
+            if now < until:
                 return code, msg
-            del self.failed[spec.conn_id]
+            del self.failed[key]
+        waiting = self.resolving.get(key)
+        if waiting is not None:
+            waiting[1].append(rpc)
+            return None
+        known = tcp_resolve.lookup(spec.host, spec.port, lambda: self._on_resolved(key))
+        if known is None:
+            self.resolving[key] = (now + self.tcp.connect_timeout, [rpc])
+            return None
+        addr, error = known
+        if addr is None:
+            msg = (f"cannot resolve host {spec.host!r} of {spec.addr}: {error}; "
+                   f"check the name or connect by IP address")
+            self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
+            return StatusCode.UNAVAILABLE, msg
         try:
-            sock, connecting = connect_nonblocking(spec.host, spec.port, nodelay=self.tcp.nodelay,
+            sock, connecting = connect_nonblocking(addr, spec.port, nodelay=self.tcp.nodelay,
                                                    sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
         except OSError as e:
             msg = (f"cannot reach mrpcd at {spec.addr}: {e.strerror or e}; "
                    f"is the remote daemon running and listening there?")
-            self.failed[spec.conn_id] = (self.ctx.clock.now() + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
+            self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
             return StatusCode.UNAVAILABLE, msg
         conn = Conn(sock, self, self.poller, peer=spec.addr, outbound=True,
-                    max_body=self.max_message_size, connecting=connecting)
-        conn.info.update(conn_id=spec.conn_id, connect_deadline=self.ctx.clock.now() + self.tcp.connect_timeout)
+                    max_body=self.max_message_size, connecting=connecting, clock=self.ctx.clock,
+                    max_sendq=sys.maxsize)  # never stop reading replies: the server may be waiting on us
+        conn.info.update(conn_id=key, schema_hash=binding.schema_hash,
+                         connect_deadline=now + self.tcp.connect_timeout)
         conn.queue([encode_json_frame(HELLO, {
             "version": PROTOCOL_VERSION, "schema_hash": binding.schema_hash,
-            "services": list(binding.services), "app": self.app.name, "pid": self.app.pid,
-            "daemon": self.daemon_name})])
-        self.conns[spec.conn_id] = conn
+            "services": list(binding.services)[:MAX_HELLO_SERVICES], "app": self.app.name,
+            "pid": self.app.pid, "daemon": self.daemon_name})])
+        self.conns[key] = conn
         if connecting:
             heapq.heappush(self.deadlines, (conn.info["connect_deadline"], -conn.fd))
         return conn
 
+    def _on_resolved(self, key: Target) -> None:
+        """From a resolver thread: hand the target to the runtime thread."""
+        self._resolved.append(key)
+        runtime = self.app.runtime
+        if runtime is not None:
+            runtime.wake()
+
+    def _sweep(self, now: float) -> int:
+        """Time out stalled or idle connections and calls that wait on name resolution too long."""
+        n = 0
+        for conn in list(self.retired):
+            if not conn.calls:
+                conn.close("the peer said GOAWAY and no call is left on it")
+        for conn in [*self.conns.values(), *self.retired]:
+            reason = overdue(conn, now, self.limits)
+            if reason is not None:
+                conn.close(reason)
+        for key, (give_up, calls) in list(self.resolving.items()):
+            if now >= give_up:
+                del self.resolving[key]
+                msg = (f"cannot reach mrpcd at {format_target(key)}: resolving host {key[0]!r} "
+                       f"took longer than {self.tcp.connect_timeout:g}s (tcp.connect_timeout)")
+                for rpc in calls:
+                    self._fail(rpc, StatusCode.UNAVAILABLE, msg)
+                n += len(calls)
+                continue
+            late = [r for r in calls if r.deadline is not None and r.deadline <= now]
+            for rpc in late:
+                calls.remove(rpc)
+                self.counters["deadline_expired"] += 1
+                self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
+                           f"deadline exceeded while resolving host {key[0]!r}")
+            n += len(late)
+        return n
+
     def _send_call(self, rpc: Rpc) -> None:
         st: TxCall = rpc._state
-        conn = self._conn_for(st.conn, st.binding)
+        conn = self._conn_for(st.conn, st.binding, rpc)
+        if conn is None:
+            return  # waits for name resolution
         if isinstance(conn, tuple):
             return self._fail(rpc, *conn)
         assert rpc.method is not None
@@ -166,7 +260,7 @@ class TcpTransport(Engine):
         wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
-            timeout_us = max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6))
+            timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
         conn.queue([encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
                                   aux=timeout_us), head, *segs])
@@ -190,9 +284,10 @@ class TcpTransport(Engine):
         if isinstance(st, tuple) and st[0] == "rejected":
             inner = st[1]
             if isinstance(inner, RxCall):  # refused on the receive side: tell the caller
-                _free_landed(self.app, inner.landed)
+                free_landed(self.app, inner.landed)
+                settle(inner.origin, inner.wire_id)
                 if not inner.origin.closed:
-                    _send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
+                    send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
                     self.dirty.add(inner.origin)
             else:
                 self.rx_out.append(rpc)  # a send-side error that reached us: back to the app
@@ -201,13 +296,14 @@ class TcpTransport(Engine):
             self.rx_out.append(rpc)
             return
         origin: Conn = st.call.origin
+        settle(origin, st.call.wire_id)
         reclaim = self._reclaim_cb(rpc.call_id)
         if origin.closed:
             reclaim()
             return
         self.dirty.add(origin)
         if rpc.status is not StatusCode.OK:
-            _send_error(origin, st.call.wire_id, rpc.status, rpc.details)
+            send_error(origin, st.call.wire_id, rpc.status, rpc.details)
             reclaim()
             return
         assert rpc.method is not None
@@ -220,7 +316,7 @@ class TcpTransport(Engine):
                 head, segs = st.call.binding.module.MARSHAL[rpc.method.response](
                     self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size)
             except WireError as e:
-                _send_error(origin, st.call.wire_id, StatusCode.INTERNAL,
+                send_error(origin, st.call.wire_id, StatusCode.INTERNAL,
                             f"server app {self.app.name!r} returned a malformed reply: {e}")
                 reclaim()
                 return
@@ -255,30 +351,40 @@ class TcpTransport(Engine):
         return n
 
     def next_timer(self) -> float | None:
-        return self.deadlines[0][0] if self.deadlines else None
+        t = self.deadlines[0][0] if self.deadlines else None
+        if self.conns or self.resolving or self.retired:
+            t = self._next_sweep if t is None else min(t, self._next_sweep)
+        return t
 
     # ------------------------------------------------------------------ rx (outbound conns)
 
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None:
-        if header.type != REPLY or header.body_len == 0:
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
+        t = header.type
+        if t != REPLY:
+            if t == CALL or t == HELLO:
+                raise WireError(f"peer sent a {FRAME_NAMES[t]} frame on a client connection")
+            return DISCARD if t in (PING, PONG) else None  # small control bodies are kept
+        if header.body_len == 0:
             return None
-        if header.call_id not in self.pending:
-            return None  # a late reply: received into a scratch buffer and dropped
+        entry = self.pending.get(header.call_id)
+        if entry is None or entry[1] is not conn:
+            return DISCARD  # a late (or made-up) reply: skipped, never stored
         try:
             off = self.app.recv_heap.alloc(header.body_len)
         except HeapExhausted as e:
             conn.cur = e
-            return None
+            return DISCARD
         conn.cur = Landed(off, header.body_len)
         return self.app.recv_view[off:off + header.body_len]
 
     def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
         t = header.type
         if t == REPLY or t == ERROR:
-            entry = self.pending.pop(header.call_id, None)
-            if entry is None:
+            entry = self.pending.get(header.call_id)
+            if entry is None or entry[1] is not conn:
                 self.counters["late_replies"] += 1
                 return
+            del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
             if t == ERROR:
@@ -293,7 +399,7 @@ class TcpTransport(Engine):
                 rpc_module = rpc._state.binding.module
                 rpc_module.VALIDATE[rpc.method.response](body)
             except WireError as e:
-                _free_landed(self.app, landed)
+                free_landed(self.app, landed)
                 return self._fail(rpc, StatusCode.INTERNAL, f"malformed reply from {conn.peer}: {e}")
             self.counters["replies_received"] += 1
             self.rx_out.append(Rpc(RpcKind.REPLY, rpc.app, rpc.app_pid, rpc.call_id, rpc.method,
@@ -302,16 +408,17 @@ class TcpTransport(Engine):
         elif t == HELLO_ACK:
             ack = decode_json_body(body)
             if not ack.get("ok"):
-                code = StatusCode(int(ack.get("code", StatusCode.UNAVAILABLE)))
-                msg = str(ack.get("error", "the remote daemon refused the connection"))
+                code = _status(ack.get("code"), StatusCode.UNAVAILABLE)
+                msg = str(ack.get("error", "the remote daemon refused the connection"))[:2000]
+                msg += f" (this app's schema hash is {conn.info.get('schema_hash')})"
                 conn.info["refused"] = (code, msg)
                 self.failed[conn.info["conn_id"]] = (self.ctx.clock.now() + FAILED_RETRY, code, msg)
                 conn.close(f"handshake refused: {msg}")
             else:
                 conn.info["peer_daemon"] = ack.get("daemon")
         elif t == PING:
-            conn.queue([encode_header(PONG, call_id=header.call_id)])
-            self.dirty.add(conn)
+            if answer_ping(conn, header):
+                self.dirty.add(conn)
         elif t == GOAWAY:
             conn.info["goaway"] = True
         elif t == PONG:
@@ -324,7 +431,7 @@ class TcpTransport(Engine):
             StatusCode.UNAVAILABLE, f"connection to mrpcd at {conn.peer} lost: {reason}")
         landed = conn.cur
         if isinstance(landed, Landed):
-            _free_landed(self.app, landed)
+            free_landed(self.app, landed)
         for wire_id in list(conn.calls):
             entry = self.pending.pop(wire_id, None)
             if entry is not None:
@@ -333,6 +440,7 @@ class TcpTransport(Engine):
         cid = conn.info.get("conn_id")
         if cid is not None and self.conns.get(cid) is conn:
             del self.conns[cid]
+        self.retired.discard(conn)
         self.dirty.discard(conn)
 
     # ------------------------------------------------------------------ lifecycle
@@ -342,204 +450,31 @@ class TcpTransport(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
-                 "failed": self.failed, "next_wire_id": next(self._wire_ids),
-                 "counters": dict(self.counters)}
-        self.conns, self.pending, self.deadlines, self.failed = {}, {}, [], {}
+                 "failed": self.failed, "resolving": self.resolving, "retired": self.retired,
+                 "next_wire_id": next(self._wire_ids), "counters": dict(self.counters)}
+        self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
+        self.retired = set()
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         self.conns.update(state.get("conns", {}))
+        self.retired.update(state.get("retired", ()))
         self.pending.update(state.get("pending", {}))
         self.deadlines.extend(state.get("deadlines", []))
         heapq.heapify(self.deadlines)
         self.failed.update(state.get("failed", {}))
+        for key, entry in state.get("resolving", {}).items():
+            self.resolving[key] = entry  # ask again: the old instance's callback would be lost
+            if tcp_resolve.lookup(key[0], key[1], functools.partial(self._on_resolved, key)) is not None:
+                self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))
-        for conn in self.conns.values():
+        for conn in [*self.conns.values(), *self.retired]:
             conn.owner = self
 
     def close(self) -> None:
-        for conn in list(self.conns.values()):
+        for conn in [*self.conns.values(), *self.retired]:
             conn.close("application left")
-
-
-class TcpIngress(Engine):
-    """Daemon-wide: accepts peer daemons' connections and routes their calls."""
-
-    NAME = "tcp-ingress"
-    VERSION = 1
-
-    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
-        super().__init__(ctx, config)
-        svc = ctx.services
-        self.router = svc["router"]
-        self.poller = svc["poller"]
-        self.tcp = svc["tcp_config"]
-        self.listener: socket.socket = svc["listener"]
-        self.max_message_size: int = svc.get("max_message_size", 256 << 20)
-        self.daemon_name: str = svc.get("daemon_name", "mrpcd")
-        self.conns: set[Conn] = set()
-        self.dirty: set[Conn] = set()
-        self._resume_accept: float | None = None
-        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0}
-        self.listener.setblocking(False)
-        self.poller.register(self.listener.fileno(), 1, self._on_accept)
-
-    def _on_accept(self, _events: int) -> None:
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: back off, keep serving
-                log.error("accept failed: %s; pausing accepts for 100 ms", e)
-                self.poller.unregister(self.listener.fileno())
-                self._resume_accept = self.ctx.clock.now() + 0.1
-                return
-            configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
-            peer = f"{addr[0]}:{addr[1]}"
-            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size)
-            self.conns.add(conn)
-            self.counters["accepted"] += 1
-
-    def do_work(self) -> int:
-        if self._resume_accept is not None and self.ctx.clock.now() >= self._resume_accept:
-            self._resume_accept = None
-            self.poller.register(self.listener.fileno(), 1, self._on_accept)
-        if not self.dirty:
-            return 0
-        for conn in self.dirty:
-            conn.flush()
-        self.dirty.clear()
-        return 0
-
-    def next_timer(self) -> float | None:
-        return self._resume_accept
-
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None:
-        if header.type != CALL or "hello" not in conn.info or header.body_len == 0:
-            return None
-        hello = conn.info["hello"]
-        try:
-            app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
-        except RpcError as e:
-            conn.cur = e
-            return None
-        if app.datapath is not None and app.datapath.reads_content():
-            conn.cur = (app, binding, method, Landed(None, header.body_len))
-            return None  # land in private memory; a receive-side policy looks first
-        try:
-            off = app.recv_heap.alloc(header.body_len)
-        except HeapExhausted as e:
-            conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
-            return None
-        conn.cur = (app, binding, method, Landed(off, header.body_len))
-        return app.recv_view[off:off + header.body_len]
-
-    def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
-        t = header.type
-        if t == CALL:
-            self._call(conn, header, body)
-        elif t == HELLO:
-            self._hello(conn, body)
-        elif t == PING:
-            conn.queue([encode_header(PONG, call_id=header.call_id)])
-            self.dirty.add(conn)
-        elif t in (PONG, GOAWAY):
-            pass
-        else:
-            raise WireError(f"unexpected frame type {t} on a server connection")
-
-    def _hello(self, conn: Conn, body: memoryview) -> None:
-        hello = decode_json_body(body)
-        schema_hash, services = hello.get("schema_hash"), hello.get("services")
-        if (not isinstance(schema_hash, str) or not isinstance(services, list)
-                or not all(isinstance(s, str) for s in services)):
-            raise WireError("HELLO lacks schema_hash or services")
-        client = f"{hello.get('app', '?')!r} (pid {hello.get('pid', '?')}) at {hello.get('daemon', conn.peer)}"
-        try:
-            self.router.check_hello(schema_hash, services, client)
-        except RpcError as e:
-            self.counters["handshakes_refused"] += 1
-            conn.queue([encode_json_frame(HELLO_ACK, {"ok": False, "code": int(e.code()),
-                                                      "error": e.details()})])
-            conn.flush()
-            conn.close(f"handshake refused: {e.details()}")
-            return
-        conn.info["hello"] = {"schema_hash": schema_hash, "services": services, "client": client}
-        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name})])
-        self.dirty.add(conn)
-
-    def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
-        cur = conn.cur
-        if "hello" not in conn.info:
-            raise WireError("CALL before HELLO")
-        if cur is None:  # empty body: not even a root record
-            cur = RpcError(StatusCode.INVALID_ARGUMENT, "call carries an empty message image")
-        if isinstance(cur, RpcError):
-            self.counters["calls_refused"] += 1
-            _send_error(conn, header.call_id, cur.code(), cur.details())
-            self.dirty.add(conn)
-            return
-        app, binding, method, landed = cur
-        if landed.heap_off is None:
-            landed.private = body
-        try:
-            binding.module.VALIDATE[method.request](body)
-        except WireError as e:
-            _free_landed(app, landed)
-            _send_error(conn, header.call_id, StatusCode.INVALID_ARGUMENT,
-                        f"malformed {method.request} for {method.path}: {e}")
-            self.dirty.add(conn)
-            return
-        if app.closed or app.datapath is None:
-            _free_landed(app, landed)
-            _send_error(conn, header.call_id, StatusCode.UNAVAILABLE,
-                        f"server app {app.name!r} is gone")
-            self.dirty.add(conn)
-            return
-        now = self.ctx.clock.now()
-        token = app.next_token()
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
-                  deadline=now + header.aux / 1e6 if header.aux else None, size=header.body_len,
-                  created=now, _state=RxCall(conn, header.call_id, binding, landed))
-        cls = binding.module.MESSAGES[method.request]
-        rpc._view = lambda: cls._from_image(
-            (memoryview(landed.private) if landed.private is not None
-             else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
-        self.counters["calls_routed"] += 1
-        app.datapath.transport.rx_out.append(rpc)
-        if app.runtime is not None and not app.runtime.in_runtime():
-            app.runtime.wake()
-
-    def conn_closed(self, conn: Conn, reason: str) -> None:
-        cur = conn.cur
-        if isinstance(cur, tuple):
-            _free_landed(cur[0], cur[3])
-        self.conns.discard(conn)
-        self.dirty.discard(conn)
-
-    def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, connections=len(self.conns))
-
-    def decompose(self) -> dict[str, Any]:
-        """Hand over the listener's connections (sockets, buffers, half-read frames)."""
-        self.poller.unregister(self.listener.fileno())
-        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters)}
-        self.conns, self.dirty = set(), set()
-        return state
-
-    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
-        self.conns.update(state.get("conns", ()))
-        self.dirty.update(state.get("dirty", ()))
-        self.counters.update(state.get("counters", {}))
-        for conn in self.conns:
-            conn.owner = self
-
-    def close(self) -> None:
-        self.poller.unregister(self.listener.fileno())
-        for conn in list(self.conns):
-            conn.close("daemon shutting down")
 
 
 ENGINE = TcpTransport

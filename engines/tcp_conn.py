@@ -6,6 +6,15 @@ receive heap) when a large body is being received; writes queued frames with
 one ``sendmsg`` per flush, scatter-gather, zero-copy from shared memory.
 Callbacks registered with a queued frame run once the kernel has taken all of
 its bytes (that is when the application may reuse that send-heap memory).
+
+Memory per connection is small: the staging buffer is shared by every
+connection read on the same thread (reads are synchronous and the assembler
+copies out whatever it keeps), declined bodies are skipped, not stored. A peer
+that does not read its replies gets back-pressure: once ``max_sendq`` bytes are
+queued to it, its connection is no longer read (no new calls) until the queue
+drains. Timestamps (``opened``, ``last_in``, ``frame_at``, ``out_since``,
+``last_frame``) let the owner time out stalled or idle peers
+(see :mod:`engines.tcp_limits`). ``close`` breaks every reference cycle.
 """
 
 from __future__ import annotations
@@ -15,12 +24,14 @@ import logging
 import os
 import select
 import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from libmrpc.status import WireError
-from libmrpc.wire import FrameAssembler, FrameHeader
+from libmrpc.wire import Body, FrameAssembler, FrameHeader
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +39,22 @@ STAGING = 256 * 1024
 DIRECT_MIN = 64 * 1024  # a body with at least this much left is received in place
 IOV_MAX = 1024
 READS_PER_EVENT = 64
+STAGED_PER_EVENT = 1 << 20  # bytes parsed from one connection before others get their turn
+_local = threading.local()
+
+
+def _staging() -> memoryview:
+    """This thread's staging buffer, shared by all its connections."""
+    view: memoryview | None = getattr(_local, "staging", None)
+    if view is None:
+        view = _local.staging = memoryview(bytearray(STAGING))
+    return view
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 
 
 class ConnOwner(Protocol):
-    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | None: ...
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None: ...
     def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None: ...
     def conn_closed(self, conn: Conn, reason: str) -> None: ...
 
@@ -98,34 +119,53 @@ class SendQueue:
 
 class Conn:
     def __init__(self, sock: socket.socket, owner: ConnOwner, poller: Any, *, peer: str,
-                 outbound: bool, max_body: int, connecting: bool = False) -> None:
+                 outbound: bool, max_body: int, connecting: bool = False,
+                 clock: Any = None, max_sendq: int = 8 << 20) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.owner = owner
+        self.owner: Any = owner
         self.poller = poller
         self.peer = peer
         self.outbound = outbound
         self.state = "connecting" if connecting else "open"
         self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch)
         self.sendq = SendQueue()
-        self._staging = bytearray(STAGING)
-        self._staging_view = memoryview(self._staging)
+        self.max_sendq = max_sendq
+        self.read_paused = False  # back-pressure: the peer does not read what we send
         self.cur: Any = None  # the owner's note about the body being received
         self.info: dict[str, Any] = {}  # handshake results and owner bookkeeping
-        self.calls: set[int] = set()
+        self.calls: set[int] = set()  # outbound: wire ids of calls awaiting a reply
+        # inbound accounting (see engines.tcp_limits): wire id -> (server app, reserved bytes)
+        self.rx_calls: dict[int, tuple[Any, int]] = {}
+        self.reserved = 0
+        self.lock = threading.Lock()
+        self._clock = clock
+        now = self.now()
+        self.opened = self.last_in = self.frame_at = self.last_frame = now
+        self.out_since: float | None = None  # when queued output last made progress
+        self._frames_seen = 0
+        self.pings, self.ping_window = 0, now  # PINGs seen in the current one-second window
         self._events = EPOLLIN | (EPOLLOUT if connecting else 0)
         self.bytes_in = self.bytes_out = self.frames_in = 0
         poller.register(self.fd, self._events, self.on_event)
+
+    def now(self) -> float:
+        return self._clock.now() if self._clock is not None else time.monotonic()
 
     @property
     def closed(self) -> bool:
         return self.state == "closed"
 
-    def _sink(self, header: FrameHeader) -> memoryview | None:
+    def _sink(self, header: FrameHeader) -> memoryview | Body | None:
         if self.state == "closed":
             raise WireError("connection closed")  # stops the assembler mid-feed
         return self.owner.frame_sink(self, header)
+
+    def _set_events(self, want: int) -> None:
+        if want != self._events and self.state != "closed":
+            self._events = want
+            self.poller.modify(self.fd, want)
 
     # ---------------------------------------------------------------- writing
 
@@ -134,6 +174,8 @@ class Conn:
             if done is not None:
                 done()
             return
+        if not len(self.sendq):
+            self.out_since = self.now()
         self.sendq.add(bufs, done)
 
     def flush(self) -> None:
@@ -145,11 +187,16 @@ class Conn:
         except OSError as e:
             self.close(f"write failed: {e.strerror or e}")
             return
-        self.bytes_out += self.sendq.sent - before
-        want = EPOLLIN | (0 if empty else EPOLLOUT)
-        if want != self._events:
-            self._events = want
-            self.poller.modify(self.fd, want)
+        if self.sendq.sent != before:
+            self.bytes_out += self.sendq.sent - before
+            self.out_since = None if empty else self.now()
+        if self.read_paused and len(self.sendq) <= self.max_sendq // 2:
+            self.read_paused = False
+            self.last_in = self.frame_at = self.now()  # stall timers restart with reading
+        elif not self.read_paused and len(self.sendq) > self.max_sendq:
+            self.read_paused = True
+        want = (0 if self.read_paused else EPOLLIN) | (0 if empty else EPOLLOUT)
+        self._set_events(want)
 
     # ---------------------------------------------------------------- reading
 
@@ -163,28 +210,35 @@ class Conn:
                 return
             self.state = "open"
             self.flush()
-            if not len(self.sendq) and self._events != EPOLLIN:
-                self._events = EPOLLIN
-                self.poller.modify(self.fd, EPOLLIN)
-        if events & (EPOLLIN | EPOLL_FAIL):
+            if not len(self.sendq):
+                self._set_events(EPOLLIN)
+        if self.read_paused and events & EPOLL_FAIL:
+            return self.close(f"{self.peer} hung up")
+        if events & (EPOLLIN | EPOLL_FAIL) and not self.read_paused:
             self._read()
         if events & EPOLLOUT and self.state == "open":
             self.flush()
 
     def _read(self) -> None:
-        asm, sock, staging = self.assembler, self.sock, self._staging_view
+        asm, sock, staging = self.assembler, self.sock, _staging()
+        staged = 0
         for _ in range(READS_PER_EVENT):
-            if self.state == "closed":
+            if staged >= STAGED_PER_EVENT:
+                return  # level-triggered: the rest waits for the next round, after the others
+            if self.state == "closed" or self.read_paused:
                 return
             try:
-                if asm.in_body and len(window := asm.body_window()) >= DIRECT_MIN:
+                window = asm.body_window() if asm.in_body else None
+                if window is not None and len(window) >= DIRECT_MIN:
                     n = sock.recv_into(window)
                     if n == 0:
                         return self.close(f"{self.peer} closed the connection mid-frame")
                     self.bytes_in += n
+                    self.last_in = self.now()
                     frame = asm.body_received(n)
                     if frame is not None:
                         self._dispatch(*frame)
+                        self.frame_at = self.last_in
                     continue
                 n = sock.recv_into(staging)
             except (BlockingIOError, InterruptedError):
@@ -192,13 +246,21 @@ class Conn:
             except OSError as e:
                 return self.close(f"read failed: {e.strerror or e}")
             if n == 0:
-                return self.close("peer closed the connection" if not asm.in_body
+                return self.close("peer closed the connection" if not asm.partial
                                   else f"{self.peer} closed the connection mid-frame")
             self.bytes_in += n
+            staged += n
+            now = self.last_in = self.now()
+            was_partial, seen = asm.partial, self._frames_seen
             try:
                 asm.feed(staging[:n])
             except WireError as e:
                 return self.close(f"malformed frame from {self.peer}: {e}")
+            if not was_partial or self._frames_seen != seen:
+                self.frame_at = now  # the frame now half received started in this chunk
+            if self.state != "closed" and not self.read_paused and len(self.sendq) > self.max_sendq:
+                self.read_paused = True  # the peer does not read: stop taking its calls
+                self._set_events(EPOLLOUT)
             if n < len(staging):
                 return
 
@@ -206,6 +268,8 @@ class Conn:
         if self.state == "closed":
             raise WireError("connection closed")
         self.frames_in += 1
+        self._frames_seen += 1
+        self.last_frame = self.last_in
         try:
             self.owner.handle_frame(self, header, body)
         except WireError as e:
@@ -213,11 +277,11 @@ class Conn:
         finally:
             self.cur = None
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, level: int = logging.INFO) -> None:
         if self.state == "closed":
             return
         self.state = "closed"
-        log.info("connection %s %s closed: %s", "to" if self.outbound else "from", self.peer, reason)
+        log.log(level, "connection %s %s closed: %s", "to" if self.outbound else "from", self.peer, reason)
         self.poller.unregister(self.fd)
         try:
             self.sock.close()
@@ -225,12 +289,25 @@ class Conn:
             pass
         for cb in self.sendq.drop():
             cb()
-        self.owner.conn_closed(self, reason)
+        owner = self.owner
+        try:
+            if owner is not None:
+                owner.conn_closed(self, reason)
+        finally:
+            # break the cycles (conn <-> assembler's bound methods) and drop buffers now
+            self.assembler.reset()
+            self.sendq = SendQueue()
+            self.cur = None
+            with self.lock:
+                self.rx_calls.clear()
+                self.reserved = 0
 
 
 def connect_nonblocking(host: str, port: int, *, nodelay: bool, sndbuf: int | None,
                         rcvbuf: int | None) -> tuple[socket.socket, bool]:
-    """Start a connect; returns (socket, still_connecting). Raises OSError on failure."""
+    """Start a connect to an IP address (resolve names first, off the runtime
+    thread: see engines.tcp_resolve); returns (socket, still_connecting).
+    Raises OSError on failure."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

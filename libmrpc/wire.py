@@ -14,11 +14,22 @@ is the remaining timeout in microseconds (0 = none).
 each body should land (``body_sink(header) -> memoryview | None``) as soon as the
 header is complete, so a large body can be received straight into its final
 place (an application's receive heap) without an intermediate copy; the owner's
-I/O loop can ``recv_into(assembler.body_window())`` for that.
+I/O loop can ``recv_into(assembler.body_window())`` for that. A body the owner
+does not accept (a call it refuses, a late reply) is skipped: the sink answers
+:data:`DISCARD` and the assembler counts its bytes off without storing them, so
+a peer announcing a huge body costs nothing it does not send. A body kept in
+private memory grows as its bytes arrive, never allocated up front.
+
+Every length is checked before a byte of the body is read: CALL/REPLY bodies
+against the configured ``max_body``, HELLO/HELLO_ACK against
+:data:`MAX_HELLO_BODY`, other control bodies against :data:`MAX_CONTROL_BODY`.
+The magic, version and type are checked as soon as their bytes arrive, so a
+stream that is not mrpc (an HTTP request) is refused after a few bytes.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 from collections.abc import Callable
@@ -35,7 +46,11 @@ HEADER_SIZE = HEADER.size  # 32
 HELLO, HELLO_ACK, CALL, REPLY, ERROR, GOAWAY, PING, PONG = range(1, 9)
 FRAME_NAMES = {HELLO: "HELLO", HELLO_ACK: "HELLO_ACK", CALL: "CALL", REPLY: "REPLY",
                ERROR: "ERROR", GOAWAY: "GOAWAY", PING: "PING", PONG: "PONG"}
-MAX_CONTROL_BODY = 1 << 20  # HELLO / ERROR / GOAWAY bodies
+MAX_CONTROL_BODY = 64 << 10  # ERROR / GOAWAY / PING / PONG bodies
+MAX_HELLO_BODY = 64 << 10  # HELLO / HELLO_ACK bodies (JSON)
+MAX_HELLO_SERVICES = 256  # services one HELLO may list
+MAX_SERVICE_NAME = 256  # characters in one service name
+MAX_PEER_TIMEOUT_US = 7 * 24 * 3600 * 10**6  # a CALL's timeout (aux) is clamped to a week
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +85,31 @@ def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
         if body_len > max_body:
             raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds the limit of {max_body}",
                             StatusCode.RESOURCE_EXHAUSTED)
+    elif ftype in (HELLO, HELLO_ACK):
+        if body_len > MAX_HELLO_BODY:
+            raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_HELLO_BODY}")
     elif body_len > MAX_CONTROL_BODY:
         raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_CONTROL_BODY}")
     if status > 16:
         raise WireError(f"frame carries invalid status {status}")
     return FrameHeader(ftype, status, flags, call_id, method, body_len, aux)
+
+
+def check_prefix(buf: bytes | bytearray | memoryview) -> None:
+    """Check the first bytes of a header as soon as they arrive (magic, version,
+    type); raise WireError on a stream that is not mrpc."""
+    n = len(buf)
+    if n >= 2 and buf[0] | buf[1] << 8 != MAGIC:
+        raise WireError(f"bad frame magic {bytes(buf[:2])!r} (expected b'MR'): not an mrpc peer")
+    if n >= 3 and buf[2] != PROTOCOL_VERSION:
+        raise WireError(f"peer speaks protocol version {buf[2]}, this daemon speaks {PROTOCOL_VERSION}")
+    if n >= 4 and buf[3] not in FRAME_NAMES:
+        raise WireError(f"unknown frame type {buf[3]}")
+
+
+def clamp_timeout_us(aux: int) -> int:
+    """A CALL's timeout from a peer, in microseconds, clamped to MAX_PEER_TIMEOUT_US (0 = none)."""
+    return min(aux, MAX_PEER_TIMEOUT_US)
 
 
 def encode_error(call_id: int, status: int, details: str) -> list[bytes]:
@@ -98,9 +133,19 @@ def decode_json_body(body: bytes | memoryview) -> dict[str, Any]:
     return obj
 
 
-BodySink = Callable[[FrameHeader], memoryview | None]
-"""Where a body lands: a writable view of exactly ``body_len`` bytes, or None
-to have the assembler keep it in a private buffer (small bodies, control frames)."""
+class Body(enum.Enum):
+    DISCARD = "discard"
+
+
+DISCARD = Body.DISCARD
+"""A sink's answer meaning: skip this body (count its bytes off, keep none)."""
+EMPTY = memoryview(b"")
+
+BodySink = Callable[[FrameHeader], "memoryview | Body | None"]
+"""Where a body lands: a writable view of exactly ``body_len`` bytes, None to
+have the assembler keep it in a private buffer that grows as bytes arrive
+(control frames, bodies a policy reads first), or DISCARD to skip it (the frame
+is then delivered with an empty body)."""
 
 
 class FrameAssembler:
@@ -109,8 +154,9 @@ class FrameAssembler:
     ``feed(data)`` returns the frames completed by ``data`` — or, with
     ``on_frame``, hands each to it as soon as it completes (so the owner can act
     on a frame before the sink of the next one runs); ``body`` is the
-    memoryview returned by the sink (or a private ``bytearray``). Partial frames
-    are kept; feeding byte by byte gives the same frames as feeding whole.
+    memoryview returned by the sink (or a private buffer, or an empty view for a
+    discarded body). Partial frames are kept; feeding byte by byte gives the
+    same frames as feeding whole.
     """
 
     def __init__(self, body_sink: BodySink | None = None, *, max_body: int = 256 << 20,
@@ -120,16 +166,32 @@ class FrameAssembler:
         self.max_body = max_body
         self._hdr = bytearray()
         self._header: FrameHeader | None = None
-        self._body: memoryview | None = None
+        self._body: memoryview | None = None  # the sink's view (direct)
+        self._private: bytearray | None = None  # a private body, grown as bytes arrive
         self._filled = 0
 
     @property
     def in_body(self) -> bool:
         return self._header is not None
 
-    def body_window(self) -> memoryview:
-        """The unfilled rest of the current body (for a direct ``recv_into``)."""
-        assert self._body is not None
+    @property
+    def partial(self) -> bool:
+        """True while a frame (its header or body) is half received."""
+        return self._header is not None or bool(self._hdr)
+
+    @property
+    def body_received_so_far(self) -> int:
+        return self._filled if self._header is not None else 0
+
+    @property
+    def body_left(self) -> int:
+        return self._header.body_len - self._filled if self._header is not None else 0
+
+    def body_window(self) -> memoryview | None:
+        """The unfilled rest of the current body for a direct ``recv_into``, or
+        None when the body is private or discarded (feed those through ``feed``)."""
+        if self._body is None:
+            return None
         return self._body[self._filled:]
 
     def body_received(self, n: int) -> tuple[FrameHeader, memoryview] | None:
@@ -140,10 +202,25 @@ class FrameAssembler:
             return None
         return self._finish()
 
+    def reset(self) -> None:
+        """Forget the partial frame and the owner's callbacks (on close: no cycles, no buffers)."""
+        self._sink = None
+        self._on_frame = None
+        self._hdr = bytearray()
+        self._header = self._body = self._private = None
+        self._filled = 0
+
     def _finish(self) -> tuple[FrameHeader, memoryview]:
-        assert self._header is not None and self._body is not None
-        frame = (self._header, self._body)
-        self._header, self._body, self._filled = None, None, 0
+        assert self._header is not None
+        if self._body is not None:
+            body = self._body
+        elif self._private is not None:
+            body = memoryview(self._private)
+        else:
+            body = EMPTY
+        frame = (self._header, body)
+        self._header = self._body = self._private = None
+        self._filled = 0
         return frame
 
     def _done(self, frames: list[tuple[FrameHeader, memoryview]]) -> None:
@@ -155,18 +232,22 @@ class FrameAssembler:
 
     def _start(self, header: FrameHeader) -> None:
         dest = self._sink(header) if self._sink is not None else None
+        self._header, self._body, self._private, self._filled = header, None, None, 0
         if dest is None:
-            dest = memoryview(bytearray(header.body_len))
-        elif len(dest) != header.body_len:
-            raise WireError(f"body sink gave {len(dest)} bytes for a {header.body_len}-byte body")
-        self._header, self._body, self._filled = header, dest, 0
+            self._private = bytearray()
+        elif isinstance(dest, memoryview):
+            if len(dest) != header.body_len:
+                raise WireError(f"body sink gave {len(dest)} bytes for a {header.body_len}-byte body")
+            self._body = dest
+        # else DISCARD: neither
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[FrameHeader, memoryview]]:
         frames: list[tuple[FrameHeader, memoryview]] = []
         view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
         pos, end = 0, len(view)
         while pos < end:
-            if self._header is None:
+            header = self._header
+            if header is None:
                 need = HEADER_SIZE - len(self._hdr)
                 if not self._hdr and end - pos >= HEADER_SIZE:
                     header = decode_header(view, pos, max_body=self.max_body)
@@ -176,6 +257,7 @@ class FrameAssembler:
                     self._hdr += view[pos:pos + take]
                     pos += take
                     if len(self._hdr) < HEADER_SIZE:
+                        check_prefix(self._hdr)
                         break
                     header = decode_header(self._hdr, max_body=self.max_body)
                     self._hdr.clear()
@@ -183,11 +265,13 @@ class FrameAssembler:
                 if header.body_len == 0:
                     self._done(frames)
                 continue
-            assert self._body is not None
-            take = min(len(self._body) - self._filled, end - pos)
-            self._body[self._filled:self._filled + take] = view[pos:pos + take]
+            take = min(header.body_len - self._filled, end - pos)
+            if self._body is not None:
+                self._body[self._filled:self._filled + take] = view[pos:pos + take]
+            elif self._private is not None:
+                self._private += view[pos:pos + take]
             self._filled += take
             pos += take
-            if self._filled == len(self._body):
+            if self._filled == header.body_len:
                 self._done(frames)
         return frames

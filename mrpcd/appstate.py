@@ -53,6 +53,11 @@ class ConnSpec:
     def addr(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The target: an app's connections with the same key share one TCP connection."""
+        return self.host, self.port, self.slot
+
 
 @dataclass(eq=False, slots=True)
 class Landed:
@@ -247,8 +252,12 @@ class Router:
             for svc in [s for s, a in self.services.items() if a is app]:
                 del self.services[svc]
 
-    def check_hello(self, schema_hash: str, services: list[str], client: str) -> None:
-        """Refuse a connection whose schema differs from a bound server's."""
+    def check_hello(self, schema_hash: str, services: frozenset[str] | list[str], client: str) -> None:
+        """Refuse a connection whose schema differs from a bound server's.
+
+        The refusal goes to an unauthenticated peer: it names the peer's own
+        service only (no schema hash, app name or host of this daemon); the
+        details are logged here."""
         with self.lock:
             for svc in services:
                 app = self.services.get(svc)
@@ -256,34 +265,59 @@ class Router:
                     continue
                 bound = app.served[svc].schema_hash
                 if bound != schema_hash:
+                    log.warning("refused peer %s: schema mismatch for service %s: it uses schema %s, "
+                                "server app %r uses %s", client, svc, schema_hash, app.name, bound)
                     raise RpcError(
                         StatusCode.FAILED_PRECONDITION,
-                        f"schema mismatch for service {svc}: the client app {client} uses schema "
-                        f"{schema_hash}, server app {app.name!r} at daemon {self.daemon_name} uses "
-                        f"{bound}; build both applications from the same .proto files")
+                        f"schema mismatch for service {svc}: the server was built from different "
+                        f".proto files; build both applications from the same .proto files")
 
-    def route(self, schema_hash: str, method_id: int, services: list[str]) -> tuple[AppState, Binding, Any]:
-        """Find the server app and method for an inbound call, or raise RpcError."""
+    def route(self, schema_hash: str, method_id: int,
+              services: frozenset[str] | list[str]) -> tuple[AppState, Binding, Any]:
+        """Find the server app and method for an inbound call, or raise RpcError.
+
+        O(1) in the number of services the peer announced: method id -> the
+        schema's method -> its service -> the app serving it here."""
+        module = self._module_for(schema_hash)
+        if module is None:
+            raise RpcError(StatusCode.UNAVAILABLE,
+                           f"no server application serves the called service at daemon "
+                           f"{self.daemon_name}; start the server app")
+        methods = module.METHODS
+        if not 0 <= method_id < len(methods):
+            raise RpcError(StatusCode.UNIMPLEMENTED,
+                           f"method id {method_id} does not exist in schema {schema_hash}")
+        method = methods[method_id]
+        svc = method.service
+        if svc not in services:
+            raise RpcError(StatusCode.FAILED_PRECONDITION,
+                           f"service {svc} was not announced in this connection's HELLO")
         with self.lock:
-            apps = {svc: self.services.get(svc) for svc in services}
-        for svc, app in apps.items():
-            if app is None or app.closed:
-                continue
-            binding = app.served[svc]
-            if binding.schema_hash != schema_hash:
-                raise RpcError(StatusCode.FAILED_PRECONDITION,
-                               f"schema mismatch for service {svc}: call uses {schema_hash}, "
-                               f"server app {app.name!r} at daemon {self.daemon_name} uses "
-                               f"{binding.schema_hash}")
-            methods = binding.module.METHODS
-            if not 0 <= method_id < len(methods):
-                raise RpcError(StatusCode.UNIMPLEMENTED,
-                               f"method id {method_id} does not exist in schema {schema_hash}")
-            method = methods[method_id]
-            if method.service in binding.services and self.services.get(method.service) is app:
-                return app, binding, method
-        # no bound server for the method's service
-        raise RpcError(StatusCode.UNAVAILABLE,
-                       f"no server application serves the called service at daemon "
-                       f"{self.daemon_name}; start the server app (services asked: "
-                       f"{', '.join(services) or 'none'})")
+            app = self.services.get(svc)
+            binding = app.served.get(svc) if app is not None and not app.closed else None
+        if app is None or binding is None:
+            raise RpcError(StatusCode.UNAVAILABLE,
+                           f"no server application serves {svc} at daemon {self.daemon_name}; "
+                           f"start the server app")
+        if binding.schema_hash != schema_hash:
+            raise RpcError(StatusCode.FAILED_PRECONDITION,
+                           f"schema mismatch for service {svc}: the server was built from different "
+                           f".proto files; build both applications from the same .proto files")
+        return app, binding, method
+
+    def _module_for(self, schema_hash: str) -> ModuleType | None:
+        """A generated module of ``schema_hash`` that some app here bound (cached:
+        one hash, one schema); None if no app serves it. A miss walks this
+        daemon's own services, never a peer's list."""
+        cache: dict[str, ModuleType] = self.__dict__.setdefault("_modules", {})
+        module = cache.get(schema_hash)
+        if module is not None:
+            return module
+        with self.lock:
+            for svc, app in self.services.items():
+                binding = app.served.get(svc)
+                if binding is not None and binding.schema_hash == schema_hash:
+                    if len(cache) < 1024:
+                        cache[schema_hash] = binding.module
+                    return binding.module
+        return None

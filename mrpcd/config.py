@@ -84,6 +84,19 @@ class TcpConfig:
     zero_copy_min: int  # bulk fields at least this long go out zero-copy
     sndbuf: int | None  # SO_SNDBUF bytes; None = kernel default
     rcvbuf: int | None  # SO_RCVBUF bytes; None = kernel default
+    # --- limits on peers (hostile input); see deploy/mrpcd.yaml ---
+    max_connections_per_app: int = 64  # distinct (host, port, schema) targets one app may connect
+    max_inbound_connections: int = 4096  # accepted peer connections at once, all sources
+    max_inbound_per_ip: int = 512  # accepted peer connections at once from one address
+    handshake_timeout: float = 10.0  # seconds for an inbound peer to send its HELLO
+    header_timeout: float = 10.0  # seconds a frame header may stay half received
+    body_stall_timeout: float = 30.0  # seconds a frame body may go without a byte
+    idle_timeout: float = 300.0  # seconds without frames or calls before a connection closes
+    write_stall_timeout: float = 30.0  # seconds queued output may go unread by the peer
+    min_body_rate: int = 64 << 10  # bytes/s a frame body must average once body_stall_timeout passed
+    max_send_queue: int = 8 << 20  # bytes queued to one peer before reading its calls pauses
+    max_calls_per_connection: int = 4096  # calls one inbound connection may have unanswered
+    max_reserved_per_connection: int | None = None  # receive-heap bytes; None = max_message_size
 
 
 @dataclass(frozen=True)
@@ -479,6 +492,18 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "tcp.zero_copy_min": (_size(0, GiB), "2KiB"),
     "tcp.sndbuf": (_nullable(_size(KiB, 2**31 - 1)), None),
     "tcp.rcvbuf": (_nullable(_size(KiB, 2**31 - 1)), None),
+    "tcp.max_connections_per_app": (_int(1, 1 << 20), 64),
+    "tcp.max_inbound_connections": (_int(1, 1 << 20), 4096),
+    "tcp.max_inbound_per_ip": (_int(1, 1 << 20), 512),
+    "tcp.handshake_timeout": (_float(0.0, 3600.0, positive=True), 10.0),
+    "tcp.header_timeout": (_float(0.0, 3600.0, positive=True), 10.0),
+    "tcp.body_stall_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
+    "tcp.idle_timeout": (_float(0.0, 86400.0, positive=True), 300.0),
+    "tcp.write_stall_timeout": (_float(0.0, 3600.0, positive=True), 30.0),
+    "tcp.min_body_rate": (_size(0, 16 * GiB), "64KiB"),
+    "tcp.max_send_queue": (_size(64 * KiB, 16 * GiB), "8MiB"),
+    "tcp.max_calls_per_connection": (_int(1, 1 << 24), 4096),
+    "tcp.max_reserved_per_connection": (_nullable(_size(KiB, 64 * GiB)), None),
     "metrics.listen": (_nullable(_hostport), None),
     "limits.calls_in_flight": (_int(1, 1 << 24), 4096),
     "limits.bytes_in_flight": (_size(MiB, TiB), "256MiB"),

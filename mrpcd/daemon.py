@@ -407,8 +407,17 @@ class Daemon:
                 host, port = parse_hostport(msg.get("addr"), key="addr", source="connect request")
             except MrpcError as e:
                 raise RpcError(StatusCode.INVALID_ARGUMENT, str(e)) from None
-            conn_id = len(app.conns) + 1
-            app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
+            with app.lock:
+                for spec in app.conns.values():  # the same target: share its connection
+                    if spec.key == (host, port, slot):
+                        return {"ok": True, "conn_id": spec.conn_id}
+                limit = self.config.tcp.max_connections_per_app
+                if len(app.conns) >= limit:
+                    raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                                   f"app {app.name!r} is connected to {len(app.conns)} targets, the limit "
+                                   f"(tcp.max_connections_per_app) is {limit}; reuse a channel")
+                conn_id = len(app.conns) + 1
+                app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
             return {"ok": True, "conn_id": conn_id}
         if op == "serve":
             slot = msg.get("slot")

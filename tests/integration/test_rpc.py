@@ -132,7 +132,9 @@ def test_no_local_daemon_is_unavailable(tmp_path) -> None:
     assert "mrpcd" in e.value.details()
 
 
-def test_schema_mismatch_is_failed_precondition_naming_both_hashes(cluster: Cluster) -> None:
+def test_schema_mismatch_is_failed_precondition_naming_the_clients_hash(cluster: Cluster) -> None:
+    """The peer is unauthenticated: the refusal names the client's own hash only;
+    the server daemon logs both."""
     a, b, _ = two_hosts(cluster)
     other = libmrpc.load_proto(ROOT / "tests" / "integration" / "schemas" / "testing.proto")
     assert other.SCHEMA_HASH != testing.SCHEMA_HASH
@@ -140,7 +142,8 @@ def test_schema_mismatch_is_failed_precondition_naming_both_hashes(cluster: Clus
     with pytest.raises(RpcError) as e:
         stub.Call(other.Request(payload=b"x"), timeout=10)
     assert e.value.code() is StatusCode.FAILED_PRECONDITION
-    assert other.SCHEMA_HASH in e.value.details() and testing.SCHEMA_HASH in e.value.details()
+    assert other.SCHEMA_HASH in e.value.details() and testing.SCHEMA_HASH not in e.value.details()
+    assert other.SCHEMA_HASH in b.log() and testing.SCHEMA_HASH in b.log()
 
 
 def test_server_killed_mid_call_gives_unavailable(cluster: Cluster) -> None:

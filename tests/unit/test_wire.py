@@ -22,12 +22,15 @@ from libmrpc.wire import (
     HELLO_ACK,
     MAGIC,
     MAX_CONTROL_BODY,
+    MAX_HELLO_BODY,
     PING,
     PONG,
     PROTOCOL_VERSION,
     REPLY,
+    DISCARD,
     FrameAssembler,
     FrameHeader,
+    clamp_timeout_us,
     decode_header,
     decode_json_body,
     encode_header,
@@ -110,7 +113,7 @@ def test_header_round_trip_every_type(ftype: int) -> None:
     (raw_header(ftype=0), "unknown frame type 0"),
     (raw_header(ftype=9), "unknown frame type 9"),
     (raw_header(ftype=255), "unknown frame type 255"),
-    (raw_header(ftype=HELLO, body_len=MAX_CONTROL_BODY + 1), "HELLO body of 1048577 bytes exceeds"),
+    (raw_header(ftype=HELLO, body_len=MAX_HELLO_BODY + 1), "HELLO body of 65537 bytes exceeds"),
     (raw_header(ftype=ERROR, body_len=2**32 - 1), "ERROR body of"),
     (raw_header(ftype=PING, status=17), "invalid status 17"),
     (raw_header(ftype=REPLY, status=0xFFFF), "invalid status 65535"),
@@ -361,6 +364,47 @@ def test_assembler_max_body() -> None:
     with pytest.raises(WireError) as info:
         asm.feed(raw_header(ftype=REPLY, body_len=101))
     assert info.value.status is StatusCode.RESOURCE_EXHAUSTED
+
+
+# ------------------------------------------------------------------ declined bodies cost nothing
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096])
+def test_discarded_body_is_skipped_without_storing(step: int) -> None:
+    """A declined body is counted off; the frame comes out with an empty body and
+    the stream carries on. Nothing of the announced size is ever allocated."""
+    seen: list[Frame] = []
+    asm = FrameAssembler(lambda h: DISCARD if h.type == CALL else None,
+                         on_frame=lambda h, b: seen.append((h, bytes(b))))
+    data = frame(CALL, b"x" * 10_000, call_id=1) + frame(PING, call_id=2)
+    for chunk in chunked(data, [step]):
+        asm.feed(chunk)
+        assert asm.body_window() is None or not asm.in_body
+        assert asm._private is None or len(asm._private) == 0
+    assert [(h.type, h.call_id, b) for h, b in seen] == [(CALL, 1, b""), (PING, 2, b"")]
+
+
+def test_huge_announced_private_body_grows_only_with_the_bytes_sent() -> None:
+    asm = FrameAssembler(max_body=1 << 30)
+    asm.feed(raw_header(ftype=CALL, body_len=(1 << 30) - 1) + b"abc")
+    assert asm.in_body and asm.body_left == (1 << 30) - 4
+    assert asm._private is not None and len(asm._private) == 3  # not a GiB of zeroes
+    asm.reset()
+    assert not asm.partial
+
+
+@pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\n", b"MR\x07", b"MR\x01\x63"])
+def test_a_stream_that_is_not_mrpc_is_refused_within_four_bytes(junk: bytes) -> None:
+    asm = FrameAssembler()
+    with pytest.raises(WireError):
+        for i in range(len(junk)):
+            asm.feed(junk[i:i + 1])
+            assert i < 4
+
+
+def test_peer_timeouts_are_clamped() -> None:
+    assert clamp_timeout_us(2**64 - 1) == 7 * 24 * 3600 * 10**6
+    assert clamp_timeout_us(5) == 5 and clamp_timeout_us(0) == 0
 
 
 # ------------------------------------------------------------------ fuzz

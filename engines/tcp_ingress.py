@@ -1,0 +1,331 @@
+"""``tcp-ingress``: the daemon-wide half of the TCP transport.
+
+It owns the listening socket and the inbound connections from peer daemons:
+checks each peer's handshake (a bounded HELLO: protocol version, schema hash,
+at most MAX_HELLO_SERVICES services), routes inbound calls by method to the
+server app in O(1) and lands them in that app's receive heap. Peers are
+untrusted: a body it will not keep is skipped as it arrives; calls, bytes
+reserved and queued output are bounded per connection, connections per
+address and in all; stalled, silent and idle connections are timed out (see
+:mod:`engines.tcp_limits`). A refused HELLO tells the peer only that its
+schema does not match; the details are logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from engines.tcp_conn import Conn, configure
+from engines.tcp_limits import (
+    PONG_QUEUE_MAX,
+    PeerLimits,
+    RateLimitedLog,
+    admit,
+    count_ping,
+    overdue,
+    reap_gone_apps,
+    settle,
+)
+from libmrpc.heap import HeapExhausted
+from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.wire import (
+    CALL,
+    DISCARD,
+    FRAME_NAMES,
+    GOAWAY,
+    HELLO,
+    HELLO_ACK,
+    MAX_HELLO_SERVICES,
+    MAX_SERVICE_NAME,
+    PING,
+    PONG,
+    Body,
+    FrameHeader,
+    clamp_timeout_us,
+    decode_json_body,
+    encode_error,
+    encode_header,
+    encode_json_frame,
+)
+from mrpcd.appstate import AppState, Landed, RxCall
+from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
+
+log = logging.getLogger(__name__)
+
+
+def free_landed(app: AppState, landed: Landed | None) -> None:
+    if landed is not None and landed.heap_off is not None:
+        try:
+            app.recv_heap.free(landed.heap_off)
+        except ValueError:
+            pass
+        landed.heap_off = None
+
+
+def send_error(conn: Conn, wire_id: int, code: StatusCode, details: str) -> None:
+    conn.queue(encode_error(wire_id, code, details))
+
+
+def answer_ping(conn: Conn, header: FrameHeader) -> bool:
+    """Queue a PONG unless the peer leaves output unread; a PING flood closes the connection."""
+    count_ping(conn)
+    if len(conn.sendq) >= PONG_QUEUE_MAX:
+        return False
+    conn.queue([encode_header(PONG, call_id=header.call_id)])
+    return True
+
+
+class TcpIngress(Engine):
+    """Daemon-wide: accepts peer daemons' connections and routes their calls."""
+
+    NAME = "tcp-ingress"
+    VERSION = 1
+
+    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, config)
+        svc = ctx.services
+        self.router = svc["router"]
+        self.poller = svc["poller"]
+        self.tcp = svc["tcp_config"]
+        self.listener: socket.socket = svc["listener"]
+        self.max_message_size: int = svc.get("max_message_size", 256 << 20)
+        self.daemon_name: str = svc.get("daemon_name", "mrpcd")
+        self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
+        self.conns: set[Conn] = set()
+        self.dirty: set[Conn] = set()
+        self.per_ip: dict[str, int] = {}
+        self._resume_accept: float | None = None
+        self._next_sweep = 0.0
+        self._log_refused = RateLimitedLog()
+        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0,
+                         "connections_refused": 0, "connections_timed_out": 0}
+        self.listener.setblocking(False)
+        self.poller.register(self.listener.fileno(), 1, self._on_accept)
+
+    def _on_accept(self, _events: int) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: back off, keep serving
+                log.error("accept failed: %s; pausing accepts for 100 ms", e)
+                self.poller.unregister(self.listener.fileno())
+                self._resume_accept = self.ctx.clock.now() + 0.1
+                return
+            ip = str(addr[0])
+            if len(self.conns) >= self.limits.max_inbound or self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
+                sock.close()
+                self.counters["connections_refused"] += 1
+                self._log_refused(self.ctx.clock.now(), "refused a peer connection from %s: %d open "
+                                  "(%d from that address); limits tcp.max_inbound_connections=%d, "
+                                  "tcp.max_inbound_per_ip=%d", ip, len(self.conns), self.per_ip.get(ip, 0),
+                                  self.limits.max_inbound, self.limits.max_per_ip)
+                continue
+            try:
+                configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
+            except OSError as e:  # reset before we got to it
+                log.info("peer connection from %s failed at once: %s", ip, e)
+                sock.close()
+                continue
+            peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
+            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size,
+                        clock=self.ctx.clock, max_sendq=self.limits.max_send_queue)
+            conn.info["ip"] = ip
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            self.conns.add(conn)
+            self.counters["accepted"] += 1
+
+    def do_work(self) -> int:
+        if self._resume_accept is not None or self.conns:
+            now = self.ctx.clock.now()
+            if self._resume_accept is not None and now >= self._resume_accept:
+                self._resume_accept = None
+                self.poller.register(self.listener.fileno(), 1, self._on_accept)
+            if self.conns and now >= self._next_sweep:
+                self._next_sweep = now + self.limits.tick
+                self._sweep(now)
+        if not self.dirty:
+            return 0
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:  # a flush may close a connection (and touch self.dirty)
+            conn.flush()
+        return 0
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self.conns):
+            reap_gone_apps(conn)
+            reason = overdue(conn, now, self.limits)
+            if reason is not None:
+                self.counters["connections_timed_out"] += 1
+                conn.close(reason)
+
+    def next_timer(self) -> float | None:
+        t = self._resume_accept
+        if self.conns:
+            t = self._next_sweep if t is None else min(t, self._next_sweep)
+        return t
+
+    def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
+        t = header.type
+        if t == HELLO:
+            if "hello" in conn.info:
+                raise WireError("a second HELLO on one connection")
+            return None  # at most MAX_HELLO_BODY bytes, kept
+        if t != CALL:
+            if t in (PING, PONG, GOAWAY):
+                return DISCARD if header.body_len else None
+            raise WireError(f"unexpected {FRAME_NAMES[t]} frame on a server connection")
+        if "hello" not in conn.info:
+            raise WireError("CALL before HELLO")
+        if header.body_len == 0:
+            return None
+        hello = conn.info["hello"]
+        try:
+            app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
+        except RpcError as e:
+            conn.cur = e
+            return DISCARD
+        refusal = admit(conn, app, header.call_id, header.body_len, self.limits)
+        if refusal is not None:
+            conn.cur = RpcError(*refusal)
+            return DISCARD
+        if app.datapath is not None and app.datapath.reads_content():
+            conn.cur = (app, binding, method, Landed(None, header.body_len))
+            return None  # land in private memory (grown as it arrives); a receive-side policy looks first
+        try:
+            off = app.recv_heap.alloc(header.body_len)
+        except HeapExhausted as e:
+            settle(conn, header.call_id)
+            conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
+            return DISCARD
+        conn.cur = (app, binding, method, Landed(off, header.body_len))
+        return app.recv_view[off:off + header.body_len]
+
+    def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
+        t = header.type
+        if t == CALL:
+            self._call(conn, header, body)
+        elif t == HELLO:
+            self._hello(conn, body)
+        elif t == PING:
+            if answer_ping(conn, header):
+                self.dirty.add(conn)
+        elif t in (PONG, GOAWAY):
+            pass
+        else:
+            raise WireError(f"unexpected frame type {t} on a server connection")
+
+    def _hello(self, conn: Conn, body: memoryview) -> None:
+        hello = decode_json_body(body)
+        schema_hash, services = hello.get("schema_hash"), hello.get("services")
+        if (not isinstance(schema_hash, str) or not isinstance(services, list)
+                or not all(isinstance(s, str) for s in services)):
+            raise WireError("HELLO lacks schema_hash or services")
+        if len(schema_hash) > 128:
+            raise WireError(f"HELLO schema_hash of {len(schema_hash)} characters (at most 128)")
+        if len(services) > MAX_HELLO_SERVICES:
+            raise WireError(f"HELLO lists {len(services)} services (at most {MAX_HELLO_SERVICES})")
+        if any(len(svc) > MAX_SERVICE_NAME for svc in services):
+            raise WireError(f"HELLO lists a service name longer than {MAX_SERVICE_NAME} characters")
+        client = (f"{str(hello.get('app', '?'))[:64]!r} (pid {str(hello.get('pid', '?'))[:12]}) "
+                  f"at {str(hello.get('daemon', '?'))[:128]!r} from {conn.peer}")
+        announced = frozenset(services)
+        try:
+            self.router.check_hello(schema_hash, announced, client)
+        except RpcError as e:
+            self.counters["handshakes_refused"] += 1
+            conn.queue([encode_json_frame(HELLO_ACK, {"ok": False, "code": int(e.code()),
+                                                      "error": e.details()})])
+            conn.flush()
+            conn.close(f"handshake refused: {e.details()}")
+            return
+        conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
+        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name})])
+        self.dirty.add(conn)
+
+    def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
+        cur = conn.cur
+        if "hello" not in conn.info:
+            raise WireError("CALL before HELLO")
+        if cur is None:  # empty body: not even a root record
+            cur = RpcError(StatusCode.INVALID_ARGUMENT, "call carries an empty message image")
+        if isinstance(cur, RpcError):
+            self.counters["calls_refused"] += 1
+            send_error(conn, header.call_id, cur.code(), cur.details())
+            self.dirty.add(conn)
+            return
+        app, binding, method, landed = cur
+        if landed.heap_off is None:
+            landed.private = body
+        try:
+            binding.module.VALIDATE[method.request](body)
+        except WireError as e:
+            free_landed(app, landed)
+            settle(conn, header.call_id)
+            send_error(conn, header.call_id, StatusCode.INVALID_ARGUMENT,
+                        f"malformed {method.request} for {method.path}: {e}")
+            self.dirty.add(conn)
+            return
+        if app.closed or app.datapath is None:
+            free_landed(app, landed)
+            settle(conn, header.call_id)
+            send_error(conn, header.call_id, StatusCode.UNAVAILABLE,
+                        f"server app {app.name!r} is gone")
+            self.dirty.add(conn)
+            return
+        now = self.ctx.clock.now()
+        token = app.next_token()
+        timeout_us = clamp_timeout_us(header.aux)  # a peer's u64: at most a week
+        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
+                  deadline=now + timeout_us / 1e6 if timeout_us else None, size=header.body_len,
+                  created=now, _state=RxCall(conn, header.call_id, binding, landed))
+        cls = binding.module.MESSAGES[method.request]
+        rpc._view = lambda: cls._from_image(
+            (memoryview(landed.private) if landed.private is not None
+             else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
+        self.counters["calls_routed"] += 1
+        app.datapath.transport.rx_out.append(rpc)
+        if app.runtime is not None and not app.runtime.in_runtime():
+            app.runtime.wake()
+
+    def conn_closed(self, conn: Conn, reason: str) -> None:
+        cur = conn.cur
+        if isinstance(cur, tuple):
+            free_landed(cur[0], cur[3])
+        if conn in self.conns:
+            self.conns.discard(conn)
+            ip = str(conn.info.get("ip"))
+            left = self.per_ip.get(ip, 0) - 1
+            if left > 0:
+                self.per_ip[ip] = left
+            else:
+                self.per_ip.pop(ip, None)
+        self.dirty.discard(conn)
+
+    def statistics(self) -> dict[str, int | float]:
+        return dict(self.counters, connections=len(self.conns))
+
+    def decompose(self) -> dict[str, Any]:
+        """Hand over the listener's connections (sockets, buffers, half-read frames)."""
+        self.poller.unregister(self.listener.fileno())
+        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters),
+                 "per_ip": dict(self.per_ip)}
+        self.conns, self.dirty, self.per_ip = set(), set(), {}
+        return state
+
+    def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        self.conns.update(state.get("conns", ()))
+        self.dirty.update(state.get("dirty", ()))
+        self.per_ip.update(state.get("per_ip", {}))
+        self.counters.update(state.get("counters", {}))
+        for conn in self.conns:
+            conn.owner = self
+
+    def close(self) -> None:
+        self.poller.unregister(self.listener.fileno())
+        for conn in list(self.conns):
+            conn.close("daemon shutting down")
