@@ -167,7 +167,8 @@ def test_schema_count_per_app_and_eviction(cluster: Cluster) -> None:
 
 
 def test_bad_schema_error_holds_protocs_message_only(cluster: Cluster) -> None:
-    a = cluster.daemon("a")
+    # the flood of registrations must not be rate limited: it makes the log lines
+    a = cluster.daemon("a", config="apps:\n  register_rate: 1000000\n  register_burst: 1000000\n")
     count = 0
     stop = threading.Event()
 
