@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from libmrpc import RpcError, StatusCode
-from libmrpc.control import open_control, request
+from libmrpc.control import open_control
 from libmrpc.schema import cache_key_for
 from tests.integration.conftest import ROOT, Cluster, User
+from tests.integration.test_schema_bind import bind, raw_app
 
 P3 = 'syntax = "proto3";\n'
 
@@ -72,19 +73,6 @@ def stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=15)
     return out
-
-
-def raw_app(prefix: Path, name: str = "raw") -> object:
-    sock = open_control(str(prefix / "app.sock"))
-    _reply, fds = request(sock, {"op": "register", "name": name, "pid": os.getpid()})
-    for fd in fds:
-        os.close(fd)
-    return sock
-
-
-def bind(sock: object, texts: dict[str, str]) -> dict[str, object]:
-    reply, _ = request(sock, {"op": "bind_schema", "texts": texts})  # type: ignore[arg-type]
-    return reply
 
 
 def assert_refused(proc: subprocess.Popen[str], out: str | None, *words: str) -> None:
