@@ -171,6 +171,7 @@ def _peer_attacks(b: Daemon, schema_hash: str) -> list[Callable[[], None]]:
     return [huge_headers, stalled_bodies, ping_flood, big_hello, garbage, idle_and_slowloris, endless_timeouts]
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_hostile_apps_and_peers_beside_a_steady_client(cluster: Cluster) -> None:
     a = cluster.daemon("a", config=PEER_LIMITS)
     b = cluster.daemon("b", config=PEER_LIMITS)
