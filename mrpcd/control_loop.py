@@ -41,7 +41,10 @@ from libmrpc.status import StatusCode
 from mrpcd.accept import BACKOFF, OUT_OF_FDS, RateLimitedLog, refuse_connection, spare_fd
 
 log = logging.getLogger(__name__)
-SLOW_OPS = frozenset({"register", "bind_schema"})  # run on the worker pool
+# Operations run on workers. Binds (a compile can take seconds) have their own
+# workers, so binding apps cannot hold up registrations and cleanups.
+SLOW_OPS = frozenset({"register", "bind_schema"})
+COMPILE_OPS = frozenset({"bind_schema"})
 ACCEPT_BATCH = 64  # connections accepted per readable event before serving others
 
 
@@ -71,31 +74,37 @@ class ControlLoop:
     """Serve ``listener``'s connections with ``handle``; ``gone`` cleans up a closed one."""
 
     def __init__(self, listener: socket.socket, handle: Handler, gone: Gone, register_timeout: float,
-                 workers: int = 4) -> None:
+                 workers: int = 2, compile_workers: int = 2) -> None:
         self.listener = listener
         self.handle = handle
         self.gone = gone
         self.register_timeout = register_timeout
         self.conns: dict[int, AppConn] = {}  # fd -> connection
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._timers: list[tuple[float, int, AppConn]] = []  # (deadline, seq, conn) of unregistered conns
         self._seq = itertools.count()
         self._done: queue.SimpleQueue[tuple[AppConn, str | None]] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._compile_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._listener_paused_until = 0.0
         self._complain = RateLimitedLog()
-        self._spare = spare_fd()
-        self._threads = [threading.Thread(target=self._work, name=f"mrpcd-ctl-worker{i}", daemon=True)
-                         for i in range(workers)]
+        self._spare: int | None = None
+        self._threads = [threading.Thread(target=self._work, args=(self._jobs,), name=f"mrpcd-ctl-worker{i}",
+                                          daemon=True) for i in range(workers)]
+        self._threads += [threading.Thread(target=self._work, args=(self._compile_jobs,),
+                                           name=f"mrpcd-ctl-bind{i}", daemon=True)
+                          for i in range(compile_workers)]
         self._loop_thread = threading.Thread(target=self._run, name="mrpcd-apps", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """Open the loop's own descriptors (epoll, a wake-up pair, a spare) and start its threads."""
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._spare = spare_fd()
         self.listener.setblocking(False)
         self._sel.register(self.listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -106,11 +115,13 @@ class ControlLoop:
     def stop(self) -> None:
         """Stop serving and close every connection (the daemon cleans its apps up itself)."""
         self._stopping.set()
-        self._wake()
-        if self._loop_thread.is_alive() and threading.current_thread() is not self._loop_thread:
-            self._loop_thread.join(5.0)
-        for _ in self._threads:
-            self._jobs.put(None)
+        if self._loop_thread.is_alive():  # else never started, or stopped already
+            self._wake()
+            if threading.current_thread() is not self._loop_thread:
+                self._loop_thread.join(5.0)
+        for t in self._threads:
+            if t.is_alive():
+                (self._compile_jobs if t.name.startswith("mrpcd-ctl-bind") else self._jobs).put(None)
 
     def _wake(self) -> None:
         try:
@@ -128,8 +139,12 @@ class ControlLoop:
                         self._accept()
                     elif key.fileobj is self._wake_r:
                         self._drain_wake()
-                    else:
-                        self._readable(key.data)
+                    elif not key.data.closed:
+                        try:
+                            self._readable(key.data)
+                        except Exception:  # a bug: cost only this connection, keep serving the others
+                            log.exception("serving the control connection of pid %d failed", key.data.pid)
+                            self._close(key.data, "mrpcd failed on its control connection")
                 self._finish_done()
                 self._expire()
         except Exception:
@@ -230,10 +245,11 @@ class ControlLoop:
         if msg is None:
             self._close(conn, "application disconnected")
             return
-        if msg.get("op") in SLOW_OPS:
+        op = msg.get("op")
+        if op in SLOW_OPS:
             conn.busy = True
             self._sel.unregister(conn.sock)
-            self._jobs.put(lambda: self._slow(conn, msg))
+            (self._compile_jobs if op in COMPILE_OPS else self._jobs).put(lambda: self._slow(conn, msg))
             return
         try:
             reply = self.handle(conn, msg)
@@ -281,9 +297,9 @@ class ControlLoop:
 
     # ------------------------------------------------------------------ workers
 
-    def _work(self) -> None:
+    def _work(self, jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is None:
                 return
             try:
@@ -299,8 +315,12 @@ class ControlLoop:
                 error = send_reply(conn, reply)
         except OSError as e:
             error = f"control connection error: {e}"
-        self._done.put((conn, error))
-        self._wake()
+        except Exception:
+            log.exception("control op %r of pid %d failed", msg.get("op"), conn.pid)
+            error = "mrpcd failed on a control operation"
+        finally:
+            self._done.put((conn, error))
+            self._wake()
 
 
 def send_reply(conn: AppConn, reply: dict[str, Any], fds: list[int] | None = None) -> str | None:
