@@ -1,5 +1,9 @@
 """Accept loops for the daemon's unix control sockets that survive resource exhaustion.
 
+The operator socket is served here, a thread per connection (operators are few);
+app connections are served by one event loop (``mrpcd.control_loop``), which
+shares the out-of-fds handling below.
+
 How this works: each accepted connection gets its own thread. When the process
 is out of file descriptors (EMFILE/ENFILE) ``accept`` fails while the
 connection waits in the backlog; a spare descriptor is then released, the
@@ -27,7 +31,7 @@ from libmrpc.status import StatusCode
 log = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between two log lines about refused connections
 BACKOFF = 0.05  # seconds to wait after a refusal
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 class RateLimitedLog:
@@ -59,7 +63,7 @@ def refuse_connection(sock: socket.socket, message: str) -> None:
         sock.close()
 
 
-def _spare_fd() -> int | None:
+def spare_fd() -> int | None:
     try:
         return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -83,7 +87,7 @@ def accept_loop(listener: socket.socket, serve: Callable[[socket.socket], None],
                 stopping: threading.Event) -> None:
     """Accept connections on ``listener`` and run ``serve(sock)`` on a thread each, until ``stopping``."""
     complain = RateLimitedLog()
-    spare = _spare_fd()
+    spare = spare_fd()
     try:
         while not stopping.is_set():
             try:
@@ -91,13 +95,13 @@ def accept_loop(listener: socket.socket, serve: Callable[[socket.socket], None],
             except OSError as e:
                 if stopping.is_set():
                     return
-                if e.errno in _OUT_OF_FDS and spare is not None:  # accept fails before it looks for a peer
+                if e.errno in OUT_OF_FDS and spare is not None:  # accept fails before it looks for a peer
                     os.close(spare)
                     _refuse_one_waiting(listener, f"mrpcd is out of file descriptors ({e.strerror}); retry "
                                                   f"later or ask the operator to raise its fd limit")
-                    spare = _spare_fd()
+                    spare = spare_fd()
                 complain(logging.ERROR, "%s socket accept failed: %s; backing off", what, e)
-                time.sleep(BACKOFF if e.errno in _OUT_OF_FDS else 0.1)
+                time.sleep(BACKOFF if e.errno in OUT_OF_FDS else 0.1)
                 continue
             try:
                 threading.Thread(target=serve, args=(sock,), name=f"mrpcd-{what}-conn", daemon=True).start()

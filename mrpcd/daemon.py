@@ -1,9 +1,10 @@
 """The daemon process: control sockets, application lifecycle, runtimes.
 
-Threads: one accept thread per unix socket (applications, operators), one
-thread per connected application (it blocks on the control socket; end of
-stream means the application is gone, whatever the cause, and triggers its
-cleanup), and the runtimes. Everything that touches a datapath runs on that
+Threads: one event loop for all application control sockets and a few workers
+for its slow operations (``mrpcd.control_loop``; end of stream on an app's
+socket means the application is gone, whatever the cause, and triggers its
+cleanup), an accept thread for the operator socket with a thread per operator
+connection, and the runtimes. Everything that touches a datapath runs on that
 datapath's runtime via ``Runtime.call``.
 """
 
@@ -27,11 +28,12 @@ from libmrpc.schema import cache_key_for
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from libmrpc.wire import encode_error
-from mrpcd.accept import accept_loop
+from mrpcd.accept import OUT_OF_FDS, accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache, check_texts
 from mrpcd import VERSION
 from mrpcd.config import Config, format_hostport, parse_hostport
+from mrpcd.control_loop import AppConn, ControlLoop
 from mrpcd.datapath import Datapath
 from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.engine import EngineContext, MonotonicClock, Rpc
@@ -83,6 +85,8 @@ class Daemon:
         self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
                                           config.operator_group)
         self.operator = None  # set in start(): the operator command handler
+        self.control = ControlLoop(self.app_listener, self._app_request, self._app_gone,
+                                   config.apps.register_timeout)
         # admission and service ownership (apps.*, services)
         self.service_policy = ServicePolicy(config.services)
         self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
@@ -130,10 +134,10 @@ class Daemon:
         rt0.add_engine(self.ingress)
         for rt in self.runtimes:
             rt.start()
-        for target, name in ((self._accept_apps, "mrpcd-apps"), (self._accept_operators, "mrpcd-ops")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.control.start()
+        t = threading.Thread(target=self._accept_operators, name="mrpcd-ops", daemon=True)
+        t.start()
+        self._threads.append(t)
         self.operator.start_metrics()
         self._write_state_file()
         log.info("mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix)
@@ -161,6 +165,7 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.control.stop()
         for s in (self.app_listener, self.op_listener):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -191,9 +196,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ sockets
 
-    def _accept_apps(self) -> None:
-        self._accept_loop(self.app_listener, self._serve_app, "app")
-
     def _accept_operators(self) -> None:
         self._accept_loop(self.op_listener, self._serve_operator, "operator")
 
@@ -220,58 +222,52 @@ class Daemon:
                     if msg is None:
                         return
                     reply = refusal or self.operator.handle(msg)
-                    send_msg(sock, reply)
+                    try:
+                        send_msg(sock, reply)
+                    except RpcError as e:  # a reply too large for one control packet
+                        send_msg(sock, error_reply(e.code(), f"the reply to {msg.get('op')!r} is too "
+                                                             f"large: {e.details()}; ask for less"))
                     if refusal:
                         return
             except OSError as e:
                 log.info("operator connection ended: %s", e)
 
-    def _serve_app(self, sock: socket.socket) -> None:
-        app: AppState | None = None
+    def _app_request(self, conn: AppConn, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Answer one control message of an app (on the control loop or one of its workers).
+
+        Returns the reply, or None when it was sent already (``register`` sends its
+        fds); raises OSError when the connection broke (no reply to send)."""
+        op = msg.get("op")
         try:
-            pid, uid, gid = peer_credentials(sock)
-            groups = peer_groups(sock)
-            sock.settimeout(self.config.apps.register_timeout)  # until it registers
-            while True:
-                try:
-                    msg, fds = recv_msg(sock)
-                except ValueError as e:
-                    send_msg(sock, error_reply(StatusCode.INVALID_ARGUMENT, f"bad control message: {e}"))
-                    continue
-                for fd in fds:
-                    os.close(fd)
-                if msg is None:
-                    return
-                op = msg.get("op")
-                try:
-                    if op == "register":
-                        if app is not None:
-                            raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
-                        app = self._register(sock, msg, pid, uid, Claimant(uid, gid, groups, "", pid))
-                        sock.settimeout(None)
-                        continue
-                    if app is None:
-                        raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
-                    reply = self._app_op(app, op, msg)
-                except RpcError as e:
-                    reply = error_reply(e.code(), e.details())
-                except MrpcError as e:
-                    reply = error_reply(StatusCode.INVALID_ARGUMENT, str(e))
-                except ConnectionError:
-                    raise  # the app hung up: no reply to send
-                except Exception as e:
-                    log.exception("control op %r of pid %d failed", op, pid)
-                    reply = error_reply(StatusCode.INTERNAL, f"mrpcd failed on {op!r}: {e}")
-                send_msg(sock, reply)
-        except TimeoutError:
-            log.info("app connection closed: it did not register within %gs (apps.register_timeout)",
-                     self.config.apps.register_timeout)
+            if op == "register":
+                if conn.app is not None:
+                    raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
+                conn.app = self._register(conn.sock, msg, conn.pid, conn.uid,
+                                          Claimant(conn.uid, conn.gid, conn.groups, "", conn.pid))
+                return None
+            if conn.app is None:
+                raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
+            return self._app_op(conn.app, op, msg)
+        except RpcError as e:
+            return error_reply(e.code(), e.details())
+        except MrpcError as e:
+            return error_reply(StatusCode.INVALID_ARGUMENT, str(e))
         except OSError as e:
-            log.info("app control connection error: %s", e)
-        finally:
-            sock.close()
-            if app is not None:
-                self._cleanup(app, "application disconnected")
+            if e.errno not in OUT_OF_FDS:
+                raise  # the app hung up or does not read: no reply to send
+            log.warning("control op %r of pid %d failed: mrpcd is out of file descriptors (%s)",
+                        op, conn.pid, e.strerror)
+            return error_reply(StatusCode.RESOURCE_EXHAUSTED,
+                               f"mrpcd is out of file descriptors ({e.strerror}) and cannot {op} now; "
+                               f"retry after other apps exit or ask the operator to raise its fd limit "
+                               f"(LimitNOFILE)")
+        except Exception as e:
+            log.exception("control op %r of pid %d failed", op, conn.pid)
+            return error_reply(StatusCode.INTERNAL, f"mrpcd failed on {op!r}: {e}")
+
+    def _app_gone(self, conn: AppConn, reason: str) -> None:
+        if conn.app is not None:
+            self._cleanup(conn.app, reason)
 
     # ------------------------------------------------------------------ app lifecycle
 
@@ -449,7 +445,7 @@ class Daemon:
         raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
 
     def _app_broken(self, app: AppState, reason: str) -> None:
-        """Disconnect a misbehaving app; its control thread then cleans it up."""
+        """Disconnect a misbehaving app; the control loop then reads end of stream and cleans it up."""
         with self.apps_lock:
             sock = self._app_socks.get(app.app_id)
         if sock is not None:
