@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.marshal_rt import TooBig
 from libmrpc.ring import (
@@ -31,6 +32,7 @@ from libmrpc.ring import (
     CMP_REPLY,
     CMP_REQUEST,
     CMPF_DUPLICATE,
+    CMPF_METADATA,
     DESCRIPTOR,
     HEADER_SIZE,
     SLOT_SIZE,
@@ -38,6 +40,7 @@ from libmrpc.ring import (
     SUB_CANCEL,
     SUB_RELEASE,
     SUB_REPLY,
+    SUBF_METADATA,
     RingCorrupted,
 )
 from libmrpc.shm import drain
@@ -60,6 +63,7 @@ class Frontend(Engine):
         super().__init__(ctx, config)
         self.app: AppState = ctx.services["app"]
         self.max_message_size: int = ctx.services.get("max_message_size", 256 << 20)
+        self.max_metadata_size: int = ctx.services.get("max_metadata_size", md.MAX_METADATA_SIZE)
         tcp = ctx.services.get("tcp_config")
         self.zero_copy_min: int = tcp.zero_copy_min if tcp is not None else 2048
         self.backlog: deque[Rpc] = deque()
@@ -161,7 +165,7 @@ class Frontend(Engine):
 
     def _call(self, d: tuple[int, ...]) -> bool:
         """Take one CALL descriptor; False when the quotas make it wait (untouched)."""
-        _kind, _flags, _status, conn_id, call_id, method_id, _aux, off, _length, deadline_ns = d
+        _kind, flags, _status, conn_id, call_id, method_id, _aux, off, md_off, deadline_ns = d
         app = self.app
         if call_id in app.inflight:  # refuse it without touching the call that holds the id
             self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
@@ -197,11 +201,18 @@ class Frontend(Engine):
             self._fail_call(call_id, StatusCode.DEADLINE_EXCEEDED,
                             f"call {call_id} to {info.path}: its deadline passed before mrpcd took it")
             return True
+        metadata: md.Metadata = ()
+        if flags & SUBF_METADATA:
+            try:
+                metadata = self._metadata(md_off)
+            except md.MetadataError as e:
+                self._fail_call(call_id, e.status, f"call {call_id} to {info.path}: {e}")
+                return True
         ref = self._refs.get((spec.slot, method_id))
         if ref is None:
             ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref, deadline=deadline, created=now,
-                  _state=TxCall(spec, binding, off))
+                  metadata=metadata, _state=TxCall(spec, binding, off))
         max_size = adm.size_limit(self.max_message_size)
         try:
             self._marshal(rpc, binding.module, info.request, max_size)
@@ -222,6 +233,20 @@ class Frontend(Engine):
         app.counters["calls"] += 1
         self.tx_out.append(rpc)
         return True
+
+    def _metadata(self, off: int) -> md.Metadata:
+        """The call's metadata block at send-heap ``off``, copied out once and checked."""
+        view = self.app.send_view
+        if off <= 0 or off % 8 or off >= len(view):
+            raise md.MetadataError(f"metadata block offset {off} is outside the send heap")
+        n = md.block_size(view, off)
+        if n > self.max_metadata_size:
+            raise md.MetadataError(f"metadata of {n} bytes exceeds the limit of "
+                                   f"{self.max_metadata_size} bytes; send less metadata",
+                                   StatusCode.RESOURCE_EXHAUSTED)
+        if off + n > len(view):
+            raise md.MetadataError(f"metadata block of {n} bytes at {off} runs past the send heap")
+        return md.decode(bytes(view[off:off + n]), self.max_metadata_size)
 
     def _reply(self, token: int, status: int, off: int, length: int) -> None:
         app = self.app
@@ -298,9 +323,9 @@ class Frontend(Engine):
     # ------------------------------------------------------------------ rx
 
     def _push(self, kind: int, status: int, call_id: int, method: int, aux: int, off: int,
-              length: int, deadline_ns: int = 0, flags: int = 0) -> bool:
-        return self.app.complete.push(DESCRIPTOR, kind, flags, status, 0, call_id, method, aux, off,
-                                      length, deadline_ns)
+              length: int, deadline_ns: int = 0, flags: int = 0, conn: int = 0) -> bool:
+        return self.app.complete.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, aux,
+                                      off, length, deadline_ns)
 
     def _land(self, landed: Landed) -> int:
         """Receive-heap offset of an image, copying a private one in first."""
@@ -360,11 +385,25 @@ class Frontend(Engine):
                 self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
                                                    f"server app {app.name!r}: {e}"))
                 return True
+            md_at, md_flag = 0, 0
+            if rpc.metadata:
+                block = md.encode(rpc.metadata)
+                try:
+                    md_at = app.recv_heap.alloc(len(block))
+                except HeapExhausted as e:
+                    app.recv_heap.free(off)
+                    rx.landed.heap_off = None
+                    self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
+                                                       f"server app {app.name!r}: {e}"))
+                    return True
+                app.recv_view[md_at:md_at + len(block)] = block
+                md_flag = CMPF_METADATA
             method_id = rpc.method.id if rpc.method else 0
             app.server_calls[rpc.call_id] = rpc
             app.counters["served"] += 1
             return self._push(CMP_REQUEST, 0, rpc.call_id, method_id, rx.binding.slot, off,
-                              rx.landed.length, deadline_field(rpc.deadline))
+                              rx.landed.length, deadline_field(rpc.deadline), flags=md_flag,
+                              conn=md_at >> 3)
         if rpc.kind is RpcKind.RECLAIM:
             self.admission.release_reply(rpc.call_id)
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)

@@ -37,6 +37,7 @@ from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
 from engines.tcp_limits import PeerLimits, overdue, settle
+from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
@@ -48,6 +49,7 @@ from libmrpc.wire import (
     HELLO,
     HELLO_ACK,
     MAX_HELLO_SERVICES,
+    METADATA,
     PING,
     PONG,
     PROTOCOL_VERSION,
@@ -262,8 +264,12 @@ class TcpTransport(Engine):
         if rpc.deadline is not None:
             timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
-        conn.queue([encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
-                                  aux=timeout_us), head, *segs])
+        frames = [encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
+                                aux=timeout_us), head, *segs]
+        if rpc.metadata:  # a METADATA frame first; a call without metadata is unchanged
+            block = md.encode(rpc.metadata)
+            frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
+        conn.queue(frames)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)

@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
-    __slots__ = ("_code", "_deadline_ns", "_details", "_method", "_session")
+    __slots__ = ("_code", "_deadline_ns", "_details", "_metadata", "_method", "_session")
 
-    def __init__(self, method: str, deadline_ns: int, session: Session | None = None) -> None:
+    def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
+                 metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self._session = session  # the registration the request came through (its reply goes there)
+        self._metadata = metadata
         self._method = method
         self._deadline_ns = deadline_ns
         self._code: StatusCode | None = None
@@ -63,8 +65,9 @@ class ServicerContext:
     def method(self) -> str:
         return self._method
 
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata: ``(key, value)`` pairs, bytes values for ``-bin`` keys."""
+        return self._metadata
 
     def peer(self) -> str:
         return "mrpc"
@@ -291,7 +294,8 @@ class Server:
 
     # ------------------------------------------------------------------ serving
 
-    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int) -> None:
+    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int,
+                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         """Called on the completion thread for every request."""
         session = self._session
         assert session is not None
@@ -304,7 +308,7 @@ class Server:
             session.send_reply(token, None, code, msg)
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
-        ctx = ServicerContext(h.path, deadline_ns, session)
+        ctx = ServicerContext(h.path, deadline_ns, session, metadata)
         with self._active_lock:
             self._active += 1
         if h.is_async:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.control import open_control, request
 from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
@@ -36,10 +37,12 @@ from libmrpc.ring import (
     CMP_REPLY,
     CMP_REQUEST,
     CMPF_DUPLICATE,
+    CMPF_METADATA,
     DESCRIPTOR,
     SUB_CALL,
     SUB_RELEASE,
     SUB_REPLY,
+    SUBF_METADATA,
     RingConsumer,
     RingProducer,
 )
@@ -64,6 +67,19 @@ class RecvBlock:
         self.session._releases.append(self.off)
 
 
+class SendBlock:
+    """Owns one send-heap block (a call's metadata) until the call completes."""
+
+    __slots__ = ("heap", "off")
+
+    def __init__(self, heap: Heap, off: int) -> None:
+        self.heap = heap
+        self.off = off
+
+    def __del__(self) -> None:
+        self.heap.free(self.off)
+
+
 class Call:
     """One outstanding call; completed exactly once, from the reader thread."""
 
@@ -75,6 +91,7 @@ class Call:
         "callbacks",
         "done",
         "error",
+        "metadata",
         "method",
         "request",
         "response_cls",
@@ -94,10 +111,11 @@ class Call:
         self.abandoned = False
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
+        self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
 
     def finish(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error, self.done = result, error, True
-        self.request = None
+        self.request = self.metadata = None
         self._lock.release()
         if self.callbacks:
             for cb in self.callbacks:
@@ -196,12 +214,12 @@ class Session:
     # ------------------------------------------------------------------ submitting
 
     def _push(self, kind: int, status: int, conn: int, call_id: int, method: int, off: int, length: int,
-              deadline_ns: int) -> None:
+              deadline_ns: int, flags: int = 0) -> None:
         """Push one descriptor, waiting (back-pressure) while the ring is full."""
         with self._submit_lock:
             self._flush_releases()
             waited = 0.0
-            while not self.submit.push(DESCRIPTOR, kind, 0, status, conn, call_id, method, 0, off, length,
+            while not self.submit.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, 0, off, length,
                                        deadline_ns):
                 if self.closed:
                     raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
@@ -254,20 +272,38 @@ class Session:
             return msg
         return copy_message(msg, self.send_heap)
 
+    def _metadata_block(self, metadata: Any) -> SendBlock | None:
+        """The call's metadata encoded in the send heap (None when there is none)."""
+        if not metadata:
+            return None
+        try:
+            block = md.encode(metadata)
+        except md.MetadataError as e:
+            raise RpcError(e.status, f"cannot send metadata: {e}") from None
+        owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
+        self.send_heap.buf[owner.off:owner.off + len(block)] = block
+        return owner
+
     def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None, background: bool = False) -> Call:
+                   timeout: float | None, background: bool = False, metadata: Any = None) -> Call:
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         request = self._own(request)
+        block = self._metadata_block(metadata)
         call_id = next(self._call_ids)
         call = Call(call_id, request, response_cls, path)
+        call.metadata = block
         self.calls[call_id] = call
         if background:
             call.bg = True
             self.background(1)
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
         try:
-            self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
+            if block is None:
+                self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
+            else:
+                self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, block.off,
+                           deadline_ns, SUBF_METADATA)
         except BaseException:
             self.calls.pop(call_id, None)
             if call.bg:
@@ -427,7 +463,15 @@ class Session:
                     self._releases.append(off)
                     self.send_reply(call_id, None, StatusCode.UNIMPLEMENTED, "no server in this app")
                 else:
-                    server._dispatch(call_id, method, aux, off, length, deadline_ns)
+                    metadata: md.Metadata = ()
+                    if flags & CMPF_METADATA:
+                        at = _conn << 3
+                        try:
+                            metadata = md.decode(bytes(recv[at:at + md.block_size(recv, at)]), 1 << 20)
+                        except md.MetadataError as e:
+                            log.error("mrpcd delivered unreadable metadata (%s); ignoring it", e)
+                        self._releases.append(at)
+                    server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
         if self._aio:

@@ -94,7 +94,8 @@ class UnaryUnaryMultiCallable:
         self._response_cls = schema.MESSAGES[method.response]
         self._conn: tuple[Any, int] | None = None
 
-    def _start(self, request: Any, timeout: float | None, background: bool = False) -> Any:
+    def _start(self, request: Any, timeout: float | None, background: bool = False,
+               metadata: Any = None) -> Any:
         if not isinstance(request, self._request_cls):
             raise TypeError(f"{self._method.path} takes {self._method.request}, "
                             f"got {type(request).__name__}")
@@ -103,11 +104,11 @@ class UnaryUnaryMultiCallable:
         if conn is None or conn[0] is not session:
             conn = self._conn = (session, session.open_conn(self._channel.target, session.bind(self._schema)))
         return session.start_call(conn[1], self._method.id, self._method.path, request,
-                                  self._response_cls, timeout, background)
+                                  self._response_cls, timeout, background, metadata)
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  wait_for_ready: Any = None) -> Any:
-        call = self._start(request, timeout)
+        call = self._start(request, timeout, metadata=metadata)
         session = self._channel._session()
         if not session.wait_call(call, timeout):
             session.abandon(call)
@@ -122,13 +123,14 @@ class UnaryUnaryMultiCallable:
         return call.result
 
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
-        return CallFuture(self._start(request, timeout, background=True), timeout)
+        return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout)
 
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         session = self._channel._session()
-        call = self._start(request, timeout, background=not session.attach_loop(loop))
+        call = self._start(request, timeout, background=not session.attach_loop(loop),
+                           metadata=metadata)
         session.add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut

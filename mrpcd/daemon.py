@@ -70,6 +70,7 @@ class Daemon:
         self.router = Router(self.name)
         self.services_base: dict[str, Any] = {
             "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
+            "max_metadata_size": config.max_metadata_size,
             "daemon_name": self.name, "on_app_broken": self._app_broken, "limits": config.limits,
         }
         marshal_rt.set_work_limit(config.limits.marshal_work)

@@ -131,6 +131,7 @@ class Rpc:
     size: int = 0  # bytes of the message image (0 until known)
     created: float = 0.0  # clock time the daemon first saw this item
     meta: dict[str, Any] = field(default_factory=dict)  # scratch space for engines
+    metadata: tuple[tuple[str, str | bytes], ...] = ()  # the call's gRPC metadata (checked, read-only)
     # --- frontend/transport private state ---
     _view: Callable[[], Any] | None = None
     _state: Any = None

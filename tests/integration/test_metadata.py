@@ -1,0 +1,114 @@
+"""Call metadata (gRPC headers) end to end: app -> daemon -> peer daemon -> handler."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import libmrpc
+from libmrpc import RpcError, StatusCode
+from tests.integration.conftest import ROOT, Cluster
+
+testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+
+
+class Recorder(testing.TestServicer):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def Call(self, request, context):  # type: ignore[no-untyped-def]
+        self.seen.append(context.invocation_metadata())
+        return testing.Reply(key=request.key, served_by="recorder")
+
+
+def setup(cluster: Cluster, name: str = "meta-srv") -> tuple[Any, Any, Any, Recorder, Any]:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+    rec = Recorder()
+    server = libmrpc.Server(prefix=b.prefix, name=name)
+    server.add_servicer(rec)
+    server.start()
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="meta-client"))
+    stub.Call(testing.Request(key="warm"), timeout=10)
+    return a, b, stub, rec, server
+
+
+def heaps_settle(daemon: Any, name: str) -> dict[str, Any]:
+    """The app's listing once its receive heap is empty again (releases are batched)."""
+    deadline = time.monotonic() + 5
+    while True:
+        app = next(x for x in daemon.apps() if x["name"] == name)
+        if app["recv_heap"]["used"] == 0 or time.monotonic() > deadline:
+            return app
+        time.sleep(0.1)
+
+
+def test_metadata_reaches_the_handler_sync_future_and_aio(cluster: Cluster) -> None:
+    a, b, stub, rec, server = setup(cluster)
+    md = [("authorization", "Bearer t0k"), ("trace-bin", b"\x00\xff\x01"), ("x-multi", "1"),
+          ("x-multi", "2")]
+    assert stub.Call(testing.Request(key="s"), timeout=10, metadata=md).key == "s"
+    assert stub.Call.future(testing.Request(key="f"), timeout=10, metadata=md).result().key == "f"
+    import asyncio
+    assert asyncio.run(stub.Call.aio(testing.Request(key="a"), timeout=10, metadata=md)).key == "a"
+    assert stub.Call(testing.Request(key="none"), timeout=10).key == "none"
+    want = tuple(md)
+    assert rec.seen[-4:] == [want, want, want, ()], rec.seen[-4:]
+    # the metadata blocks are reclaimed on both sides
+    assert heaps_settle(b, "meta-srv")["recv_heap"]["used"] == 0
+    assert heaps_settle(a, "meta-client")["recv_heap"]["used"] == 0
+    server.stop(0)
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("Authorization", "x", "invalid"),
+    ("grpc-timeout", "1S", "reserved"),
+    ("bad key", "x", "invalid"),
+    ("", "x", "invalid"),
+    ("text", "line\nbreak", "printable"),
+])
+def test_metadata_key_rules_are_invalid_argument(cluster: Cluster, key: str, value: str,
+                                                 why: str) -> None:
+    a, b, stub, rec, server = setup(cluster)
+    n = len(rec.seen)
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="k"), timeout=10, metadata=[(key, value)])
+    assert e.value.code() is StatusCode.INVALID_ARGUMENT, e.value
+    assert why in e.value.details(), e.value.details()
+    assert len(rec.seen) == n  # never reached the server
+    assert stub.Call(testing.Request(key="ok"), timeout=10, metadata=[("k", "v")]).key == "ok"
+    server.stop(0)
+
+
+def test_metadata_over_the_size_limit_is_resource_exhausted(cluster: Cluster) -> None:
+    a, b, stub, rec, server = setup(cluster)
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="k"), timeout=10, metadata=[("big-bin", b"x" * 9000)])
+    assert e.value.code() is StatusCode.RESOURCE_EXHAUSTED, e.value
+    assert "8192" in e.value.details(), e.value.details()
+    # just under the limit passes
+    ok = [("big-bin", b"x" * (8192 - 6 - 6 - 7))]
+    assert stub.Call(testing.Request(key="k"), timeout=10, metadata=ok).key == "k"
+    assert rec.seen[-1] == tuple(ok)
+    assert heaps_settle(a, "meta-client")["recv_heap"]["used"] == 0
+    server.stop(0)
+
+
+def test_acl_on_a_metadata_token(cluster: Cluster) -> None:
+    a, b, stub, rec, server = setup(cluster)
+    b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-token.yaml"), "--app",
+          "meta-srv", "--set", 'rules=[{name: tok, action: allow, metadata: authorization, '
+                               'equals: "Bearer s3cret"}]')
+    n = len(rec.seen)
+    for md in (None, [("authorization", "Bearer wrong")], [("other", "Bearer s3cret")]):
+        with pytest.raises(RpcError) as e:
+            stub.Call(testing.Request(key="k"), timeout=10, metadata=md)
+        assert e.value.code() is StatusCode.PERMISSION_DENIED, e.value
+        assert "s3cret" not in e.value.details() and "wrong" not in e.value.details()
+    assert len(rec.seen) == n  # the server app never saw them
+    good = [("authorization", "Bearer s3cret")]
+    assert stub.Call(testing.Request(key="k"), timeout=10, metadata=good).key == "k"
+    assert rec.seen[-1] == tuple(good)
+    server.stop(0)
