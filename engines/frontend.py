@@ -28,6 +28,7 @@ from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.marshal_rt import TooBig
 from libmrpc.ring import (
+    CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
@@ -72,6 +73,8 @@ class Frontend(Engine):
         self.admission = Admission(self.app, ctx.services.get("limits"))
         self.slice = self.admission.limits.slice_us / 1e6
         self._refs: dict[tuple[int, int], MethodRef] = {}
+        self.outgoing: dict[int, Rpc] = {}  # this app's calls in flight (to cancel them)
+        self.cancel_notices: deque[Rpc] = deque()  # inbound calls their callers cancelled
         self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0,
                          "refused_inbound": 0}
 
@@ -85,7 +88,36 @@ class Frontend(Engine):
         except RingCorrupted as e:
             self._broken(e)
             return 0
+        if self.cancel_notices:
+            n += self._notify_cancels()
         return n + self._deliver()
+
+    def _cancel(self, call_id: int) -> None:
+        """SUB_CANCEL: the app cancelled its call; the transport completes it once with
+        CANCELLED (and tells the peer daemon), or fails it so when it gets there."""
+        rpc = self.outgoing.get(call_id)
+        if rpc is None or rpc._cancelled:
+            return  # already completed (or cancelled): nothing to do
+        rpc._cancelled = True
+        dp = self.app.datapath
+        cancel = getattr(dp.transport, "cancel", None) if dp is not None else None
+        if cancel is not None:
+            cancel(rpc)
+
+    def _notify_cancels(self) -> int:
+        """Tell the server app about calls their callers cancelled (CMP_CANCEL)."""
+        n, notices, calls = 0, self.cancel_notices, self.app.server_calls
+        while notices:
+            rpc = notices[0]
+            if calls.get(rpc.call_id) is rpc:
+                if self.app.complete.free_slots() == 0:
+                    break
+                self._push(CMP_CANCEL, int(StatusCode.CANCELLED), rpc.call_id, 0, 0, 0, 0)
+                n += 1
+            notices.popleft()  # not delivered yet: it is refused when it gets there
+        if n:
+            self.app.wake_app()
+        return n
 
     def _take(self) -> int:
         """Take up to BATCH descriptors, for at most one time slice; a CALL the
@@ -153,7 +185,7 @@ class Frontend(Engine):
                 self.ctx.log.warning("app %r released receive-heap offset %d it does not hold",
                                      app.name, off)
         elif kind == SUB_CANCEL:
-            pass  # the daemon still completes the call once (deadline or reply)
+            self._cancel(call_id)
         else:
             self.counters["rejected_descriptors"] += 1
             self.ctx.log.warning("app %r posted a descriptor of unknown kind %d", app.name, kind)
@@ -230,6 +262,7 @@ class Frontend(Engine):
             return True
         self.counters["submitted"] += 1
         adm.admit_call(call_id, rpc.size)
+        self.outgoing[call_id] = rpc
         app.counters["calls"] += 1
         self.tx_out.append(rpc)
         return True
@@ -359,6 +392,7 @@ class Frontend(Engine):
                 return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
                                   flags=CMPF_DUPLICATE)
             self.admission.release_call(rpc.call_id)
+            self.outgoing.pop(rpc.call_id, None)
             landed = rpc._state if isinstance(rpc._state, Landed) else None
             if rpc.status is StatusCode.OK and landed is not None:
                 try:
@@ -374,6 +408,9 @@ class Frontend(Engine):
         if rpc.kind is RpcKind.CALL:
             rx: RxCall = rpc._state
             assert rx.landed is not None
+            if rpc._cancelled:  # its caller cancelled it before it got here
+                self.tx_out.append(rpc.error_reply(StatusCode.CANCELLED, "the caller cancelled the call"))
+                return True
             if self.admission.serving_full():
                 self._refuse(rpc, f"server app {app.name!r} already holds "
                                   f"{len(app.server_calls)} calls it has not answered "
@@ -468,7 +505,7 @@ class Frontend(Engine):
             return False
         app.submit.set_sleeping(True)
         try:
-            if self.rx_in:
+            if self.rx_in or self.cancel_notices:
                 return True
             if self.held:  # CALLs wait for quota; replies and releases behind them do not
                 return self._head_kind() not in (None, SUB_CALL)
@@ -498,7 +535,8 @@ class Frontend(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"backlog": list(self.backlog), "pending": list(self.pending),
-                 "counters": dict(self.counters), "refs": self._refs}
+                 "counters": dict(self.counters), "refs": self._refs,
+                 "outgoing": dict(self.outgoing), "cancel_notices": list(self.cancel_notices)}
         self.backlog.clear()
         self.pending.clear()
         return state
@@ -508,6 +546,8 @@ class Frontend(Engine):
         self.pending.extend(state.get("pending", ()))
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
+        self.outgoing.update(state.get("outgoing", {}))
+        self.cancel_notices.extend(state.get("cancel_notices", ()))
 
 
 ENGINE = Frontend

@@ -42,6 +42,7 @@ from libmrpc.heap import HeapExhausted
 from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    CANCEL,
     DISCARD,
     ERROR,
     FRAME_NAMES,
@@ -239,8 +240,25 @@ class TcpTransport(Engine):
             n += len(late)
         return n
 
+    def cancel(self, rpc: Rpc) -> None:
+        """The app cancelled ``rpc``: complete it now with CANCELLED and tell the peer
+        daemon (a late reply is then discarded). A call not sent yet fails when it
+        gets here (``rpc._cancelled``)."""
+        entry = self.pending.get(rpc._wire_id) if rpc._wire_id else None
+        if entry is None or entry[0] is not rpc:
+            return
+        conn = entry[1]
+        del self.pending[rpc._wire_id]
+        conn.calls.discard(rpc._wire_id)
+        conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
+        self.dirty.add(conn)
+        self.counters["cancelled"] = self.counters.get("cancelled", 0) + 1
+        self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
+
     def _send_call(self, rpc: Rpc) -> None:
         st: TxCall = rpc._state
+        if rpc._cancelled:
+            return self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
         conn = self._conn_for(st.conn, st.binding, rpc)
         if conn is None:
             return  # waits for name resolution
@@ -259,7 +277,7 @@ class TcpTransport(Engine):
                 return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
-        wire_id = next(self._wire_ids)
+        wire_id = rpc._wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
             timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))

@@ -34,6 +34,7 @@ from libmrpc.heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    CANCEL,
     DISCARD,
     FRAME_NAMES,
     GOAWAY,
@@ -178,7 +179,7 @@ class TcpIngress(Engine):
             if "hello" in conn.info:
                 raise WireError("a second HELLO on one connection")
             return None  # at most MAX_HELLO_BODY bytes, kept
-        if t == METADATA:
+        if t == METADATA or t == CANCEL:
             if "hello" not in conn.info:
                 raise WireError("METADATA before HELLO")
             return None  # at most MAX_CONTROL_BODY bytes, kept until its CALL
@@ -216,6 +217,8 @@ class TcpIngress(Engine):
         t = header.type
         if t == CALL:
             self._call(conn, header, body)
+        elif t == CANCEL:
+            self._cancel(conn, header.call_id)
         elif t == METADATA:  # for the CALL with this id, which comes next
             conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO:
@@ -307,7 +310,30 @@ class TcpIngress(Engine):
             (memoryview(landed.private) if landed.private is not None
              else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
         self.counters["calls_routed"] += 1
+        routed = conn.info.setdefault("routed", {})  # wire id -> Rpc, for a CANCEL
+        if len(routed) > 2 * len(conn.rx_calls) + 64:
+            conn.info["routed"] = routed = {w: r for w, r in routed.items() if w in conn.rx_calls}
+        routed[header.call_id] = rpc
         app.datapath.transport.rx_out.append(rpc)
+        if app.runtime is not None and not app.runtime.in_runtime():
+            app.runtime.wake()
+
+    def _cancel(self, conn: Conn, wire_id: int) -> None:
+        """The caller cancelled call ``wire_id``: tell its server app (or refuse the
+        call before it gets there). A call already answered is left alone."""
+        rpc = conn.info.get("routed", {}).pop(wire_id, None)
+        entry = conn.rx_calls.get(wire_id)
+        if rpc is None or entry is None or rpc._cancelled:
+            return
+        rpc._cancelled = True
+        app = entry[0]
+        dp = app.datapath
+        if app.closed or dp is None:
+            return
+        notices = getattr(dp.frontend, "cancel_notices", None)
+        if notices is not None:
+            notices.append(rpc)
+        self.counters["calls_cancelled"] = self.counters.get("calls_cancelled", 0) + 1
         if app.runtime is not None and not app.runtime.in_runtime():
             app.runtime.wake()
 

@@ -146,6 +146,7 @@ SUBF_METADATA = 1  # SUB_CALL: length = send-heap offset of the call's metadata 
 CMP_REPLY = 1  # call_id, status; off/length = image (OK) or details text (error) in receive heap
 CMP_REQUEST = 2  # call_id=server token, method, aux=schema slot, off/length=image, deadline_ns
 CMP_RECLAIM = 3  # call_id=server token: the reply's send-heap memory may be reused
+CMP_CANCEL = 4  # call_id=server token: the caller cancelled the call (its reply is discarded)
 # completion flags
 CMPF_DUPLICATE = 1  # CMP_REPLY refusing a SUB_CALL whose call_id was already in flight: it
 #                     is not the outcome of the call that holds that id

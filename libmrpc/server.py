@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
-    __slots__ = ("_code", "_deadline_ns", "_details", "_metadata", "_method", "_session")
+    __slots__ = ("_callbacks", "_cancelled", "_code", "_deadline_ns", "_details", "_metadata", "_method",
+                 "_session")
 
     def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self._session = session  # the registration the request came through (its reply goes there)
         self._metadata = metadata
+        self._cancelled = False
+        self._callbacks: list[Callable[[], Any]] | None = []
         self._method = method
         self._deadline_ns = deadline_ns
         self._code: StatusCode | None = None
@@ -72,7 +75,28 @@ class ServicerContext:
     def peer(self) -> str:
         return "mrpc"
 
+    def add_callback(self, callback: Callable[[], Any]) -> bool:
+        """Run ``callback()`` once when the call ends (answered or cancelled); False if it
+        already ended."""
+        if self._callbacks is None:
+            return False
+        self._callbacks.append(callback)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _terminate(self) -> None:
+        callbacks, self._callbacks = self._callbacks, None
+        for cb in callbacks or ():
+            try:
+                cb()
+            except Exception:
+                log.exception("RPC termination callback failed")
+
     def is_active(self) -> bool:
+        if self._cancelled:
+            return False
         rem = self.time_remaining()
         return rem is None or rem > 0
 
@@ -116,6 +140,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._active = 0
+        self._contexts: dict[int, ServicerContext] = {}  # token -> context of a running handler
         self._active_lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -309,6 +334,7 @@ class Server:
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
         ctx = ServicerContext(h.path, deadline_ns, session, metadata)
+        self._contexts[token] = ctx
         with self._active_lock:
             self._active += 1
         if h.is_async:
@@ -335,9 +361,19 @@ class Server:
         else:
             self._answer(h, token, reply, ctx, None)
 
+    def _cancel(self, token: int) -> None:
+        """The caller cancelled call ``token`` (completion thread): the handler's context
+        turns inactive and its callbacks run; its reply will be discarded."""
+        ctx = self._contexts.get(token)
+        if ctx is not None and not ctx._cancelled:
+            ctx._cancelled = True
+            ctx._terminate()
+
     def _answer(self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None) -> None:
         session = ctx._session or self._session
         assert session is not None
+        self._contexts.pop(token, None)
+        ctx._terminate()
         try:
             if error is not None:
                 if isinstance(error, RpcError):

@@ -33,6 +33,7 @@ from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
 from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
 from libmrpc.ring import (
+    CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
@@ -40,6 +41,7 @@ from libmrpc.ring import (
     CMPF_METADATA,
     DESCRIPTOR,
     SUB_CALL,
+    SUB_CANCEL,
     SUB_RELEASE,
     SUB_REPLY,
     SUBF_METADATA,
@@ -89,6 +91,7 @@ class Call:
         "bg",
         "call_id",
         "callbacks",
+        "cancelled",
         "done",
         "error",
         "metadata",
@@ -112,6 +115,7 @@ class Call:
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
         self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
+        self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error, self.done = result, error, True
@@ -311,6 +315,15 @@ class Session:
             raise
         return call
 
+    def cancel(self, call: Call) -> bool:
+        """Cancel ``call`` on both daemons and its server; False if it already completed.
+        The daemon still completes it exactly once (CANCELLED, or its outcome if that won)."""
+        if call.done or call.cancelled or self.closed:
+            return False
+        call.cancelled = True
+        self._push(SUB_CANCEL, 0, 0, call.call_id, 0, 0, 0, 0)
+        return True
+
     def abandon(self, call: Call) -> None:
         """The caller stopped waiting (deadline): let the background thread reap it."""
         with self._bg_lock:
@@ -474,6 +487,9 @@ class Session:
                     server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
+            elif kind == CMP_CANCEL:
+                if self.server is not None:
+                    self.server._cancel(call_id)
         if self._aio:
             pending, self._aio = self._aio, {}
             here = _running_loop()

@@ -37,9 +37,10 @@ class SchemaInfo:
 class CallFuture:
     """``stub.M.future(req)``: a grpc.Future-like handle on one call."""
 
-    def __init__(self, call: Any, timeout: float | None) -> None:
+    def __init__(self, call: Any, timeout: float | None, session: Any = None) -> None:
         self._call = call
         self._timeout = timeout
+        self._session = session
 
     def done(self) -> bool:
         return self._call.done
@@ -48,10 +49,14 @@ class CallFuture:
         return not self._call.done
 
     def cancelled(self) -> bool:
-        return False
+        return bool(self._call.cancelled)
 
     def cancel(self) -> bool:
-        return False  # the daemon completes every call; see the deadline instead
+        """Cancel the call on both daemons and on the server (its handler's context turns
+        inactive); ``result()`` then raises CANCELLED. False if it already completed."""
+        if self._session is None:
+            return False
+        return bool(self._session.cancel(self._call))
 
     def result(self, timeout: float | None = None) -> Any:
         wait = self._timeout if timeout is None else timeout
@@ -123,7 +128,8 @@ class UnaryUnaryMultiCallable:
         return call.result
 
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
-        return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout)
+        return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout,
+                          self._channel._session())
 
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
@@ -134,6 +140,11 @@ class UnaryUnaryMultiCallable:
         session.add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except asyncio.CancelledError:
+            session = self._channel._session()
+            session.cancel(call)  # the task was cancelled: so is the call
+            session.abandon(call)  # its CANCELLED completion is reaped by the reader thread
+            raise
         except TimeoutError:
             self._channel._session().abandon(call)
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,

@@ -135,6 +135,8 @@ class Rpc:
     # --- frontend/transport private state ---
     _view: Callable[[], Any] | None = None
     _state: Any = None
+    _cancelled: bool = False  # the caller cancelled this CALL (set by frontend / tcp-ingress)
+    _wire_id: int = 0  # the tcp transport's id of an outbound CALL
 
     @property
     def is_error(self) -> bool:

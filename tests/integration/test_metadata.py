@@ -112,3 +112,90 @@ def test_acl_on_a_metadata_token(cluster: Cluster) -> None:
     assert stub.Call(testing.Request(key="k"), timeout=10, metadata=good).key == "k"
     assert rec.seen[-1] == tuple(good)
     server.stop(0)
+
+
+class Waiter(testing.TestServicer):  # type: ignore[misc,name-defined]
+    """Holds each call until its context turns inactive (or 8 s pass)."""
+
+    def __init__(self) -> None:
+        import threading
+        self.entered = threading.Event()
+        self.outcomes: list[tuple[bool, int]] = []  # (saw inactive, callbacks run)
+        self.done = threading.Event()
+
+    def Call(self, request, context):  # type: ignore[no-untyped-def]
+        if request.key == "now":
+            return testing.Reply(key="now")
+        ran: list[int] = []
+        assert context.add_callback(lambda: ran.append(1))
+        self.entered.set()
+        t0 = time.monotonic()
+        while context.is_active() and time.monotonic() - t0 < 8:
+            time.sleep(0.01)
+        self.outcomes.append((not context.is_active(), len(ran)))
+        self.done.set()
+        return testing.Reply(key="late")
+
+
+def cancel_setup(cluster: Cluster) -> tuple[Any, Any, Any, Waiter, Any]:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+    w = Waiter()
+    server = libmrpc.Server(prefix=b.prefix, name="cancel-srv")
+    server.add_servicer(w)
+    server.start()
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="cancel-client"))
+    return a, b, stub, w, server
+
+
+def check_reclaimed(a: Any, b: Any) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        cli = next(x for x in a.apps() if x["name"] == "cancel-client")
+        srv = next(x for x in b.apps() if x["name"] == "cancel-srv")
+        figures = (cli["recv_heap"]["used"], srv["recv_heap"]["used"],
+                   cli["inflight_calls"],
+                   srv["serving_calls"])
+        if figures == (0, 0, 0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    print(f"\nclient recv_heap used, server recv_heap used, client inflight, server serving: {figures}")
+    assert figures == (0, 0, 0, 0), figures
+
+
+def test_future_cancel_reaches_the_server_handler(cluster: Cluster) -> None:
+    a, b, stub, w, server = cancel_setup(cluster)
+    fut = stub.Call.future(testing.Request(key="c"), timeout=30)
+    assert w.entered.wait(10)
+    t0 = time.monotonic()
+    assert fut.cancel() is True
+    with pytest.raises(RpcError) as e:
+        fut.result()
+    assert e.value.code() is StatusCode.CANCELLED, e.value
+    assert fut.cancelled() and fut.done() and fut.cancel() is False
+    assert w.done.wait(10)
+    print(f"handler saw the cancel after {time.monotonic() - t0:.3f}s")
+    assert w.outcomes == [(True, 1)]  # is_active() turned False; the callback ran once
+    check_reclaimed(a, b)
+    assert stub.Call(testing.Request(key="now"), timeout=10).key == "now"  # still serving
+    server.stop(0)
+
+
+def test_cancelling_an_aio_task_cancels_the_call(cluster: Cluster) -> None:
+    import asyncio
+
+    a, b, stub, w, server = cancel_setup(cluster)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(stub.Call.aio(testing.Request(key="c"), timeout=30))
+        while not w.entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert w.done.wait(10)
+    assert w.outcomes == [(True, 1)]
+    check_reclaimed(a, b)
+    server.stop(0)
