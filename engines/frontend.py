@@ -56,6 +56,17 @@ CHUNK = 32  # descriptors popped at a time (the time slice is checked between ch
 _DUPLICATE = "duplicate call id"  # _state of the refusal of a duplicate call id
 
 
+def to_clock(deadline: float | None, now: float) -> float | None:
+    """An app's deadline (CLOCK_MONOTONIC seconds) on the daemon's clock, whose time is
+    ``now`` (the same clock in production; an injected one in tests)."""
+    return None if deadline is None else now + (deadline - time.monotonic())
+
+
+def to_monotonic(deadline: float | None, now: float) -> float | None:
+    """A deadline on the daemon's clock (time ``now``) in CLOCK_MONOTONIC seconds, for an app."""
+    return None if deadline is None else time.monotonic() + (deadline - now)
+
+
 class Frontend(Engine):
     NAME = "frontend"
     VERSION = 1
@@ -228,7 +239,7 @@ class Frontend(Engine):
                             f"call {call_id}: request record offset {off} is outside the send heap")
             return True
         now = self.ctx.clock.now()
-        deadline = app_deadline(deadline_ns, now)
+        deadline = to_clock(app_deadline(deadline_ns, time.monotonic()), now)
         if deadline is not None and deadline <= now:
             self._fail_call(call_id, StatusCode.DEADLINE_EXCEEDED,
                             f"call {call_id} to {info.path}: its deadline passed before mrpcd took it")
@@ -439,7 +450,8 @@ class Frontend(Engine):
             app.server_calls[rpc.call_id] = rpc
             app.counters["served"] += 1
             return self._push(CMP_REQUEST, 0, rpc.call_id, method_id, rx.binding.slot, off,
-                              rx.landed.length, deadline_field(rpc.deadline), flags=md_flag,
+                              rx.landed.length, deadline_field(to_monotonic(rpc.deadline, self.ctx.clock.now())),
+                              flags=md_flag,
                               conn=md_at >> 3)
         if rpc.kind is RpcKind.RECLAIM:
             self.admission.release_reply(rpc.call_id)

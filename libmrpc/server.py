@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.session import RecvBlock, Session, get_session
+from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
 
@@ -346,14 +346,18 @@ class Server:
             self._run_sync(h, request, ctx, token)
 
     def _run_sync(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        inherit = CALL_DEADLINE.set(ctx._deadline_ns)  # nested calls inherit the deadline
         try:
             reply = h.fn(request, ctx) if h.takes_context else h.fn(request)
         except BaseException as e:  # noqa: BLE001 - every failure becomes a status
             self._answer(h, token, None, ctx, e)
         else:
             self._answer(h, token, reply, ctx, None)
+        finally:
+            CALL_DEADLINE.reset(inherit)
 
     async def _run_async(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        CALL_DEADLINE.set(ctx._deadline_ns)  # this task's context: nested calls inherit it
         try:
             reply = await (h.fn(request, ctx) if h.takes_context else h.fn(request))
         except BaseException as e:  # noqa: BLE001

@@ -15,6 +15,7 @@ released back to the daemon (batched) when the last view of them is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import os
@@ -53,6 +54,9 @@ from libmrpc.status import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 SAFETY_SLEEP = 0.5
+# The deadline (CLOCK_MONOTONIC ns, 0 = none) of the call a handler is serving: calls
+# made inside the handler inherit it (the earlier of it and their own timeout).
+CALL_DEADLINE: contextvars.ContextVar[int] = contextvars.ContextVar("mrpc_call_deadline", default=0)
 RELEASE_PERIOD = 0.1  # how often an idle process hands released messages back
 
 
@@ -302,6 +306,9 @@ class Session:
             call.bg = True
             self.background(1)
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
+        inherited = CALL_DEADLINE.get()
+        if inherited and (not deadline_ns or inherited < deadline_ns):
+            deadline_ns = inherited
         try:
             if block is None:
                 self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)

@@ -199,3 +199,29 @@ def test_cancelling_an_aio_task_cancels_the_call(cluster: Cluster) -> None:
     assert w.outcomes == [(True, 1)]
     check_reclaimed(a, b)
     server.stop(0)
+
+
+def test_a_nested_call_inherits_the_remaining_deadline(cluster: Cluster) -> None:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+
+    class Relay(testing.TestServicer):  # type: ignore[misc,name-defined]
+        stub: Any = None
+
+        def Call(self, request, context):  # type: ignore[no-untyped-def]
+            if request.key == "leaf":
+                return testing.Reply(key=repr(context.time_remaining()))
+            return testing.Reply(key=self.stub.Call(testing.Request(key="leaf")).key)  # no timeout
+
+    relay = Relay()
+    server = libmrpc.Server(prefix=b.prefix, name="relay")
+    server.add_servicer(relay)
+    server.start()
+    relay.stub = testing.TestStub(libmrpc.connect(b.listen, prefix=b.prefix, name="relay"))
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="caller"))
+    seen = stub.Call(testing.Request(key="relay"), timeout=3).key
+    print(f"\nthe nested call's handler saw time_remaining() = {seen}")
+    assert seen != "None" and 0 < float(seen) <= 3
+    seen = stub.Call(testing.Request(key="relay")).key  # no deadline: none inherited
+    assert seen == "None"
+    server.stop(0)
