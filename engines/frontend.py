@@ -184,10 +184,10 @@ class Frontend(Engine):
         return submit.buf[HEADER_SIZE + (submit.head & submit.mask) * SLOT_SIZE]
 
     def _other(self, d: tuple[int, ...]) -> None:
-        kind, _flags, status, _conn, call_id, _method, _aux, off, length, _deadline = d
+        kind, flags, status, _conn, call_id, _method, _aux, off, length, md_off = d
         app = self.app
         if kind == SUB_REPLY:
-            self._reply(call_id, status, off, length)
+            self._reply(call_id, status, off, length, md_off if flags & SUBF_METADATA else 0)
         elif kind == SUB_RELEASE:
             try:
                 app.recv_heap.free(off)
@@ -292,7 +292,7 @@ class Frontend(Engine):
             raise md.MetadataError(f"metadata block of {n} bytes at {off} runs past the send heap")
         return md.decode(bytes(view[off:off + n]), self.max_metadata_size)
 
-    def _reply(self, token: int, status: int, off: int, length: int) -> None:
+    def _reply(self, token: int, status: int, off: int, length: int, md_off: int = 0) -> None:
         app = self.app
         call = app.server_calls.pop(token, None)
         if call is None:
@@ -308,9 +308,16 @@ class Frontend(Engine):
             code, details = StatusCode.UNKNOWN, f"server app returned invalid status {status}"
         if code is not StatusCode.OK and not details:
             details = self._read_details(off, length)
+        trailing: md.Metadata = ()
+        if md_off:
+            try:
+                trailing = self._metadata(md_off)
+            except md.MetadataError as e:
+                code, details = StatusCode.INTERNAL, (f"server app {app.name!r} returned bad "
+                                                      f"trailing metadata: {e}")
         reply = Rpc(RpcKind.REPLY, app.name, app.pid, token, call.method, deadline=call.deadline,
                     status=code, details=details, created=call.created, meta=call.meta,
-                    _state=TxReply(rx, off if code is StatusCode.OK else 0))
+                    metadata=trailing, _state=TxReply(rx, off if code is StatusCode.OK else 0))
         if code is StatusCode.OK:
             if off <= 0 or off % 8 or off >= len(app.send_view):
                 reply.status = StatusCode.INTERNAL
@@ -381,6 +388,13 @@ class Frontend(Engine):
         landed.heap_off, landed.private = off, None
         return off
 
+    def _land_metadata(self, metadata: md.Metadata) -> int:
+        """Receive-heap offset of ``metadata`` encoded for the app; raises HeapExhausted."""
+        block = md.encode(metadata)
+        at = self.app.recv_heap.alloc(len(block))
+        self.app.recv_view[at:at + len(block)] = block
+        return at
+
     def _text(self, details: str) -> tuple[int, int]:
         data = details.encode()[:MAX_DETAILS]
         if not data:
@@ -405,6 +419,16 @@ class Frontend(Engine):
             self.admission.release_call(rpc.call_id)
             self.outgoing.pop(rpc.call_id, None)
             landed = rpc._state if isinstance(rpc._state, Landed) else None
+            md_at = 0
+            if rpc.metadata:
+                try:
+                    md_at = self._land_metadata(rpc.metadata)
+                except HeapExhausted as e:
+                    if landed is not None and landed.heap_off is not None:
+                        app.recv_heap.free(landed.heap_off)
+                        landed.heap_off = None
+                    rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, f"trailing metadata: {e}"
+            md_flag = CMPF_METADATA if md_at else 0
             if rpc.status is StatusCode.OK and landed is not None:
                 try:
                     off = self._land(landed)
@@ -412,10 +436,12 @@ class Frontend(Engine):
                     rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, str(e)
                 else:
                     app.counters["replies"] += 1
-                    return self._push(CMP_REPLY, 0, rpc.call_id, 0, 0, off, landed.length)
+                    return self._push(CMP_REPLY, 0, rpc.call_id, 0, 0, off, landed.length,
+                                      flags=md_flag, conn=md_at >> 3)
             app.counters["errors"] += 1
             off, n = self._text(rpc.details)
-            return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n)
+            return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
+                              flags=md_flag, conn=md_at >> 3)
         if rpc.kind is RpcKind.CALL:
             rx: RxCall = rpc._state
             assert rx.landed is not None

@@ -94,6 +94,7 @@ class TcpTransport(Engine):
         self.poller = svc["poller"]
         self.tcp = svc["tcp_config"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
+        self.max_metadata_size: int = svc.get("max_metadata_size", md.MAX_METADATA_SIZE)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: dict[Target, Conn] = {}
@@ -326,6 +327,9 @@ class TcpTransport(Engine):
             reclaim()
             return
         self.dirty.add(origin)
+        if rpc.metadata:  # trailing metadata: a METADATA frame before the REPLY / ERROR
+            block = md.encode(rpc.metadata)
+            origin.queue([encode_header(METADATA, call_id=st.call.wire_id, body_len=len(block)), block])
         if rpc.status is not StatusCode.OK:
             send_error(origin, st.call.wire_id, rpc.status, rpc.details)
             reclaim()
@@ -411,9 +415,24 @@ class TcpTransport(Engine):
             del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
+            trailing: md.Metadata = ()
+            block = conn.info.pop("metadata", None)
+            if block is not None and block[0] == header.call_id:
+                try:
+                    trailing = md.decode(block[1], self.max_metadata_size)
+                except md.MetadataError as e:
+                    if t == REPLY:
+                        free_landed(self.app, conn.cur if isinstance(conn.cur, Landed) else None)
+                    return self._fail(rpc, StatusCode.INTERNAL,
+                                      f"trailing metadata from {conn.peer}: {e}")
             if t == ERROR:
                 code = StatusCode(header.status) if header.status else StatusCode.UNKNOWN
-                return self._fail(rpc, code, bytes(body).decode("utf-8", "replace"))
+                self.counters["errors"] += 1
+                self.counters["replies_sent"] += 1
+                err = rpc.error_reply(code, bytes(body).decode("utf-8", "replace"))
+                err.metadata = trailing
+                self.rx_out.append(err)
+                return
             landed = conn.cur
             if isinstance(landed, HeapExhausted):
                 return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
@@ -428,7 +447,9 @@ class TcpTransport(Engine):
             self.counters["replies_received"] += 1
             self.rx_out.append(Rpc(RpcKind.REPLY, rpc.app, rpc.app_pid, rpc.call_id, rpc.method,
                                    size=header.body_len, created=rpc.created, meta=rpc.meta,
-                                   _state=landed))
+                                   metadata=trailing, _state=landed))
+        elif t == METADATA:  # for the REPLY / ERROR with this id, which comes next
+            conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO_ACK:
             ack = decode_json_body(body)
             if not ack.get("ok"):

@@ -140,7 +140,8 @@ SUB_REPLY = 2  # call_id=server token, status; OK: off=root record; error: off/l
 SUB_RELEASE = 3  # off = receive-heap block the app no longer reads
 SUB_CANCEL = 4  # call_id: the caller gave up (deadline/cancel); the daemon still completes it once
 # submit flags
-SUBF_METADATA = 1  # SUB_CALL: length = send-heap offset of the call's metadata block
+SUBF_METADATA = 1  # SUB_CALL: length = send-heap offset of the call's metadata block;
+#                   SUB_REPLY: deadline_ns = send-heap offset of the trailing metadata block
 
 # completion ring (daemon -> app)
 CMP_REPLY = 1  # call_id, status; off/length = image (OK) or details text (error) in receive heap
@@ -150,4 +151,5 @@ CMP_CANCEL = 4  # call_id=server token: the caller cancelled the call (its reply
 # completion flags
 CMPF_DUPLICATE = 1  # CMP_REPLY refusing a SUB_CALL whose call_id was already in flight: it
 #                     is not the outcome of the call that holds that id
-CMPF_METADATA = 2  # CMP_REQUEST: conn = receive-heap offset / 8 of the call's metadata block
+CMPF_METADATA = 2  # CMP_REQUEST / CMP_REPLY: conn = receive-heap offset / 8 of the call's
+#                   (trailing) metadata block

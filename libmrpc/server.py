@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
@@ -38,13 +39,14 @@ class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
     __slots__ = ("_callbacks", "_cancelled", "_code", "_deadline_ns", "_details", "_metadata", "_method",
-                 "_session")
+                 "_session", "_trailing")
 
     def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self._session = session  # the registration the request came through (its reply goes there)
         self._metadata = metadata
         self._cancelled = False
+        self._trailing: Any = None
         self._callbacks: list[Callable[[], Any]] | None = []
         self._method = method
         self._deadline_ns = deadline_ns
@@ -82,6 +84,14 @@ class ServicerContext:
             return False
         self._callbacks.append(callback)
         return True
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Metadata sent back with the reply (or error): ``(key, value)`` pairs."""
+        try:
+            md.encode(metadata)  # types now, in the handler; key rules are mrpcd's
+        except md.MetadataError as e:
+            raise RpcError(e.status, f"set_trailing_metadata: {e}") from None
+        self._trailing = tuple(metadata)
 
     def cancelled(self) -> bool:
         return self._cancelled
@@ -392,9 +402,9 @@ class Server:
                                  f"handler of {h.path} returned {type(reply).__name__}, "
                                  f"expected {h.response_cls._FULL_NAME}")
             else:
-                session.send_reply(token, reply)
+                session.send_reply(token, reply, trailing=ctx._trailing)
                 return
-            session.send_reply(token, None, code, details)
+            session.send_reply(token, None, code, details, trailing=ctx._trailing)
         except RpcError as e:
             log.warning("could not answer %s: %s", h.path, e)
         finally:

@@ -99,6 +99,7 @@ class Call:
         "done",
         "error",
         "metadata",
+        "trailing",
         "method",
         "request",
         "response_cls",
@@ -119,6 +120,7 @@ class Call:
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
         self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
+        self.trailing: Any = ()  # the server's trailing metadata
         self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
@@ -342,18 +344,21 @@ class Session:
                 self._background += 1
         self._reader_wanted.set()
 
-    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "") -> None:
+    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "",
+                   trailing: Any = None) -> None:
+        block = self._metadata_block(trailing)
+        md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
             reply = self._own(reply)
-            self.replies[token] = reply
-            self._push(SUB_REPLY, 0, 0, token, 0, reply._off, 0, 0)
+            self.replies[token] = reply if block is None else (reply, block)
+            self._push(SUB_REPLY, 0, 0, token, 0, reply._off, 0, md_off, flags)
             return
         arena = Arena(self.send_heap)
         data = details.encode()[:16000]
         off = arena.alloc(max(len(data), 1), zero=False)
         self.send_heap.buf[off:off + len(data)] = data
-        self.replies[token] = arena
-        self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), 0)
+        self.replies[token] = arena if block is None else (arena, block)
+        self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), md_off, flags)
 
     # ------------------------------------------------------------------ completions
 
@@ -459,6 +464,11 @@ class Session:
                 continue
             if kind == CMP_REPLY:
                 call = calls.pop(call_id, None)
+                trailing: md.Metadata = ()
+                if flags & CMPF_METADATA:
+                    trailing = self._read_metadata(_conn << 3)
+                    if call is not None:
+                        call.trailing = trailing
                 if status == 0:
                     owner = RecvBlock(self, off)
                     if call is None or call.abandoned:
@@ -476,7 +486,10 @@ class Session:
                     if length:
                         self._releases.append(off)
                     if call is not None:
-                        self._finish(call, None, RpcError(StatusCode(status), details))
+                        err = RpcError(StatusCode(status), details)
+                        if trailing:
+                            err._trailing = trailing  # type: ignore[attr-defined]
+                        self._finish(call, None, err)
             elif kind == CMP_REQUEST:
                 server = self.server
                 if server is None:
@@ -485,12 +498,7 @@ class Session:
                 else:
                     metadata: md.Metadata = ()
                     if flags & CMPF_METADATA:
-                        at = _conn << 3
-                        try:
-                            metadata = md.decode(bytes(recv[at:at + md.block_size(recv, at)]), 1 << 20)
-                        except md.MetadataError as e:
-                            log.error("mrpcd delivered unreadable metadata (%s); ignoring it", e)
-                        self._releases.append(at)
+                        metadata = self._read_metadata(_conn << 3)
                     server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
@@ -508,6 +516,17 @@ class Session:
                     loop.call_soon_threadsafe(_resolve_aio, items)
                 except RuntimeError:
                     pass  # the loop is closed; nobody is waiting
+
+    def _read_metadata(self, at: int) -> md.Metadata:
+        """Decode the metadata block the daemon landed at ``at`` and release it."""
+        recv = self.recv_view
+        try:
+            return md.decode(bytes(recv[at:at + md.block_size(recv, at)]), 1 << 20)
+        except md.MetadataError as e:
+            log.error("mrpcd delivered unreadable metadata (%s); ignoring it", e)
+            return ()
+        finally:
+            self._releases.append(at)
 
     def _finish(self, call: Call, result: Any, error: RpcError | None) -> None:
         with self._bg_lock:

@@ -86,6 +86,25 @@ class CallFuture:
             fn(self)
 
 
+class CallInfo:
+    """The ``call`` of ``stub.M.with_call``: the outcome and the server's metadata."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self._call.trailing)
+
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return ()  # mrpc sends the server's metadata once, with the reply
+
+    def code(self) -> StatusCode:
+        return StatusCode.OK if self._call.error is None else self._call.error.code()
+
+    def details(self) -> str:
+        return "" if self._call.error is None else self._call.error.details()
+
+
 class UnaryUnaryMultiCallable:
     """``stub.Method``: call it, or use ``.future()`` / ``.aio()``."""
 
@@ -113,6 +132,16 @@ class UnaryUnaryMultiCallable:
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  wait_for_ready: Any = None) -> Any:
+        return self._blocking(request, timeout, metadata).result
+
+    def with_call(self, request: Any, timeout: float | None = None, metadata: Any = None,
+                  wait_for_ready: Any = None) -> tuple[Any, CallInfo]:
+        """Like calling the stub; returns ``(reply, call)`` where ``call`` gives the
+        server's ``trailing_metadata()``, ``code()`` and ``details()``."""
+        call = self._blocking(request, timeout, metadata)
+        return call.result, CallInfo(call)
+
+    def _blocking(self, request: Any, timeout: float | None, metadata: Any) -> Any:
         call = self._start(request, timeout, metadata=metadata)
         session = self._channel._session()
         if not session.wait_call(call, timeout):
@@ -120,12 +149,12 @@ class UnaryUnaryMultiCallable:
             if call.done:  # completed while giving up
                 if call.error is not None:
                     raise call.error
-                return call.result
+                return call
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,
                            f"{self._method.path}: deadline of {timeout}s exceeded")
         if call.error is not None:
             raise call.error
-        return call.result
+        return call
 
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
         return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout,

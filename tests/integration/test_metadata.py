@@ -225,3 +225,42 @@ def test_a_nested_call_inherits_the_remaining_deadline(cluster: Cluster) -> None
     seen = stub.Call(testing.Request(key="relay")).key  # no deadline: none inherited
     assert seen == "None"
     server.stop(0)
+
+
+def test_trailing_metadata_comes_back_with_replies_and_errors(cluster: Cluster) -> None:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+
+    class Trailer(testing.TestServicer):  # type: ignore[misc,name-defined]
+        def Call(self, request, context):  # type: ignore[no-untyped-def]
+            context.set_trailing_metadata([("served-by", "trailer"), ("echo-bin", request.payload)])
+            if request.key == "fail":
+                context.abort(StatusCode.FAILED_PRECONDITION, "asked to fail")
+            if request.key == "badkey":
+                context.set_trailing_metadata([("Bad Key", "x")])
+            return testing.Reply(key=request.key)
+
+    server = libmrpc.Server(prefix=b.prefix, name="trailer")
+    server.add_servicer(Trailer())
+    server.start()
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="trail-client"))
+    reply, call = stub.Call.with_call(testing.Request(key="k", payload=b"\x00\x01"), timeout=10)
+    assert reply.key == "k" and call.code() is StatusCode.OK
+    assert call.trailing_metadata() == (("served-by", "trailer"), ("echo-bin", b"\x00\x01"))
+    del reply, call  # its receive-heap block goes back to the daemon
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="fail", payload=b"z"), timeout=10)
+    assert e.value.code() is StatusCode.FAILED_PRECONDITION
+    assert e.value.trailing_metadata() == (("served-by", "trailer"), ("echo-bin", b"z"))
+    with pytest.raises(RpcError) as e:  # the server broke the key rules: its fault, INTERNAL
+        stub.Call(testing.Request(key="badkey"), timeout=10)
+    assert e.value.code() is StatusCode.INTERNAL and "trailing metadata" in e.value.details()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        used = (next(x for x in a.apps() if x["name"] == "trail-client")["recv_heap"]["used"],
+                next(x for x in b.apps() if x["name"] == "trailer")["recv_heap"]["used"])
+        if used == (0, 0):
+            break
+        time.sleep(0.1)
+    assert used == (0, 0), used
+    server.stop(0)
