@@ -39,7 +39,7 @@ class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
     __slots__ = ("_callbacks", "_cancelled", "_code", "_deadline_ns", "_details", "_metadata", "_method",
-                 "_session", "_trailing")
+                 "_session", "_token", "_trailing")
 
     def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
@@ -47,6 +47,7 @@ class ServicerContext:
         self._metadata = metadata
         self._cancelled = False
         self._trailing: Any = None
+        self._token = 0
         self._callbacks: list[Callable[[], Any]] | None = []
         self._method = method
         self._deadline_ns = deadline_ns
@@ -60,6 +61,19 @@ class ServicerContext:
 
     def abort(self, code: StatusCode, details: str) -> None:
         raise RpcError(code, details)
+
+    def abort_with_status(self, status: Any) -> None:
+        """Abort with a grpc.Status-like object (``code``, ``details``, ``trailing_metadata``)."""
+        trailing = getattr(status, "trailing_metadata", None)
+        if trailing:
+            self.set_trailing_metadata(trailing)
+        raise RpcError(status.code, getattr(status, "details", ""))
+
+    def code(self) -> StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
     def set_code(self, code: StatusCode) -> None:
         self._code = StatusCode(code)
@@ -75,7 +89,13 @@ class ServicerContext:
         return self._metadata
 
     def peer(self) -> str:
-        return "mrpc"
+        """The calling app, its pid, daemon and address, as the caller's daemon announced them."""
+        if self._session is None or not self._token:
+            return "mrpc:unknown"
+        try:
+            return "mrpc:" + str(self._session.control({"op": "peer", "token": self._token})["peer"])
+        except RpcError:
+            return "mrpc:unknown"
 
     def add_callback(self, callback: Callable[[], Any]) -> bool:
         """Run ``callback()`` once when the call ends (answered or cancelled); False if it
@@ -344,6 +364,7 @@ class Server:
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
         ctx = ServicerContext(h.path, deadline_ns, session, metadata)
+        ctx._token = token
         self._contexts[token] = ctx
         with self._active_lock:
             self._active += 1

@@ -10,6 +10,7 @@ every service ``S``: ``SStub(channel)`` with one callable per method
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,16 @@ class CallFuture:
         if self._call.error is not None:
             raise self._call.error
         return self._call.result
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The traceback of the call's error (None when it succeeded)."""
+        error = self.exception(timeout)
+        if error is None:
+            return None
+        try:
+            raise error
+        except RpcError:
+            return sys.exc_info()[2]
 
     def exception(self, timeout: float | None = None) -> RpcError | None:
         try:

@@ -447,6 +447,11 @@ class Daemon:
             return {"ok": True}
         if op == "ping":
             return {"ok": True}
+        if op == "peer":  # context.peer(): who made server call ``token`` (as its daemon says)
+            call = app.server_calls.get(msg.get("token"))  # type: ignore[arg-type]
+            origin = getattr(getattr(call, "_state", None), "origin", None)
+            hello = getattr(origin, "info", {}).get("hello") or {}
+            return {"ok": True, "peer": str(hello.get("client", "unknown"))}
         raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
 
     def _app_broken(self, app: AppState, reason: str) -> None:

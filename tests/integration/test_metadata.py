@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -263,4 +264,40 @@ def test_trailing_metadata_comes_back_with_replies_and_errors(cluster: Cluster) 
             break
         time.sleep(0.1)
     assert used == (0, 0), used
+    server.stop(0)
+
+
+def test_grpc_parity_peer_code_details_abort_with_status_traceback(cluster: Cluster) -> None:
+    import collections
+
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+    Status = collections.namedtuple("Status", "code details trailing_metadata")
+    seen: dict[str, Any] = {}
+
+    class Parity(testing.TestServicer):  # type: ignore[misc,name-defined]
+        def Call(self, request, context):  # type: ignore[no-untyped-def]
+            seen["peer"] = context.peer()
+            context.set_code(StatusCode.OK)
+            context.set_details("fine")
+            seen["code"], seen["details"] = context.code(), context.details()
+            if request.key == "status":
+                context.abort_with_status(Status(StatusCode.PERMISSION_DENIED, "no", (("why", "x"),)))
+            return testing.Reply(key=request.key)
+
+    server = libmrpc.Server(prefix=b.prefix, name="parity-srv")
+    server.add_servicer(Parity())
+    server.start()
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="parity-client"))
+    assert stub.Call(testing.Request(key="k"), timeout=10).key == "k"
+    print(f"\ncontext.peer() = {seen['peer']}")
+    assert "parity-client" in seen["peer"] and str(os.getpid()) in seen["peer"]
+    assert seen["code"] is StatusCode.OK and seen["details"] == "fine"
+    fut = stub.Call.future(testing.Request(key="status"), timeout=10)
+    err = fut.exception()
+    assert err is not None and err.code() is StatusCode.PERMISSION_DENIED and err.details() == "no"
+    assert err.trailing_metadata() == (("why", "x"),)
+    tb = fut.traceback()
+    assert tb is not None and hasattr(tb, "tb_frame")
+    assert stub.Call.future(testing.Request(key="k"), timeout=10).traceback() is None
     server.stop(0)
