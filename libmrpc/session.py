@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from libmrpc import metadata as md
-from libmrpc.control import open_control, request
+from libmrpc.control import ControlError, open_control, recv_msg, request, send_msg
 from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
 from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
@@ -156,6 +156,7 @@ class Session:
             self._ctl.close()
             raise
         self._ctl_lock = threading.Lock()
+        self._stale_replies = 0  # control replies that came too late for their request
         reply, fds = request(self._ctl, {"op": "register", "name": self.name, "pid": self.pid})
         self.app_id = reply["app_id"]
         self.daemon = reply.get("daemon", "")
@@ -192,19 +193,53 @@ class Session:
 
     # ------------------------------------------------------------------ control
 
-    def control(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def control(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One control request; with ``timeout``, DEADLINE_EXCEEDED when its reply takes
+        longer (the late reply is read and dropped before the next request's)."""
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         with self._ctl_lock:
-            reply, _ = request(self._ctl, msg)
+            if timeout is None and not self._stale_replies:
+                reply, _ = request(self._ctl, msg)
+                return reply
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._stale_replies:
+                self._await_reply(msg, deadline)
+                _, fds = recv_msg(self._ctl)
+                for fd in fds:
+                    os.close(fd)
+                self._stale_replies -= 1
+            send_msg(self._ctl, msg)
+            try:
+                self._await_reply(msg, deadline)
+            except RpcError:
+                self._stale_replies += 1
+                raise
+            reply, fds = recv_msg(self._ctl)
+        for fd in fds:
+            os.close(fd)
+        if reply is None:
+            raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
+        if not reply.get("ok", False):
+            code = reply.get("code")
+            raise ControlError(code if code in StatusCode._value2member_map_ else StatusCode.UNKNOWN,
+                               str(reply.get("error", "unknown error")))
         return reply
 
-    def bind(self, schema: Any) -> int:
+    def _await_reply(self, msg: dict[str, Any], deadline: float | None) -> None:
+        """Wait until the control socket is readable, at most until ``deadline``."""
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select([self._ctl], [], [], remaining)
+        if not readable:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
+                           f"mrpcd did not answer {msg.get('op')!r} within the call's timeout")
+
+    def bind(self, schema: Any, timeout: float | None = None) -> int:
         """Register a generated schema module with the daemon; returns its slot."""
         slot = self._slots.get(schema.SCHEMA_HASH)
         if slot is not None:
             return slot
-        reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)})
+        reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)}, timeout)
         if reply["schema_hash"] != schema.SCHEMA_HASH:
             raise RpcError(StatusCode.FAILED_PRECONDITION,
                            f"mrpcd computed schema hash {reply['schema_hash']} where this app has "
@@ -214,11 +249,12 @@ class Session:
                  reply["bind_ms"])
         return slot
 
-    def open_conn(self, target: str, slot: int) -> int:
+    def open_conn(self, target: str, slot: int, timeout: float | None = None) -> int:
         key = (target, slot)
         conn = self._conns.get(key)
         if conn is None:
-            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot})["conn_id"]
+            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot},
+                                                   timeout)["conn_id"]
         return conn
 
     # ------------------------------------------------------------------ submitting

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +137,13 @@ class UnaryUnaryMultiCallable:
                             f"got {type(request).__name__}")
         session = self._channel._session()
         conn = self._conn
-        if conn is None or conn[0] is not session:
-            conn = self._conn = (session, session.open_conn(self._channel.target, session.bind(self._schema)))
+        if conn is None or conn[0] is not session:  # the first call: its timeout bounds these too
+            t0 = time.monotonic()
+            slot = session.bind(self._schema, timeout)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            conn = self._conn = (session, session.open_conn(self._channel.target, slot, left))
+            if timeout is not None:
+                timeout = max(0.001, timeout - (time.monotonic() - t0))
         return session.start_call(conn[1], self._method.id, self._method.path, request,
                                   self._response_cls, timeout, background, metadata)
 

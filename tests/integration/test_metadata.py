@@ -301,3 +301,36 @@ def test_grpc_parity_peer_code_details_abort_with_status_traceback(cluster: Clus
     assert tb is not None and hasattr(tb, "tb_frame")
     assert stub.Call.future(testing.Request(key="k"), timeout=10).traceback() is None
     server.stop(0)
+
+
+def test_the_first_calls_timeout_bounds_bind_and_connect(cluster: Cluster) -> None:
+    import signal
+    import threading
+
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+    cluster.server(b, "--mode", "inline")
+    from libmrpc.session import get_session
+    get_session(a.prefix, "first-call")  # registered; no schema bound, no connection yet
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="first-call"))
+    outcome: list[Any] = []
+
+    def first() -> None:
+        t0 = time.monotonic()
+        try:
+            stub.Call(testing.Request(key="k"), timeout=1.0)
+            outcome.append(("ok", time.monotonic() - t0))
+        except RpcError as e:
+            outcome.append((e.code(), time.monotonic() - t0))
+
+    os.kill(a.pid, signal.SIGSTOP)  # the daemon does not answer the bind (a slow cold compile)
+    try:
+        t = threading.Thread(target=first, daemon=True)
+        t.start()
+        t.join(10)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    print(f"\nfirst call against a stopped daemon: {outcome}")
+    assert outcome and outcome[0][0] is StatusCode.DEADLINE_EXCEEDED and outcome[0][1] < 3, outcome
+    # the late bind reply is dropped; the next call binds, connects and goes through
+    assert stub.Call(testing.Request(key="k2", payload=b"x"), timeout=10).payload == b"x"
