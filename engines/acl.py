@@ -11,6 +11,14 @@ Config::
         method: "/kv.KV/*"        # optional: method name, "/svc/Method" path or a glob
         field: "user.name"        # optional dotted path into the request message
         equals: "admin"           # with field, exactly one of: equals | prefix | regex | in
+      - name: need-token
+        action: allow
+        metadata: authorization   # optional, instead of field: a call metadata key
+        equals: "Bearer s3cret"   # the key's first value (bytes of -bin keys as UTF-8)
+
+A ``metadata`` rule reads the call's metadata (``rpc.metadata``, checked by the
+frontend): a call without the key does not match (counted as
+``metadata_missing``), and a denial never shows the value (it may be a secret).
 
 Rules are tried in order; the first rule whose method pattern and field test
 both match decides; otherwise ``default`` decides. A denied call fails with
@@ -45,7 +53,8 @@ from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, Verdict
 
 FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 MATCHERS = ("equals", "prefix", "regex", "in")
-RULE_KEYS = frozenset({"name", "action", "method", "field", *MATCHERS})
+RULE_KEYS = frozenset({"name", "action", "method", "field", "metadata", *MATCHERS})
+METADATA_KEY = re.compile(r"[0-9a-z_.\-]+")
 KEYS = frozenset({"default", "rules"})
 _MISSING = object()
 
@@ -57,6 +66,7 @@ class _Rule:
     method: re.Pattern[str] | None  # compiled glob, tried on name, path and service/name
     field: tuple[str, ...] | None
     test: Callable[[str], bool] | None  # on the value's text
+    metadata: str | None = None  # a metadata key, read instead of a field
 
 
 def _text(value: object) -> str | None:
@@ -90,7 +100,8 @@ def _compile_rule(rule: Mapping[str, Any]) -> _Rule:
     elif "regex" in rule:
         search = re.compile(rule["regex"]).search
         test = lambda s: search(s) is not None
-    return _Rule(rule["name"], rule["action"] == "allow", pattern, field, test)
+    return _Rule(rule["name"], rule["action"] == "allow", pattern, field, test,
+                 rule.get("metadata"))
 
 
 class Acl(PolicyEngine):
@@ -102,7 +113,8 @@ class Acl(PolicyEngine):
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.counters.update({"allowed": 0, "denied": 0, "field_missing": 0, "read_errors": 0})
+        self.counters.update({"allowed": 0, "denied": 0, "field_missing": 0, "read_errors": 0,
+                              "metadata_missing": 0})
         self._rules = [_compile_rule(r) for r in self.config["rules"]]
         self._hits: dict[str, int] = {r.name: 0 for r in self._rules}
 
@@ -150,8 +162,17 @@ class Acl(PolicyEngine):
         if out["method"] is not None and (not isinstance(out["method"], str) or not out["method"]):
             raise ConfigError(f"{where}: method: expected a method name, path or glob like "
                               f'"/kv.KV/*", got {out["method"]!r}')
-        field = out["field"]
-        if field is not None and (not isinstance(field, str) or not FIELD_PATH.fullmatch(field)):
+        key = rule.get("metadata")
+        if key is not None:
+            if out["field"] is not None:
+                raise ConfigError(f"{where}: give field or metadata, not both")
+            if not isinstance(key, str) or not METADATA_KEY.fullmatch(key):
+                raise ConfigError(f"{where}: metadata: expected a lowercase metadata key like "
+                                  f"authorization, got {key!r}")
+            out["metadata"] = key
+        field = out["field"] if key is None else key
+        if key is None and field is not None and (not isinstance(field, str)
+                                                  or not FIELD_PATH.fullmatch(field)):
             raise ConfigError(f"{where}: field: expected a dotted field path like user.name, "
                               f"got {field!r}")
         used = [m for m in MATCHERS if m in rule]
@@ -208,7 +229,14 @@ class Acl(PolicyEngine):
                                             or not any(rule.method.match(n) for n in names)):
                 continue
             text = None
-            if rule.field is not None:
+            if rule.metadata is not None:
+                found = next((v for k, v in rpc.metadata if k == rule.metadata), None)
+                if found is None:
+                    self.counters["metadata_missing"] += 1
+                    continue
+                if rule.test is not None and not rule.test(_text(found) or ""):
+                    continue
+            elif rule.field is not None:
                 if rule.field not in values:
                     try:
                         values[rule.field] = self._read(rpc, rule.field)
@@ -259,6 +287,8 @@ class Acl(PolicyEngine):
             why = f"denied by policy {eid} (default deny): {self._path(rpc)} matched no allow rule"
         else:
             why = f"denied by policy {eid} rule '{rule.name}': {self._path(rpc)}"
+            if rule.metadata is not None:
+                why += f" (metadata {rule.metadata!r})"
             if rule.field is not None and text is not None:
                 shown = text if len(text) <= 64 else text[:64] + "..."
                 why += f" {'.'.join(rule.field)}={shown!r}"

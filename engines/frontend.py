@@ -24,13 +24,16 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.marshal_rt import TooBig
 from libmrpc.ring import (
+    CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
     CMPF_DUPLICATE,
+    CMPF_METADATA,
     DESCRIPTOR,
     HEADER_SIZE,
     SLOT_SIZE,
@@ -38,6 +41,7 @@ from libmrpc.ring import (
     SUB_CANCEL,
     SUB_RELEASE,
     SUB_REPLY,
+    SUBF_METADATA,
     RingCorrupted,
 )
 from libmrpc.shm import drain
@@ -52,6 +56,17 @@ CHUNK = 32  # descriptors popped at a time (the time slice is checked between ch
 _DUPLICATE = "duplicate call id"  # _state of the refusal of a duplicate call id
 
 
+def to_clock(deadline: float | None, now: float) -> float | None:
+    """An app's deadline (CLOCK_MONOTONIC seconds) on the daemon's clock, whose time is
+    ``now`` (the same clock in production; an injected one in tests)."""
+    return None if deadline is None else now + (deadline - time.monotonic())
+
+
+def to_monotonic(deadline: float | None, now: float) -> float | None:
+    """A deadline on the daemon's clock (time ``now``) in CLOCK_MONOTONIC seconds, for an app."""
+    return None if deadline is None else time.monotonic() + (deadline - now)
+
+
 class Frontend(Engine):
     NAME = "frontend"
     VERSION = 1
@@ -60,6 +75,7 @@ class Frontend(Engine):
         super().__init__(ctx, config)
         self.app: AppState = ctx.services["app"]
         self.max_message_size: int = ctx.services.get("max_message_size", 256 << 20)
+        self.max_metadata_size: int = ctx.services.get("max_metadata_size", md.MAX_METADATA_SIZE)
         tcp = ctx.services.get("tcp_config")
         self.zero_copy_min: int = tcp.zero_copy_min if tcp is not None else 2048
         self.backlog: deque[Rpc] = deque()
@@ -68,6 +84,8 @@ class Frontend(Engine):
         self.admission = Admission(self.app, ctx.services.get("limits"))
         self.slice = self.admission.limits.slice_us / 1e6
         self._refs: dict[tuple[int, int], MethodRef] = {}
+        self.outgoing: dict[int, Rpc] = {}  # this app's calls in flight (to cancel them)
+        self.cancel_notices: deque[Rpc] = deque()  # inbound calls their callers cancelled
         self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0,
                          "refused_inbound": 0}
 
@@ -81,7 +99,36 @@ class Frontend(Engine):
         except RingCorrupted as e:
             self._broken(e)
             return 0
+        if self.cancel_notices:
+            n += self._notify_cancels()
         return n + self._deliver()
+
+    def _cancel(self, call_id: int) -> None:
+        """SUB_CANCEL: the app cancelled its call; the transport completes it once with
+        CANCELLED (and tells the peer daemon), or fails it so when it gets there."""
+        rpc = self.outgoing.get(call_id)
+        if rpc is None or rpc._cancelled:
+            return  # already completed (or cancelled): nothing to do
+        rpc._cancelled = True
+        dp = self.app.datapath
+        cancel = getattr(dp.transport, "cancel", None) if dp is not None else None
+        if cancel is not None:
+            cancel(rpc)
+
+    def _notify_cancels(self) -> int:
+        """Tell the server app about calls their callers cancelled (CMP_CANCEL)."""
+        n, notices, calls = 0, self.cancel_notices, self.app.server_calls
+        while notices:
+            rpc = notices[0]
+            if calls.get(rpc.call_id) is rpc:
+                if self.app.complete.free_slots() == 0:
+                    break
+                self._push(CMP_CANCEL, int(StatusCode.CANCELLED), rpc.call_id, 0, 0, 0, 0)
+                n += 1
+            notices.popleft()  # not delivered yet: it is refused when it gets there
+        if n:
+            self.app.wake_app()
+        return n
 
     def _take(self) -> int:
         """Take up to BATCH descriptors, for at most one time slice; a CALL the
@@ -137,10 +184,10 @@ class Frontend(Engine):
         return submit.buf[HEADER_SIZE + (submit.head & submit.mask) * SLOT_SIZE]
 
     def _other(self, d: tuple[int, ...]) -> None:
-        kind, _flags, status, _conn, call_id, _method, _aux, off, length, _deadline = d
+        kind, flags, status, _conn, call_id, _method, _aux, off, length, md_off = d
         app = self.app
         if kind == SUB_REPLY:
-            self._reply(call_id, status, off, length)
+            self._reply(call_id, status, off, length, md_off if flags & SUBF_METADATA else 0)
         elif kind == SUB_RELEASE:
             try:
                 app.recv_heap.free(off)
@@ -149,7 +196,7 @@ class Frontend(Engine):
                 self.ctx.log.warning("app %r released receive-heap offset %d it does not hold",
                                      app.name, off)
         elif kind == SUB_CANCEL:
-            pass  # the daemon still completes the call once (deadline or reply)
+            self._cancel(call_id)
         else:
             self.counters["rejected_descriptors"] += 1
             self.ctx.log.warning("app %r posted a descriptor of unknown kind %d", app.name, kind)
@@ -161,7 +208,7 @@ class Frontend(Engine):
 
     def _call(self, d: tuple[int, ...]) -> bool:
         """Take one CALL descriptor; False when the quotas make it wait (untouched)."""
-        _kind, _flags, _status, conn_id, call_id, method_id, _aux, off, _length, deadline_ns = d
+        _kind, flags, _status, conn_id, call_id, method_id, _aux, off, md_off, deadline_ns = d
         app = self.app
         if call_id in app.inflight:  # refuse it without touching the call that holds the id
             self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
@@ -192,16 +239,23 @@ class Frontend(Engine):
                             f"call {call_id}: request record offset {off} is outside the send heap")
             return True
         now = self.ctx.clock.now()
-        deadline = app_deadline(deadline_ns, now)
+        deadline = to_clock(app_deadline(deadline_ns, time.monotonic()), now)
         if deadline is not None and deadline <= now:
             self._fail_call(call_id, StatusCode.DEADLINE_EXCEEDED,
                             f"call {call_id} to {info.path}: its deadline passed before mrpcd took it")
             return True
+        metadata: md.Metadata = ()
+        if flags & SUBF_METADATA:
+            try:
+                metadata = self._metadata(md_off)
+            except md.MetadataError as e:
+                self._fail_call(call_id, e.status, f"call {call_id} to {info.path}: {e}")
+                return True
         ref = self._refs.get((spec.slot, method_id))
         if ref is None:
             ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref, deadline=deadline, created=now,
-                  _state=TxCall(spec, binding, off))
+                  metadata=metadata, _state=TxCall(spec, binding, off))
         max_size = adm.size_limit(self.max_message_size)
         try:
             self._marshal(rpc, binding.module, info.request, max_size)
@@ -219,11 +273,26 @@ class Frontend(Engine):
             return True
         self.counters["submitted"] += 1
         adm.admit_call(call_id, rpc.size)
+        self.outgoing[call_id] = rpc
         app.counters["calls"] += 1
         self.tx_out.append(rpc)
         return True
 
-    def _reply(self, token: int, status: int, off: int, length: int) -> None:
+    def _metadata(self, off: int) -> md.Metadata:
+        """The call's metadata block at send-heap ``off``, copied out once and checked."""
+        view = self.app.send_view
+        if off <= 0 or off % 8 or off >= len(view):
+            raise md.MetadataError(f"metadata block offset {off} is outside the send heap")
+        n = md.block_size(view, off)
+        if n > self.max_metadata_size:
+            raise md.MetadataError(f"metadata of {n} bytes exceeds the limit of "
+                                   f"{self.max_metadata_size} bytes; send less metadata",
+                                   StatusCode.RESOURCE_EXHAUSTED)
+        if off + n > len(view):
+            raise md.MetadataError(f"metadata block of {n} bytes at {off} runs past the send heap")
+        return md.decode(bytes(view[off:off + n]), self.max_metadata_size)
+
+    def _reply(self, token: int, status: int, off: int, length: int, md_off: int = 0) -> None:
         app = self.app
         call = app.server_calls.pop(token, None)
         if call is None:
@@ -239,9 +308,16 @@ class Frontend(Engine):
             code, details = StatusCode.UNKNOWN, f"server app returned invalid status {status}"
         if code is not StatusCode.OK and not details:
             details = self._read_details(off, length)
+        trailing: md.Metadata = ()
+        if md_off:
+            try:
+                trailing = self._metadata(md_off)
+            except md.MetadataError as e:
+                code, details = StatusCode.INTERNAL, (f"server app {app.name!r} returned bad "
+                                                      f"trailing metadata: {e}")
         reply = Rpc(RpcKind.REPLY, app.name, app.pid, token, call.method, deadline=call.deadline,
                     status=code, details=details, created=call.created, meta=call.meta,
-                    _state=TxReply(rx, off if code is StatusCode.OK else 0))
+                    metadata=trailing, _state=TxReply(rx, off if code is StatusCode.OK else 0))
         if code is StatusCode.OK:
             if off <= 0 or off % 8 or off >= len(app.send_view):
                 reply.status = StatusCode.INTERNAL
@@ -298,9 +374,9 @@ class Frontend(Engine):
     # ------------------------------------------------------------------ rx
 
     def _push(self, kind: int, status: int, call_id: int, method: int, aux: int, off: int,
-              length: int, deadline_ns: int = 0, flags: int = 0) -> bool:
-        return self.app.complete.push(DESCRIPTOR, kind, flags, status, 0, call_id, method, aux, off,
-                                      length, deadline_ns)
+              length: int, deadline_ns: int = 0, flags: int = 0, conn: int = 0) -> bool:
+        return self.app.complete.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, aux,
+                                      off, length, deadline_ns)
 
     def _land(self, landed: Landed) -> int:
         """Receive-heap offset of an image, copying a private one in first."""
@@ -311,6 +387,13 @@ class Frontend(Engine):
         self.app.recv_view[off:off + landed.length] = landed.private
         landed.heap_off, landed.private = off, None
         return off
+
+    def _land_metadata(self, metadata: md.Metadata) -> int:
+        """Receive-heap offset of ``metadata`` encoded for the app; raises HeapExhausted."""
+        block = md.encode(metadata)
+        at = self.app.recv_heap.alloc(len(block))
+        self.app.recv_view[at:at + len(block)] = block
+        return at
 
     def _text(self, details: str) -> tuple[int, int]:
         data = details.encode()[:MAX_DETAILS]
@@ -334,7 +417,18 @@ class Frontend(Engine):
                 return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
                                   flags=CMPF_DUPLICATE)
             self.admission.release_call(rpc.call_id)
+            self.outgoing.pop(rpc.call_id, None)
             landed = rpc._state if isinstance(rpc._state, Landed) else None
+            md_at = 0
+            if rpc.metadata:
+                try:
+                    md_at = self._land_metadata(rpc.metadata)
+                except HeapExhausted as e:
+                    if landed is not None and landed.heap_off is not None:
+                        app.recv_heap.free(landed.heap_off)
+                        landed.heap_off = None
+                    rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, f"trailing metadata: {e}"
+            md_flag = CMPF_METADATA if md_at else 0
             if rpc.status is StatusCode.OK and landed is not None:
                 try:
                     off = self._land(landed)
@@ -342,13 +436,18 @@ class Frontend(Engine):
                     rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, str(e)
                 else:
                     app.counters["replies"] += 1
-                    return self._push(CMP_REPLY, 0, rpc.call_id, 0, 0, off, landed.length)
+                    return self._push(CMP_REPLY, 0, rpc.call_id, 0, 0, off, landed.length,
+                                      flags=md_flag, conn=md_at >> 3)
             app.counters["errors"] += 1
             off, n = self._text(rpc.details)
-            return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n)
+            return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
+                              flags=md_flag, conn=md_at >> 3)
         if rpc.kind is RpcKind.CALL:
             rx: RxCall = rpc._state
             assert rx.landed is not None
+            if rpc._cancelled:  # its caller cancelled it before it got here
+                self.tx_out.append(rpc.error_reply(StatusCode.CANCELLED, "the caller cancelled the call"))
+                return True
             if self.admission.serving_full():
                 self._refuse(rpc, f"server app {app.name!r} already holds "
                                   f"{len(app.server_calls)} calls it has not answered "
@@ -360,11 +459,26 @@ class Frontend(Engine):
                 self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
                                                    f"server app {app.name!r}: {e}"))
                 return True
+            md_at, md_flag = 0, 0
+            if rpc.metadata:
+                block = md.encode(rpc.metadata)
+                try:
+                    md_at = app.recv_heap.alloc(len(block))
+                except HeapExhausted as e:
+                    app.recv_heap.free(off)
+                    rx.landed.heap_off = None
+                    self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
+                                                       f"server app {app.name!r}: {e}"))
+                    return True
+                app.recv_view[md_at:md_at + len(block)] = block
+                md_flag = CMPF_METADATA
             method_id = rpc.method.id if rpc.method else 0
             app.server_calls[rpc.call_id] = rpc
             app.counters["served"] += 1
             return self._push(CMP_REQUEST, 0, rpc.call_id, method_id, rx.binding.slot, off,
-                              rx.landed.length, deadline_field(rpc.deadline))
+                              rx.landed.length, deadline_field(to_monotonic(rpc.deadline, self.ctx.clock.now())),
+                              flags=md_flag,
+                              conn=md_at >> 3)
         if rpc.kind is RpcKind.RECLAIM:
             self.admission.release_reply(rpc.call_id)
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)
@@ -429,7 +543,7 @@ class Frontend(Engine):
             return False
         app.submit.set_sleeping(True)
         try:
-            if self.rx_in:
+            if self.rx_in or self.cancel_notices:
                 return True
             if self.held:  # CALLs wait for quota; replies and releases behind them do not
                 return self._head_kind() not in (None, SUB_CALL)
@@ -459,7 +573,8 @@ class Frontend(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"backlog": list(self.backlog), "pending": list(self.pending),
-                 "counters": dict(self.counters), "refs": self._refs}
+                 "counters": dict(self.counters), "refs": self._refs,
+                 "outgoing": dict(self.outgoing), "cancel_notices": list(self.cancel_notices)}
         self.backlog.clear()
         self.pending.clear()
         return state
@@ -469,6 +584,8 @@ class Frontend(Engine):
         self.pending.extend(state.get("pending", ()))
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
+        self.outgoing.update(state.get("outgoing", {}))
+        self.cancel_notices.extend(state.get("cancel_notices", ()))
 
 
 ENGINE = Frontend

@@ -37,10 +37,12 @@ from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
 from engines.tcp_limits import PeerLimits, overdue, settle
+from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    CANCEL,
     DISCARD,
     ERROR,
     FRAME_NAMES,
@@ -48,6 +50,7 @@ from libmrpc.wire import (
     HELLO,
     HELLO_ACK,
     MAX_HELLO_SERVICES,
+    METADATA,
     PING,
     PONG,
     PROTOCOL_VERSION,
@@ -91,6 +94,7 @@ class TcpTransport(Engine):
         self.poller = svc["poller"]
         self.tcp = svc["tcp_config"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
+        self.max_metadata_size: int = svc.get("max_metadata_size", md.MAX_METADATA_SIZE)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: dict[Target, Conn] = {}
@@ -237,8 +241,25 @@ class TcpTransport(Engine):
             n += len(late)
         return n
 
+    def cancel(self, rpc: Rpc) -> None:
+        """The app cancelled ``rpc``: complete it now with CANCELLED and tell the peer
+        daemon (a late reply is then discarded). A call not sent yet fails when it
+        gets here (``rpc._cancelled``)."""
+        entry = self.pending.get(rpc._wire_id) if rpc._wire_id else None
+        if entry is None or entry[0] is not rpc:
+            return
+        conn = entry[1]
+        del self.pending[rpc._wire_id]
+        conn.calls.discard(rpc._wire_id)
+        conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
+        self.dirty.add(conn)
+        self.counters["cancelled"] = self.counters.get("cancelled", 0) + 1
+        self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
+
     def _send_call(self, rpc: Rpc) -> None:
         st: TxCall = rpc._state
+        if rpc._cancelled:
+            return self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
         conn = self._conn_for(st.conn, st.binding, rpc)
         if conn is None:
             return  # waits for name resolution
@@ -257,13 +278,17 @@ class TcpTransport(Engine):
                 return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
-        wire_id = next(self._wire_ids)
+        wire_id = rpc._wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
             timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
-        conn.queue([encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
-                                  aux=timeout_us), head, *segs])
+        frames = [encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
+                                aux=timeout_us), head, *segs]
+        if rpc.metadata:  # a METADATA frame first; a call without metadata is unchanged
+            block = md.encode(rpc.metadata)
+            frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
+        conn.queue(frames)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)
@@ -302,6 +327,9 @@ class TcpTransport(Engine):
             reclaim()
             return
         self.dirty.add(origin)
+        if rpc.metadata:  # trailing metadata: a METADATA frame before the REPLY / ERROR
+            block = md.encode(rpc.metadata)
+            origin.queue([encode_header(METADATA, call_id=st.call.wire_id, body_len=len(block)), block])
         if rpc.status is not StatusCode.OK:
             send_error(origin, st.call.wire_id, rpc.status, rpc.details)
             reclaim()
@@ -387,9 +415,24 @@ class TcpTransport(Engine):
             del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
+            trailing: md.Metadata = ()
+            block = conn.info.pop("metadata", None)
+            if block is not None and block[0] == header.call_id:
+                try:
+                    trailing = md.decode(block[1], self.max_metadata_size)
+                except md.MetadataError as e:
+                    if t == REPLY:
+                        free_landed(self.app, conn.cur if isinstance(conn.cur, Landed) else None)
+                    return self._fail(rpc, StatusCode.INTERNAL,
+                                      f"trailing metadata from {conn.peer}: {e}")
             if t == ERROR:
                 code = StatusCode(header.status) if header.status else StatusCode.UNKNOWN
-                return self._fail(rpc, code, bytes(body).decode("utf-8", "replace"))
+                self.counters["errors"] += 1
+                self.counters["replies_sent"] += 1
+                err = rpc.error_reply(code, bytes(body).decode("utf-8", "replace"))
+                err.metadata = trailing
+                self.rx_out.append(err)
+                return
             landed = conn.cur
             if isinstance(landed, HeapExhausted):
                 return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
@@ -404,7 +447,9 @@ class TcpTransport(Engine):
             self.counters["replies_received"] += 1
             self.rx_out.append(Rpc(RpcKind.REPLY, rpc.app, rpc.app_pid, rpc.call_id, rpc.method,
                                    size=header.body_len, created=rpc.created, meta=rpc.meta,
-                                   _state=landed))
+                                   metadata=trailing, _state=landed))
+        elif t == METADATA:  # for the REPLY / ERROR with this id, which comes next
+            conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO_ACK:
             ack = decode_json_body(body)
             if not ack.get("ok"):

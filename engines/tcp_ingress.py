@@ -29,10 +29,12 @@ from engines.tcp_limits import (
     reap_gone_apps,
     settle,
 )
+from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    CANCEL,
     DISCARD,
     FRAME_NAMES,
     GOAWAY,
@@ -40,6 +42,7 @@ from libmrpc.wire import (
     HELLO_ACK,
     MAX_HELLO_SERVICES,
     MAX_SERVICE_NAME,
+    METADATA,
     PING,
     PONG,
     Body,
@@ -92,6 +95,7 @@ class TcpIngress(Engine):
         self.tcp = svc["tcp_config"]
         self.listener: socket.socket = svc["listener"]
         self.max_message_size: int = svc.get("max_message_size", 256 << 20)
+        self.max_metadata_size: int = svc.get("max_metadata_size", md.MAX_METADATA_SIZE)
         self.daemon_name: str = svc.get("daemon_name", "mrpcd")
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: set[Conn] = set()
@@ -175,6 +179,10 @@ class TcpIngress(Engine):
             if "hello" in conn.info:
                 raise WireError("a second HELLO on one connection")
             return None  # at most MAX_HELLO_BODY bytes, kept
+        if t == METADATA or t == CANCEL:
+            if "hello" not in conn.info:
+                raise WireError("METADATA before HELLO")
+            return None  # at most MAX_CONTROL_BODY bytes, kept until its CALL
         if t != CALL:
             if t in (PING, PONG, GOAWAY):
                 return DISCARD if header.body_len else None
@@ -209,6 +217,10 @@ class TcpIngress(Engine):
         t = header.type
         if t == CALL:
             self._call(conn, header, body)
+        elif t == CANCEL:
+            self._cancel(conn, header.call_id)
+        elif t == METADATA:  # for the CALL with this id, which comes next
+            conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO:
             self._hello(conn, body)
         elif t == PING:
@@ -251,6 +263,16 @@ class TcpIngress(Engine):
         cur = conn.cur
         if "hello" not in conn.info:
             raise WireError("CALL before HELLO")
+        block = conn.info.pop("metadata", None)
+        metadata: md.Metadata = ()
+        if block is not None and block[0] == header.call_id and not isinstance(cur, RpcError):
+            try:
+                metadata = md.decode(block[1], self.max_metadata_size)
+            except md.MetadataError as e:
+                if isinstance(cur, tuple):
+                    free_landed(cur[0], cur[3])
+                    settle(conn, header.call_id)
+                cur = RpcError(e.status, f"metadata from {conn.peer}: {e}")
         if cur is None:  # empty body: not even a root record
             cur = RpcError(StatusCode.INVALID_ARGUMENT, "call carries an empty message image")
         if isinstance(cur, RpcError):
@@ -282,13 +304,36 @@ class TcpIngress(Engine):
         timeout_us = clamp_timeout_us(header.aux)  # a peer's u64: at most a week
         rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
                   deadline=now + timeout_us / 1e6 if timeout_us else None, size=header.body_len,
-                  created=now, _state=RxCall(conn, header.call_id, binding, landed))
+                  created=now, metadata=metadata, _state=RxCall(conn, header.call_id, binding, landed))
         cls = binding.module.MESSAGES[method.request]
         rpc._view = lambda: cls._from_image(
             (memoryview(landed.private) if landed.private is not None
              else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
         self.counters["calls_routed"] += 1
+        routed = conn.info.setdefault("routed", {})  # wire id -> Rpc, for a CANCEL
+        if len(routed) > 2 * len(conn.rx_calls) + 64:
+            conn.info["routed"] = routed = {w: r for w, r in routed.items() if w in conn.rx_calls}
+        routed[header.call_id] = rpc
         app.datapath.transport.rx_out.append(rpc)
+        if app.runtime is not None and not app.runtime.in_runtime():
+            app.runtime.wake()
+
+    def _cancel(self, conn: Conn, wire_id: int) -> None:
+        """The caller cancelled call ``wire_id``: tell its server app (or refuse the
+        call before it gets there). A call already answered is left alone."""
+        rpc = conn.info.get("routed", {}).pop(wire_id, None)
+        entry = conn.rx_calls.get(wire_id)
+        if rpc is None or entry is None or rpc._cancelled:
+            return
+        rpc._cancelled = True
+        app = entry[0]
+        dp = app.datapath
+        if app.closed or dp is None:
+            return
+        notices = getattr(dp.frontend, "cancel_notices", None)
+        if notices is not None:
+            notices.append(rpc)
+        self.counters["calls_cancelled"] = self.counters.get("calls_cancelled", 0) + 1
         if app.runtime is not None and not app.runtime.in_runtime():
             app.runtime.wake()
 

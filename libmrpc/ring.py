@@ -139,11 +139,17 @@ SUB_CALL = 1  # conn, call_id, method, off=root record in send heap, deadline_ns
 SUB_REPLY = 2  # call_id=server token, status; OK: off=root record; error: off/length=details utf-8
 SUB_RELEASE = 3  # off = receive-heap block the app no longer reads
 SUB_CANCEL = 4  # call_id: the caller gave up (deadline/cancel); the daemon still completes it once
+# submit flags
+SUBF_METADATA = 1  # SUB_CALL: length = send-heap offset of the call's metadata block;
+#                   SUB_REPLY: deadline_ns = send-heap offset of the trailing metadata block
 
 # completion ring (daemon -> app)
 CMP_REPLY = 1  # call_id, status; off/length = image (OK) or details text (error) in receive heap
 CMP_REQUEST = 2  # call_id=server token, method, aux=schema slot, off/length=image, deadline_ns
 CMP_RECLAIM = 3  # call_id=server token: the reply's send-heap memory may be reused
+CMP_CANCEL = 4  # call_id=server token: the caller cancelled the call (its reply is discarded)
 # completion flags
 CMPF_DUPLICATE = 1  # CMP_REPLY refusing a SUB_CALL whose call_id was already in flight: it
 #                     is not the outcome of the call that holds that id
+CMPF_METADATA = 2  # CMP_REQUEST / CMP_REPLY: conn = receive-heap offset / 8 of the call's
+#                   (trailing) metadata block

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.session import RecvBlock, Session, get_session
+from libmrpc import metadata as md
+from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
 
@@ -37,10 +38,17 @@ log = logging.getLogger(__name__)
 class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
-    __slots__ = ("_code", "_deadline_ns", "_details", "_method", "_session")
+    __slots__ = ("_callbacks", "_cancelled", "_code", "_deadline_ns", "_details", "_metadata", "_method",
+                 "_session", "_token", "_trailing")
 
-    def __init__(self, method: str, deadline_ns: int, session: Session | None = None) -> None:
+    def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
+                 metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self._session = session  # the registration the request came through (its reply goes there)
+        self._metadata = metadata
+        self._cancelled = False
+        self._trailing: Any = None
+        self._token = 0
+        self._callbacks: list[Callable[[], Any]] | None = []
         self._method = method
         self._deadline_ns = deadline_ns
         self._code: StatusCode | None = None
@@ -54,6 +62,19 @@ class ServicerContext:
     def abort(self, code: StatusCode, details: str) -> None:
         raise RpcError(code, details)
 
+    def abort_with_status(self, status: Any) -> None:
+        """Abort with a grpc.Status-like object (``code``, ``details``, ``trailing_metadata``)."""
+        trailing = getattr(status, "trailing_metadata", None)
+        if trailing:
+            self.set_trailing_metadata(trailing)
+        raise RpcError(status.code, getattr(status, "details", ""))
+
+    def code(self) -> StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
     def set_code(self, code: StatusCode) -> None:
         self._code = StatusCode(code)
 
@@ -63,13 +84,49 @@ class ServicerContext:
     def method(self) -> str:
         return self._method
 
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata: ``(key, value)`` pairs, bytes values for ``-bin`` keys."""
+        return self._metadata
 
     def peer(self) -> str:
-        return "mrpc"
+        """The calling app, its pid, daemon and address, as the caller's daemon announced them."""
+        if self._session is None or not self._token:
+            return "mrpc:unknown"
+        try:
+            return "mrpc:" + str(self._session.control({"op": "peer", "token": self._token})["peer"])
+        except RpcError:
+            return "mrpc:unknown"
+
+    def add_callback(self, callback: Callable[[], Any]) -> bool:
+        """Run ``callback()`` once when the call ends (answered or cancelled); False if it
+        already ended."""
+        if self._callbacks is None:
+            return False
+        self._callbacks.append(callback)
+        return True
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Metadata sent back with the reply (or error): ``(key, value)`` pairs."""
+        try:
+            md.encode(metadata)  # types now, in the handler; key rules are mrpcd's
+        except md.MetadataError as e:
+            raise RpcError(e.status, f"set_trailing_metadata: {e}") from None
+        self._trailing = tuple(metadata)
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _terminate(self) -> None:
+        callbacks, self._callbacks = self._callbacks, None
+        for cb in callbacks or ():
+            try:
+                cb()
+            except Exception:
+                log.exception("RPC termination callback failed")
 
     def is_active(self) -> bool:
+        if self._cancelled:
+            return False
         rem = self.time_remaining()
         return rem is None or rem > 0
 
@@ -113,6 +170,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._active = 0
+        self._contexts: dict[int, ServicerContext] = {}  # token -> context of a running handler
         self._active_lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -291,7 +349,8 @@ class Server:
 
     # ------------------------------------------------------------------ serving
 
-    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int) -> None:
+    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int,
+                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         """Called on the completion thread for every request."""
         session = self._session
         assert session is not None
@@ -304,7 +363,9 @@ class Server:
             session.send_reply(token, None, code, msg)
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
-        ctx = ServicerContext(h.path, deadline_ns, session)
+        ctx = ServicerContext(h.path, deadline_ns, session, metadata)
+        ctx._token = token
+        self._contexts[token] = ctx
         with self._active_lock:
             self._active += 1
         if h.is_async:
@@ -316,14 +377,18 @@ class Server:
             self._run_sync(h, request, ctx, token)
 
     def _run_sync(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        inherit = CALL_DEADLINE.set(ctx._deadline_ns)  # nested calls inherit the deadline
         try:
             reply = h.fn(request, ctx) if h.takes_context else h.fn(request)
         except BaseException as e:  # noqa: BLE001 - every failure becomes a status
             self._answer(h, token, None, ctx, e)
         else:
             self._answer(h, token, reply, ctx, None)
+        finally:
+            CALL_DEADLINE.reset(inherit)
 
     async def _run_async(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        CALL_DEADLINE.set(ctx._deadline_ns)  # this task's context: nested calls inherit it
         try:
             reply = await (h.fn(request, ctx) if h.takes_context else h.fn(request))
         except BaseException as e:  # noqa: BLE001
@@ -331,9 +396,19 @@ class Server:
         else:
             self._answer(h, token, reply, ctx, None)
 
+    def _cancel(self, token: int) -> None:
+        """The caller cancelled call ``token`` (completion thread): the handler's context
+        turns inactive and its callbacks run; its reply will be discarded."""
+        ctx = self._contexts.get(token)
+        if ctx is not None and not ctx._cancelled:
+            ctx._cancelled = True
+            ctx._terminate()
+
     def _answer(self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None) -> None:
         session = ctx._session or self._session
         assert session is not None
+        self._contexts.pop(token, None)
+        ctx._terminate()
         try:
             if error is not None:
                 if isinstance(error, RpcError):
@@ -348,9 +423,9 @@ class Server:
                                  f"handler of {h.path} returned {type(reply).__name__}, "
                                  f"expected {h.response_cls._FULL_NAME}")
             else:
-                session.send_reply(token, reply)
+                session.send_reply(token, reply, trailing=ctx._trailing)
                 return
-            session.send_reply(token, None, code, details)
+            session.send_reply(token, None, code, details, trailing=ctx._trailing)
         except RpcError as e:
             log.warning("could not answer %s: %s", h.path, e)
         finally:

@@ -15,6 +15,7 @@ released back to the daemon (batched) when the last view of them is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import os
@@ -27,19 +28,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from libmrpc.control import open_control, request
+from libmrpc import metadata as md
+from libmrpc.control import ControlError, open_control, recv_msg, request, send_msg
 from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
 from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
 from libmrpc.ring import (
+    CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
     CMP_REQUEST,
     CMPF_DUPLICATE,
+    CMPF_METADATA,
     DESCRIPTOR,
     SUB_CALL,
+    SUB_CANCEL,
     SUB_RELEASE,
     SUB_REPLY,
+    SUBF_METADATA,
     RingConsumer,
     RingProducer,
 )
@@ -48,6 +54,9 @@ from libmrpc.status import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 SAFETY_SLEEP = 0.5
+# The deadline (CLOCK_MONOTONIC ns, 0 = none) of the call a handler is serving: calls
+# made inside the handler inherit it (the earlier of it and their own timeout).
+CALL_DEADLINE: contextvars.ContextVar[int] = contextvars.ContextVar("mrpc_call_deadline", default=0)
 RELEASE_PERIOD = 0.1  # how often an idle process hands released messages back
 
 
@@ -64,6 +73,19 @@ class RecvBlock:
         self.session._releases.append(self.off)
 
 
+class SendBlock:
+    """Owns one send-heap block (a call's metadata) until the call completes."""
+
+    __slots__ = ("heap", "off")
+
+    def __init__(self, heap: Heap, off: int) -> None:
+        self.heap = heap
+        self.off = off
+
+    def __del__(self) -> None:
+        self.heap.free(self.off)
+
+
 class Call:
     """One outstanding call; completed exactly once, from the reader thread."""
 
@@ -73,8 +95,11 @@ class Call:
         "bg",
         "call_id",
         "callbacks",
+        "cancelled",
         "done",
         "error",
+        "metadata",
+        "trailing",
         "method",
         "request",
         "response_cls",
@@ -94,10 +119,13 @@ class Call:
         self.abandoned = False
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
+        self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
+        self.trailing: Any = ()  # the server's trailing metadata
+        self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error, self.done = result, error, True
-        self.request = None
+        self.request = self.metadata = None
         self._lock.release()
         if self.callbacks:
             for cb in self.callbacks:
@@ -128,6 +156,7 @@ class Session:
             self._ctl.close()
             raise
         self._ctl_lock = threading.Lock()
+        self._stale_replies = 0  # control replies that came too late for their request
         reply, fds = request(self._ctl, {"op": "register", "name": self.name, "pid": self.pid})
         self.app_id = reply["app_id"]
         self.daemon = reply.get("daemon", "")
@@ -164,19 +193,53 @@ class Session:
 
     # ------------------------------------------------------------------ control
 
-    def control(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def control(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One control request; with ``timeout``, DEADLINE_EXCEEDED when its reply takes
+        longer (the late reply is read and dropped before the next request's)."""
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         with self._ctl_lock:
-            reply, _ = request(self._ctl, msg)
+            if timeout is None and not self._stale_replies:
+                reply, _ = request(self._ctl, msg)
+                return reply
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._stale_replies:
+                self._await_reply(msg, deadline)
+                _, fds = recv_msg(self._ctl)
+                for fd in fds:
+                    os.close(fd)
+                self._stale_replies -= 1
+            send_msg(self._ctl, msg)
+            try:
+                self._await_reply(msg, deadline)
+            except RpcError:
+                self._stale_replies += 1
+                raise
+            reply, fds = recv_msg(self._ctl)
+        for fd in fds:
+            os.close(fd)
+        if reply is None:
+            raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
+        if not reply.get("ok", False):
+            code = reply.get("code")
+            raise ControlError(code if code in StatusCode._value2member_map_ else StatusCode.UNKNOWN,
+                               str(reply.get("error", "unknown error")))
         return reply
 
-    def bind(self, schema: Any) -> int:
+    def _await_reply(self, msg: dict[str, Any], deadline: float | None) -> None:
+        """Wait until the control socket is readable, at most until ``deadline``."""
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select([self._ctl], [], [], remaining)
+        if not readable:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
+                           f"mrpcd did not answer {msg.get('op')!r} within the call's timeout")
+
+    def bind(self, schema: Any, timeout: float | None = None) -> int:
         """Register a generated schema module with the daemon; returns its slot."""
         slot = self._slots.get(schema.SCHEMA_HASH)
         if slot is not None:
             return slot
-        reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)})
+        reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)}, timeout)
         if reply["schema_hash"] != schema.SCHEMA_HASH:
             raise RpcError(StatusCode.FAILED_PRECONDITION,
                            f"mrpcd computed schema hash {reply['schema_hash']} where this app has "
@@ -186,22 +249,23 @@ class Session:
                  reply["bind_ms"])
         return slot
 
-    def open_conn(self, target: str, slot: int) -> int:
+    def open_conn(self, target: str, slot: int, timeout: float | None = None) -> int:
         key = (target, slot)
         conn = self._conns.get(key)
         if conn is None:
-            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot})["conn_id"]
+            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot},
+                                                   timeout)["conn_id"]
         return conn
 
     # ------------------------------------------------------------------ submitting
 
     def _push(self, kind: int, status: int, conn: int, call_id: int, method: int, off: int, length: int,
-              deadline_ns: int) -> None:
+              deadline_ns: int, flags: int = 0) -> None:
         """Push one descriptor, waiting (back-pressure) while the ring is full."""
         with self._submit_lock:
             self._flush_releases()
             waited = 0.0
-            while not self.submit.push(DESCRIPTOR, kind, 0, status, conn, call_id, method, 0, off, length,
+            while not self.submit.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, 0, off, length,
                                        deadline_ns):
                 if self.closed:
                     raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
@@ -254,26 +318,56 @@ class Session:
             return msg
         return copy_message(msg, self.send_heap)
 
+    def _metadata_block(self, metadata: Any) -> SendBlock | None:
+        """The call's metadata encoded in the send heap (None when there is none)."""
+        if not metadata:
+            return None
+        try:
+            block = md.encode(metadata)
+        except md.MetadataError as e:
+            raise RpcError(e.status, f"cannot send metadata: {e}") from None
+        owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
+        self.send_heap.buf[owner.off:owner.off + len(block)] = block
+        return owner
+
     def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None, background: bool = False) -> Call:
+                   timeout: float | None, background: bool = False, metadata: Any = None) -> Call:
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         request = self._own(request)
+        block = self._metadata_block(metadata)
         call_id = next(self._call_ids)
         call = Call(call_id, request, response_cls, path)
+        call.metadata = block
         self.calls[call_id] = call
         if background:
             call.bg = True
             self.background(1)
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
+        inherited = CALL_DEADLINE.get()
+        if inherited and (not deadline_ns or inherited < deadline_ns):
+            deadline_ns = inherited
         try:
-            self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
+            if block is None:
+                self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
+            else:
+                self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, block.off,
+                           deadline_ns, SUBF_METADATA)
         except BaseException:
             self.calls.pop(call_id, None)
             if call.bg:
                 self.background(-1)
             raise
         return call
+
+    def cancel(self, call: Call) -> bool:
+        """Cancel ``call`` on both daemons and its server; False if it already completed.
+        The daemon still completes it exactly once (CANCELLED, or its outcome if that won)."""
+        if call.done or call.cancelled or self.closed:
+            return False
+        call.cancelled = True
+        self._push(SUB_CANCEL, 0, 0, call.call_id, 0, 0, 0, 0)
+        return True
 
     def abandon(self, call: Call) -> None:
         """The caller stopped waiting (deadline): let the background thread reap it."""
@@ -286,18 +380,21 @@ class Session:
                 self._background += 1
         self._reader_wanted.set()
 
-    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "") -> None:
+    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "",
+                   trailing: Any = None) -> None:
+        block = self._metadata_block(trailing)
+        md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
             reply = self._own(reply)
-            self.replies[token] = reply
-            self._push(SUB_REPLY, 0, 0, token, 0, reply._off, 0, 0)
+            self.replies[token] = reply if block is None else (reply, block)
+            self._push(SUB_REPLY, 0, 0, token, 0, reply._off, 0, md_off, flags)
             return
         arena = Arena(self.send_heap)
         data = details.encode()[:16000]
         off = arena.alloc(max(len(data), 1), zero=False)
         self.send_heap.buf[off:off + len(data)] = data
-        self.replies[token] = arena
-        self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), 0)
+        self.replies[token] = arena if block is None else (arena, block)
+        self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), md_off, flags)
 
     # ------------------------------------------------------------------ completions
 
@@ -403,6 +500,11 @@ class Session:
                 continue
             if kind == CMP_REPLY:
                 call = calls.pop(call_id, None)
+                trailing: md.Metadata = ()
+                if flags & CMPF_METADATA:
+                    trailing = self._read_metadata(_conn << 3)
+                    if call is not None:
+                        call.trailing = trailing
                 if status == 0:
                     owner = RecvBlock(self, off)
                     if call is None or call.abandoned:
@@ -420,16 +522,25 @@ class Session:
                     if length:
                         self._releases.append(off)
                     if call is not None:
-                        self._finish(call, None, RpcError(StatusCode(status), details))
+                        err = RpcError(StatusCode(status), details)
+                        if trailing:
+                            err._trailing = trailing  # type: ignore[attr-defined]
+                        self._finish(call, None, err)
             elif kind == CMP_REQUEST:
                 server = self.server
                 if server is None:
                     self._releases.append(off)
                     self.send_reply(call_id, None, StatusCode.UNIMPLEMENTED, "no server in this app")
                 else:
-                    server._dispatch(call_id, method, aux, off, length, deadline_ns)
+                    metadata: md.Metadata = ()
+                    if flags & CMPF_METADATA:
+                        metadata = self._read_metadata(_conn << 3)
+                    server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
+            elif kind == CMP_CANCEL:
+                if self.server is not None:
+                    self.server._cancel(call_id)
         if self._aio:
             pending, self._aio = self._aio, {}
             here = _running_loop()
@@ -441,6 +552,17 @@ class Session:
                     loop.call_soon_threadsafe(_resolve_aio, items)
                 except RuntimeError:
                     pass  # the loop is closed; nobody is waiting
+
+    def _read_metadata(self, at: int) -> md.Metadata:
+        """Decode the metadata block the daemon landed at ``at`` and release it."""
+        recv = self.recv_view
+        try:
+            return md.decode(bytes(recv[at:at + md.block_size(recv, at)]), 1 << 20)
+        except md.MetadataError as e:
+            log.error("mrpcd delivered unreadable metadata (%s); ignoring it", e)
+            return ()
+        finally:
+            self._releases.append(at)
 
     def _finish(self, call: Call, result: Any, error: RpcError | None) -> None:
         with self._bg_lock:

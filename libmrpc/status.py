@@ -47,6 +47,10 @@ class RpcError(Exception):
     def details(self) -> str:
         return self._details
 
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The server's trailing metadata sent with this error (empty when none)."""
+        return getattr(self, "_trailing", ())
+
     def __reduce__(self) -> tuple[type, tuple[int, str]]:
         return (type(self), (int(self._code), self._details))
 

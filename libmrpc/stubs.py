@@ -10,6 +10,8 @@ every service ``S``: ``SStub(channel)`` with one callable per method
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +39,10 @@ class SchemaInfo:
 class CallFuture:
     """``stub.M.future(req)``: a grpc.Future-like handle on one call."""
 
-    def __init__(self, call: Any, timeout: float | None) -> None:
+    def __init__(self, call: Any, timeout: float | None, session: Any = None) -> None:
         self._call = call
         self._timeout = timeout
+        self._session = session
 
     def done(self) -> bool:
         return self._call.done
@@ -48,10 +51,14 @@ class CallFuture:
         return not self._call.done
 
     def cancelled(self) -> bool:
-        return False
+        return bool(self._call.cancelled)
 
     def cancel(self) -> bool:
-        return False  # the daemon completes every call; see the deadline instead
+        """Cancel the call on both daemons and on the server (its handler's context turns
+        inactive); ``result()`` then raises CANCELLED. False if it already completed."""
+        if self._session is None:
+            return False
+        return bool(self._session.cancel(self._call))
 
     def result(self, timeout: float | None = None) -> Any:
         wait = self._timeout if timeout is None else timeout
@@ -64,6 +71,16 @@ class CallFuture:
         if self._call.error is not None:
             raise self._call.error
         return self._call.result
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The traceback of the call's error (None when it succeeded)."""
+        error = self.exception(timeout)
+        if error is None:
+            return None
+        try:
+            raise error
+        except RpcError:
+            return sys.exc_info()[2]
 
     def exception(self, timeout: float | None = None) -> RpcError | None:
         try:
@@ -81,6 +98,25 @@ class CallFuture:
             fn(self)
 
 
+class CallInfo:
+    """The ``call`` of ``stub.M.with_call``: the outcome and the server's metadata."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self._call.trailing)
+
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return ()  # mrpc sends the server's metadata once, with the reply
+
+    def code(self) -> StatusCode:
+        return StatusCode.OK if self._call.error is None else self._call.error.code()
+
+    def details(self) -> str:
+        return "" if self._call.error is None else self._call.error.details()
+
+
 class UnaryUnaryMultiCallable:
     """``stub.Method``: call it, or use ``.future()`` / ``.aio()``."""
 
@@ -94,44 +130,67 @@ class UnaryUnaryMultiCallable:
         self._response_cls = schema.MESSAGES[method.response]
         self._conn: tuple[Any, int] | None = None
 
-    def _start(self, request: Any, timeout: float | None, background: bool = False) -> Any:
+    def _start(self, request: Any, timeout: float | None, background: bool = False,
+               metadata: Any = None) -> Any:
         if not isinstance(request, self._request_cls):
             raise TypeError(f"{self._method.path} takes {self._method.request}, "
                             f"got {type(request).__name__}")
         session = self._channel._session()
         conn = self._conn
-        if conn is None or conn[0] is not session:
-            conn = self._conn = (session, session.open_conn(self._channel.target, session.bind(self._schema)))
+        if conn is None or conn[0] is not session:  # the first call: its timeout bounds these too
+            t0 = time.monotonic()
+            slot = session.bind(self._schema, timeout)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            conn = self._conn = (session, session.open_conn(self._channel.target, slot, left))
+            if timeout is not None:
+                timeout = max(0.001, timeout - (time.monotonic() - t0))
         return session.start_call(conn[1], self._method.id, self._method.path, request,
-                                  self._response_cls, timeout, background)
+                                  self._response_cls, timeout, background, metadata)
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  wait_for_ready: Any = None) -> Any:
-        call = self._start(request, timeout)
+        return self._blocking(request, timeout, metadata).result
+
+    def with_call(self, request: Any, timeout: float | None = None, metadata: Any = None,
+                  wait_for_ready: Any = None) -> tuple[Any, CallInfo]:
+        """Like calling the stub; returns ``(reply, call)`` where ``call`` gives the
+        server's ``trailing_metadata()``, ``code()`` and ``details()``."""
+        call = self._blocking(request, timeout, metadata)
+        return call.result, CallInfo(call)
+
+    def _blocking(self, request: Any, timeout: float | None, metadata: Any) -> Any:
+        call = self._start(request, timeout, metadata=metadata)
         session = self._channel._session()
         if not session.wait_call(call, timeout):
             session.abandon(call)
             if call.done:  # completed while giving up
                 if call.error is not None:
                     raise call.error
-                return call.result
+                return call
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,
                            f"{self._method.path}: deadline of {timeout}s exceeded")
         if call.error is not None:
             raise call.error
-        return call.result
+        return call
 
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
-        return CallFuture(self._start(request, timeout, background=True), timeout)
+        return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout,
+                          self._channel._session())
 
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         session = self._channel._session()
-        call = self._start(request, timeout, background=not session.attach_loop(loop))
+        call = self._start(request, timeout, background=not session.attach_loop(loop),
+                           metadata=metadata)
         session.add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except asyncio.CancelledError:
+            session = self._channel._session()
+            session.cancel(call)  # the task was cancelled: so is the call
+            session.abandon(call)  # its CANCELLED completion is reaped by the reader thread
+            raise
         except TimeoutError:
             self._channel._session().abandon(call)
             raise RpcError(StatusCode.DEADLINE_EXCEEDED,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.heap import Heap
 from libmrpc.message import ReadOnlyOwner
 from libmrpc.server import ServicerContext, _takes_context
@@ -70,7 +71,7 @@ class _Session:
         self._schemas: dict[int, SchemaInfo] = {}
         self._ids = iter(range(1, sys.maxsize))
 
-    def bind(self, schema: SchemaInfo) -> int:
+    def bind(self, schema: SchemaInfo, timeout: float | None = None) -> int:
         slot = len(self._schemas)
         for k, s in self._schemas.items():
             if s is schema:
@@ -78,11 +79,11 @@ class _Session:
         self._schemas[slot] = schema
         return slot
 
-    def open_conn(self, target: str, slot: int) -> int:
+    def open_conn(self, target: str, slot: int, timeout: float | None = None) -> int:
         return slot
 
     def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None, background: bool = False) -> Call:
+                   timeout: float | None, background: bool = False, metadata: Any = None) -> Call:
         schema = self._schemas[conn]
         method = schema.METHODS[method_id]
         call = Call(next(self._ids), None, response_cls, path)
@@ -92,8 +93,13 @@ class _Session:
             fn = self.handlers.get((schema.SCHEMA_HASH, method_id))
             if fn is None:
                 raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server")
-            ctx = ServicerContext(path, deadline_ns)
+            try:  # the checks mrpcd makes
+                sent = md.decode(md.encode(metadata or ()))
+            except md.MetadataError as e:
+                raise RpcError(e.status, f"call to {path}: {e}") from None
+            ctx = ServicerContext(path, deadline_ns, None, sent)
             reply = fn(received, ctx) if _takes_context(fn) else fn(received)
+            call.trailing = ctx._trailing or ()
             if inspect.isawaitable(reply):
                 reply = _run(reply)
             if ctx._code not in (None, StatusCode.OK):
@@ -115,6 +121,9 @@ class _Session:
 
     def abandon(self, call: Call) -> None:
         call.abandoned = True
+
+    def cancel(self, call: Call) -> bool:
+        return False  # in memory, every call has completed when it returns
 
     def attach_loop(self, loop: Any) -> bool:
         return True

@@ -8,7 +8,10 @@ by ``body_len`` bytes:
 
 CALL bodies and REPLY bodies are message *images* (see docs/LAYOUT.md); ERROR
 bodies are UTF-8 details; HELLO/HELLO_ACK bodies are JSON. For a CALL, ``aux``
-is the remaining timeout in microseconds (0 = none).
+is the remaining timeout in microseconds (0 = none). A call with metadata is
+preceded by a METADATA frame with the same call_id whose body is the metadata
+block (libmrpc/metadata.py); a call without metadata is exactly the CALL frame.
+CANCEL (call_id = the CALL's, no body): the caller cancelled; its reply is unwanted.
 
 :class:`FrameAssembler` turns a byte stream into frames. It asks its owner where
 each body should land (``body_sink(header) -> memoryview | None``) as soon as the
@@ -43,9 +46,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<HBBHHQIIQ")
 HEADER_SIZE = HEADER.size  # 32
 
-HELLO, HELLO_ACK, CALL, REPLY, ERROR, GOAWAY, PING, PONG = range(1, 9)
+HELLO, HELLO_ACK, CALL, REPLY, ERROR, GOAWAY, PING, PONG, METADATA, CANCEL = range(1, 11)
 FRAME_NAMES = {HELLO: "HELLO", HELLO_ACK: "HELLO_ACK", CALL: "CALL", REPLY: "REPLY",
-               ERROR: "ERROR", GOAWAY: "GOAWAY", PING: "PING", PONG: "PONG"}
+               ERROR: "ERROR", GOAWAY: "GOAWAY", PING: "PING", PONG: "PONG", METADATA: "METADATA",
+               CANCEL: "CANCEL"}
 MAX_CONTROL_BODY = 64 << 10  # ERROR / GOAWAY / PING / PONG bodies
 MAX_HELLO_BODY = 64 << 10  # HELLO / HELLO_ACK bodies (JSON)
 MAX_HELLO_SERVICES = 256  # services one HELLO may list

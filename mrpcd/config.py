@@ -169,6 +169,7 @@ class Config:
     runtimes: int
     spin_us: int
     max_message_size: int
+    max_metadata_size: int
     drain_timeout: float
     shm: ShmConfig
     tcp: TcpConfig
@@ -483,6 +484,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "runtimes": (_int(1, 64), 1),
     "spin_us": (_int(0, 100_000), 50),
     "max_message_size": (_size(KiB, TiB), "256MiB"),
+    "max_metadata_size": (_size(64, 64 * KiB), "8KiB"),
     "drain_timeout": (_float(0.0, 3600.0), 5.0),
     "shm.send_heap_size": (_size(64 * KiB, 64 * GiB, pow2=True), "1GiB"),
     "shm.recv_heap_size": (_size(64 * KiB, 64 * GiB, pow2=True), "1GiB"),

@@ -72,6 +72,7 @@ class Daemon:
         self.router = Router(self.name)
         self.services_base: dict[str, Any] = {
             "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
+            "max_metadata_size": config.max_metadata_size,
             "daemon_name": self.name, "on_app_broken": self._app_broken, "limits": config.limits,
         }
         marshal_rt.set_work_limit(config.limits.marshal_work)
@@ -442,6 +443,11 @@ class Daemon:
             return {"ok": True}
         if op == "ping":
             return {"ok": True}
+        if op == "peer":  # context.peer(): who made server call ``token`` (as its daemon says)
+            call = app.server_calls.get(msg.get("token"))  # type: ignore[arg-type]
+            origin = getattr(getattr(call, "_state", None), "origin", None)
+            hello = getattr(origin, "info", {}).get("hello") or {}
+            return {"ok": True, "peer": str(hello.get("client", "unknown"))}
         raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
 
     def _app_broken(self, app: AppState, reason: str) -> None:

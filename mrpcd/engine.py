@@ -131,9 +131,12 @@ class Rpc:
     size: int = 0  # bytes of the message image (0 until known)
     created: float = 0.0  # clock time the daemon first saw this item
     meta: dict[str, Any] = field(default_factory=dict)  # scratch space for engines
+    metadata: tuple[tuple[str, str | bytes], ...] = ()  # the call's gRPC metadata (checked, read-only)
     # --- frontend/transport private state ---
     _view: Callable[[], Any] | None = None
     _state: Any = None
+    _cancelled: bool = False  # the caller cancelled this CALL (set by frontend / tcp-ingress)
+    _wire_id: int = 0  # the tcp transport's id of an outbound CALL
 
     @property
     def is_error(self) -> bool:
