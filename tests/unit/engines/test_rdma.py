@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engines.rdma import rdma_devices, unavailable_reason
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_no_devices_is_reported(tmp_path: Path) -> None:
