@@ -85,7 +85,7 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         except RecursionError:
             raise ValueError(f"control message nests deeper than Python can parse (limit {MAX_DEPTH})") from None
         if not isinstance(obj, dict):
-            raise ValueError("control message must be a JSON object")
+            raise ValueError("control message must be a JSON object")  # noqa: TRY004 - bad input from a peer, not a caller's type error
     except (ValueError, UnicodeDecodeError):
         _close_all(fds)
         raise

@@ -27,14 +27,14 @@ from libmrpc.schema import cache_key_for
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from libmrpc.wire import encode_error
+from mrpcd import VERSION
 from mrpcd.accept import accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache, check_texts
-from mrpcd import VERSION
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.datapath import Datapath
-from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.engine import EngineContext, MonotonicClock, Rpc
+from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
 from mrpcd.services import Claimant, ServicePolicy
@@ -515,7 +515,7 @@ class Daemon:
         for app in apps:
             try:
                 d = app.runtime.call(app.describe) if app.runtime else app.describe()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - one app's failure is shown in its row, not raised
                 d = {"app_id": app.app_id, "name": app.name, "uid": app.uid, "error": str(e)}
             with self.router.lock:  # a service taken over by another app is no longer served here
                 d["serves"] = sorted(s for s in app.served if self.router.services.get(s) is app)
