@@ -146,7 +146,7 @@ def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], l
     if not reply.get("ok", False):
         _close_all(fds)
         code = reply.get("code")
-        if code not in StatusCode._value2member_map_:
+        if not isinstance(code, int) or code not in StatusCode._value2member_map_:
             code = StatusCode.UNKNOWN
         raise ControlError(code, str(reply.get("error", "unknown error")))
     return reply, fds

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libmrpc import marshal_rt
 from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
@@ -33,11 +33,14 @@ from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache, check_texts
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.datapath import Datapath
-from mrpcd.engine import EngineContext, MonotonicClock, Rpc
+from mrpcd.engine import Engine, EngineContext, MonotonicClock, Rpc
 from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
 from mrpcd.services import Claimant, ServicePolicy
+
+if TYPE_CHECKING:
+    from mrpcd.operator import OperatorHandler
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +79,13 @@ class Daemon:
         self._app_socks: dict[int, socket.socket] = {}
         self.frontend_cls = self.registry.get("frontend")
         self.transport_cls = self.registry.get(config.transport)
-        self.ingress = None
+        self.ingress: Engine | None = None
         self.app_sock_path = config.app_socket
         self.op_sock_path = config.operator_socket
         self.app_listener = _unix_listener(self.app_sock_path, 0o666)
         self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
                                           config.operator_group)
-        self.operator = None  # set in start(): the operator command handler
+        self.operator: OperatorHandler | None = None  # set in start(): the operator command handler
         # admission and service ownership (apps.*, services)
         self.service_policy = ServicePolicy(config.services)
         self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
@@ -346,7 +349,7 @@ class Daemon:
             def attach() -> None:
                 runtime.add_engine(fe)
                 runtime.add_engine(tr)
-                runtime.poller.register(submit_efd, 1, fe.on_submit_event)
+                runtime.poller.register(submit_efd, 1, fe.on_submit_event)  # type: ignore[attr-defined]  # a frontend's hook, not in the Engine contract
 
             with self.apps_lock:
                 self.apps[app_id] = app
@@ -400,9 +403,10 @@ class Daemon:
             return {"ok": True, "slot": slot, "schema_hash": result.schema_hash, "how": result.how,
                     "bind_ms": round(result.seconds * 1e3, 3)}
         if op == "connect":
-            slot = msg.get("slot")
-            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {slot!r}")
+            asked = msg.get("slot")
+            if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {asked!r}")
+            slot = asked
             try:
                 host, port = parse_hostport(msg.get("addr"), key="addr", source="connect request")
             except MrpcError as e:
@@ -420,10 +424,11 @@ class Daemon:
                 app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
             return {"ok": True, "conn_id": conn_id}
         if op == "serve":
-            slot = msg.get("slot")
+            asked = msg.get("slot")
             services = msg.get("services")
-            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {slot!r}")
+            if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {asked!r}")
+            slot = asked
             binding = app.bindings[slot]
             if not isinstance(services, list) or not services:
                 raise RpcError(StatusCode.INVALID_ARGUMENT, "serve needs a list of service names")
