@@ -349,7 +349,7 @@ class Daemon:
             def attach() -> None:
                 runtime.add_engine(fe)
                 runtime.add_engine(tr)
-                runtime.poller.register(submit_efd, 1, fe.on_submit_event)  # type: ignore[attr-defined]  # a frontend's hook, not in the Engine contract
+                runtime.poller.register(submit_efd, 1, fe.on_submit_event)  # type: ignore[attr-defined]  # frontend-only hook
 
             with self.apps_lock:
                 self.apps[app_id] = app
