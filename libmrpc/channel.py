@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Self
 
 from libmrpc.session import Session, get_session
 
@@ -29,7 +30,7 @@ class Channel:
     def close(self) -> None:
         """Nothing to release per channel; calls in flight still complete."""
 
-    def __enter__(self) -> Channel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -85,7 +85,7 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         except RecursionError:
             raise ValueError(f"control message nests deeper than Python can parse (limit {MAX_DEPTH})") from None
         if not isinstance(obj, dict):
-            raise ValueError("control message must be a JSON object")
+            raise ValueError("control message must be a JSON object")  # noqa: TRY004 - bad input from a peer, not a caller's type error
     except (ValueError, UnicodeDecodeError):
         _close_all(fds)
         raise
@@ -146,7 +146,7 @@ def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], l
     if not reply.get("ok", False):
         _close_all(fds)
         code = reply.get("code")
-        if code not in StatusCode._value2member_map_:
+        if not isinstance(code, int) or code not in StatusCode._value2member_map_:
             code = StatusCode.UNKNOWN
         raise ControlError(code, str(reply.get("error", "unknown error")))
     return reply, fds

@@ -393,7 +393,7 @@ class Message:
 
     def SerializeToString(self) -> bytes:
         """Protobuf wire encoding (via :meth:`to_pb`; for interop, not the mrpc wire)."""
-        return self.to_pb().SerializeToString()  # type: ignore[no-any-return]
+        return self.to_pb().SerializeToString()
 
     @classmethod
     def FromString(cls, data: bytes, heap: Heap | None = None) -> Any:
@@ -401,9 +401,9 @@ class Message:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Message):
-            return type(other) is type(self) and self.to_pb() == other.to_pb()  # type: ignore[no-any-return]
+            return type(other) is type(self) and self.to_pb() == other.to_pb()
         if hasattr(other, "DESCRIPTOR") and hasattr(other, "ListFields"):
-            return self.to_pb() == other  # type: ignore[no-any-return]
+            return self.to_pb() == other
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]

@@ -78,7 +78,7 @@ class _Repeated:
 
     def __len__(self) -> int:
         m = self._msg
-        return REF.unpack_from(m._buf, m._off + self._spec.off)[1]  # type: ignore[no-any-return]
+        return REF.unpack_from(m._buf, m._off + self._spec.off)[1]
 
     def _index(self, i: int, n: int) -> int:
         i = i.__index__()
@@ -272,7 +272,7 @@ class RepeatedMessage(_Repeated):
         if isinstance(other, (str, bytes, dict)) or not hasattr(other, "__iter__"):
             return NotImplemented
         mine = [x.to_pb() for x in self]
-        return mine == [_to_pbish(x) for x in other]  # type: ignore[attr-defined]
+        return mine == [_to_pbish(x) for x in other]
 
 
 class MapView:
@@ -393,7 +393,7 @@ class MapView:
         if not hasattr(other, "items"):
             return NotImplemented
         return {k: _plainpb(v) for k, v in self.items()} == {
-            k: _plainpb(v) for k, v in other.items()}  # type: ignore[attr-defined]
+            k: _plainpb(v) for k, v in other.items()}
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -452,7 +452,7 @@ def present_items(src: Any, cls: type[Message]) -> list[tuple[FieldSpec, Any]]:
 def _is_set(m: Message, s: FieldSpec) -> bool:
     buf, off = m._buf, m._off
     if s.oneof is not None:
-        return U32.unpack_from(buf, off + s.oneof.offset)[0] == s.number  # type: ignore
+        return U32.unpack_from(buf, off + s.oneof.offset)[0] == s.number
     if s.pmask:
         return bool(U64.unpack_from(buf, off + s.pword)[0] & s.pmask)
     if s.kind == Kind.SCALAR:

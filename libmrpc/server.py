@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from libmrpc import metadata as md
 from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
@@ -340,7 +340,7 @@ class Server:
             raise self._error
         return done
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -420,8 +420,8 @@ class Server:
                 code, details = ctx._code, ctx._details
             elif not isinstance(reply, h.response_cls):
                 code, details = (StatusCode.INTERNAL,
-                                 f"handler of {h.path} returned {type(reply).__name__}, "
-                                 f"expected {h.response_cls._FULL_NAME}")
+                                 (f"handler of {h.path} returned {type(reply).__name__}, "
+                                  f"expected {h.response_cls._FULL_NAME}"))
             else:
                 session.send_reply(token, reply, trailing=ctx._trailing)
                 return

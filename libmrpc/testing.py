@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 from libmrpc import metadata as md
 from libmrpc.heap import Heap
@@ -163,10 +163,10 @@ class TestChannel:
     def close(self) -> None:
         self._fake.closed = True
 
-    def __enter__(self) -> TestChannel:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

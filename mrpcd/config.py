@@ -52,8 +52,8 @@ __all__ = [
     "LimitsConfig",
     "MetricsConfig",
     "PolicyAttachment",
-    "ServiceRule",
     "SchemaConfig",
+    "ServiceRule",
     "ShmConfig",
     "TcpConfig",
     "default_prefix",
@@ -435,9 +435,8 @@ def _ids(value: object, path: str, what: str) -> tuple[int | str, ...]:
         raise _expected(path, f"a list of {what} ids or names", value)
     out: list[int | str] = []
     for i, v in enumerate(value):
-        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32:
-            out.append(v)
-        elif isinstance(v, str) and _ID_NAME.fullmatch(v):
+        if ((isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32)
+                or (isinstance(v, str) and _ID_NAME.fullmatch(v))):
             out.append(v)
         else:
             raise _expected(f"{path}[{i}]", f"a {what} id or name", v)

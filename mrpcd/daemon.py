@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libmrpc import marshal_rt
 from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
@@ -28,18 +28,21 @@ from libmrpc.schema import cache_key_for
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from libmrpc.wire import encode_error
+from mrpcd import VERSION
 from mrpcd.accept import OUT_OF_FDS, accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
 from mrpcd.binding import BindingCache, check_texts
-from mrpcd import VERSION
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.control_loop import AppConn, ControlLoop
 from mrpcd.datapath import Datapath
+from mrpcd.engine import Engine, EngineContext, MonotonicClock, Rpc
 from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
-from mrpcd.engine import EngineContext, MonotonicClock, Rpc
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
 from mrpcd.services import Claimant, ServicePolicy
+
+if TYPE_CHECKING:
+    from mrpcd.operator import OperatorHandler
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +82,13 @@ class Daemon:
         self._app_socks: dict[int, socket.socket] = {}
         self.frontend_cls = self.registry.get("frontend")
         self.transport_cls = self.registry.get(config.transport)
-        self.ingress = None
+        self.ingress: Engine | None = None
         self.app_sock_path = config.app_socket
         self.op_sock_path = config.operator_socket
         self.app_listener = _unix_listener(self.app_sock_path, 0o666)
         self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
                                           config.operator_group)
-        self.operator = None  # set in start(): the operator command handler
+        self.operator: OperatorHandler | None = None  # set in start(): the operator command handler
         self.control = ControlLoop(self.app_listener, self._app_request, self._app_gone,
                                    config.apps.register_timeout)
         # admission and service ownership (apps.*, services)
@@ -343,7 +346,7 @@ class Daemon:
             def attach() -> None:
                 runtime.add_engine(fe)
                 runtime.add_engine(tr)
-                runtime.poller.register(submit_efd, 1, fe.on_submit_event)
+                runtime.poller.register(submit_efd, 1, fe.on_submit_event)  # type: ignore[attr-defined]  # frontend-only hook
 
             with self.apps_lock:
                 self.apps[app_id] = app
@@ -397,9 +400,10 @@ class Daemon:
             return {"ok": True, "slot": slot, "schema_hash": result.schema_hash, "how": result.how,
                     "bind_ms": round(result.seconds * 1e3, 3)}
         if op == "connect":
-            slot = msg.get("slot")
-            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {slot!r}")
+            asked = msg.get("slot")
+            if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {asked!r}")
+            slot = asked
             try:
                 host, port = parse_hostport(msg.get("addr"), key="addr", source="connect request")
             except MrpcError as e:
@@ -417,10 +421,11 @@ class Daemon:
                 app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
             return {"ok": True, "conn_id": conn_id}
         if op == "serve":
-            slot = msg.get("slot")
+            asked = msg.get("slot")
             services = msg.get("services")
-            if not isinstance(slot, int) or not 0 <= slot < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {slot!r}")
+            if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {asked!r}")
+            slot = asked
             binding = app.bindings[slot]
             if not isinstance(services, list) or not services:
                 raise RpcError(StatusCode.INVALID_ARGUMENT, "serve needs a list of service names")
@@ -517,7 +522,7 @@ class Daemon:
         for app in apps:
             try:
                 d = app.runtime.call(app.describe) if app.runtime else app.describe()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - one app's failure is shown in its row, not raised
                 d = {"app_id": app.app_id, "name": app.name, "uid": app.uid, "error": str(e)}
             with self.router.lock:  # a service taken over by another app is no longer served here
                 d["serves"] = sorted(s for s in app.served if self.router.services.get(s) is app)

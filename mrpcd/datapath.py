@@ -36,7 +36,8 @@ class Datapath:
         self.state = "active"  # active | upgrading | closed
         self.content = False  # a policy reads message content (kept by insert/remove/replace)
         a, b = frontend, transport
-        tx, rx = deque(), deque()
+        tx: deque[Rpc] = deque()
+        rx: deque[Rpc] = deque()
         a.bind(deque(), tx, rx, deque())  # the frontend's tx_in / rx_out are unused ends
         b.bind(tx, deque(), deque(), rx)  # the transport's tx_out / rx_in are unused ends
 
@@ -67,7 +68,8 @@ class Datapath:
         if not 1 <= index <= len(self.engines) - 1:
             raise DatapathError(f"position {index} is outside the policy chain of {self.app!r}")
         a, b = self.engines[index - 1], self.engines[index]
-        new_tx, new_rx = deque(), deque()
+        new_tx: deque[Rpc] = deque()
+        new_rx: deque[Rpc] = deque()
         engine.bind(new_tx, a.tx_out, new_rx, b.rx_out)
         a.tx_out = new_tx
         b.rx_out = new_rx

@@ -419,7 +419,7 @@ def validate_engine_class(obj: object, where: str) -> type[Engine]:
         raise TypeError(f"{where}: engine class {obj.__name__} needs a NAME string")
     if not isinstance(getattr(obj, "VERSION", None), int):
         raise TypeError(f"{where}: engine class {obj.__name__} needs an integer VERSION")
-    abstract = getattr(obj, "__abstractmethods__", frozenset())
+    abstract: frozenset[str] = getattr(obj, "__abstractmethods__", frozenset())
     if abstract:
         raise TypeError(
             f"{where}: engine {obj.NAME!r} does not implement {', '.join(sorted(abstract))} "

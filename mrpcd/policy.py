@@ -10,6 +10,7 @@ config) are applied to every application that registers later too.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -24,9 +25,14 @@ from mrpcd.registry import EngineLoadError
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
     from mrpcd.daemon import Daemon
+    from mrpcd.datapath import Datapath
 
 log = logging.getLogger(__name__)
 ALWAYS_ON = {"frontend", "tcp", "rdma", "tcp-ingress"}
+
+
+def _engine_rows(dp: Datapath) -> list[dict[str, Any]]:
+    return [{"engine_id": e.ctx.engine_id, "engine": e.NAME, "stats": e.statistics()} for e in dp.engines]
 
 
 @dataclass
@@ -212,7 +218,7 @@ class PolicyManager:
                 raise RpcError(StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}") from None
         for _eid, app, engine in targets:
             assert app.runtime is not None
-            app.runtime.call(lambda engine=engine: engine.update_config(config))
+            app.runtime.call(functools.partial(engine.update_config, config))
         return {"updated": [t[0] for t in targets], "config": {t[0]: t[2].config for t in targets}}
 
     def stats(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -222,9 +228,8 @@ class PolicyManager:
             if runtime is None or dp is None:
                 continue
             try:
-                rows = runtime.call(lambda dp=dp: [{"engine_id": e.ctx.engine_id, "engine": e.NAME,
-                                                    "stats": e.statistics()} for e in dp.engines])
-            except Exception as e:
+                rows = runtime.call(functools.partial(_engine_rows, dp))
+            except Exception as e:  # noqa: BLE001 - one app's failure is shown in its row, not raised
                 rows = [{"error": str(e)}]
             out.append({"app": app.name, "pid": app.pid, "engines": rows})
         return {"apps": out, "ingress": self.daemon.ingress.statistics() if self.daemon.ingress else {}}

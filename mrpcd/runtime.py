@@ -120,7 +120,7 @@ class Runtime:
         def run() -> None:
             try:
                 fut.set_result(fn())
-            except BaseException as e:  # handed to the caller
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
 
         self.post(run)

@@ -41,7 +41,7 @@ class Daemon:
     def ctl(self, *args: str, check: bool = True) -> Any:
         """Run mrpcctl --json against this daemon; returns parsed JSON."""
         r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(self.prefix), "--json", *args],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+                           capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
         if check and r.returncode != 0:
             raise AssertionError(f"mrpcctl {' '.join(args)} failed: {r.stderr}")
         return json.loads(r.stdout) if r.returncode == 0 else r
@@ -211,8 +211,9 @@ class User:
         kw.setdefault("text", True)
         kw.setdefault("timeout", 60)
         kw.setdefault("cwd", ROOT)
+        check = kw.pop("check", False)
         env = self._env(kw.pop("env", {}))
-        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, **kw)
+        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, check=check, **kw)
 
 
 def _python_for_others() -> str:

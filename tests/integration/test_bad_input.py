@@ -54,7 +54,7 @@ def raw_call(session, conn: int, method: int, off: int, call_id: int | None = No
 
 
 def test_malformed_descriptors_fail_that_call_only(hosts) -> None:
-    a, b, stub = hosts
+    a, _b, stub = hosts
     s = get_session(a.prefix)
     conn = next(iter(s._conns.values()))
     req = testing.Request(payload=b"ok")
@@ -104,7 +104,7 @@ def _hello(schema_hash: str) -> bytes:
 
 
 def test_garbage_on_the_wire_closes_only_that_connection(hosts) -> None:
-    a, b, stub = hosts
+    _a, b, stub = hosts
     host, port = b.listen.rsplit(":", 1)
     for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 64, encode_header(CALL, body_len=10)[:20]):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -122,7 +122,7 @@ def test_garbage_on_the_wire_closes_only_that_connection(hosts) -> None:
 
 
 def test_malformed_message_image_from_a_peer_is_refused_per_call(hosts) -> None:
-    a, b, stub = hosts
+    _a, b, _stub = hosts
     host, port = b.listen.rsplit(":", 1)
     heap = Heap.private(1 << 20)
     msg = testing.Request.new(heap, payload=b"from a raw peer")

@@ -154,7 +154,7 @@ def test_too_many_apps_are_resource_exhausted_naming_the_limit(cluster: Cluster)
     socks.pop().close()  # one leaves: room again
     assert wait_apps(a, {"app0"}) == ["app0"]
     with open_control(path) as s:
-        reply, fds = request(s, {"op": "register", "name": "again"})
+        _reply, fds = request(s, {"op": "register", "name": "again"})
         for fd in fds:
             os.close(fd)
     for s in socks:

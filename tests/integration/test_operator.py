@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import libmrpc
 from tests.integration.conftest import ROOT, Cluster
@@ -51,7 +52,7 @@ def test_other_users_cannot_reach_the_operator_socket(cluster: Cluster) -> None:
         "    except PermissionError:\n"
         "        out.append('denied')\n"
         "print(' '.join(out))\n")
-    r = subprocess.run([sys.executable, "-c", probe, str(a.prefix)], capture_output=True, text=True, timeout=20)
+    r = subprocess.run([sys.executable, "-c", probe, str(a.prefix)], capture_output=True, text=True, timeout=20, check=False)
     assert r.stdout.split() == ["ok", "denied"], r.stderr
 
 
@@ -75,30 +76,30 @@ def test_config_errors_name_key_and_file(cluster: Cluster, tmp_path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("listen: 127.0.0.1:0\nshm:\n  ring_slotz: 64\n")
     r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"),
-                        "--config", str(cfg)], capture_output=True, text=True, timeout=30, cwd=ROOT)
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode != 0 and str(cfg) in r.stderr and "shm.ring_slotz" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"),
                         "--config", str(tmp_path / "missing.yaml")],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+                       capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode != 0 and "missing.yaml" in r.stderr
 
 
 def test_one_daemon_per_prefix(cluster: Cluster) -> None:
     a = cluster.daemon("a")
     r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(a.prefix),
-                        "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+                        "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode != 0 and "already runs" in r.stderr and str(a.pid) in r.stderr
     assert a.ctl("status")["pid"] == a.pid  # the first one is untouched
 
 
 def test_mrpcctl_without_daemon_says_so(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(tmp_path), "status"],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+                       capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert r.returncode != 0 and "UNAVAILABLE" in r.stderr and "mrpcd run" in r.stderr
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -146,7 +146,7 @@ def test_acl_send_side_denies_with_policy_and_rule_named(cluster: Cluster) -> No
 
 
 def test_acl_receive_side_server_never_sees_denied_calls(cluster: Cluster) -> None:
-    a, b, stub = setup(cluster)
+    _a, b, stub = setup(cluster)
     served = lambda: next(x for x in b.apps() if x["name"] == "server")["counters"]["served"]
     b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-denylist.yaml"), "--app", "server",
           "--set", "rules=[{name: no-admin, action: deny, field: key, prefix: admin/}]")
@@ -237,7 +237,7 @@ def test_shadow_mode_passes_everything_and_counts(cluster: Cluster) -> None:
 
 
 def test_bad_config_is_rejected_before_anything_changes(cluster: Cluster) -> None:
-    a, _, stub = setup(cluster)
+    a, _, _stub = setup(cluster)
     r = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=-1", check=False)
     assert r.returncode != 0 and "INVALID_ARGUMENT" in r.stderr and "max_tokens" in r.stderr
     r = a.ctl("policy", "attach", "nosuch", "--app", "loadgen", check=False)

@@ -88,7 +88,7 @@ def test_handler_exception_is_unknown_with_text(cluster: Cluster) -> None:
 
 
 def test_deadline_expiry_and_late_reply_reclaimed(cluster: Cluster) -> None:
-    a, b, stub = two_hosts(cluster)
+    a, _b, stub = two_hosts(cluster)
     t0 = time.monotonic()
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(payload=b"slow", sleep_ms=600), timeout=0.2)
@@ -195,7 +195,7 @@ def test_client_sigkill_is_cleaned_up_and_others_unaffected(cluster: Cluster) ->
 
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(cluster: Cluster) -> None:
-    a, b, stub = two_hosts(cluster)
+    a, _b, stub = two_hosts(cluster)
     futs = [stub.Call.future(testing.Request(payload=b"%d" % i, sleep_ms=300), timeout=30) for i in range(8)]
     time.sleep(0.1)
     a.proc.send_signal(signal.SIGTERM)

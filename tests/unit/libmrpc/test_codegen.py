@@ -20,7 +20,7 @@ from libmrpc.loader import load_proto
 from libmrpc.schema import GENERATOR_VERSION, compile_texts, read_proto
 from libmrpc.status import StatusCode, WireError
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 REF = struct.Struct("<II")
 
 
@@ -155,7 +155,7 @@ def test_mrpc_protoc_cli(tmp_path: Path) -> None:
             "r = m.EchoRequest(payload=b'hi')\n"
             "print(bytes(r.payload).decode(), r.to_pb().payload.decode(), m.SCHEMA_HASH)\n")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2], timeout=60)
+                          cwd=Path(__file__).resolve().parents[3], timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["hi", "hi", b.schema_hash]
 

@@ -12,7 +12,7 @@ from libmrpc.heap import Heap
 from libmrpc.layout import LAYOUT_VERSION, Kind, MessageLayout, compute_layouts
 from libmrpc.schema import compile_texts, read_proto
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 
 
 @pytest.fixture(scope="module")

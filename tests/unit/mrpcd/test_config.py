@@ -24,7 +24,7 @@ from mrpcd.config import (
     parse_size,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy" / "mrpcd.yaml"
 
 

@@ -14,8 +14,8 @@ from libmrpc.status import StatusCode
 from mrpcd.admission import DEFAULT_LIMITS
 from mrpcd.appstate import ConnSpec
 from mrpcd.engine import MockClock, Rpc, RpcKind
-from tests.unit import test_engines_core as core
-from tests.unit.test_engines_core import _engine, echo
+from tests.unit.engines import test_engines_core as core
+from tests.unit.engines.test_engines_core import _engine, echo
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from libmrpc.wire import CALL, HELLO, encode_header
 from mrpcd.appstate import ConnSpec, TxCall
 from mrpcd.engine import MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
-from tests.unit import test_engines_core as core
-from tests.unit.test_engines_core import FakePeer, _engine, echo
+from tests.unit.engines import test_engines_core as core
+from tests.unit.engines.test_engines_core import FakePeer, _engine, echo
 
 app_pair = core.app_pair  # the fixture
 

@@ -18,7 +18,7 @@ from libmrpc.loader import load_proto
 from libmrpc.message import ReadOnlyOwner
 from libmrpc.status import WireError
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 MOD: ModuleType = load_proto(SCHEMAS / "alltypes.proto")
 ZC = 48  # zero_copy_min: blobs of at least this many bytes become segments
 HEAP = Heap.private(8 << 20, name="property heap")

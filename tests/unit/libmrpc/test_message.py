@@ -14,7 +14,7 @@ from libmrpc import message as rt
 from libmrpc.heap import Heap
 from libmrpc.loader import load_proto
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import (
     CALL,
+    DISCARD,
     ERROR,
     FRAME_NAMES,
     GOAWAY,
@@ -27,7 +28,6 @@ from libmrpc.wire import (
     PONG,
     PROTOCOL_VERSION,
     REPLY,
-    DISCARD,
     FrameAssembler,
     FrameHeader,
     clamp_timeout_us,

@@ -15,7 +15,7 @@ from libmrpc.loader import load_proto
 from libmrpc.status import StatusCode, WireError
 from mrpcd.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 AT = load_proto(SCHEMAS / "alltypes.proto")
 NAME = "alltypes.AllTypes"
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections import deque
 
 from libmrpc.status import StatusCode, WireError
-from mrpcd.engine import EngineContext, MethodRef, MockClock, PolicyEngine, Rpc, RpcKind, Side, Verdict
+from mrpcd.engine import (
+    EngineContext,
+    MethodRef,
+    MockClock,
+    PolicyEngine,
+    Rpc,
+    RpcKind,
+    Side,
+    Verdict,
+)
 
 
 class Fragile(PolicyEngine):

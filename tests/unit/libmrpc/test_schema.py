@@ -11,7 +11,7 @@ from libmrpc.codegen import load_module
 from libmrpc.schema import cache_key_for, compile_texts, imports_of, read_proto
 from libmrpc.status import SchemaError
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 P3 = 'syntax = "proto3";\n'
 
 

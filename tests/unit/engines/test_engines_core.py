@@ -34,7 +34,7 @@ from mrpcd.appstate import AppState, Binding, ConnSpec
 from mrpcd.engine import EngineContext, MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 echo = libmrpc.load_proto(ROOT / "schemas" / "echo.proto")
 
 
