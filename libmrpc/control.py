@@ -141,15 +141,24 @@ def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], l
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd closed the control connection: {e}") from None
     else:
         reply, fds = recv_msg(sock)
+    try:
+        return check_reply(reply), fds
+    except RpcError:
+        _close_all(fds)
+        raise
+
+
+def check_reply(reply: dict[str, Any] | None) -> dict[str, Any]:
+    """``reply`` if it is a success; else raise ControlError with its status (UNKNOWN
+    for a status number that is not one), or UNAVAILABLE at end of stream."""
     if reply is None:
         raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
     if not reply.get("ok", False):
-        _close_all(fds)
         code = reply.get("code")
         if not isinstance(code, int) or code not in StatusCode._value2member_map_:
             code = StatusCode.UNKNOWN
         raise ControlError(code, str(reply.get("error", "unknown error")))
-    return reply, fds
+    return reply
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from libmrpc import metadata as md
-from libmrpc.control import ControlError, open_control, recv_msg, request, send_msg
+from libmrpc.control import check_reply, open_control, recv_msg, request, send_msg
 from libmrpc.heap import Heap
 from libmrpc.message import Arena, copy_message, set_default_heap
 from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
@@ -99,11 +99,11 @@ class Call:
         "done",
         "error",
         "metadata",
-        "trailing",
         "method",
         "request",
         "response_cls",
         "result",
+        "trailing",
     )
 
     def __init__(self, call_id: int, request: Any, response_cls: Any, method: str) -> None:
@@ -200,8 +200,7 @@ class Session:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         with self._ctl_lock:
             if timeout is None and not self._stale_replies:
-                reply, _ = request(self._ctl, msg)
-                return reply
+                return request(self._ctl, msg)[0]
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._stale_replies:
                 self._await_reply(msg, deadline)
@@ -215,16 +214,10 @@ class Session:
             except RpcError:
                 self._stale_replies += 1
                 raise
-            reply, fds = recv_msg(self._ctl)
+            late, fds = recv_msg(self._ctl)
         for fd in fds:
             os.close(fd)
-        if reply is None:
-            raise RpcError(StatusCode.UNAVAILABLE, "mrpcd closed the control connection")
-        if not reply.get("ok", False):
-            code = reply.get("code")
-            raise ControlError(code if code in StatusCode._value2member_map_ else StatusCode.UNKNOWN,
-                               str(reply.get("error", "unknown error")))
-        return reply
+        return check_reply(late)
 
     def _await_reply(self, msg: dict[str, Any], deadline: float | None) -> None:
         """Wait until the control socket is readable, at most until ``deadline``."""
@@ -538,9 +531,8 @@ class Session:
                     server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
-            elif kind == CMP_CANCEL:
-                if self.server is not None:
-                    self.server._cancel(call_id)
+            elif kind == CMP_CANCEL and self.server is not None:
+                self.server._cancel(call_id)
         if self._aio:
             pending, self._aio = self._aio, {}
             here = _running_loop()

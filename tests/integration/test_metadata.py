@@ -72,7 +72,7 @@ def test_metadata_reaches_the_handler_sync_future_and_aio(cluster: Cluster) -> N
 ])
 def test_metadata_key_rules_are_invalid_argument(cluster: Cluster, key: str, value: str,
                                                  why: str) -> None:
-    a, b, stub, rec, server = setup(cluster)
+    _a, _b, stub, rec, server = setup(cluster)
     n = len(rec.seen)
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(key="k"), timeout=10, metadata=[(key, value)])
@@ -84,7 +84,7 @@ def test_metadata_key_rules_are_invalid_argument(cluster: Cluster, key: str, val
 
 
 def test_metadata_over_the_size_limit_is_resource_exhausted(cluster: Cluster) -> None:
-    a, b, stub, rec, server = setup(cluster)
+    a, _b, stub, rec, server = setup(cluster)
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(key="k"), timeout=10, metadata=[("big-bin", b"x" * 9000)])
     assert e.value.code() is StatusCode.RESOURCE_EXHAUSTED, e.value
@@ -98,7 +98,7 @@ def test_metadata_over_the_size_limit_is_resource_exhausted(cluster: Cluster) ->
 
 
 def test_acl_on_a_metadata_token(cluster: Cluster) -> None:
-    a, b, stub, rec, server = setup(cluster)
+    _a, b, stub, rec, server = setup(cluster)
     b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-token.yaml"), "--app",
           "meta-srv", "--set", 'rules=[{name: tok, action: allow, metadata: authorization, '
                                'equals: "Bearer s3cret"}]')

@@ -29,10 +29,11 @@ from collections.abc import Callable
 
 import pytest
 
+import libmrpc
 from libmrpc.control import open_control, recv_msg, send_msg
 from libmrpc.wire import CALL, PING, encode_header
-from tests.integration.conftest import APPS, Cluster, Daemon
-from tests.integration.hostile_peer import Peer, call_frame, hello, proc_stats
+from tests.integration.conftest import APPS, ROOT, Cluster, Daemon
+from tests.integration.hostile_peer import Peer, call_frame, hello, proc_stats, request_image
 
 pytestmark = pytest.mark.slow
 
@@ -157,10 +158,6 @@ def _peer_attacks(b: Daemon, schema_hash: str) -> list[Callable[[], None]]:
     def endless_timeouts() -> None:
         p = Peer(b.listen)
         p.send(hello(schema_hash))
-        from tests.integration.hostile_peer import request_image
-        import libmrpc
-        from tests.integration.conftest import ROOT
-
         testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
         image = request_image(testing, payload=b"forever")
         for i in range(50):
