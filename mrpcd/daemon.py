@@ -549,12 +549,6 @@ class Daemon:
             except Exception:
                 log.exception("closing engine %s of %r failed", engine.NAME, app.name)
         dp.state = "closed"
-        for ring in (app.submit, app.complete):  # their views pin the ctl mapping (and its fd) until a GC
-            for view in (ring.words, ring.buf):
-                try:
-                    view.release()
-                except (BufferError, ValueError):
-                    pass
         app.close()
 
     def describe_apps(self) -> list[dict[str, Any]]:

@@ -45,3 +45,51 @@ def test_full_send_heap_is_an_rpc_error(cluster):
     else:
         raise AssertionError("a 2 MiB message fit in a 1 MiB send heap")
     assert bytes(stub.Call(testing.Request(payload=b"after"), timeout=10).payload) == b"after"
+
+
+def _fds_rss(pid: int) -> tuple[int, int]:
+    import os
+
+    rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
+    return len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+def test_register_leave_cycles_return_fds_and_rss_to_baseline(cluster):
+    """A departing app's memfds and mappings are closed when it leaves, not at
+    the next garbage collection: 1000 register/leave cycles leave the daemon's
+    fd count and RSS at baseline."""
+    import os
+    import time
+
+    from libmrpc.control import open_control, request
+
+    a = cluster.daemon("a", config="apps:\n  register_rate: 100000\n  register_burst: 100000\n"
+                                   "shm:\n  send_heap_size: 1048576\n  recv_heap_size: 1048576\n")
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            sock = open_control(str(a.prefix / "app.sock"))
+            reply, fds = request(sock, {"op": "register", "name": "cycler", "pid": os.getpid()})
+            assert reply.get("app_id"), reply
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+
+    def settled() -> tuple[int, int]:
+        deadline = time.monotonic() + 10
+        while a.apps() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return _fds_rss(a.pid)
+
+    cycle(50)
+    fds0, rss0 = settled()
+    t0 = time.monotonic()
+    cycle(1000)
+    took = time.monotonic() - t0
+    fds1, rss1 = settled()
+    maps = sum(1 for line in open(f"/proc/{a.pid}/maps") if "mrpc-" in line)
+    print(f"1000 register/leave cycles in {took:.1f}s: daemon fds {fds0} -> {fds1}, "
+          f"VmRSS {rss0} -> {rss1} kB, app mappings left {maps}")
+    assert fds1 <= fds0 + 2, (fds0, fds1)
+    assert maps == 0
+    assert rss1 <= rss0 + 8 * 1024, (rss0, rss1)
