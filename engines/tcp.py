@@ -96,6 +96,9 @@ class TcpTransport(Engine):
         self.conns: dict[Target, Conn] = {}
         self.retired: set[Conn] = set()  # told GOAWAY, replaced; closed once their calls are done
         self.pending: dict[int, tuple[Rpc, Conn]] = {}
+        # calls whose zero-copy segments (views of the app's send heap) are still
+        # queued: wire id -> (conn, first, end queue position); see _unpin
+        self.unsent: dict[int, tuple[Conn, int, int]] = {}
         self.deadlines: list[tuple[float, int]] = []
         self.failed: dict[Target, tuple[float, StatusCode, str]] = {}
         self.dirty: set[Conn] = set()
@@ -105,7 +108,7 @@ class TcpTransport(Engine):
         self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
         self.counters = {"calls_sent": 0, "replies_received": 0, "replies_sent": 0, "errors": 0,
-                         "late_replies": 0, "deadline_expired": 0}
+                         "late_replies": 0, "deadline_expired": 0, "unsent_bytes_copied": 0}
 
     # ------------------------------------------------------------------ tx
 
@@ -262,8 +265,13 @@ class TcpTransport(Engine):
         if rpc.deadline is not None:
             timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
-        conn.queue([encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
-                                  aux=timeout_us), head, *segs])
+        header = encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size, aux=timeout_us)
+        sent = None
+        if segs and not conn.closed:
+            start = conn.sendq.queued
+            self.unsent[wire_id] = (conn, start, start + len(header) + size)
+            sent = functools.partial(self.unsent.pop, wire_id, None)
+        conn.queue([header, head, *segs], sent)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)
@@ -328,6 +336,14 @@ class TcpTransport(Engine):
             reclaim()  # everything was copied into the header buffer already
         self.counters["replies_sent"] += 1
 
+    def _unpin(self, wire_id: int) -> None:
+        """A call completes before the kernel took all of its request: copy the
+        unsent part out of the app's send heap, which the app reuses once it
+        hears of the completion (the peer must never get bytes it rewrote)."""
+        entry = self.unsent.pop(wire_id, None)
+        if entry is not None and not entry[0].closed:
+            self.counters["unsent_bytes_copied"] += entry[0].sendq.privatize(entry[1], entry[2])
+
     def _expire(self) -> int:
         now = self.ctx.clock.now()
         n = 0
@@ -343,6 +359,7 @@ class TcpTransport(Engine):
                 continue
             rpc, conn = entry
             conn.calls.discard(key)
+            self._unpin(key)
             n += 1
             self.counters["deadline_expired"] += 1
             self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
@@ -387,6 +404,7 @@ class TcpTransport(Engine):
             del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
+            self._unpin(header.call_id)  # a peer may answer before reading the whole call
             if t == ERROR:
                 code = StatusCode(header.status) if header.status else StatusCode.UNKNOWN
                 return self._fail(rpc, code, bytes(body).decode("utf-8", "replace"))
@@ -450,9 +468,11 @@ class TcpTransport(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
+                 "unsent": self.unsent,  # the same dict: queued callbacks pop from it
                  "failed": self.failed, "resolving": self.resolving, "retired": self.retired,
                  "next_wire_id": next(self._wire_ids), "counters": dict(self.counters)}
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
+        self.unsent = {}
         self.retired = set()
         return state
 
@@ -460,6 +480,7 @@ class TcpTransport(Engine):
         self.conns.update(state.get("conns", {}))
         self.retired.update(state.get("retired", ()))
         self.pending.update(state.get("pending", {}))
+        self.unsent = state.get("unsent", self.unsent)
         self.deadlines.extend(state.get("deadlines", []))
         heapq.heapify(self.deadlines)
         self.failed.update(state.get("failed", {}))

@@ -93,3 +93,81 @@ def test_register_leave_cycles_return_fds_and_rss_to_baseline(cluster):
     assert fds1 <= fds0 + 2, (fds0, fds1)
     assert maps == 0
     assert rss1 <= rss0 + 8 * 1024, (rss0, rss1)
+
+
+def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
+    """A call times out while its zero-copy request still sits in the send
+    queue (the peer stopped reading); the app reuses that memory; when the peer
+    reads again it gets the original bytes (or a dropped connection), never the
+    rewritten ones."""
+    import socket
+    import time
+
+    import libmrpc
+    from libmrpc import RpcError, StatusCode
+    from libmrpc.session import get_session
+    from libmrpc.wire import CALL, HELLO, HELLO_ACK, FrameAssembler, encode_json_frame
+
+    testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+    a = cluster.daemon("a", config="tcp:\n  sndbuf: 65536\n")
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by the accepted socket
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(10)
+    stub = testing.TestStub(libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix,
+                                            name="rewriter"))
+    session = get_session(a.prefix)
+    size = 8 << 20
+    frames: list = []
+    asm = FrameAssembler(on_frame=lambda h, b: frames.append((h.type, bytes(b))), max_body=64 << 20)
+
+    failed: list[RpcError] = []
+
+    def call() -> None:
+        try:
+            stub.Call(testing.Request(payload=b"A" * size), timeout=1.0)
+        except RpcError as e:
+            failed.append(e)
+
+    import threading
+
+    t = threading.Thread(target=call)
+    t.start()
+    peer, _ = lsock.accept()
+    peer.settimeout(10)
+    while not any(ft == HELLO for ft, _ in frames):  # the HELLO, then stop reading
+        asm.feed(peer.recv(4096))
+    peer.sendall(encode_json_frame(HELLO_ACK, {"ok": True, "daemon": "fake", "version": 1}))
+    t.join(15)
+    assert failed and failed[0].code() is StatusCode.DEADLINE_EXCEEDED, failed
+    heap = session.send_heap.buf  # the app reuses its memory: every A becomes a B
+    data = bytes(heap)
+    pos, rewritten = data.find(b"A" * 4096), 0
+    while pos >= 0:
+        end = data.find(b"\0", pos)
+        end = len(data) if end < 0 else end
+        heap[pos:end] = b"B" * (end - pos)
+        rewritten += end - pos
+        pos = data.find(b"A" * 4096, end)
+    del data
+    assert rewritten >= size // 2, rewritten
+    got = bytearray()
+    peer.settimeout(3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the peer reads again
+        try:
+            chunk = peer.recv(1 << 20)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        got += chunk
+        asm.feed(chunk)
+        if any(ft == CALL for ft, _ in frames):
+            break
+    peer.close()
+    lsock.close()
+    print(f"rewrote {rewritten} bytes after the deadline; the peer then read {len(got)} bytes "
+          f"with {got.count(b'B')} rewritten ones")
+    assert b"B" not in got
