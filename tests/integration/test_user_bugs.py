@@ -171,3 +171,35 @@ def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
     print(f"rewrote {rewritten} bytes after the deadline; the peer then read {len(got)} bytes "
           f"with {got.count(b'B')} rewritten ones")
     assert b"B" not in got
+
+
+def test_acl_attached_while_calls_are_held_checks_them(cluster):
+    """Calls marshalled before an ACL was attached and held meanwhile by a
+    delay-mode ratelimit reach the ACL without a private view: it copies them
+    out then and checks them (a deny-list never lets them pass unchecked)."""
+    import time
+
+    import libmrpc
+    from libmrpc import RpcError, StatusCode
+
+    testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b, "--mode", "inline")
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="held"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    a.ctl("policy", "attach", "ratelimit", "--app", "held", "--set", "max_tokens=1",
+          "--set", "tokens_per_fill=1", "--set", "fill_interval=0.5", "--set", "mode=delay")
+    futures = [stub.Call.future(testing.Request(key="admin", payload=b"x" * 1000), timeout=20)
+               for _ in range(4)]
+    time.sleep(0.3)  # the first went; the rest are held by the ratelimit
+    a.ctl("policy", "attach", "acl", "--app", "held", "--set", "default=allow",
+                   "--set", "rules=[{name: no-admin, action: deny, field: key, equals: admin}]")
+    outcomes = []
+    for f in futures:
+        try:
+            f.result()
+            outcomes.append("passed")
+        except RpcError as e:
+            outcomes.append(e.code().name)
+    print("held calls:", outcomes)
+    assert outcomes[1:] == ["PERMISSION_DENIED"] * 3, outcomes
