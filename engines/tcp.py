@@ -31,7 +31,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
@@ -78,6 +78,12 @@ def _status(value: Any, default: StatusCode) -> StatusCode:
     except (TypeError, ValueError, OverflowError):
         return default
     return code if code is not StatusCode.OK else default
+
+
+class OversizeReply(NamedTuple):
+    """``conn.cur`` for a reply body skipped because it exceeds max_message_size."""
+
+    size: int
 
 
 class TcpTransport(Engine):
@@ -199,7 +205,8 @@ class TcpTransport(Engine):
         conn.queue([encode_json_frame(HELLO, {
             "version": PROTOCOL_VERSION, "schema_hash": binding.schema_hash,
             "services": list(binding.services)[:MAX_HELLO_SERVICES], "app": self.app.name,
-            "pid": self.app.pid, "daemon": self.daemon_name})])
+            "pid": self.app.pid, "daemon": self.daemon_name,
+            "max_message_size": self.max_message_size})])
         self.conns[key] = conn
         if connecting:
             heapq.heappush(self.deadlines, (conn.info["connect_deadline"], -conn.fd))
@@ -260,6 +267,12 @@ class TcpTransport(Engine):
                 return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
+        peer_max = conn.info.get("peer_max")
+        if peer_max is not None and size > peer_max:
+            return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
+                              f"request of {size} bytes for {rpc.method.path} exceeds the max_message_size "
+                              f"of mrpcd at {conn.peer} ({peer_max} bytes; this daemon's is "
+                              f"{self.max_message_size}); send less or ask its operator to raise it")
         wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
@@ -330,6 +343,14 @@ class TcpTransport(Engine):
                 return
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
+        peer_max = origin.info.get("hello", {}).get("max_message_size")
+        if peer_max is not None and size > peer_max:
+            send_error(origin, st.call.wire_id, StatusCode.RESOURCE_EXHAUSTED,
+                       f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
+                       f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
+                       f"ask for less or ask its operator to raise it")
+            reclaim()
+            return
         origin.queue([encode_header(REPLY, call_id=st.call.wire_id, method=rpc.method.id,
                                     body_len=size), head, *segs], reclaim if segs else None)
         if not segs:
@@ -386,6 +407,9 @@ class TcpTransport(Engine):
         entry = self.pending.get(header.call_id)
         if entry is None or entry[1] is not conn:
             return DISCARD  # a late (or made-up) reply: skipped, never stored
+        if header.body_len > self.max_message_size:  # skipped; that call alone fails
+            conn.cur = OversizeReply(header.body_len)
+            return DISCARD
         try:
             off = self.app.recv_heap.alloc(header.body_len)
         except HeapExhausted as e:
@@ -409,6 +433,11 @@ class TcpTransport(Engine):
                 code = StatusCode(header.status) if header.status else StatusCode.UNKNOWN
                 return self._fail(rpc, code, bytes(body).decode("utf-8", "replace"))
             landed = conn.cur
+            if isinstance(landed, OversizeReply):
+                return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
+                                  f"reply of {landed.size} bytes from {conn.peer} exceeds this daemon's "
+                                  f"max_message_size ({self.max_message_size} bytes); ask for less or "
+                                  f"raise max_message_size")
             if isinstance(landed, HeapExhausted):
                 return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
                                   f"no room for a {header.body_len}-byte reply: {landed}")
@@ -434,6 +463,9 @@ class TcpTransport(Engine):
                 conn.close(f"handshake refused: {msg}")
             else:
                 conn.info["peer_daemon"] = ack.get("daemon")
+                peer_max = ack.get("max_message_size")  # absent from older daemons
+                if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
+                    conn.info["peer_max"] = peer_max
         elif t == PING:
             if answer_ping(conn, header):
                 self.dirty.add(conn)

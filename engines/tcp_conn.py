@@ -144,7 +144,8 @@ class Conn:
         self.peer = peer
         self.outbound = outbound
         self.state = "connecting" if connecting else "open"
-        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch)
+        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch,
+                                        skip_oversize=True)  # owners fail that one call
         self.sendq = SendQueue()
         self.max_sendq = max_sendq
         self.read_paused = False  # back-pressure: the peer does not read what we send

@@ -203,3 +203,110 @@ def test_acl_attached_while_calls_are_held_checks_them(cluster):
             outcomes.append(e.code().name)
     print("held calls:", outcomes)
     assert outcomes[1:] == ["PERMISSION_DENIED"] * 3, outcomes
+
+
+def test_a_reply_over_the_clients_max_message_size_fails_that_call_only(cluster):
+    """One reply larger than the client daemon's max_message_size fails that
+    call with RESOURCE_EXHAUSTED naming both limits; the other calls on the
+    same connection go on."""
+    import libmrpc
+    from libmrpc import RpcError, StatusCode
+
+    testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+    a = cluster.daemon("a", config="max_message_size: 1MiB\n")
+    b = cluster.daemon("b")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="small"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    slow = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=1500), timeout=20)
+    try:
+        stub.Call(testing.Request(reply_size=2 << 20), timeout=20)
+    except RpcError as e:
+        print("oversize reply:", e)
+        assert e.code() is StatusCode.RESOURCE_EXHAUSTED
+        assert str(1 << 20) in e.details() and "max_message_size" in e.details()
+    else:
+        raise AssertionError("a 2 MiB reply passed a 1 MiB max_message_size")
+    assert bytes(slow.result().payload) == b"slow"  # the other call on the connection survived
+    assert bytes(stub.Call(testing.Request(payload=b"after"), timeout=10).payload) == b"after"
+
+
+def test_a_request_over_the_servers_max_message_size_is_refused_up_front(cluster):
+    """The daemons exchange their limits in the handshake: a request the server's
+    daemon would not take fails at the client with both limits named."""
+    import libmrpc
+    from libmrpc import RpcError, StatusCode
+
+    testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+    a = cluster.daemon("a")
+    b = cluster.daemon("b", config="max_message_size: 1MiB\n")
+    cluster.server(b)
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="big"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    try:
+        stub.Call(testing.Request(payload=b"x" * (2 << 20)), timeout=10)
+    except RpcError as e:
+        print("oversize request:", e)
+        assert e.code() is StatusCode.RESOURCE_EXHAUSTED and str(1 << 20) in e.details()
+    else:
+        raise AssertionError("a 2 MiB request passed a 1 MiB max_message_size")
+    assert bytes(stub.Call(testing.Request(payload=b"after"), timeout=10).payload) == b"after"
+
+
+def test_an_old_peer_sending_an_oversize_reply_fails_that_call_only(cluster):
+    """A peer that does not announce its limit (an older daemon) sends one reply
+    over the client's max_message_size: that call alone fails."""
+    import socket
+    import threading
+
+    import libmrpc
+    from libmrpc import RpcError, StatusCode
+    from libmrpc.heap import Heap
+    from libmrpc.wire import CALL, HELLO, HELLO_ACK, REPLY, FrameAssembler, encode_header, encode_json_frame
+
+    testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
+    a = cluster.daemon("a", config="max_message_size: 1MiB\n")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(10)
+    stub = testing.TestStub(libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix,
+                                            name="oldpeer"))
+    heap = Heap.private(1 << 16)
+    msg = testing.Reply.new(heap, payload=b"small")
+    head, segs = testing.MARSHAL["mrpctest.Reply"](heap.buf, msg._off, 1 << 30, 1 << 30)
+    small = bytes(head) + b"".join(bytes(s) for s in segs)
+    results: dict[str, object] = {}
+
+    def call(tag: str, payload: bytes) -> None:
+        try:
+            results[tag] = bytes(stub.Call(testing.Request(payload=payload), timeout=10).payload)
+        except RpcError as e:
+            results[tag] = e
+
+    threads = [threading.Thread(target=call, args=(t, t.encode())) for t in ("big", "small")]
+    for t in threads:
+        t.start()
+    peer, _ = lsock.accept()
+    peer.settimeout(10)
+    frames: list = []
+    asm = FrameAssembler(on_frame=lambda h, b: frames.append((h, bytes(b))))
+    acked = False
+    while sum(1 for h, _ in frames if h.type == CALL) < 2:
+        data = peer.recv(1 << 16)
+        assert data, "the client daemon hung up"
+        asm.feed(data)
+        if not acked and any(h.type == HELLO for h, _ in frames):
+            peer.sendall(encode_json_frame(HELLO_ACK, {"ok": True, "daemon": "old"}))  # no max_message_size
+            acked = True
+    calls = {bytes(b).find(b"big") >= 0: h.call_id for h, b in frames if h.type == CALL}
+    big_body = 2 << 20
+    peer.sendall(encode_header(REPLY, call_id=calls[True], method=0, body_len=big_body) + b"\0" * big_body)
+    peer.sendall(encode_header(REPLY, call_id=calls[False], method=0, body_len=len(small)) + small)
+    for t in threads:
+        t.join(15)
+    peer.close()
+    lsock.close()
+    print("big:", results.get("big"), "| small:", results.get("small"))
+    assert isinstance(results["big"], RpcError) and results["big"].code() is StatusCode.RESOURCE_EXHAUSTED
+    assert results["small"] == b"small"
