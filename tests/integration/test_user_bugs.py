@@ -170,7 +170,11 @@ def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
     lsock.close()
     print(f"rewrote {rewritten} bytes after the deadline; the peer then read {len(got)} bytes "
           f"with {got.count(b'B')} rewritten ones")
+    bodies = [body for ft, body in frames if ft == CALL]
+    print("the CALL arrived whole:", bool(bodies), "| its payload intact:",
+          bool(bodies) and bodies[0].count(b"A") >= size)
     assert b"B" not in got
+    assert not bodies or (b"B" not in bodies[0] and bodies[0].count(b"A") >= size)
 
 
 def test_acl_attached_while_calls_are_held_checks_them(cluster):
