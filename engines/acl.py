@@ -35,7 +35,10 @@ whole-value match). Each field is read at most once per call.
 Failure policy: a rule whose field is not on the message type (or a call that
 carries no message) does not match and is counted as ``field_missing`` -- with
 ``default: deny`` and allow rules that fails closed, with a deny-list it fails
-open, so check ``field_missing`` after attaching. A field that exists but
+open, so check ``field_missing`` after attaching. A call marshalled before the
+policy was attached (held meanwhile by a delay-mode ratelimit or qos) is copied
+into daemon-private memory when it arrives and checked like any other; one that
+cannot be copied fails with UNAVAILABLE, never passes unchecked. A field that exists but
 cannot be read (malformed content, e.g. invalid UTF-8 in a ``string`` field)
 fails the call with INVALID_ARGUMENT: malformed input never slips past a rule.
 """
@@ -49,7 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from libmrpc.status import ConfigError, StatusCode
-from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, Verdict
+from mrpcd.datapath import make_private
+from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, RpcKind, Verdict
 
 FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 MATCHERS = ("equals", "prefix", "regex", "in")
@@ -240,6 +244,11 @@ class Acl(PolicyEngine):
                 if rule.field not in values:
                     try:
                         values[rule.field] = self._read(rpc, rule.field)
+                    except LookupError as exc:  # could not be checked: fails closed
+                        self.counters["read_errors"] += 1
+                        return Reject(StatusCode.UNAVAILABLE,
+                                      f"policy {self.ctx.engine_id} could not check {self._path(rpc)}: "
+                                      f"{exc}; the call was not sent, retry it")
                     except Exception as exc:  # noqa: BLE001 - malformed content fails closed
                         self.counters["read_errors"] += 1
                         return Reject(StatusCode.INVALID_ARGUMENT,
@@ -259,7 +268,14 @@ class Acl(PolicyEngine):
 
     @staticmethod
     def _read(rpc: Rpc, path: tuple[str, ...]) -> object:
-        """The field's text copy, or ``_MISSING`` when the message has no such field."""
+        """The field's text copy, or ``_MISSING`` when the message has no such field.
+
+        Raises ``LookupError`` when a call's message cannot be read privately:
+        a content policy never passes a call it could not check."""
+        if not make_private(rpc):  # marshalled before this policy was attached: copy it now
+            if rpc.kind is RpcKind.CALL:
+                raise LookupError("its request has no daemon-private copy to check")
+            return _MISSING  # an error reply carries no message
         try:
             value = rpc.view()
         except LookupError:  # the call carries no message

@@ -31,7 +31,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
@@ -83,6 +83,12 @@ def _status(value: Any, default: StatusCode) -> StatusCode:
     return code if code is not StatusCode.OK else default
 
 
+class OversizeReply(NamedTuple):
+    """``conn.cur`` for a reply body skipped because it exceeds max_message_size."""
+
+    size: int
+
+
 class TcpTransport(Engine):
     NAME = "tcp"
     VERSION = 1
@@ -100,6 +106,9 @@ class TcpTransport(Engine):
         self.conns: dict[Target, Conn] = {}
         self.retired: set[Conn] = set()  # told GOAWAY, replaced; closed once their calls are done
         self.pending: dict[int, tuple[Rpc, Conn]] = {}
+        # calls whose zero-copy segments (views of the app's send heap) are still
+        # queued: wire id -> (conn, first, end queue position); see _unpin
+        self.unsent: dict[int, tuple[Conn, int, int]] = {}
         self.deadlines: list[tuple[float, int]] = []
         self.failed: dict[Target, tuple[float, StatusCode, str]] = {}
         self.dirty: set[Conn] = set()
@@ -109,7 +118,7 @@ class TcpTransport(Engine):
         self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
         self.counters = {"calls_sent": 0, "replies_received": 0, "replies_sent": 0, "errors": 0,
-                         "late_replies": 0, "deadline_expired": 0}
+                         "late_replies": 0, "deadline_expired": 0, "unsent_bytes_copied": 0}
 
     # ------------------------------------------------------------------ tx
 
@@ -200,7 +209,8 @@ class TcpTransport(Engine):
         conn.queue([encode_json_frame(HELLO, {
             "version": PROTOCOL_VERSION, "schema_hash": binding.schema_hash,
             "services": list(binding.services)[:MAX_HELLO_SERVICES], "app": self.app.name,
-            "pid": self.app.pid, "daemon": self.daemon_name})])
+            "pid": self.app.pid, "daemon": self.daemon_name,
+            "max_message_size": self.max_message_size})])
         self.conns[key] = conn
         if connecting:
             heapq.heappush(self.deadlines, (conn.info["connect_deadline"], -conn.fd))
@@ -251,6 +261,7 @@ class TcpTransport(Engine):
         conn = entry[1]
         del self.pending[rpc._wire_id]
         conn.calls.discard(rpc._wire_id)
+        self._unpin(rpc._wire_id)  # the app may reuse the request's memory once it sees CANCELLED
         conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
         self.dirty.add(conn)
         self.counters["cancelled"] = self.counters.get("cancelled", 0) + 1
@@ -278,6 +289,12 @@ class TcpTransport(Engine):
                 return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
+        peer_max = conn.info.get("peer_max")
+        if peer_max is not None and size > peer_max:
+            return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
+                              f"request of {size} bytes for {rpc.method.path} exceeds the max_message_size "
+                              f"of mrpcd at {conn.peer} ({peer_max} bytes; this daemon's is "
+                              f"{self.max_message_size}); send less or ask its operator to raise it")
         wire_id = rpc._wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
@@ -288,7 +305,12 @@ class TcpTransport(Engine):
         if rpc.metadata:  # a METADATA frame first; a call without metadata is unchanged
             block = md.encode(rpc.metadata)
             frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
-        conn.queue(frames)
+        sent = None
+        if segs and not conn.closed:  # zero-copy: where the frames sit until the kernel took them
+            start = conn.sendq.queued
+            self.unsent[wire_id] = (conn, start, start + sum(len(f) for f in frames))
+            sent = functools.partial(self.unsent.pop, wire_id, None)
+        conn.queue(frames, sent)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)
@@ -350,11 +372,27 @@ class TcpTransport(Engine):
                 return
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
+        peer_max = origin.info.get("hello", {}).get("max_message_size")
+        if peer_max is not None and size > peer_max:
+            send_error(origin, st.call.wire_id, StatusCode.RESOURCE_EXHAUSTED,
+                       f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
+                       f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
+                       f"ask for less or ask its operator to raise it")
+            reclaim()
+            return
         origin.queue([encode_header(REPLY, call_id=st.call.wire_id, method=rpc.method.id,
                                     body_len=size), head, *segs], reclaim if segs else None)
         if not segs:
             reclaim()  # everything was copied into the header buffer already
         self.counters["replies_sent"] += 1
+
+    def _unpin(self, wire_id: int) -> None:
+        """A call completes before the kernel took all of its request: copy the
+        unsent part out of the app's send heap, which the app reuses once it
+        hears of the completion (the peer must never get bytes it rewrote)."""
+        entry = self.unsent.pop(wire_id, None)
+        if entry is not None and not entry[0].closed:
+            self.counters["unsent_bytes_copied"] += entry[0].sendq.privatize(entry[1], entry[2])
 
     def _expire(self) -> int:
         now = self.ctx.clock.now()
@@ -371,6 +409,7 @@ class TcpTransport(Engine):
                 continue
             rpc, conn = entry
             conn.calls.discard(key)
+            self._unpin(key)
             n += 1
             self.counters["deadline_expired"] += 1
             self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
@@ -397,6 +436,9 @@ class TcpTransport(Engine):
         entry = self.pending.get(header.call_id)
         if entry is None or entry[1] is not conn:
             return DISCARD  # a late (or made-up) reply: skipped, never stored
+        if header.body_len > self.max_message_size:  # skipped; that call alone fails
+            conn.cur = OversizeReply(header.body_len)
+            return DISCARD
         try:
             off = self.app.recv_heap.alloc(header.body_len)
         except HeapExhausted as e:
@@ -415,6 +457,7 @@ class TcpTransport(Engine):
             del self.pending[header.call_id]
             rpc, _ = entry
             conn.calls.discard(header.call_id)
+            self._unpin(header.call_id)  # a peer may answer before reading the whole call
             trailing: md.Metadata = ()
             block = conn.info.pop("metadata", None)
             if block is not None and block[0] == header.call_id:
@@ -434,6 +477,11 @@ class TcpTransport(Engine):
                 self.rx_out.append(err)
                 return
             landed = conn.cur
+            if isinstance(landed, OversizeReply):
+                return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
+                                  f"reply of {landed.size} bytes from {conn.peer} exceeds this daemon's "
+                                  f"max_message_size ({self.max_message_size} bytes); ask for less or "
+                                  f"raise max_message_size")
             if isinstance(landed, HeapExhausted):
                 return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
                                   f"no room for a {header.body_len}-byte reply: {landed}")
@@ -461,6 +509,9 @@ class TcpTransport(Engine):
                 conn.close(f"handshake refused: {msg}")
             else:
                 conn.info["peer_daemon"] = ack.get("daemon")
+                peer_max = ack.get("max_message_size")  # absent from older daemons
+                if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
+                    conn.info["peer_max"] = peer_max
         elif t == PING:
             if answer_ping(conn, header):
                 self.dirty.add(conn)
@@ -495,9 +546,11 @@ class TcpTransport(Engine):
 
     def decompose(self) -> dict[str, Any]:
         state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
+                 "unsent": self.unsent,  # the same dict: queued callbacks pop from it
                  "failed": self.failed, "resolving": self.resolving, "retired": self.retired,
                  "next_wire_id": next(self._wire_ids), "counters": dict(self.counters)}
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
+        self.unsent = {}
         self.retired = set()
         return state
 
@@ -505,6 +558,7 @@ class TcpTransport(Engine):
         self.conns.update(state.get("conns", {}))
         self.retired.update(state.get("retired", ()))
         self.pending.update(state.get("pending", {}))
+        self.unsent = state.get("unsent", self.unsent)
         self.deadlines.extend(state.get("deadlines", []))
         heapq.heapify(self.deadlines)
         self.failed.update(state.get("failed", {}))

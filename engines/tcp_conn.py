@@ -103,6 +103,21 @@ class SendQueue:
         self._fire()
         return True
 
+    def privatize(self, start: int, end: int) -> int:
+        """Copy the unsent views among queue positions [start, end) into private
+        bytes: their owner is about to reuse that memory. Returns bytes copied."""
+        iov, pos, copied = self.iov, self.sent, 0
+        for i in range(len(iov)):
+            if pos >= end:
+                break
+            b = iov[i]
+            n = len(b)
+            if pos + n > start and isinstance(b, memoryview):
+                iov[i] = bytes(b)
+                copied += n
+            pos += n
+        return copied
+
     def _fire(self) -> None:
         marks = self.marks
         while marks and marks[0][0] <= self.sent:
@@ -129,7 +144,8 @@ class Conn:
         self.peer = peer
         self.outbound = outbound
         self.state = "connecting" if connecting else "open"
-        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch)
+        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch,
+                                        skip_oversize=True)  # owners fail that one call
         self.sendq = SendQueue()
         self.max_sendq = max_sendq
         self.read_paused = False  # back-pressure: the peer does not read what we send

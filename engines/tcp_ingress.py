@@ -191,6 +191,11 @@ class TcpIngress(Engine):
             raise WireError("CALL before HELLO")
         if header.body_len == 0:
             return None
+        if header.body_len > self.max_message_size:  # skipped; that call alone fails
+            conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED,
+                                f"request of {header.body_len} bytes exceeds the max_message_size of the "
+                                f"server's mrpcd ({self.max_message_size} bytes)")
+            return DISCARD
         hello = conn.info["hello"]
         try:
             app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
@@ -256,7 +261,11 @@ class TcpIngress(Engine):
             conn.close(f"handshake refused: {e.details()}")
             return
         conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
-        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name})])
+        peer_max = hello.get("max_message_size")  # absent from older daemons
+        if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
+            conn.info["hello"]["max_message_size"] = peer_max
+        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name,
+                                                  "max_message_size": self.max_message_size})])
         self.dirty.add(conn)
 
     def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:

@@ -15,11 +15,25 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from libmrpc.status import RpcError, StatusCode
+
 MIN_BLOCK = 64
 
 
-class HeapExhausted(MemoryError):
-    """No free block is large enough; the heap is unchanged."""
+class HeapExhausted(RpcError, MemoryError):
+    """No free block is large enough; the heap is unchanged.
+
+    An :class:`~libmrpc.status.RpcError` with ``RESOURCE_EXHAUSTED``: building a
+    message in a full send heap raises it at once (it does not wait for memory
+    to be reclaimed), so ``except RpcError`` around a call covers it. It is
+    still a ``MemoryError`` for callers that caught that.
+    """
+
+    def __init__(self, details: str) -> None:
+        RpcError.__init__(self, StatusCode.RESOURCE_EXHAUSTED, details)
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # type: ignore[override]
+        return (type(self), (self.details(),))
 
 
 @dataclass(frozen=True, slots=True)

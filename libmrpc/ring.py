@@ -62,6 +62,12 @@ class _RingSide:
     def _read(self, index: int) -> int:
         return self.words[index]
 
+    def release(self) -> None:
+        """Let go of the region's views so its mapping can be closed; the ring is
+        unusable afterwards. Idempotent."""
+        for view in (self.words, self.buf):
+            view.release()
+
     @property
     def sleeping(self) -> bool:
         return self.words[_SLEEPING] != 0

@@ -73,6 +73,9 @@ class RecvBlock:
         self.session._releases.append(self.off)
 
 
+_CALLBACKS_LOCK = threading.Lock()  # a completion and a late add_done_callback never both run it
+
+
 class SendBlock:
     """Owns one send-heap block (a call's metadata) until the call completes."""
 
@@ -124,15 +127,27 @@ class Call:
         self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
-        self.result, self.error, self.done = result, error, True
+        with _CALLBACKS_LOCK:  # ordered against add_callback: each callback runs once
+            self.result, self.error, self.done = result, error, True
+            callbacks = self.callbacks
         self.request = self.metadata = None
         self._lock.release()
-        if self.callbacks:
-            for cb in self.callbacks:
+        if callbacks:
+            for cb in callbacks:
                 try:
                     cb(self)
                 except Exception:
                     log.exception("call completion callback failed")
+
+    def add_callback(self, cb: Callable[[Call], None]) -> None:
+        """Run ``cb(self)`` exactly once when the call completes (now, if it has)."""
+        with _CALLBACKS_LOCK:
+            if not self.done:
+                if self.callbacks is None:
+                    self.callbacks = []
+                self.callbacks.append(cb)
+                return
+        cb(self)
 
     def wait(self, timeout: float | None) -> bool:
         if self.done:
@@ -603,12 +618,13 @@ class Session:
         def done(c: Call) -> None:
             self._aio.setdefault(loop, []).append((fut, c))
 
-        if call.callbacks is None:
-            call.callbacks = []
-        call.callbacks.append(done)
-        if call.done:  # raced with the reader: resolve directly
-            call.callbacks.remove(done)
-            loop.call_soon_threadsafe(_resolve_aio, [(fut, call)])
+        with _CALLBACKS_LOCK:
+            if not call.done:
+                if call.callbacks is None:
+                    call.callbacks = []
+                call.callbacks.append(done)
+                return
+        loop.call_soon_threadsafe(_resolve_aio, [(fut, call)])  # already complete: resolve directly
 
     def _daemon_gone(self, reason: str) -> None:
         self.closed = True

@@ -90,12 +90,7 @@ class CallFuture:
         return None
 
     def add_done_callback(self, fn: Any) -> None:
-        call = self._call
-        if call.callbacks is None:
-            call.callbacks = []
-        call.callbacks.append(lambda _c: fn(self))
-        if call.done:
-            fn(self)
+        self._call.add_callback(lambda _c: fn(self))  # exactly once, even racing the completion
 
 
 class CallInfo:

@@ -74,8 +74,11 @@ def encode_header(ftype: int, *, call_id: int = 0, method: int = 0, body_len: in
 
 
 def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
-                  max_body: int) -> FrameHeader:
-    """Decode and check one header; raise WireError for anything malformed or short."""
+                  max_body: int, oversize_ok: bool = False) -> FrameHeader:
+    """Decode and check one header; raise WireError for anything malformed or short.
+
+    With ``oversize_ok`` a CALL/REPLY body over ``max_body`` is let through: the
+    caller must skip it (see :class:`FrameAssembler`) and fail that call alone."""
     if len(buf) - offset < HEADER_SIZE:
         raise WireError(f"truncated frame header: {len(buf) - offset} of {HEADER_SIZE} bytes")
     magic, version, ftype, status, flags, call_id, method, body_len, aux = HEADER.unpack_from(buf, offset)
@@ -86,7 +89,7 @@ def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
     if ftype not in FRAME_NAMES:
         raise WireError(f"unknown frame type {ftype}")
     if ftype in (CALL, REPLY):
-        if body_len > max_body:
+        if body_len > max_body and not oversize_ok:
             raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds the limit of {max_body}",
                             StatusCode.RESOURCE_EXHAUSTED)
     elif ftype in (HELLO, HELLO_ACK):
@@ -164,10 +167,14 @@ class FrameAssembler:
     """
 
     def __init__(self, body_sink: BodySink | None = None, *, max_body: int = 256 << 20,
-                 on_frame: Callable[[FrameHeader, memoryview], None] | None = None) -> None:
+                 on_frame: Callable[[FrameHeader, memoryview], None] | None = None,
+                 skip_oversize: bool = False) -> None:
         self._sink = body_sink
         self._on_frame = on_frame
         self.max_body = max_body
+        # a CALL/REPLY body over max_body goes to the sink, which must DISCARD it
+        # (one call fails) -- else it is a malformed stream that ends the connection
+        self.skip_oversize = skip_oversize and body_sink is not None
         self._hdr = bytearray()
         self._header: FrameHeader | None = None
         self._body: memoryview | None = None  # the sink's view (direct)
@@ -237,6 +244,9 @@ class FrameAssembler:
     def _start(self, header: FrameHeader) -> None:
         dest = self._sink(header) if self._sink is not None else None
         self._header, self._body, self._private, self._filled = header, None, None, 0
+        if dest is not DISCARD and header.body_len > self.max_body:
+            raise WireError(f"{FRAME_NAMES[header.type]} body of {header.body_len} bytes exceeds the "
+                            f"limit of {self.max_body}", StatusCode.RESOURCE_EXHAUSTED)
         if dest is None:
             self._private = bytearray()
         elif isinstance(dest, memoryview):
@@ -254,7 +264,7 @@ class FrameAssembler:
             if header is None:
                 need = HEADER_SIZE - len(self._hdr)
                 if not self._hdr and end - pos >= HEADER_SIZE:
-                    header = decode_header(view, pos, max_body=self.max_body)
+                    header = decode_header(view, pos, max_body=self.max_body, oversize_ok=self.skip_oversize)
                     pos += HEADER_SIZE
                 else:
                     take = min(need, end - pos)
@@ -263,7 +273,7 @@ class FrameAssembler:
                     if len(self._hdr) < HEADER_SIZE:
                         check_prefix(self._hdr)
                         break
-                    header = decode_header(self._hdr, max_body=self.max_body)
+                    header = decode_header(self._hdr, max_body=self.max_body, oversize_ok=self.skip_oversize)
                     self._hdr.clear()
                 self._start(header)
                 if header.body_len == 0:

@@ -163,16 +163,19 @@ class AppState:
         """Drop mappings (views still held elsewhere keep theirs alive until released)."""
         self.closed = True
         self.recv_heap.closed = True
+        self.submit.release()  # the rings' views pin the ctl mapping (and its memfd)
+        self.complete.release()
         for view in (self.send_view, self.recv_view):
             try:
                 view.release()
             except (BufferError, ValueError):
                 pass
-        for m in (self.regions.ctl, self.regions.send, self.regions.recv):
+        for what, m in (("ctl", self.regions.ctl), ("send", self.regions.send), ("recv", self.regions.recv)):
             try:
                 m.close()
-            except BufferError:
-                pass  # exported views (e.g. a zero-copy send in progress) keep it mapped
+            except BufferError:  # a view still in use (e.g. a zero-copy send): unmapped when it goes
+                log.info("app %r (pid %d): %s region still in use at close; it is unmapped when "
+                         "its last view is released", self.name, self.pid, what)
         import os
 
         for fd in (self.submit_efd, self.complete_efd):

@@ -59,6 +59,13 @@ class Daemon:
         self.prefix = config.prefix
         ensure_dir(self.prefix, 0o755, "prefix")
         self._lock_fd = self._lock_prefix()
+        try:
+            self._setup(config)
+        except BaseException:
+            self._release_prefix()  # a failed start leaves no socket, lock or thread behind
+            raise
+
+    def _setup(self, config: Config) -> None:
         self.layout = ShmLayout(config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size)
         self.bindings = BindingCache(config.cache_dir, config.schema)
         self.registry = EngineRegistry(config.engines)
@@ -107,7 +114,47 @@ class Daemon:
             other = daemon_state(self.prefix).get("pid", "?")
             raise MrpcError(f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
                             f"stop it or choose another --prefix") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.prefix / "mrpcd.lock").st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the daemon that held it removed it on exit: lock the new file instead
+            os.close(fd)
+            return self._lock_prefix()
         return fd
+
+    def _release_prefix(self) -> None:
+        """Undo a failed ``__init__``/``start``: close what exists, remove the prefix's files."""
+        for rt in getattr(self, "runtimes", ()):
+            try:
+                rt.stop()
+            except Exception:
+                log.exception("stopping runtime %s after a failed start failed", rt.name)
+        for name in ("app_listener", "op_listener", "listener"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes an accept thread blocked on it
+                except OSError:
+                    pass
+                sock.close()
+        operator = getattr(self, "operator", None)
+        if operator is not None:
+            operator.stop()
+        paths = [self.prefix / "mrpcd.json"]
+        if hasattr(self, "app_listener"):
+            paths.append(self.app_sock_path)
+        if hasattr(self, "op_listener"):
+            paths.append(self.op_sock_path)
+        self._unlink_and_unlock(paths)
+
+    def _unlink_and_unlock(self, paths: list[Path]) -> None:
+        for p in [*paths, self.prefix / "mrpcd.lock"]:  # the lock file last, while still held
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        os.close(self._lock_fd)
 
     def _tcp_listener(self) -> socket.socket:
         host, port = self.config.listen
@@ -128,7 +175,14 @@ class Daemon:
     def start(self) -> None:
         from mrpcd.operator import OperatorHandler
 
-        self.operator = OperatorHandler(self)
+        try:
+            self._start(OperatorHandler)
+        except BaseException:
+            self._release_prefix()
+            raise
+
+    def _start(self, operator_cls: Any) -> None:
+        self.operator = operator_cls(self)
         rt0 = self.runtimes[0]
         ingress_cls = load_engine_class(self.config.engines.get(self.config.transport, "engines.tcp"),
                                         name="tcp-ingress", attr="INGRESS")
@@ -188,12 +242,7 @@ class Daemon:
         self.listener.close()
         if self.operator is not None:
             self.operator.stop()
-        for p in (self.app_sock_path, self.op_sock_path, self.prefix / "mrpcd.json"):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-        os.close(self._lock_fd)  # last: until here the prefix's files are ours
+        self._unlink_and_unlock([self.app_sock_path, self.op_sock_path, self.prefix / "mrpcd.json"])
 
     def wait(self) -> None:
         self._stopping.wait()
@@ -507,12 +556,6 @@ class Daemon:
             except Exception:
                 log.exception("closing engine %s of %r failed", engine.NAME, app.name)
         dp.state = "closed"
-        for ring in (app.submit, app.complete):  # their views pin the ctl mapping (and its fd) until a GC
-            for view in (ring.words, ring.buf):
-                try:
-                    view.release()
-                except (BufferError, ValueError):
-                    pass
         app.close()
 
     def describe_apps(self) -> list[dict[str, Any]]:

@@ -20,7 +20,8 @@ import logging
 from collections import deque
 from typing import Any
 
-from mrpcd.engine import Engine, Rpc
+from libmrpc.status import StatusCode
+from mrpcd.engine import Engine, Rpc, RpcKind
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +130,34 @@ class Datapath:
                         "side": e.ctx.side.value, "method": e.ctx.method,
                         "config": e.config, "queued": len(e.tx_in) + len(e.rx_in)})
         return out
+
+
+def make_private(rpc: Rpc) -> bool:
+    """Give ``rpc`` a daemon-private image and ``view()`` if it has none.
+
+    A call marshalled before a content policy was attached (and held meanwhile,
+    e.g. by a delay-mode ratelimit or qos) still has zero-copy segments of the
+    app's send heap; copy them out now, so the bytes a policy checks are the
+    bytes sent. True when ``rpc.view()`` is now private; False when ``rpc``
+    carries no message (an error reply) or is not marshalled yet.
+    """
+    if rpc._view is not None:
+        return True
+    st = rpc._state
+    wire = getattr(st, "wire", None)
+    if wire is None or rpc.method is None or rpc.status is not StatusCode.OK:
+        return False
+    if rpc.kind is RpcKind.CALL:
+        binding, type_name = getattr(st, "binding", None), rpc.method.request
+    else:
+        binding, type_name = getattr(getattr(st, "call", None), "binding", None), rpc.method.response
+    if binding is None:
+        return False
+    head, segs = wire
+    image = bytearray(head)
+    for seg in segs:
+        image += seg
+    cls = binding.module.MESSAGES[type_name]
+    st.image, st.wire = image, (image, [])
+    rpc._view = lambda: cls._from_image(memoryview(image).toreadonly(), 0, st)
+    return True

@@ -14,8 +14,8 @@ from libmrpc.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from libmrpc.status import StatusCode
 from mrpcd.appstate import ConnSpec
 from mrpcd.engine import MockClock, RpcKind
-from tests.unit import test_engines_core as core
-from tests.unit.test_engines_core import _engine, echo
+from tests.unit.engines import test_engines_core as core
+from tests.unit.engines.test_engines_core import _engine, echo
 
 
 @pytest.fixture
