@@ -30,7 +30,7 @@ import itertools
 import logging
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from engines import tcp_resolve
@@ -309,7 +309,7 @@ class TcpTransport(Engine):
         if segs and not conn.closed:  # zero-copy: where the frames sit until the kernel took them
             start = conn.sendq.queued
             self.unsent[wire_id] = (conn, start, start + sum(len(f) for f in frames))
-            sent = functools.partial(self.unsent.pop, wire_id, None)
+            sent = self._sent_cb(wire_id)
         conn.queue(frames, sent)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
@@ -385,6 +385,15 @@ class TcpTransport(Engine):
         if not segs:
             reclaim()  # everything was copied into the header buffer already
         self.counters["replies_sent"] += 1
+
+    def _sent_cb(self, wire_id: int) -> Callable[[], None]:
+        """Forget where a call's frames sit once the kernel took them (or they were dropped)."""
+        unsent = self.unsent
+
+        def sent() -> None:
+            unsent.pop(wire_id, None)
+
+        return sent
 
     def _unpin(self, wire_id: int) -> None:
         """A call completes before the kernel took all of its request: copy the
