@@ -293,7 +293,15 @@ class ControlLoop:
         self._forget(conn)
         conn.sock.close()
         if conn.app is not None:
-            self._jobs.put(lambda: self.gone(conn, reason))
+            self._jobs.put(lambda: self._gone(conn, reason))
+
+    def _gone(self, conn: AppConn, reason: str) -> None:
+        """Clean up a registered app, then drop it: the timer heap may still hold
+        ``conn`` until its registration deadline passes."""
+        try:
+            self.gone(conn, reason)
+        finally:
+            conn.app = None
 
     # ------------------------------------------------------------------ workers
 
