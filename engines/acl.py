@@ -104,8 +104,9 @@ def _compile_rule(rule: Mapping[str, Any]) -> _Rule:
     elif "regex" in rule:
         search = re.compile(rule["regex"]).search
         test = lambda s: search(s) is not None
-    return _Rule(rule["name"], rule["action"] == "allow", pattern, field, test,
-                 rule.get("metadata"))
+    return _Rule(
+        rule["name"], rule["action"] == "allow", pattern, field, test, rule.get("metadata")
+    )
 
 
 class Acl(PolicyEngine):
@@ -117,8 +118,9 @@ class Acl(PolicyEngine):
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.counters.update({"allowed": 0, "denied": 0, "field_missing": 0, "read_errors": 0,
-                              "metadata_missing": 0})
+        self.counters.update(
+            {"allowed": 0, "denied": 0, "field_missing": 0, "read_errors": 0, "metadata_missing": 0}
+        )
         self._rules = [_compile_rule(r) for r in self.config["rules"]]
         self._hits: dict[str, int] = {r.name: 0 for r in self._rules}
 
@@ -139,8 +141,10 @@ class Acl(PolicyEngine):
         for i, rule in enumerate(rules):
             checked = cls._validate_rule(i, rule)
             if checked["name"] in names:
-                raise ConfigError(f"{cls.NAME}: rules[{i}].name: {checked['name']!r} is used "
-                                  f"twice; rule names must be unique")
+                raise ConfigError(
+                    f"{cls.NAME}: rules[{i}].name: {checked['name']!r} is used "
+                    f"twice; rule names must be unique"
+                )
             names.add(checked["name"])
             out["rules"].append(checked)
         return out
@@ -152,39 +156,56 @@ class Acl(PolicyEngine):
             raise ConfigError(f"{where}: expected a mapping with name and action, got {rule!r}")
         unknown = sorted(map(str, set(rule) - RULE_KEYS))
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected "
-                              f"{', '.join(sorted(RULE_KEYS))}")
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; expected "
+                f"{', '.join(sorted(RULE_KEYS))}"
+            )
         name = rule.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name: required, a non-empty string; got {name!r}")
         where = f"{cls.NAME}: rule {name!r}"
         if rule.get("action") not in ("allow", "deny"):
-            raise ConfigError(f"{where}: action: expected allow or deny, "
-                              f"got {rule.get('action')!r}")
-        out: dict[str, Any] = {"name": name, "action": rule["action"],
-                               "method": rule.get("method"), "field": rule.get("field")}
+            raise ConfigError(
+                f"{where}: action: expected allow or deny, got {rule.get('action')!r}"
+            )
+        out: dict[str, Any] = {
+            "name": name,
+            "action": rule["action"],
+            "method": rule.get("method"),
+            "field": rule.get("field"),
+        }
         if out["method"] is not None and (not isinstance(out["method"], str) or not out["method"]):
-            raise ConfigError(f"{where}: method: expected a method name, path or glob like "
-                              f'"/kv.KV/*", got {out["method"]!r}')
+            raise ConfigError(
+                f"{where}: method: expected a method name, path or glob like "
+                f'"/kv.KV/*", got {out["method"]!r}'
+            )
         key = rule.get("metadata")
         if key is not None:
             if out["field"] is not None:
                 raise ConfigError(f"{where}: give field or metadata, not both")
             if not isinstance(key, str) or not METADATA_KEY.fullmatch(key):
-                raise ConfigError(f"{where}: metadata: expected a lowercase metadata key like "
-                                  f"authorization, got {key!r}")
+                raise ConfigError(
+                    f"{where}: metadata: expected a lowercase metadata key like "
+                    f"authorization, got {key!r}"
+                )
             out["metadata"] = key
         field = out["field"] if key is None else key
-        if key is None and field is not None and (not isinstance(field, str)
-                                                  or not FIELD_PATH.fullmatch(field)):
-            raise ConfigError(f"{where}: field: expected a dotted field path like user.name, "
-                              f"got {field!r}")
+        if (
+            key is None
+            and field is not None
+            and (not isinstance(field, str) or not FIELD_PATH.fullmatch(field))
+        ):
+            raise ConfigError(
+                f"{where}: field: expected a dotted field path like user.name, got {field!r}"
+            )
         used = [m for m in MATCHERS if m in rule]
         if field is None and used:
             raise ConfigError(f"{where}: {used[0]}: needs a field to compare")
         if field is not None and len(used) != 1:
-            raise ConfigError(f"{where}: expected exactly one of {', '.join(MATCHERS)} "
-                              f"with field {field!r}, got {used or 'none'}")
+            raise ConfigError(
+                f"{where}: expected exactly one of {', '.join(MATCHERS)} "
+                f"with field {field!r}, got {used or 'none'}"
+            )
         for m in used:
             out[m] = cls._validate_matcher(where, m, rule[m])
         return out
@@ -193,21 +214,28 @@ class Acl(PolicyEngine):
     def _validate_matcher(where: str, kind: str, value: object) -> object:
         scalar = (str, int, bool)
         if kind == "equals" and not isinstance(value, scalar):
-            raise ConfigError(f"{where}: equals: expected a string, integer or boolean, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{where}: equals: expected a string, integer or boolean, got {value!r}"
+            )
         if kind in ("prefix", "regex") and not isinstance(value, str):
             raise ConfigError(f"{where}: {kind}: expected a string, got {value!r}")
         if kind == "regex":
             try:
                 re.compile(str(value))
             except re.error as exc:
-                raise ConfigError(f"{where}: regex: {value!r} is not a valid regular "
-                                  f"expression: {exc}") from None
+                raise ConfigError(
+                    f"{where}: regex: {value!r} is not a valid regular expression: {exc}"
+                ) from None
         if kind == "in":
-            if not isinstance(value, list) or not value or not all(
-                    isinstance(v, scalar) for v in value):
-                raise ConfigError(f"{where}: in: expected a non-empty list of strings, integers "
-                                  f"or booleans, got {value!r}")
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, scalar) for v in value)
+            ):
+                raise ConfigError(
+                    f"{where}: in: expected a non-empty list of strings, integers "
+                    f"or booleans, got {value!r}"
+                )
             return list(value)
         return value
 
@@ -229,8 +257,9 @@ class Acl(PolicyEngine):
             names = (m.path, m.name, f"{m.service}/{m.name}")
         values: dict[tuple[str, ...], object] = {}  # field -> private text copy, read once
         for rule in self._rules:
-            if rule.method is not None and (names is None
-                                            or not any(rule.method.match(n) for n in names)):
+            if rule.method is not None and (
+                names is None or not any(rule.method.match(n) for n in names)
+            ):
                 continue
             text = None
             if rule.metadata is not None:
@@ -246,15 +275,19 @@ class Acl(PolicyEngine):
                         values[rule.field] = self._read(rpc, rule.field)
                     except LookupError as exc:  # could not be checked: fails closed
                         self.counters["read_errors"] += 1
-                        return Reject(StatusCode.UNAVAILABLE,
-                                      f"policy {self.ctx.engine_id} could not check {self._path(rpc)}: "
-                                      f"{exc}; the call was not sent, retry it")
+                        return Reject(
+                            StatusCode.UNAVAILABLE,
+                            f"policy {self.ctx.engine_id} could not check {self._path(rpc)}: "
+                            f"{exc}; the call was not sent, retry it",
+                        )
                     except Exception as exc:  # noqa: BLE001 - malformed content fails closed
                         self.counters["read_errors"] += 1
-                        return Reject(StatusCode.INVALID_ARGUMENT,
-                                      f"policy {self.ctx.engine_id} could not read field "
-                                      f"{'.'.join(rule.field)} of {self._path(rpc)}: {exc}; "
-                                      f"the request is malformed")
+                        return Reject(
+                            StatusCode.INVALID_ARGUMENT,
+                            f"policy {self.ctx.engine_id} could not read field "
+                            f"{'.'.join(rule.field)} of {self._path(rpc)}: {exc}; "
+                            f"the request is malformed",
+                        )
                 value = values[rule.field]
                 if value is _MISSING:
                     self.counters["field_missing"] += 1
@@ -292,8 +325,9 @@ class Acl(PolicyEngine):
     def _path(rpc: Rpc) -> str:
         return rpc.method.path if rpc.method is not None else "<unknown method>"
 
-    def _verdict(self, rpc: Rpc, allow: bool, rule: _Rule | None,
-                 text: str | None) -> Verdict | Reject:
+    def _verdict(
+        self, rpc: Rpc, allow: bool, rule: _Rule | None, text: str | None
+    ) -> Verdict | Reject:
         if allow:
             self.counters["allowed"] += 1
             return Verdict.PASS
@@ -308,9 +342,11 @@ class Acl(PolicyEngine):
             if rule.field is not None and text is not None:
                 shown = text if len(text) <= 64 else text[:64] + "..."
                 why += f" {'.'.join(rule.field)}={shown!r}"
-        return Reject(StatusCode.PERMISSION_DENIED,
-                      f"{why}; ask the operator to change the policy if this call should be "
-                      f"allowed (`mrpcctl list` shows the rules of {eid})")
+        return Reject(
+            StatusCode.PERMISSION_DENIED,
+            f"{why}; ask the operator to change the policy if this call should be "
+            f"allowed (`mrpcctl list` shows the rules of {eid})",
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -334,8 +370,10 @@ class Acl(PolicyEngine):
         if op == "stats":
             return {"engine": self.NAME, "id": self.ctx.engine_id, "stats": self.statistics()}
         if op == "rules":
-            return {"default": self.config["default"],
-                    "rules": [dict(r, hits=self._hits[r["name"]]) for r in self.config["rules"]]}
+            return {
+                "default": self.config["default"],
+                "rules": [dict(r, hits=self._hits[r["name"]]) for r in self.config["rules"]],
+            }
         return super().handle_request(cmd)
 
 

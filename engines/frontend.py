@@ -86,8 +86,12 @@ class Frontend(Engine):
         self._refs: dict[tuple[int, int], MethodRef] = {}
         self.outgoing: dict[int, Rpc] = {}  # this app's calls in flight (to cancel them)
         self.cancel_notices: deque[Rpc] = deque()  # inbound calls their callers cancelled
-        self.counters = {"submitted": 0, "completed": 0, "rejected_descriptors": 0,
-                         "refused_inbound": 0}
+        self.counters = {
+            "submitted": 0,
+            "completed": 0,
+            "rejected_descriptors": 0,
+            "refused_inbound": 0,
+        }
 
     # ------------------------------------------------------------------ tx
 
@@ -193,56 +197,87 @@ class Frontend(Engine):
                 app.recv_heap.free(off)
             except ValueError:
                 self.counters["rejected_descriptors"] += 1
-                self.ctx.log.warning("app %r released receive-heap offset %d it does not hold",
-                                     app.name, off)
+                self.ctx.log.warning(
+                    "app %r released receive-heap offset %d it does not hold", app.name, off
+                )
         elif kind == SUB_CANCEL:
             self._cancel(call_id)
         else:
             self.counters["rejected_descriptors"] += 1
             self.ctx.log.warning("app %r posted a descriptor of unknown kind %d", app.name, kind)
 
-    def _fail_call(self, call_id: int, code: StatusCode, details: str, state: object = None) -> None:
+    def _fail_call(
+        self, call_id: int, code: StatusCode, details: str, state: object = None
+    ) -> None:
         self.counters["rejected_descriptors"] += 1
-        self.rx_in.append(Rpc(RpcKind.REPLY, self.app.name, self.app.pid, call_id, None,
-                              status=code, details=details, _state=state))
+        self.rx_in.append(
+            Rpc(
+                RpcKind.REPLY,
+                self.app.name,
+                self.app.pid,
+                call_id,
+                None,
+                status=code,
+                details=details,
+                _state=state,
+            )
+        )
 
     def _call(self, d: tuple[int, ...]) -> bool:
         """Take one CALL descriptor; False when the quotas make it wait (untouched)."""
         _kind, flags, _status, conn_id, call_id, method_id, _aux, off, md_off, deadline_ns = d
         app = self.app
         if call_id in app.inflight:  # refuse it without touching the call that holds the id
-            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                            f"call id {call_id} is already in flight; this call was not sent",
-                            _DUPLICATE)
+            self._fail_call(
+                call_id,
+                StatusCode.INVALID_ARGUMENT,
+                f"call id {call_id} is already in flight; this call was not sent",
+                _DUPLICATE,
+            )
             return True
         adm = self.admission
         if adm.wait_reason(len(self.backlog)) is not None:
             return False
         spec = app.conns.get(conn_id)
         if spec is None:
-            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                            f"call {call_id} names connection {conn_id}, which this app never opened")
+            self._fail_call(
+                call_id,
+                StatusCode.INVALID_ARGUMENT,
+                f"call {call_id} names connection {conn_id}, which this app never opened",
+            )
             return True
         binding = app.bindings[spec.slot]
         methods = binding.module.METHODS
         if not 0 <= method_id < len(methods):
-            self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
-                            f"method id {method_id} is not in schema {binding.schema_hash}")
+            self._fail_call(
+                call_id,
+                StatusCode.UNIMPLEMENTED,
+                f"method id {method_id} is not in schema {binding.schema_hash}",
+            )
             return True
         info = methods[method_id]
         if info.client_streaming or info.server_streaming:
-            self._fail_call(call_id, StatusCode.UNIMPLEMENTED,
-                            f"{info.path} is a streaming method; mrpc serves unary methods only")
+            self._fail_call(
+                call_id,
+                StatusCode.UNIMPLEMENTED,
+                f"{info.path} is a streaming method; mrpc serves unary methods only",
+            )
             return True
         if off <= 0 or off % 8 or off >= len(app.send_view):
-            self._fail_call(call_id, StatusCode.INVALID_ARGUMENT,
-                            f"call {call_id}: request record offset {off} is outside the send heap")
+            self._fail_call(
+                call_id,
+                StatusCode.INVALID_ARGUMENT,
+                f"call {call_id}: request record offset {off} is outside the send heap",
+            )
             return True
         now = self.ctx.clock.now()
         deadline = to_clock(app_deadline(deadline_ns, time.monotonic()), now)
         if deadline is not None and deadline <= now:
-            self._fail_call(call_id, StatusCode.DEADLINE_EXCEEDED,
-                            f"call {call_id} to {info.path}: its deadline passed before mrpcd took it")
+            self._fail_call(
+                call_id,
+                StatusCode.DEADLINE_EXCEEDED,
+                f"call {call_id} to {info.path}: its deadline passed before mrpcd took it",
+            )
             return True
         metadata: md.Metadata = ()
         if flags & SUBF_METADATA:
@@ -254,8 +289,17 @@ class Frontend(Engine):
         ref = self._refs.get((spec.slot, method_id))
         if ref is None:
             ref = self._refs[(spec.slot, method_id)] = MethodRef.of(info)
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, call_id, ref, deadline=deadline, created=now,
-                  metadata=metadata, _state=TxCall(spec, binding, off))
+        rpc = Rpc(
+            RpcKind.CALL,
+            app.name,
+            app.pid,
+            call_id,
+            ref,
+            deadline=deadline,
+            created=now,
+            metadata=metadata,
+            _state=TxCall(spec, binding, off),
+        )
         max_size = adm.size_limit(self.max_message_size)
         try:
             self._marshal(rpc, binding.module, info.request, max_size)
@@ -265,8 +309,11 @@ class Frontend(Engine):
                 return True
             if adm.must_wait(e.at_least):
                 return False
-            self._fail_call(call_id, StatusCode.RESOURCE_EXHAUSTED,
-                            adm.too_big_details(f"request for {info.path}", e.at_least))
+            self._fail_call(
+                call_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                adm.too_big_details(f"request for {info.path}", e.at_least),
+            )
             return True
         except WireError as e:
             self._fail_call(call_id, e.status, f"bad request for {info.path}: {e}")
@@ -285,12 +332,14 @@ class Frontend(Engine):
             raise md.MetadataError(f"metadata block offset {off} is outside the send heap")
         n = md.block_size(view, off)
         if n > self.max_metadata_size:
-            raise md.MetadataError(f"metadata of {n} bytes exceeds the limit of "
-                                   f"{self.max_metadata_size} bytes; send less metadata",
-                                   StatusCode.RESOURCE_EXHAUSTED)
+            raise md.MetadataError(
+                f"metadata of {n} bytes exceeds the limit of "
+                f"{self.max_metadata_size} bytes; send less metadata",
+                StatusCode.RESOURCE_EXHAUSTED,
+            )
         if off + n > len(view):
             raise md.MetadataError(f"metadata block of {n} bytes at {off} runs past the send heap")
-        return md.decode(bytes(view[off:off + n]), self.max_metadata_size)
+        return md.decode(bytes(view[off : off + n]), self.max_metadata_size)
 
     def _reply(self, token: int, status: int, off: int, length: int, md_off: int = 0) -> None:
         app = self.app
@@ -313,27 +362,49 @@ class Frontend(Engine):
             try:
                 trailing = self._metadata(md_off)
             except md.MetadataError as e:
-                code, details = StatusCode.INTERNAL, (f"server app {app.name!r} returned bad "
-                                                      f"trailing metadata: {e}")
-        reply = Rpc(RpcKind.REPLY, app.name, app.pid, token, call.method, deadline=call.deadline,
-                    status=code, details=details, created=call.created, meta=call.meta,
-                    metadata=trailing, _state=TxReply(rx, off if code is StatusCode.OK else 0))
+                code, details = (
+                    StatusCode.INTERNAL,
+                    (f"server app {app.name!r} returned bad trailing metadata: {e}"),
+                )
+        reply = Rpc(
+            RpcKind.REPLY,
+            app.name,
+            app.pid,
+            token,
+            call.method,
+            deadline=call.deadline,
+            status=code,
+            details=details,
+            created=call.created,
+            meta=call.meta,
+            metadata=trailing,
+            _state=TxReply(rx, off if code is StatusCode.OK else 0),
+        )
         if code is StatusCode.OK:
             if off <= 0 or off % 8 or off >= len(app.send_view):
                 reply.status = StatusCode.INTERNAL
-                reply.details = f"server app {app.name!r} replied with a record offset outside its heap"
+                reply.details = (
+                    f"server app {app.name!r} replied with a record offset outside its heap"
+                )
                 reply._state.rec_off = 0
             else:
                 max_size = self.admission.size_limit(self.max_message_size)
                 try:
-                    self._marshal(reply, rx.binding.module, call.method.response if call.method else "",
-                                  max_size)
+                    self._marshal(
+                        reply,
+                        rx.binding.module,
+                        call.method.response if call.method else "",
+                        max_size,
+                    )
                 except TooBig as e:
                     reply.status = StatusCode.RESOURCE_EXHAUSTED
-                    reply.details = (f"server app {app.name!r} returned a reply too large: {e}"
-                                     if max_size >= self.max_message_size else
-                                     self.admission.too_big_details(
-                                         f"server app {app.name!r}'s reply", e.at_least))
+                    reply.details = (
+                        f"server app {app.name!r} returned a reply too large: {e}"
+                        if max_size >= self.max_message_size
+                        else self.admission.too_big_details(
+                            f"server app {app.name!r}'s reply", e.at_least
+                        )
+                    )
                     reply._state.rec_off = 0
                 except (WireError, KeyError) as e:
                     reply.status = StatusCode.INTERNAL
@@ -353,8 +424,8 @@ class Frontend(Engine):
         dp = self.app.datapath
         private = dp is not None and dp.content
         head, segs = module.MARSHAL[type_name](
-            self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min,
-            max_size)
+            self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min, max_size
+        )
         if private:
             for seg in segs:  # a fully private image has none; be safe anyway
                 head += seg
@@ -369,14 +440,26 @@ class Frontend(Engine):
         view = self.app.send_view
         if length <= 0 or off <= 0 or off + length > len(view):
             return ""
-        return bytes(view[off:off + min(length, MAX_DETAILS)]).decode("utf-8", "replace")
+        return bytes(view[off : off + min(length, MAX_DETAILS)]).decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ rx
 
-    def _push(self, kind: int, status: int, call_id: int, method: int, aux: int, off: int,
-              length: int, deadline_ns: int = 0, flags: int = 0, conn: int = 0) -> bool:
-        return self.app.complete.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, aux,
-                                      off, length, deadline_ns)
+    def _push(
+        self,
+        kind: int,
+        status: int,
+        call_id: int,
+        method: int,
+        aux: int,
+        off: int,
+        length: int,
+        deadline_ns: int = 0,
+        flags: int = 0,
+        conn: int = 0,
+    ) -> bool:
+        return self.app.complete.push(
+            DESCRIPTOR, kind, flags, status, conn, call_id, method, aux, off, length, deadline_ns
+        )
 
     def _land(self, landed: Landed) -> int:
         """Receive-heap offset of an image, copying a private one in first."""
@@ -384,7 +467,7 @@ class Frontend(Engine):
             return landed.heap_off
         off = self.app.recv_heap.alloc(landed.length)
         assert landed.private is not None
-        self.app.recv_view[off:off + landed.length] = landed.private
+        self.app.recv_view[off : off + landed.length] = landed.private
         landed.heap_off, landed.private = off, None
         return off
 
@@ -392,7 +475,7 @@ class Frontend(Engine):
         """Receive-heap offset of ``metadata`` encoded for the app; raises HeapExhausted."""
         block = md.encode(metadata)
         at = self.app.recv_heap.alloc(len(block))
-        self.app.recv_view[at:at + len(block)] = block
+        self.app.recv_view[at : at + len(block)] = block
         return at
 
     def _text(self, details: str) -> tuple[int, int]:
@@ -403,7 +486,7 @@ class Frontend(Engine):
             off = self.app.recv_heap.alloc(len(data))
         except HeapExhausted:
             return 0, 0
-        self.app.recv_view[off:off + len(data)] = data
+        self.app.recv_view[off : off + len(data)] = data
         return off, len(data)
 
     def _complete(self, rpc: Rpc) -> bool:
@@ -414,8 +497,9 @@ class Frontend(Engine):
         if rpc.kind is RpcKind.REPLY:
             if rpc._state is _DUPLICATE:  # refuses a second post of an id: not the call's outcome
                 off, n = self._text(rpc.details)
-                return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
-                                  flags=CMPF_DUPLICATE)
+                return self._push(
+                    CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n, flags=CMPF_DUPLICATE
+                )
             self.admission.release_call(rpc.call_id)
             self.outgoing.pop(rpc.call_id, None)
             landed = rpc._state if isinstance(rpc._state, Landed) else None
@@ -427,7 +511,10 @@ class Frontend(Engine):
                     if landed is not None and landed.heap_off is not None:
                         app.recv_heap.free(landed.heap_off)
                         landed.heap_off = None
-                    rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, f"trailing metadata: {e}"
+                    rpc.status, rpc.details = (
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"trailing metadata: {e}",
+                    )
             md_flag = CMPF_METADATA if md_at else 0
             if rpc.status is StatusCode.OK and landed is not None:
                 try:
@@ -436,28 +523,52 @@ class Frontend(Engine):
                     rpc.status, rpc.details = StatusCode.RESOURCE_EXHAUSTED, str(e)
                 else:
                     app.counters["replies"] += 1
-                    return self._push(CMP_REPLY, 0, rpc.call_id, 0, 0, off, landed.length,
-                                      flags=md_flag, conn=md_at >> 3)
+                    return self._push(
+                        CMP_REPLY,
+                        0,
+                        rpc.call_id,
+                        0,
+                        0,
+                        off,
+                        landed.length,
+                        flags=md_flag,
+                        conn=md_at >> 3,
+                    )
             app.counters["errors"] += 1
             off, n = self._text(rpc.details)
-            return self._push(CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n,
-                              flags=md_flag, conn=md_at >> 3)
+            return self._push(
+                CMP_REPLY,
+                int(rpc.status),
+                rpc.call_id,
+                0,
+                0,
+                off,
+                n,
+                flags=md_flag,
+                conn=md_at >> 3,
+            )
         if rpc.kind is RpcKind.CALL:
             rx: RxCall = rpc._state
             assert rx.landed is not None
             if rpc._cancelled:  # its caller cancelled it before it got here
-                self.tx_out.append(rpc.error_reply(StatusCode.CANCELLED, "the caller cancelled the call"))
+                self.tx_out.append(
+                    rpc.error_reply(StatusCode.CANCELLED, "the caller cancelled the call")
+                )
                 return True
             if self.admission.serving_full():
-                self._refuse(rpc, f"server app {app.name!r} already holds "
-                                  f"{len(app.server_calls)} calls it has not answered "
-                                  f"(limits.calls_in_flight); retry later")
+                self._refuse(
+                    rpc,
+                    f"server app {app.name!r} already holds "
+                    f"{len(app.server_calls)} calls it has not answered "
+                    f"(limits.calls_in_flight); retry later",
+                )
                 return True
             try:
                 off = self._land(rx.landed)
             except HeapExhausted as e:
-                self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
-                                                   f"server app {app.name!r}: {e}"))
+                self.tx_out.append(
+                    rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
+                )
                 return True
             md_at, md_flag = 0, 0
             if rpc.metadata:
@@ -467,18 +578,29 @@ class Frontend(Engine):
                 except HeapExhausted as e:
                     app.recv_heap.free(off)
                     rx.landed.heap_off = None
-                    self.tx_out.append(rpc.error_reply(StatusCode.RESOURCE_EXHAUSTED,
-                                                       f"server app {app.name!r}: {e}"))
+                    self.tx_out.append(
+                        rpc.error_reply(
+                            StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}"
+                        )
+                    )
                     return True
-                app.recv_view[md_at:md_at + len(block)] = block
+                app.recv_view[md_at : md_at + len(block)] = block
                 md_flag = CMPF_METADATA
             method_id = rpc.method.id if rpc.method else 0
             app.server_calls[rpc.call_id] = rpc
             app.counters["served"] += 1
-            return self._push(CMP_REQUEST, 0, rpc.call_id, method_id, rx.binding.slot, off,
-                              rx.landed.length, deadline_field(to_monotonic(rpc.deadline, self.ctx.clock.now())),
-                              flags=md_flag,
-                              conn=md_at >> 3)
+            return self._push(
+                CMP_REQUEST,
+                0,
+                rpc.call_id,
+                method_id,
+                rx.binding.slot,
+                off,
+                rx.landed.length,
+                deadline_field(to_monotonic(rpc.deadline, self.ctx.clock.now())),
+                flags=md_flag,
+                conn=md_at >> 3,
+            )
         if rpc.kind is RpcKind.RECLAIM:
             self.admission.release_reply(rpc.call_id)
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)
@@ -492,7 +614,9 @@ class Frontend(Engine):
     def _broken(self, error: Exception) -> None:
         """The app wrote impossible ring counters: disconnect it (the daemon cleans up)."""
         app = self.app
-        self.ctx.log.error("app %r (pid %d) corrupted its rings (%s); disconnecting it", app.name, app.pid, error)
+        self.ctx.log.error(
+            "app %r (pid %d) corrupted its rings (%s); disconnecting it", app.name, app.pid, error
+        )
         app.closed = True
         on_broken = self.ctx.services.get("on_app_broken")
         if on_broken is not None:
@@ -530,8 +654,11 @@ class Frontend(Engine):
         while rx_in:
             rpc = rx_in.popleft()
             if rpc.kind is RpcKind.CALL and len(backlog) >= bound:
-                self._refuse(rpc, f"server app {self.app.name!r} is not reading its completions "
-                                  f"({len(backlog)} wait; limits.completion_backlog); retry later")
+                self._refuse(
+                    rpc,
+                    f"server app {self.app.name!r} is not reading its completions "
+                    f"({len(backlog)} wait; limits.completion_backlog); retry later",
+                )
             else:
                 backlog.append(rpc)
 
@@ -567,14 +694,25 @@ class Frontend(Engine):
 
     def statistics(self) -> dict[str, int | float]:
         adm = self.admission
-        return dict(self.counters, backlog=len(self.backlog), pending=len(self.pending),
-                    inflight_bytes=self.app.bytes_inflight, too_big=adm.too_big,
-                    held=int(self.held), **{f"holds_{k}": v for k, v in adm.holds.items()})
+        return dict(
+            self.counters,
+            backlog=len(self.backlog),
+            pending=len(self.pending),
+            inflight_bytes=self.app.bytes_inflight,
+            too_big=adm.too_big,
+            held=int(self.held),
+            **{f"holds_{k}": v for k, v in adm.holds.items()},
+        )
 
     def decompose(self) -> dict[str, Any]:
-        state = {"backlog": list(self.backlog), "pending": list(self.pending),
-                 "counters": dict(self.counters), "refs": self._refs,
-                 "outgoing": dict(self.outgoing), "cancel_notices": list(self.cancel_notices)}
+        state = {
+            "backlog": list(self.backlog),
+            "pending": list(self.pending),
+            "counters": dict(self.counters),
+            "refs": self._refs,
+            "outgoing": dict(self.outgoing),
+            "cancel_notices": list(self.cancel_notices),
+        }
         self.backlog.clear()
         self.pending.clear()
         return state

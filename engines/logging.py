@@ -64,8 +64,7 @@ class AccessLog(PolicyEngine):
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.counters.update({"logged": 0, "unmatched_replies": 0, "evicted": 0,
-                              "write_errors": 0})
+        self.counters.update({"logged": 0, "unmatched_replies": 0, "evicted": 0, "write_errors": 0})
         self._inflight: dict[int, tuple[float, int]] = {}  # call_id -> (start, request bytes)
         self._stream = self._open(self.config["file"])
 
@@ -81,8 +80,9 @@ class AccessLog(PolicyEngine):
         out["file"] = file
         rate = config.get("sample_rate", DEFAULTS["sample_rate"])
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"{cls.NAME}: sample_rate: expected a number from 0.0 to 1.0, "
-                              f"got {rate!r}")
+            raise ConfigError(
+                f"{cls.NAME}: sample_rate: expected a number from 0.0 to 1.0, got {rate!r}"
+            )
         out["sample_rate"] = float(rate)
         limit = config.get("max_inflight", DEFAULTS["max_inflight"])
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -97,9 +97,11 @@ class AccessLog(PolicyEngine):
         try:
             return open(file, "a", buffering=1, encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{self.NAME}: file: cannot open {file!r} for appending: "
-                              f"{exc.strerror or exc}; check the path and the daemon's "
-                              f"permissions") from None
+            raise ConfigError(
+                f"{self.NAME}: file: cannot open {file!r} for appending: "
+                f"{exc.strerror or exc}; check the path and the daemon's "
+                f"permissions"
+            ) from None
 
     def update_config(self, config: Mapping[str, Any]) -> None:
         """All or nothing: a new file is opened before the old one is closed."""
@@ -116,8 +118,9 @@ class AccessLog(PolicyEngine):
 
     def do_work(self) -> int:
         send = self.ctx.side is Side.SEND
-        return (self._pump(self.tx_in, self.tx_out, calls=send)
-                + self._pump(self.rx_in, self.rx_out, calls=not send))
+        return self._pump(self.tx_in, self.tx_out, calls=send) + self._pump(
+            self.rx_in, self.rx_out, calls=not send
+        )
 
     def _pump(self, src: deque[Rpc], dst: deque[Rpc], *, calls: bool) -> int:
         """Move ``src`` to ``dst``: decide our side's CALLs, log the REPLYs coming back."""
@@ -153,18 +156,21 @@ class AccessLog(PolicyEngine):
             req_bytes = str(start[1])
             latency = str(round((self.ctx.clock.now() - start[0]) * 1e6))
         ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        line = (f"ts={ts} app={_value(rpc.app)} side={self.ctx.side.value} "
-                f"method={_value(rpc.method.path if rpc.method else '-')} "
-                f"status={rpc.status.name} req_bytes={req_bytes} resp_bytes={rpc.size} "
-                f"latency_us={latency} call_id={rpc.call_id}")
+        line = (
+            f"ts={ts} app={_value(rpc.app)} side={self.ctx.side.value} "
+            f"method={_value(rpc.method.path if rpc.method else '-')} "
+            f"status={rpc.status.name} req_bytes={req_bytes} resp_bytes={rpc.size} "
+            f"latency_us={latency} call_id={rpc.call_id}"
+        )
         if rpc.is_error and rpc.details:
             line += f" details={json.dumps(rpc.details[:200])}"
         try:
             (self._stream or sys.stderr).write(line + "\n")
         except (OSError, ValueError):  # ValueError: the stream was closed under us
             if not self.counters["write_errors"]:
-                log.exception("%s: cannot write the access log to %s", self.ctx.engine_id,
-                              self.config["file"])
+                log.exception(
+                    "%s: cannot write the access log to %s", self.ctx.engine_id, self.config["file"]
+                )
             self.counters["write_errors"] += 1
         else:
             self.counters["logged"] += 1
@@ -178,13 +184,16 @@ class AccessLog(PolicyEngine):
 
     def decompose(self) -> dict[str, Any]:
         """Counters and the calls in flight (their start times and request sizes)."""
-        return {"counters": dict(self.counters),
-                "inflight": [[cid, t, size] for cid, (t, size) in self._inflight.items()]}
+        return {
+            "counters": dict(self.counters),
+            "inflight": [[cid, t, size] for cid, (t, size) in self._inflight.items()],
+        }
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         super().load_state(state, prev_version)
-        self._inflight = {int(cid): (float(t), int(size))
-                          for cid, t, size in state.get("inflight", [])}
+        self._inflight = {
+            int(cid): (float(t), int(size)) for cid, t, size in state.get("inflight", [])
+        }
 
     def handle_request(self, cmd: Mapping[str, Any]) -> dict[str, Any]:
         """``stats`` -> counters; ``reopen`` -> reopen the file (after log rotation)."""

@@ -50,11 +50,29 @@ try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
     from prometheus_client import generate_latest as _generate_latest
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError("the metrics engine needs prometheus_client: pip install 'mrpc[metrics]'") \
-        from exc
+    raise ImportError(
+        "the metrics engine needs prometheus_client: pip install 'mrpc[metrics]'"
+    ) from exc
 
-LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 DEFAULTS: dict[str, Any] = {"max_inflight": 1_000_000}
 #: gRPC's canonical code names, as go-grpc-prometheus puts them in ``grpc_code``.
 CODE_NAMES = {c: "".join(p.capitalize() for p in c.name.split("_")) for c in StatusCode}
@@ -73,23 +91,39 @@ class _Families:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        m, mc = ("app", "grpc_service", "grpc_method"), ("app", "grpc_service", "grpc_method",
-                                                         "grpc_code")
+        m, mc = (
+            ("app", "grpc_service", "grpc_method"),
+            ("app", "grpc_service", "grpc_method", "grpc_code"),
+        )
         self.started: dict[str, Counter] = {}
         self.handled: dict[str, Counter] = {}
         self.seconds: dict[str, Histogram] = {}
         for role in ("client", "server"):
-            self.started[role] = Counter(f"grpc_{role}_started_total",
-                                         f"RPCs started on the {role} (mrpc).", m,
-                                         registry=registry)
-            self.handled[role] = Counter(f"grpc_{role}_handled_total",
-                                         f"RPCs completed on the {role}, by status code (mrpc).",
-                                         mc, registry=registry)
-            self.seconds[role] = Histogram(f"grpc_{role}_handling_seconds",
-                                           f"Seconds from call to reply on the {role} (mrpc).",
-                                           m, buckets=LATENCY_BUCKETS, registry=registry)
-        self.bytes = Counter("mrpc_rpc_bytes_total", "Message bytes through mrpc policies.",
-                             ("app", "direction"), registry=registry)
+            self.started[role] = Counter(
+                f"grpc_{role}_started_total",
+                f"RPCs started on the {role} (mrpc).",
+                m,
+                registry=registry,
+            )
+            self.handled[role] = Counter(
+                f"grpc_{role}_handled_total",
+                f"RPCs completed on the {role}, by status code (mrpc).",
+                mc,
+                registry=registry,
+            )
+            self.seconds[role] = Histogram(
+                f"grpc_{role}_handling_seconds",
+                f"Seconds from call to reply on the {role} (mrpc).",
+                m,
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+        self.bytes = Counter(
+            "mrpc_rpc_bytes_total",
+            "Message bytes through mrpc policies.",
+            ("app", "direction"),
+            registry=registry,
+        )
 
 
 def families(registry: CollectorRegistry) -> Any:
@@ -111,8 +145,9 @@ def render(registry: CollectorRegistry | None = None) -> bytes:
     return _generate_latest(registry if registry is not None else _default_registry)
 
 
-def start_http_server(registry: CollectorRegistry | None, host: str = "127.0.0.1",
-                      port: int = 0) -> tuple[ThreadingHTTPServer, int]:
+def start_http_server(
+    registry: CollectorRegistry | None, host: str = "127.0.0.1", port: int = 0
+) -> tuple[ThreadingHTTPServer, int]:
     """Serve ``GET /metrics`` from a daemon thread; return ``(server, bound_port)``.
 
     ``port=0`` picks a free port. Stop with ``server.shutdown(); server.server_close()``.
@@ -137,8 +172,7 @@ def start_http_server(registry: CollectorRegistry | None, host: str = "127.0.0.1
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name=f"mrpc-metrics-{port}",
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name=f"mrpc-metrics-{port}", daemon=True)
     thread.start()
     return server, int(server.server_address[1])
 
@@ -154,8 +188,11 @@ class Metrics(PolicyEngine):
         self.counters.update({"replies": 0, "unmatched_replies": 0, "evicted": 0})
         fam = families(self._registry())
         role = "client" if ctx.side is Side.SEND else "server"
-        self._started, self._handled, self._seconds = (fam.started[role], fam.handled[role],
-                                                       fam.seconds[role])
+        self._started, self._handled, self._seconds = (
+            fam.started[role],
+            fam.handled[role],
+            fam.seconds[role],
+        )
         self._tx_bytes = fam.bytes.labels(ctx.app, "tx")
         self._rx_bytes = fam.bytes.labels(ctx.app, "rx")
         self._children: dict[Any, Any] = {}  # label-child cache: (kind, path[, code]) -> child
@@ -179,8 +216,9 @@ class Metrics(PolicyEngine):
 
     def do_work(self) -> int:
         send = self.ctx.side is Side.SEND
-        return (self._pump(self.tx_in, self.tx_out, self._tx_bytes, calls=send)
-                + self._pump(self.rx_in, self.rx_out, self._rx_bytes, calls=not send))
+        return self._pump(self.tx_in, self.tx_out, self._tx_bytes, calls=send) + self._pump(
+            self.rx_in, self.rx_out, self._rx_bytes, calls=not send
+        )
 
     def _pump(self, src: deque[Rpc], dst: deque[Rpc], nbytes: Any, *, calls: bool) -> int:
         """Move ``src`` to ``dst``: decide our side's CALLs, observe the REPLYs coming back."""
@@ -239,8 +277,10 @@ class Metrics(PolicyEngine):
 
     def decompose(self) -> dict[str, Any]:
         """Counters and start times of calls in flight (the registry lives on by itself)."""
-        return {"counters": dict(self.counters),
-                "inflight": [[cid, t] for cid, t in self._inflight.items()]}
+        return {
+            "counters": dict(self.counters),
+            "inflight": [[cid, t] for cid, t in self._inflight.items()],
+        }
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         super().load_state(state, prev_version)

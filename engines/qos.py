@@ -79,8 +79,17 @@ class Qos(PolicyEngine):
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.counters.update({"priority": 0, "bulk": 0, "bulk_direct": 0, "released": 0,
-                              "released_overdue": 0, "flushed": 0, "overflow": 0})
+        self.counters.update(
+            {
+                "priority": 0,
+                "bulk": 0,
+                "bulk_direct": 0,
+                "released": 0,
+                "released_overdue": 0,
+                "flushed": 0,
+                "overflow": 0,
+            }
+        )
         self.hold_seconds = 0.0  # total time bulk calls spent held
         self._held: deque[tuple[Rpc, float]] = deque()  # (call, clock time held)
         self._out: set[int] = set()  # bulk calls released and not answered yet (bulk_inflight)
@@ -109,14 +118,17 @@ class Qos(PolicyEngine):
             out[key] = value
         sensitive = config.get("latency_sensitive", False)
         if not isinstance(sensitive, bool):
-            raise ConfigError(f"{cls.NAME}: latency_sensitive: expected true or false, "
-                              f"got {sensitive!r}")
+            raise ConfigError(
+                f"{cls.NAME}: latency_sensitive: expected true or false, got {sensitive!r}"
+            )
         out["latency_sensitive"] = sensitive
         for key in ("priority_window", "max_delay"):
             out[key] = _duration(key, config.get(key, DEFAULTS[key]))
         cap = config.get("bulk_inflight", None)
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ConfigError(f"{cls.NAME}: bulk_inflight: expected an integer >= 1 or null, got {cap!r}")
+            raise ConfigError(
+                f"{cls.NAME}: bulk_inflight: expected an integer >= 1 or null, got {cap!r}"
+            )
         out["bulk_inflight"] = cap
         return out
 
@@ -207,8 +219,12 @@ class Qos(PolicyEngine):
 
     def decompose(self) -> dict[str, Any]:
         """Counters and held calls (a snapshot: this engine is unchanged)."""
-        return {"counters": dict(self.counters), "hold_seconds": self.hold_seconds,
-                "held": [[rpc, since] for rpc, since in self._held], "out": sorted(self._out)}
+        return {
+            "counters": dict(self.counters),
+            "hold_seconds": self.hold_seconds,
+            "held": [[rpc, since] for rpc, since in self._held],
+            "out": sorted(self._out),
+        }
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt a predecessor's state, replacing (not merging) the held calls."""
@@ -227,10 +243,13 @@ class Qos(PolicyEngine):
             return {"engine": self.NAME, "id": self.ctx.engine_id, "stats": self.statistics()}
         if op == "scheduler":
             now, last = self.ctx.clock.now(), self.scheduler.last_priority
-            return {"instances": self.scheduler.instances,
-                    "priority_active": priority_active(self.scheduler, now,
-                                                       self.config["priority_window"]),
-                    "since_priority": None if math.isinf(last) else now - last}
+            return {
+                "instances": self.scheduler.instances,
+                "priority_active": priority_active(
+                    self.scheduler, now, self.config["priority_window"]
+                ),
+                "since_priority": None if math.isinf(last) else now - last,
+            }
         return super().handle_request(cmd)
 
 
@@ -241,8 +260,9 @@ def _duration(key: str, value: object) -> float:
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     if not 0 < seconds < math.inf:
-        raise ConfigError(f'{Qos.NAME}: {key}: expected seconds > 0 (a number or "2ms"), '
-                          f"got {value!r}")
+        raise ConfigError(
+            f'{Qos.NAME}: {key}: expected seconds > 0 (a number or "2ms"), got {value!r}'
+        )
     return seconds
 
 

@@ -50,8 +50,12 @@ from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, Verdict
 _MODES = ("reject", "delay")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
-DEFAULTS: dict[str, Any] = {"fill_interval": 1.0, "mode": "reject", "per_method": False,
-                            "max_held": 10_000}
+DEFAULTS: dict[str, Any] = {
+    "fill_interval": 1.0,
+    "mode": "reject",
+    "per_method": False,
+    "max_held": 10_000,
+}
 KEYS = frozenset({"max_tokens", "tokens_per_fill", *DEFAULTS})
 
 
@@ -106,16 +110,21 @@ class RateLimit(PolicyEngine):
         if "max_tokens" not in config:
             raise ConfigError(f"{cls.NAME}: max_tokens: required (bucket size, an integer >= 1)")
         out["max_tokens"] = _positive_int(config, "max_tokens")
-        out["tokens_per_fill"] = (_positive_int(config, "tokens_per_fill")
-                                  if "tokens_per_fill" in config else out["max_tokens"])
+        out["tokens_per_fill"] = (
+            _positive_int(config, "tokens_per_fill")
+            if "tokens_per_fill" in config
+            else out["max_tokens"]
+        )
         raw = config.get("fill_interval", DEFAULTS["fill_interval"])
         try:
             interval = parse_duration(raw)
         except ValueError:
             interval = -1.0
         if not interval > 0 or math.isinf(interval):
-            raise ConfigError(f"{cls.NAME}: fill_interval: expected seconds > 0 (a number or a "
-                              f'string like "100ms", "1s"), got {raw!r}')
+            raise ConfigError(
+                f"{cls.NAME}: fill_interval: expected seconds > 0 (a number or a "
+                f'string like "100ms", "1s"), got {raw!r}'
+            )
         out["fill_interval"] = interval
         mode = config.get("mode", DEFAULTS["mode"])
         if mode not in _MODES:
@@ -181,13 +190,16 @@ class RateLimit(PolicyEngine):
 
     def _details(self, rpc: Rpc) -> str:
         c = self.config
-        scope = (f"method {rpc.method.path}" if c["per_method"] and rpc.method
-                 else f"app {rpc.app!r}")
+        scope = (
+            f"method {rpc.method.path}" if c["per_method"] and rpc.method else f"app {rpc.app!r}"
+        )
         full = " (delay queue full)" if c["mode"] == "delay" else ""
-        return (f"rate limited by policy {self.ctx.engine_id}: {scope} may make "
-                f"{c['tokens_per_fill']} calls per {c['fill_interval']:g}s "
-                f"(burst {c['max_tokens']}){full}; retry with backoff, or ask the operator to "
-                f"raise the limit (mrpcctl policy set {self.ctx.engine_id} tokens_per_fill=N)")
+        return (
+            f"rate limited by policy {self.ctx.engine_id}: {scope} may make "
+            f"{c['tokens_per_fill']} calls per {c['fill_interval']:g}s "
+            f"(burst {c['max_tokens']}){full}; retry with backoff, or ask the operator to "
+            f"raise the limit (mrpcctl policy set {self.ctx.engine_id} tokens_per_fill=N)"
+        )
 
     # ------------------------------------------------------------------ held calls
 
@@ -223,9 +235,12 @@ class RateLimit(PolicyEngine):
                     self._held -= 1
                     self.counters["expired"] += 1
                     n += 1
-                    self.reject(rpc, StatusCode.DEADLINE_EXCEEDED,
-                                f"deadline passed while held by rate limit {self.ctx.engine_id}; "
-                                f"use a longer deadline or ask the operator to raise the limit")
+                    self.reject(
+                        rpc,
+                        StatusCode.DEADLINE_EXCEEDED,
+                        f"deadline passed while held by rate limit {self.ctx.engine_id}; "
+                        f"use a longer deadline or ask the operator to raise the limit",
+                    )
                 else:
                     keep.append((seq, rpc))
                     if rpc.deadline is not None:
@@ -249,8 +264,11 @@ class RateLimit(PolicyEngine):
         if not self._held:
             return None
         interval, now = self.config["fill_interval"], self.ctx.clock.now()
-        due = min(now if b.tokens >= 1 else b.last_fill + interval
-                  for b in self._buckets.values() if b.held)
+        due = min(
+            now if b.tokens >= 1 else b.last_fill + interval
+            for b in self._buckets.values()
+            if b.held
+        )
         return min(due, self._min_deadline)
 
     # ------------------------------------------------------------------ state
@@ -277,8 +295,10 @@ class RateLimit(PolicyEngine):
             raise ValueError(f"{self.NAME} v{self.VERSION} cannot restore state of v{prev_version}")
         super().load_state(state, prev_version)
         cap = self.config["max_tokens"]
-        self._buckets = {str(k): _Bucket(min(int(t), cap), float(lf))
-                         for k, (t, lf) in state.get("buckets", {}).items()}
+        self._buckets = {
+            str(k): _Bucket(min(int(t), cap), float(lf))
+            for k, (t, lf) in state.get("buckets", {}).items()
+        }
         self._held, self._min_deadline = 0, math.inf
         for seq, rpc in state.get("held", []):
             self._bucket(self._key(rpc)).held.append((int(seq), rpc))
@@ -296,8 +316,11 @@ class RateLimit(PolicyEngine):
             now = self.ctx.clock.now()
             for bucket in self._buckets.values():
                 self._refill(bucket, now)
-            return {"buckets": {k: {"tokens": b.tokens, "held": len(b.held)}
-                                for k, b in self._buckets.items()}}
+            return {
+                "buckets": {
+                    k: {"tokens": b.tokens, "held": len(b.held)} for k, b in self._buckets.items()
+                }
+            }
         return super().handle_request(cmd)
 
 

@@ -30,13 +30,17 @@ def unavailable_reason(sysfs: str = SYSFS) -> str | None:
     """Why RDMA cannot be used here, or None when it could be."""
     devices = rdma_devices(sysfs)
     if not devices:
-        return (f"no RDMA device on this host ({sysfs} is empty or missing); "
-                f"use transport: tcp (the default)")
+        return (
+            f"no RDMA device on this host ({sysfs} is empty or missing); "
+            f"use transport: tcp (the default)"
+        )
     try:
         import pyverbs  # noqa: F401
     except ImportError:
-        return (f"RDMA devices {', '.join(devices)} found but pyverbs is not installed; "
-                f"pip install 'mrpc[rdma]' (needs rdma-core), or use transport: tcp")
+        return (
+            f"RDMA devices {', '.join(devices)} found but pyverbs is not installed; "
+            f"pip install 'mrpc[rdma]' (needs rdma-core), or use transport: tcp"
+        )
     return "the RDMA transport is not implemented in this version of mrpc; use transport: tcp"
 
 

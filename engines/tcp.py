@@ -117,8 +117,15 @@ class TcpTransport(Engine):
         self._resolved: deque[Target] = deque()  # appended by resolver threads
         self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
-        self.counters = {"calls_sent": 0, "replies_received": 0, "replies_sent": 0, "errors": 0,
-                         "late_replies": 0, "deadline_expired": 0, "unsent_bytes_copied": 0}
+        self.counters = {
+            "calls_sent": 0,
+            "replies_received": 0,
+            "replies_sent": 0,
+            "errors": 0,
+            "late_replies": 0,
+            "deadline_expired": 0,
+            "unsent_bytes_copied": 0,
+        }
 
     # ------------------------------------------------------------------ tx
 
@@ -156,13 +163,17 @@ class TcpTransport(Engine):
         except Exception:
             log.exception("tcp: failed to send %s %d of %r", rpc.kind.name, rpc.call_id, rpc.app)
             if rpc.kind is RpcKind.CALL:
-                self._fail(rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)")
+                self._fail(
+                    rpc, StatusCode.INTERNAL, "mrpcd failed to send the call (see daemon log)"
+                )
 
     def _fail(self, rpc: Rpc, code: StatusCode, details: str) -> None:
         self.counters["errors"] += 1
         self.rx_out.append(rpc.error_reply(code, details))
 
-    def _conn_for(self, spec: ConnSpec, binding: Any, rpc: Rpc) -> Conn | tuple[StatusCode, str] | None:
+    def _conn_for(
+        self, spec: ConnSpec, binding: Any, rpc: Rpc
+    ) -> Conn | tuple[StatusCode, str] | None:
         """The open connection for ``spec``, a local error, or None: ``rpc`` waits
         for the host name to resolve and is sent (or failed) then."""
         key: Target = spec.key
@@ -189,28 +200,59 @@ class TcpTransport(Engine):
             return None
         addr, error = known
         if addr is None:
-            msg = (f"cannot resolve host {spec.host!r} of {spec.addr}: {error}; "
-                   f"check the name or connect by IP address")
+            msg = (
+                f"cannot resolve host {spec.host!r} of {spec.addr}: {error}; "
+                f"check the name or connect by IP address"
+            )
             self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
             return StatusCode.UNAVAILABLE, msg
         try:
-            sock, connecting = connect_nonblocking(addr, spec.port, nodelay=self.tcp.nodelay,
-                                                   sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
+            sock, connecting = connect_nonblocking(
+                addr,
+                spec.port,
+                nodelay=self.tcp.nodelay,
+                sndbuf=self.tcp.sndbuf,
+                rcvbuf=self.tcp.rcvbuf,
+            )
         except OSError as e:
-            msg = (f"cannot reach mrpcd at {spec.addr}: {e.strerror or e}; "
-                   f"is the remote daemon running and listening there?")
+            msg = (
+                f"cannot reach mrpcd at {spec.addr}: {e.strerror or e}; "
+                f"is the remote daemon running and listening there?"
+            )
             self.failed[key] = (now + FAILED_RETRY, StatusCode.UNAVAILABLE, msg)
             return StatusCode.UNAVAILABLE, msg
-        conn = Conn(sock, self, self.poller, peer=spec.addr, outbound=True,
-                    max_body=self.max_message_size, connecting=connecting, clock=self.ctx.clock,
-                    max_sendq=sys.maxsize)  # never stop reading replies: the server may be waiting on us
-        conn.info.update(conn_id=key, schema_hash=binding.schema_hash,
-                         connect_deadline=now + self.tcp.connect_timeout)
-        conn.queue([encode_json_frame(HELLO, {
-            "version": PROTOCOL_VERSION, "schema_hash": binding.schema_hash,
-            "services": list(binding.services)[:MAX_HELLO_SERVICES], "app": self.app.name,
-            "pid": self.app.pid, "daemon": self.daemon_name,
-            "max_message_size": self.max_message_size})])
+        conn = Conn(
+            sock,
+            self,
+            self.poller,
+            peer=spec.addr,
+            outbound=True,
+            max_body=self.max_message_size,
+            connecting=connecting,
+            clock=self.ctx.clock,
+            max_sendq=sys.maxsize,
+        )  # never stop reading replies: the server may be waiting on us
+        conn.info.update(
+            conn_id=key,
+            schema_hash=binding.schema_hash,
+            connect_deadline=now + self.tcp.connect_timeout,
+        )
+        conn.queue(
+            [
+                encode_json_frame(
+                    HELLO,
+                    {
+                        "version": PROTOCOL_VERSION,
+                        "schema_hash": binding.schema_hash,
+                        "services": list(binding.services)[:MAX_HELLO_SERVICES],
+                        "app": self.app.name,
+                        "pid": self.app.pid,
+                        "daemon": self.daemon_name,
+                        "max_message_size": self.max_message_size,
+                    },
+                )
+            ]
+        )
         self.conns[key] = conn
         if connecting:
             heapq.heappush(self.deadlines, (conn.info["connect_deadline"], -conn.fd))
@@ -236,8 +278,10 @@ class TcpTransport(Engine):
         for key, (give_up, calls) in list(self.resolving.items()):
             if now >= give_up:
                 del self.resolving[key]
-                msg = (f"cannot reach mrpcd at {format_target(key)}: resolving host {key[0]!r} "
-                       f"took longer than {self.tcp.connect_timeout:g}s (tcp.connect_timeout)")
+                msg = (
+                    f"cannot reach mrpcd at {format_target(key)}: resolving host {key[0]!r} "
+                    f"took longer than {self.tcp.connect_timeout:g}s (tcp.connect_timeout)"
+                )
                 for rpc in calls:
                     self._fail(rpc, StatusCode.UNAVAILABLE, msg)
                 n += len(calls)
@@ -246,8 +290,11 @@ class TcpTransport(Engine):
             for rpc in late:
                 calls.remove(rpc)
                 self.counters["deadline_expired"] += 1
-                self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
-                           f"deadline exceeded while resolving host {key[0]!r}")
+                self._fail(
+                    rpc,
+                    StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline exceeded while resolving host {key[0]!r}",
+                )
             n += len(late)
         return n
 
@@ -284,24 +331,33 @@ class TcpTransport(Engine):
         else:
             try:
                 head, segs = st.binding.module.MARSHAL[rpc.method.request](
-                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size)
+                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size
+                )
             except WireError as e:
                 return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
         peer_max = conn.info.get("peer_max")
         if peer_max is not None and size > peer_max:
-            return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
-                              f"request of {size} bytes for {rpc.method.path} exceeds the max_message_size "
-                              f"of mrpcd at {conn.peer} ({peer_max} bytes; this daemon's is "
-                              f"{self.max_message_size}); send less or ask its operator to raise it")
+            return self._fail(
+                rpc,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request of {size} bytes for {rpc.method.path} exceeds the max_message_size "
+                f"of mrpcd at {conn.peer} ({peer_max} bytes; this daemon's is "
+                f"{self.max_message_size}); send less or ask its operator to raise it",
+            )
         wire_id = rpc._wire_id = next(self._wire_ids)
         timeout_us = 0
         if rpc.deadline is not None:
             timeout_us = clamp_timeout_us(max(1, int((rpc.deadline - self.ctx.clock.now()) * 1e6)))
             heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
-        frames = [encode_header(CALL, call_id=wire_id, method=rpc.method.id, body_len=size,
-                                aux=timeout_us), head, *segs]
+        frames = [
+            encode_header(
+                CALL, call_id=wire_id, method=rpc.method.id, body_len=size, aux=timeout_us
+            ),
+            head,
+            *segs,
+        ]
         if rpc.metadata:  # a METADATA frame first; a call without metadata is unchanged
             block = md.encode(rpc.metadata)
             frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
@@ -351,7 +407,9 @@ class TcpTransport(Engine):
         self.dirty.add(origin)
         if rpc.metadata:  # trailing metadata: a METADATA frame before the REPLY / ERROR
             block = md.encode(rpc.metadata)
-            origin.queue([encode_header(METADATA, call_id=st.call.wire_id, body_len=len(block)), block])
+            origin.queue(
+                [encode_header(METADATA, call_id=st.call.wire_id, body_len=len(block)), block]
+            )
         if rpc.status is not StatusCode.OK:
             send_error(origin, st.call.wire_id, rpc.status, rpc.details)
             reclaim()
@@ -364,24 +422,39 @@ class TcpTransport(Engine):
         else:
             try:
                 head, segs = st.call.binding.module.MARSHAL[rpc.method.response](
-                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size)
+                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size
+                )
             except WireError as e:
-                send_error(origin, st.call.wire_id, StatusCode.INTERNAL,
-                            f"server app {self.app.name!r} returned a malformed reply: {e}")
+                send_error(
+                    origin,
+                    st.call.wire_id,
+                    StatusCode.INTERNAL,
+                    f"server app {self.app.name!r} returned a malformed reply: {e}",
+                )
                 reclaim()
                 return
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
         peer_max = origin.info.get("hello", {}).get("max_message_size")
         if peer_max is not None and size > peer_max:
-            send_error(origin, st.call.wire_id, StatusCode.RESOURCE_EXHAUSTED,
-                       f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
-                       f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
-                       f"ask for less or ask its operator to raise it")
+            send_error(
+                origin,
+                st.call.wire_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
+                f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
+                f"ask for less or ask its operator to raise it",
+            )
             reclaim()
             return
-        origin.queue([encode_header(REPLY, call_id=st.call.wire_id, method=rpc.method.id,
-                                    body_len=size), head, *segs], reclaim if segs else None)
+        origin.queue(
+            [
+                encode_header(REPLY, call_id=st.call.wire_id, method=rpc.method.id, body_len=size),
+                head,
+                *segs,
+            ],
+            reclaim if segs else None,
+        )
         if not segs:
             reclaim()  # everything was copied into the header buffer already
         self.counters["replies_sent"] += 1
@@ -411,7 +484,9 @@ class TcpTransport(Engine):
             if key < 0:  # a connect deadline, keyed by -fd
                 for conn in list(self.conns.values()):
                     if conn.fd == -key and conn.state == "connecting":
-                        conn.close(f"connect to {conn.peer} timed out after {self.tcp.connect_timeout}s")
+                        conn.close(
+                            f"connect to {conn.peer} timed out after {self.tcp.connect_timeout}s"
+                        )
                 continue
             entry = self.pending.pop(key, None)
             if entry is None:
@@ -421,9 +496,12 @@ class TcpTransport(Engine):
             self._unpin(key)
             n += 1
             self.counters["deadline_expired"] += 1
-            self._fail(rpc, StatusCode.DEADLINE_EXCEEDED,
-                       f"deadline exceeded waiting for {rpc.method.path if rpc.method else 'reply'} "
-                       f"from {conn.peer}")
+            self._fail(
+                rpc,
+                StatusCode.DEADLINE_EXCEEDED,
+                f"deadline exceeded waiting for {rpc.method.path if rpc.method else 'reply'} "
+                f"from {conn.peer}",
+            )
         return n
 
     def next_timer(self) -> float | None:
@@ -454,7 +532,7 @@ class TcpTransport(Engine):
             conn.cur = e
             return DISCARD
         conn.cur = Landed(off, header.body_len)
-        return self.app.recv_view[off:off + header.body_len]
+        return self.app.recv_view[off : off + header.body_len]
 
     def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
         t = header.type
@@ -475,8 +553,9 @@ class TcpTransport(Engine):
                 except md.MetadataError as e:
                     if t == REPLY:
                         free_landed(self.app, conn.cur if isinstance(conn.cur, Landed) else None)
-                    return self._fail(rpc, StatusCode.INTERNAL,
-                                      f"trailing metadata from {conn.peer}: {e}")
+                    return self._fail(
+                        rpc, StatusCode.INTERNAL, f"trailing metadata from {conn.peer}: {e}"
+                    )
             if t == ERROR:
                 code = StatusCode(header.status) if header.status else StatusCode.UNKNOWN
                 self.counters["errors"] += 1
@@ -487,24 +566,43 @@ class TcpTransport(Engine):
                 return
             landed = conn.cur
             if isinstance(landed, OversizeReply):
-                return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"reply of {landed.size} bytes from {conn.peer} exceeds this daemon's "
-                                  f"max_message_size ({self.max_message_size} bytes); ask for less or "
-                                  f"raise max_message_size")
+                return self._fail(
+                    rpc,
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"reply of {landed.size} bytes from {conn.peer} exceeds this daemon's "
+                    f"max_message_size ({self.max_message_size} bytes); ask for less or "
+                    f"raise max_message_size",
+                )
             if isinstance(landed, HeapExhausted):
-                return self._fail(rpc, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"no room for a {header.body_len}-byte reply: {landed}")
+                return self._fail(
+                    rpc,
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"no room for a {header.body_len}-byte reply: {landed}",
+                )
             assert rpc.method is not None
             try:
                 rpc_module = rpc._state.binding.module
                 rpc_module.VALIDATE[rpc.method.response](body)
             except WireError as e:
                 free_landed(self.app, landed)
-                return self._fail(rpc, StatusCode.INTERNAL, f"malformed reply from {conn.peer}: {e}")
+                return self._fail(
+                    rpc, StatusCode.INTERNAL, f"malformed reply from {conn.peer}: {e}"
+                )
             self.counters["replies_received"] += 1
-            self.rx_out.append(Rpc(RpcKind.REPLY, rpc.app, rpc.app_pid, rpc.call_id, rpc.method,
-                                   size=header.body_len, created=rpc.created, meta=rpc.meta,
-                                   metadata=trailing, _state=landed))
+            self.rx_out.append(
+                Rpc(
+                    RpcKind.REPLY,
+                    rpc.app,
+                    rpc.app_pid,
+                    rpc.call_id,
+                    rpc.method,
+                    size=header.body_len,
+                    created=rpc.created,
+                    meta=rpc.meta,
+                    metadata=trailing,
+                    _state=landed,
+                )
+            )
         elif t == METADATA:  # for the REPLY / ERROR with this id, which comes next
             conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO_ACK:
@@ -533,7 +631,9 @@ class TcpTransport(Engine):
 
     def conn_closed(self, conn: Conn, reason: str) -> None:
         code, msg = conn.info.get("refused") or (
-            StatusCode.UNAVAILABLE, f"connection to mrpcd at {conn.peer} lost: {reason}")
+            StatusCode.UNAVAILABLE,
+            f"connection to mrpcd at {conn.peer} lost: {reason}",
+        )
         landed = conn.cur
         if isinstance(landed, Landed):
             free_landed(self.app, landed)
@@ -554,10 +654,17 @@ class TcpTransport(Engine):
         return dict(self.counters, pending=len(self.pending), connections=len(self.conns))
 
     def decompose(self) -> dict[str, Any]:
-        state = {"conns": self.conns, "pending": self.pending, "deadlines": self.deadlines,
-                 "unsent": self.unsent,  # the same dict: queued callbacks pop from it
-                 "failed": self.failed, "resolving": self.resolving, "retired": self.retired,
-                 "next_wire_id": next(self._wire_ids), "counters": dict(self.counters)}
+        state = {
+            "conns": self.conns,
+            "pending": self.pending,
+            "deadlines": self.deadlines,
+            "unsent": self.unsent,  # the same dict: queued callbacks pop from it
+            "failed": self.failed,
+            "resolving": self.resolving,
+            "retired": self.retired,
+            "next_wire_id": next(self._wire_ids),
+            "counters": dict(self.counters),
+        }
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
         self.unsent = {}
         self.retired = set()
@@ -573,7 +680,10 @@ class TcpTransport(Engine):
         self.failed.update(state.get("failed", {}))
         for key, entry in state.get("resolving", {}).items():
             self.resolving[key] = entry  # ask again: the old instance's callback would be lost
-            if tcp_resolve.lookup(key[0], key[1], functools.partial(self._on_resolved, key)) is not None:
+            if (
+                tcp_resolve.lookup(key[0], key[1], functools.partial(self._on_resolved, key))
+                is not None
+            ):
                 self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))

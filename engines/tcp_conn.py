@@ -49,6 +49,8 @@ def _staging() -> memoryview:
     if view is None:
         view = _local.staging = memoryview(bytearray(STAGING))
     return view
+
+
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
 
@@ -133,9 +135,19 @@ class SendQueue:
 
 
 class Conn:
-    def __init__(self, sock: socket.socket, owner: ConnOwner, poller: Any, *, peer: str,
-                 outbound: bool, max_body: int, connecting: bool = False,
-                 clock: Any = None, max_sendq: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        owner: ConnOwner,
+        poller: Any,
+        *,
+        peer: str,
+        outbound: bool,
+        max_body: int,
+        connecting: bool = False,
+        clock: Any = None,
+        max_sendq: int = 8 << 20,
+    ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
@@ -144,8 +156,9 @@ class Conn:
         self.peer = peer
         self.outbound = outbound
         self.state = "connecting" if connecting else "open"
-        self.assembler = FrameAssembler(self._sink, max_body=max_body, on_frame=self._dispatch,
-                                        skip_oversize=True)  # owners fail that one call
+        self.assembler = FrameAssembler(
+            self._sink, max_body=max_body, on_frame=self._dispatch, skip_oversize=True
+        )  # owners fail that one call
         self.sendq = SendQueue()
         self.max_sendq = max_sendq
         self.read_paused = False  # back-pressure: the peer does not read what we send
@@ -262,8 +275,11 @@ class Conn:
             except OSError as e:
                 return self.close(f"read failed: {e.strerror or e}")
             if n == 0:
-                return self.close("peer closed the connection" if not asm.partial
-                                  else f"{self.peer} closed the connection mid-frame")
+                return self.close(
+                    "peer closed the connection"
+                    if not asm.partial
+                    else f"{self.peer} closed the connection mid-frame"
+                )
             self.bytes_in += n
             staged += n
             now = self.last_in = self.now()
@@ -297,7 +313,13 @@ class Conn:
         if self.state == "closed":
             return
         self.state = "closed"
-        log.log(level, "connection %s %s closed: %s", "to" if self.outbound else "from", self.peer, reason)
+        log.log(
+            level,
+            "connection %s %s closed: %s",
+            "to" if self.outbound else "from",
+            self.peer,
+            reason,
+        )
         self.poller.unregister(self.fd)
         try:
             self.sock.close()
@@ -319,8 +341,9 @@ class Conn:
                 self.reserved = 0
 
 
-def connect_nonblocking(host: str, port: int, *, nodelay: bool, sndbuf: int | None,
-                        rcvbuf: int | None) -> tuple[socket.socket, bool]:
+def connect_nonblocking(
+    host: str, port: int, *, nodelay: bool, sndbuf: int | None, rcvbuf: int | None
+) -> tuple[socket.socket, bool]:
     """Start a connect to an IP address (resolve names first, off the runtime
     thread: see engines.tcp_resolve); returns (socket, still_connecting).
     Raises OSError on failure."""
@@ -338,7 +361,9 @@ def connect_nonblocking(host: str, port: int, *, nodelay: bool, sndbuf: int | No
     return sock, err != 0
 
 
-def configure(sock: socket.socket, *, nodelay: bool, sndbuf: int | None, rcvbuf: int | None) -> None:
+def configure(
+    sock: socket.socket, *, nodelay: bool, sndbuf: int | None, rcvbuf: int | None
+) -> None:
     if nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if sndbuf:

@@ -104,8 +104,14 @@ class TcpIngress(Engine):
         self._resume_accept: float | None = None
         self._next_sweep = 0.0
         self._log_refused = RateLimitedLog()
-        self.counters = {"accepted": 0, "calls_routed": 0, "calls_refused": 0, "handshakes_refused": 0,
-                         "connections_refused": 0, "connections_timed_out": 0}
+        self.counters = {
+            "accepted": 0,
+            "calls_routed": 0,
+            "calls_refused": 0,
+            "handshakes_refused": 0,
+            "connections_refused": 0,
+            "connections_timed_out": 0,
+        }
         self.listener.setblocking(False)
         self.poller.register(self.listener.fileno(), 1, self._on_accept)
 
@@ -121,23 +127,43 @@ class TcpIngress(Engine):
                 self._resume_accept = self.ctx.clock.now() + 0.1
                 return
             ip = str(addr[0])
-            if len(self.conns) >= self.limits.max_inbound or self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
+            if (
+                len(self.conns) >= self.limits.max_inbound
+                or self.per_ip.get(ip, 0) >= self.limits.max_per_ip
+            ):
                 sock.close()
                 self.counters["connections_refused"] += 1
-                self._log_refused(self.ctx.clock.now(), "refused a peer connection from %s: %d open "
-                                  "(%d from that address); limits tcp.max_inbound_connections=%d, "
-                                  "tcp.max_inbound_per_ip=%d", ip, len(self.conns), self.per_ip.get(ip, 0),
-                                  self.limits.max_inbound, self.limits.max_per_ip)
+                self._log_refused(
+                    self.ctx.clock.now(),
+                    "refused a peer connection from %s: %d open "
+                    "(%d from that address); limits tcp.max_inbound_connections=%d, "
+                    "tcp.max_inbound_per_ip=%d",
+                    ip,
+                    len(self.conns),
+                    self.per_ip.get(ip, 0),
+                    self.limits.max_inbound,
+                    self.limits.max_per_ip,
+                )
                 continue
             try:
-                configure(sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf)
+                configure(
+                    sock, nodelay=self.tcp.nodelay, sndbuf=self.tcp.sndbuf, rcvbuf=self.tcp.rcvbuf
+                )
             except OSError as e:  # reset before we got to it
                 log.info("peer connection from %s failed at once: %s", ip, e)
                 sock.close()
                 continue
             peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
-            conn = Conn(sock, self, self.poller, peer=peer, outbound=False, max_body=self.max_message_size,
-                        clock=self.ctx.clock, max_sendq=self.limits.max_send_queue)
+            conn = Conn(
+                sock,
+                self,
+                self.poller,
+                peer=peer,
+                outbound=False,
+                max_body=self.max_message_size,
+                clock=self.ctx.clock,
+                max_sendq=self.limits.max_send_queue,
+            )
             conn.info["ip"] = ip
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
             self.conns.add(conn)
@@ -192,13 +218,17 @@ class TcpIngress(Engine):
         if header.body_len == 0:
             return None
         if header.body_len > self.max_message_size:  # skipped; that call alone fails
-            conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                                f"request of {header.body_len} bytes exceeds the max_message_size of the "
-                                f"server's mrpcd ({self.max_message_size} bytes)")
+            conn.cur = RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request of {header.body_len} bytes exceeds the max_message_size of the "
+                f"server's mrpcd ({self.max_message_size} bytes)",
+            )
             return DISCARD
         hello = conn.info["hello"]
         try:
-            app, binding, method = self.router.route(hello["schema_hash"], header.method, hello["services"])
+            app, binding, method = self.router.route(
+                hello["schema_hash"], header.method, hello["services"]
+            )
         except RpcError as e:
             conn.cur = e
             return DISCARD
@@ -216,7 +246,7 @@ class TcpIngress(Engine):
             conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
             return DISCARD
         conn.cur = (app, binding, method, Landed(off, header.body_len))
-        return app.recv_view[off:off + header.body_len]
+        return app.recv_view[off : off + header.body_len]
 
     def handle_frame(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
         t = header.type
@@ -239,8 +269,11 @@ class TcpIngress(Engine):
     def _hello(self, conn: Conn, body: memoryview) -> None:
         hello = decode_json_body(body)
         schema_hash, services = hello.get("schema_hash"), hello.get("services")
-        if (not isinstance(schema_hash, str) or not isinstance(services, list)
-                or not all(isinstance(s, str) for s in services)):
+        if (
+            not isinstance(schema_hash, str)
+            or not isinstance(services, list)
+            or not all(isinstance(s, str) for s in services)
+        ):
             raise WireError("HELLO lacks schema_hash or services")
         if len(schema_hash) > 128:
             raise WireError(f"HELLO schema_hash of {len(schema_hash)} characters (at most 128)")
@@ -248,15 +281,22 @@ class TcpIngress(Engine):
             raise WireError(f"HELLO lists {len(services)} services (at most {MAX_HELLO_SERVICES})")
         if any(len(svc) > MAX_SERVICE_NAME for svc in services):
             raise WireError(f"HELLO lists a service name longer than {MAX_SERVICE_NAME} characters")
-        client = (f"{str(hello.get('app', '?'))[:64]!r} (pid {str(hello.get('pid', '?'))[:12]}) "
-                  f"at {str(hello.get('daemon', '?'))[:128]!r} from {conn.peer}")
+        client = (
+            f"{str(hello.get('app', '?'))[:64]!r} (pid {str(hello.get('pid', '?'))[:12]}) "
+            f"at {str(hello.get('daemon', '?'))[:128]!r} from {conn.peer}"
+        )
         announced = frozenset(services)
         try:
             self.router.check_hello(schema_hash, announced, client)
         except RpcError as e:
             self.counters["handshakes_refused"] += 1
-            conn.queue([encode_json_frame(HELLO_ACK, {"ok": False, "code": int(e.code()),
-                                                      "error": e.details()})])
+            conn.queue(
+                [
+                    encode_json_frame(
+                        HELLO_ACK, {"ok": False, "code": int(e.code()), "error": e.details()}
+                    )
+                ]
+            )
             conn.flush()
             conn.close(f"handshake refused: {e.details()}")
             return
@@ -264,8 +304,18 @@ class TcpIngress(Engine):
         peer_max = hello.get("max_message_size")  # absent from older daemons
         if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
             conn.info["hello"]["max_message_size"] = peer_max
-        conn.queue([encode_json_frame(HELLO_ACK, {"ok": True, "daemon": self.daemon_name,
-                                                  "max_message_size": self.max_message_size})])
+        conn.queue(
+            [
+                encode_json_frame(
+                    HELLO_ACK,
+                    {
+                        "ok": True,
+                        "daemon": self.daemon_name,
+                        "max_message_size": self.max_message_size,
+                    },
+                )
+            ]
+        )
         self.dirty.add(conn)
 
     def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
@@ -297,27 +347,47 @@ class TcpIngress(Engine):
         except WireError as e:
             free_landed(app, landed)
             settle(conn, header.call_id)
-            send_error(conn, header.call_id, StatusCode.INVALID_ARGUMENT,
-                        f"malformed {method.request} for {method.path}: {e}")
+            send_error(
+                conn,
+                header.call_id,
+                StatusCode.INVALID_ARGUMENT,
+                f"malformed {method.request} for {method.path}: {e}",
+            )
             self.dirty.add(conn)
             return
         if app.closed or app.datapath is None:
             free_landed(app, landed)
             settle(conn, header.call_id)
-            send_error(conn, header.call_id, StatusCode.UNAVAILABLE,
-                        f"server app {app.name!r} is gone")
+            send_error(
+                conn, header.call_id, StatusCode.UNAVAILABLE, f"server app {app.name!r} is gone"
+            )
             self.dirty.add(conn)
             return
         now = self.ctx.clock.now()
         token = app.next_token()
         timeout_us = clamp_timeout_us(header.aux)  # a peer's u64: at most a week
-        rpc = Rpc(RpcKind.CALL, app.name, app.pid, token, MethodRef.of(method),
-                  deadline=now + timeout_us / 1e6 if timeout_us else None, size=header.body_len,
-                  created=now, metadata=metadata, _state=RxCall(conn, header.call_id, binding, landed))
+        rpc = Rpc(
+            RpcKind.CALL,
+            app.name,
+            app.pid,
+            token,
+            MethodRef.of(method),
+            deadline=now + timeout_us / 1e6 if timeout_us else None,
+            size=header.body_len,
+            created=now,
+            metadata=metadata,
+            _state=RxCall(conn, header.call_id, binding, landed),
+        )
         cls = binding.module.MESSAGES[method.request]
         rpc._view = lambda: cls._from_image(
-            (memoryview(landed.private) if landed.private is not None
-             else app.recv_view[landed.heap_off:landed.heap_off + landed.length]).toreadonly(), 0, landed)
+            (
+                memoryview(landed.private)
+                if landed.private is not None
+                else app.recv_view[landed.heap_off : landed.heap_off + landed.length]
+            ).toreadonly(),
+            0,
+            landed,
+        )
         self.counters["calls_routed"] += 1
         routed = conn.info.setdefault("routed", {})  # wire id -> Rpc, for a CANCEL
         if len(routed) > 2 * len(conn.rx_calls) + 64:
@@ -366,8 +436,12 @@ class TcpIngress(Engine):
     def decompose(self) -> dict[str, Any]:
         """Hand over the listener's connections (sockets, buffers, half-read frames)."""
         self.poller.unregister(self.listener.fileno())
-        state = {"conns": set(self.conns), "dirty": set(self.dirty), "counters": dict(self.counters),
-                 "per_ip": dict(self.per_ip)}
+        state = {
+            "conns": set(self.conns),
+            "dirty": set(self.dirty),
+            "counters": dict(self.counters),
+            "per_ip": dict(self.per_ip),
+        }
         self.conns, self.dirty, self.per_ip = set(), set(), {}
         return state
 

@@ -52,6 +52,7 @@ class PeerLimits:
     def from_config(cls, tcp: Any, max_message_size: int) -> PeerLimits:
         """From a TcpConfig (fields missing on an older one keep their defaults)."""
         d = cls()
+
         def g(name: str, default: Any) -> Any:
             return getattr(tcp, name, default)
 
@@ -73,26 +74,38 @@ class PeerLimits:
     @property
     def tick(self) -> float:
         """How often the timers are checked: a quarter of the shortest, 20 ms..1 s."""
-        shortest = min(self.handshake_timeout, self.header_timeout, self.body_stall_timeout,
-                       self.idle_timeout / 2, self.write_stall_timeout)
+        shortest = min(
+            self.handshake_timeout,
+            self.header_timeout,
+            self.body_stall_timeout,
+            self.idle_timeout / 2,
+            self.write_stall_timeout,
+        )
         return min(1.0, max(0.02, shortest / 4))
 
 
-def admit(conn: Any, app: Any, wire_id: int, size: int, limits: PeerLimits) -> tuple[StatusCode, str] | None:
+def admit(
+    conn: Any, app: Any, wire_id: int, size: int, limits: PeerLimits
+) -> tuple[StatusCode, str] | None:
     """Count an inbound call against its connection; a refusal (status, details) or None."""
     with conn.lock:
         if wire_id in conn.rx_calls:
-            return StatusCode.INVALID_ARGUMENT, f"call id {wire_id} is already in flight on this connection"
+            return (
+                StatusCode.INVALID_ARGUMENT,
+                f"call id {wire_id} is already in flight on this connection",
+            )
         if len(conn.rx_calls) >= limits.max_calls:
             return StatusCode.RESOURCE_EXHAUSTED, (
                 f"{len(conn.rx_calls)} calls are in flight on this connection, the limit "
                 f"(tcp.max_calls_per_connection at the server daemon) is {limits.max_calls}; "
-                f"retry when some have finished")
+                f"retry when some have finished"
+            )
         if conn.reserved + size > limits.max_reserved:
             return StatusCode.RESOURCE_EXHAUSTED, (
                 f"a {size}-byte call would raise this connection's receive-heap reservation "
                 f"to {conn.reserved + size} bytes, above the limit of {limits.max_reserved} "
-                f"(tcp.max_reserved_per_connection at the server daemon); retry later")
+                f"(tcp.max_reserved_per_connection at the server daemon); retry later"
+            )
         conn.rx_calls[wire_id] = (app, size)
         conn.reserved += size
     return None
@@ -131,24 +144,34 @@ def overdue(conn: Any, now: float, limits: PeerLimits) -> str | None:
     if conn.state != "open":
         return None
     asm = conn.assembler
-    if not conn.outbound and "hello" not in conn.info and now - conn.opened > limits.handshake_timeout:
+    if (
+        not conn.outbound
+        and "hello" not in conn.info
+        and now - conn.opened > limits.handshake_timeout
+    ):
         return f"no HELLO within {limits.handshake_timeout:g}s"
     if conn.read_paused:
         pass  # we stopped reading (back-pressure): a half-read frame is not the peer's stall
     elif asm.in_body:
         if now - conn.last_in > limits.body_stall_timeout:
-            return (f"a frame body stalled: no byte for {limits.body_stall_timeout:g}s "
-                    f"({asm.body_left} bytes still missing)")
+            return (
+                f"a frame body stalled: no byte for {limits.body_stall_timeout:g}s "
+                f"({asm.body_left} bytes still missing)"
+            )
         slow = now - conn.frame_at - limits.body_stall_timeout
         got = asm.body_received_so_far
         if slow > 0 and got < slow * limits.min_body_rate:
-            return (f"a frame body trickles in: {got} bytes in {now - conn.frame_at:.1f}s, "
-                    f"slower than tcp.min_body_rate ({limits.min_body_rate} bytes/s)")
+            return (
+                f"a frame body trickles in: {got} bytes in {now - conn.frame_at:.1f}s, "
+                f"slower than tcp.min_body_rate ({limits.min_body_rate} bytes/s)"
+            )
     elif asm.partial and now - conn.frame_at > limits.header_timeout:
         return f"a frame header stayed incomplete for more than {limits.header_timeout:g}s"
     if conn.out_since is not None and now - conn.out_since > limits.write_stall_timeout:
-        return (f"the peer read none of {len(conn.sendq)} queued bytes for "
-                f"{limits.write_stall_timeout:g}s")
+        return (
+            f"the peer read none of {len(conn.sendq)} queued bytes for "
+            f"{limits.write_stall_timeout:g}s"
+        )
     busy = conn.calls if conn.outbound else conn.rx_calls
     idle = limits.idle_timeout / 2 if conn.outbound else limits.idle_timeout
     if not busy and not asm.partial and now - conn.last_frame > idle:

@@ -23,8 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_daemon(prefix: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "mrpcd", "run", "--prefix", str(prefix),
-                             "--listen", "127.0.0.1:0", "--log-level", "warning"], cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(prefix),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
     state = prefix / "mrpcd.json"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -49,14 +62,36 @@ def main() -> None:
         daemon_b, addr_b = start_daemon(base / "host-b")
         procs += [daemon_a, daemon_b]
         print(f"mrpcd host A on {addr_a}, host B on {addr_b}")
-        server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "echo_server.py"),
-                                   "--prefix", str(base / "host-b")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "echo_server.py"),
+                "--prefix",
+                str(base / "host-b"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.insert(0, server)
         assert server.stdout is not None
         print(server.stdout.readline().strip(), "on host B")
-        client = subprocess.run([sys.executable, str(ROOT / "examples" / "echo_client.py"), addr_b,
-                                 "--prefix", str(base / "host-a")], cwd=ROOT, check=False)
-        subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(base / "host-b"), "list"], cwd=ROOT, check=False)
+        client = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "echo_client.py"),
+                addr_b,
+                "--prefix",
+                str(base / "host-a"),
+            ],
+            cwd=ROOT,
+            check=False,
+        )
+        subprocess.run(
+            [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(base / "host-b"), "list"],
+            cwd=ROOT,
+            check=False,
+        )
         if client.returncode != 0:
             sys.exit(client.returncode)
     finally:

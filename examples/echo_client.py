@@ -30,8 +30,9 @@ def main(target: str, prefix: str | None, calls: int) -> None:
         print(f"reply: {bytes(reply.payload).decode()}")
 
     async def burst() -> int:
-        replies = await asyncio.gather(*(stub.Echo.aio(echo.EchoRequest(payload=b"%d" % i), timeout=5.0)
-                                         for i in range(64)))
+        replies = await asyncio.gather(
+            *(stub.Echo.aio(echo.EchoRequest(payload=b"%d" % i), timeout=5.0) for i in range(64))
+        )
         return sum(bytes(r.payload) == b"%d" % i for i, r in enumerate(replies))
 
     print(f"asyncio: {asyncio.run(burst())}/64 concurrent calls answered correctly")
@@ -50,8 +51,10 @@ def main(target: str, prefix: str | None, calls: int) -> None:
         rtts.append((time.perf_counter() - t0) * 1e6)
     rtts.sort()
     q = statistics.quantiles(rtts, n=100)
-    print(f"latency over {calls} calls of 64 B: p50 {q[49]:.0f} us, p90 {q[89]:.0f} us, "
-          f"p99 {q[98]:.0f} us, min {rtts[0]:.0f} us")
+    print(
+        f"latency over {calls} calls of 64 B: p50 {q[49]:.0f} us, p90 {q[89]:.0f} us, "
+        f"p99 {q[98]:.0f} us, min {rtts[0]:.0f} us"
+    )
 
 
 if __name__ == "__main__":

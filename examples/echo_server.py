@@ -20,7 +20,11 @@ class Echo(echo.EchoServicer):
 
 
 @click.command()
-@click.option("--prefix", default=None, help="The local mrpcd's prefix (default: MRPC_PREFIX or mrpcd's default).")
+@click.option(
+    "--prefix",
+    default=None,
+    help="The local mrpcd's prefix (default: MRPC_PREFIX or mrpcd's default).",
+)
 def main(prefix: str | None) -> None:
     server = libmrpc.Server(prefix=prefix, inline=True)  # inline: the handler never blocks
     server.add_servicer(Echo())

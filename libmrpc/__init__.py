@@ -1,15 +1,23 @@
 """libmrpc: the application side of mrpc.
 
-    echo = libmrpc.load_proto("schemas/echo.proto")
-    channel = libmrpc.connect("127.0.0.1:5150")
-    reply = echo.EchoStub(channel).Echo(echo.EchoRequest(payload=b"hi"), timeout=1.0)
+echo = libmrpc.load_proto("schemas/echo.proto")
+channel = libmrpc.connect("127.0.0.1:5150")
+reply = echo.EchoStub(channel).Echo(echo.EchoRequest(payload=b"hi"), timeout=1.0)
 """
 
 from typing import Any
 
 from libmrpc.status import RpcError, StatusCode
 
-__all__ = ["Channel", "RpcError", "Server", "ServicerContext", "StatusCode", "connect", "load_proto"]
+__all__ = [
+    "Channel",
+    "RpcError",
+    "Server",
+    "ServicerContext",
+    "StatusCode",
+    "connect",
+    "load_proto",
+]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing libmrpc stays cheap (no protoc, no session)

@@ -107,12 +107,12 @@ class Arena:
             off = heap.alloc(n)
             self._blocks.append(off)
             if zero:
-                self.buf[off:off + n] = bytes(n)
+                self.buf[off : off + n] = bytes(n)
             return off
         size = max(self._next, n)
         off = heap.alloc(size)
         self._blocks.append(off)
-        self.buf[off:off + size] = zeros(size)
+        self.buf[off : off + size] = zeros(size)
         self._cur, self._end = off + n, off + size
         self._next = min(size * 2, CHUNK_MAX)
         return off

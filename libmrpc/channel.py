@@ -14,8 +14,9 @@ class Channel:
     Cheap: all channels of a process share one session with the local daemon.
     """
 
-    def __init__(self, target: str, prefix: str | os.PathLike[str] | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, target: str, prefix: str | os.PathLike[str] | None = None, name: str | None = None
+    ) -> None:
         self.target = target
         self._prefix = prefix
         self._name = name
@@ -37,7 +38,9 @@ class Channel:
         self.close()
 
 
-def connect(target: str, prefix: str | os.PathLike[str] | None = None, *, name: str | None = None) -> Channel:
+def connect(
+    target: str, prefix: str | os.PathLike[str] | None = None, *, name: str | None = None
+) -> Channel:
     """A channel to the mrpcd listening at ``target`` ("HOST:PORT"), via the local daemon.
 
     ``prefix`` is the local daemon's prefix (default: ``MRPC_PREFIX``, then the

@@ -39,7 +39,14 @@ from libmrpc.codegen_wire import marshal_code, validate_code
 from libmrpc.layout import LAYOUT_VERSION, MessageLayout, MethodInfo, compute_layouts
 from libmrpc.schema import GENERATOR_VERSION, SchemaBundle, cache_key_for
 
-__all__ = ["MethodInfo", "compile_source", "exec_codes", "generate_source", "load_cached", "load_module"]
+__all__ = [
+    "MethodInfo",
+    "compile_source",
+    "exec_codes",
+    "generate_source",
+    "load_cached",
+    "load_module",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,12 @@ _LOCK = threading.RLock()
 def _lit(v: Any) -> str:
     """A Python literal for layout records (validated names, ints, tuples)."""
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        short = {"FieldLayout": "_FL", "MessageLayout": "_ML", "OneofLayout": "_OL",
-                 "MethodInfo": "_MI"}[type(v).__name__]
+        short = {
+            "FieldLayout": "_FL",
+            "MessageLayout": "_ML",
+            "OneofLayout": "_OL",
+            "MethodInfo": "_MI",
+        }[type(v).__name__]
         args = ", ".join(_lit(getattr(v, f.name)) for f in dataclasses.fields(v))
         return f"{short}({args})"
     if isinstance(v, tuple):
@@ -97,9 +108,18 @@ def _methods(fds: descriptor_pb2.FileDescriptorSet, user: set[str]) -> list[Meth
     out: list[MethodInfo] = []
     for full, s in sorted(services, key=lambda x: x[0]):
         for m in s.method:
-            out.append(MethodInfo(len(out), full, m.name, f"/{full}/{m.name}",
-                                  m.input_type.lstrip("."), m.output_type.lstrip("."),
-                                  m.client_streaming, m.server_streaming))
+            out.append(
+                MethodInfo(
+                    len(out),
+                    full,
+                    m.name,
+                    f"/{full}/{m.name}",
+                    m.input_type.lstrip("."),
+                    m.output_type.lstrip("."),
+                    m.client_streaming,
+                    m.server_streaming,
+                )
+            )
     return out
 
 
@@ -145,15 +165,17 @@ def generate_source(bundle: SchemaBundle) -> str:
         bodies[k] = props
     for full, parent, name, _u in types.messages:
         k, ml = ids[full], layouts[full]
-        o += [f"class _C{k}(_rt.Message):",
-              "    __slots__ = ()",
-              f"    _FULL_NAME = {full!r}",
-              f"    _SIZE = {ml.size}",
-              f"    _LAYOUT = {_lit(ml)}",
-              *bodies[k],
-              f"_C{k}.__name__ = {name!r}",
-              f"_C{k}.__qualname__ = {qual[full]!r}",
-              ""]
+        o += [
+            f"class _C{k}(_rt.Message):",
+            "    __slots__ = ()",
+            f"    _FULL_NAME = {full!r}",
+            f"    _SIZE = {ml.size}",
+            f"    _LAYOUT = {_lit(ml)}",
+            *bodies[k],
+            f"_C{k}.__name__ = {name!r}",
+            f"_C{k}.__qualname__ = {qual[full]!r}",
+            "",
+        ]
     for full, parent, name, user_type in types.messages:
         if parent is not None:
             o.append(f"_C{ids[parent]}.{name} = _C{ids[full]}")
@@ -162,15 +184,17 @@ def generate_source(bundle: SchemaBundle) -> str:
     o += ["", "ENUMS = {}"]
     for j, (full, parent, name, user_type, values) in enumerate(types.enums):
         qn = f"{qual[parent]}.{name}" if parent else name
-        o.append(f"_E{j} = _enum.IntEnum({name!r}, {values!r}, module=__name__, "
-                 f"qualname={qn!r})")
+        o.append(f"_E{j} = _enum.IntEnum({name!r}, {values!r}, module=__name__, qualname={qn!r})")
         o.append(f"ENUMS[{full!r}] = _E{j}")
         target = f"_C{ids[parent]}." if parent else ("" if user_type else None)
         if target is not None:
             o.append(f"{target}{name} = _E{j}")
             o += [f"{target}{vn} = {vnum!r}" for vn, vnum in values]
-    o += ["", "MESSAGES = {" + ", ".join(f"{f!r}: _C{ids[f]}" for f, *_r in types.messages) + "}",
-          "_rt.finish_classes(MESSAGES, FDS)"]
+    o += [
+        "",
+        "MESSAGES = {" + ", ".join(f"{f!r}: _C{ids[f]}" for f, *_r in types.messages) + "}",
+        "_rt.finish_classes(MESSAGES, FDS)",
+    ]
     for full, *_r in types.messages:
         o += spec_bindings(ids[full], layouts[full])
     o.append("")
@@ -179,18 +203,25 @@ def generate_source(bundle: SchemaBundle) -> str:
         o.append(marshal_code(k, layouts[full], ids, layouts))
         o.append(validate_code(k, layouts[full], ids, layouts))
     names = [f for f, *_r in types.messages]
-    o += ["MARSHAL = {" + ", ".join(f"{f!r}: _marshal{ids[f]}" for f in names) + "}",
-          "VALIDATE = {" + ", ".join(f"{f!r}: _validate{ids[f]}" for f in names) + "}",
-          ""]
+    o += [
+        "MARSHAL = {" + ", ".join(f"{f!r}: _marshal{ids[f]}" for f in names) + "}",
+        "VALIDATE = {" + ", ".join(f"{f!r}: _validate{ids[f]}" for f in names) + "}",
+        "",
+    ]
     methods = _methods(fds, user)
     o.append("METHODS = [" + "".join("\n    " + _lit(m) + "," for m in methods) + "\n]")
     services: dict[str, list[int]] = {}
     for m in methods:
         services.setdefault(m.service, []).append(m.id)
-    o.append("SERVICES = {" + ", ".join(f"{s!r}: {tuple(ids_)!r}"
-                                        for s, ids_ in services.items()) + "}")
-    o += ["", "from libmrpc import stubs as _stubs  # noqa: E402",
-          "_stubs.install_services(globals())", ""]
+    o.append(
+        "SERVICES = {" + ", ".join(f"{s!r}: {tuple(ids_)!r}" for s, ids_ in services.items()) + "}"
+    )
+    o += [
+        "",
+        "from libmrpc import stubs as _stubs  # noqa: E402",
+        "_stubs.install_services(globals())",
+        "",
+    ]
     return "\n".join(o)
 
 
@@ -219,7 +250,7 @@ def compile_source(src: str, filename: str) -> tuple[CodeType, ...]:
     start, line = 0, 0
     for m in _STATEMENT.finditer(src, 1):
         if m.start() - start >= _CHUNK:
-            chunk = src[start:m.start()]
+            chunk = src[start : m.start()]
             codes.append(compile("\n" * line + chunk, filename, "exec"))
             line += chunk.count("\n")
             start = m.start()
@@ -228,7 +259,9 @@ def compile_source(src: str, filename: str) -> tuple[CodeType, ...]:
     return tuple(codes)
 
 
-def exec_codes(codes: tuple[CodeType, ...], key: str, filename: str, *, register: bool = True) -> ModuleType:
+def exec_codes(
+    codes: tuple[CodeType, ...], key: str, filename: str, *, register: bool = True
+) -> ModuleType:
     """A new module from compiled chunks; in ``sys.modules`` only if ``register``."""
     name = _module_name(key)
     mod = ModuleType(name)
@@ -260,8 +293,10 @@ def _read_own(path: Path) -> bytes:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-            raise PermissionError(f"{path} is not a regular file of uid {os.geteuid()} or root closed to "
-                                  f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+            raise PermissionError(
+                f"{path} is not a regular file of uid {os.geteuid()} or root closed to "
+                f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+            )
         return f.read()
 
 

@@ -24,8 +24,12 @@ from libmrpc.layout import FieldLayout, Kind, MessageLayout
 
 # struct format char -> identifier suffix of the _U_/_P_ helpers
 FMT_NAMES = {"d": "d", "f": "f", "i": "i", "I": "I", "q": "q", "Q": "Q", "?": "b"}
-_RANGES = {"i": (-(1 << 31), (1 << 31) - 1), "I": (0, (1 << 32) - 1),
-           "q": (-(1 << 63), (1 << 63) - 1), "Q": (0, (1 << 64) - 1)}
+_RANGES = {
+    "i": (-(1 << 31), (1 << 31) - 1),
+    "I": (0, (1 << 32) - 1),
+    "q": (-(1 << 63), (1 << 63) - 1),
+    "Q": (0, (1 << 64) - 1),
+}
 _DEFAULTS = {"d": "0.0", "f": "0.0", "i": "0", "I": "0", "q": "0", "Q": "0", "?": "False"}
 
 
@@ -42,8 +46,10 @@ def _check(f: FieldLayout, where: str) -> list[str]:
     fmt = f.fmt
     if fmt in _RANGES:
         lo, hi = _RANGES[fmt]
-        return [f"if v.__class__ is not int: v = _rt.as_int(v, {where})",
-                f"if not {lo} <= v <= {hi}: _rt.out_of_range(v, {where})"]
+        return [
+            f"if v.__class__ is not int: v = _rt.as_int(v, {where})",
+            f"if not {lo} <= v <= {hi}: _rt.out_of_range(v, {where})",
+        ]
     if fmt == "?":
         return [f"if v.__class__ is not bool: v = _rt.as_bool(v, {where})"]
     return [f"if v.__class__ is not float: v = _rt.as_float(v, {where})"]
@@ -92,43 +98,63 @@ def accessors(k: int, ml: MessageLayout, ids: dict[str, int]) -> tuple[str, list
         if f.kind == Kind.SCALAR:
             u, p = f"_U_{FMT_NAMES[f.fmt]}", f"_P_{FMT_NAMES[f.fmt]}"
             if guard:
-                get = head + [f"if {guard}: return {u}(b, o + {x})[0]",
-                              f"return {_DEFAULTS[f.fmt]}"]
+                get = head + [
+                    f"if {guard}: return {u}(b, o + {x})[0]",
+                    f"return {_DEFAULTS[f.fmt]}",
+                ]
             else:
                 get = [f"return {u}(self._buf, self._off + {x})[0]"]
             put = [f"{p}(b, o + {x}, v)"]
             if f.fmt == "f":
-                put = ["try:", f"    {p}(b, o + {x}, v)", "except OverflowError:",
-                       f"    {p}(b, o + {x}, _rt.f32_overflow(v))"]
+                put = [
+                    "try:",
+                    f"    {p}(b, o + {x}, v)",
+                    "except OverflowError:",
+                    f"    {p}(b, o + {x}, _rt.f32_overflow(v))",
+                ]
             sets = wprep + _check(f, where) + head + mark + put
         elif f.kind in (Kind.STRING, Kind.BYTES):
             is_str = f.kind == Kind.STRING
             empty = "''" if is_str else "_EMPTY"
             value = "str(b[r:r + n], 'utf-8')" if is_str else "b[r:r + n]"
-            get = head + ([f"if not ({guard}): return {empty}"] if guard else []) + [
-                f"r, n = _U_R(b, o + {x})",
-                "if n:",
-                "    r += self._base",
-                f"    return {value}",
-                f"return {empty}"]
-            conv = ([f"if v.__class__ is not str: v = _rt.as_str(v, {where})", "v = v.encode()"]
-                    if is_str else [f"if v.__class__ is not bytes: v = _rt.as_bytes(v, {where})"])
+            get = (
+                head
+                + ([f"if not ({guard}): return {empty}"] if guard else [])
+                + [
+                    f"r, n = _U_R(b, o + {x})",
+                    "if n:",
+                    "    r += self._base",
+                    f"    return {value}",
+                    f"return {empty}",
+                ]
+            )
+            conv = (
+                [f"if v.__class__ is not str: v = _rt.as_str(v, {where})", "v = v.encode()"]
+                if is_str
+                else [f"if v.__class__ is not bytes: v = _rt.as_bytes(v, {where})"]
+            )
             sets = wprep + conv + head + mark + [f"_rt.put_blob(self, {x}, v)"]
         elif f.kind == Kind.MESSAGE:
             sub = f"_C{ids[f.type_name]}"  # type: ignore[index]
             cond = f"n and {guard}" if guard else "n"
-            get = head + [f"r, n = _U_R(b, o + {x})",
-                          f"if {cond}:",
-                          (f"    return {sub}._view(b, self._base, self._base + r, "
-                           "self._owner, self._w & 1)"),
-                          f"return {sub}._lazy(self, {spec})"]
+            get = head + [
+                f"r, n = _U_R(b, o + {x})",
+                f"if {cond}:",
+                (
+                    f"    return {sub}._view(b, self._base, self._base + r, "
+                    "self._owner, self._w & 1)"
+                ),
+                f"return {sub}._lazy(self, {spec})",
+            ]
             sets = [f"_rv.set_message(self, {spec}, v)"]
         else:
-            view = {Kind.REPEATED_SCALAR: "_rv.RepeatedScalar",
-                    Kind.REPEATED_STRING: "_rv.RepeatedBlob",
-                    Kind.REPEATED_BYTES: "_rv.RepeatedBlob",
-                    Kind.REPEATED_MESSAGE: "_rv.RepeatedMessage",
-                    Kind.MAP: "_rv.MapView"}[f.kind]
+            view = {
+                Kind.REPEATED_SCALAR: "_rv.RepeatedScalar",
+                Kind.REPEATED_STRING: "_rv.RepeatedBlob",
+                Kind.REPEATED_BYTES: "_rv.RepeatedBlob",
+                Kind.REPEATED_MESSAGE: "_rv.RepeatedMessage",
+                Kind.MAP: "_rv.MapView",
+            }[f.kind]
             get = [f"return {view}(self, {spec})"]
             sets = [f"{view}(self, {spec})._assign(v)"]
         src += _func(g, "self", get) + _func(s, "self, v", sets)

@@ -32,8 +32,9 @@ def _oneof_cases(ml: MessageLayout, var: str) -> tuple[list[str], dict[int, str]
     return lines, cond
 
 
-def marshal_code(k: int, ml: MessageLayout, ids: dict[str, int],
-                 layouts: dict[str, MessageLayout]) -> str:
+def marshal_code(
+    k: int, ml: MessageLayout, ids: dict[str, int], layouts: dict[str, MessageLayout]
+) -> str:
     """Source of ``_mx<k>`` (if the type has refs) and ``_marshal<k>``."""
     name = repr(ml.full_name)
     out = []
@@ -49,36 +50,50 @@ def marshal_code(k: int, ml: MessageLayout, ids: dict[str, int],
             x = f.offset
             body = [f"r, n = _U_R(head, d + {x})", "if n:"]
             if f.kind in (Kind.STRING, Kind.BYTES):
-                body += [f"    if r + n > hsize: S.bad({w}, r, n)",
-                         f"    S.blob(heap, r, n, d + {x})"]
+                body += [
+                    f"    if r + n > hsize: S.bad({w}, r, n)",
+                    f"    S.blob(heap, r, n, d + {x})",
+                ]
             elif f.kind == Kind.MESSAGE:
                 sub = layouts[f.type_name]  # type: ignore[index]
                 sz = sub.size
-                body += [f"    if n != {sz} or r + {sz} > hsize: S.bad({w}, r, n, {sz})",
-                         f"    p = S.rec(heap, r, {sz})",
-                         f"    _P_R(head, d + {x}, p, {sz})"]
+                body += [
+                    f"    if n != {sz} or r + {sz} > hsize: S.bad({w}, r, n, {sz})",
+                    f"    p = S.rec(heap, r, {sz})",
+                    f"    _P_R(head, d + {x}, p, {sz})",
+                ]
                 if has_refs(sub):
-                    body += [f"    if depth >= {MAX_DEPTH}: S.deep({w})",
-                             f"    _mx{ids[sub.full_name]}(S, heap, hsize, p, depth + 1)"]
+                    body += [
+                        f"    if depth >= {MAX_DEPTH}: S.deep({w})",
+                        f"    _mx{ids[sub.full_name]}(S, heap, hsize, p, depth + 1)",
+                    ]
             elif f.kind == Kind.REPEATED_SCALAR:
                 es = f.elem_size
-                body += [f"    if r + n * {es} > hsize: S.bad({w}, r, n)",
-                         f"    _P_R(head, d + {x}, S.arr(heap, r, n * {es}, 1), n)"]
+                body += [
+                    f"    if r + n * {es} > hsize: S.bad({w}, r, n)",
+                    f"    _P_R(head, d + {x}, S.arr(heap, r, n * {es}, 1), n)",
+                ]
             elif f.kind in (Kind.REPEATED_STRING, Kind.REPEATED_BYTES):
-                body += [f"    if r + n * 8 > hsize: S.bad({w}, r, n)",
-                         "    p = S.arr(heap, r, n * 8, n)",
-                         f"    _P_R(head, d + {x}, p, n)",
-                         f"    S.blobs(heap, p, n, {w})"]
+                body += [
+                    f"    if r + n * 8 > hsize: S.bad({w}, r, n)",
+                    "    p = S.arr(heap, r, n * 8, n)",
+                    f"    _P_R(head, d + {x}, p, n)",
+                    f"    S.blobs(heap, p, n, {w})",
+                ]
             else:  # repeated message / map
                 sub = layouts[f.type_name]  # type: ignore[index]
                 sz = sub.size
-                body += [f"    if r + n * {sz} > hsize: S.bad({w}, r, n)",
-                         f"    p = S.arr(heap, r, n * {sz}, n)",
-                         f"    _P_R(head, d + {x}, p, n)"]
+                body += [
+                    f"    if r + n * {sz} > hsize: S.bad({w}, r, n)",
+                    f"    p = S.arr(heap, r, n * {sz}, n)",
+                    f"    _P_R(head, d + {x}, p, n)",
+                ]
                 if has_refs(sub):
-                    body += [f"    if depth >= {MAX_DEPTH}: S.deep({w})",
-                             f"    for q in range(p, p + n * {sz}, {sz}):",
-                             f"        _mx{ids[sub.full_name]}(S, heap, hsize, q, depth + 1)"]
+                    body += [
+                        f"    if depth >= {MAX_DEPTH}: S.deep({w})",
+                        f"    for q in range(p, p + n * {sz}, {sz}):",
+                        f"        _mx{ids[sub.full_name]}(S, heap, hsize, q, depth + 1)",
+                    ]
             body += ["else:", f"    _P_R(head, d + {x}, 0, 0)"]
             c = cond.get(f.number)
             if c is not None:
@@ -99,8 +114,9 @@ def marshal_code(k: int, ml: MessageLayout, ids: dict[str, int],
     return "\n".join(out) + "\n"
 
 
-def validate_code(k: int, ml: MessageLayout, ids: dict[str, int],
-                  layouts: dict[str, MessageLayout]) -> str:
+def validate_code(
+    k: int, ml: MessageLayout, ids: dict[str, int], layouts: dict[str, MessageLayout]
+) -> str:
     """Source of ``_vx<k>`` (if the type has refs) and ``_validate<k>``."""
     name = repr(ml.full_name)
     out = []
@@ -119,29 +135,35 @@ def validate_code(k: int, ml: MessageLayout, ids: dict[str, int],
             elif f.kind == Kind.MESSAGE:
                 sub = layouts[f.type_name]  # type: ignore[index]
                 sz = sub.size
-                body += ["if n:",
-                         f"    if n != {sz} or r + {sz} > L: S.bad({w}, r, n, {sz})",
-                         "    S.visit(1)"]
+                body += [
+                    "if n:",
+                    f"    if n != {sz} or r + {sz} > L: S.bad({w}, r, n, {sz})",
+                    "    S.visit(1)",
+                ]
                 if has_refs(sub):
-                    body += [f"    if depth >= {MAX_DEPTH}: S.deep({w})",
-                             f"    _vx{ids[sub.full_name]}(S, img, L, r, depth + 1)"]
+                    body += [
+                        f"    if depth >= {MAX_DEPTH}: S.deep({w})",
+                        f"    _vx{ids[sub.full_name]}(S, img, L, r, depth + 1)",
+                    ]
             elif f.kind == Kind.REPEATED_SCALAR:
                 body += [f"if n and r + n * {f.elem_size} > L: S.bad({w}, r, n)"]
             elif f.kind in (Kind.REPEATED_STRING, Kind.REPEATED_BYTES):
-                body += ["if n:",
-                         f"    if r + n * 8 > L: S.bad({w}, r, n)",
-                         "    S.visit(n)",
-                         f"    S.refs(img, r, n, {w})"]
+                body += [
+                    "if n:",
+                    f"    if r + n * 8 > L: S.bad({w}, r, n)",
+                    "    S.visit(n)",
+                    f"    S.refs(img, r, n, {w})",
+                ]
             else:
                 sub = layouts[f.type_name]  # type: ignore[index]
                 sz = sub.size
-                body += ["if n:",
-                         f"    if r + n * {sz} > L: S.bad({w}, r, n)",
-                         "    S.visit(n)"]
+                body += ["if n:", f"    if r + n * {sz} > L: S.bad({w}, r, n)", "    S.visit(n)"]
                 if has_refs(sub):
-                    body += [f"    if depth >= {MAX_DEPTH}: S.deep({w})",
-                             f"    for q in range(r, r + n * {sz}, {sz}):",
-                             f"        _vx{ids[sub.full_name]}(S, img, L, q, depth + 1)"]
+                    body += [
+                        f"    if depth >= {MAX_DEPTH}: S.deep({w})",
+                        f"    for q in range(r, r + n * {sz}, {sz}):",
+                        f"        _vx{ids[sub.full_name]}(S, img, L, q, depth + 1)",
+                    ]
             c = cond.get(f.number)
             if c is not None:
                 body = [f"if {c}:"] + ["    " + b for b in body]

@@ -38,13 +38,17 @@ def open_control(path: str, timeout: float | None = 10.0) -> socket.socket:
         sock.connect(path)
     except FileNotFoundError:
         sock.close()
-        raise RpcError(StatusCode.UNAVAILABLE,
-                       f"no mrpcd socket at {path}: start the daemon (`mrpcd run`) or set "
-                       f"MRPC_PREFIX / prefix= to the daemon's prefix") from None
+        raise RpcError(
+            StatusCode.UNAVAILABLE,
+            f"no mrpcd socket at {path}: start the daemon (`mrpcd run`) or set "
+            f"MRPC_PREFIX / prefix= to the daemon's prefix",
+        ) from None
     except PermissionError:
         sock.close()
-        raise RpcError(StatusCode.PERMISSION_DENIED,
-                       f"not allowed to connect to {path}: check the socket's owner and group") from None
+        raise RpcError(
+            StatusCode.PERMISSION_DENIED,
+            f"not allowed to connect to {path}: check the socket's owner and group",
+        ) from None
     except OSError as e:
         sock.close()
         raise RpcError(StatusCode.UNAVAILABLE, f"cannot connect to mrpcd at {path}: {e}") from None
@@ -54,8 +58,10 @@ def open_control(path: str, timeout: float | None = 10.0) -> socket.socket:
 def send_msg(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
     if len(data) > MAX_PACKET:
-        raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                       f"control message of {len(data)} bytes exceeds {MAX_PACKET}")
+        raise RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"control message of {len(data)} bytes exceeds {MAX_PACKET}",
+        )
     if fds:
         socket.send_fds(sock, [data], fds)
     else:
@@ -83,7 +89,9 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         try:
             obj = json.loads(msg)
         except RecursionError:
-            raise ValueError(f"control message nests deeper than Python can parse (limit {MAX_DEPTH})") from None
+            raise ValueError(
+                f"control message nests deeper than Python can parse (limit {MAX_DEPTH})"
+            ) from None
         if not isinstance(obj, dict):
             raise ValueError("control message must be a JSON object")  # noqa: TRY004 - bad input from a peer, not a caller's type error
     except (ValueError, UnicodeDecodeError):
@@ -105,8 +113,9 @@ def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
         if m.group() in (b"[", b"{"):
             depth += 1
             if depth > limit:
-                raise ValueError(f"control message nests JSON deeper than {limit} levels; "
-                                 f"flatten it")
+                raise ValueError(
+                    f"control message nests JSON deeper than {limit} levels; flatten it"
+                )
         else:
             depth -= 1
 
@@ -138,7 +147,9 @@ def request(sock: socket.socket, obj: dict[str, Any]) -> tuple[dict[str, Any], l
             reply, fds = None, []
         if reply is None or reply.get("ok", False):
             _close_all(fds)
-            raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd closed the control connection: {e}") from None
+            raise RpcError(
+                StatusCode.UNAVAILABLE, f"mrpcd closed the control connection: {e}"
+            ) from None
     else:
         reply, fds = recv_msg(sock)
     try:

@@ -42,12 +42,18 @@ class Kind:
     MAP = "map"
 
     REFS = frozenset(
-        {STRING, BYTES, MESSAGE, REPEATED_SCALAR, REPEATED_STRING, REPEATED_BYTES,
-         REPEATED_MESSAGE, MAP}
+        {
+            STRING,
+            BYTES,
+            MESSAGE,
+            REPEATED_SCALAR,
+            REPEATED_STRING,
+            REPEATED_BYTES,
+            REPEATED_MESSAGE,
+            MAP,
+        }
     )
-    REPEATED = frozenset(
-        {REPEATED_SCALAR, REPEATED_STRING, REPEATED_BYTES, REPEATED_MESSAGE, MAP}
-    )
+    REPEATED = frozenset({REPEATED_SCALAR, REPEATED_STRING, REPEATED_BYTES, REPEATED_MESSAGE, MAP})
 
 
 _T = descriptor_pb2.FieldDescriptorProto
@@ -220,7 +226,9 @@ def _layout_one(
     size = max(8, _align(pos, 8))
 
     fields = []
-    for align, f, kind, fmt, slot_size, scalar, type_name in sorted(slots, key=lambda s: s[1].number):
+    for align, f, kind, fmt, slot_size, scalar, type_name in sorted(
+        slots, key=lambda s: s[1].number
+    ):
         oneof_name = None
         if f.HasField("oneof_index") and not f.proto3_optional:
             oneof_name = m.oneof_decl[f.oneof_index].name
@@ -243,8 +251,9 @@ def _layout_one(
         OneofLayout(
             name=name,
             offset=oneof_off[i],
-            members=tuple(f.number for f in m.field
-                          if f.HasField("oneof_index") and f.oneof_index == i),
+            members=tuple(
+                f.number for f in m.field if f.HasField("oneof_index") and f.oneof_index == i
+            ),
         )
         for i, name in real_oneofs
     )

@@ -63,10 +63,22 @@ def _short(v: Any) -> str:
 class Marshal:
     """Marshalling state of one message (send side, untrusted heap)."""
 
-    __slots__ = ("budget", "capped", "head", "hsize", "max", "name", "patches", "segbytes", "segs", "zc")
+    __slots__ = (
+        "budget",
+        "capped",
+        "head",
+        "hsize",
+        "max",
+        "name",
+        "patches",
+        "segbytes",
+        "segs",
+        "zc",
+    )
 
-    def __init__(self, heap: memoryview, off: Any, size: int, zero_copy_min: int,
-                 max_size: int, name: str) -> None:
+    def __init__(
+        self, heap: memoryview, off: Any, size: int, zero_copy_min: int, max_size: int, name: str
+    ) -> None:
         self.name = name
         if type(off) is not int:
             raise WireError(f"{name}: record offset {_short(off)} is not an integer")
@@ -74,12 +86,13 @@ class Marshal:
         if off < 0 or off + size > hsize:
             raise WireError(
                 f"{name}: root record at offset {off} (size {size}) is outside the heap "
-                f"of {hsize} bytes")
+                f"of {hsize} bytes"
+            )
         self.hsize = hsize
         self.max = min(max_size, U32_MAX)
         if size > self.max:
             self.too_big(size)
-        self.head = bytearray(heap[off:off + size])
+        self.head = bytearray(heap[off : off + size])
         self.segs: list[memoryview] = []
         self.patches: list[tuple[int, int, int]] = []
         self.segbytes = 0
@@ -95,17 +108,22 @@ class Marshal:
             why = f"length {n} is not the record size {record}"
         else:
             why = f"it does not fit in the heap of {self.hsize} bytes"
-        raise WireError(f"{where}: bad reference (offset {r}, length {n}): {why}",
-                        StatusCode.INVALID_ARGUMENT)
+        raise WireError(
+            f"{where}: bad reference (offset {r}, length {n}): {why}", StatusCode.INVALID_ARGUMENT
+        )
 
     def deep(self, where: str) -> NoReturn:
-        raise WireError(f"{where}: message nesting deeper than {MAX_DEPTH} levels",
-                        StatusCode.INVALID_ARGUMENT)
+        raise WireError(
+            f"{where}: message nesting deeper than {MAX_DEPTH} levels", StatusCode.INVALID_ARGUMENT
+        )
 
     def too_big(self, more: int) -> NoReturn:
         need = len(getattr(self, "head", b"")) + getattr(self, "segbytes", 0) + more
-        raise TooBig(f"{self.name}: marshalled message exceeds the limit of {self.max} bytes "
-                     f"(at least {need})", need)
+        raise TooBig(
+            f"{self.name}: marshalled message exceeds the limit of {self.max} bytes "
+            f"(at least {need})",
+            need,
+        )
 
     def spend(self, n: int) -> None:
         self.budget -= n
@@ -114,10 +132,13 @@ class Marshal:
                 raise WireError(
                     f"{self.name}: more than {WORK} records and blobs in one message "
                     "(the daemon's limits.marshal_work); send fewer, larger elements",
-                    StatusCode.RESOURCE_EXHAUSTED)
+                    StatusCode.RESOURCE_EXHAUSTED,
+                )
             raise WireError(
                 f"{self.name}: more records and blobs than the heap can hold "
-                "(shared or cyclic references)", StatusCode.INVALID_ARGUMENT)
+                "(shared or cyclic references)",
+                StatusCode.INVALID_ARGUMENT,
+            )
 
     def blob(self, heap: memoryview, r: int, n: int, slot: int) -> None:
         """Emit bytes heap[r:r+n] (checked) and point the ref at ``slot`` to them."""
@@ -127,13 +148,13 @@ class Marshal:
             self.too_big(n)
         if n >= self.zc:
             self.patches.append((slot, self.segbytes, n))
-            self.segs.append(heap[r:r + n])
+            self.segs.append(heap[r : r + n])
             self.segbytes += n
         else:
             p = len(head)
-            head += heap[r:r + n]
+            head += heap[r : r + n]
             if n & 7:
-                head += _PAD[:-n & 7]
+                head += _PAD[: -n & 7]
             REF.pack_into(head, slot, p, n)
 
     def rec(self, heap: memoryview, r: int, size: int) -> int:
@@ -143,7 +164,7 @@ class Marshal:
         p = len(head)
         if p + self.segbytes + size > self.max:
             self.too_big(size)
-        head += heap[r:r + size]
+        head += heap[r : r + size]
         return p
 
     def arr(self, heap: memoryview, r: int, nbytes: int, count: int) -> int:
@@ -153,16 +174,16 @@ class Marshal:
         p = len(head)
         if p + self.segbytes + nbytes > self.max:
             self.too_big(nbytes)
-        head += heap[r:r + nbytes]
+        head += heap[r : r + nbytes]
         if nbytes & 7:
-            head += _PAD[:-nbytes & 7]
+            head += _PAD[: -nbytes & 7]
         return p
 
     def blobs(self, heap: memoryview, p: int, n: int, where: str) -> None:
         """Emit the blobs of an array of ``n`` refs already copied to head[p:]."""
         head, hsize = self.head, self.hsize
         # every element counts with its full length, shared or not: fail before copying
-        with memoryview(head) as mv, mv[p:p + 8 * n] as refs, refs.cast("I") as words:
+        with memoryview(head) as mv, mv[p : p + 8 * n] as refs, refs.cast("I") as words:
             total = sum(words[1::2])
         if len(head) + self.segbytes + total > self.max:
             self.too_big(total)
@@ -197,8 +218,9 @@ class Validate:
         except TypeError:
             raise WireError(f"{name}: image is not a buffer") from None
         if n < size:
-            raise WireError(f"{name}: image of {n} bytes is shorter than its root record "
-                            f"({size} bytes)")
+            raise WireError(
+                f"{name}: image of {n} bytes is shorter than its root record ({size} bytes)"
+            )
         self.size = n
         self.budget = min(n // 8 + 1, WORK)
 
@@ -216,15 +238,18 @@ class Validate:
         self.budget -= n
         if self.budget < 0:
             if self.size // 8 + 1 > WORK:
-                raise WireError(f"{self.name}: more than {WORK} records in one message "
-                                "(the receiving daemon's limits.marshal_work)",
-                                StatusCode.RESOURCE_EXHAUSTED)
-            raise WireError(f"{self.name}: more records than the image can hold "
-                            "(shared or cyclic references)")
+                raise WireError(
+                    f"{self.name}: more than {WORK} records in one message "
+                    "(the receiving daemon's limits.marshal_work)",
+                    StatusCode.RESOURCE_EXHAUSTED,
+                )
+            raise WireError(
+                f"{self.name}: more records than the image can hold (shared or cyclic references)"
+            )
 
     def refs(self, img: Any, r: int, n: int, where: str) -> None:
         size = self.size
-        for rr, nn in struct.iter_unpack("<II", img[r:r + 8 * n]):
+        for rr, nn in struct.iter_unpack("<II", img[r : r + 8 * n]):
             if nn and rr + nn > size:
                 self.bad(where, rr, nn)
 

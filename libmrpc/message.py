@@ -41,8 +41,15 @@ from libmrpc.arena import (
 from libmrpc.heap import Heap
 from libmrpc.layout import Kind, MessageLayout, OneofLayout
 
-__all__ = ["Arena", "Message", "ReadOnlyOwner", "copy_message", "default_heap",
-           "set_default_heap", "zeros"]
+__all__ = [
+    "Arena",
+    "Message",
+    "ReadOnlyOwner",
+    "copy_message",
+    "default_heap",
+    "set_default_heap",
+    "zeros",
+]
 
 REF = struct.Struct("<II")
 U32 = struct.Struct("<I")
@@ -120,6 +127,7 @@ def scalar_checker(scalar: str, fmt: str, where: str) -> Any:
     if fmt == "?":
         return lambda v: v if v.__class__ is bool else as_bool(v, where)
     if fmt == "f":
+
         def check_f32(v: Any) -> float:
             v = v if v.__class__ is float else as_float(v, where)
             return v if abs(v) <= 3.4028234663852886e38 or math.isnan(v) else f32_overflow(v)
@@ -139,7 +147,7 @@ def put_blob(msg: Message, slot: int, data: Any) -> None:
         return
     a = msg._owner.alloc(n, zero=False)
     buf = msg._buf
-    buf[a:a + n] = data
+    buf[a : a + n] = data
     REF.pack_into(buf, msg._off + slot, a, n)
 
 
@@ -150,7 +158,7 @@ def set_case(msg: Message, case_off: int, number: int, members: dict[int, tuple[
     if cur != number:
         prev = members.get(cur)
         if prev is not None:
-            buf[off + prev[0]:off + prev[0] + prev[1]] = zeros(prev[1])
+            buf[off + prev[0] : off + prev[0] + prev[1]] = zeros(prev[1])
         U32.pack_into(buf, off + case_off, number)
 
 
@@ -248,7 +256,13 @@ class Message:
         """A read-only view of a received image whose root record is at ``buf[base:]``."""
         m = object.__new__(cls)
         m._buf, m._base, m._off, m._owner, m._w, m._parent = (
-            buf.toreadonly(), base, base, owner, 1, None)
+            buf.toreadonly(),
+            base,
+            base,
+            owner,
+            1,
+            None,
+        )
         return m
 
     @classmethod
@@ -309,7 +323,7 @@ class Message:
             return bool(U64.unpack_from(buf, off + spec.pword)[0] & spec.pmask)
         if spec.kind == Kind.MESSAGE:
             return REF.unpack_from(buf, off + spec.off)[1] != 0
-        raise ValueError(f'Field {spec.where} does not have presence; use its value instead.')
+        raise ValueError(f"Field {spec.where} does not have presence; use its value instead.")
 
     def ClearField(self, name: str) -> None:
         spec = self._SPECS.get(name)
@@ -329,7 +343,7 @@ class Message:
                 return
         assert spec is not None
         size = spec.st.size if spec.kind == Kind.SCALAR else 8  # type: ignore[union-attr]
-        buf[off + spec.off:off + spec.off + size] = zeros(size)
+        buf[off + spec.off : off + spec.off + size] = zeros(size)
         if spec.pmask:
             w = U64.unpack_from(buf, off + spec.pword)[0]
             U64.pack_into(buf, off + spec.pword, w & ~spec.pmask)
@@ -354,7 +368,7 @@ class Message:
             if self._w == 2:
                 return
             raise TypeError(_RO.format(self._FULL_NAME))
-        self._buf[self._off:self._off + self._SIZE] = zeros(self._SIZE)
+        self._buf[self._off : self._off + self._SIZE] = zeros(self._SIZE)
 
     def CopyFrom(self, other: Any) -> None:
         """Replace this message's contents with a deep copy of ``other``.
@@ -481,7 +495,8 @@ def finish_classes(classes: dict[str, type[Message]], fds: bytes) -> None:
         for o in cls._LAYOUT.oneofs:
             members[o.name] = {
                 s.number: (s.off, s.st.size if s.kind == Kind.SCALAR else 8)  # type: ignore[union-attr]
-                for s in specs.values() if s.oneof is o
+                for s in specs.values()
+                if s.oneof is o
             }
         cls._MEMBERS = members
     for cls in classes.values():

@@ -56,7 +56,7 @@ def reserve(msg: Message, spec: FieldSpec, extra: int) -> tuple[int, int]:
     new_cap = max(need, 2 * n * es, 4 * es)
     a = arena.alloc(new_cap)
     if n:
-        buf[a:a + n * es] = buf[o:o + n * es]
+        buf[a : a + n * es] = buf[o : o + n * es]
         if spec.kind in (Kind.REPEATED_MESSAGE, Kind.MAP):
             arena.moved(o, a)
     arena.caps[a] = new_cap
@@ -133,8 +133,10 @@ class _Repeated:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (_Repeated, list, tuple)) or (
-            hasattr(other, "__len__") and hasattr(other, "__getitem__")
-            and not isinstance(other, (str, bytes, dict))):
+            hasattr(other, "__len__")
+            and hasattr(other, "__getitem__")
+            and not isinstance(other, (str, bytes, dict))
+        ):
             return list(self) == list(other)  # type: ignore[call-overload]
         return NotImplemented
 
@@ -185,7 +187,7 @@ class RepeatedScalar(_Repeated):
         m = self._msg
         _writable(m)
         a, n = reserve(m, s, len(values))
-        m._buf[a + n * s.es:a + n * s.es + len(data)] = data
+        m._buf[a + n * s.es : a + n * s.es + len(data)] = data
         REF.pack_into(m._buf, m._off + s.off, a, n + len(values))
 
 
@@ -198,8 +200,8 @@ class RepeatedBlob(_Repeated):
         m = self._msg
         o, n = REF.unpack_from(m._buf, a + 8 * i)
         if self._spec.kind == Kind.REPEATED_STRING:
-            return str(m._buf[m._base + o:m._base + o + n], "utf-8") if n else ""
-        return m._buf[m._base + o:m._base + o + n] if n else _EMPTY
+            return str(m._buf[m._base + o : m._base + o + n], "utf-8") if n else ""
+        return m._buf[m._base + o : m._base + o + n] if n else _EMPTY
 
     def _encode(self, v: Any) -> Any:
         if self._spec.kind == Kind.REPEATED_STRING:
@@ -243,7 +245,7 @@ class RepeatedMessage(_Repeated):
         _writable(m)
         a, n = reserve(m, s, 1)
         pos = a + n * s.es
-        m._buf[pos:pos + s.es] = zeros(s.es)
+        m._buf[pos : pos + s.es] = zeros(s.es)
         REF.pack_into(m._buf, m._off + s.off, a, n + 1)
         v = self._get(a, n)
         if fields:
@@ -262,8 +264,8 @@ class RepeatedMessage(_Repeated):
         es, buf = s.es, m._buf
         new = m._owner.alloc(max(n - 1, 1) * es) if n > 1 else 0
         if n > 1:
-            buf[new:new + i * es] = buf[a:a + i * es]
-            buf[new + i * es:new + (n - 1) * es] = buf[a + (i + 1) * es:a + n * es]
+            buf[new : new + i * es] = buf[a : a + i * es]
+            buf[new + i * es : new + (n - 1) * es] = buf[a + (i + 1) * es : a + n * es]
             m._owner.caps[new] = (n - 1) * es
         m._owner.moved(a, new, i, es)
         REF.pack_into(buf, m._off + s.off, new, n - 1)
@@ -348,7 +350,7 @@ class MapView:
         _writable(m)
         a, n = reserve(m, s, 1)
         pos = a + n * s.es
-        m._buf[pos:pos + s.es] = zeros(s.es)
+        m._buf[pos : pos + s.es] = zeros(s.es)
         REF.pack_into(m._buf, m._off + s.off, a, n + 1)
         e = self._entry(a, n)
         e.key = k
@@ -378,8 +380,9 @@ class MapView:
 
     def _assign(self, mapping: Any) -> None:
         if not hasattr(mapping, "items"):
-            raise TypeError(f"field {self._spec.where}: expected a mapping, "
-                            f"got {type(mapping).__name__}")
+            raise TypeError(
+                f"field {self._spec.where}: expected a mapping, got {type(mapping).__name__}"
+            )
         items = list(mapping.items())
         self.clear()
         for k, v in items:
@@ -393,7 +396,8 @@ class MapView:
         if not hasattr(other, "items"):
             return NotImplemented
         return {k: _plainpb(v) for k, v in self.items()} == {
-            k: _plainpb(v) for k, v in other.items()}
+            k: _plainpb(v) for k, v in other.items()
+        }
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -444,8 +448,10 @@ def present_items(src: Any, cls: type[Message]) -> list[tuple[FieldSpec, Any]]:
         return out
     desc = getattr(src, "DESCRIPTOR", None)
     if desc is None or desc.full_name != cls._FULL_NAME:
-        raise TypeError(f"expected {cls._FULL_NAME} (message, protobuf message or dict), "
-                        f"got {type(src).__name__}")
+        raise TypeError(
+            f"expected {cls._FULL_NAME} (message, protobuf message or dict), "
+            f"got {type(src).__name__}"
+        )
     return [(cls._SPECS[fd.name], v) for fd, v in src.ListFields()]
 
 
@@ -456,7 +462,7 @@ def _is_set(m: Message, s: FieldSpec) -> bool:
     if s.pmask:
         return bool(U64.unpack_from(buf, off + s.pword)[0] & s.pmask)
     if s.kind == Kind.SCALAR:
-        return any(buf[off + s.off:off + s.off + s.st.size])  # type: ignore[union-attr]
+        return any(buf[off + s.off : off + s.off + s.st.size])  # type: ignore[union-attr]
     return REF.unpack_from(buf, off + s.off)[1] != 0
 
 

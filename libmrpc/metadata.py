@@ -61,17 +61,21 @@ def encode(metadata: Iterable[tuple[str, str | bytes]]) -> bytes:
         elif isinstance(value, bytes | bytearray | memoryview):
             vb = bytes(value)
         else:
-            raise MetadataError(f"metadata value for {key!r} is {type(value).__name__}; "
-                                f"use str (or bytes for a -bin key)")
+            raise MetadataError(
+                f"metadata value for {key!r} is {type(value).__name__}; "
+                f"use str (or bytes for a -bin key)"
+            )
         kb = key.encode("utf-8", "surrogateescape")
         if len(kb) > 0xFFFF or len(vb) > 0xFFFFFFFF:
-            raise MetadataError(f"metadata entry {key[:64]!r} is too large",
-                                StatusCode.RESOURCE_EXHAUSTED)
+            raise MetadataError(
+                f"metadata entry {key[:64]!r} is too large", StatusCode.RESOURCE_EXHAUSTED
+            )
         parts += (_ENTRY.pack(len(kb), len(vb)), kb, vb)
         count += 1
     if count > 0xFFFF:
-        raise MetadataError(f"{count} metadata entries (at most {MAX_ENTRIES})",
-                            StatusCode.RESOURCE_EXHAUSTED)
+        raise MetadataError(
+            f"{count} metadata entries (at most {MAX_ENTRIES})", StatusCode.RESOURCE_EXHAUSTED
+        )
     body = b"".join(parts)
     return _TOTAL.pack(len(body) + 2, count) + body
 
@@ -80,22 +84,27 @@ def block_size(buf: bytes | memoryview, off: int = 0) -> int:
     """Bytes of the block at ``off`` (its total field + 4); MetadataError if short."""
     if len(buf) - off < 4:
         raise MetadataError("metadata block is truncated")
-    return int.from_bytes(buf[off:off + 4], "little") + 4
+    return int.from_bytes(buf[off : off + 4], "little") + 4
 
 
 def decode(block: bytes, max_size: int = MAX_METADATA_SIZE) -> Metadata:
     """Check and decode one block (a private copy); raises MetadataError."""
     if len(block) > max_size:
-        raise MetadataError(f"metadata of {len(block)} bytes exceeds the limit of {max_size} "
-                            f"bytes; send less metadata", StatusCode.RESOURCE_EXHAUSTED)
+        raise MetadataError(
+            f"metadata of {len(block)} bytes exceeds the limit of {max_size} "
+            f"bytes; send less metadata",
+            StatusCode.RESOURCE_EXHAUSTED,
+        )
     if len(block) < _TOTAL.size:
         raise MetadataError("metadata block is truncated")
     total, count = _TOTAL.unpack_from(block)
     if total + 4 != len(block):
         raise MetadataError(f"metadata block says {total + 4} bytes but has {len(block)}")
     if count > MAX_ENTRIES:
-        raise MetadataError(f"{count} metadata entries exceed the limit of {MAX_ENTRIES}",
-                            StatusCode.RESOURCE_EXHAUSTED)
+        raise MetadataError(
+            f"{count} metadata entries exceed the limit of {MAX_ENTRIES}",
+            StatusCode.RESOURCE_EXHAUSTED,
+        )
     out: list[tuple[str, str | bytes]] = []
     pos = _TOTAL.size
     for _ in range(count):
@@ -105,7 +114,7 @@ def decode(block: bytes, max_size: int = MAX_METADATA_SIZE) -> Metadata:
         pos += _ENTRY.size
         if pos + klen + vlen > len(block):
             raise MetadataError("metadata block is truncated")
-        kb, vb = block[pos:pos + klen], block[pos + klen:pos + klen + vlen]
+        kb, vb = block[pos : pos + klen], block[pos + klen : pos + klen + vlen]
         pos += klen + vlen
         out.append((check_key(kb), vb if kb.endswith(b"-bin") else check_value(kb, vb)))
     if pos != len(block):
@@ -116,16 +125,22 @@ def decode(block: bytes, max_size: int = MAX_METADATA_SIZE) -> Metadata:
 def check_key(kb: bytes) -> str:
     shown = kb[:64].decode("ascii", "backslashreplace")
     if not _KEY.fullmatch(kb):
-        raise MetadataError(f"metadata key {shown!r} is invalid: keys are non-empty and use only "
-                            f"lowercase letters, digits, '-', '_' and '.'")
+        raise MetadataError(
+            f"metadata key {shown!r} is invalid: keys are non-empty and use only "
+            f"lowercase letters, digits, '-', '_' and '.'"
+        )
     if kb.startswith(b"grpc-"):
-        raise MetadataError(f"metadata key {shown!r} is reserved (the grpc- prefix belongs to "
-                            f"the RPC system); choose another key")
+        raise MetadataError(
+            f"metadata key {shown!r} is reserved (the grpc- prefix belongs to "
+            f"the RPC system); choose another key"
+        )
     return kb.decode("ascii")
 
 
 def check_value(kb: bytes, vb: bytes) -> str:
     if not _PRINTABLE.fullmatch(vb):
-        raise MetadataError(f"metadata value of {kb[:64].decode('ascii')!r} is not printable "
-                            f"ASCII; binary values need a key ending in '-bin'")
+        raise MetadataError(
+            f"metadata value of {kb[:64].decode('ascii')!r} is not printable "
+            f"ASCII; binary values need a key ending in '-bin'"
+        )
     return vb.decode("ascii")

@@ -30,8 +30,10 @@ def _trusted_uids() -> tuple[int, ...]:
     try:
         uid = int(extra) if extra.isdigit() else pwd.getpwnam(extra).pw_uid
     except KeyError:
-        raise RpcError(StatusCode.INVALID_ARGUMENT,
-                       f"MRPC_DAEMON_USER={extra!r} names no user; set it to the daemon's user name or uid") from None
+        raise RpcError(
+            StatusCode.INVALID_ARGUMENT,
+            f"MRPC_DAEMON_USER={extra!r} names no user; set it to the daemon's user name or uid",
+        ) from None
     return (0, os.geteuid(), uid)
 
 
@@ -63,7 +65,12 @@ def default_prefix(env: Mapping[str, str] | None = None, uid: int | None = None)
             st = os.stat(xdg)
         except OSError:
             st = None
-        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == uid and stat.S_IMODE(st.st_mode) == 0o700:
+        if (
+            st is not None
+            and stat.S_ISDIR(st.st_mode)
+            and st.st_uid == uid
+            and stat.S_IMODE(st.st_mode) == 0o700
+        ):
             return Path(xdg) / "mrpc"
     return Path(f"/tmp/mrpc-{uid}")
 
@@ -82,13 +89,17 @@ def _trusted_text() -> str:
 
 
 def _refuse(path: Path | str, what: str, st: os.stat_result, problem: str) -> RpcError:
-    return RpcError(StatusCode.PERMISSION_DENIED,
-                    f"refusing to use mrpcd {what} {path}: {problem} (owner {_who(st.st_uid)}, mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}); only a daemon run by {_trusted_text()} is trusted: "
-                    f"check who started it, or set MRPC_PREFIX / prefix= to your daemon's prefix")
+    return RpcError(
+        StatusCode.PERMISSION_DENIED,
+        f"refusing to use mrpcd {what} {path}: {problem} (owner {_who(st.st_uid)}, mode "
+        f"{stat.S_IMODE(st.st_mode):04o}); only a daemon run by {_trusted_text()} is trusted: "
+        f"check who started it, or set MRPC_PREFIX / prefix= to your daemon's prefix",
+    )
 
 
-def _check_owner(path: Path | str, what: str, st: os.stat_result, *, others_may_write: bool = False) -> None:
+def _check_owner(
+    path: Path | str, what: str, st: os.stat_result, *, others_may_write: bool = False
+) -> None:
     if st.st_uid not in _trusted_uids():
         raise _refuse(path, what, st, "it belongs to another user")
     if st.st_mode & 0o022 and not others_may_write:
@@ -117,7 +128,9 @@ def daemon_state(prefix: Path) -> dict[str, object]:
     file belongs to someone other than root or us, or others may write it.
     """
     try:
-        fd = os.open(prefix / "mrpcd.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(
+            prefix / "mrpcd.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
     except OSError:
         return {}
     with os.fdopen(fd, "rb") as f:
@@ -143,7 +156,9 @@ def _socket_path(prefix: Path, key: str, default: str) -> str:
             st = os.stat(sock.parent)
         except OSError:
             return str(sock)
-        _check_owner(sock.parent, "socket directory", st, others_may_write=bool(st.st_mode & stat.S_ISVTX))
+        _check_owner(
+            sock.parent, "socket directory", st, others_may_write=bool(st.st_mode & stat.S_ISVTX)
+        )
     try:
         st = os.lstat(sock)
     except OSError:
@@ -171,7 +186,9 @@ def check_daemon_peer(sock: socket.socket, path: str) -> None:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
     if uid not in _trusted_uids():
-        raise RpcError(StatusCode.PERMISSION_DENIED,
-                       f"refusing the mrpcd at {path}: it runs as {_who(uid)} (pid {pid}); only a daemon "
-                       f"run by {_trusted_text()} is trusted: check who started it, or set MRPC_PREFIX / "
-                       f"prefix= to your daemon's prefix")
+        raise RpcError(
+            StatusCode.PERMISSION_DENIED,
+            f"refusing the mrpcd at {path}: it runs as {_who(uid)} (pid {pid}); only a daemon "
+            f"run by {_trusted_text()} is trusted: check who started it, or set MRPC_PREFIX / "
+            f"prefix= to your daemon's prefix",
+        )

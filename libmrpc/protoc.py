@@ -18,12 +18,21 @@ from libmrpc.status import SchemaError
 
 @click.command()
 @click.argument("proto", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write <stem>_mrpc.py into (created if missing).")
-@click.option("-I", "--include", "include_dirs", multiple=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory to resolve imports against (repeatable).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write <stem>_mrpc.py into (created if missing).",
+)
+@click.option(
+    "-I",
+    "--include",
+    "include_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory to resolve imports against (repeatable).",
+)
 def main(proto: Path, out_dir: Path, include_dirs: tuple[Path, ...]) -> None:
     """Compile PROTO into an mrpc stub module."""
     try:

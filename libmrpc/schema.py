@@ -39,8 +39,20 @@ IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names a generated module defines itself (plus the per-service names the stub
 # layer adds): a top-level schema type may not take them.
 MODULE_NAMES = frozenset(
-    {"SCHEMA_HASH", "CACHE_KEY", "LAYOUT_VERSION", "GENERATOR_VERSION", "TEXTS", "FDS",
-     "MESSAGES", "ENUMS", "METHODS", "SERVICES", "MARSHAL", "VALIDATE"}
+    {
+        "SCHEMA_HASH",
+        "CACHE_KEY",
+        "LAYOUT_VERSION",
+        "GENERATOR_VERSION",
+        "TEXTS",
+        "FDS",
+        "MESSAGES",
+        "ENUMS",
+        "METHODS",
+        "SERVICES",
+        "MARSHAL",
+        "VALIDATE",
+    }
 )
 # Attributes the generator and the runtime set on every generated message class
 # (besides the methods of libmrpc.message.Message): no field, nested type or
@@ -50,7 +62,9 @@ CLASS_NAMES = frozenset({"_FULL_NAME", "_SIZE", "_LAYOUT", "_PB", "_SPECS", "_AT
 SERVICE_NAMES = frozenset({"_MRPC_SCHEMA", "_MRPC_SERVICE"})
 # File names: relative paths of plain components ending in .proto; a component
 # never starts with '-' or '@' (protoc would read it as an option or a response file).
-FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}){0,15}")
+FILE_NAME = re.compile(
+    r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}){0,15}"
+)
 MAX_FILES = 1024
 PROTOC_TIMEOUT = 120.0  # seconds; the daemon bounds its compiles more tightly
 
@@ -65,9 +79,7 @@ class SchemaBundle:
 
 # --- reading -------------------------------------------------------------------------
 
-_TOKENS = re.compile(
-    r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL
-)
+_TOKENS = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
 _IMPORT = re.compile(r'\bimport\s+(?:public\s+|weak\s+)?"((?:\\.|[^"\\\n])*)"\s*;')
 
 
@@ -97,18 +109,25 @@ def check_file_names(names: list[str] | set[str] | dict[str, str]) -> None:
     if len(names) > MAX_FILES:
         raise SchemaError(f"schema bundle has {len(names)} files; at most {MAX_FILES} are allowed")
     for k in names:
-        if not isinstance(k, str) or not FILE_NAME.fullmatch(k) or not k.endswith(".proto") or any(
-                p in (".", "..") for p in k.split("/")):
+        if (
+            not isinstance(k, str)
+            or not FILE_NAME.fullmatch(k)
+            or not k.endswith(".proto")
+            or any(p in (".", "..") for p in k.split("/"))
+        ):
             raise SchemaError(
                 f"schema file name {str(k)[:120]!r} is not a plain relative path ending in .proto "
                 "(components of letters, digits, '_', '.', '+', '-', not starting with '-' or '.'); "
-                "rename the file")
+                "rename the file"
+            )
         if k.startswith(WELL_KNOWN_PREFIX):
             raise SchemaError(f"{k}: google/protobuf/* files are supplied by the compiler")
     dirs = {"/".join(k.split("/")[:i]) for k in names for i in range(1, k.count("/") + 1)}
     clash = sorted(set(names) & dirs)
     if clash:
-        raise SchemaError(f"schema file name {clash[0]!r} is also the directory of another file; rename one")
+        raise SchemaError(
+            f"schema file name {clash[0]!r} is also the directory of another file; rename one"
+        )
 
 
 def read_proto(path: str | os.PathLike[str], include_dirs: tuple | list = ()) -> dict[str, str]:
@@ -157,14 +176,17 @@ def cache_key_for(texts: dict[str, str]) -> str:
 
 # --- compiling -----------------------------------------------------------------------
 
+
 def _wkt_include() -> str:
     import importlib.resources
 
     return str(importlib.resources.files("grpc_tools") / "_proto")
 
 
-_PROTOC_MAIN = ("import sys\nfrom grpc_tools import _protoc_compiler as c\n"
-                "sys.exit(c.run_main([a.encode() for a in sys.argv[1:]]))")
+_PROTOC_MAIN = (
+    "import sys\nfrom grpc_tools import _protoc_compiler as c\n"
+    "sys.exit(c.run_main([a.encode() for a in sys.argv[1:]]))"
+)
 
 
 def _run_protoc(args: list[str], cwd: str) -> tuple[int, str]:
@@ -174,11 +196,19 @@ def _run_protoc(args: list[str], cwd: str) -> tuple[int, str]:
     nothing this process's other threads write to fd 2 is captured or lost.
     """
     try:
-        r = subprocess.run([sys.executable, "-c", _PROTOC_MAIN, *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=PROTOC_TIMEOUT,
-                           check=False)
+        r = subprocess.run(
+            [sys.executable, "-c", _PROTOC_MAIN, *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=PROTOC_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        raise SchemaError(f"protoc did not finish within {PROTOC_TIMEOUT:g}s; simplify the schema") from None
+        raise SchemaError(
+            f"protoc did not finish within {PROTOC_TIMEOUT:g}s; simplify the schema"
+        ) from None
     return r.returncode, r.stderr.decode("utf-8", "replace")
 
 
@@ -200,10 +230,18 @@ def compile_texts(texts: dict[str, str]) -> SchemaBundle:
             try:
                 p.write_bytes(t.encode("utf-8"))
             except UnicodeEncodeError as e:
-                raise SchemaError(f"{k}: schema text is not valid Unicode ({e.reason} at {e.start})") from None
+                raise SchemaError(
+                    f"{k}: schema text is not valid Unicode ({e.reason} at {e.start})"
+                ) from None
         out = Path(d, "out.pb")
-        args = ["protoc", "-I.", f"-I{_wkt_include()}", "--descriptor_set_out=../out.pb", "--include_imports",
-                *sorted(texts)]
+        args = [
+            "protoc",
+            "-I.",
+            f"-I{_wkt_include()}",
+            "--descriptor_set_out=../out.pb",
+            "--include_imports",
+            *sorted(texts),
+        ]
         rc, err = _run_protoc(args, str(src))
         if rc != 0 or not out.exists():
             err = err.replace(str(src) + "/", "")
@@ -247,7 +285,9 @@ def _class_attr(name: str, what: str, full: str, file: str, reserved: frozenset[
 def _enum_member(name: str, full: str, file: str) -> None:
     """Python's enum module reserves ``_sunder_`` names and ``mro``."""
     if name == "mro" or (len(name) > 2 and name[0] == name[-1] == "_"):
-        raise SchemaError(f"{file}: value {name!r} of enum {full} is a name Python enums reserve; rename it")
+        raise SchemaError(
+            f"{file}: value {name!r} of enum {full} is a name Python enums reserve; rename it"
+        )
 
 
 def _check_scope(names: list[tuple[str, str]], where: str, file: str) -> None:
@@ -330,8 +370,10 @@ def check_descriptors(fds: descriptor_pb2.FileDescriptorSet, user_files: set[str
             for meth in s.method:
                 _ident(meth.name, f"method of {prefix}{s.name}", f.name)
                 if meth.name in SERVICE_NAMES:
-                    raise SchemaError(f"{f.name}: method {prefix}{s.name}.{meth.name} collides with an "
-                                      "attribute of the generated stub and servicer classes; rename it")
+                    raise SchemaError(
+                        f"{f.name}: method {prefix}{s.name}.{meth.name} collides with an "
+                        "attribute of the generated stub and servicer classes; rename it"
+                    )
         if not user:
             continue
         names = [(m.name, "message") for m in f.message_type]
@@ -339,9 +381,14 @@ def check_descriptors(fds: descriptor_pb2.FileDescriptorSet, user_files: set[str
             names.append((e.name, "enum"))
             names.extend((v.name, "enum value") for v in e.value)
         for s in f.service:
-            names.extend([(s.name, "service"), (s.name + "Stub", "stub"),
-                          (s.name + "Servicer", "servicer"),
-                          (f"add_{s.name}Servicer_to_server", "servicer registration")])
+            names.extend(
+                [
+                    (s.name, "service"),
+                    (s.name + "Stub", "stub"),
+                    (s.name + "Servicer", "servicer"),
+                    (f"add_{s.name}Servicer_to_server", "servicer registration"),
+                ]
+            )
         for n, what in names:
             if n.startswith("_"):
                 raise SchemaError(f"{f.name}: top-level {what} {n!r} may not start with '_'")
@@ -351,8 +398,9 @@ def check_descriptors(fds: descriptor_pb2.FileDescriptorSet, user_files: set[str
         for s in f.service:
             for meth in s.method:
                 for t in (meth.input_type, meth.output_type):
-                    _require_proto3(t.lstrip("."), f"method {s.name}.{meth.name}", f.name,
-                                    syntax, type_file)
+                    _require_proto3(
+                        t.lstrip("."), f"method {s.name}.{meth.name}", f.name, syntax, type_file
+                    )
     _check_scope(top, "the generated module", "schema bundle")
     try:
         compute_layouts(fds)
@@ -369,12 +417,16 @@ def _require_proto3(
 
 
 def _check_fields_proto3(
-    m: descriptor_pb2.DescriptorProto, full: str, file: str,
-    syntax: dict[str, str], type_file: dict[str, str],
+    m: descriptor_pb2.DescriptorProto,
+    full: str,
+    file: str,
+    syntax: dict[str, str],
+    type_file: dict[str, str],
 ) -> None:
     for f in m.field:
         if f.type == f.TYPE_MESSAGE:
-            _require_proto3(f.type_name.lstrip("."), f"field {full}.{f.name}", file, syntax,
-                            type_file)
+            _require_proto3(
+                f.type_name.lstrip("."), f"field {full}.{f.name}", file, syntax, type_file
+            )
     for n in m.nested_type:
         _check_fields_proto3(n, f"{full}.{n.name}", file, syntax, type_file)

@@ -38,11 +38,26 @@ log = logging.getLogger(__name__)
 class ServicerContext:
     """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
 
-    __slots__ = ("_callbacks", "_cancelled", "_code", "_deadline_ns", "_details", "_metadata", "_method",
-                 "_session", "_token", "_trailing")
+    __slots__ = (
+        "_callbacks",
+        "_cancelled",
+        "_code",
+        "_deadline_ns",
+        "_details",
+        "_metadata",
+        "_method",
+        "_session",
+        "_token",
+        "_trailing",
+    )
 
-    def __init__(self, method: str, deadline_ns: int, session: Session | None = None,
-                 metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+    def __init__(
+        self,
+        method: str,
+        deadline_ns: int,
+        session: Session | None = None,
+        metadata: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
         self._session = session  # the registration the request came through (its reply goes there)
         self._metadata = metadata
         self._cancelled = False
@@ -93,7 +108,9 @@ class ServicerContext:
         if self._session is None or not self._token:
             return "mrpc:unknown"
         try:
-            return "mrpc:" + str(self._session.control({"op": "peer", "token": self._token})["peer"])
+            return "mrpc:" + str(
+                self._session.control({"op": "peer", "token": self._token})["peer"]
+            )
         except RpcError:
             return "mrpc:unknown"
 
@@ -143,16 +160,26 @@ class _Handler:
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
     try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         return True
     return len(params) >= 2
 
 
 class Server:
-    def __init__(self, prefix: str | os.PathLike[str] | None = None, *, max_workers: int = 8,
-                 inline: bool = False, name: str | None = None, reconnect_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        prefix: str | os.PathLike[str] | None = None,
+        *,
+        max_workers: int = 8,
+        inline: bool = False,
+        name: str | None = None,
+        reconnect_timeout: float = 60.0,
+    ) -> None:
         """``reconnect_timeout``: seconds a started server waits for its mrpcd to come
         back after the daemon went away, before it stops (see the module doc)."""
         self._prefix = prefix
@@ -183,7 +210,9 @@ class Server:
             schema = klass.__dict__.get("_MRPC_SCHEMA")
             if schema is not None:
                 return schema, klass.__dict__["_MRPC_SERVICE"]
-        raise TypeError(f"{type(servicer).__name__} does not derive from a generated <Service>Servicer")
+        raise TypeError(
+            f"{type(servicer).__name__} does not derive from a generated <Service>Servicer"
+        )
 
     def add_servicer(self, servicer: Any) -> None:
         """Serve every method ``servicer`` overrides; the others answer UNIMPLEMENTED."""
@@ -210,8 +239,14 @@ class Server:
         raise ValueError(f"schema {schema.SCHEMA_HASH} has no method {path!r}")
 
     def _handler(self, fn: Callable[..., Any], schema: SchemaInfo, m: Any) -> _Handler:
-        return _Handler(fn, m.path, schema.MESSAGES[m.request], schema.MESSAGES[m.response],
-                        inspect.iscoroutinefunction(fn), _takes_context(fn))
+        return _Handler(
+            fn,
+            m.path,
+            schema.MESSAGES[m.request],
+            schema.MESSAGES[m.response],
+            inspect.iscoroutinefunction(fn),
+            _takes_context(fn),
+        )
 
     def _add(self, schema: SchemaInfo, service: str, handlers: dict[int, _Handler]) -> None:
         if self.started:
@@ -232,11 +267,14 @@ class Server:
             return
         if any(h.is_async for _, _, hs in self._pending for h in hs.values()):
             self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="mrpc-server-loop",
-                                                 daemon=True)
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, name="mrpc-server-loop", daemon=True
+            )
             self._loop_thread.start()
         if not self._inline:
-            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="mrpc-handler")
+            self._executor = ThreadPoolExecutor(
+                self._max_workers, thread_name_prefix="mrpc-handler"
+            )
         self._register()
         self.started = True
 
@@ -260,16 +298,26 @@ class Server:
     def _session_lost(self, session: Session, reason: str) -> None:
         """Called by the session when its daemon went away: register again in the background."""
         with self._reconnect_lock:
-            if self._stopping or not self.started or session is not self._session or self._reconnecting:
+            if (
+                self._stopping
+                or not self.started
+                or session is not self._session
+                or self._reconnecting
+            ):
                 return
             self._reconnecting = True
-        threading.Thread(target=self._reconnect, args=(reason,), name="mrpc-server-reconnect",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._reconnect, args=(reason,), name="mrpc-server-reconnect", daemon=True
+        ).start()
 
     def _reconnect(self, reason: str) -> None:
         where = self._session.prefix if self._session is not None else self._prefix
-        log.info("server: mrpcd at %s went away (%s); registering again (up to %gs)", where, reason,
-                 self._reconnect_timeout)
+        log.info(
+            "server: mrpcd at %s went away (%s); registering again (up to %gs)",
+            where,
+            reason,
+            self._reconnect_timeout,
+        )
         started = time.monotonic()
         delay, last = 0.05, "no attempt yet"
         while not self._stopping:
@@ -282,8 +330,11 @@ class Server:
                     session = self._session
                     if session is not None and not session.closed:  # else it went away again: retry
                         self._reconnecting = False
-                        log.info("server: registered again with mrpcd at %s after %.2fs", where,
-                                 time.monotonic() - started)
+                        log.info(
+                            "server: registered again with mrpcd at %s after %.2fs",
+                            where,
+                            time.monotonic() - started,
+                        )
                         return
                 last = "mrpcd went away again"
             if time.monotonic() - started + delay > self._reconnect_timeout:
@@ -292,10 +343,12 @@ class Server:
             delay = min(delay * 2, 1.0)
         if self._stopping:
             return
-        self._error = RpcError(StatusCode.UNAVAILABLE,
-                               f"the server stopped: mrpcd at {where} went away ({reason}) and did not come "
-                               f"back within {self._reconnect_timeout:g}s (last error: {last}); restart "
-                               f"the daemon and then this server, or raise reconnect_timeout")
+        self._error = RpcError(
+            StatusCode.UNAVAILABLE,
+            f"the server stopped: mrpcd at {where} went away ({reason}) and did not come "
+            f"back within {self._reconnect_timeout:g}s (last error: {last}); restart "
+            f"the daemon and then this server, or raise reconnect_timeout",
+        )
         log.error("%s", self._error.details())
         self._stopping = True
         self._shut_down()
@@ -349,8 +402,16 @@ class Server:
 
     # ------------------------------------------------------------------ serving
 
-    def _dispatch(self, token: int, method_id: int, slot: int, off: int, length: int, deadline_ns: int,
-                  metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+    def _dispatch(
+        self,
+        token: int,
+        method_id: int,
+        slot: int,
+        off: int,
+        length: int,
+        deadline_ns: int,
+        metadata: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
         """Called on the completion thread for every request."""
         session = self._session
         assert session is not None
@@ -358,8 +419,11 @@ class Server:
         owner = RecvBlock(session, off)
         if h is None or self._stopping:
             code = StatusCode.UNAVAILABLE if self._stopping else StatusCode.UNIMPLEMENTED
-            msg = ("server is stopping" if self._stopping else
-                   f"method id {method_id} is not implemented by server app {session.name!r}")
+            msg = (
+                "server is stopping"
+                if self._stopping
+                else f"method id {method_id} is not implemented by server app {session.name!r}"
+            )
             session.send_reply(token, None, code, msg)
             return
         request = h.request_cls._from_image(session.recv_view, off, owner)
@@ -404,7 +468,9 @@ class Server:
             ctx._cancelled = True
             ctx._terminate()
 
-    def _answer(self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None) -> None:
+    def _answer(
+        self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None
+    ) -> None:
         session = ctx._session or self._session
         assert session is not None
         self._contexts.pop(token, None)
@@ -419,9 +485,13 @@ class Server:
             elif ctx._code not in (None, StatusCode.OK):
                 code, details = ctx._code, ctx._details
             elif not isinstance(reply, h.response_cls):
-                code, details = (StatusCode.INTERNAL,
-                                 (f"handler of {h.path} returned {type(reply).__name__}, "
-                                  f"expected {h.response_cls._FULL_NAME}"))
+                code, details = (
+                    StatusCode.INTERNAL,
+                    (
+                        f"handler of {h.path} returned {type(reply).__name__}, "
+                        f"expected {h.response_cls._FULL_NAME}"
+                    ),
+                )
             else:
                 session.send_reply(token, reply, trailing=ctx._trailing)
                 return

@@ -179,10 +179,14 @@ class Session:
         self.regions = map_app_regions(layout, fds)
         ctl = memoryview(self.regions.ctl)
         self.submit = RingProducer(ctl[: layout.ring_size], layout.ring_slots, name="submit ring")
-        self.complete = RingConsumer(ctl[layout.ring_size:], layout.ring_slots, name="completion ring")
+        self.complete = RingConsumer(
+            ctl[layout.ring_size :], layout.ring_slots, name="completion ring"
+        )
         self.send_heap = Heap(memoryview(self.regions.send), name="send heap")
         self.recv_view = memoryview(self.regions.recv)
-        self._submit_lock = threading.RLock()  # re-entered when completions read while pushing reply
+        self._submit_lock = (
+            threading.RLock()
+        )  # re-entered when completions read while pushing reply
         self._releases: deque[int] = deque()
         self._slots: dict[str, int] = {}
         self._conns: dict[tuple[str, int], int] = {}
@@ -203,7 +207,9 @@ class Session:
         self._loop: Any = None  # an asyncio loop that drains completions itself
         self.spin = int(os.environ.get("MRPC_SPIN_US", "0")) / 1e6
         set_default_heap(self.send_heap)
-        self._reader = threading.Thread(target=self._read_loop, name="mrpc-completions", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name="mrpc-completions", daemon=True
+        )
         self._reader.start()
 
     # ------------------------------------------------------------------ control
@@ -239,8 +245,10 @@ class Session:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         readable, _, _ = select.select([self._ctl], [], [], remaining)
         if not readable:
-            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
-                           f"mrpcd did not answer {msg.get('op')!r} within the call's timeout")
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"mrpcd did not answer {msg.get('op')!r} within the call's timeout",
+            )
 
     def bind(self, schema: Any, timeout: float | None = None) -> int:
         """Register a generated schema module with the daemon; returns its slot."""
@@ -249,32 +257,51 @@ class Session:
             return slot
         reply = self.control({"op": "bind_schema", "texts": dict(schema.TEXTS)}, timeout)
         if reply["schema_hash"] != schema.SCHEMA_HASH:
-            raise RpcError(StatusCode.FAILED_PRECONDITION,
-                           f"mrpcd computed schema hash {reply['schema_hash']} where this app has "
-                           f"{schema.SCHEMA_HASH}: libmrpc and mrpcd versions differ; upgrade one")
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                f"mrpcd computed schema hash {reply['schema_hash']} where this app has "
+                f"{schema.SCHEMA_HASH}: libmrpc and mrpcd versions differ; upgrade one",
+            )
         self._slots[schema.SCHEMA_HASH] = slot = reply["slot"]
-        log.info("bound schema %s as slot %d (%s, %.2f ms)", schema.SCHEMA_HASH, slot, reply["how"],
-                 reply["bind_ms"])
+        log.info(
+            "bound schema %s as slot %d (%s, %.2f ms)",
+            schema.SCHEMA_HASH,
+            slot,
+            reply["how"],
+            reply["bind_ms"],
+        )
         return slot
 
     def open_conn(self, target: str, slot: int, timeout: float | None = None) -> int:
         key = (target, slot)
         conn = self._conns.get(key)
         if conn is None:
-            conn = self._conns[key] = self.control({"op": "connect", "addr": target, "slot": slot},
-                                                   timeout)["conn_id"]
+            conn = self._conns[key] = self.control(
+                {"op": "connect", "addr": target, "slot": slot}, timeout
+            )["conn_id"]
         return conn
 
     # ------------------------------------------------------------------ submitting
 
-    def _push(self, kind: int, status: int, conn: int, call_id: int, method: int, off: int, length: int,
-              deadline_ns: int, flags: int = 0) -> None:
+    def _push(
+        self,
+        kind: int,
+        status: int,
+        conn: int,
+        call_id: int,
+        method: int,
+        off: int,
+        length: int,
+        deadline_ns: int,
+        flags: int = 0,
+    ) -> None:
         """Push one descriptor, waiting (back-pressure) while the ring is full."""
         with self._submit_lock:
             self._flush_releases()
             waited = 0.0
-            while not self.submit.push(DESCRIPTOR, kind, flags, status, conn, call_id, method, 0, off, length,
-                                       deadline_ns):
+            while not self.submit.push(
+                DESCRIPTOR, kind, flags, status, conn, call_id, method, 0, off, length, deadline_ns
+            ):
                 if self.closed:
                     raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
                 notify(self.regions.submit_efd)
@@ -335,11 +362,20 @@ class Session:
         except md.MetadataError as e:
             raise RpcError(e.status, f"cannot send metadata: {e}") from None
         owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
-        self.send_heap.buf[owner.off:owner.off + len(block)] = block
+        self.send_heap.buf[owner.off : owner.off + len(block)] = block
         return owner
 
-    def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None, background: bool = False, metadata: Any = None) -> Call:
+    def start_call(
+        self,
+        conn: int,
+        method_id: int,
+        path: str,
+        request: Any,
+        response_cls: Any,
+        timeout: float | None,
+        background: bool = False,
+        metadata: Any = None,
+    ) -> Call:
         if self.closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"mrpcd is gone: {self.close_reason}")
         request = self._own(request)
@@ -359,8 +395,17 @@ class Session:
             if block is None:
                 self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, 0, deadline_ns)
             else:
-                self._push(SUB_CALL, 0, conn, call_id, method_id, request._off, block.off,
-                           deadline_ns, SUBF_METADATA)
+                self._push(
+                    SUB_CALL,
+                    0,
+                    conn,
+                    call_id,
+                    method_id,
+                    request._off,
+                    block.off,
+                    deadline_ns,
+                    SUBF_METADATA,
+                )
         except BaseException:
             self.calls.pop(call_id, None)
             if call.bg:
@@ -388,8 +433,14 @@ class Session:
                 self._background += 1
         self._reader_wanted.set()
 
-    def send_reply(self, token: int, reply: Any, status: StatusCode = StatusCode.OK, details: str = "",
-                   trailing: Any = None) -> None:
+    def send_reply(
+        self,
+        token: int,
+        reply: Any,
+        status: StatusCode = StatusCode.OK,
+        details: str = "",
+        trailing: Any = None,
+    ) -> None:
         block = self._metadata_block(trailing)
         md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
@@ -400,7 +451,7 @@ class Session:
         arena = Arena(self.send_heap)
         data = details.encode()[:16000]
         off = arena.alloc(max(len(data), 1), zero=False)
-        self.send_heap.buf[off:off + len(data)] = data
+        self.send_heap.buf[off : off + len(data)] = data
         self.replies[token] = arena if block is None else (arena, block)
         self._push(SUB_REPLY, int(status), 0, token, 0, off, len(data), md_off, flags)
 
@@ -522,11 +573,15 @@ class Session:
                     try:
                         result = call.response_cls._from_image(recv, off, owner)
                     except Exception as e:  # noqa: BLE001 - whatever a bad reply image raises fails this call only
-                        self._finish(call, None, RpcError(StatusCode.INTERNAL, f"cannot read reply: {e}"))
+                        self._finish(
+                            call, None, RpcError(StatusCode.INTERNAL, f"cannot read reply: {e}")
+                        )
                         continue
                     self._finish(call, result, None)
                 else:
-                    details = bytes(recv[off:off + length]).decode("utf-8", "replace") if length else ""
+                    details = (
+                        bytes(recv[off : off + length]).decode("utf-8", "replace") if length else ""
+                    )
                     if length:
                         self._releases.append(off)
                     if call is not None:
@@ -538,7 +593,9 @@ class Session:
                 server = self.server
                 if server is None:
                     self._releases.append(off)
-                    self.send_reply(call_id, None, StatusCode.UNIMPLEMENTED, "no server in this app")
+                    self.send_reply(
+                        call_id, None, StatusCode.UNIMPLEMENTED, "no server in this app"
+                    )
                 else:
                     metadata: md.Metadata = ()
                     if flags & CMPF_METADATA:
@@ -564,7 +621,7 @@ class Session:
         """Decode the metadata block the daemon landed at ``at`` and release it."""
         recv = self.recv_view
         try:
-            return md.decode(bytes(recv[at:at + md.block_size(recv, at)]), 1 << 20)
+            return md.decode(bytes(recv[at : at + md.block_size(recv, at)]), 1 << 20)
         except md.MetadataError as e:
             log.error("mrpcd delivered unreadable metadata (%s); ignoring it", e)
             return ()
@@ -629,7 +686,9 @@ class Session:
     def _daemon_gone(self, reason: str) -> None:
         self.closed = True
         self.close_reason = reason
-        err = RpcError(StatusCode.UNAVAILABLE, f"{reason}; calls in flight were lost, retry once mrpcd is back")
+        err = RpcError(
+            StatusCode.UNAVAILABLE, f"{reason}; calls in flight were lost, retry once mrpcd is back"
+        )
         calls, self.calls = self.calls, {}
         for call in calls.values():
             if not call.done:

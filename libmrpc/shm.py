@@ -48,8 +48,11 @@ class ShmLayout:
         return 2 * self.ring_size
 
     def to_dict(self) -> dict[str, int]:
-        return {"ring_slots": self.ring_slots, "send_heap_size": self.send_heap_size,
-                "recv_heap_size": self.recv_heap_size}
+        return {
+            "ring_slots": self.ring_slots,
+            "send_heap_size": self.send_heap_size,
+            "recv_heap_size": self.recv_heap_size,
+        }
 
 
 def _memfd(name: str, size: int) -> int:
@@ -132,7 +135,9 @@ def create_regions(app_name: str, layout: ShmLayout) -> tuple[DaemonRegions, int
     own_submit, own_complete = os.dup(submit_efd), os.dup(complete_efd)
     os.set_inheritable(own_submit, False)
     os.set_inheritable(own_complete, False)
-    regions = DaemonRegions(layout, ctl_fd, send_fd, recv_fd, submit_efd, complete_efd, ctl, send, recv)
+    regions = DaemonRegions(
+        layout, ctl_fd, send_fd, recv_fd, submit_efd, complete_efd, ctl, send, recv
+    )
     return regions, own_submit, own_complete
 
 

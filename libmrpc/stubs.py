@@ -32,8 +32,15 @@ class SchemaInfo:
 
     @classmethod
     def of(cls, ns: dict[str, Any]) -> SchemaInfo:
-        return cls(ns["SCHEMA_HASH"], ns["TEXTS"], ns["METHODS"], ns["MESSAGES"], ns["SERVICES"],
-                   ns["MARSHAL"], ns["VALIDATE"])
+        return cls(
+            ns["SCHEMA_HASH"],
+            ns["TEXTS"],
+            ns["METHODS"],
+            ns["MESSAGES"],
+            ns["SERVICES"],
+            ns["MARSHAL"],
+            ns["VALIDATE"],
+        )
 
 
 class CallFuture:
@@ -66,8 +73,10 @@ class CallFuture:
             if timeout is not None and (self._timeout is None or timeout < self._timeout):
                 raise TimeoutError(f"{self._call.method} not done after {timeout}s")
             self._call.abandoned = True  # already a background call: the reader reaps it
-            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
-                           f"{self._call.method}: deadline of {self._timeout}s exceeded")
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{self._call.method}: deadline of {self._timeout}s exceeded",
+            )
         if self._call.error is not None:
             raise self._call.error
         return self._call.result
@@ -125,11 +134,13 @@ class UnaryUnaryMultiCallable:
         self._response_cls = schema.MESSAGES[method.response]
         self._conn: tuple[Any, int] | None = None
 
-    def _start(self, request: Any, timeout: float | None, background: bool = False,
-               metadata: Any = None) -> Any:
+    def _start(
+        self, request: Any, timeout: float | None, background: bool = False, metadata: Any = None
+    ) -> Any:
         if not isinstance(request, self._request_cls):
-            raise TypeError(f"{self._method.path} takes {self._method.request}, "
-                            f"got {type(request).__name__}")
+            raise TypeError(
+                f"{self._method.path} takes {self._method.request}, got {type(request).__name__}"
+            )
         session = self._channel._session()
         conn = self._conn
         if conn is None or conn[0] is not session:  # the first call: its timeout bounds these too
@@ -139,15 +150,33 @@ class UnaryUnaryMultiCallable:
             conn = self._conn = (session, session.open_conn(self._channel.target, slot, left))
             if timeout is not None:
                 timeout = max(0.001, timeout - (time.monotonic() - t0))
-        return session.start_call(conn[1], self._method.id, self._method.path, request,
-                                  self._response_cls, timeout, background, metadata)
+        return session.start_call(
+            conn[1],
+            self._method.id,
+            self._method.path,
+            request,
+            self._response_cls,
+            timeout,
+            background,
+            metadata,
+        )
 
-    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
-                 wait_for_ready: Any = None) -> Any:
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        wait_for_ready: Any = None,
+    ) -> Any:
         return self._blocking(request, timeout, metadata).result
 
-    def with_call(self, request: Any, timeout: float | None = None, metadata: Any = None,
-                  wait_for_ready: Any = None) -> tuple[Any, CallInfo]:
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        wait_for_ready: Any = None,
+    ) -> tuple[Any, CallInfo]:
         """Like calling the stub; returns ``(reply, call)`` where ``call`` gives the
         server's ``trailing_metadata()``, ``code()`` and ``details()``."""
         call = self._blocking(request, timeout, metadata)
@@ -162,22 +191,30 @@ class UnaryUnaryMultiCallable:
                 if call.error is not None:
                     raise call.error
                 return call
-            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
-                           f"{self._method.path}: deadline of {timeout}s exceeded")
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{self._method.path}: deadline of {timeout}s exceeded",
+            )
         if call.error is not None:
             raise call.error
         return call
 
-    def future(self, request: Any, timeout: float | None = None, metadata: Any = None) -> CallFuture:
-        return CallFuture(self._start(request, timeout, background=True, metadata=metadata), timeout,
-                          self._channel._session())
+    def future(
+        self, request: Any, timeout: float | None = None, metadata: Any = None
+    ) -> CallFuture:
+        return CallFuture(
+            self._start(request, timeout, background=True, metadata=metadata),
+            timeout,
+            self._channel._session(),
+        )
 
     async def aio(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         session = self._channel._session()
-        call = self._start(request, timeout, background=not session.attach_loop(loop),
-                           metadata=metadata)
+        call = self._start(
+            request, timeout, background=not session.attach_loop(loop), metadata=metadata
+        )
         session.add_aio(loop, fut, call)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
@@ -188,20 +225,28 @@ class UnaryUnaryMultiCallable:
             raise
         except TimeoutError:
             self._channel._session().abandon(call)
-            raise RpcError(StatusCode.DEADLINE_EXCEEDED,
-                           f"{self._method.path}: deadline of {timeout}s exceeded") from None
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{self._method.path}: deadline of {timeout}s exceeded",
+            ) from None
 
 
 def _make_stub(schema: SchemaInfo, service: str) -> type:
-    methods = [schema.METHODS[i] for i in schema.SERVICES[service]
-               if not (schema.METHODS[i].client_streaming or schema.METHODS[i].server_streaming)]
+    methods = [
+        schema.METHODS[i]
+        for i in schema.SERVICES[service]
+        if not (schema.METHODS[i].client_streaming or schema.METHODS[i].server_streaming)
+    ]
 
     def __init__(self: Any, channel: Any) -> None:
         for m in methods:
             setattr(self, m.name, UnaryUnaryMultiCallable(channel, schema, m))
 
-    return type(f"{service.rsplit('.', 1)[-1]}Stub", (), {
-        "__init__": __init__, "__doc__": f"Client stub for {service}.", "_MRPC_SERVICE": service})
+    return type(
+        f"{service.rsplit('.', 1)[-1]}Stub",
+        (),
+        {"__init__": __init__, "__doc__": f"Client stub for {service}.", "_MRPC_SERVICE": service},
+    )
 
 
 def _unimplemented(name: str, path: str) -> Any:
@@ -214,8 +259,11 @@ def _unimplemented(name: str, path: str) -> Any:
 
 
 def _make_servicer(schema: SchemaInfo, service: str) -> type:
-    attrs: dict[str, Any] = {"_MRPC_SCHEMA": schema, "_MRPC_SERVICE": service,
-                             "__doc__": f"Base class for {service} servers: override its methods."}
+    attrs: dict[str, Any] = {
+        "_MRPC_SCHEMA": schema,
+        "_MRPC_SERVICE": service,
+        "__doc__": f"Base class for {service} servers: override its methods.",
+    }
     for i in schema.SERVICES[service]:
         m = schema.METHODS[i]
         attrs[m.name] = _unimplemented(m.name, m.path)

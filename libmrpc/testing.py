@@ -67,7 +67,9 @@ class _Session:
                         self.handlers[(schema.SCHEMA_HASH, mid)] = fn
                 break
             else:
-                raise TypeError(f"{type(servicer).__name__} does not derive from a generated Servicer")
+                raise TypeError(
+                    f"{type(servicer).__name__} does not derive from a generated Servicer"
+                )
         self._schemas: dict[int, SchemaInfo] = {}
         self._ids = iter(range(1, sys.maxsize))
 
@@ -82,8 +84,17 @@ class _Session:
     def open_conn(self, target: str, slot: int, timeout: float | None = None) -> int:
         return slot
 
-    def start_call(self, conn: int, method_id: int, path: str, request: Any, response_cls: Any,
-                   timeout: float | None, background: bool = False, metadata: Any = None) -> Call:
+    def start_call(
+        self,
+        conn: int,
+        method_id: int,
+        path: str,
+        request: Any,
+        response_cls: Any,
+        timeout: float | None,
+        background: bool = False,
+        metadata: Any = None,
+    ) -> Call:
         schema = self._schemas[conn]
         method = schema.METHODS[method_id]
         call = Call(next(self._ids), None, response_cls, path)
@@ -92,7 +103,9 @@ class _Session:
             received = _wire(schema, method.request, request)
             fn = self.handlers.get((schema.SCHEMA_HASH, method_id))
             if fn is None:
-                raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server")
+                raise RpcError(
+                    StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server"
+                )
             try:  # the checks mrpcd makes
                 sent = md.decode(md.encode(metadata or ()))
             except md.MetadataError as e:
@@ -105,8 +118,11 @@ class _Session:
             if ctx._code not in (None, StatusCode.OK):
                 raise RpcError(ctx._code, ctx._details)
             if not isinstance(reply, response_cls):
-                raise RpcError(StatusCode.INTERNAL, f"handler of {path} returned {type(reply).__name__}, "
-                                                    f"expected {response_cls._FULL_NAME}")
+                raise RpcError(
+                    StatusCode.INTERNAL,
+                    f"handler of {path} returned {type(reply).__name__}, "
+                    f"expected {response_cls._FULL_NAME}",
+                )
             call.finish(_wire(schema, method.response, reply), None)
         except RpcError as e:
             call.finish(None, e)

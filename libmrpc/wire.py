@@ -47,9 +47,18 @@ HEADER = struct.Struct("<HBBHHQIIQ")
 HEADER_SIZE = HEADER.size  # 32
 
 HELLO, HELLO_ACK, CALL, REPLY, ERROR, GOAWAY, PING, PONG, METADATA, CANCEL = range(1, 11)
-FRAME_NAMES = {HELLO: "HELLO", HELLO_ACK: "HELLO_ACK", CALL: "CALL", REPLY: "REPLY",
-               ERROR: "ERROR", GOAWAY: "GOAWAY", PING: "PING", PONG: "PONG", METADATA: "METADATA",
-               CANCEL: "CANCEL"}
+FRAME_NAMES = {
+    HELLO: "HELLO",
+    HELLO_ACK: "HELLO_ACK",
+    CALL: "CALL",
+    REPLY: "REPLY",
+    ERROR: "ERROR",
+    GOAWAY: "GOAWAY",
+    PING: "PING",
+    PONG: "PONG",
+    METADATA: "METADATA",
+    CANCEL: "CANCEL",
+}
 MAX_CONTROL_BODY = 64 << 10  # ERROR / GOAWAY / PING / PONG bodies
 MAX_HELLO_BODY = 64 << 10  # HELLO / HELLO_ACK bodies (JSON)
 MAX_HELLO_SERVICES = 256  # services one HELLO may list
@@ -68,33 +77,56 @@ class FrameHeader:
     aux: int
 
 
-def encode_header(ftype: int, *, call_id: int = 0, method: int = 0, body_len: int = 0,
-                  status: int = 0, flags: int = 0, aux: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, ftype, status, flags, call_id, method, body_len, aux)
+def encode_header(
+    ftype: int,
+    *,
+    call_id: int = 0,
+    method: int = 0,
+    body_len: int = 0,
+    status: int = 0,
+    flags: int = 0,
+    aux: int = 0,
+) -> bytes:
+    return HEADER.pack(
+        MAGIC, PROTOCOL_VERSION, ftype, status, flags, call_id, method, body_len, aux
+    )
 
 
-def decode_header(buf: bytes | memoryview | bytearray, offset: int = 0, *,
-                  max_body: int, oversize_ok: bool = False) -> FrameHeader:
+def decode_header(
+    buf: bytes | memoryview | bytearray,
+    offset: int = 0,
+    *,
+    max_body: int,
+    oversize_ok: bool = False,
+) -> FrameHeader:
     """Decode and check one header; raise WireError for anything malformed or short.
 
     With ``oversize_ok`` a CALL/REPLY body over ``max_body`` is let through: the
     caller must skip it (see :class:`FrameAssembler`) and fail that call alone."""
     if len(buf) - offset < HEADER_SIZE:
         raise WireError(f"truncated frame header: {len(buf) - offset} of {HEADER_SIZE} bytes")
-    magic, version, ftype, status, flags, call_id, method, body_len, aux = HEADER.unpack_from(buf, offset)
+    magic, version, ftype, status, flags, call_id, method, body_len, aux = HEADER.unpack_from(
+        buf, offset
+    )
     if magic != MAGIC:
         raise WireError(f"bad frame magic 0x{magic:04x} (expected 0x{MAGIC:04x}): not an mrpc peer")
     if version != PROTOCOL_VERSION:
-        raise WireError(f"peer speaks protocol version {version}, this daemon speaks {PROTOCOL_VERSION}")
+        raise WireError(
+            f"peer speaks protocol version {version}, this daemon speaks {PROTOCOL_VERSION}"
+        )
     if ftype not in FRAME_NAMES:
         raise WireError(f"unknown frame type {ftype}")
     if ftype in (CALL, REPLY):
         if body_len > max_body and not oversize_ok:
-            raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds the limit of {max_body}",
-                            StatusCode.RESOURCE_EXHAUSTED)
+            raise WireError(
+                f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds the limit of {max_body}",
+                StatusCode.RESOURCE_EXHAUSTED,
+            )
     elif ftype in (HELLO, HELLO_ACK):
         if body_len > MAX_HELLO_BODY:
-            raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_HELLO_BODY}")
+            raise WireError(
+                f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_HELLO_BODY}"
+            )
     elif body_len > MAX_CONTROL_BODY:
         raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_CONTROL_BODY}")
     if status > 16:
@@ -109,7 +141,9 @@ def check_prefix(buf: bytes | bytearray | memoryview) -> None:
     if n >= 2 and buf[0] | buf[1] << 8 != MAGIC:
         raise WireError(f"bad frame magic {bytes(buf[:2])!r} (expected b'MR'): not an mrpc peer")
     if n >= 3 and buf[2] != PROTOCOL_VERSION:
-        raise WireError(f"peer speaks protocol version {buf[2]}, this daemon speaks {PROTOCOL_VERSION}")
+        raise WireError(
+            f"peer speaks protocol version {buf[2]}, this daemon speaks {PROTOCOL_VERSION}"
+        )
     if n >= 4 and buf[3] not in FRAME_NAMES:
         raise WireError(f"unknown frame type {buf[3]}")
 
@@ -134,7 +168,9 @@ def decode_json_body(body: bytes | memoryview) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(body))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise WireError(f"control frame body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+        raise WireError(
+            f"control frame body is not JSON: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
     if not isinstance(obj, dict):
         raise WireError("control frame body must be a JSON object")
     return obj
@@ -166,9 +202,14 @@ class FrameAssembler:
     same frames as feeding whole.
     """
 
-    def __init__(self, body_sink: BodySink | None = None, *, max_body: int = 256 << 20,
-                 on_frame: Callable[[FrameHeader, memoryview], None] | None = None,
-                 skip_oversize: bool = False) -> None:
+    def __init__(
+        self,
+        body_sink: BodySink | None = None,
+        *,
+        max_body: int = 256 << 20,
+        on_frame: Callable[[FrameHeader, memoryview], None] | None = None,
+        skip_oversize: bool = False,
+    ) -> None:
         self._sink = body_sink
         self._on_frame = on_frame
         self.max_body = max_body
@@ -203,7 +244,7 @@ class FrameAssembler:
         None when the body is private or discarded (feed those through ``feed``)."""
         if self._body is None:
             return None
-        return self._body[self._filled:]
+        return self._body[self._filled :]
 
     def body_received(self, n: int) -> tuple[FrameHeader, memoryview] | None:
         """Account for ``n`` bytes received straight into ``body_window()``."""
@@ -245,13 +286,18 @@ class FrameAssembler:
         dest = self._sink(header) if self._sink is not None else None
         self._header, self._body, self._private, self._filled = header, None, None, 0
         if dest is not DISCARD and header.body_len > self.max_body:
-            raise WireError(f"{FRAME_NAMES[header.type]} body of {header.body_len} bytes exceeds the "
-                            f"limit of {self.max_body}", StatusCode.RESOURCE_EXHAUSTED)
+            raise WireError(
+                f"{FRAME_NAMES[header.type]} body of {header.body_len} bytes exceeds the "
+                f"limit of {self.max_body}",
+                StatusCode.RESOURCE_EXHAUSTED,
+            )
         if dest is None:
             self._private = bytearray()
         elif isinstance(dest, memoryview):
             if len(dest) != header.body_len:
-                raise WireError(f"body sink gave {len(dest)} bytes for a {header.body_len}-byte body")
+                raise WireError(
+                    f"body sink gave {len(dest)} bytes for a {header.body_len}-byte body"
+                )
             self._body = dest
         # else DISCARD: neither
 
@@ -264,16 +310,20 @@ class FrameAssembler:
             if header is None:
                 need = HEADER_SIZE - len(self._hdr)
                 if not self._hdr and end - pos >= HEADER_SIZE:
-                    header = decode_header(view, pos, max_body=self.max_body, oversize_ok=self.skip_oversize)
+                    header = decode_header(
+                        view, pos, max_body=self.max_body, oversize_ok=self.skip_oversize
+                    )
                     pos += HEADER_SIZE
                 else:
                     take = min(need, end - pos)
-                    self._hdr += view[pos:pos + take]
+                    self._hdr += view[pos : pos + take]
                     pos += take
                     if len(self._hdr) < HEADER_SIZE:
                         check_prefix(self._hdr)
                         break
-                    header = decode_header(self._hdr, max_body=self.max_body, oversize_ok=self.skip_oversize)
+                    header = decode_header(
+                        self._hdr, max_body=self.max_body, oversize_ok=self.skip_oversize
+                    )
                     self._hdr.clear()
                 self._start(header)
                 if header.body_len == 0:
@@ -281,9 +331,9 @@ class FrameAssembler:
                 continue
             take = min(header.body_len - self._filled, end - pos)
             if self._body is not None:
-                self._body[self._filled:self._filled + take] = view[pos:pos + take]
+                self._body[self._filled : self._filled + take] = view[pos : pos + take]
             elif self._private is not None:
-                self._private += view[pos:pos + take]
+                self._private += view[pos : pos + take]
             self._filled += take
             pos += take
             if self._filled == header.body_len:

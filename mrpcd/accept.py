@@ -83,8 +83,12 @@ def _refuse_one_waiting(listener: socket.socket, message: str) -> None:
     refuse_connection(sock, message)
 
 
-def accept_loop(listener: socket.socket, serve: Callable[[socket.socket], None], what: str,
-                stopping: threading.Event) -> None:
+def accept_loop(
+    listener: socket.socket,
+    serve: Callable[[socket.socket], None],
+    what: str,
+    stopping: threading.Event,
+) -> None:
     """Accept connections on ``listener`` and run ``serve(sock)`` on a thread each, until ``stopping``."""
     complain = RateLimitedLog()
     spare = spare_fd()
@@ -95,20 +99,37 @@ def accept_loop(listener: socket.socket, serve: Callable[[socket.socket], None],
             except OSError as e:
                 if stopping.is_set():
                     return
-                if e.errno in OUT_OF_FDS and spare is not None:  # accept fails before it looks for a peer
+                if (
+                    e.errno in OUT_OF_FDS and spare is not None
+                ):  # accept fails before it looks for a peer
                     os.close(spare)
-                    _refuse_one_waiting(listener, f"mrpcd is out of file descriptors ({e.strerror}); retry "
-                                                  f"later or ask the operator to raise its fd limit")
+                    _refuse_one_waiting(
+                        listener,
+                        f"mrpcd is out of file descriptors ({e.strerror}); retry "
+                        f"later or ask the operator to raise its fd limit",
+                    )
                     spare = spare_fd()
                 complain(logging.ERROR, "%s socket accept failed: %s; backing off", what, e)
                 time.sleep(BACKOFF if e.errno in OUT_OF_FDS else 0.1)
                 continue
             try:
-                threading.Thread(target=serve, args=(sock,), name=f"mrpcd-{what}-conn", daemon=True).start()
-            except (RuntimeError, MemoryError) as e:  # "can't start new thread": pids limit, RLIMIT_NPROC
-                refuse_connection(sock, f"mrpcd cannot take another {what} connection now ({e}); retry later")
-                complain(logging.ERROR, "refused a %s connection: cannot start its thread (%s); "
-                         "is mrpcd at its pids/threads limit?", what, e)
+                threading.Thread(
+                    target=serve, args=(sock,), name=f"mrpcd-{what}-conn", daemon=True
+                ).start()
+            except (
+                RuntimeError,
+                MemoryError,
+            ) as e:  # "can't start new thread": pids limit, RLIMIT_NPROC
+                refuse_connection(
+                    sock, f"mrpcd cannot take another {what} connection now ({e}); retry later"
+                )
+                complain(
+                    logging.ERROR,
+                    "refused a %s connection: cannot start its thread (%s); "
+                    "is mrpcd at its pids/threads limit?",
+                    what,
+                    e,
+                )
                 time.sleep(BACKOFF)
     finally:
         if spare is not None:

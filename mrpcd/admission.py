@@ -28,8 +28,13 @@ from mrpcd.appstate import AppState
 from mrpcd.config import LimitsConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_LIMITS = LimitsConfig(calls_in_flight=4096, bytes_in_flight=256 << 20, completion_backlog=4096,
-                              marshal_work=1 << 18, slice_us=2000)
+DEFAULT_LIMITS = LimitsConfig(
+    calls_in_flight=4096,
+    bytes_in_flight=256 << 20,
+    completion_backlog=4096,
+    marshal_work=1 << 18,
+    slice_us=2000,
+)
 MAX_TIMEOUT = 365 * 86400.0  # seconds; a deadline further ahead is treated as none
 U64_MAX = (1 << 64) - 1
 
@@ -54,8 +59,11 @@ def deadline_field(deadline: float | None) -> int:
     return min(max(1, int(deadline * 1e9)), U64_MAX)
 
 
-_QUOTA = {"calls": "limits.calls_in_flight", "backlog": "limits.completion_backlog",
-          "bytes": "limits.bytes_in_flight"}
+_QUOTA = {
+    "calls": "limits.calls_in_flight",
+    "backlog": "limits.completion_backlog",
+    "bytes": "limits.bytes_in_flight",
+}
 
 
 class Admission:
@@ -66,7 +74,11 @@ class Admission:
         self.limits: LimitsConfig = limits if limits is not None else DEFAULT_LIMITS
         self.need = 0  # bytes a waiting call needs free, at least (0: none waits for bytes)
         self.blocked: str | None = None  # why CALLs wait now: "calls", "backlog", "bytes"
-        self.holds = {"calls": 0, "backlog": 0, "bytes": 0}  # times CALLs started to wait, by reason
+        self.holds = {
+            "calls": 0,
+            "backlog": 0,
+            "bytes": 0,
+        }  # times CALLs started to wait, by reason
         self.too_big = 0  # messages refused as larger than the whole byte quota
 
     # ------------------------------------------------------------------ calls
@@ -79,13 +91,22 @@ class Admission:
             reason = "calls"
         elif backlog >= lim.completion_backlog:
             reason = "backlog"
-        elif self.need and app.bytes_inflight and lim.bytes_in_flight - app.bytes_inflight < self.need:
+        elif (
+            self.need
+            and app.bytes_inflight
+            and lim.bytes_in_flight - app.bytes_inflight < self.need
+        ):
             reason = "bytes"
         if reason is not None and reason != self.blocked:
             self.holds[reason] += 1
             if self.holds[reason] == 1:  # the first time only: a hostile app must not flood the log
-                log.info("app %r (pid %d) reached its quota (%s); its calls wait in its submit "
-                         "ring until earlier ones complete", app.name, app.pid, _QUOTA[reason])
+                log.info(
+                    "app %r (pid %d) reached its quota (%s); its calls wait in its submit "
+                    "ring until earlier ones complete",
+                    app.name,
+                    app.pid,
+                    _QUOTA[reason],
+                )
         self.blocked = reason
         return reason
 
@@ -103,9 +124,11 @@ class Admission:
         return False
 
     def too_big_details(self, what: str, at_least: int) -> str:
-        return (f"{what} needs at least {at_least} bytes, more than app {self.app.name!r} may have "
-                f"in flight (limits.bytes_in_flight = {self.limits.bytes_in_flight}); send a smaller "
-                "message or ask the operator to raise the limit")
+        return (
+            f"{what} needs at least {at_least} bytes, more than app {self.app.name!r} may have "
+            f"in flight (limits.bytes_in_flight = {self.limits.bytes_in_flight}); send a smaller "
+            "message or ask the operator to raise the limit"
+        )
 
     def admit_call(self, call_id: int, size: int) -> None:
         app = self.app

@@ -100,8 +100,16 @@ class TxReply:
 
 
 class AppState:
-    def __init__(self, app_id: int, name: str, pid: int, uid: int, regions: DaemonRegions,
-                 submit_efd: int, complete_efd: int) -> None:
+    def __init__(
+        self,
+        app_id: int,
+        name: str,
+        pid: int,
+        uid: int,
+        regions: DaemonRegions,
+        submit_efd: int,
+        complete_efd: int,
+    ) -> None:
         self.app_id = app_id
         self.name = name
         self.pid = pid
@@ -109,9 +117,12 @@ class AppState:
         self.regions = regions
         layout = regions.layout
         ctl = memoryview(regions.ctl)
-        self.submit = RingConsumer(ctl[: layout.ring_size], layout.ring_slots, name=f"{name} submit ring")
-        self.complete = RingProducer(ctl[layout.ring_size:], layout.ring_slots,
-                                     name=f"{name} completion ring")
+        self.submit = RingConsumer(
+            ctl[: layout.ring_size], layout.ring_slots, name=f"{name} submit ring"
+        )
+        self.complete = RingProducer(
+            ctl[layout.ring_size :], layout.ring_slots, name=f"{name} completion ring"
+        )
         self.submit_efd = submit_efd
         self.complete_efd = complete_efd
         self.send_view = memoryview(regions.send)  # read-only
@@ -145,13 +156,21 @@ class AppState:
     def describe(self) -> dict[str, Any]:
         dp = self.datapath
         return {
-            "app_id": self.app_id, "name": self.name, "pid": self.pid, "uid": self.uid,
-            "schemas": [{"slot": b.slot, "hash": b.schema_hash, "services": list(b.services)}
-                        for b in self.bindings],
+            "app_id": self.app_id,
+            "name": self.name,
+            "pid": self.pid,
+            "uid": self.uid,
+            "schemas": [
+                {"slot": b.slot, "hash": b.schema_hash, "services": list(b.services)}
+                for b in self.bindings
+            ],
             "serves": sorted(self.served),
-            "connections": [{"conn_id": c.conn_id, "addr": c.addr, "schema_slot": c.slot}
-                            for c in self.conns.values()],
-            "inflight_calls": len(self.inflight), "serving_calls": len(self.server_calls),
+            "connections": [
+                {"conn_id": c.conn_id, "addr": c.addr, "schema_slot": c.slot}
+                for c in self.conns.values()
+            ],
+            "inflight_calls": len(self.inflight),
+            "serving_calls": len(self.server_calls),
             "inflight_bytes": self.bytes_inflight,
             "datapath": dp.describe() if dp else [],
             "runtime": self.runtime.name if self.runtime else None,
@@ -170,12 +189,23 @@ class AppState:
                 view.release()
             except (BufferError, ValueError):
                 pass
-        for what, m in (("ctl", self.regions.ctl), ("send", self.regions.send), ("recv", self.regions.recv)):
+        for what, m in (
+            ("ctl", self.regions.ctl),
+            ("send", self.regions.send),
+            ("recv", self.regions.recv),
+        ):
             try:
                 m.close()
-            except BufferError:  # a view still in use (e.g. a zero-copy send): unmapped when it goes
-                log.info("app %r (pid %d): %s region still in use at close; it is unmapped when "
-                         "its last view is released", self.name, self.pid, what)
+            except (
+                BufferError
+            ):  # a view still in use (e.g. a zero-copy send): unmapped when it goes
+                log.info(
+                    "app %r (pid %d): %s region still in use at close; it is unmapped when "
+                    "its last view is released",
+                    self.name,
+                    self.pid,
+                    what,
+                )
         import os
 
         for fd in (self.submit_efd, self.complete_efd):
@@ -187,7 +217,12 @@ class AppState:
 
 def _stats(heap: Heap) -> dict[str, int]:
     s = heap.statistics()
-    return {"size": s.size, "used": s.used, "allocations": s.allocations, "largest_free": s.largest_free}
+    return {
+        "size": s.size,
+        "used": s.used,
+        "allocations": s.allocations,
+        "largest_free": s.largest_free,
+    }
 
 
 @dataclass(eq=False, slots=True)
@@ -212,8 +247,13 @@ class Router:
         self.owners: dict[str, ServiceOwner] = {}
         self.lock = threading.Lock()
 
-    def bind(self, app: AppState, binding: Binding, services: list[str],
-             authorize: Callable[[str, int | None, int | None], bool] | None = None) -> list[tuple[str, AppState]]:
+    def bind(
+        self,
+        app: AppState,
+        binding: Binding,
+        services: list[str],
+        authorize: Callable[[str, int | None, int | None], bool] | None = None,
+    ) -> list[tuple[str, AppState]]:
         """Route ``services`` to ``app``: all or none.
 
         ``authorize(service, owner_uid, holder_uid)`` raises RpcError to refuse, and
@@ -224,15 +264,21 @@ class Router:
             taken = []
             for svc in services:
                 other = self.services.get(svc)
-                holder = other if other is not None and other is not app and not other.closed else None
+                holder = (
+                    other if other is not None and other is not app and not other.closed else None
+                )
                 owner = self.owners.get(svc)
                 take = False
                 if authorize is not None:
-                    take = authorize(svc, owner.uid if owner else None, holder.uid if holder else None)
+                    take = authorize(
+                        svc, owner.uid if owner else None, holder.uid if holder else None
+                    )
                 if holder is not None and not take:
-                    raise RpcError(StatusCode.ALREADY_EXISTS,
-                                   f"service {svc} is already served by app {holder.name!r} "
-                                   f"(pid {holder.pid}) at this daemon")
+                    raise RpcError(
+                        StatusCode.ALREADY_EXISTS,
+                        f"service {svc} is already served by app {holder.name!r} "
+                        f"(pid {holder.pid}) at this daemon",
+                    )
                 if holder is not None:
                     taken.append((svc, holder))
             now = time.time()
@@ -255,7 +301,9 @@ class Router:
             for svc in [s for s, a in self.services.items() if a is app]:
                 del self.services[svc]
 
-    def check_hello(self, schema_hash: str, services: frozenset[str] | list[str], client: str) -> None:
+    def check_hello(
+        self, schema_hash: str, services: frozenset[str] | list[str], client: str
+    ) -> None:
         """Refuse a connection whose schema differs from a bound server's.
 
         The refusal goes to an unauthenticated peer: it names the peer's own
@@ -268,44 +316,63 @@ class Router:
                     continue
                 bound = app.served[svc].schema_hash
                 if bound != schema_hash:
-                    log.warning("refused peer %s: schema mismatch for service %s: it uses schema %s, "
-                                "server app %r uses %s", client, svc, schema_hash, app.name, bound)
+                    log.warning(
+                        "refused peer %s: schema mismatch for service %s: it uses schema %s, "
+                        "server app %r uses %s",
+                        client,
+                        svc,
+                        schema_hash,
+                        app.name,
+                        bound,
+                    )
                     raise RpcError(
                         StatusCode.FAILED_PRECONDITION,
                         f"schema mismatch for service {svc}: the server was built from different "
-                        f".proto files; build both applications from the same .proto files")
+                        f".proto files; build both applications from the same .proto files",
+                    )
 
-    def route(self, schema_hash: str, method_id: int,
-              services: frozenset[str] | list[str]) -> tuple[AppState, Binding, Any]:
+    def route(
+        self, schema_hash: str, method_id: int, services: frozenset[str] | list[str]
+    ) -> tuple[AppState, Binding, Any]:
         """Find the server app and method for an inbound call, or raise RpcError.
 
         O(1) in the number of services the peer announced: method id -> the
         schema's method -> its service -> the app serving it here."""
         module = self._module_for(schema_hash)
         if module is None:
-            raise RpcError(StatusCode.UNAVAILABLE,
-                           f"no server application serves the called service at daemon "
-                           f"{self.daemon_name}; start the server app")
+            raise RpcError(
+                StatusCode.UNAVAILABLE,
+                f"no server application serves the called service at daemon "
+                f"{self.daemon_name}; start the server app",
+            )
         methods = module.METHODS
         if not 0 <= method_id < len(methods):
-            raise RpcError(StatusCode.UNIMPLEMENTED,
-                           f"method id {method_id} does not exist in schema {schema_hash}")
+            raise RpcError(
+                StatusCode.UNIMPLEMENTED,
+                f"method id {method_id} does not exist in schema {schema_hash}",
+            )
         method = methods[method_id]
         svc = method.service
         if svc not in services:
-            raise RpcError(StatusCode.FAILED_PRECONDITION,
-                           f"service {svc} was not announced in this connection's HELLO")
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                f"service {svc} was not announced in this connection's HELLO",
+            )
         with self.lock:
             app = self.services.get(svc)
             binding = app.served.get(svc) if app is not None and not app.closed else None
         if app is None or binding is None:
-            raise RpcError(StatusCode.UNAVAILABLE,
-                           f"no server application serves {svc} at daemon {self.daemon_name}; "
-                           f"start the server app")
+            raise RpcError(
+                StatusCode.UNAVAILABLE,
+                f"no server application serves {svc} at daemon {self.daemon_name}; "
+                f"start the server app",
+            )
         if binding.schema_hash != schema_hash:
-            raise RpcError(StatusCode.FAILED_PRECONDITION,
-                           f"schema mismatch for service {svc}: the server was built from different "
-                           f".proto files; build both applications from the same .proto files")
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                f"schema mismatch for service {svc}: the server was built from different "
+                f".proto files; build both applications from the same .proto files",
+            )
         return app, binding, method
 
     def _module_for(self, schema_hash: str) -> ModuleType | None:

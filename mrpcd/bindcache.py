@@ -51,10 +51,14 @@ def _read_own(path: Path, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise PrefixError(f"{path} is not a regular file")
         if st.st_uid != os.geteuid():
-            raise PrefixError(f"{path} belongs to {owner_name(st.st_uid)}, not to the daemon's "
-                              f"{owner_name(os.geteuid())}")
+            raise PrefixError(
+                f"{path} belongs to {owner_name(st.st_uid)}, not to the daemon's "
+                f"{owner_name(os.geteuid())}"
+            )
         if st.st_mode & 0o022:
-            raise PrefixError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+            raise PrefixError(
+                f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+            )
         if st.st_size > limit:
             raise PrefixError(f"{path} is {st.st_size} bytes, more than {limit}")
         return f.read(limit + 1)
@@ -67,7 +71,9 @@ class DiskCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._secret = self._load_secret()
-        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recently used first
+        self._index: OrderedDict[str, int] = (
+            OrderedDict()
+        )  # key -> file size, least recently used first
         self._scan()
 
     def _load_secret(self) -> bytes:
@@ -76,7 +82,9 @@ class DiskCache:
             data = _read_own(path, 64)
             if len(data) == 32 and stat.S_IMODE(os.lstat(path).st_mode) == 0o600:
                 return data
-            log.warning("cache secret %s is malformed or readable by others; making a new one", path)
+            log.warning(
+                "cache secret %s is malformed or readable by others; making a new one", path
+            )
         except FileNotFoundError:
             pass
         except (OSError, PrefixError) as e:
@@ -137,22 +145,31 @@ class DiskCache:
     def _decode(self, key: str, data: bytes) -> Compiled | None:
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 36:
             raise ValueError("not a binding cache entry")
-        mac, rest = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+        mac, rest = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
         if not hmac.compare_digest(mac, hmac.new(self._secret, rest, hashlib.sha256).digest()):
-            raise ValueError("its keyed hash does not match (not written by this daemon, or altered)")
+            raise ValueError(
+                "its keyed hash does not match (not written by this daemon, or altered)"
+            )
         n = int.from_bytes(rest[:4], "big")
-        header = json.loads(rest[4:4 + n])
+        header = json.loads(rest[4 : 4 + n])
         if header.get("python") != _PYTHON:
-            log.info("binding cache entry %s is for another Python version; compiling again", key[:16])
+            log.info(
+                "binding cache entry %s is for another Python version; compiling again", key[:16]
+            )
             return None
         if header.get("cache_key") != key:
             raise ValueError("it is the entry of another schema")
-        return Compiled(key, str(header["schema_hash"]), rest[4 + n:])
+        return Compiled(key, str(header["schema_hash"]), rest[4 + n :])
 
     def store(self, compiled: Compiled) -> None:
         """Write an entry (mode 0600, atomically), then delete the least recently used over the limits."""
-        header = json.dumps({"cache_key": compiled.cache_key, "schema_hash": compiled.schema_hash,
-                             "python": _PYTHON}).encode()
+        header = json.dumps(
+            {
+                "cache_key": compiled.cache_key,
+                "schema_hash": compiled.schema_hash,
+                "python": _PYTHON,
+            }
+        ).encode()
         rest = len(header).to_bytes(4, "big") + header + compiled.payload
         data = MAGIC + hmac.new(self._secret, rest, hashlib.sha256).digest() + rest
         if self.max_entries == 0 or len(data) > self.max_bytes:
@@ -160,7 +177,9 @@ class DiskCache:
         try:
             write_file(self._path(compiled.cache_key), data, 0o600)
         except OSError as e:
-            log.warning("cannot write binding cache entry %s: %s", self._path(compiled.cache_key), e)
+            log.warning(
+                "cannot write binding cache entry %s: %s", self._path(compiled.cache_key), e
+            )
             return
         with self._lock:
             self._index[compiled.cache_key] = len(data)
@@ -175,7 +194,10 @@ class DiskCache:
     def _evict(self) -> None:
         while True:
             with self._lock:
-                if len(self._index) <= self.max_entries and sum(self._index.values()) <= self.max_bytes:
+                if (
+                    len(self._index) <= self.max_entries
+                    and sum(self._index.values()) <= self.max_bytes
+                ):
                     return
                 key, _ = self._index.popitem(last=False)
             log.info("binding cache full: deleting the least recently used entry %s", key[:16])

@@ -64,15 +64,24 @@ class _Pending:
 
 def check_texts(texts: Any, max_bytes: int) -> dict[str, str]:
     """``texts`` if it is ``{file name: text}`` within ``max_bytes``; else RpcError/SchemaError."""
-    if not isinstance(texts, dict) or not texts or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in texts.items()):
-        raise RpcError(StatusCode.INVALID_ARGUMENT, "binding a schema needs texts: {file name: proto source}")
-    size = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
-               for k, v in texts.items())
+    if (
+        not isinstance(texts, dict)
+        or not texts
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in texts.items())
+    ):
+        raise RpcError(
+            StatusCode.INVALID_ARGUMENT, "binding a schema needs texts: {file name: proto source}"
+        )
+    size = sum(
+        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+        for k, v in texts.items()
+    )
     if size > max_bytes:
-        raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                       f"schema of {size} bytes ({len(texts)} files) exceeds schema.max_bytes ({max_bytes} "
-                       f"bytes); split it or ask the operator to raise schema.max_bytes")
+        raise RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"schema of {size} bytes ({len(texts)} files) exceeds schema.max_bytes ({max_bytes} "
+            f"bytes); split it or ask the operator to raise schema.max_bytes",
+        )
     check_file_names(texts)
     return texts
 
@@ -99,8 +108,12 @@ class BindingCache:
         """
         gc.collect()
         with self._lock:
-            return dict(self.counts, loaded=len(self._live), kept_unused=len(self._recent),
-                        **self.disk.stats())
+            return dict(
+                self.counts,
+                loaded=len(self._live),
+                kept_unused=len(self._recent),
+                **self.disk.stats(),
+            )
 
     def bind(self, texts: Any) -> BindResult:
         """Return the module for ``texts``.
@@ -135,11 +148,18 @@ class BindingCache:
                 self._recent.popitem(last=False)
             self.counts[how] += 1
         took = time.perf_counter() - t0
-        log.log(logging.DEBUG if how == "memory" else logging.INFO, "bound schema %s (%s) in %.2f ms",
-                module.SCHEMA_HASH, how, took * 1e3)
+        log.log(
+            logging.DEBUG if how == "memory" else logging.INFO,
+            "bound schema %s (%s) in %.2f ms",
+            module.SCHEMA_HASH,
+            how,
+            took * 1e3,
+        )
         return BindResult(module, module.SCHEMA_HASH, how, took)
 
-    def _load_or_compile(self, key: str, texts: dict[str, str], pending: _Pending) -> tuple[ModuleType, str]:
+    def _load_or_compile(
+        self, key: str, texts: dict[str, str], pending: _Pending
+    ) -> tuple[ModuleType, str]:
         try:
             how = "disk"
             module = self._from_disk(key, texts)
@@ -148,8 +168,11 @@ class BindingCache:
                 if len(self._live) > len(self._recent):
                     gc.collect()  # free modules of apps that left before holding more (compiles are rare)
                 with self._jobs:
-                    compiled = compile_in_child(texts, timeout=self.limits.compile_timeout,
-                                                memory=self.limits.compile_memory)
+                    compiled = compile_in_child(
+                        texts,
+                        timeout=self.limits.compile_timeout,
+                        memory=self.limits.compile_memory,
+                    )
                 if compiled.cache_key != key:
                     raise RpcError(StatusCode.INTERNAL, "schema compiler answered for other texts")
                 module = self._load(compiled, texts)
@@ -181,8 +204,12 @@ class BindingCache:
 
     def _load(self, compiled: Compiled, texts: dict[str, str]) -> ModuleType:
         codes = load_payload(compiled.payload, MAX_CODE_SIZE)
-        module = exec_codes(codes, compiled.cache_key, f"<mrpc schema {compiled.cache_key[:16]}>",
-                            register=False)
-        if getattr(module, "CACHE_KEY", None) != compiled.cache_key or getattr(module, "TEXTS", None) != texts:
+        module = exec_codes(
+            codes, compiled.cache_key, f"<mrpc schema {compiled.cache_key[:16]}>", register=False
+        )
+        if (
+            getattr(module, "CACHE_KEY", None) != compiled.cache_key
+            or getattr(module, "TEXTS", None) != texts
+        ):
             raise ValueError("compiled schema is for other texts")
         return module

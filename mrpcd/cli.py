@@ -18,12 +18,21 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config file (see deploy/mrpcd.yaml); MRPC_CONFIG also works.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config file (see deploy/mrpcd.yaml); MRPC_CONFIG also works.",
+)
 @click.option("--prefix", default=None, help="Directory for sockets, cache and mrpcd.json.")
-@click.option("--listen", default=None, help="TCP HOST:PORT for peer daemons (port 0 = any free port).")
+@click.option(
+    "--listen", default=None, help="TCP HOST:PORT for peer daemons (port 0 = any free port)."
+)
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
-def run(config_path: str | None, prefix: str | None, listen: str | None, log_level: str | None) -> None:
+def run(
+    config_path: str | None, prefix: str | None, listen: str | None, log_level: str | None
+) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT (which drain in-flight RPCs)."""
     import os
 
@@ -31,12 +40,17 @@ def run(config_path: str | None, prefix: str | None, listen: str | None, log_lev
     from mrpcd.daemon import Daemon
 
     try:
-        config = load_config(config_path or os.environ.get("MRPC_CONFIG"),
-                             overrides={"prefix": prefix, "listen": listen, "log_level": log_level})
+        config = load_config(
+            config_path or os.environ.get("MRPC_CONFIG"),
+            overrides={"prefix": prefix, "listen": listen, "log_level": log_level},
+        )
     except MrpcError as e:
         raise click.ClickException(str(e)) from None
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s mrpcd[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s mrpcd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
     try:
         daemon = Daemon(config)
         daemon.start()
@@ -54,6 +68,8 @@ def run(config_path: str | None, prefix: str | None, listen: str | None, log_lev
         pass
     drained = daemon.drain(config.drain_timeout)
     if not drained:
-        logging.getLogger("mrpcd").warning("drain timeout: %d RPCs still in flight", daemon.inflight())
+        logging.getLogger("mrpcd").warning(
+            "drain timeout: %d RPCs still in flight", daemon.inflight()
+        )
     daemon.stop()
     logging.getLogger("mrpcd").info("stopped")

@@ -52,18 +52,30 @@ def compile_in_child(texts: dict[str, str], *, timeout: float, memory: int) -> C
     child failed otherwise (its last stderr line is logged).
     """
     request = json.dumps({"texts": texts, "memory": memory, "cpu": timeout}).encode()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.Popen([sys.executable, "-m", "mrpcd.compiler"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            cwd="/", env=env)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
+        ),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mrpcd.compiler"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd="/",
+        env=env,
+    )
     try:
         out, err = proc.communicate(request, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill(proc)
-        raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                       f"compiling the schema took longer than schema.compile_timeout ({timeout:g}s); "
-                       f"make the schema smaller or ask the operator to raise the limit") from None
+        raise RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"compiling the schema took longer than schema.compile_timeout ({timeout:g}s); "
+            f"make the schema smaller or ask the operator to raise the limit",
+        ) from None
     except BaseException:
         _kill(proc)
         raise
@@ -77,15 +89,22 @@ def compile_in_child(texts: dict[str, str], *, timeout: float, memory: int) -> C
     if rc == 0 and out.startswith(b"ERR\n"):
         raise SchemaError(out[4:].decode("utf-8", "replace"))
     if rc == EXIT_MEMORY or (rc < 0 and -rc in (signal.SIGSEGV, signal.SIGABRT)):
-        raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                       f"compiling the schema needs more memory than schema.compile_memory "
-                       f"({memory >> 20} MiB); make the schema smaller or ask the operator to raise the limit")
+        raise RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"compiling the schema needs more memory than schema.compile_memory "
+            f"({memory >> 20} MiB); make the schema smaller or ask the operator to raise the limit",
+        )
     if rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL):
-        raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                       f"compiling the schema used more CPU time than schema.compile_timeout ({timeout:g}s)")
+        raise RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"compiling the schema used more CPU time than schema.compile_timeout ({timeout:g}s)",
+        )
     last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["(no output)"]
     log.error("schema compiler process failed with exit code %s: %s", rc, last[0])
-    raise RpcError(StatusCode.INTERNAL, f"the schema compiler process failed (exit code {rc}); see the mrpcd log")
+    raise RpcError(
+        StatusCode.INTERNAL,
+        f"the schema compiler process failed (exit code {rc}); see the mrpcd log",
+    )
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -93,7 +93,9 @@ class TcpConfig:
     body_stall_timeout: float = 30.0  # seconds a frame body may go without a byte
     idle_timeout: float = 300.0  # seconds without frames or calls before a connection closes
     write_stall_timeout: float = 30.0  # seconds queued output may go unread by the peer
-    min_body_rate: int = 64 << 10  # bytes/s a frame body must average once body_stall_timeout passed
+    min_body_rate: int = (
+        64 << 10
+    )  # bytes/s a frame body must average once body_stall_timeout passed
     max_send_queue: int = 8 << 20  # bytes queued to one peer before reading its calls pauses
     max_calls_per_connection: int = 4096  # calls one inbound connection may have unanswered
     max_reserved_per_connection: int | None = None  # receive-heap bytes; None = max_message_size
@@ -189,7 +191,9 @@ class Config:
         d["listen"] = format_hostport(*self.listen)
         d["metrics"]["listen"] = self.metrics.listen and format_hostport(*self.metrics.listen)
         d["policies"] = list(d["policies"])
-        d["services"] = [dict(r, uids=list(r["uids"]), groups=list(r["groups"])) for r in d["services"]]
+        d["services"] = [
+            dict(r, uids=list(r["uids"]), groups=list(r["groups"])) for r in d["services"]
+        ]
         return d
 
 
@@ -435,8 +439,9 @@ def _ids(value: object, path: str, what: str) -> tuple[int | str, ...]:
         raise _expected(path, f"a list of {what} ids or names", value)
     out: list[int | str] = []
     for i, v in enumerate(value):
-        if ((isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32)
-                or (isinstance(v, str) and _ID_NAME.fullmatch(v))):
+        if (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32) or (
+            isinstance(v, str) and _ID_NAME.fullmatch(v)
+        ):
             out.append(v)
         else:
             raise _expected(f"{path}[{i}]", f"a {what} id or name", v)
@@ -456,8 +461,13 @@ def _service_rules(value: object, path: str) -> tuple[ServiceRule, ...]:
         name = item.get("name")
         if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
             raise _expected(f"{p}.name", 'a service name like "pkg.Service", "pkg.*" or "*"', name)
-        out.append(ServiceRule(name, _ids(item.get("uids"), f"{p}.uids", "user"),
-                               _ids(item.get("groups"), f"{p}.groups", "group")))
+        out.append(
+            ServiceRule(
+                name,
+                _ids(item.get("uids"), f"{p}.uids", "user"),
+                _ids(item.get("groups"), f"{p}.groups", "group"),
+            )
+        )
     return tuple(out)
 
 

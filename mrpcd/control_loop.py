@@ -73,14 +73,23 @@ Gone = Callable[[AppConn, str], None]
 class ControlLoop:
     """Serve ``listener``'s connections with ``handle``; ``gone`` cleans up a closed one."""
 
-    def __init__(self, listener: socket.socket, handle: Handler, gone: Gone, register_timeout: float,
-                 workers: int = 2, compile_workers: int = 2) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        handle: Handler,
+        gone: Gone,
+        register_timeout: float,
+        workers: int = 2,
+        compile_workers: int = 2,
+    ) -> None:
         self.listener = listener
         self.handle = handle
         self.gone = gone
         self.register_timeout = register_timeout
         self.conns: dict[int, AppConn] = {}  # fd -> connection
-        self._timers: list[tuple[float, int, AppConn]] = []  # (deadline, seq, conn) of unregistered conns
+        self._timers: list[
+            tuple[float, int, AppConn]
+        ] = []  # (deadline, seq, conn) of unregistered conns
         self._seq = itertools.count()
         self._done: queue.SimpleQueue[tuple[AppConn, str | None]] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -89,11 +98,21 @@ class ControlLoop:
         self._listener_paused_until = 0.0
         self._complain = RateLimitedLog()
         self._spare: int | None = None
-        self._threads = [threading.Thread(target=self._work, args=(self._jobs,), name=f"mrpcd-ctl-worker{i}",
-                                          daemon=True) for i in range(workers)]
-        self._threads += [threading.Thread(target=self._work, args=(self._compile_jobs,),
-                                           name=f"mrpcd-ctl-bind{i}", daemon=True)
-                          for i in range(compile_workers)]
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(self._jobs,), name=f"mrpcd-ctl-worker{i}", daemon=True
+            )
+            for i in range(workers)
+        ]
+        self._threads += [
+            threading.Thread(
+                target=self._work,
+                args=(self._compile_jobs,),
+                name=f"mrpcd-ctl-bind{i}",
+                daemon=True,
+            )
+            for i in range(compile_workers)
+        ]
         self._loop_thread = threading.Thread(target=self._run, name="mrpcd-apps", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,7 +120,9 @@ class ControlLoop:
     def start(self) -> None:
         """Open the loop's own descriptors (epoll, a wake-up pair, a spare) and start its threads."""
         self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._wake_r, self._wake_w = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+        )
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._spare = spare_fd()
@@ -121,7 +142,9 @@ class ControlLoop:
                 self._loop_thread.join(5.0)
         for t in self._threads:
             if t.is_alive():
-                (self._compile_jobs if t.name.startswith("mrpcd-ctl-bind") else self._jobs).put(None)
+                (self._compile_jobs if t.name.startswith("mrpcd-ctl-bind") else self._jobs).put(
+                    None
+                )
 
     def _wake(self) -> None:
         try:
@@ -142,8 +165,12 @@ class ControlLoop:
                     elif not key.data.closed:
                         try:
                             self._readable(key.data)
-                        except Exception:  # a bug: cost only this connection, keep serving the others
-                            log.exception("serving the control connection of pid %d failed", key.data.pid)
+                        except (
+                            Exception
+                        ):  # a bug: cost only this connection, keep serving the others
+                            log.exception(
+                                "serving the control connection of pid %d failed", key.data.pid
+                            )
                             self._close(key.data, "mrpcd failed on its control connection")
                 self._finish_done()
                 self._expire()
@@ -187,8 +214,10 @@ class ControlLoop:
             self._timed_out(conn)
 
     def _timed_out(self, conn: AppConn) -> None:
-        log.info("app connection closed: it did not register within %gs (apps.register_timeout)",
-                 self.register_timeout)
+        log.info(
+            "app connection closed: it did not register within %gs (apps.register_timeout)",
+            self.register_timeout,
+        )
         self._close(conn, "did not register")
 
     def _accept(self) -> None:
@@ -198,10 +227,14 @@ class ControlLoop:
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in OUT_OF_FDS and self._spare is not None:  # accept fails before it looks
+                if (
+                    e.errno in OUT_OF_FDS and self._spare is not None
+                ):  # accept fails before it looks
                     os.close(self._spare)
-                    self._refuse_one(f"mrpcd is out of file descriptors ({e.strerror}); retry later or "
-                                     f"ask the operator to raise its fd limit (LimitNOFILE)")
+                    self._refuse_one(
+                        f"mrpcd is out of file descriptors ({e.strerror}); retry later or "
+                        f"ask the operator to raise its fd limit (LimitNOFILE)"
+                    )
                     self._spare = spare_fd()
                 self._complain(logging.ERROR, "app socket accept failed: %s; backing off", e)
                 self._sel.unregister(self.listener)  # level-triggered: it would wake us at once
@@ -211,8 +244,15 @@ class ControlLoop:
                 sock.setblocking(False)
                 pid, uid, gid = peer_credentials(sock)
                 groups = peer_groups(sock)
-                conn = AppConn(sock, pid, uid, gid, groups, time.monotonic() + self.register_timeout,
-                               fd=sock.fileno())
+                conn = AppConn(
+                    sock,
+                    pid,
+                    uid,
+                    gid,
+                    groups,
+                    time.monotonic() + self.register_timeout,
+                    fd=sock.fileno(),
+                )
                 self._sel.register(sock, selectors.EVENT_READ, conn)
             except OSError as e:
                 log.info("app control connection dropped on accept: %s", e)
@@ -249,7 +289,9 @@ class ControlLoop:
         if op in SLOW_OPS:
             conn.busy = True
             self._sel.unregister(conn.sock)
-            (self._compile_jobs if op in COMPILE_OPS else self._jobs).put(lambda: self._slow(conn, msg))
+            (self._compile_jobs if op in COMPILE_OPS else self._jobs).put(
+                lambda: self._slow(conn, msg)
+            )
             return
         try:
             reply = self.handle(conn, msg)

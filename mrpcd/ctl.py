@@ -40,7 +40,11 @@ def _out(ctx: click.Context, data: dict[str, Any], text: str) -> None:
 
 
 @click.group()
-@click.option("--prefix", default=None, help="The daemon's prefix directory (default: MRPC_PREFIX or mrpcd's default).")
+@click.option(
+    "--prefix",
+    default=None,
+    help="The daemon's prefix directory (default: MRPC_PREFIX or mrpcd's default).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def main(ctx: click.Context, prefix: str | None, as_json: bool) -> None:
@@ -57,10 +61,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     ctx.obj["json"] |= as_json
     r = _call(ctx, {"op": "status"})
     rts = ", ".join(f"{rt['name']}({rt['engines']} engines)" for rt in r["runtimes"])
-    _out(ctx, r, f"mrpcd {r['version']} pid {r['pid']} listening on {r['listen']}\n"
-                 f"prefix {r['prefix']}  uptime {r['uptime_s']:.0f}s  apps {r['apps']}  "
-                 f"transport {r['transport']}\nruntimes {rts}\nbind cache {r['bind_cache']}"
-                 + (f"\nmetrics http://{r['metrics']}/metrics" if r.get("metrics") else ""))
+    _out(
+        ctx,
+        r,
+        f"mrpcd {r['version']} pid {r['pid']} listening on {r['listen']}\n"
+        f"prefix {r['prefix']}  uptime {r['uptime_s']:.0f}s  apps {r['apps']}  "
+        f"transport {r['transport']}\nruntimes {rts}\nbind cache {r['bind_cache']}"
+        + (f"\nmetrics http://{r['metrics']}/metrics" if r.get("metrics") else ""),
+    )
 
 
 @main.command("list")
@@ -72,12 +80,16 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     r = _call(ctx, {"op": "list"})
     lines = []
     for app in r["apps"]:
-        lines.append(f"app {app['name']} (#{app['app_id']}, pid {app['pid']}, uid {app['uid']}) serves "
-                     f"{', '.join(app['serves']) or '-'}; {app['inflight_calls']} calls in flight")
+        lines.append(
+            f"app {app['name']} (#{app['app_id']}, pid {app['pid']}, uid {app['uid']}) serves "
+            f"{', '.join(app['serves']) or '-'}; {app['inflight_calls']} calls in flight"
+        )
         for e in app["datapath"]:
             cfg = f" {e['config']}" if e["config"] else ""
-            lines.append(f"  engine {e['id']}  [{e['engine']} v{e['version']}, {e['side']}"
-                         f"{', method ' + e['method'] if e['method'] else ''}]{cfg}")
+            lines.append(
+                f"  engine {e['id']}  [{e['engine']} v{e['version']}, {e['side']}"
+                f"{', method ' + e['method'] if e['method'] else ''}]{cfg}"
+            )
         for c in app["connections"]:
             lines.append(f"  connection {c['conn_id']} -> {c['addr']}")
     _out(ctx, r, "\n".join(lines) or "no applications")
@@ -93,10 +105,16 @@ def services(ctx: click.Context, as_json: bool) -> None:
     lines = []
     for s in r["services"]:
         by = s["served_by"]
-        now = f"served by app {by['app']} (#{by['app_id']}, pid {by['pid']}, uid {by['uid']})" if by else "not served"
+        now = (
+            f"served by app {by['app']} (#{by['app_id']}, pid {by['pid']}, uid {by['uid']})"
+            if by
+            else "not served"
+        )
         rule = f"; rule {s['rule']}" if s["rule"] else ""
-        lines.append(f"{s['service']}: owner uid {s['owner_uid']} (app {s['owner_app']}, pid {s['owner_pid']}); "
-                     f"{now}{rule}")
+        lines.append(
+            f"{s['service']}: owner uid {s['owner_uid']} (app {s['owner_app']}, pid {s['owner_pid']}); "
+            f"{now}{rule}"
+        )
     _out(ctx, r, "\n".join(lines) or "no services")
 
 
@@ -132,7 +150,11 @@ def prefetch(ctx: click.Context, proto: str, include: tuple[str, ...]) -> None:
 
     texts = read_proto(proto, include_dirs=include)
     r = _call(ctx, {"op": "schema_prefetch", "texts": texts})
-    _out(ctx, r, f"schema {r['schema_hash']} ({', '.join(r['services'])}) {r['how']} in {r['bind_ms']} ms")
+    _out(
+        ctx,
+        r,
+        f"schema {r['schema_hash']} ({', '.join(r['services'])}) {r['how']} in {r['bind_ms']} ms",
+    )
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -158,11 +180,25 @@ def policy() -> None:
 @click.option("--side", type=click.Choice(["send", "receive"]), default=None)
 @click.option("--method", default=None, help="Only this method (name or /pkg.Service/Method).")
 @click.option("--set", "sets", multiple=True, help="Config key=value (repeatable).")
-@click.option("--file", "spec_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A policy spec (policies/*.yaml).")
+@click.option(
+    "--file",
+    "spec_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A policy spec (policies/*.yaml).",
+)
 @click.pass_context
-def attach(ctx: click.Context, name: str | None, app: str | None, all_apps: bool, future: bool,
-           side: str | None, method: str | None, sets: tuple[str, ...], spec_file: str | None) -> None:
+def attach(
+    ctx: click.Context,
+    name: str | None,
+    app: str | None,
+    all_apps: bool,
+    future: bool,
+    side: str | None,
+    method: str | None,
+    sets: tuple[str, ...],
+    spec_file: str | None,
+) -> None:
     """Attach policy engine NAME to an application's datapath."""
     spec: dict[str, Any] = {}
     if spec_file:
@@ -176,9 +212,15 @@ def attach(ctx: click.Context, name: str | None, app: str | None, all_apps: bool
         raise click.UsageError("say which application: --app NAME|PID or --all")
     config = dict(spec.get("config") or {})
     config.update(_parse_sets(sets))
-    msg = {"op": "policy_attach", "engine": engine, "app": "*" if all_apps else app,
-           "side": side or spec.get("side") or "send", "method": method or spec.get("method"),
-           "config": config, "future": future}
+    msg = {
+        "op": "policy_attach",
+        "engine": engine,
+        "app": "*" if all_apps else app,
+        "side": side or spec.get("side") or "send",
+        "method": method or spec.get("method"),
+        "config": config,
+        "future": future,
+    }
     r = _call(ctx, msg)
     text = "\n".join(f"attached {eid}" for eid in r["engine_ids"]) or "attached to no running app"
     if r.get("rule_id"):
@@ -192,14 +234,29 @@ def attach(ctx: click.Context, name: str | None, app: str | None, all_apps: bool
 @click.option("--engine", "engine", default=None, help="Engine name (with --app).")
 @click.option("--rule", "rule_id", default=None, help="Remove a standing rule.")
 @click.pass_context
-def detach(ctx: click.Context, engine_id: str | None, app: str | None, engine: str | None,
-           rule_id: str | None) -> None:
+def detach(
+    ctx: click.Context,
+    engine_id: str | None,
+    app: str | None,
+    engine: str | None,
+    rule_id: str | None,
+) -> None:
     """Detach ENGINE_ID (or every ENGINE of --app); queued RPCs are handed on, none lost."""
     if not (engine_id or rule_id or (app and engine)):
         raise click.UsageError("give ENGINE_ID, or --app and --engine, or --rule")
-    r = _call(ctx, {"op": "policy_detach", "engine_id": engine_id, "app": app, "engine": engine,
-                    "rule_id": rule_id})
-    lines = [f"detached {d['engine_id']} ({d['handed_on']} queued RPCs handed on)" for d in r["detached"]]
+    r = _call(
+        ctx,
+        {
+            "op": "policy_detach",
+            "engine_id": engine_id,
+            "app": app,
+            "engine": engine,
+            "rule_id": rule_id,
+        },
+    )
+    lines = [
+        f"detached {d['engine_id']} ({d['handed_on']} queued RPCs handed on)" for d in r["detached"]
+    ]
     if r.get("rule_removed"):
         lines.append(f"removed standing rule {r['rule_removed']}")
     _out(ctx, r, "\n".join(lines))
@@ -220,8 +277,15 @@ def set_(ctx: click.Context, engine_id: str, pairs: tuple[str, ...]) -> None:
 def rules(ctx: click.Context) -> None:
     """Standing rules (applied to applications that register later)."""
     r = _call(ctx, {"op": "policy_rules"})
-    _out(ctx, r, "\n".join(f"{x['rule_id']}: {x['engine']} on {x['app']} ({x['side']}) {x['config']}"
-                           for x in r["rules"]) or "no standing rules")
+    _out(
+        ctx,
+        r,
+        "\n".join(
+            f"{x['rule_id']}: {x['engine']} on {x['app']} ({x['side']}) {x['config']}"
+            for x in r["rules"]
+        )
+        or "no standing rules",
+    )
 
 
 if __name__ == "__main__":

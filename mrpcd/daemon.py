@@ -66,10 +66,14 @@ class Daemon:
             raise
 
     def _setup(self, config: Config) -> None:
-        self.layout = ShmLayout(config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size)
+        self.layout = ShmLayout(
+            config.shm.ring_slots, config.shm.send_heap_size, config.shm.recv_heap_size
+        )
         self.bindings = BindingCache(config.cache_dir, config.schema)
         self.registry = EngineRegistry(config.engines)
-        self.runtimes = [Runtime(f"rt{i}", self.clock, spin_us=config.spin_us) for i in range(config.runtimes)]
+        self.runtimes = [
+            Runtime(f"rt{i}", self.clock, spin_us=config.spin_us) for i in range(config.runtimes)
+        ]
         self.apps: dict[int, AppState] = {}
         self.apps_lock = threading.Lock()
         self._app_ids = itertools.count(1)
@@ -81,9 +85,13 @@ class Daemon:
         self.name = f"{socket.gethostname()}/{self.listen_addr}"
         self.router = Router(self.name)
         self.services_base: dict[str, Any] = {
-            "router": self.router, "tcp_config": config.tcp, "max_message_size": config.max_message_size,
+            "router": self.router,
+            "tcp_config": config.tcp,
+            "max_message_size": config.max_message_size,
             "max_metadata_size": config.max_metadata_size,
-            "daemon_name": self.name, "on_app_broken": self._app_broken, "limits": config.limits,
+            "daemon_name": self.name,
+            "on_app_broken": self._app_broken,
+            "limits": config.limits,
         }
         marshal_rt.set_work_limit(config.limits.marshal_work)
         self._app_socks: dict[int, socket.socket] = {}
@@ -93,11 +101,13 @@ class Daemon:
         self.app_sock_path = config.app_socket
         self.op_sock_path = config.operator_socket
         self.app_listener = _unix_listener(self.app_sock_path, 0o666)
-        self.op_listener = _unix_listener(self.op_sock_path, 0o660 if config.operator_group else 0o600,
-                                          config.operator_group)
+        self.op_listener = _unix_listener(
+            self.op_sock_path, 0o660 if config.operator_group else 0o600, config.operator_group
+        )
         self.operator: OperatorHandler | None = None  # set in start(): the operator command handler
-        self.control = ControlLoop(self.app_listener, self._app_request, self._app_gone,
-                                   config.apps.register_timeout)
+        self.control = ControlLoop(
+            self.app_listener, self._app_request, self._app_gone, config.apps.register_timeout
+        )
         # admission and service ownership (apps.*, services)
         self.service_policy = ServicePolicy(config.services)
         self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
@@ -112,8 +122,10 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             other = daemon_state(self.prefix).get("pid", "?")
-            raise MrpcError(f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
-                            f"stop it or choose another --prefix") from None
+            raise MrpcError(
+                f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
+                f"stop it or choose another --prefix"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(self.prefix / "mrpcd.lock").st_ino
         except FileNotFoundError:
@@ -165,8 +177,10 @@ class Daemon:
             sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise MrpcError(f"cannot listen on {format_hostport(host, port)}: {e.strerror}; "
-                            f"choose another address with --listen or MRPC_LISTEN") from None
+            raise MrpcError(
+                f"cannot listen on {format_hostport(host, port)}: {e.strerror}; "
+                f"choose another address with --listen or MRPC_LISTEN"
+            ) from None
         sock.listen(1024)
         return sock
 
@@ -184,10 +198,18 @@ class Daemon:
     def _start(self, operator_cls: Any) -> None:
         self.operator = operator_cls(self)
         rt0 = self.runtimes[0]
-        ingress_cls = load_engine_class(self.config.engines.get(self.config.transport, "engines.tcp"),
-                                        name="tcp-ingress", attr="INGRESS")
-        ctx = EngineContext("daemon/tcp-ingress", "", 0, self.clock,
-                            services=dict(self.services_base, poller=rt0.poller, listener=self.listener))
+        ingress_cls = load_engine_class(
+            self.config.engines.get(self.config.transport, "engines.tcp"),
+            name="tcp-ingress",
+            attr="INGRESS",
+        )
+        ctx = EngineContext(
+            "daemon/tcp-ingress",
+            "",
+            0,
+            self.clock,
+            services=dict(self.services_base, poller=rt0.poller, listener=self.listener),
+        )
         self.ingress = ingress_cls(ctx, {})
         rt0.add_engine(self.ingress)
         for rt in self.runtimes:
@@ -198,12 +220,20 @@ class Daemon:
         self._threads.append(t)
         self.operator.start_metrics()
         self._write_state_file()
-        log.info("mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix)
+        log.info(
+            "mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix
+        )
 
     def _write_state_file(self) -> None:
-        state = {"pid": os.getpid(), "listen": self.listen_addr, "app_socket": str(self.app_sock_path),
-                 "operator_socket": str(self.op_sock_path), "prefix": str(self.prefix),
-                 "version": VERSION, "metrics": self.operator.metrics_addr if self.operator else None}
+        state = {
+            "pid": os.getpid(),
+            "listen": self.listen_addr,
+            "app_socket": str(self.app_sock_path),
+            "operator_socket": str(self.op_sock_path),
+            "prefix": str(self.prefix),
+            "version": VERSION,
+            "metrics": self.operator.metrics_addr if self.operator else None,
+        }
         write_file(self.prefix / "mrpcd.json", json.dumps(state, indent=2).encode(), 0o644)
 
     def inflight(self) -> int:
@@ -265,8 +295,13 @@ class Daemon:
                     try:
                         msg, fds = recv_msg(sock)
                     except ValueError as e:
-                        send_msg(sock, refusal or error_reply(StatusCode.INVALID_ARGUMENT,
-                                                              f"bad operator message: {e}"))
+                        send_msg(
+                            sock,
+                            refusal
+                            or error_reply(
+                                StatusCode.INVALID_ARGUMENT, f"bad operator message: {e}"
+                            ),
+                        )
                         if refusal:
                             return
                         continue
@@ -278,8 +313,14 @@ class Daemon:
                     try:
                         send_msg(sock, reply)
                     except RpcError as e:  # a reply too large for one control packet
-                        send_msg(sock, error_reply(e.code(), f"the reply to {msg.get('op')!r} is too "
-                                                             f"large: {e.details()}; ask for less"))
+                        send_msg(
+                            sock,
+                            error_reply(
+                                e.code(),
+                                f"the reply to {msg.get('op')!r} is too "
+                                f"large: {e.details()}; ask for less",
+                            ),
+                        )
                     if refusal:
                         return
             except OSError as e:
@@ -294,9 +335,16 @@ class Daemon:
         try:
             if op == "register":
                 if conn.app is not None:
-                    raise RpcError(StatusCode.ALREADY_EXISTS, "this connection is registered already")
-                conn.app = self._register(conn.sock, msg, conn.pid, conn.uid,
-                                          Claimant(conn.uid, conn.gid, conn.groups, "", conn.pid))
+                    raise RpcError(
+                        StatusCode.ALREADY_EXISTS, "this connection is registered already"
+                    )
+                conn.app = self._register(
+                    conn.sock,
+                    msg,
+                    conn.pid,
+                    conn.uid,
+                    Claimant(conn.uid, conn.gid, conn.groups, "", conn.pid),
+                )
                 return None
             if conn.app is None:
                 raise RpcError(StatusCode.FAILED_PRECONDITION, f"register before {op!r}")
@@ -308,12 +356,18 @@ class Daemon:
         except OSError as e:
             if e.errno not in OUT_OF_FDS:
                 raise  # the app hung up or does not read: no reply to send
-            log.warning("control op %r of pid %d failed: mrpcd is out of file descriptors (%s)",
-                        op, conn.pid, e.strerror)
-            return error_reply(StatusCode.RESOURCE_EXHAUSTED,
-                               f"mrpcd is out of file descriptors ({e.strerror}) and cannot {op} now; "
-                               f"retry after other apps exit or ask the operator to raise its fd limit "
-                               f"(LimitNOFILE)")
+            log.warning(
+                "control op %r of pid %d failed: mrpcd is out of file descriptors (%s)",
+                op,
+                conn.pid,
+                e.strerror,
+            )
+            return error_reply(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"mrpcd is out of file descriptors ({e.strerror}) and cannot {op} now; "
+                f"retry after other apps exit or ask the operator to raise its fd limit "
+                f"(LimitNOFILE)",
+            )
         except Exception as e:
             log.exception("control op %r of pid %d failed", op, conn.pid)
             return error_reply(StatusCode.INTERNAL, f"mrpcd failed on {op!r}: {e}")
@@ -329,16 +383,22 @@ class Daemon:
         limits = self.config.apps
         with self.apps_lock:
             total = len(self.apps) + sum(self._registering.values())
-            mine = sum(1 for a in self.apps.values() if a.uid == uid) + self._registering.get(uid, 0)
+            mine = sum(1 for a in self.apps.values() if a.uid == uid) + self._registering.get(
+                uid, 0
+            )
             if total >= limits.max:
-                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                               f"mrpcd has {total} applications registered, its limit (apps.max = "
-                               f"{limits.max}); retry after others exit or ask the operator to raise it")
+                raise RpcError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"mrpcd has {total} applications registered, its limit (apps.max = "
+                    f"{limits.max}); retry after others exit or ask the operator to raise it",
+                )
             if mine >= limits.max_per_uid:
-                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                               f"uid {uid} has {mine} applications registered at this mrpcd, the limit "
-                               f"per user (apps.max_per_uid = {limits.max_per_uid}); close some or ask "
-                               f"the operator to raise it")
+                raise RpcError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"uid {uid} has {mine} applications registered at this mrpcd, the limit "
+                    f"per user (apps.max_per_uid = {limits.max_per_uid}); close some or ask "
+                    f"the operator to raise it",
+                )
             self._take_register_token(uid)
             self._registering[uid] = self._registering.get(uid, 0) + 1
 
@@ -349,14 +409,19 @@ class Daemon:
         tokens, then = self._register_tokens.get(uid, (float(limits.register_burst), now))
         tokens = min(float(limits.register_burst), tokens + (now - then) * limits.register_rate)
         if tokens < 1.0:
-            raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                           f"uid {uid} registers applications faster than apps.register_rate "
-                           f"({limits.register_rate:g}/s after a burst of {limits.register_burst}); "
-                           f"retry in {(1.0 - tokens) / limits.register_rate:.2f}s")
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"uid {uid} registers applications faster than apps.register_rate "
+                f"({limits.register_rate:g}/s after a burst of {limits.register_burst}); "
+                f"retry in {(1.0 - tokens) / limits.register_rate:.2f}s",
+            )
         self._register_tokens[uid] = (tokens - 1.0, now)
         if len(self._register_tokens) > 4096:  # forget users whose buckets are full again
-            full = [u for u, (t, w) in self._register_tokens.items()
-                    if t + (now - w) * limits.register_rate >= limits.register_burst]
+            full = [
+                u
+                for u, (t, w) in self._register_tokens.items()
+                if t + (now - w) * limits.register_rate >= limits.register_burst
+            ]
             for u in full:
                 del self._register_tokens[u]
 
@@ -368,12 +433,15 @@ class Daemon:
         else:
             del self._registering[uid]
 
-    def _register(self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int,
-                  claimant: Claimant) -> AppState:
+    def _register(
+        self, sock: socket.socket, msg: dict[str, Any], pid: int, uid: int, claimant: Claimant
+    ) -> AppState:
         """Register the app on ``sock``: all or nothing. If anything fails (the app
         hung up before the reply arrived, included) everything is undone."""
         if self.draining or self._stopping.is_set():
-            raise RpcError(StatusCode.UNAVAILABLE, "mrpcd is shutting down; retry against the new daemon")
+            raise RpcError(
+                StatusCode.UNAVAILABLE, "mrpcd is shutting down; retry against the new daemon"
+            )
         self._admit(uid)
         added = False
         app: AppState | None = None
@@ -386,10 +454,28 @@ class Daemon:
             runtime = self.runtimes[app_id % len(self.runtimes)]
             app.runtime = runtime
             services = dict(self.services_base, app=app, poller=runtime.poller)
-            fe = self.frontend_cls(EngineContext(f"{name}/frontend", name, pid, self.clock,
-                                                 runtime_local=runtime.local, services=services), {})
-            tr = self.transport_cls(EngineContext(f"{name}/{self.transport_cls.NAME}", name, pid, self.clock,
-                                                  runtime_local=runtime.local, services=services), {})
+            fe = self.frontend_cls(
+                EngineContext(
+                    f"{name}/frontend",
+                    name,
+                    pid,
+                    self.clock,
+                    runtime_local=runtime.local,
+                    services=services,
+                ),
+                {},
+            )
+            tr = self.transport_cls(
+                EngineContext(
+                    f"{name}/{self.transport_cls.NAME}",
+                    name,
+                    pid,
+                    self.clock,
+                    runtime_local=runtime.local,
+                    services=services,
+                ),
+                {},
+            )
             app.datapath = Datapath(name, fe, tr)
 
             def attach() -> None:
@@ -406,8 +492,18 @@ class Daemon:
             runtime.call(attach)
             if self.operator is not None:
                 self.operator.app_registered(app)  # standing policies before the first call
-            send_msg(sock, {"ok": True, "app_id": app_id, "name": name, "layout": self.layout.to_dict(),
-                            "daemon": self.name, "version": VERSION}, regions.fds())
+            send_msg(
+                sock,
+                {
+                    "ok": True,
+                    "app_id": app_id,
+                    "name": name,
+                    "layout": self.layout.to_dict(),
+                    "daemon": self.name,
+                    "version": VERSION,
+                },
+                regions.fds(),
+            )
         except BaseException as e:
             if added:
                 assert app is not None
@@ -421,7 +517,9 @@ class Daemon:
         finally:
             if app is not None:
                 app.regions.close_fds()
-        log.info("app %r (pid %d, uid %d) registered as #%d on %s", name, pid, uid, app_id, runtime.name)
+        log.info(
+            "app %r (pid %d, uid %d) registered as #%d on %s", name, pid, uid, app_id, runtime.name
+        )
         return app
 
     def _app_op(self, app: AppState, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
@@ -433,9 +531,11 @@ class Daemon:
                 count = len(app.bindings)
             limit = self.config.schema.max_per_app
             if not known and count >= limit:
-                raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                               f"app {app.name!r} has bound {count} schemas, the most schema.max_per_app "
-                               f"({limit}) allows; bind fewer distinct schemas or ask the operator to raise it")
+                raise RpcError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"app {app.name!r} has bound {count} schemas, the most schema.max_per_app "
+                    f"({limit}) allows; bind fewer distinct schemas or ask the operator to raise it",
+                )
             result = self.bindings.bind(texts)
             module = result.module
             with app.lock:
@@ -445,13 +545,22 @@ class Daemon:
                         break
                 else:
                     slot = len(app.bindings)
-                    app.bindings.append(Binding(slot, module, result.schema_hash, tuple(module.SERVICES)))
-            return {"ok": True, "slot": slot, "schema_hash": result.schema_hash, "how": result.how,
-                    "bind_ms": round(result.seconds * 1e3, 3)}
+                    app.bindings.append(
+                        Binding(slot, module, result.schema_hash, tuple(module.SERVICES))
+                    )
+            return {
+                "ok": True,
+                "slot": slot,
+                "schema_hash": result.schema_hash,
+                "how": result.how,
+                "bind_ms": round(result.seconds * 1e3, 3),
+            }
         if op == "connect":
             asked = msg.get("slot")
             if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {asked!r}")
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT, f"connect names unknown schema slot {asked!r}"
+                )
             slot = asked
             try:
                 host, port = parse_hostport(msg.get("addr"), key="addr", source="connect request")
@@ -463,9 +572,11 @@ class Daemon:
                         return {"ok": True, "conn_id": spec.conn_id}
                 limit = self.config.tcp.max_connections_per_app
                 if len(app.conns) >= limit:
-                    raise RpcError(StatusCode.RESOURCE_EXHAUSTED,
-                                   f"app {app.name!r} is connected to {len(app.conns)} targets, the limit "
-                                   f"(tcp.max_connections_per_app) is {limit}; reuse a channel")
+                    raise RpcError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"app {app.name!r} is connected to {len(app.conns)} targets, the limit "
+                        f"(tcp.max_connections_per_app) is {limit}; reuse a channel",
+                    )
                 conn_id = len(app.conns) + 1
                 app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
             return {"ok": True, "conn_id": conn_id}
@@ -473,22 +584,42 @@ class Daemon:
             asked = msg.get("slot")
             services = msg.get("services")
             if not isinstance(asked, int) or not 0 <= asked < len(app.bindings):
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {asked!r}")
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT, f"serve names unknown schema slot {asked!r}"
+                )
             slot = asked
             binding = app.bindings[slot]
             if not isinstance(services, list) or not services:
                 raise RpcError(StatusCode.INVALID_ARGUMENT, "serve needs a list of service names")
             unknown = [s for s in services if s not in binding.services]
             if unknown:
-                raise RpcError(StatusCode.NOT_FOUND, f"schema {binding.schema_hash} has no service "
-                               f"{', '.join(map(str, unknown))}; it defines {', '.join(binding.services)}")
-            claimant = self._claimants.get(app.app_id) or Claimant(app.uid, -1, frozenset(), app.name, app.pid)
-            taken = self.router.bind(app, binding, services,
-                                     lambda svc, owner, holder: self.service_policy.authorize(
-                                         svc, claimant, owner, holder))
+                raise RpcError(
+                    StatusCode.NOT_FOUND,
+                    f"schema {binding.schema_hash} has no service "
+                    f"{', '.join(map(str, unknown))}; it defines {', '.join(binding.services)}",
+                )
+            claimant = self._claimants.get(app.app_id) or Claimant(
+                app.uid, -1, frozenset(), app.name, app.pid
+            )
+            taken = self.router.bind(
+                app,
+                binding,
+                services,
+                lambda svc, owner, holder: self.service_policy.authorize(
+                    svc, claimant, owner, holder
+                ),
+            )
             for svc, other in taken:
-                log.warning("app %r (pid %d, uid %d) took service %s over from app %r (pid %d, uid %d)",
-                            app.name, app.pid, app.uid, svc, other.name, other.pid, other.uid)
+                log.warning(
+                    "app %r (pid %d, uid %d) took service %s over from app %r (pid %d, uid %d)",
+                    app.name,
+                    app.pid,
+                    app.uid,
+                    svc,
+                    other.name,
+                    other.pid,
+                    other.uid,
+                )
             log.info("app %r serves %s", app.name, ", ".join(services))
             return {"ok": True}
         if op == "unserve":
@@ -581,11 +712,19 @@ class Daemon:
         for svc in sorted(owners):
             o, app = owners[svc], serving.get(svc)
             rule = self.service_policy.rule_for(svc)
-            out.append({"service": svc, "owner_uid": o.uid, "owner_app": o.app_name, "owner_pid": o.pid,
-                        "since": round(o.since, 3),
-                        "served_by": None if app is None or app.closed else
-                        {"app": app.name, "app_id": app.app_id, "pid": app.pid, "uid": app.uid},
-                        "rule": None if rule is None else f"services[{rule.index}] ({rule.name})"})
+            out.append(
+                {
+                    "service": svc,
+                    "owner_uid": o.uid,
+                    "owner_app": o.app_name,
+                    "owner_pid": o.pid,
+                    "since": round(o.since, 3),
+                    "served_by": None
+                    if app is None or app.closed
+                    else {"app": app.name, "app_id": app.app_id, "pid": app.pid, "uid": app.uid},
+                    "rule": None if rule is None else f"services[{rule.index}] ({rule.name})",
+                }
+            )
         return out
 
     def find_apps(self, selector: str) -> list[AppState]:
@@ -593,5 +732,8 @@ class Daemon:
             apps = list(self.apps.values())
         if selector in ("*", "--all"):
             return apps
-        return [a for a in apps if a.name == selector or str(a.pid) == selector or f"#{a.app_id}" == selector]
-
+        return [
+            a
+            for a in apps
+            if a.name == selector or str(a.pid) == selector or f"#{a.app_id}" == selector
+        ]

@@ -126,9 +126,17 @@ class Datapath:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for e in self.engines:
-            out.append({"id": e.ctx.engine_id, "engine": e.NAME, "version": e.VERSION,
-                        "side": e.ctx.side.value, "method": e.ctx.method,
-                        "config": e.config, "queued": len(e.tx_in) + len(e.rx_in)})
+            out.append(
+                {
+                    "id": e.ctx.engine_id,
+                    "engine": e.NAME,
+                    "version": e.VERSION,
+                    "side": e.ctx.side.value,
+                    "method": e.ctx.method,
+                    "config": e.config,
+                    "queued": len(e.tx_in) + len(e.rx_in),
+                }
+            )
         return out
 
 
@@ -150,7 +158,10 @@ def make_private(rpc: Rpc) -> bool:
     if rpc.kind is RpcKind.CALL:
         binding, type_name = getattr(st, "binding", None), rpc.method.request
     else:
-        binding, type_name = getattr(getattr(st, "call", None), "binding", None), rpc.method.response
+        binding, type_name = (
+            getattr(getattr(st, "call", None), "binding", None),
+            rpc.method.response,
+        )
     if binding is None:
         return False
     head, segs = wire

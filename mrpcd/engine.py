@@ -131,7 +131,9 @@ class Rpc:
     size: int = 0  # bytes of the message image (0 until known)
     created: float = 0.0  # clock time the daemon first saw this item
     meta: dict[str, Any] = field(default_factory=dict)  # scratch space for engines
-    metadata: tuple[tuple[str, str | bytes], ...] = ()  # the call's gRPC metadata (checked, read-only)
+    metadata: tuple[
+        tuple[str, str | bytes], ...
+    ] = ()  # the call's gRPC metadata (checked, read-only)
     # --- frontend/transport private state ---
     _view: Callable[[], Any] | None = None
     _state: Any = None
@@ -184,8 +186,12 @@ class EngineContext:
     side: Side = Side.SEND
     method: str | None = None  # restrict to one method ("Echo" or "/echo.Echo/Echo")
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mrpcd.engine"))
-    runtime_local: dict[str, Any] = field(default_factory=dict)  # state shared by engines of one runtime
-    services: dict[str, Any] = field(default_factory=dict)  # daemon services (metrics registry, ...)
+    runtime_local: dict[str, Any] = field(
+        default_factory=dict
+    )  # state shared by engines of one runtime
+    services: dict[str, Any] = field(
+        default_factory=dict
+    )  # daemon services (metrics registry, ...)
 
 
 # --------------------------------------------------------------------------- engines
@@ -210,7 +216,9 @@ class Engine(abc.ABC):
         self.config = dict(self.validate_config(config))
         self.tx_in, self.tx_out, self.rx_in, self.rx_out = deque(), deque(), deque(), deque()
 
-    def bind(self, tx_in: deque[Rpc], tx_out: deque[Rpc], rx_in: deque[Rpc], rx_out: deque[Rpc]) -> None:
+    def bind(
+        self, tx_in: deque[Rpc], tx_out: deque[Rpc], rx_in: deque[Rpc], rx_out: deque[Rpc]
+    ) -> None:
         """Called by the datapath to splice the engine in."""
         self.tx_in, self.tx_out, self.rx_in, self.rx_out = tx_in, tx_out, rx_in, rx_out
 
@@ -235,7 +243,11 @@ class Engine(abc.ABC):
 
     @classmethod
     def restore(
-        cls, ctx: EngineContext, config: Mapping[str, Any], state: Mapping[str, Any], prev_version: int
+        cls,
+        ctx: EngineContext,
+        config: Mapping[str, Any],
+        state: Mapping[str, Any],
+        prev_version: int,
     ) -> Engine:
         """Build an engine of this version from a predecessor's ``decompose()``."""
         engine = cls(ctx, config)
@@ -302,15 +314,23 @@ class PolicyEngine(Engine):
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.counters: dict[str, int] = {"calls": 0, "passed": 0, "rejected": 0, "held": 0,
-                                          "would_reject": 0, "would_hold": 0}
+        self.counters: dict[str, int] = {
+            "calls": 0,
+            "passed": 0,
+            "rejected": 0,
+            "held": 0,
+            "would_reject": 0,
+            "would_hold": 0,
+        }
 
     @property
     def enforce(self) -> bool:
         return bool(self.config.get("enforce", True))
 
     @classmethod
-    def common_config(cls, config: Mapping[str, Any], keys: Iterable[str] | None = None) -> dict[str, Any]:
+    def common_config(
+        cls, config: Mapping[str, Any], keys: Iterable[str] | None = None
+    ) -> dict[str, Any]:
         """Check the parts every policy shares: a mapping, no unknown keys (when the
         engine's own ``keys`` are given), and ``enforce``; returns ``{"enforce": ...}``."""
         if not isinstance(config, Mapping):
@@ -319,8 +339,10 @@ class PolicyEngine(Engine):
             allowed = set(keys) | cls.COMMON_KEYS
             unknown = sorted(map(str, set(config) - allowed))
             if unknown:
-                raise ConfigError(f"{cls.NAME}: unknown config key(s) {', '.join(unknown)}; "
-                                  f"expected {', '.join(sorted(allowed))}")
+                raise ConfigError(
+                    f"{cls.NAME}: unknown config key(s) {', '.join(unknown)}; "
+                    f"expected {', '.join(sorted(allowed))}"
+                )
         enforce = config.get("enforce", True)
         if not isinstance(enforce, bool):
             raise ConfigError(f"{cls.NAME}: enforce: expected true or false, got {enforce!r}")
@@ -373,8 +395,13 @@ class PolicyEngine(Engine):
         else:
             self.counters["would_reject"] += 1
             self.counters["passed"] += 1
-            self.ctx.log.info("shadow %s: would reject %s call %s: %s", self.ctx.engine_id,
-                              rpc.method.path if rpc.method else "?", rpc.call_id, verdict.details)
+            self.ctx.log.info(
+                "shadow %s: would reject %s call %s: %s",
+                self.ctx.engine_id,
+                rpc.method.path if rpc.method else "?",
+                rpc.call_id,
+                verdict.details,
+            )
             self.release(rpc)
 
     def do_work(self) -> int:

@@ -51,14 +51,19 @@ class OperatorHandler:
             try:
                 ops_gid = grp.getgrnam(group).gr_gid
             except KeyError:
-                log.warning("operator_group %r does not exist; only root and uid %d may operate",
-                            group, os.geteuid())
+                log.warning(
+                    "operator_group %r does not exist; only root and uid %d may operate",
+                    group,
+                    os.geteuid(),
+                )
             else:
                 if ops_gid == gid or ops_gid in groups:
                     return None
-        return error_reply(StatusCode.PERMISSION_DENIED,
-                           f"uid {uid} (gid {gid}) is not allowed to operate mrpcd: operators are {hint}; "
-                           f"a user added to the group must log in again to hold it")
+        return error_reply(
+            StatusCode.PERMISSION_DENIED,
+            f"uid {uid} (gid {gid}) is not allowed to operate mrpcd: operators are {hint}; "
+            f"a user added to the group must log in again to hold it",
+        )
 
     # ------------------------------------------------------------------ metrics endpoint
 
@@ -90,7 +95,9 @@ class OperatorHandler:
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
-        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+        handler = (
+            getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+        )
         if handler is None:
             handler = self.policies.handler(op)
         if handler is None:
@@ -109,13 +116,26 @@ class OperatorHandler:
     def op_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         d = self.daemon
         return {
-            "pid": os.getpid(), "version": VERSION,
-            "listen": d.listen_addr, "prefix": str(d.prefix), "uptime_s": round(time.time() - d.started, 3),
-            "apps": len(d.apps), "draining": d.draining, "transport": d.config.transport,
-            "runtimes": [{"name": rt.name, "engines": len(rt.engines), "rounds": rt.rounds,
-                          "sleeps": rt.sleeps} for rt in d.runtimes],
+            "pid": os.getpid(),
+            "version": VERSION,
+            "listen": d.listen_addr,
+            "prefix": str(d.prefix),
+            "uptime_s": round(time.time() - d.started, 3),
+            "apps": len(d.apps),
+            "draining": d.draining,
+            "transport": d.config.transport,
+            "runtimes": [
+                {
+                    "name": rt.name,
+                    "engines": len(rt.engines),
+                    "rounds": rt.rounds,
+                    "sleeps": rt.sleeps,
+                }
+                for rt in d.runtimes
+            ],
             "bind_cache": dict(d.bindings.stats, dir=str(d.bindings.cache_dir)),
-            "metrics": self.metrics_addr, "config": d.config.to_dict(),
+            "metrics": self.metrics_addr,
+            "config": d.config.to_dict(),
         }
 
     def op_list(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -126,5 +146,9 @@ class OperatorHandler:
 
     def op_schema_prefetch(self, msg: dict[str, Any]) -> dict[str, Any]:
         result = self.daemon.bindings.bind(msg.get("texts"))  # checks the texts and their size
-        return {"schema_hash": result.schema_hash, "how": result.how, "bind_ms": round(result.seconds * 1e3, 3),
-                "services": list(result.module.SERVICES)}
+        return {
+            "schema_hash": result.schema_hash,
+            "how": result.how,
+            "bind_ms": round(result.seconds * 1e3, 3),
+            "services": list(result.module.SERVICES),
+        }

@@ -32,7 +32,10 @@ ALWAYS_ON = {"frontend", "tcp", "rdma", "tcp-ingress"}
 
 
 def _engine_rows(dp: Datapath) -> list[dict[str, Any]]:
-    return [{"engine_id": e.ctx.engine_id, "engine": e.NAME, "stats": e.statistics()} for e in dp.engines]
+    return [
+        {"engine_id": e.ctx.engine_id, "engine": e.NAME, "stats": e.statistics()}
+        for e in dp.engines
+    ]
 
 
 @dataclass
@@ -55,8 +58,14 @@ class PolicyManager:
         self._lock = threading.RLock()
         self._registry: Any = None
         for i, p in enumerate(daemon.config.policies):
-            spec = {"engine": p.engine, "app": p.app, "side": p.side, "method": p.method,
-                    "config": dict(p.config), "future": True}
+            spec = {
+                "engine": p.engine,
+                "app": p.app,
+                "side": p.side,
+                "method": p.method,
+                "config": dict(p.config),
+                "future": True,
+            }
             try:
                 self._prepare(spec)
             except RpcError as e:
@@ -64,8 +73,13 @@ class PolicyManager:
             self.standing[f"config-{i + 1}"] = self._standing(f"config-{i + 1}", spec)
 
     def handler(self, op: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-        return {"policy_attach": self.attach, "policy_detach": self.detach, "policy_set": self.set,
-                "stats": self.stats, "policy_rules": self.rules}.get(op)
+        return {
+            "policy_attach": self.attach,
+            "policy_detach": self.detach,
+            "policy_set": self.set,
+            "stats": self.stats,
+            "policy_rules": self.rules,
+        }.get(op)
 
     def metrics_registry(self) -> Any:
         if self._registry is None:
@@ -79,12 +93,16 @@ class PolicyManager:
 
     # ------------------------------------------------------------------ helpers
 
-    def _prepare(self, msg: dict[str, Any]) -> tuple[type[Engine], dict[str, Any], Side, str | None]:
+    def _prepare(
+        self, msg: dict[str, Any]
+    ) -> tuple[type[Engine], dict[str, Any], Side, str | None]:
         name = msg.get("engine")
         if not isinstance(name, str) or not name:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "policy attach needs an engine name")
         if name in ALWAYS_ON:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, f"{name!r} is always on; it is not a policy")
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT, f"{name!r} is always on; it is not a policy"
+            )
         try:
             cls = self.daemon.registry.get(name)
         except EngineLoadError as e:
@@ -92,8 +110,10 @@ class PolicyManager:
         try:
             side = Side(msg.get("side") or "send")
         except ValueError:
-            raise RpcError(StatusCode.INVALID_ARGUMENT,
-                           f"side must be 'send' or 'receive', got {msg.get('side')!r}") from None
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"side must be 'send' or 'receive', got {msg.get('side')!r}",
+            ) from None
         config = msg.get("config") or {}
         if not isinstance(config, dict):
             raise RpcError(StatusCode.INVALID_ARGUMENT, "policy config must be a mapping")
@@ -107,11 +127,23 @@ class PolicyManager:
         return cls, checked, side, method
 
     def _standing(self, rule_id: str, msg: dict[str, Any]) -> Standing:
-        return Standing(rule_id, msg["engine"], str(msg.get("app") or "*"), Side(msg.get("side") or "send"),
-                        msg.get("method"), dict(msg.get("config") or {}))
+        return Standing(
+            rule_id,
+            msg["engine"],
+            str(msg.get("app") or "*"),
+            Side(msg.get("side") or "send"),
+            msg.get("method"),
+            dict(msg.get("config") or {}),
+        )
 
-    def _attach_to(self, app: AppState, cls: type[Engine], config: dict[str, Any], side: Side,
-                   method: str | None) -> str:
+    def _attach_to(
+        self,
+        app: AppState,
+        cls: type[Engine],
+        config: dict[str, Any],
+        side: Side,
+        method: str | None,
+    ) -> str:
         runtime = app.runtime
         assert runtime is not None and app.datapath is not None
         with self._lock:
@@ -120,9 +152,17 @@ class PolicyManager:
         if cls.NAME == "metrics":
             self.metrics_registry()
             services["metrics_registry"] = self._registry
-        ctx = EngineContext(engine_id, app.name, app.pid, self.daemon.clock, side=side, method=method,
-                            log=logging.getLogger(f"mrpcd.policy.{cls.NAME}"),
-                            runtime_local=runtime.local, services=services)
+        ctx = EngineContext(
+            engine_id,
+            app.name,
+            app.pid,
+            self.daemon.clock,
+            side=side,
+            method=method,
+            log=logging.getLogger(f"mrpcd.policy.{cls.NAME}"),
+            runtime_local=runtime.local,
+            services=services,
+        )
         engine = cls(ctx, config)
 
         def splice() -> None:
@@ -136,8 +176,13 @@ class PolicyManager:
         runtime.call(splice)
         with self._lock:
             self.engines[engine_id] = (app, engine)
-        log.info("attached %s (%s side%s) to app %r", engine_id, side.value,
-                 f", method {method}" if method else "", app.name)
+        log.info(
+            "attached %s (%s side%s) to app %r",
+            engine_id,
+            side.value,
+            f", method {method}" if method else "",
+            app.name,
+        )
         return engine_id
 
     # ------------------------------------------------------------------ commands
@@ -146,12 +191,17 @@ class PolicyManager:
         cls, config, side, method = self._prepare(msg)
         selector = str(msg.get("app") or "")
         if not selector:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "say which application: --app NAME|PID or --all")
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT, "say which application: --app NAME|PID or --all"
+            )
         apps = self.daemon.find_apps(selector)
         future = bool(msg.get("future"))
         if not apps and not future:
-            raise RpcError(StatusCode.NOT_FOUND, f"no application matches {selector!r}; "
-                           f"see `mrpcctl list` (or use --all --future for apps that come later)")
+            raise RpcError(
+                StatusCode.NOT_FOUND,
+                f"no application matches {selector!r}; "
+                f"see `mrpcctl list` (or use --all --future for apps that come later)",
+            )
         ids = [self._attach_to(app, cls, config, side, method) for app in apps]
         result: dict[str, Any] = {"engine_ids": ids}
         if future:
@@ -169,13 +219,20 @@ class PolicyManager:
                 if engine_id in self.engines:
                     app, engine = self.engines[engine_id]
                     return [(engine_id, app, engine)]
-                raise RpcError(StatusCode.NOT_FOUND, f"no attached engine {engine_id!r}; see `mrpcctl list`")
+                raise RpcError(
+                    StatusCode.NOT_FOUND, f"no attached engine {engine_id!r}; see `mrpcctl list`"
+                )
             app_sel, name = msg.get("app"), msg.get("engine")
-            found = [(eid, a, e) for eid, (a, e) in self.engines.items()
-                     if (not name or e.NAME == name)
-                     and (app_sel in ("*", None) or app_sel in (a.name, str(a.pid)))]
+            found = [
+                (eid, a, e)
+                for eid, (a, e) in self.engines.items()
+                if (not name or e.NAME == name)
+                and (app_sel in ("*", None) or app_sel in (a.name, str(a.pid)))
+            ]
         if not found:
-            raise RpcError(StatusCode.NOT_FOUND, f"no attached engine matches app={app_sel!r} engine={name!r}")
+            raise RpcError(
+                StatusCode.NOT_FOUND, f"no attached engine matches app={app_sel!r} engine={name!r}"
+            )
         return found
 
     def detach(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +246,9 @@ class PolicyManager:
             runtime = app.runtime
             assert runtime is not None
 
-            def unsplice(app: AppState = app, engine: Engine = engine, runtime: Any = runtime) -> int:
+            def unsplice(
+                app: AppState = app, engine: Engine = engine, runtime: Any = runtime
+            ) -> int:
                 moved = 0
                 if app.datapath is not None and engine in app.datapath.policies:
                     moved = app.datapath.remove(engine)
@@ -201,7 +260,9 @@ class PolicyManager:
             with self._lock:
                 self.engines.pop(engine_id, None)
             detached.append({"engine_id": engine_id, "handed_on": moved})
-            log.info("detached %s from app %r (%d queued items handed on)", engine_id, app.name, moved)
+            log.info(
+                "detached %s from app %r (%d queued items handed on)", engine_id, app.name, moved
+            )
         return {"detached": detached}
 
     def set(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +276,9 @@ class PolicyManager:
             try:
                 engine.validate_config(merged)
             except ConfigError as e:
-                raise RpcError(StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}") from None
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}"
+                ) from None
         for _eid, app, engine in targets:
             assert app.runtime is not None
             app.runtime.call(functools.partial(engine.update_config, config))
@@ -232,12 +295,26 @@ class PolicyManager:
             except Exception as e:  # noqa: BLE001 - one app's failure is shown in its row, not raised
                 rows = [{"error": str(e)}]
             out.append({"app": app.name, "pid": app.pid, "engines": rows})
-        return {"apps": out, "ingress": self.daemon.ingress.statistics() if self.daemon.ingress else {}}
+        return {
+            "apps": out,
+            "ingress": self.daemon.ingress.statistics() if self.daemon.ingress else {},
+        }
 
     def rules(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"rules": [{"rule_id": r.rule_id, "engine": r.engine, "app": r.selector, "side": r.side.value,
-                           "method": r.method, "config": r.config, "engine_ids": r.engine_ids}
-                          for r in self.standing.values()]}
+        return {
+            "rules": [
+                {
+                    "rule_id": r.rule_id,
+                    "engine": r.engine,
+                    "app": r.selector,
+                    "side": r.side.value,
+                    "method": r.method,
+                    "config": r.config,
+                    "engine_ids": r.engine_ids,
+                }
+                for r in self.standing.values()
+            ]
+        }
 
     # ------------------------------------------------------------------ app hooks
 
@@ -246,8 +323,14 @@ class PolicyManager:
             if rule.selector not in ("*", app.name, str(app.pid)):
                 continue
             try:
-                cls, config, side, method = self._prepare({"engine": rule.engine, "side": rule.side.value,
-                                                           "method": rule.method, "config": rule.config})
+                cls, config, side, method = self._prepare(
+                    {
+                        "engine": rule.engine,
+                        "side": rule.side.value,
+                        "method": rule.method,
+                        "config": rule.config,
+                    }
+                )
                 rule.engine_ids.append(self._attach_to(app, cls, config, side, method))
             except Exception:
                 log.exception("standing rule %s failed for app %r", rule.rule_id, app.name)

@@ -48,13 +48,17 @@ def _check_ancestors(path: Path, what: str) -> None:
     for d in (real, *real.parents):
         st = os.stat(d)
         if st.st_uid not in (0, me):
-            raise PrefixError(f"{what} {path}: its parent directory {d} belongs to {owner_name(st.st_uid)}, "
-                              f"who could replace it; use a directory under one owned by root or by "
-                              f"{owner_name(me)}")
+            raise PrefixError(
+                f"{what} {path}: its parent directory {d} belongs to {owner_name(st.st_uid)}, "
+                f"who could replace it; use a directory under one owned by root or by "
+                f"{owner_name(me)}"
+            )
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise PrefixError(f"{what} {path}: its parent directory {d} is writable by others "
-                              f"(mode {stat.S_IMODE(st.st_mode):04o}, not sticky), who could replace it; "
-                              f"use another directory")
+            raise PrefixError(
+                f"{what} {path}: its parent directory {d} is writable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, not sticky), who could replace it; "
+                f"use another directory"
+            )
 
 
 def check_dir_fd(fd: int, path: Path, what: str) -> os.stat_result:
@@ -63,12 +67,16 @@ def check_dir_fd(fd: int, path: Path, what: str) -> os.stat_result:
     if not stat.S_ISDIR(st.st_mode):
         raise PrefixError(f"{what} {path} is not a directory; remove it or choose another path")
     if st.st_uid != me:
-        raise PrefixError(f"{what} {path} belongs to {owner_name(st.st_uid)}, not to the daemon's "
-                          f"{owner_name(me)}: someone else created it; remove it or choose another path")
+        raise PrefixError(
+            f"{what} {path} belongs to {owner_name(st.st_uid)}, not to the daemon's "
+            f"{owner_name(me)}: someone else created it; remove it or choose another path"
+        )
     if st.st_mode & 0o022:
-        raise PrefixError(f"{what} {path} is writable by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}), who could replace its sockets and files; "
-                          f"run `chmod go-w {path}` or choose another path")
+        raise PrefixError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}), who could replace its sockets and files; "
+            f"run `chmod go-w {path}` or choose another path"
+        )
     return st
 
 
@@ -100,10 +108,14 @@ def ensure_dir(path: Path, mode: int, what: str = "directory", *, fix_mode: bool
         if os.path.islink(path):
             target = os.readlink(path)
             who = owner_name(os.lstat(path).st_uid)
-            raise PrefixError(f"{what} {path} is a symlink (to {target}, made by {who}); the daemon "
-                              f"does not follow symlinks there: remove it or choose another path") from None
-        raise PrefixError(f"{what} {path} cannot be opened as a directory: {e.strerror}; remove it "
-                          f"or choose another path") from None
+            raise PrefixError(
+                f"{what} {path} is a symlink (to {target}, made by {who}); the daemon "
+                f"does not follow symlinks there: remove it or choose another path"
+            ) from None
+        raise PrefixError(
+            f"{what} {path} cannot be opened as a directory: {e.strerror}; remove it "
+            f"or choose another path"
+        ) from None
     try:
         st = check_dir_fd(fd, path, what)
         if (created or fix_mode) and stat.S_IMODE(st.st_mode) != mode:
@@ -118,8 +130,10 @@ def open_file(path: Path, flags: int, mode: int) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise PrefixError(f"{path} is not a regular file of {owner_name(os.geteuid())} (it belongs to "
-                              f"{owner_name(st.st_uid)}); remove it")
+            raise PrefixError(
+                f"{path} is not a regular file of {owner_name(os.geteuid())} (it belongs to "
+                f"{owner_name(st.st_uid)}); remove it"
+            )
         if stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
     except BaseException:
@@ -179,9 +193,13 @@ def unix_listener(path: Path, mode: int, group: str | None = None) -> socket.soc
         sock.listen(128)
     except KeyError:
         sock.close()
-        raise PrefixError(f"operator_group {group!r} does not exist; create it or set operator_group: null") from None
+        raise PrefixError(
+            f"operator_group {group!r} does not exist; create it or set operator_group: null"
+        ) from None
     except OSError as e:
         sock.close()
-        raise PrefixError(f"cannot create unix socket {path}: {e.strerror}; remove what is there or choose "
-                          f"another path") from None
+        raise PrefixError(
+            f"cannot create unix socket {path}: {e.strerror}; remove what is there or choose "
+            f"another path"
+        ) from None
     return sock

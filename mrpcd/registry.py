@@ -26,12 +26,16 @@ class EngineRegistry:
             return self._classes[name]
         path = self.modules.get(name)
         if path is None:
-            raise EngineLoadError(f"no engine named {name!r}; known engines: {', '.join(self.names())}")
+            raise EngineLoadError(
+                f"no engine named {name!r}; known engines: {', '.join(self.names())}"
+            )
         self._classes[name] = cls = load_engine_class(path, name=name, reload=reload)
         return cls
 
 
-def load_engine_class(path: str, *, name: str = "", reload: bool = False, attr: str = "ENGINE") -> type[Engine]:
+def load_engine_class(
+    path: str, *, name: str = "", reload: bool = False, attr: str = "ENGINE"
+) -> type[Engine]:
     where = f"engine {name or path!r} (module {path})"
     try:
         module = importlib.import_module(path)

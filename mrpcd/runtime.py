@@ -185,8 +185,11 @@ class Runtime:
                 try:
                     done += engine.do_work()
                 except Exception:
-                    log.exception("runtime %s: engine %s failed in do_work", self.name,
-                                  getattr(engine, "ctx", None) and engine.ctx.engine_id)
+                    log.exception(
+                        "runtime %s: engine %s failed in do_work",
+                        self.name,
+                        getattr(engine, "ctx", None) and engine.ctx.engine_id,
+                    )
                 took = perf() - t0
                 if took > SLOW_ENGINE:
                     self._slow(engine, took)
@@ -199,8 +202,14 @@ class Runtime:
         eid = getattr(engine, "ctx", None) and engine.ctx.engine_id
         self.slow_rounds += 1
         if self.slow_rounds <= 10 or self.slow_rounds % 1000 == 0:
-            log.warning("runtime %s: engine %s held the runtime for %.0f ms in one do_work "
-                        "(%d such rounds so far)", self.name, eid, took * 1e3, self.slow_rounds)
+            log.warning(
+                "runtime %s: engine %s held the runtime for %.0f ms in one do_work "
+                "(%d such rounds so far)",
+                self.name,
+                eid,
+                took * 1e3,
+                self.slow_rounds,
+            )
 
     def run_once(self) -> int:
         """One round without blocking; returns the work done (tests drive this)."""

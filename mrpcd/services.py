@@ -64,7 +64,9 @@ def _resolve(values: tuple[int | str, ...], lookup: str, key: str) -> frozenset[
         try:
             out.add(pwd.getpwnam(v).pw_uid if lookup == "user" else grp.getgrnam(v).gr_gid)
         except KeyError:
-            raise ConfigError(f"{key}: no {lookup} named {v!r} on this host; fix the mrpcd config") from None
+            raise ConfigError(
+                f"{key}: no {lookup} named {v!r} on this host; fix the mrpcd config"
+            ) from None
     return frozenset(out)
 
 
@@ -73,9 +75,15 @@ class ServicePolicy:
 
     def __init__(self, rules: tuple[ServiceRule, ...], daemon_uid: int | None = None) -> None:
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
-        self.rules = [_Rule(i, r.name, _resolve(r.uids, "user", f"services[{i}].uids"),
-                            _resolve(r.groups, "group", f"services[{i}].groups"))
-                      for i, r in enumerate(rules)]
+        self.rules = [
+            _Rule(
+                i,
+                r.name,
+                _resolve(r.uids, "user", f"services[{i}].uids"),
+                _resolve(r.groups, "group", f"services[{i}].groups"),
+            )
+            for i, r in enumerate(rules)
+        ]
 
     def rule_for(self, service: str) -> _Rule | None:
         return next((r for r in self.rules if r.matches(service)), None)
@@ -83,7 +91,9 @@ class ServicePolicy:
     def privileged(self, uid: int) -> bool:
         return uid in (0, self.daemon_uid)
 
-    def authorize(self, service: str, c: Claimant, owner_uid: int | None, holder_uid: int | None) -> bool:
+    def authorize(
+        self, service: str, c: Claimant, owner_uid: int | None, holder_uid: int | None
+    ) -> bool:
         """Raise PERMISSION_DENIED if ``c`` may not serve ``service``.
 
         ``owner_uid`` owns the name (None: nobody yet); ``holder_uid`` is the uid of
@@ -93,17 +103,21 @@ class ServicePolicy:
         rule = self.rule_for(service)
         if rule is not None:
             if not rule.allows(c):
-                raise RpcError(StatusCode.PERMISSION_DENIED,
-                               f"app {c.app_name!r} (pid {c.pid}, uid {c.uid}) may not serve {service}: "
-                               f"rule services[{rule.index}] (name {rule.name!r}) allows uids "
-                               f"{sorted(rule.uids) or '-'} and gids {sorted(rule.gids) or '-'}; "
-                               f"change `services` in the mrpcd config to allow it")
+                raise RpcError(
+                    StatusCode.PERMISSION_DENIED,
+                    f"app {c.app_name!r} (pid {c.pid}, uid {c.uid}) may not serve {service}: "
+                    f"rule services[{rule.index}] (name {rule.name!r}) allows uids "
+                    f"{sorted(rule.uids) or '-'} and gids {sorted(rule.gids) or '-'}; "
+                    f"change `services` in the mrpcd config to allow it",
+                )
             return False  # everyone the rule allows is trusted alike: a running holder keeps it
         if owner_uid is not None and owner_uid != c.uid and not self.privileged(c.uid):
-            raise RpcError(StatusCode.PERMISSION_DENIED,
-                           f"app {c.app_name!r} (pid {c.pid}, uid {c.uid}) may not serve {service}: "
-                           f"uid {owner_uid} owns that name at this daemon (it served it first); only "
-                           f"uid {owner_uid}, root or the daemon's user (uid {self.daemon_uid}) may "
-                           f"serve it; to allow others add a rule to `services` in the mrpcd config "
-                           f"(e.g. {{name: {service}, uids: [{c.uid}]}})")
+            raise RpcError(
+                StatusCode.PERMISSION_DENIED,
+                f"app {c.app_name!r} (pid {c.pid}, uid {c.uid}) may not serve {service}: "
+                f"uid {owner_uid} owns that name at this daemon (it served it first); only "
+                f"uid {owner_uid}, root or the daemon's user (uid {self.daemon_uid}) may "
+                f"serve it; to allow others add a rule to `services` in the mrpcd config "
+                f"(e.g. {{name: {service}, uids: [{c.uid}]}})",
+            )
         return holder_uid is not None and holder_uid != c.uid and self.privileged(c.uid)

@@ -40,8 +40,14 @@ class Daemon:
 
     def ctl(self, *args: str, check: bool = True) -> Any:
         """Run mrpcctl --json against this daemon; returns parsed JSON."""
-        r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(self.prefix), "--json", *args],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(self.prefix), "--json", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"mrpcctl {' '.join(args)} failed: {r.stderr}")
         return json.loads(r.stdout) if r.returncode == 0 else r
@@ -57,7 +63,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"mrpcd did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
+            raise AssertionError(
+                f"mrpcd did not stop within {timeout}s:\n{self.log()[-3000:]}"
+            ) from None
 
 
 class App:
@@ -73,14 +81,18 @@ class App:
             if line.strip() == "READY":
                 return
             if not line and self.proc.poll() is not None:
-                raise AssertionError(f"app {self.name} exited with {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read() if self.proc.stderr else ''}")
+                raise AssertionError(
+                    f"app {self.name} exited with {self.proc.returncode}: "
+                    f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
         raise AssertionError(f"app {self.name} not ready after {timeout}s")
 
     def result(self, timeout: float = 120) -> dict[str, Any]:
         out, err = self.proc.communicate(timeout=timeout)
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        assert self.proc.returncode == 0 and lines, f"app {self.name} failed ({self.proc.returncode}):\n{err}"
+        assert self.proc.returncode == 0 and lines, (
+            f"app {self.name} failed ({self.proc.returncode}):\n{err}"
+        )
         return json.loads(lines[-1])
 
     def stop(self) -> None:
@@ -101,17 +113,37 @@ class Cluster:
         self.daemons: list[Daemon] = []
         self.apps: list[App] = []
 
-    def daemon(self, name: str = "a", *extra: str, env: dict[str, str] | None = None,
-               config: str | None = None) -> Daemon:
+    def daemon(
+        self,
+        name: str = "a",
+        *extra: str,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
+    ) -> Daemon:
         prefix = self.base / name
         log = self.base / f"{name}.log"
-        args = [sys.executable, "-m", "mrpcd", "run", "--prefix", str(prefix), "--listen", "127.0.0.1:0", *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(prefix),
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ]
         if config is not None:
             cfg = self.base / f"{name}.yaml"
             cfg.write_text(config)
             args += ["--config", str(cfg)]
-        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            args,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
         d = Daemon(prefix, proc, log)
         self.daemons.append(d)
         deadline = time.monotonic() + 20
@@ -130,8 +162,14 @@ class Cluster:
         raise AssertionError(f"mrpcd not ready after 20s:\n{d.log()}")
 
     def app(self, script: str, *args: str, name: str = "app", wait: bool = True) -> App:
-        proc = subprocess.Popen([sys.executable, str(APPS / script), *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, str(APPS / script), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         app = App(proc, name)
         self.apps.append(app)
         if wait:
@@ -196,7 +234,13 @@ class User:
         import site
 
         paths = [str(ROOT), *site.getsitepackages()]
-        env = {**os.environ, "HOME": "/", "USER": self.name, "PYTHONPATH": os.pathsep.join(paths), **extra}
+        env = {
+            **os.environ,
+            "HOME": "/",
+            "USER": self.name,
+            "PYTHONPATH": os.pathsep.join(paths),
+            **extra,
+        }
         env.pop("XDG_RUNTIME_DIR", None)
         return env
 
@@ -213,7 +257,9 @@ class User:
         kw.setdefault("cwd", ROOT)
         check = kw.pop("check", False)
         env = self._env(kw.pop("env", {}))
-        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, check=check, **kw)
+        return subprocess.run(
+            argv, user=self.uid, group=self.gid, extra_groups=[], env=env, check=check, **kw
+        )
 
 
 def _python_for_others() -> str:
@@ -236,8 +282,11 @@ def _ensure_user(name: str) -> User:
     except KeyError:
         if os.geteuid() != 0:
             pytest.skip("creating a second Unix user needs root")
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
     return User(name)
 
 

@@ -30,9 +30,18 @@ def proc_stats(pid: int) -> dict[str, int]:
 
 
 def hello(schema_hash: str, services: list[str] | None = None, **extra: Any) -> bytes:
-    return encode_json_frame(HELLO, {"version": 1, "schema_hash": schema_hash,
-                                     "services": ["mrpctest.Test"] if services is None else services,
-                                     "app": "hostile", "pid": 1, "daemon": "hostile", **extra})
+    return encode_json_frame(
+        HELLO,
+        {
+            "version": 1,
+            "schema_hash": schema_hash,
+            "services": ["mrpctest.Test"] if services is None else services,
+            "app": "hostile",
+            "pid": 1,
+            "daemon": "hostile",
+            **extra,
+        },
+    )
 
 
 def request_image(testing: Any, **fields: Any) -> bytes:
@@ -70,8 +79,9 @@ class Peer:
         finally:
             self.sock.setblocking(True)
 
-    def read_frames(self, until: Callable[[list[tuple[FrameHeader, bytes]]], bool],
-                    timeout: float = 10.0) -> list[tuple[FrameHeader, bytes]]:
+    def read_frames(
+        self, until: Callable[[list[tuple[FrameHeader, bytes]]], bool], timeout: float = 10.0
+    ) -> list[tuple[FrameHeader, bytes]]:
         deadline = time.monotonic() + timeout
         while not until(self.frames) and time.monotonic() < deadline:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))

@@ -56,7 +56,9 @@ class Client:
             worst = max(worst, time.perf_counter() - t0)
         return {"rate": ok / seconds, "errors": errors, "worst_ms": worst * 1e3}
 
-    def run_in_background(self, seconds: float) -> tuple[threading.Thread, dict[str, dict[str, float]]]:
+    def run_in_background(
+        self, seconds: float
+    ) -> tuple[threading.Thread, dict[str, dict[str, float]]]:
         box: dict[str, dict[str, float]] = {}
         t = threading.Thread(target=lambda: box.setdefault("r", self.run(seconds)), daemon=True)
         t.start()
@@ -77,15 +79,17 @@ def test_duplicate_call_id_is_refused_without_touching_the_original(cluster: Clu
     outcomes = [c for c in mine if c["flags"] == 0]
     assert [c["status"] for c in outcomes] == ["OK"], mine  # one outcome, never two
     refused = [c for c in mine if c["flags"]]
-    assert len(refused) == 2 and all(c["status"] == "INVALID_ARGUMENT" and "already in flight" in c["details"]
-                                     for c in refused), mine
+    assert len(refused) == 2 and all(
+        c["status"] == "INVALID_ARGUMENT" and "already in flight" in c["details"] for c in refused
+    ), mine
 
 
 def test_huge_deadlines_from_an_app_are_answered_and_free_memory(cluster: Cluster) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b)
-    hostile = cluster.app("hostile_app.py", str(a.prefix), b.listen, "deadline", "--count", "200",
-                          name="hostile")
+    hostile = cluster.app(
+        "hostile_app.py", str(a.prefix), b.listen, "deadline", "--count", "200", name="hostile"
+    )
     r = hostile.result(30)
     print("deadline 2**64-1 x200, 2**63, 1:", r["statuses"], r["details"])
     assert r["answered"] == 202
@@ -109,12 +113,23 @@ def _bigimage(cluster: Cluster, count: int, size_mib: int, limits: str) -> tuple
     b = cluster.daemon("b")
     cluster.server(b)
     before = memory(a.pid)
-    hostile = cluster.app("hostile_app.py", str(a.prefix), b.listen, "bigimage", "--count", str(count),
-                          "--size-mib", str(size_mib), name="hostile")
+    hostile = cluster.app(
+        "hostile_app.py",
+        str(a.prefix),
+        b.listen,
+        "bigimage",
+        "--count",
+        str(count),
+        "--size-mib",
+        str(size_mib),
+        name="hostile",
+    )
     r = hostile.result(180)
     after = memory(a.pid)
-    print(f"{count} calls at one {size_mib} MiB payload, acl attached: {r['statuses']} in {r['seconds']:.1f}s; "
-          f"daemon memory before {before}, after {after} (MiB)")
+    print(
+        f"{count} calls at one {size_mib} MiB payload, acl attached: {r['statuses']} in {r['seconds']:.1f}s; "
+        f"daemon memory before {before}, after {after} (MiB)"
+    )
     return r, before, after
 
 
@@ -143,8 +158,14 @@ def test_a_message_larger_than_the_byte_quota_fails_alone(cluster: Cluster) -> N
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(payload=b"x" * (5 * MiB), reply_size=1), timeout=10)
     print(e.value.code(), e.value.details())
-    assert e.value.code().name == "RESOURCE_EXHAUSTED" and "limits.bytes_in_flight" in e.value.details()
-    assert stub.Call(testing.Request(payload=b"x" * (3 * MiB), reply_size=1), timeout=10).payload == b"r"
+    assert (
+        e.value.code().name == "RESOURCE_EXHAUSTED"
+        and "limits.bytes_in_flight" in e.value.details()
+    )
+    assert (
+        stub.Call(testing.Request(payload=b"x" * (3 * MiB), reply_size=1), timeout=10).payload
+        == b"r"
+    )
 
 
 def test_an_app_that_never_reads_completions_is_held_back(cluster: Cluster) -> None:
@@ -155,18 +176,34 @@ def test_an_app_that_never_reads_completions_is_held_back(cluster: Cluster) -> N
     good = Client(a, b)
     alone = good.run(1.5)
     before = memory(a.pid)
-    hostile = cluster.app("hostile_app.py", str(a.prefix), b.listen, "flood", "--count", "100000",
-                          "--seconds", "3", name="hostile")
+    hostile = cluster.app(
+        "hostile_app.py",
+        str(a.prefix),
+        b.listen,
+        "flood",
+        "--count",
+        "100000",
+        "--seconds",
+        "3",
+        name="hostile",
+    )
     during = good.run(2.0)
     assert hostile.proc.stdout is not None
     posted = hostile.proc.stdout.readline()
     after = memory(a.pid)
     h = _app(a, "hostile")
-    fe = next(e["stats"] for x in a.ctl("stats")["apps"] if x["app"] == "hostile"
-              for e in x["engines"] if e["engine_id"].endswith("frontend"))
-    print(f"good client alone {alone}, during the flood {during}; hostile {posted.strip()}, "
-          f"admitted {h['counters']['calls']}, in flight {h['inflight_calls']}; its frontend {fe}; "
-          f"daemon memory before {before}, after {after} (MiB)")
+    fe = next(
+        e["stats"]
+        for x in a.ctl("stats")["apps"]
+        if x["app"] == "hostile"
+        for e in x["engines"]
+        if e["engine_id"].endswith("frontend")
+    )
+    print(
+        f"good client alone {alone}, during the flood {during}; hostile {posted.strip()}, "
+        f"admitted {h['counters']['calls']}, in flight {h['inflight_calls']}; its frontend {fe}; "
+        f"daemon memory before {before}, after {after} (MiB)"
+    )
     assert fe["held"] == 1 and fe["backlog"] <= 256
     # the ring (1024) + the completion ring (1024) + 256 in flight + 256 waiting, not 100000
     assert h["counters"]["calls"] <= 1024 + 2 * 256 + 16
@@ -181,11 +218,15 @@ def test_millions_of_shared_references_fail_fast(cluster: Cluster) -> None:
     good = Client(a, b)
     thread, box = good.run_in_background(4.0)
     time.sleep(0.5)
-    hostile = cluster.app("hostile_app.py", str(a.prefix), b.listen, "refs", "--refs", "4000000", name="hostile")
+    hostile = cluster.app(
+        "hostile_app.py", str(a.prefix), b.listen, "refs", "--refs", "4000000", name="hostile"
+    )
     r = hostile.result(60)
     thread.join(10)
-    print(f"one descriptor with 4M references to one blob: {r['statuses']} after {r['answer_ms']:.1f} ms "
-          f"({r['details']}); good client meanwhile {box.get('r')}")
+    print(
+        f"one descriptor with 4M references to one blob: {r['statuses']} after {r['answer_ms']:.1f} ms "
+        f"({r['details']}); good client meanwhile {box.get('r')}"
+    )
     assert r["statuses"] == {"RESOURCE_EXHAUSTED": 1}
     assert "limits.marshal_work" in r["details"]["RESOURCE_EXHAUSTED"]
     assert r["answer_ms"] < 1000
@@ -194,24 +235,29 @@ def test_millions_of_shared_references_fail_fast(cluster: Cluster) -> None:
 
 def test_a_server_app_that_never_reads_gets_no_unbounded_queue(cluster: Cluster) -> None:
     a = cluster.daemon("a")
-    b = cluster.daemon("b", config="limits: {calls_in_flight: 256, completion_backlog: 256}\n"
-                                   "shm: {ring_slots: 1024}\n")
+    b = cluster.daemon(
+        "b",
+        config="limits: {calls_in_flight: 256, completion_backlog: 256}\nshm: {ring_slots: 1024}\n",
+    )
     cluster.app("hostile_app.py", str(b.prefix), "-", "deaf", name="deaf")
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="pytest"))
     req = testing.Request(payload=b"anyone there?")
 
     async def flood() -> list[object]:
-        return await asyncio.gather(*(stub.Call.aio(req, timeout=3) for _ in range(2000)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(stub.Call.aio(req, timeout=3) for _ in range(2000)), return_exceptions=True
+        )
 
     before = memory(b.pid)
     t0 = time.monotonic()
     results = asyncio.run(flood())
     codes = collections.Counter(r.code().name if isinstance(r, RpcError) else "OK" for r in results)
     deaf = _app(b, "deaf")
-    print(f"2000 calls to a server app that never reads, in {time.monotonic() - t0:.1f}s: {dict(codes)}; "
-          f"it holds {deaf['serving_calls']} unanswered calls; daemon b memory before {before}, "
-          f"after {memory(b.pid)} (MiB)")
+    print(
+        f"2000 calls to a server app that never reads, in {time.monotonic() - t0:.1f}s: {dict(codes)}; "
+        f"it holds {deaf['serving_calls']} unanswered calls; daemon b memory before {before}, "
+        f"after {memory(b.pid)} (MiB)"
+    )
     assert deaf["serving_calls"] <= 256
     assert codes["RESOURCE_EXHAUSTED"] >= 2000 - 256 - 256 - 16
     assert set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
@@ -229,8 +275,14 @@ def test_out_of_range_numbers_in_a_server_reply_fail_that_call_only(cluster: Clu
         except RpcError as e:
             got.append(f"{e.code().name}: {e.details()[:80]}")
     print("replies with status 65535 / offset 2**64-1 / length 2**64-1 ...:", got)
-    assert [g.split(":")[0] for g in got] == ["UNKNOWN", "INTERNAL", "UNKNOWN", "INTERNAL", "INTERNAL",
-                                              "INTERNAL"]
+    assert [g.split(":")[0] for g in got] == [
+        "UNKNOWN",
+        "INTERNAL",
+        "UNKNOWN",
+        "INTERNAL",
+        "INTERNAL",
+        "INTERNAL",
+    ]
     time.sleep(0.3)
     srv = _app(b, "badreply")
     assert srv["serving_calls"] == 0 and srv["recv_heap"]["used"] == 0
@@ -239,20 +291,25 @@ def test_out_of_range_numbers_in_a_server_reply_fail_that_call_only(cluster: Clu
 def test_an_asyncio_client_far_over_the_quotas_is_slowed_not_stuck(cluster: Cluster) -> None:
     """Back-pressure must not deadlock a legitimate app: an event loop that starts far
     more calls than the quotas and rings hold reads completions while it waits."""
-    a = cluster.daemon("a", config="limits: {calls_in_flight: 256, completion_backlog: 256}\n"
-                                   "shm: {ring_slots: 1024}\n")
+    a = cluster.daemon(
+        "a",
+        config="limits: {calls_in_flight: 256, completion_backlog: 256}\nshm: {ring_slots: 1024}\n",
+    )
     b = cluster.daemon("b")
     cluster.server(b)
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="pytest"))
     req = testing.Request(payload=b"x")
 
     async def burst() -> list[object]:
-        return await asyncio.gather(*(stub.Call.aio(req, timeout=20) for _ in range(6000)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(stub.Call.aio(req, timeout=20) for _ in range(6000)), return_exceptions=True
+        )
 
     t0 = time.monotonic()
     results = asyncio.run(burst())
     errors = [r for r in results if isinstance(r, Exception)]
-    print(f"6000 concurrent asyncio calls through quotas of 256: {time.monotonic() - t0:.1f}s, "
-          f"{len(errors)} errors")
+    print(
+        f"6000 concurrent asyncio calls through quotas of 256: {time.monotonic() - t0:.1f}s, "
+        f"{len(errors)} errors"
+    )
     assert not errors, errors[:3]

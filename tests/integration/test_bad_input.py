@@ -43,7 +43,9 @@ def hosts(cluster: Cluster):
     return a, b, stub
 
 
-def raw_call(session, conn: int, method: int, off: int, call_id: int | None = None) -> RpcError | None:
+def raw_call(
+    session, conn: int, method: int, off: int, call_id: int | None = None
+) -> RpcError | None:
     """Post a hand-made CALL descriptor and wait for its completion."""
     cid = call_id if call_id is not None else 10_000_000 + len(session.calls)
     call = Call(cid, None, testing.Reply, "raw")
@@ -80,7 +82,10 @@ def test_out_of_bounds_references_in_the_request_are_invalid_argument(hosts) -> 
         req = testing.Request(payload=b"will be corrupted")
         struct.pack_into("<II", s.send_heap.buf, req._off + spec.off, bad_off, bad_len)
         err = raw_call(s, conn, 0, req._off)
-        assert err is not None and err.code() in (StatusCode.INVALID_ARGUMENT, StatusCode.RESOURCE_EXHAUSTED)
+        assert err is not None and err.code() in (
+            StatusCode.INVALID_ARGUMENT,
+            StatusCode.RESOURCE_EXHAUSTED,
+        )
         assert "payload" in err.details(), err.details()
     assert bytes(stub.Call(testing.Request(payload=b"fine"), timeout=10).payload) == b"fine"
     assert {x["name"] for x in b.apps()} == {"server"}
@@ -99,8 +104,17 @@ def _frames(sock: socket.socket, want: int, timeout: float = 10) -> list:
 
 
 def _hello(schema_hash: str) -> bytes:
-    return encode_json_frame(HELLO, {"version": 1, "schema_hash": schema_hash, "services": ["mrpctest.Test"],
-                                     "app": "raw-peer", "pid": 1, "daemon": "test"})
+    return encode_json_frame(
+        HELLO,
+        {
+            "version": 1,
+            "schema_hash": schema_hash,
+            "services": ["mrpctest.Test"],
+            "app": "raw-peer",
+            "pid": 1,
+            "daemon": "test",
+        },
+    )
 
 
 def test_garbage_on_the_wire_closes_only_that_connection(hosts) -> None:
@@ -115,7 +129,7 @@ def test_garbage_on_the_wire_closes_only_that_connection(hosts) -> None:
     # a handshake with the wrong schema hash is refused with a clear status
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(_hello("0" * 16))
-        (h, body), = _frames(sock, 1)
+        ((h, body),) = _frames(sock, 1)
         assert h.type == HELLO_ACK and b'"ok":false' in body and b"schema mismatch" in body
     assert bytes(stub.Call(testing.Request(payload=b"alive"), timeout=10).payload) == b"alive"
     assert "Traceback" not in b.log()
@@ -129,25 +143,36 @@ def test_malformed_message_image_from_a_peer_is_refused_per_call(hosts) -> None:
     head, segs = testing.MARSHAL[REQ](heap.buf, msg._off, 1 << 30, 1 << 30)
     good = bytes(head) + b"".join(bytes(x) for x in segs)
     bad = bytearray(good)
-    struct.pack_into("<II", bad, testing.Request._SPECS["payload"].off, 1 << 20, 5)  # past the image
+    struct.pack_into(
+        "<II", bad, testing.Request._SPECS["payload"].off, 1 << 20, 5
+    )  # past the image
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(_hello(testing.SCHEMA_HASH)
-                     + encode_header(CALL, call_id=1, method=0, body_len=len(bad)) + bad
-                     + encode_header(CALL, call_id=2, method=0, body_len=len(good)) + good
-                     + encode_header(CALL, call_id=3, method=40, body_len=len(good)) + good)
+        sock.sendall(
+            _hello(testing.SCHEMA_HASH)
+            + encode_header(CALL, call_id=1, method=0, body_len=len(bad))
+            + bad
+            + encode_header(CALL, call_id=2, method=0, body_len=len(good))
+            + good
+            + encode_header(CALL, call_id=3, method=40, body_len=len(good))
+            + good
+        )
         frames = {h.call_id: (h, body) for h, body in _frames(sock, 4) if h.type != HELLO_ACK}
     h1, body1 = frames[1]
     assert h1.type == ERROR and h1.status == StatusCode.INVALID_ARGUMENT and b"payload" in body1
     h2, body2 = frames[2]
     assert h2.type == REPLY
     testing.VALIDATE["mrpctest.Reply"](memoryview(body2))
-    assert bytes(testing.Reply._from_image(memoryview(body2), 0, None).payload) == b"from a raw peer"
+    assert (
+        bytes(testing.Reply._from_image(memoryview(body2), 0, None).payload) == b"from a raw peer"
+    )
     h3, _ = frames[3]
     assert h3.type == ERROR and h3.status == StatusCode.UNIMPLEMENTED
     deadline = time.monotonic() + 10  # the server app hands received blocks back in batches
     while True:
         srv = next(x for x in b.apps() if x["name"] == "server")
-        if (srv["recv_heap"]["used"] == 0 and srv["serving_calls"] == 0) or time.monotonic() > deadline:
+        if (
+            srv["recv_heap"]["used"] == 0 and srv["serving_calls"] == 0
+        ) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert srv["recv_heap"]["used"] == 0 and srv["serving_calls"] == 0
@@ -157,10 +182,9 @@ def test_bad_schemas_are_rejected_at_bind(hosts) -> None:
     a, _, _ = hosts
     s = get_session(a.prefix)
     with pytest.raises(RpcError) as e:
-        s.control({"op": "bind_schema", "texts": {"broken.proto": "syntax = \"proto3\"; message {"}})
+        s.control({"op": "bind_schema", "texts": {"broken.proto": 'syntax = "proto3"; message {'}})
     assert e.value.code() is StatusCode.INVALID_ARGUMENT and "broken.proto" in e.value.details()
-    injection = ('syntax = "proto3"; package evil;\n'
-                 'message M { string __class__ = 1; }\n')
+    injection = 'syntax = "proto3"; package evil;\nmessage M { string __class__ = 1; }\n'
     with pytest.raises(RpcError) as e:
         s.control({"op": "bind_schema", "texts": {"evil.proto": injection}})
     assert e.value.code() is StatusCode.INVALID_ARGUMENT and "__class__" in e.value.details()
@@ -174,7 +198,9 @@ def test_control_socket_garbage_gets_errors(hosts) -> None:
     with open_control(str(a.prefix / "app.sock")) as sock:
         sock.send(b"\xff not json")
         reply, _ = recv_msg(sock)
-        assert reply is not None and not reply["ok"] and reply["code"] == StatusCode.INVALID_ARGUMENT
+        assert (
+            reply is not None and not reply["ok"] and reply["code"] == StatusCode.INVALID_ARGUMENT
+        )
         send_msg(sock, {"op": "connect", "addr": "x"})
         reply, _ = recv_msg(sock)
         assert reply["code"] == StatusCode.FAILED_PRECONDITION  # not registered yet
@@ -184,9 +210,11 @@ def test_control_socket_garbage_gets_errors(hosts) -> None:
             import os
 
             os.close(fd)
-        for msg, code in (({"op": "nope"}, StatusCode.UNIMPLEMENTED),
-                          ({"op": "connect", "slot": 0, "addr": "x"}, StatusCode.INVALID_ARGUMENT),
-                          ({"op": "serve", "slot": 7, "services": ["x"]}, StatusCode.INVALID_ARGUMENT)):
+        for msg, code in (
+            ({"op": "nope"}, StatusCode.UNIMPLEMENTED),
+            ({"op": "connect", "slot": 0, "addr": "x"}, StatusCode.INVALID_ARGUMENT),
+            ({"op": "serve", "slot": 7, "services": ["x"]}, StatusCode.INVALID_ARGUMENT),
+        ):
             send_msg(sock, msg)
             reply, _ = recv_msg(sock)
             assert reply["code"] == code, (msg, reply)
@@ -200,7 +228,9 @@ def test_control_socket_garbage_gets_errors(hosts) -> None:
 def test_corrupt_ring_counters_disconnect_that_app_only(cluster: Cluster) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b)
-    good = cluster.app("client_app.py", str(a.prefix), b.listen, "--forever", "--name", "good", name="good")
+    good = cluster.app(
+        "client_app.py", str(a.prefix), b.listen, "--forever", "--name", "good", name="good"
+    )
     s = get_session(a.prefix, "corrupt")
     struct.pack_into("<Q", s.submit.buf, 64, 1 << 40)  # an impossible tail
     import os

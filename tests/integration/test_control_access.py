@@ -52,20 +52,34 @@ def ops_group(other_user: User, third_user: User) -> Iterator[tuple[str, int]]:
         subprocess.run(["groupdel", name], capture_output=True, check=False)
 
 
-def run_as(user: User, argv: list[str], gid: int | None = None, groups: list[int] | None = None) -> list[int]:
-    r = subprocess.run(user.python + argv, user=user.uid, group=gid if gid is not None else user.gid,
-                       extra_groups=groups or [], env=user._env({}), cwd=ROOT, capture_output=True, text=True,
-                       timeout=60, check=False)
+def run_as(
+    user: User, argv: list[str], gid: int | None = None, groups: list[int] | None = None
+) -> list[int]:
+    r = subprocess.run(
+        user.python + argv,
+        user=user.uid,
+        group=gid if gid is not None else user.gid,
+        extra_groups=groups or [],
+        env=user._env({}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     return [code for line in r.stdout.split() for code in json.loads(line)]
 
 
-def test_operators_are_authorized_by_the_credentials_they_hold(cluster: Cluster, other_user: User,
-                                                                 third_user: User, ops_group: tuple[str, int]) -> None:
+def test_operators_are_authorized_by_the_credentials_they_hold(
+    cluster: Cluster, other_user: User, third_user: User, ops_group: tuple[str, int]
+) -> None:
     name, gid = ops_group
     a = cluster.daemon("a", config=f"operator_group: {name}\n")
     os.chmod(cluster.base, 0o755)
-    os.chmod(a.prefix / "ctl.sock", 0o666)  # a loose socket mode: the daemon's own check must still hold
+    os.chmod(
+        a.prefix / "ctl.sock", 0o666
+    )  # a loose socket mode: the daemon's own check must still hold
     probe = ["-c", OPERATE, str(a.prefix)]
     denied = int(StatusCode.PERMISSION_DENIED)
     # holding the group (supplementary or primary) is what counts, also for an app and its child
@@ -76,15 +90,22 @@ def test_operators_are_authorized_by_the_credentials_they_hold(cluster: Cluster,
     assert run_as(third_user, [*probe, "app"]) == [denied, denied]
     assert run_as(other_user, [*probe, "app"]) == [denied, denied]
     r = other_user.run(other_user.python + ["-m", "mrpcd.ctl", "--prefix", str(a.prefix), "status"])
-    assert r.returncode != 0 and "PERMISSION_DENIED" in r.stderr and f"group {name!r}" in r.stderr, r.stderr
+    assert (
+        r.returncode != 0 and "PERMISSION_DENIED" in r.stderr and f"group {name!r}" in r.stderr
+    ), r.stderr
     # root and the daemon's own user may operate even while this process is an application
     libmrpc.connect("127.0.0.1:1", prefix=a.prefix, name="root-app")
     assert a.ctl("status")["apps"] == 1
 
 
 def server_as(cluster: Cluster, user: User, d: Daemon, name: str, wait: bool = True) -> App:
-    proc = user.popen(user.python + [str(APPS / "server_app.py"), str(d.prefix), "--name", name],
-                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = user.popen(
+        user.python + [str(APPS / "server_app.py"), str(d.prefix), "--name", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     app = App(proc, name)
     cluster.apps.append(app)
     if wait:
@@ -99,7 +120,8 @@ def refused(app: App) -> str:
 
 
 def test_first_user_to_serve_a_name_cannot_hijack_it_from_the_daemons_user(
-        cluster: Cluster, other_user: User, third_user: User) -> None:
+    cluster: Cluster, other_user: User, third_user: User
+) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     os.chmod(cluster.base, 0o755)
     eve = server_as(cluster, other_user, b, "eve")  # first to claim mrpctest.Test on root's daemon
@@ -108,7 +130,11 @@ def test_first_user_to_serve_a_name_cannot_hijack_it_from_the_daemons_user(
     for _ in range(5):
         assert stub.Call(testing.Request(payload=b"secret"), timeout=10).served_by == "real"
     (svc,) = b.ctl("services")["services"]
-    assert svc["service"] == "mrpctest.Test" and svc["owner_uid"] == 0 and svc["served_by"]["app"] == "real"
+    assert (
+        svc["service"] == "mrpctest.Test"
+        and svc["owner_uid"] == 0
+        and svc["served_by"]["app"] == "real"
+    )
     listing = {x["name"]: x for x in b.apps()}
     assert listing["real"]["serves"] == ["mrpctest.Test"] and listing["eve"]["serves"] == []
     assert listing["eve"]["uid"] == other_user.uid
@@ -121,8 +147,9 @@ def test_first_user_to_serve_a_name_cannot_hijack_it_from_the_daemons_user(
     assert stub.Call(testing.Request(payload=b"x"), timeout=10).served_by == "real"
 
 
-def test_an_unprivileged_user_owns_the_name_it_served_first(cluster: Cluster, other_user: User,
-                                                              third_user: User) -> None:
+def test_an_unprivileged_user_owns_the_name_it_served_first(
+    cluster: Cluster, other_user: User, third_user: User
+) -> None:
     b = cluster.daemon("b")
     os.chmod(cluster.base, 0o755)
     server_as(cluster, other_user, b, "eve").stop()  # eve served it first, then left
@@ -130,7 +157,8 @@ def test_an_unprivileged_user_owns_the_name_it_served_first(cluster: Cluster, ot
     assert f"uid {other_user.uid} owns that name" in err
     server_as(cluster, other_user, b, "eve2")  # eve herself may serve it again
     assert {s["service"]: s["owner_uid"] for s in b.ctl("services")["services"]} == {
-        "mrpctest.Test": other_user.uid}
+        "mrpctest.Test": other_user.uid
+    }
 
 
 def test_a_services_rule_refuses_other_users_up_front(cluster: Cluster, other_user: User) -> None:
@@ -142,6 +170,11 @@ def test_a_services_rule_refuses_other_users_up_front(cluster: Cluster, other_us
     cluster.server(b, name="real")
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="client"))
     assert stub.Call(testing.Request(payload=b"x"), timeout=10).served_by == "real"
-    text = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(b.prefix), "services"],
-                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(b.prefix), "services"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
     assert "mrpctest.Test: owner uid 0 (app real" in text and "rule services[0]" in text

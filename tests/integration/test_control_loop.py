@@ -19,7 +19,9 @@ from libmrpc.control import ControlError, open_control, request, send_msg
 from tests.integration.conftest import Cluster, Daemon
 from tests.integration.test_control_robustness import resources, wait_apps
 
-MANY = "apps:\n  max: 5000\n  max_per_uid: 5000\n  register_rate: 1000000\n  register_burst: 1000000\n"
+MANY = (
+    "apps:\n  max: 5000\n  max_per_uid: 5000\n  register_rate: 1000000\n  register_burst: 1000000\n"
+)
 
 
 def register(path: str, name: str) -> socket.socket:
@@ -53,7 +55,9 @@ def many_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_a_thousand_apps_cost_no_thread_and_a_few_fds_each(cluster: Cluster, many_fds: None) -> None:
+def test_a_thousand_apps_cost_no_thread_and_a_few_fds_each(
+    cluster: Cluster, many_fds: None
+) -> None:
     a = cluster.daemon("a", config=MANY)
     set_nofile(a, 20000)
     path = str(a.prefix / "app.sock")
@@ -63,8 +67,10 @@ def test_a_thousand_apps_cost_no_thread_and_a_few_fds_each(cluster: Cluster, man
     took = time.monotonic() - start
     during = resources(a.pid)
     per_app = (during["fds"] - before["fds"]) / 1000
-    print(f"\n1000 apps registered in {took:.1f}s: daemon before {before}, with 1000 apps {during}; "
-          f"{per_app:.2f} fds per app")
+    print(
+        f"\n1000 apps registered in {took:.1f}s: daemon before {before}, with 1000 apps {during}; "
+        f"{per_app:.2f} fds per app"
+    )
     try:
         assert during["threads"] == before["threads"], "registering must not start threads"
         assert per_app <= 7
@@ -96,13 +102,20 @@ def test_out_of_fds_is_resource_exhausted_for_the_registering_app(cluster: Clust
             except ControlError as e:
                 assert e.code() == StatusCode.RESOURCE_EXHAUSTED, e
                 refusals.append(e.details())
-            except (RpcError, OSError) as e:  # a refused connection may be reset before its reply is read
+            except (
+                RpcError,
+                OSError,
+            ) as e:  # a refused connection may be reset before its reply is read
                 refusals.append(f"{type(e).__name__}: {e}")
         registered = len(socks)
-        print(f"\nRLIMIT_NOFILE {base + 40} ({base} fds in use with 1 app): {registered} apps registered, "
-              f"{len(refusals)} refused; first refusal: {refusals[0] if refusals else None!r}")
+        print(
+            f"\nRLIMIT_NOFILE {base + 40} ({base} fds in use with 1 app): {registered} apps registered, "
+            f"{len(refusals)} refused; first refusal: {refusals[0] if refusals else None!r}"
+        )
         assert refusals and 2 <= registered <= 40
-        assert any("out of file descriptors" in r and "fd limit" in r for r in refusals), refusals[:3]
+        assert any("out of file descriptors" in r and "fd limit" in r for r in refusals), refusals[
+            :3
+        ]
         # apps leave: new ones register again under the same limit
         for s in socks[1:]:
             s.close()
@@ -138,7 +151,9 @@ def test_an_app_that_does_not_read_its_replies_is_closed(cluster: Cluster) -> No
         reply, _ = request(good, {"op": "ping"})
         assert reply["ok"]
     took = time.monotonic() - start
-    print(f"\nhog sent {sent} pings without reading; 50 pings of the good app took {took * 1e3:.0f} ms")
+    print(
+        f"\nhog sent {sent} pings without reading; 50 pings of the good app took {took * 1e3:.0f} ms"
+    )
     assert took < 5
     hog.setblocking(True)
     hog.settimeout(5)

@@ -60,8 +60,12 @@ print(ok, refused, detail, flush=True)
 def resources(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(fields["Threads"]),
-            "rss_kib": int(fields["VmRSS"].split()[0]), "maps": len(Path(f"/proc/{pid}/maps").read_text().splitlines())}
+    return {
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(fields["Threads"]),
+        "rss_kib": int(fields["VmRSS"].split()[0]),
+        "maps": len(Path(f"/proc/{pid}/maps").read_text().splitlines()),
+    }
 
 
 def rate(stub: object, seconds: float) -> tuple[float, int]:
@@ -88,7 +92,9 @@ def wait_apps(d: Daemon, names: set[str], timeout: float = 30) -> list[str]:
 
 
 @pytest.mark.parametrize("n", [600, pytest.param(3000, marks=pytest.mark.slow)])
-def test_apps_that_hang_up_before_the_register_reply_leave_nothing(cluster: Cluster, n: int) -> None:
+def test_apps_that_hang_up_before_the_register_reply_leave_nothing(
+    cluster: Cluster, n: int
+) -> None:
     # no registration rate limit here: every hit-and-run registration must be undone
     a, b = cluster.daemon("a", config=NO_RATE), cluster.daemon("b")
     cluster.server(b)
@@ -96,8 +102,12 @@ def test_apps_that_hang_up_before_the_register_reply_leave_nothing(cluster: Clus
     rate(stub, 0.3)  # warm up
     before = resources(a.pid)
     rate_before, _ = rate(stub, 1.0)
-    attack = subprocess.Popen([sys.executable, "-c", HIT_AND_RUN, str(a.prefix / "app.sock"), str(n)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    attack = subprocess.Popen(
+        [sys.executable, "-c", HIT_AND_RUN, str(a.prefix / "app.sock"), str(n)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rate_during, errors_during = rate(stub, 1.5)
     assert attack.communicate(timeout=120)[0].strip() == "done"
     deadline = time.monotonic() + 20
@@ -106,31 +116,44 @@ def test_apps_that_hang_up_before_the_register_reply_leave_nothing(cluster: Clus
     time.sleep(0.5)
     after = resources(a.pid)
     rate_after, errors_after = rate(stub, 1.0)
-    print(f"\n{n} hit-and-run registrations: daemon before {before}, after {after}; well-behaved "
-          f"client {rate_before:.0f} RPC/s before, {rate_during:.0f} during ({errors_during} errors), "
-          f"{rate_after:.0f} after ({errors_after} errors)")
+    print(
+        f"\n{n} hit-and-run registrations: daemon before {before}, after {after}; well-behaved "
+        f"client {rate_before:.0f} RPC/s before, {rate_during:.0f} during ({errors_during} errors), "
+        f"{rate_after:.0f} after ({errors_after} errors)"
+    )
     left = wait_apps(a, {"good"})
     assert left == ["good"], f"{len(left) - 1} zombie apps left registered"
     assert errors_during == errors_after == 0
     assert after["fds"] <= before["fds"] + 5 and after["threads"] <= before["threads"] + 2
-    assert after["maps"] <= before["maps"] + 100  # thread stacks/malloc arenas; each zombie kept 3 maps
+    assert (
+        after["maps"] <= before["maps"] + 100
+    )  # thread stacks/malloc arenas; each zombie kept 3 maps
     assert after["rss_kib"] <= before["rss_kib"] + 32 * 1024
     assert rate_after >= 0.5 * rate_before
     assert "Traceback" not in a.log()
 
 
 def test_a_registration_flood_is_rate_limited_per_user(cluster: Cluster) -> None:
-    a, b = cluster.daemon("a", config="apps:\n  register_rate: 20\n  register_burst: 40\n"), cluster.daemon("b")
+    a, b = (
+        cluster.daemon("a", config="apps:\n  register_rate: 20\n  register_burst: 40\n"),
+        cluster.daemon("b"),
+    )
     cluster.server(b)
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="good"))
     rate(stub, 0.3)  # warm up
     rate_before, _ = rate(stub, 1.0)
-    attack = subprocess.Popen([sys.executable, "-c", FLOOD, str(a.prefix / "app.sock"), "1000"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    attack = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(a.prefix / "app.sock"), "1000"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rate_during, errors_during = rate(stub, 1.5)
     ok, refused, detail = attack.communicate(timeout=120)[0].strip().split(" ", 2)
-    print(f"\nregistration flood of 1000: {ok} registered, {refused} refused; well-behaved client "
-          f"{rate_before:.0f} RPC/s before, {rate_during:.0f} during ({errors_during} errors)")
+    print(
+        f"\nregistration flood of 1000: {ok} registered, {refused} refused; well-behaved client "
+        f"{rate_before:.0f} RPC/s before, {rate_during:.0f} during ({errors_during} errors)"
+    )
     assert int(ok) + int(refused) == 1000
     assert 40 <= int(ok) < 500, "the burst is admitted, then at most register_rate per second"
     assert "apps.register_rate" in detail and "uid 0" in detail
@@ -175,15 +198,21 @@ def deep(n: int) -> bytes:
 
 
 @pytest.mark.parametrize("which", ["app.sock", "ctl.sock"])
-def test_deeply_nested_json_is_invalid_argument_and_the_connection_lives(cluster: Cluster, which: str) -> None:
+def test_deeply_nested_json_is_invalid_argument_and_the_connection_lives(
+    cluster: Cluster, which: str
+) -> None:
     a = cluster.daemon("a")
     with open_control(str(a.prefix / which)) as s:
         for n in (33, 100_000):
             s.sendall(deep(n))
             reply, _ = recv_msg(s)
             assert reply is not None and not reply["ok"], reply
-            assert reply["code"] == StatusCode.INVALID_ARGUMENT and "deeper than 32" in reply["error"]
-        send_msg(s, {"op": "ping" if which == "app.sock" else "status", "x": [[[[1]]]], "s": "[" * 1000})
+            assert (
+                reply["code"] == StatusCode.INVALID_ARGUMENT and "deeper than 32" in reply["error"]
+            )
+        send_msg(
+            s, {"op": "ping" if which == "app.sock" else "status", "x": [[[[1]]]], "s": "[" * 1000}
+        )
         reply, _ = recv_msg(s)
     # still served: the app socket says "register first", the operator socket answers
     assert reply is not None
@@ -224,9 +253,15 @@ def test_a_pids_limit_does_not_matter_for_registrations(cluster: Cluster) -> Non
             socks.append(s)
             assert reply["ok"]
         after = resources(a.pid)["threads"]
-        events = int((cg / "pids.events").read_text().split()[1]) if (cg / "pids.events").exists() else -1
-        print(f"\npids.max {threads}: 60 of 60 apps registered; daemon threads {threads} before, {after} "
-              f"after; pids.events max={events}")
+        events = (
+            int((cg / "pids.events").read_text().split()[1])
+            if (cg / "pids.events").exists()
+            else -1
+        )
+        print(
+            f"\npids.max {threads}: 60 of 60 apps registered; daemon threads {threads} before, {after} "
+            f"after; pids.events max={events}"
+        )
         assert after == threads
         # the operator socket keeps a thread per connection: it is refused cleanly, once logged
         with open_control(str(a.prefix / "ctl.sock"), timeout=5) as s:
@@ -265,8 +300,10 @@ def test_accept_loop_survives_running_out_of_fds(cluster: Cluster) -> None:
     finally:
         for s in conns:
             s.close()
-    print(f"\nRLIMIT_NOFILE {base + 3}: {sum(1 for r in replies if r)} of 20 connections told "
-          f"RESOURCE_EXHAUSTED")
+    print(
+        f"\nRLIMIT_NOFILE {base + 3}: {sum(1 for r in replies if r)} of 20 connections told "
+        f"RESOURCE_EXHAUSTED"
+    )
     assert any(r and r["code"] == StatusCode.RESOURCE_EXHAUSTED for r in replies)
     subprocess.run(["prlimit", f"--pid={a.pid}", f"--nofile={soft}:"], check=True)
     time.sleep(0.3)
@@ -275,5 +312,3 @@ def test_accept_loop_survives_running_out_of_fds(cluster: Cluster) -> None:
         for fd in fds:
             os.close(fd)
     assert reply["ok"]
-
-

@@ -53,15 +53,18 @@ class Hosts:
         self.steady: App | None = None
 
     def start_steady(self) -> None:
-        self.steady = self.cluster.app("steady_client.py", str(self.a.prefix), self.b.listen,
-                                       "--seconds", "120", name="steady")
+        self.steady = self.cluster.app(
+            "steady_client.py", str(self.a.prefix), self.b.listen, "--seconds", "120", name="steady"
+        )
 
     def steady_report(self) -> dict:
         assert self.steady is not None
         time.sleep(0.5)  # and a little after the attack
         report = self.steady.result(timeout=60)
-        print(f"well-behaved client during the attack: {report['ok']} ok, errors {report['errors']}, "
-              f"{report['rate']} calls/s, longest gap {report['max_gap_s']} s")
+        print(
+            f"well-behaved client during the attack: {report['ok']} ok, errors {report['errors']}, "
+            f"{report['rate']} calls/s, longest gap {report['max_gap_s']} s"
+        )
         assert report["ok"] > 0 and not report["errors"], report
         return report
 
@@ -98,15 +101,22 @@ def test_declined_huge_bodies_allocate_nothing(hosts: Hosts) -> None:
         p.send(hello(testing.SCHEMA_HASH) + encode_header(REPLY, call_id=1, body_len=huge))
     unrouted = [Peer(b.listen) for _ in range(4)]
     for p in unrouted:  # method 40 does not exist: the body is skipped as it arrives
-        p.send(hello(testing.SCHEMA_HASH) + encode_header(3, call_id=7, method=40, body_len=huge)
-               + b"\0" * (4 * MiB))
+        p.send(
+            hello(testing.SCHEMA_HASH)
+            + encode_header(3, call_id=7, method=40, body_len=huge)
+            + b"\0" * (4 * MiB)
+        )
     time.sleep(0.5)
     during = proc_stats(b.pid)
     growth = (during["rss_kb"] - before["rss_kb"]) / 1024
-    print(f"mrpcd RSS {before['rss_kb'] // 1024} MiB -> {during['rss_kb'] // 1024} MiB "
-          f"(+{growth:.1f} MiB) with 14 announced 256 MiB bodies; fds {before['fds']} -> {during['fds']}")
+    print(
+        f"mrpcd RSS {before['rss_kb'] // 1024} MiB -> {during['rss_kb'] // 1024} MiB "
+        f"(+{growth:.1f} MiB) with 14 announced 256 MiB bodies; fds {before['fds']} -> {during['fds']}"
+    )
     assert growth < 50, growth
-    assert all(p.closed_by_daemon(2) for p in early + replies), "protocol violations must close at once"
+    assert all(p.closed_by_daemon(2) for p in early + replies), (
+        "protocol violations must close at once"
+    )
     assert all(p.closed_by_daemon(4) for p in unrouted), "a stalled declined body must time out"
     assert wait_for(lambda: proc_stats(b.pid)["fds"] <= before["fds"], 5)
     assert hosts.server_heap()["used"] < MiB
@@ -121,8 +131,11 @@ def test_stalled_bodies_reserve_a_bounded_share_and_give_it_back(hosts: Hosts) -
     stalled = []
     for _ in range(33):
         p = Peer(b.listen)
-        p.send(hello(testing.SCHEMA_HASH) + encode_header(3, call_id=1, method=0, body_len=4 * MiB)
-               + b"\0" * 1024)
+        p.send(
+            hello(testing.SCHEMA_HASH)
+            + encode_header(3, call_id=1, method=0, body_len=4 * MiB)
+            + b"\0" * 1024
+        )
         stalled.append(p)
     assert wait_for(lambda: hosts.server_heap()["used"] >= 33 * 4 * MiB, 5)
     used = hosts.server_heap()["used"]
@@ -148,7 +161,11 @@ def test_stalled_bodies_reserve_a_bounded_share_and_give_it_back(hosts: Hosts) -
 def test_a_body_that_trickles_in_is_dropped_and_its_reservation_returned(hosts: Hosts) -> None:
     b = hosts.b
     p = Peer(b.listen)
-    p.send(hello(testing.SCHEMA_HASH) + encode_header(3, call_id=1, method=0, body_len=4 * MiB) + b"\0" * 64)
+    p.send(
+        hello(testing.SCHEMA_HASH)
+        + encode_header(3, call_id=1, method=0, body_len=4 * MiB)
+        + b"\0" * 64
+    )
     assert wait_for(lambda: hosts.server_heap()["used"] >= 4 * MiB, 5)
     t0, closed = time.monotonic(), False
     while time.monotonic() - t0 < 6 and not closed:
@@ -170,7 +187,9 @@ def test_idle_connections_close_and_reopen_transparently(cluster: Cluster) -> No
     c = cluster.daemon("c")  # default: would wait 150 s, so the server closes first
     b = cluster.daemon("b", config="tcp:\n  idle_timeout: 1.0\n")
     cluster.server(b)
-    stubs = [testing.TestStub(libmrpc.connect(b.listen, prefix=d.prefix, name="idler")) for d in (a, c)]
+    stubs = [
+        testing.TestStub(libmrpc.connect(b.listen, prefix=d.prefix, name="idler")) for d in (a, c)
+    ]
     for i in range(3):
         for stub in stubs:
             reply = stub.Call(testing.Request(payload=b"idle %d" % i), timeout=10)
@@ -193,7 +212,7 @@ def test_a_peer_that_never_reads_replies_is_paused_then_dropped(hosts: Hosts) ->
     sent, stuck_since = 0, None
     while sent < len(frames):
         try:
-            n = p.send_some(frames[sent:sent + 65536])
+            n = p.send_some(frames[sent : sent + 65536])
         except OSError:
             break  # the daemon already dropped us
         sent += n
@@ -207,12 +226,16 @@ def test_a_peer_that_never_reads_replies_is_paused_then_dropped(hosts: Hosts) ->
             time.sleep(0.01)
     calls = sent // len(call_frame(image, 1))
     during = proc_stats(b.pid)
-    print(f"peer that never reads: the daemon took {calls} of 40000 calls before pausing; "
-          f"mrpcd RSS {before['rss_kb'] // 1024} -> {during['rss_kb'] // 1024} MiB")
+    print(
+        f"peer that never reads: the daemon took {calls} of 40000 calls before pausing; "
+        f"mrpcd RSS {before['rss_kb'] // 1024} -> {during['rss_kb'] // 1024} MiB"
+    )
     assert calls < 40_000
     assert wait_for(lambda: "read none of" in b.log(), 6), b.log()[-3000:]
     assert (during["rss_kb"] - before["rss_kb"]) / 1024 < 100
-    assert wait_for(lambda: next(x for x in b.apps() if x["name"] == "payments")["serving_calls"] == 0, 10)
+    assert wait_for(
+        lambda: next(x for x in b.apps() if x["name"] == "payments")["serving_calls"] == 0, 10
+    )
     p.close()
     hosts.steady_report()
 
@@ -236,9 +259,11 @@ def test_slowloris_idle_and_silent_connections_are_closed(hosts: Hosts) -> None:
     silent = [Peer(b.listen) for _ in range(50)]
     time.sleep(0.3)
     during = proc_stats(b.pid)
-    print(f"150 hostile connections: mrpcd fds {before['fds']} -> {during['fds']}, "
-          f"RSS {before['rss_kb'] // 1024} -> {during['rss_kb'] // 1024} MiB "
-          f"({(during['rss_kb'] - before['rss_kb']) / 150:.0f} KiB per connection)")
+    print(
+        f"150 hostile connections: mrpcd fds {before['fds']} -> {during['fds']}, "
+        f"RSS {before['rss_kb'] // 1024} -> {during['rss_kb'] // 1024} MiB "
+        f"({(during['rss_kb'] - before['rss_kb']) / 150:.0f} KiB per connection)"
+    )
     assert all(p.closed_by_daemon(4) for p in slow + silent), "header/handshake timeouts"
     assert all(p.closed_by_daemon(6) for p in idle), "idle timeout"
     assert wait_for(lambda: proc_stats(b.pid)["fds"] <= before["fds"], 5)
@@ -293,7 +318,9 @@ def test_oversized_hellos_are_refused(hosts: Hosts) -> None:
         p = Peer(b.listen)
         p.send(hello(testing.SCHEMA_HASH, services))
         frames = p.read_frames(lambda fs: bool(fs), timeout=3)
-        assert not any(h.type == HELLO_ACK and b'"ok":true' in body for h, body in frames), len(services)
+        assert not any(h.type == HELLO_ACK and b'"ok":true' in body for h, body in frames), len(
+            services
+        )
         assert p.closed_by_daemon(2)
     assert "HELLO" in b.log()
     hosts.steady_report()
@@ -338,7 +365,9 @@ def test_many_connects_share_one_connection_and_are_bounded(cluster: Cluster) ->
     s = get_session(a.prefix, "connector")
     slot = s.bind(testing)
     base_a, base_b = proc_stats(a.pid), proc_stats(b.pid)
-    ids = {s.control({"op": "connect", "addr": b.listen, "slot": slot})["conn_id"] for _ in range(1500)}
+    ids = {
+        s.control({"op": "connect", "addr": b.listen, "slot": slot})["conn_id"] for _ in range(1500)
+    }
     stub_session_calls = []
     for conn_id in sorted(ids):
         from tests.integration.test_bad_input import raw_call
@@ -347,10 +376,12 @@ def test_many_connects_share_one_connection_and_are_bounded(cluster: Cluster) ->
         stub_session_calls.append(raw_call(s, conn_id, 0, req._off))
     assert all(err is None for err in stub_session_calls)
     after_a, after_b = proc_stats(a.pid), proc_stats(b.pid)
-    print(f"1500 connects: {len(ids)} distinct connection(s); local mrpcd fds {base_a['fds']} -> "
-          f"{after_a['fds']}, RSS {base_a['rss_kb'] // 1024} -> {after_a['rss_kb'] // 1024} MiB; "
-          f"remote mrpcd fds {base_b['fds']} -> {after_b['fds']}, "
-          f"RSS {base_b['rss_kb'] // 1024} -> {after_b['rss_kb'] // 1024} MiB")
+    print(
+        f"1500 connects: {len(ids)} distinct connection(s); local mrpcd fds {base_a['fds']} -> "
+        f"{after_a['fds']}, RSS {base_a['rss_kb'] // 1024} -> {after_a['rss_kb'] // 1024} MiB; "
+        f"remote mrpcd fds {base_b['fds']} -> {after_b['fds']}, "
+        f"RSS {base_b['rss_kb'] // 1024} -> {after_b['rss_kb'] // 1024} MiB"
+    )
     assert len(ids) == 1
     assert after_a["fds"] - base_a["fds"] < 10 and after_b["fds"] - base_b["fds"] < 10
     assert (after_a["rss_kb"] - base_a["rss_kb"]) / 1024 < 30
@@ -361,7 +392,9 @@ def test_many_connects_share_one_connection_and_are_bounded(cluster: Cluster) ->
     assert e.value.code() is StatusCode.RESOURCE_EXHAUSTED
     assert "max_connections_per_app" in e.value.details()
     s.close()
-    assert wait_for(lambda: proc_stats(a.pid)["fds"] <= base_a["fds"] - 2, 5)  # the app's own fds too
+    assert wait_for(
+        lambda: proc_stats(a.pid)["fds"] <= base_a["fds"] - 2, 5
+    )  # the app's own fds too
     assert wait_for(lambda: proc_stats(b.pid)["fds"] <= base_b["fds"], 5)
 
 
@@ -370,7 +403,9 @@ def test_unresolvable_host_names_do_not_stall_other_apps(cluster: Cluster) -> No
     does not resolve gets UNAVAILABLE, and another app's calls flow without gaps."""
     h = Hosts(cluster)
     h.start_steady()
-    bad = testing.TestStub(libmrpc.connect("nonexistent.invalid:5150", prefix=h.a.prefix, name="dns"))
+    bad = testing.TestStub(
+        libmrpc.connect("nonexistent.invalid:5150", prefix=h.a.prefix, name="dns")
+    )
     errors = []
     t0 = time.monotonic()
     while time.monotonic() - t0 < 2:

@@ -48,11 +48,16 @@ def heaps_settle(daemon: Any, name: str) -> dict[str, Any]:
 
 def test_metadata_reaches_the_handler_sync_future_and_aio(cluster: Cluster) -> None:
     a, b, stub, rec, server = setup(cluster)
-    md = [("authorization", "Bearer t0k"), ("trace-bin", b"\x00\xff\x01"), ("x-multi", "1"),
-          ("x-multi", "2")]
+    md = [
+        ("authorization", "Bearer t0k"),
+        ("trace-bin", b"\x00\xff\x01"),
+        ("x-multi", "1"),
+        ("x-multi", "2"),
+    ]
     assert stub.Call(testing.Request(key="s"), timeout=10, metadata=md).key == "s"
     assert stub.Call.future(testing.Request(key="f"), timeout=10, metadata=md).result().key == "f"
     import asyncio
+
     assert asyncio.run(stub.Call.aio(testing.Request(key="a"), timeout=10, metadata=md)).key == "a"
     assert stub.Call(testing.Request(key="none"), timeout=10).key == "none"
     want = tuple(md)
@@ -63,15 +68,19 @@ def test_metadata_reaches_the_handler_sync_future_and_aio(cluster: Cluster) -> N
     server.stop(0)
 
 
-@pytest.mark.parametrize("key,value,why", [
-    ("Authorization", "x", "invalid"),
-    ("grpc-timeout", "1S", "reserved"),
-    ("bad key", "x", "invalid"),
-    ("", "x", "invalid"),
-    ("text", "line\nbreak", "printable"),
-])
-def test_metadata_key_rules_are_invalid_argument(cluster: Cluster, key: str, value: str,
-                                                 why: str) -> None:
+@pytest.mark.parametrize(
+    "key,value,why",
+    [
+        ("Authorization", "x", "invalid"),
+        ("grpc-timeout", "1S", "reserved"),
+        ("bad key", "x", "invalid"),
+        ("", "x", "invalid"),
+        ("text", "line\nbreak", "printable"),
+    ],
+)
+def test_metadata_key_rules_are_invalid_argument(
+    cluster: Cluster, key: str, value: str, why: str
+) -> None:
     _a, _b, stub, rec, server = setup(cluster)
     n = len(rec.seen)
     with pytest.raises(RpcError) as e:
@@ -99,9 +108,16 @@ def test_metadata_over_the_size_limit_is_resource_exhausted(cluster: Cluster) ->
 
 def test_acl_on_a_metadata_token(cluster: Cluster) -> None:
     _a, b, stub, rec, server = setup(cluster)
-    b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-token.yaml"), "--app",
-          "meta-srv", "--set", 'rules=[{name: tok, action: allow, metadata: authorization, '
-                               'equals: "Bearer s3cret"}]')
+    b.ctl(
+        "policy",
+        "attach",
+        "--file",
+        str(ROOT / "policies" / "acl-token.yaml"),
+        "--app",
+        "meta-srv",
+        "--set",
+        'rules=[{name: tok, action: allow, metadata: authorization, equals: "Bearer s3cret"}]',
+    )
     n = len(rec.seen)
     for md in (None, [("authorization", "Bearer wrong")], [("other", "Bearer s3cret")]):
         with pytest.raises(RpcError) as e:
@@ -120,6 +136,7 @@ class Waiter(testing.TestServicer):  # type: ignore[misc,name-defined]
 
     def __init__(self) -> None:
         import threading
+
         self.entered = threading.Event()
         self.outcomes: list[tuple[bool, int]] = []  # (saw inactive, callbacks run)
         self.done = threading.Event()
@@ -154,13 +171,18 @@ def check_reclaimed(a: Any, b: Any) -> None:
     while True:
         cli = next(x for x in a.apps() if x["name"] == "cancel-client")
         srv = next(x for x in b.apps() if x["name"] == "cancel-srv")
-        figures = (cli["recv_heap"]["used"], srv["recv_heap"]["used"],
-                   cli["inflight_calls"],
-                   srv["serving_calls"])
+        figures = (
+            cli["recv_heap"]["used"],
+            srv["recv_heap"]["used"],
+            cli["inflight_calls"],
+            srv["serving_calls"],
+        )
         if figures == (0, 0, 0, 0) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    print(f"\nclient recv_heap used, server recv_heap used, client inflight, server serving: {figures}")
+    print(
+        f"\nclient recv_heap used, server recv_heap used, client inflight, server serving: {figures}"
+    )
     assert figures == (0, 0, 0, 0), figures
 
 
@@ -258,8 +280,10 @@ def test_trailing_metadata_comes_back_with_replies_and_errors(cluster: Cluster) 
     assert e.value.code() is StatusCode.INTERNAL and "trailing metadata" in e.value.details()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        used = (next(x for x in a.apps() if x["name"] == "trail-client")["recv_heap"]["used"],
-                next(x for x in b.apps() if x["name"] == "trailer")["recv_heap"]["used"])
+        used = (
+            next(x for x in a.apps() if x["name"] == "trail-client")["recv_heap"]["used"],
+            next(x for x in b.apps() if x["name"] == "trailer")["recv_heap"]["used"],
+        )
         if used == (0, 0):
             break
         time.sleep(0.1)
@@ -282,7 +306,9 @@ def test_grpc_parity_peer_code_details_abort_with_status_traceback(cluster: Clus
             context.set_details("fine")
             seen["code"], seen["details"] = context.code(), context.details()
             if request.key == "status":
-                context.abort_with_status(Status(StatusCode.PERMISSION_DENIED, "no", (("why", "x"),)))
+                context.abort_with_status(
+                    Status(StatusCode.PERMISSION_DENIED, "no", (("why", "x"),))
+                )
             return testing.Reply(key=request.key)
 
     server = libmrpc.Server(prefix=b.prefix, name="parity-srv")
@@ -311,6 +337,7 @@ def test_the_first_calls_timeout_bounds_bind_and_connect(cluster: Cluster) -> No
     b = cluster.daemon("b")
     cluster.server(b, "--mode", "inline")
     from libmrpc.session import get_session
+
     get_session(a.prefix, "first-call")  # registered; no schema bound, no connection yet
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="first-call"))
     outcome: list[Any] = []

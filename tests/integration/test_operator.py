@@ -28,11 +28,19 @@ def test_status_and_list(cluster: Cluster) -> None:
     assert app["connections"][0]["addr"] == b.listen
     (srv,) = b.apps()
     assert srv["serves"] == ["mrpctest.Test"] and srv["schemas"][0]["hash"] == testing.SCHEMA_HASH
-    text = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(a.prefix), "list"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(a.prefix), "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "app lister" in text and "engine lister/frontend" in text and f"-> {b.listen}" in text
-    text = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(a.prefix), "status"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(a.prefix), "status"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"listening on {a.listen}" in text
 
 
@@ -51,8 +59,15 @@ def test_other_users_cannot_reach_the_operator_socket(cluster: Cluster) -> None:
         "        s.connect(os.path.join(sys.argv[1], name)); out.append('ok')\n"
         "    except PermissionError:\n"
         "        out.append('denied')\n"
-        "print(' '.join(out))\n")
-    r = subprocess.run([sys.executable, "-c", probe, str(a.prefix)], capture_output=True, text=True, timeout=20, check=False)
+        "print(' '.join(out))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(a.prefix)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert r.stdout.split() == ["ok", "denied"], r.stderr
 
 
@@ -75,26 +90,76 @@ def test_schema_prefetch_and_bind_times(cluster: Cluster) -> None:
 def test_config_errors_name_key_and_file(cluster: Cluster, tmp_path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("listen: 127.0.0.1:0\nshm:\n  ring_slotz: 64\n")
-    r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"),
-                        "--config", str(cfg)], capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(tmp_path / "p"),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode != 0 and str(cfg) in r.stderr and "shm.ring_slotz" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"),
-                        "--config", str(tmp_path / "missing.yaml")],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(tmp_path / "p"),
+            "--config",
+            str(tmp_path / "missing.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode != 0 and "missing.yaml" in r.stderr
 
 
 def test_one_daemon_per_prefix(cluster: Cluster) -> None:
     a = cluster.daemon("a")
-    r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(a.prefix),
-                        "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(a.prefix),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode != 0 and "already runs" in r.stderr and str(a.pid) in r.stderr
     assert a.ctl("status")["pid"] == a.pid  # the first one is untouched
 
 
 def test_mrpcctl_without_daemon_says_so(tmp_path) -> None:
-    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(tmp_path), "status"],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(tmp_path), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode != 0 and "UNAVAILABLE" in r.stderr and "mrpcd run" in r.stderr
 
 

@@ -18,7 +18,12 @@ from tests.integration.conftest import ROOT, Cluster
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
 
-def setup(cluster: Cluster, name: str = "loadgen", env: dict[str, str] | None = None, config: str | None = None):
+def setup(
+    cluster: Cluster,
+    name: str = "loadgen",
+    env: dict[str, str] | None = None,
+    config: str | None = None,
+):
     a = cluster.daemon("a", env=env, config=config)
     b = cluster.daemon("b", env=env, config=config)
     cluster.server(b, "--mode", "inline")
@@ -60,13 +65,28 @@ def paced(stub, rate: float, seconds: float, window_start: float = 0.0) -> colle
 
 def test_ratelimit_reject_set_detach_and_delay(cluster: Cluster) -> None:
     a, _, stub = setup(cluster)
-    r = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=50",
-              "--set", "tokens_per_fill=50", "--set", "fill_interval=0.1")
+    r = a.ctl(
+        "policy",
+        "attach",
+        "ratelimit",
+        "--app",
+        "loadgen",
+        "--set",
+        "max_tokens=50",
+        "--set",
+        "tokens_per_fill=50",
+        "--set",
+        "fill_interval=0.1",
+    )
     (eid,) = r["engine_ids"]
     counts = paced(stub, 2000, 3.0, window_start=1.0)
     ok_rate = counts["OK"] / 2.0
     assert 450 <= ok_rate <= 550, counts
-    assert counts["RESOURCE_EXHAUSTED"] > 1000 and set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "offered"}
+    assert counts["RESOURCE_EXHAUSTED"] > 1000 and set(counts) <= {
+        "OK",
+        "RESOURCE_EXHAUSTED",
+        "offered",
+    }
     a.ctl("policy", "set", eid, "tokens_per_fill=100", "max_tokens=100")
     counts = paced(stub, 2000, 3.0, window_start=1.0)
     assert 900 <= counts["OK"] / 2.0 <= 1100, counts
@@ -74,8 +94,21 @@ def test_ratelimit_reject_set_detach_and_delay(cluster: Cluster) -> None:
     counts = paced(stub, 2000, 2.0)
     assert counts["OK"] == counts["offered"], counts
     # delay mode: excess calls wait for tokens instead of failing
-    (eid,) = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=100",
-                   "--set", "tokens_per_fill=100", "--set", "fill_interval=0.1", "--set", "mode=delay")["engine_ids"]
+    (eid,) = a.ctl(
+        "policy",
+        "attach",
+        "ratelimit",
+        "--app",
+        "loadgen",
+        "--set",
+        "max_tokens=100",
+        "--set",
+        "tokens_per_fill=100",
+        "--set",
+        "fill_interval=0.1",
+        "--set",
+        "mode=delay",
+    )["engine_ids"]
     t0 = time.monotonic()
     counts = paced(stub, 2000, 1.0)
     took = time.monotonic() - t0
@@ -109,16 +142,24 @@ def test_policy_churn_under_load_loses_and_duplicates_nothing(cluster: Cluster) 
 
     runner = threading.Thread(target=lambda: asyncio.run(load()))
     runner.start()
-    churn = [("null", []), ("ratelimit", ["--set", "max_tokens=1000000", "--set", "mode=delay"]),
-             ("acl", ["--set", "default=allow"]), ("metrics", []), ("qos", []),
-             ("logging", ["--set", "sample_rate=0.01"]), ("ratelimit", ["--set", "max_tokens=1000000"])]
+    churn = [
+        ("null", []),
+        ("ratelimit", ["--set", "max_tokens=1000000", "--set", "mode=delay"]),
+        ("acl", ["--set", "default=allow"]),
+        ("metrics", []),
+        ("qos", []),
+        ("logging", ["--set", "sample_rate=0.01"]),
+        ("ratelimit", ["--set", "max_tokens=1000000"]),
+    ]
     ops = 0
     try:
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline:
             for name, args in churn:
                 for d, app, side in ((a, "loadgen", "send"), (b, "server", "receive")):
-                    (eid,) = d.ctl("policy", "attach", name, "--app", app, "--side", side, *args)["engine_ids"]
+                    (eid,) = d.ctl("policy", "attach", name, "--app", app, "--side", side, *args)[
+                        "engine_ids"
+                    ]
                     if name == "ratelimit":
                         d.ctl("policy", "set", eid, "max_tokens=2000000")
                     time.sleep(0.02)
@@ -128,7 +169,10 @@ def test_policy_churn_under_load_loses_and_duplicates_nothing(cluster: Cluster) 
         stop.set()
         runner.join(60)
     assert not failures, failures[:5]
-    assert sum(seen.values()) > 1000 and max(seen.values()) == 1, (sum(seen.values()), max(seen.values()))
+    assert sum(seen.values()) > 1000 and max(seen.values()) == 1, (
+        sum(seen.values()),
+        max(seen.values()),
+    )
     assert ops >= 24  # each op is a separate mrpcctl process
     for d in (a, b):
         assert all(len(x["datapath"]) == 2 for x in d.apps())  # every policy detached again
@@ -136,8 +180,17 @@ def test_policy_churn_under_load_loses_and_duplicates_nothing(cluster: Cluster) 
 
 def test_acl_send_side_denies_with_policy_and_rule_named(cluster: Cluster) -> None:
     a, _, stub = setup(cluster)
-    (eid,) = a.ctl("policy", "attach", "acl", "--app", "loadgen", "--set", "default=allow",
-                   "--set", "rules=[{name: no-admin, action: deny, field: key, equals: admin}]")["engine_ids"]
+    (eid,) = a.ctl(
+        "policy",
+        "attach",
+        "acl",
+        "--app",
+        "loadgen",
+        "--set",
+        "default=allow",
+        "--set",
+        "rules=[{name: no-admin, action: deny, field: key, equals: admin}]",
+    )["engine_ids"]
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(key="admin"), timeout=10)
     assert e.value.code() is StatusCode.PERMISSION_DENIED
@@ -148,8 +201,16 @@ def test_acl_send_side_denies_with_policy_and_rule_named(cluster: Cluster) -> No
 def test_acl_receive_side_server_never_sees_denied_calls(cluster: Cluster) -> None:
     _a, b, stub = setup(cluster)
     served = lambda: next(x for x in b.apps() if x["name"] == "server")["counters"]["served"]
-    b.ctl("policy", "attach", "--file", str(ROOT / "policies" / "acl-denylist.yaml"), "--app", "server",
-          "--set", "rules=[{name: no-admin, action: deny, field: key, prefix: admin/}]")
+    b.ctl(
+        "policy",
+        "attach",
+        "--file",
+        str(ROOT / "policies" / "acl-denylist.yaml"),
+        "--app",
+        "server",
+        "--set",
+        "rules=[{name: no-admin, action: deny, field: key, prefix: admin/}]",
+    )
     before = served()
     for i in range(20):
         with pytest.raises(RpcError) as e:
@@ -165,8 +226,19 @@ def test_acl_receive_side_server_never_sees_denied_calls(cluster: Cluster) -> No
 def test_acl_toctou_flipping_the_field_after_posting_cannot_bypass(cluster: Cluster) -> None:
     a, b, stub = setup(cluster)
     for d, app, side in ((a, "loadgen", "send"), (b, "server", "receive")):
-        d.ctl("policy", "attach", "acl", "--app", app, "--side", side, "--set", "default=allow",
-              "--set", "rules=[{name: no-admin, action: deny, field: key, equals: admin}]")
+        d.ctl(
+            "policy",
+            "attach",
+            "acl",
+            "--app",
+            app,
+            "--side",
+            side,
+            "--set",
+            "default=allow",
+            "--set",
+            "rules=[{name: no-admin, action: deny, field: key, equals: admin}]",
+        )
     outcomes: collections.Counter = collections.Counter()
     for _ in range(300):
         req = testing.Request(key="allowed")
@@ -203,7 +275,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_scraped_over_http_match_the_calls_made(cluster: Cluster) -> None:
     env = {"MRPC_METRICS_LISTEN": "127.0.0.1:0"}
     a, b, stub = setup(cluster, env=env)
-    a.ctl("policy", "attach", "--file", str(ROOT / "policies" / "metrics-all.yaml"), "--app", "loadgen")
+    a.ctl(
+        "policy",
+        "attach",
+        "--file",
+        str(ROOT / "policies" / "metrics-all.yaml"),
+        "--app",
+        "loadgen",
+    )
     b.ctl("policy", "attach", "metrics", "--app", "server", "--side", "receive")
     for i in range(37):
         stub.Call(testing.Request(payload=b"ok"), timeout=10)
@@ -215,7 +294,9 @@ def test_metrics_scraped_over_http_match_the_calls_made(cluster: Cluster) -> Non
             stub.NotServed(testing.Request(), timeout=10)
     client, server = _scrape(a), _scrape(b)
     kw = {"grpc_service": "mrpctest.Test"}
-    assert _metric(client, "grpc_client_handled_total", grpc_code="OK", grpc_method="Call", **kw) == 37
+    assert (
+        _metric(client, "grpc_client_handled_total", grpc_code="OK", grpc_method="Call", **kw) == 37
+    )
     assert _metric(client, "grpc_client_handled_total", grpc_code="Unknown", **kw) == 5
     assert _metric(client, "grpc_client_handled_total", grpc_code="Unimplemented", **kw) == 3
     assert _metric(client, "grpc_client_started_total", **kw) == 45
@@ -228,8 +309,21 @@ def test_metrics_scraped_over_http_match_the_calls_made(cluster: Cluster) -> Non
 
 def test_shadow_mode_passes_everything_and_counts(cluster: Cluster) -> None:
     a, _, stub = setup(cluster)
-    (eid,) = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=5",
-                   "--set", "tokens_per_fill=5", "--set", "fill_interval=10s", "--set", "enforce=false")["engine_ids"]
+    (eid,) = a.ctl(
+        "policy",
+        "attach",
+        "ratelimit",
+        "--app",
+        "loadgen",
+        "--set",
+        "max_tokens=5",
+        "--set",
+        "tokens_per_fill=5",
+        "--set",
+        "fill_interval=10s",
+        "--set",
+        "enforce=false",
+    )["engine_ids"]
     for i in range(40):
         stub.Call(testing.Request(payload=b"%d" % i), timeout=10)
     stats = {e["engine_id"]: e["stats"] for app in a.ctl("stats")["apps"] for e in app["engines"]}
@@ -238,14 +332,18 @@ def test_shadow_mode_passes_everything_and_counts(cluster: Cluster) -> None:
 
 def test_bad_config_is_rejected_before_anything_changes(cluster: Cluster) -> None:
     a, _, _stub = setup(cluster)
-    r = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=-1", check=False)
+    r = a.ctl(
+        "policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=-1", check=False
+    )
     assert r.returncode != 0 and "INVALID_ARGUMENT" in r.stderr and "max_tokens" in r.stderr
     r = a.ctl("policy", "attach", "nosuch", "--app", "loadgen", check=False)
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
     r = a.ctl("policy", "attach", "null", "--app", "nobody", check=False)
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
     assert [e["engine"] for e in a.apps()[0]["datapath"]] == ["frontend", "tcp"]
-    (eid,) = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=1000")["engine_ids"]
+    (eid,) = a.ctl("policy", "attach", "ratelimit", "--app", "loadgen", "--set", "max_tokens=1000")[
+        "engine_ids"
+    ]
     r = a.ctl("policy", "set", eid, "max_tokens=abc", "mode=delay", check=False)
     assert r.returncode != 0 and "max_tokens" in r.stderr
     (e,) = [x for x in a.apps()[0]["datapath"] if x["id"] == eid]
@@ -267,7 +365,9 @@ def test_all_future_and_startup_policies_apply_to_later_apps(cluster: Cluster) -
 
 def test_qos_sees_message_sizes_on_the_send_side(cluster: Cluster) -> None:
     a, _, stub = setup(cluster)
-    (eid,) = a.ctl("policy", "attach", "qos", "--app", "loadgen", "--set", "small_threshold=1024")["engine_ids"]
+    (eid,) = a.ctl("policy", "attach", "qos", "--app", "loadgen", "--set", "small_threshold=1024")[
+        "engine_ids"
+    ]
 
     async def burst() -> None:
         small = [stub.Call.aio(testing.Request(payload=b"s"), timeout=10) for _ in range(20)]

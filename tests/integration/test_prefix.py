@@ -35,8 +35,10 @@ P3 = 'syntax = "proto3";\n'
 
 
 def texts_for(tag: str) -> dict[str, str]:
-    return {f"{tag}.proto": P3 + f"package {tag};\nmessage M {{ int32 x = 1; }}\n"
-                                 "service S { rpc Call(M) returns (M); }\n"}
+    return {
+        f"{tag}.proto": P3 + f"package {tag};\nmessage M {{ int32 x = 1; }}\n"
+        "service S { rpc Call(M) returns (M); }\n"
+    }
 
 
 @pytest.fixture
@@ -52,9 +54,13 @@ def shared_dir() -> Iterator[Path]:
 
 def start_daemon(prefix: Path, timeout: float = 15) -> tuple[subprocess.Popen[str], str | None]:
     """Start mrpcd on ``prefix``: (process, None) once it is ready, or (process, output) if it exited."""
-    proc = subprocess.Popen([sys.executable, "-m", "mrpcd", "run", "--prefix", str(prefix), "--listen",
-                             "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mrpcd", "run", "--prefix", str(prefix), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -95,8 +101,10 @@ def test_prefix_precreated_by_another_user_is_refused(shared_dir: Path, other_us
     texts = texts_for("planted")
     evil = f"import os\nopen({str(marker)!r}, 'w').write('ran as uid %d' % os.getuid())\n"
     planted = prefix / "cache" / (cache_key_for(texts) + ".py")
-    plant = (f"import os\nos.mkdir({str(prefix)!r}, 0o755)\nos.mkdir({str(prefix / 'cache')!r}, 0o777)\n"
-             f"open({str(planted)!r}, 'w').write({evil!r})\n")
+    plant = (
+        f"import os\nos.mkdir({str(prefix)!r}, 0o755)\nos.mkdir({str(prefix / 'cache')!r}, 0o777)\n"
+        f"open({str(planted)!r}, 'w').write({evil!r})\n"
+    )
     r = other_user.run([*other_user.python, "-c", plant])
     assert r.returncode == 0, r.stderr
     proc, out = start_daemon(prefix)
@@ -109,27 +117,34 @@ def test_prefix_precreated_by_another_user_is_refused(shared_dir: Path, other_us
                 pass
         finally:
             stop(proc)
-        raise AssertionError(f"mrpcd started on {prefix} made by {other_user.name}; "
-                             f"planted code ran: {marker.read_text() if marker.exists() else 'no'}")
+        raise AssertionError(
+            f"mrpcd started on {prefix} made by {other_user.name}; "
+            f"planted code ran: {marker.read_text() if marker.exists() else 'no'}"
+        )
     assert_refused(proc, out, str(prefix), other_user.name)
     assert not marker.exists()
     assert not (prefix / "mrpcd.json").exists() and not (prefix / "app.sock").exists()
 
 
-def test_symlink_at_prefix_is_refused_and_target_untouched(shared_dir: Path, other_user: User,
-                                                           tmp_path: Path) -> None:
+def test_symlink_at_prefix_is_refused_and_target_untouched(
+    shared_dir: Path, other_user: User, tmp_path: Path
+) -> None:
     victim = tmp_path / "victim"
     victim.mkdir(mode=0o700)
     os.chmod(victim, 0o700)
     (victim / "keep").write_text("root's file")
     prefix = shared_dir / "prefix"
-    r = other_user.run([*other_user.python, "-c", f"import os; os.symlink({str(victim)!r}, {str(prefix)!r})"])
+    r = other_user.run(
+        [*other_user.python, "-c", f"import os; os.symlink({str(victim)!r}, {str(prefix)!r})"]
+    )
     assert r.returncode == 0, r.stderr
     proc, out = start_daemon(prefix)
     if out is None:
         stop(proc)
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o700, "mrpcd chmod-ed the symlink's target"
-    assert sorted(os.listdir(victim)) == ["keep"], f"mrpcd wrote into the symlink's target: {os.listdir(victim)}"
+    assert sorted(os.listdir(victim)) == ["keep"], (
+        f"mrpcd wrote into the symlink's target: {os.listdir(victim)}"
+    )
     assert_refused(proc, out, "symlink", other_user.name)
 
 
@@ -144,15 +159,33 @@ def test_prefix_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None
     assert not (prefix / "app.sock").exists()
 
 
-def test_cache_dir_of_another_user_is_refused(shared_dir: Path, other_user: User, tmp_path: Path) -> None:
+def test_cache_dir_of_another_user_is_refused(
+    shared_dir: Path, other_user: User, tmp_path: Path
+) -> None:
     cache = shared_dir / "cache"
     r = other_user.run([*other_user.python, "-c", f"import os; os.mkdir({str(cache)!r}, 0o700)"])
     assert r.returncode == 0, r.stderr
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"cache_dir: {cache}\n")
-    proc = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"), "--listen",
-                           "127.0.0.1:0", "--config", str(cfg)], capture_output=True, text=True, timeout=30,
-                          cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(tmp_path / "p"),
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     print(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cache directory" in proc.stderr and other_user.name in proc.stderr
@@ -178,8 +211,13 @@ def test_planted_cache_files_are_never_run(cluster: Cluster, other_user: User) -
     import zlib
 
     def entry(key: str, mac_key: bytes) -> bytes:
-        header = json.dumps({"cache_key": key, "schema_hash": "0" * 16,
-                             "python": __import__("importlib.util").util.MAGIC_NUMBER.hex()}).encode()
+        header = json.dumps(
+            {
+                "cache_key": key,
+                "schema_hash": "0" * 16,
+                "python": __import__("importlib.util").util.MAGIC_NUMBER.hex(),
+            }
+        ).encode()
         rest = len(header).to_bytes(4, "big") + header + zlib.compress(evil_code)
         return b"MRPCBIN1" + hmac.new(mac_key, rest, hashlib.sha256).digest() + rest
 
@@ -219,11 +257,20 @@ def test_file_modes_do_not_depend_on_umask(cluster: Cluster, umask: int) -> None
     sock = raw_app(a.prefix)
     assert bind(sock, texts_for("modes"))["how"] == "compiled"
     p = a.prefix
-    modes = {str(f.relative_to(p)): oct(stat.S_IMODE(os.lstat(f).st_mode))
-             for f in [p, *sorted(p.rglob("*"))]}
+    modes = {
+        str(f.relative_to(p)): oct(stat.S_IMODE(os.lstat(f).st_mode))
+        for f in [p, *sorted(p.rglob("*"))]
+    }
     print(f"umask {umask:04o}:", modes)
-    want = {".": "0o755", "cache": "0o700", "mrpcd.json": "0o644", "mrpcd.lock": "0o644",
-            "app.sock": "0o666", "ctl.sock": "0o600", "cache/.secret": "0o600"}
+    want = {
+        ".": "0o755",
+        "cache": "0o700",
+        "mrpcd.json": "0o644",
+        "mrpcd.lock": "0o644",
+        "app.sock": "0o666",
+        "ctl.sock": "0o600",
+        "cache/.secret": "0o600",
+    }
     for name, mode in want.items():
         assert modes.get(name) == mode, (name, modes.get(name))
     entries = [m for n, m in modes.items() if n.startswith("cache/") and n != "cache/.secret"]
@@ -254,8 +301,9 @@ while True:
 
 def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) -> None:
     prefix = shared_dir / "eve"
-    fake = other_user.popen([*other_user.python, "-c", FAKE_DAEMON, str(prefix)], stdout=subprocess.PIPE,
-                            text=True)
+    fake = other_user.popen(
+        [*other_user.python, "-c", FAKE_DAEMON, str(prefix)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert fake.stdout is not None and fake.stdout.readline().strip() == "READY"
         from libmrpc.session import Session
@@ -266,15 +314,26 @@ def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) 
         assert info.value.code() == StatusCode.PERMISSION_DENIED, info.value.details()
         assert str(prefix) in info.value.details() and other_user.name in info.value.details()
         assert not (prefix / "captured").exists(), (prefix / "captured").read_text()
-        ctl = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--prefix", str(prefix), "status"],
-                             capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+        ctl = subprocess.run(
+            [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(prefix), "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
         assert ctl.returncode != 0 and "PERMISSION_DENIED" in ctl.stderr, ctl.stderr
         from libmrpc.paths import check_daemon_peer
 
-        sock = open_control(str(prefix / "app.sock"))  # past the file checks: the peer's uid still counts
+        sock = open_control(
+            str(prefix / "app.sock")
+        )  # past the file checks: the peer's uid still counts
         with sock, pytest.raises(RpcError) as info:
             check_daemon_peer(sock, str(prefix / "app.sock"))
-        assert info.value.code() == StatusCode.PERMISSION_DENIED and other_user.name in info.value.details()
+        assert (
+            info.value.code() == StatusCode.PERMISSION_DENIED
+            and other_user.name in info.value.details()
+        )
     finally:
         fake.kill()
         fake.wait()

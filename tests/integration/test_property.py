@@ -20,9 +20,16 @@ def test_random_alltypes_messages_roundtrip_through_two_daemons(cluster: Cluster
     stub = alltypes.AllTypesServiceStub(libmrpc.connect(b.listen, prefix=a.prefix, name="property"))
     checked = []
 
-    @settings(max_examples=80, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.large_base_example])
+    @settings(
+        max_examples=80,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
     @given(pb=message_strategy(ALLTYPES, depth=2))
     def roundtrip(pb) -> None:
         request = alltypes.AllTypes.from_pb(pb)

@@ -32,8 +32,9 @@ def test_unary_roundtrip_sync_future_and_aio(cluster: Cluster) -> None:
     assert bytes(fut.result().payload) == b"future"
 
     async def many() -> list[bytes]:
-        replies = await asyncio.gather(*(stub.Call.aio(testing.Request(payload=b"%d" % i), timeout=10)
-                                         for i in range(64)))
+        replies = await asyncio.gather(
+            *(stub.Call.aio(testing.Request(payload=b"%d" % i), timeout=10) for i in range(64))
+        )
         return [bytes(r.payload) for r in replies]
 
     assert asyncio.run(many()) == [b"%d" % i for i in range(64)]
@@ -51,8 +52,23 @@ def test_request_can_be_reused_and_reply_is_zero_copy(cluster: Cluster) -> None:
 def test_two_clients_one_server_64_outstanding_each(cluster: Cluster) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b, "--mode", "async")
-    clients = [cluster.app("client_app.py", str(a.prefix), b.listen, "--calls", "640", "--concurrency", "64",
-                           "--size", "100", "--name", f"client{i}", name=f"client{i}") for i in range(2)]
+    clients = [
+        cluster.app(
+            "client_app.py",
+            str(a.prefix),
+            b.listen,
+            "--calls",
+            "640",
+            "--concurrency",
+            "64",
+            "--size",
+            "100",
+            "--name",
+            f"client{i}",
+            name=f"client{i}",
+        )
+        for i in range(2)
+    ]
     for c in clients:
         r = c.result()
         assert r == {**r, "ok": 640, "errors": {}, "mismatches": 0}, r
@@ -84,7 +100,10 @@ def test_handler_exception_is_unknown_with_text(cluster: Cluster) -> None:
     with pytest.raises(RpcError) as e:
         stub.Call(testing.Request(fail="abort:NOT_FOUND:no such key"), timeout=10)
     assert e.value.code() is StatusCode.NOT_FOUND and e.value.details() == "no such key"
-    assert bytes(stub.Call(testing.Request(payload=b"still fine"), timeout=10).payload) == b"still fine"
+    assert (
+        bytes(stub.Call(testing.Request(payload=b"still fine"), timeout=10).payload)
+        == b"still fine"
+    )
 
 
 def test_deadline_expiry_and_late_reply_reclaimed(cluster: Cluster) -> None:
@@ -169,8 +188,17 @@ def test_client_sigkill_is_cleaned_up_and_others_unaffected(cluster: Cluster) ->
     before = shm_listing()
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b)
-    victim = cluster.app("client_app.py", str(a.prefix), b.listen, "--forever", "--concurrency", "8",
-                         "--name", "victim", name="victim")
+    victim = cluster.app(
+        "client_app.py",
+        str(a.prefix),
+        b.listen,
+        "--forever",
+        "--concurrency",
+        "8",
+        "--name",
+        "victim",
+        name="victim",
+    )
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="survivor"))
     assert bytes(stub.Call(testing.Request(payload=b"a"), timeout=10).payload) == b"a"
     assert {x["name"] for x in a.apps()} == {"victim", "survivor"}
@@ -196,7 +224,10 @@ def test_client_sigkill_is_cleaned_up_and_others_unaffected(cluster: Cluster) ->
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(cluster: Cluster) -> None:
     a, _b, stub = two_hosts(cluster)
-    futs = [stub.Call.future(testing.Request(payload=b"%d" % i, sleep_ms=300), timeout=30) for i in range(8)]
+    futs = [
+        stub.Call.future(testing.Request(payload=b"%d" % i, sleep_ms=300), timeout=30)
+        for i in range(8)
+    ]
     time.sleep(0.1)
     a.proc.send_signal(signal.SIGTERM)
     assert [bytes(f.result().payload) for f in futs] == [b"%d" % i for i in range(8)]
@@ -207,8 +238,13 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(cluster: Cluster) -> None
 def test_several_server_apps_on_one_daemon_route_by_service(cluster: Cluster) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b)
-    echo_srv = cluster.app("../../../examples/echo_server.py", "--prefix", str(b.prefix), wait=False,
-                           name="echo_server")
+    echo_srv = cluster.app(
+        "../../../examples/echo_server.py",
+        "--prefix",
+        str(b.prefix),
+        wait=False,
+        name="echo_server",
+    )
     assert echo_srv.proc.stdout.readline().strip() == "echo server ready"
     echo = libmrpc.load_proto(ROOT / "schemas" / "echo.proto")
     channel = libmrpc.connect(b.listen, prefix=a.prefix)

@@ -46,15 +46,19 @@ def bind_error(sock: object, texts: dict[str, str]) -> RpcError:
 
 
 def small(tag: str) -> dict[str, str]:
-    return {f"{tag}.proto": P3 + f"package {tag};\nmessage M {{ int32 x = 1; }}\n"
-                                 "service S { rpc Call(M) returns (M); }\n"}
+    return {
+        f"{tag}.proto": P3 + f"package {tag};\nmessage M {{ int32 x = 1; }}\n"
+        "service S { rpc Call(M) returns (M); }\n"
+    }
 
 
 def big_schema(target: int) -> dict[str, str]:
     parts = [P3, "package big;"]
     i = size = 0
     while size < target:
-        fields = "\n".join(f"  int64 f{j} = {j + 1};" if j % 3 else f"  string s{j} = {j + 1};" for j in range(20))
+        fields = "\n".join(
+            f"  int64 f{j} = {j + 1};" if j % 3 else f"  string s{j} = {j + 1};" for j in range(20)
+        )
         m = f"message M{i} {{\n{fields}\n  M{max(i - 1, 0)} sub = 30;\n}}\n"
         parts.append(m)
         size += len(m)
@@ -109,9 +113,11 @@ def test_large_schema_does_not_stall_calls_or_grow_the_daemon(cluster: Cluster) 
     gaps = [b - a_ for a_, b in itertools.pairwise(window)]
     longest = max(gaps, default=t1 - t0)
     after = proc_status(a.pid)
-    print(f"bound a {size}-byte schema ({reply['how']}) in {t1 - t0:.2f}s; client: {len(window)} calls "
-          f"during the bind, longest gap {longest * 1e3:.0f} ms, errors {errors}; daemon VmRSS "
-          f"{before['VmRSS'] // 1024} -> {after['VmRSS'] // 1024} MiB, peak VmHWM {after['VmHWM'] // 1024} MiB")
+    print(
+        f"bound a {size}-byte schema ({reply['how']}) in {t1 - t0:.2f}s; client: {len(window)} calls "
+        f"during the bind, longest gap {longest * 1e3:.0f} ms, errors {errors}; daemon VmRSS "
+        f"{before['VmRSS'] // 1024} -> {after['VmRSS'] // 1024} MiB, peak VmHWM {after['VmHWM'] // 1024} MiB"
+    )
     assert reply["how"] == "compiled" and not errors
     assert longest < 1.5, f"the bind stalled the data plane for {longest:.2f}s"
     assert after["VmHWM"] < 400 * 1024, f"daemon peak RSS {after['VmHWM'] // 1024} MiB"
@@ -123,19 +129,29 @@ def test_large_schema_does_not_stall_calls_or_grow_the_daemon(cluster: Cluster) 
 
 def test_compile_limits_give_resource_exhausted_naming_the_key(cluster: Cluster) -> None:
     texts = big_schema(150_000)
-    for name, env, key in (("t", {"MRPC_SCHEMA_COMPILE_TIMEOUT": "0.3"}, "schema.compile_timeout"),
-                           ("m", {"MRPC_SCHEMA_COMPILE_MEMORY": "48MiB"}, "schema.compile_memory")):
+    for name, env, key in (
+        ("t", {"MRPC_SCHEMA_COMPILE_TIMEOUT": "0.3"}, "schema.compile_timeout"),
+        ("m", {"MRPC_SCHEMA_COMPILE_MEMORY": "48MiB"}, "schema.compile_memory"),
+    ):
         d = cluster.daemon(name, env=env)
         t0 = time.monotonic()
         err = bind_error(raw_app(d.prefix), texts)
         print(f"{key}: {err.code().name} after {time.monotonic() - t0:.1f}s: {err.details()}")
         assert err.code() == StatusCode.RESOURCE_EXHAUSTED and key in err.details(), err.details()
-        assert bind(raw_app(d.prefix, "small"), small("fine"))["how"] == "compiled"  # the daemon is fine
+        assert (
+            bind(raw_app(d.prefix, "small"), small("fine"))["how"] == "compiled"
+        )  # the daemon is fine
 
 
 def test_schema_count_per_app_and_eviction(cluster: Cluster) -> None:
-    a = cluster.daemon("a", env={"MRPC_SCHEMA_MAX_PER_APP": "3", "MRPC_SCHEMA_KEEP_UNUSED": "2",
-                                 "MRPC_SCHEMA_CACHE_MAX_ENTRIES": "4"})
+    a = cluster.daemon(
+        "a",
+        env={
+            "MRPC_SCHEMA_MAX_PER_APP": "3",
+            "MRPC_SCHEMA_KEEP_UNUSED": "2",
+            "MRPC_SCHEMA_CACHE_MAX_ENTRIES": "4",
+        },
+    )
     sock = raw_app(a.prefix)
     slots = [bind(sock, small(f"s{i}"))["slot"] for i in range(3)]
     err = bind_error(sock, small("s3"))
@@ -155,8 +171,10 @@ def test_schema_count_per_app_and_eviction(cluster: Cluster) -> None:
             break
         time.sleep(0.2)
     files = sorted(os.listdir(a.prefix / "cache"))
-    print(f"after {n + 3} distinct schemas from apps that exited: bind_cache {st}; cache files {len(files)}; "
-          f"daemon {proc_status(a.pid)}")
+    print(
+        f"after {n + 3} distinct schemas from apps that exited: bind_cache {st}; cache files {len(files)}; "
+        f"daemon {proc_status(a.pid)}"
+    )
     assert st["loaded"] <= 2 and st["kept_unused"] <= 2
     assert st["disk_entries"] <= 4 and len([f for f in files if f != ".secret"]) <= 4
     s = raw_app(a.prefix, "late")
@@ -181,19 +199,27 @@ def test_bad_schema_error_holds_protocs_message_only(cluster: Cluster) -> None:
     t = threading.Thread(target=flooder, daemon=True)
     t.start()
     sock = raw_app(a.prefix, "bad")
-    body = big_schema(100_000)["big.proto"]  # protoc reads it all before it finds the error at the end
+    body = big_schema(100_000)[
+        "big.proto"
+    ]  # protoc reads it all before it finds the error at the end
     errors = []
     try:
         for i in range(20):
-            errors.append(bind_error(sock, {f"bad{i}.proto": body + f"\n// {i}\nmessage Bad {{ int32 x = 1 }}\n"}))
+            errors.append(
+                bind_error(
+                    sock, {f"bad{i}.proto": body + f"\n// {i}\nmessage Bad {{ int32 x = 1 }}\n"}
+                )
+            )
     finally:
         stop.set()
         t.join(30)
     time.sleep(0.5)
     logged = a.log().count("'flood' (pid")  # "registered as ..." and "cleaned up"
     mixed = [e.details() for e in errors if "flood" in e.details() or "mrpcd[" in e.details()]
-    print(f"flood registrations {count}, their log lines {logged}; errors with other output {len(mixed)}; "
-          f"last error: {errors[-1].details()!r}")
+    print(
+        f"flood registrations {count}, their log lines {logged}; errors with other output {len(mixed)}; "
+        f"last error: {errors[-1].details()!r}"
+    )
     assert not mixed, f"other threads' log lines inside a schema error: {mixed[0]!r}"
     assert count > 0 and logged == 2 * count, "log lines went missing"
     for i, err in enumerate(errors):
@@ -207,21 +233,38 @@ def test_bad_schema_error_holds_protocs_message_only(cluster: Cluster) -> None:
 
 BAD_SCHEMAS = {
     "field _LAYOUT": ({"t.proto": P3 + "message A { int32 _LAYOUT = 1; }"}, "_LAYOUT"),
-    "nested enum value _LAYOUT": ({"t.proto": P3 + "message A { enum E { _LAYOUT = 0; } }"}, "_LAYOUT"),
+    "nested enum value _LAYOUT": (
+        {"t.proto": P3 + "message A { enum E { _LAYOUT = 0; } }"},
+        "_LAYOUT",
+    ),
     "nested enum _SIZE": ({"t.proto": P3 + "message A { enum _SIZE { Z = 0; } }"}, "_SIZE"),
-    "nested message _LAYOUT": ({"t.proto": P3 + "message A { message _LAYOUT { int32 x = 1; } }"}, "_LAYOUT"),
+    "nested message _LAYOUT": (
+        {"t.proto": P3 + "message A { message _LAYOUT { int32 x = 1; } }"},
+        "_LAYOUT",
+    ),
     "field _from_image": ({"t.proto": P3 + "message A { int32 _from_image = 1; }"}, "_from_image"),
-    "enum value _x_": ({"t.proto": P3 + "enum E { Z = 0; _x_ = 1; } message A { E e = 1; }"}, "_x_"),
-    "quotes in file name": ({'a"""b.proto': P3 + "message A { int32 x = 1; }"}, "a\"\"\"b.proto"),
+    "enum value _x_": (
+        {"t.proto": P3 + "enum E { Z = 0; _x_ = 1; } message A { E e = 1; }"},
+        "_x_",
+    ),
+    "quotes in file name": ({'a"""b.proto': P3 + "message A { int32 x = 1; }"}, 'a"""b.proto'),
     "long file name": ({"x" * 300 + ".proto": P3 + "message A { int32 x = 1; }"}, "xxxx"),
-    "file and directory": ({"a.proto": P3, "a.proto/b.proto": P3 + "message B { int32 x = 1; }"}, "a.proto"),
-    "surrogate in file name": ({"a\udc80.proto": P3 + "message A { int32 x = 1; }"}, "a\\udc80.proto"),
+    "file and directory": (
+        {"a.proto": P3, "a.proto/b.proto": P3 + "message B { int32 x = 1; }"},
+        "a.proto",
+    ),
+    "surrogate in file name": (
+        {"a\udc80.proto": P3 + "message A { int32 x = 1; }"},
+        "a\\udc80.proto",
+    ),
     "option as file name": ({"-Ifoo.proto": P3}, "-Ifoo.proto"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_SCHEMAS))
-def test_identifiers_and_file_names_that_break_codegen_are_invalid_argument(cluster: Cluster, case: str) -> None:
+def test_identifiers_and_file_names_that_break_codegen_are_invalid_argument(
+    cluster: Cluster, case: str
+) -> None:
     a = cluster.daemon("a")
     texts, word = BAD_SCHEMAS[case]
     err = bind_error(raw_app(a.prefix), texts)
@@ -237,14 +280,19 @@ def test_file_names_cannot_pass_options_to_protoc(cluster: Cluster, tmp_path: Pa
     plugin.write_text(f"#!/bin/sh\necho ran as $(id -u) > {marker}\ncat > /dev/null\n")
     plugin.chmod(0o755)
     a = cluster.daemon("a")
-    texts = {f"--plugin=protoc-gen-e={plugin}": P3, f"--e_out={tmp_path}": P3,
-             "ok.proto": P3 + "message A { int32 x = 1; }"}
+    texts = {
+        f"--plugin=protoc-gen-e={plugin}": P3,
+        f"--e_out={tmp_path}": P3,
+        "ok.proto": P3 + "message A { int32 x = 1; }",
+    }
     try:
         bind(raw_app(a.prefix), texts)
         err = None
     except RpcError as e:
         err = e
-    assert not marker.exists(), f"a schema file name made mrpcd run a protoc plugin: {marker.read_text()}"
+    assert not marker.exists(), (
+        f"a schema file name made mrpcd run a protoc plugin: {marker.read_text()}"
+    )
     assert err is not None
     print(err.code().name, err.details()[:160])
     assert err.code() == StatusCode.INVALID_ARGUMENT and "--plugin" in err.details()

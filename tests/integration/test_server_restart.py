@@ -25,7 +25,9 @@ def call_until_served(stub: object, timeout: float = 30) -> tuple[str, int]:
         except RpcError as e:
             failures += 1
             if time.monotonic() > deadline:
-                raise AssertionError(f"no call succeeded within {timeout}s; last error: {e}") from None
+                raise AssertionError(
+                    f"no call succeeded within {timeout}s; last error: {e}"
+                ) from None
             time.sleep(0.1)
 
 
@@ -62,4 +64,7 @@ def test_server_stops_with_a_clear_error_if_its_daemon_stays_away(cluster: Clust
     with pytest.raises(RpcError) as info:
         server.wait_for_termination(15)
     assert info.value.code() == StatusCode.UNAVAILABLE
-    assert "did not come back within 1s" in info.value.details() and str(b.prefix) in info.value.details()
+    assert (
+        "did not come back within 1s" in info.value.details()
+        and str(b.prefix) in info.value.details()
+    )

@@ -17,7 +17,11 @@ def _wait_idle(daemon, name: str, timeout: float = 10) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         app = next(x for x in daemon.apps() if x["name"] == name)
-        idle = (app["recv_heap"]["used"] == 0 and app["inflight_calls"] == 0 and app["serving_calls"] == 0)
+        idle = (
+            app["recv_heap"]["used"] == 0
+            and app["inflight_calls"] == 0
+            and app["serving_calls"] == 0
+        )
         if idle or time.monotonic() > deadline:
             return app
         time.sleep(0.05)
@@ -36,7 +40,9 @@ def test_100k_small_rpcs_leave_no_heap_growth(cluster: Cluster) -> None:
 
     async def worker(tag: int) -> None:
         for i in range(tag, total, concurrency):
-            reply = await stub.Call.aio(testing.Request(payload=i.to_bytes(4, "little")), timeout=30)
+            reply = await stub.Call.aio(
+                testing.Request(payload=i.to_bytes(4, "little")), timeout=30
+            )
             value = int.from_bytes(reply.payload, "little")
             assert value == i and value not in seen
             seen.add(value)

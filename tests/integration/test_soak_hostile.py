@@ -67,11 +67,17 @@ class Sampler(threading.Thread):
                     pass
 
 
-def _hostile_app(cluster: Cluster, a: Daemon, b: Daemon, mode: str, *args: str,
-                 seconds: float = 3.0) -> None:
+def _hostile_app(
+    cluster: Cluster, a: Daemon, b: Daemon, mode: str, *args: str, seconds: float = 3.0
+) -> None:
     """Run one hostile app for a while, then make it go away (stdin closed, then kill)."""
-    proc = subprocess.Popen([sys.executable, str(APPS / "hostile_app.py"), str(a.prefix), b.listen, mode, *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(APPS / "hostile_app.py"), str(a.prefix), b.listen, mode, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -111,7 +117,11 @@ def _peer_attacks(b: Daemon, schema_hash: str) -> list[Callable[[], None]]:
     def stalled_bodies() -> None:
         peers = [Peer(b.listen) for _ in range(33)]
         for i, p in enumerate(peers):
-            p.send(hello(schema_hash) + encode_header(CALL, call_id=i + 1, body_len=1 << 20) + b"x" * 100)
+            p.send(
+                hello(schema_hash)
+                + encode_header(CALL, call_id=i + 1, body_len=1 << 20)
+                + b"x" * 100
+            )
         time.sleep(1.5)
         for p in peers:
             p.close()
@@ -165,7 +175,15 @@ def _peer_attacks(b: Daemon, schema_hash: str) -> list[Callable[[], None]]:
         p.read_frames(lambda frames: len(frames) >= 51, timeout=5)
         p.close()
 
-    return [huge_headers, stalled_bodies, ping_flood, big_hello, garbage, idle_and_slowloris, endless_timeouts]
+    return [
+        huge_headers,
+        stalled_bodies,
+        ping_flood,
+        big_hello,
+        garbage,
+        idle_and_slowloris,
+        endless_timeouts,
+    ]
 
 
 @pytest.mark.timeout(SECONDS + 300)
@@ -173,8 +191,9 @@ def test_hostile_apps_and_peers_beside_a_steady_client(cluster: Cluster) -> None
     a = cluster.daemon("a", config=PEER_LIMITS)
     b = cluster.daemon("b", config=PEER_LIMITS)
     cluster.server(b, "--mode", "inline", "--alltypes")
-    steady = cluster.app("steady_client.py", str(a.prefix), b.listen, "--seconds", str(SECONDS + 60),
-                         name="steady")
+    steady = cluster.app(
+        "steady_client.py", str(a.prefix), b.listen, "--seconds", str(SECONDS + 60), name="steady"
+    )
     schemas = next(x for x in b.apps() if x["name"] == "server")["schemas"]
     schema_hash = next(s["hash"] for s in schemas if "mrpctest.Test" in s["services"])
     time.sleep(1.0)
@@ -208,10 +227,14 @@ def test_hostile_apps_and_peers_beside_a_steady_client(cluster: Cluster) -> None
     sampler.stop.set()
     end = {"a": proc_stats(a.pid), "b": proc_stats(b.pid)}
     result = steady.result(timeout=60)  # closes its stdin: it stops and reports
-    print(f"soak {SECONDS:.0f}s: {rounds} rounds of attacks ({failures} attack errors: {problems[:3]}); "
-          f"steady client {json.dumps(result)}")
+    print(
+        f"soak {SECONDS:.0f}s: {rounds} rounds of attacks ({failures} attack errors: {problems[:3]}); "
+        f"steady client {json.dumps(result)}"
+    )
     for name in ("a", "b"):
-        print(f"daemon {name}: baseline {base[name]}, peak RSS {sampler.peak[name]} KiB, end {end[name]}")
+        print(
+            f"daemon {name}: baseline {base[name]}, peak RSS {sampler.peak[name]} KiB, end {end[name]}"
+        )
 
     assert rounds >= 1 and not problems, problems[:3]
     assert result["ok"] > 0 and not result["errors"], result

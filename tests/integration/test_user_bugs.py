@@ -15,9 +15,25 @@ def test_failed_start_leaves_prefix_clean(tmp_path):
     prefix = tmp_path / "p"
     cfg = tmp_path / "rdma.yaml"
     cfg.write_text("transport: rdma\n")
-    r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(prefix),
-                        "--listen", "127.0.0.1:0", "--config", str(cfg)],
-                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(prefix),
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(cfg),
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     print("exit", r.returncode, r.stderr.strip().splitlines()[-1:])
     assert r.returncode != 0 and "rdma" in r.stderr
     assert "Traceback" not in r.stderr
@@ -65,8 +81,11 @@ def test_register_leave_cycles_return_fds_and_rss_to_baseline(cluster):
 
     from libmrpc.control import open_control, request
 
-    a = cluster.daemon("a", config="apps:\n  register_rate: 100000\n  register_burst: 100000\n"
-                                   "shm:\n  send_heap_size: 1048576\n  recv_heap_size: 1048576\n")
+    a = cluster.daemon(
+        "a",
+        config="apps:\n  register_rate: 100000\n  register_burst: 100000\n"
+        "shm:\n  send_heap_size: 1048576\n  recv_heap_size: 1048576\n",
+    )
 
     def cycle(n: int) -> None:
         for _ in range(n):
@@ -89,9 +108,13 @@ def test_register_leave_cycles_return_fds_and_rss_to_baseline(cluster):
     cycle(1000)
     took = time.monotonic() - t0
     fds1, rss1 = settled()
-    maps = sum(1 for line in Path(f"/proc/{a.pid}/maps").read_text().splitlines() if "mrpc-" in line)
-    print(f"1000 register/leave cycles in {took:.1f}s: daemon fds {fds0} -> {fds1}, "
-          f"VmRSS {rss0} -> {rss1} kB, app mappings left {maps}")
+    maps = sum(
+        1 for line in Path(f"/proc/{a.pid}/maps").read_text().splitlines() if "mrpc-" in line
+    )
+    print(
+        f"1000 register/leave cycles in {took:.1f}s: daemon fds {fds0} -> {fds1}, "
+        f"VmRSS {rss0} -> {rss1} kB, app mappings left {maps}"
+    )
     assert fds1 <= fds0 + 2, (fds0, fds1)
     assert maps == 0
     assert rss1 <= rss0 + 8 * 1024, (rss0, rss1)
@@ -117,8 +140,9 @@ def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
     lsock.settimeout(10)
-    stub = testing.TestStub(libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix,
-                                            name="rewriter"))
+    stub = testing.TestStub(
+        libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix, name="rewriter")
+    )
     session = get_session(a.prefix)
     size = 8 << 20
     frames: list = []
@@ -170,11 +194,17 @@ def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
             break
     peer.close()
     lsock.close()
-    print(f"rewrote {rewritten} bytes after the deadline; the peer then read {len(got)} bytes "
-          f"with {got.count(b'B')} rewritten ones")
+    print(
+        f"rewrote {rewritten} bytes after the deadline; the peer then read {len(got)} bytes "
+        f"with {got.count(b'B')} rewritten ones"
+    )
     bodies = [body for ft, body in frames if ft == CALL]
-    print("the CALL arrived whole:", bool(bodies), "| its payload intact:",
-          bool(bodies) and bodies[0].count(b"A") >= size)
+    print(
+        "the CALL arrived whole:",
+        bool(bodies),
+        "| its payload intact:",
+        bool(bodies) and bodies[0].count(b"A") >= size,
+    )
     assert b"B" not in got
     assert not bodies or (b"B" not in bodies[0] and bodies[0].count(b"A") >= size)
 
@@ -193,13 +223,37 @@ def test_acl_attached_while_calls_are_held_checks_them(cluster):
     cluster.server(b, "--mode", "inline")
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="held"))
     stub.Call(testing.Request(payload=b"warm"), timeout=10)
-    a.ctl("policy", "attach", "ratelimit", "--app", "held", "--set", "max_tokens=1",
-          "--set", "tokens_per_fill=1", "--set", "fill_interval=0.5", "--set", "mode=delay")
-    futures = [stub.Call.future(testing.Request(key="admin", payload=b"x" * 1000), timeout=20)
-               for _ in range(4)]
+    a.ctl(
+        "policy",
+        "attach",
+        "ratelimit",
+        "--app",
+        "held",
+        "--set",
+        "max_tokens=1",
+        "--set",
+        "tokens_per_fill=1",
+        "--set",
+        "fill_interval=0.5",
+        "--set",
+        "mode=delay",
+    )
+    futures = [
+        stub.Call.future(testing.Request(key="admin", payload=b"x" * 1000), timeout=20)
+        for _ in range(4)
+    ]
     time.sleep(0.3)  # the first went; the rest are held by the ratelimit
-    a.ctl("policy", "attach", "acl", "--app", "held", "--set", "default=allow",
-                   "--set", "rules=[{name: no-admin, action: deny, field: key, equals: admin}]")
+    a.ctl(
+        "policy",
+        "attach",
+        "acl",
+        "--app",
+        "held",
+        "--set",
+        "default=allow",
+        "--set",
+        "rules=[{name: no-admin, action: deny, field: key, equals: admin}]",
+    )
     outcomes = []
     for f in futures:
         try:
@@ -284,8 +338,9 @@ def test_an_old_peer_sending_an_oversize_reply_fails_that_call_only(cluster):
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
     lsock.settimeout(10)
-    stub = testing.TestStub(libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix,
-                                            name="oldpeer"))
+    stub = testing.TestStub(
+        libmrpc.connect(f"127.0.0.1:{lsock.getsockname()[1]}", prefix=a.prefix, name="oldpeer")
+    )
     heap = Heap.private(1 << 16)
     msg = testing.Reply.new(heap, payload=b"small")
     head, segs = testing.MARSHAL["mrpctest.Reply"](heap.buf, msg._off, 1 << 30, 1 << 30)
@@ -311,16 +366,23 @@ def test_an_old_peer_sending_an_oversize_reply_fails_that_call_only(cluster):
         assert data, "the client daemon hung up"
         asm.feed(data)
         if not acked and any(h.type == HELLO for h, _ in frames):
-            peer.sendall(encode_json_frame(HELLO_ACK, {"ok": True, "daemon": "old"}))  # no max_message_size
+            peer.sendall(
+                encode_json_frame(HELLO_ACK, {"ok": True, "daemon": "old"})
+            )  # no max_message_size
             acked = True
     calls = {bytes(b).find(b"big") >= 0: h.call_id for h, b in frames if h.type == CALL}
     big_body = 2 << 20
-    peer.sendall(encode_header(REPLY, call_id=calls[True], method=0, body_len=big_body) + b"\0" * big_body)
+    peer.sendall(
+        encode_header(REPLY, call_id=calls[True], method=0, body_len=big_body) + b"\0" * big_body
+    )
     peer.sendall(encode_header(REPLY, call_id=calls[False], method=0, body_len=len(small)) + small)
     for t in threads:
         t.join(15)
     peer.close()
     lsock.close()
     print("big:", results.get("big"), "| small:", results.get("small"))
-    assert isinstance(results["big"], RpcError) and results["big"].code() is StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        isinstance(results["big"], RpcError)
+        and results["big"].code() is StatusCode.RESOURCE_EXHAUSTED
+    )
     assert results["small"] == b"small"

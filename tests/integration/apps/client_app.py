@@ -32,7 +32,9 @@ testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 @click.option("--size", default=16)
 @click.option("--forever", is_flag=True, help="Keep calling until killed.")
 @click.option("--name", default="client")
-def main(prefix: str, target: str, calls: int, concurrency: int, size: int, forever: bool, name: str) -> None:
+def main(
+    prefix: str, target: str, calls: int, concurrency: int, size: int, forever: bool, name: str
+) -> None:
     channel = libmrpc.connect(target, prefix=prefix, name=name)
     stub = testing.TestStub(channel)
     first = stub.Call(testing.Request(payload=b"hello"), timeout=10)
@@ -62,16 +64,28 @@ def main(prefix: str, target: str, calls: int, concurrency: int, size: int, fore
         if forever:
             while True:
                 await asyncio.gather(*(worker(10, t) for t in range(concurrency)))
-        per = [calls // concurrency + (1 if t < calls % concurrency else 0) for t in range(concurrency)]
+        per = [
+            calls // concurrency + (1 if t < calls % concurrency else 0) for t in range(concurrency)
+        ]
         await asyncio.gather(*(worker(n, t) for t, n in enumerate(per)))
 
     t0 = time.perf_counter()
     asyncio.run(run())
     took = time.perf_counter() - t0
     latencies.sort()
-    print(json.dumps({"ok": len(latencies), "errors": dict(errors), "mismatches": mismatches, "details": details,
-                      "seconds": took,
-                      "p50_us": latencies[len(latencies) // 2] * 1e6 if latencies else None}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": len(latencies),
+                "errors": dict(errors),
+                "mismatches": mismatches,
+                "details": details,
+                "seconds": took,
+                "p50_us": latencies[len(latencies) // 2] * 1e6 if latencies else None,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

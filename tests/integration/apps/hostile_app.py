@@ -59,12 +59,20 @@ class Raw:
         self.conn = next(iter(self.s._conns.values()))
         self.ids = iter(range(1_000_000, 1 << 62))
 
-    def post(self, method: int, off: int, call_id: int | None = None, deadline_ns: int = 0,
-             wait: bool = True) -> int | None:
+    def post(
+        self,
+        method: int,
+        off: int,
+        call_id: int | None = None,
+        deadline_ns: int = 0,
+        wait: bool = True,
+    ) -> int | None:
         """Post one CALL; None when the ring is full and ``wait`` is False."""
         cid = next(self.ids) if call_id is None else call_id
         s = self.s
-        while not s.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, self.conn, cid, method, 0, off, 0, deadline_ns):
+        while not s.submit.push(
+            DESCRIPTOR, SUB_CALL, 0, 0, self.conn, cid, method, 0, off, 0, deadline_ns
+        ):
             if not wait:
                 return None
             notify(s.regions.submit_efd)
@@ -86,12 +94,20 @@ class Raw:
 
     def details(self, d: tuple[int, ...]) -> str:
         off, length = d[7], d[8]
-        return bytes(self.s.recv_view[off:off + length]).decode("utf-8", "replace") if length else ""
+        return (
+            bytes(self.s.recv_view[off : off + length]).decode("utf-8", "replace") if length else ""
+        )
 
 
 # (status, off, length) of SUB_REPLY descriptors no libmrpc would post
-BAD_REPLIES = [(65535, 0, U64_MAX), (0, U64_MAX, 0), (2, 1 << 63, U64_MAX), (0, 12345, 7), (0, 0, 0),
-               (13, 64, U64_MAX)]
+BAD_REPLIES = [
+    (65535, 0, U64_MAX),
+    (0, U64_MAX, 0),
+    (2, 1 << 63, U64_MAX),
+    (0, 12345, 7),
+    (0, 0, 0),
+    (13, 64, U64_MAX),
+]
 
 
 def bad_replies(s: object) -> None:
@@ -107,8 +123,10 @@ def bad_replies(s: object) -> None:
                 continue
             status, roff, rlen = BAD_REPLIES[i % len(BAD_REPLIES)]
             i += 1
-            for d in ((SUB_RELEASE, 0, 0, 0, 0, 0, 0, off, 0, 0),
-                      (SUB_REPLY, 0, status, 0, token, 0, 0, roff, rlen, 0)):
+            for d in (
+                (SUB_RELEASE, 0, 0, 0, 0, 0, 0, off, 0, 0),
+                (SUB_REPLY, 0, status, 0, token, 0, 0, roff, rlen, 0),
+            ):
                 while not s.submit.push(DESCRIPTOR, *d):  # type: ignore[attr-defined]
                     time.sleep(0.001)
             notify(s.regions.submit_efd)  # type: ignore[attr-defined]
@@ -127,13 +145,16 @@ def statuses(raw: Raw, done: list[tuple[int, ...]]) -> dict[str, object]:
 @click.command()
 @click.argument("prefix")
 @click.argument("target")
-@click.argument("mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline", "deaf",
-                                                  "badreply"]))
+@click.argument(
+    "mode", type=click.Choice(["bigimage", "flood", "refs", "dup", "deadline", "deaf", "badreply"])
+)
 @click.option("--count", default=64)
 @click.option("--size-mib", default=64)
 @click.option("--refs", default=4_000_000)
 @click.option("--seconds", default=5.0)
-def main(prefix: str, target: str, mode: str, count: int, size_mib: int, refs: int, seconds: float) -> None:
+def main(
+    prefix: str, target: str, mode: str, count: int, size_mib: int, refs: int, seconds: float
+) -> None:
     if mode in ("deaf", "badreply"):
         s = get_session(prefix, name=mode)
         s.control({"op": "serve", "slot": s.bind(testing), "services": ["mrpctest.Test"]})
@@ -171,13 +192,17 @@ def main(prefix: str, target: str, mode: str, count: int, size_mib: int, refs: i
         blob = heap.alloc(8)
         heap.buf[blob] = ord("x")
         arr = heap.alloc(8 * refs)
-        heap.buf[arr:arr + 8 * refs] = struct.pack("<II", blob, 1) * refs
-        struct.pack_into("<II", heap.buf, msg._off + alltypes.AllTypes._SPECS["r_bytes"].off, arr, refs)
+        heap.buf[arr : arr + 8 * refs] = struct.pack("<II", blob, 1) * refs
+        struct.pack_into(
+            "<II", heap.buf, msg._off + alltypes.AllTypes._SPECS["r_bytes"].off, arr, refs
+        )
         t_post = time.perf_counter()
         raw.post(method_id(alltypes, "Roundtrip"), msg._off)
         done = raw.completions(1, 30)
-        out = statuses(raw, done) | {"answered": len(done),
-                                     "answer_ms": (time.perf_counter() - t_post) * 1e3}
+        out = statuses(raw, done) | {
+            "answered": len(done),
+            "answer_ms": (time.perf_counter() - t_post) * 1e3,
+        }
     elif mode == "dup":
         req = testing.Request(payload=b"dup", sleep_ms=500)
         cid = 777
@@ -186,8 +211,17 @@ def main(prefix: str, target: str, mode: str, count: int, size_mib: int, refs: i
         done = raw.completions(1, 3)  # the refusal of the second post
         raw.post(call, req._off, call_id=cid)  # the id is still in flight: refused again
         done += raw.completions(3 - len(done), 3)
-        out = {"completions": [{"call_id": d[4], "flags": d[1], "status": StatusCode(d[2]).name,
-                                "details": raw.details(d) if d[2] else ""} for d in done]}
+        out = {
+            "completions": [
+                {
+                    "call_id": d[4],
+                    "flags": d[1],
+                    "status": StatusCode(d[2]).name,
+                    "details": raw.details(d) if d[2] else "",
+                }
+                for d in done
+            ]
+        }
     elif mode == "deadline":
         req = testing.Request(payload=b"late")
         for _ in range(count):

@@ -36,8 +36,9 @@ def answer(request: object, name: str) -> object:
         raise RpcError(StatusCode[code], text)
     n = request.reply_size
     payload = bytes(request.payload) if n == 0 else b"r" * n
-    return testing.Reply(payload=payload, request_size=len(request.payload), served_by=name,
-                         key=request.key)
+    return testing.Reply(
+        payload=payload, request_size=len(request.payload), served_by=name, key=request.key
+    )
 
 
 @click.command()
@@ -47,12 +48,14 @@ def answer(request: object, name: str) -> object:
 @click.option("--alltypes", is_flag=True)
 def main(prefix: str, mode: str, name: str, alltypes: bool) -> None:
     if mode == "async":
+
         class Servicer(testing.TestServicer):
             async def Call(self, request, context):
                 if request.sleep_ms:
                     await asyncio.sleep(request.sleep_ms / 1000)
                 return answer(request, name)
     else:
+
         class Servicer(testing.TestServicer):  # type: ignore[no-redef]
             def Call(self, request, context):
                 if request.sleep_ms:

@@ -52,8 +52,19 @@ def main(prefix: str, target: str, seconds: float, name: str) -> None:
             details.setdefault(e.code().name, e.details())
         time.sleep(0.002)
     took = time.monotonic() - t0
-    print(json.dumps({"ok": ok, "errors": dict(errors), "details": details, "seconds": round(took, 3),
-                      "rate": round(ok / took, 1), "max_gap_s": round(gap, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "errors": dict(errors),
+                "details": details,
+                "seconds": round(took, 3),
+                "rate": round(ok / took, 1),
+                "max_gap_s": round(gap, 3),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

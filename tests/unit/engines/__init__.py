@@ -14,33 +14,81 @@ from typing import Any
 from libmrpc.status import StatusCode
 from mrpcd.engine import Engine, EngineContext, MethodRef, MockClock, Rpc, RpcKind, Side
 
-GET = MethodRef(id=1, service="kv.KV", name="Get", path="/kv.KV/Get",
-                request="kv.GetRequest", response="kv.GetReply")
-PUT = MethodRef(id=2, service="kv.KV", name="Put", path="/kv.KV/Put",
-                request="kv.PutRequest", response="kv.PutReply")
+GET = MethodRef(
+    id=1,
+    service="kv.KV",
+    name="Get",
+    path="/kv.KV/Get",
+    request="kv.GetRequest",
+    response="kv.GetReply",
+)
+PUT = MethodRef(
+    id=2,
+    service="kv.KV",
+    name="Put",
+    path="/kv.KV/Put",
+    request="kv.PutRequest",
+    response="kv.PutReply",
+)
 
 
-def make_ctx(clock: MockClock, *, side: Side = Side.SEND, app: str = "kv",
-             engine_id: str | None = None, method: str | None = None,
-             runtime_local: dict[str, Any] | None = None,
-             services: dict[str, Any] | None = None) -> EngineContext:
-    return EngineContext(engine_id=engine_id or f"{app}/test-1", app=app, app_pid=1, clock=clock,
-                         side=side, method=method,
-                         runtime_local=runtime_local if runtime_local is not None else {},
-                         services=services if services is not None else {})
+def make_ctx(
+    clock: MockClock,
+    *,
+    side: Side = Side.SEND,
+    app: str = "kv",
+    engine_id: str | None = None,
+    method: str | None = None,
+    runtime_local: dict[str, Any] | None = None,
+    services: dict[str, Any] | None = None,
+) -> EngineContext:
+    return EngineContext(
+        engine_id=engine_id or f"{app}/test-1",
+        app=app,
+        app_pid=1,
+        clock=clock,
+        side=side,
+        method=method,
+        runtime_local=runtime_local if runtime_local is not None else {},
+        services=services if services is not None else {},
+    )
 
 
-def call(i: int, clock: MockClock, *, size: int = 64, app: str = "kv",
-         method: MethodRef | None = GET, deadline: float | None = None,
-         view: Callable[[], Any] | None = None) -> Rpc:
-    return Rpc(kind=RpcKind.CALL, app=app, app_pid=1, call_id=i, method=method, size=size,
-               created=clock.now(), deadline=deadline, _view=view)
+def call(
+    i: int,
+    clock: MockClock,
+    *,
+    size: int = 64,
+    app: str = "kv",
+    method: MethodRef | None = GET,
+    deadline: float | None = None,
+    view: Callable[[], Any] | None = None,
+) -> Rpc:
+    return Rpc(
+        kind=RpcKind.CALL,
+        app=app,
+        app_pid=1,
+        call_id=i,
+        method=method,
+        size=size,
+        created=clock.now(),
+        deadline=deadline,
+        _view=view,
+    )
 
 
 def reply(rpc: Rpc, status: StatusCode = StatusCode.OK, size: int = 8) -> Rpc:
-    return Rpc(kind=RpcKind.REPLY, app=rpc.app, app_pid=rpc.app_pid, call_id=rpc.call_id,
-               method=rpc.method, status=status, size=size, created=rpc.created,
-               details="" if status is StatusCode.OK else f"failed with {status.name}")
+    return Rpc(
+        kind=RpcKind.REPLY,
+        app=rpc.app,
+        app_pid=rpc.app_pid,
+        call_id=rpc.call_id,
+        method=rpc.method,
+        status=status,
+        size=size,
+        created=rpc.created,
+        details="" if status is StatusCode.OK else f"failed with {status.name}",
+    )
 
 
 @dataclass

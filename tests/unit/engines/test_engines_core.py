@@ -50,20 +50,31 @@ def app_pair():
     ctl = memoryview(app_side.ctl)
     app = SimpleNamespace(
         submit=RingProducer(ctl[: layout.ring_size], 64),
-        complete=RingConsumer(ctl[layout.ring_size:], 64),
+        complete=RingConsumer(ctl[layout.ring_size :], 64),
         heap=Heap(memoryview(app_side.send), name="app send heap"),
-        recv=memoryview(app_side.recv))
+        recv=memoryview(app_side.recv),
+    )
     yield state, app, binding
     state.close()
     app_side.close()
 
 
 def _engine(cls, state, clock, poller=None, **services):
-    ctx = EngineContext(f"t/{cls.NAME}", "t", os.getpid(), clock,
-                        services={"app": state, "poller": poller or Poller(), "max_message_size": 1 << 20,
-                                  "tcp_config": SimpleNamespace(nodelay=True, connect_timeout=2.0,
-                                                                zero_copy_min=2048, sndbuf=None, rcvbuf=None),
-                                  **services})
+    ctx = EngineContext(
+        f"t/{cls.NAME}",
+        "t",
+        os.getpid(),
+        clock,
+        services={
+            "app": state,
+            "poller": poller or Poller(),
+            "max_message_size": 1 << 20,
+            "tcp_config": SimpleNamespace(
+                nodelay=True, connect_timeout=2.0, zero_copy_min=2048, sndbuf=None, rcvbuf=None
+            ),
+            **services,
+        },
+    )
     engine = cls(ctx, {})
     engine.bind(deque(), deque(), deque(), deque())
     return engine
@@ -91,7 +102,9 @@ def test_frontend_decompose_restore_keeps_backlog(app_pair) -> None:
     fe = _engine(Frontend, state, clock)
     # 100 error replies for a 64-slot completion ring: 36 must wait in the backlog
     for i in range(100):
-        fe.rx_in.append(Rpc(RpcKind.REPLY, "t", 1, i, None, status=StatusCode.ABORTED, details=f"#{i}"))
+        fe.rx_in.append(
+            Rpc(RpcKind.REPLY, "t", 1, i, None, status=StatusCode.ABORTED, details=f"#{i}")
+        )
     fe.do_work()
     assert len(fe.backlog) == 36 and not fe.rx_in  # the rest waits in the (bounded) backlog
     state_ = fe.decompose()
@@ -154,8 +167,16 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
         for i in range(10):
             req = echo.EchoRequest.new(app.heap, payload=b"call %d" % i)
             app.keep = getattr(app, "keep", []) + [req]
-            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, MethodRef.of(echo.METHODS[0]),
-                                 _state=TxCall(state.conns[1], binding, req._off)))
+            tcp.tx_in.append(
+                Rpc(
+                    RpcKind.CALL,
+                    "t",
+                    1,
+                    i,
+                    MethodRef.of(echo.METHODS[0]),
+                    _state=TxCall(state.conns[1], binding, req._off),
+                )
+            )
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
         hello = [b for h, b in peer.frames if h.type == HELLO]
         assert hello and echo.SCHEMA_HASH.encode() in hello[0]
@@ -197,8 +218,16 @@ def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
     poller = Poller()
     tcp = _engine(TcpTransport, state, MockClock(), poller)
     req = echo.EchoRequest.new(app.heap, payload=b"x")
-    tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, 1, MethodRef.of(echo.METHODS[0]),
-                         _state=TxCall(state.conns[1], binding, req._off)))
+    tcp.tx_in.append(
+        Rpc(
+            RpcKind.CALL,
+            "t",
+            1,
+            1,
+            MethodRef.of(echo.METHODS[0]),
+            _state=TxCall(state.conns[1], binding, req._off),
+        )
+    )
     for _ in range(100):
         tcp.do_work()
         poller.poll(0.01)
@@ -215,15 +244,28 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
 
     poller = Poller()
     listener = socket.create_server(("127.0.0.1", 0))
-    services = {"router": Router("test"), "poller": poller, "listener": listener,
-                "tcp_config": SimpleNamespace(nodelay=True, connect_timeout=2.0, zero_copy_min=2048,
-                                              sndbuf=None, rcvbuf=None)}
+    services = {
+        "router": Router("test"),
+        "poller": poller,
+        "listener": listener,
+        "tcp_config": SimpleNamespace(
+            nodelay=True, connect_timeout=2.0, zero_copy_min=2048, sndbuf=None, rcvbuf=None
+        ),
+    }
     ctx = EngineContext("daemon/tcp-ingress", "", 0, MockClock(), services=services)
     old = TcpIngress(ctx, {})
     client = socket.create_connection(listener.getsockname())
     try:
-        hello = encode_json_frame(HELLO, {"version": 1, "schema_hash": echo.SCHEMA_HASH,
-                                          "services": ["echo.Echo"], "app": "t", "pid": 1})
+        hello = encode_json_frame(
+            HELLO,
+            {
+                "version": 1,
+                "schema_hash": echo.SCHEMA_HASH,
+                "services": ["echo.Echo"],
+                "app": "t",
+                "pid": 1,
+            },
+        )
         client.sendall(hello[:10])  # half a frame arrives before the upgrade
         for _ in range(50):
             poller.poll(0.01)
@@ -244,7 +286,7 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
                 pass
             if got:
                 break
-        (h, body), = got
+        ((h, body),) = got
         assert h.type == HELLO_ACK and b'"ok":true' in body
         assert fresh.counters["accepted"] == 1 and not old.conns
     finally:
@@ -271,20 +313,33 @@ def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> Non
             writes.append(len(bufs))
             return self.sock.sendmsg(bufs)
 
-    monkeypatch.setattr(tcp_conn.SendQueue, "flush", lambda self, sock: real_flush(self, Counting(sock)))
+    monkeypatch.setattr(
+        tcp_conn.SendQueue, "flush", lambda self, sock: real_flush(self, Counting(sock))
+    )
     try:
         state.conns[1] = ConnSpec(1, "127.0.0.1", peer.port, 0)
         tcp = _engine(TcpTransport, state, MockClock(), poller)
         big = b"z" * 10000  # above zero_copy_min: a scatter-gather segment from the send heap
         reqs = [echo.EchoRequest.new(app.heap, payload=big) for _ in range(10)]
         for i, req in enumerate(reqs):
-            tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, i, MethodRef.of(echo.METHODS[0]),
-                                 _state=TxCall(state.conns[1], binding, req._off)))
+            tcp.tx_in.append(
+                Rpc(
+                    RpcKind.CALL,
+                    "t",
+                    1,
+                    i,
+                    MethodRef.of(echo.METHODS[0]),
+                    _state=TxCall(state.conns[1], binding, req._off),
+                )
+            )
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
         # the handshake and all ten calls (header, record, zero-copy segment each) in one sendmsg
         assert writes == [1 + 10 * 3], writes
         bodies = [b for h, b in peer.frames if h.type == CALL]
-        assert all(bytes(echo.EchoRequest._from_image(memoryview(b), 0, None).payload) == big for b in bodies)
+        assert all(
+            bytes(echo.EchoRequest._from_image(memoryview(b), 0, None).payload) == big
+            for b in bodies
+        )
     finally:
         peer.close()
         poller.close()

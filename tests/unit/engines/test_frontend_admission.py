@@ -25,11 +25,15 @@ def app_pair() -> Iterator[Any]:
 
 def _frontend(state, **limits):
     state.conns[1] = ConnSpec(1, "127.0.0.1", 9, 0)
-    return _engine(Frontend, state, MockClock(), limits=dataclasses.replace(DEFAULT_LIMITS, **limits))
+    return _engine(
+        Frontend, state, MockClock(), limits=dataclasses.replace(DEFAULT_LIMITS, **limits)
+    )
 
 
 def _reply(fe, call_id):
-    fe.rx_in.append(Rpc(RpcKind.REPLY, "t", 1, call_id, None, status=StatusCode.ABORTED, details="x"))
+    fe.rx_in.append(
+        Rpc(RpcKind.REPLY, "t", 1, call_id, None, status=StatusCode.ABORTED, details="x")
+    )
 
 
 def test_calls_over_the_quota_wait_in_the_ring_and_replies_behind_them_are_taken(app_pair) -> None:
@@ -42,7 +46,9 @@ def test_calls_over_the_quota_wait_in_the_ring_and_replies_behind_them_are_taken
     fe.do_work()
     assert [r.call_id for r in fe.tx_out] == [1, 2, 3]  # 4 and 5 wait
     assert fe.held and fe.prepare_sleep() is False  # no busy loop while held
-    assert [d[0] for d in app.complete.pop_batch(DESCRIPTOR)] == [CMP_RECLAIM]  # the reply was taken
+    assert [d[0] for d in app.complete.pop_batch(DESCRIPTOR)] == [
+        CMP_RECLAIM
+    ]  # the reply was taken
     _reply(fe, 1)
     fe.do_work()  # the completion frees a slot ...
     fe.do_work()  # ... and call 4 goes
@@ -57,7 +63,11 @@ def test_a_duplicate_id_is_refused_with_a_flag_and_keeps_the_original(app_pair) 
         app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 7, 0, 0, req._off, 0, 0)
     fe.do_work()
     (done,) = app.complete.pop_batch(DESCRIPTOR)
-    assert done[0] == CMP_REPLY and done[1] == CMPF_DUPLICATE and done[2] == StatusCode.INVALID_ARGUMENT
+    assert (
+        done[0] == CMP_REPLY
+        and done[1] == CMPF_DUPLICATE
+        and done[2] == StatusCode.INVALID_ARGUMENT
+    )
     assert 7 in state.inflight
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 7, 0, 0, req._off, 0, 0)
     fe.do_work()

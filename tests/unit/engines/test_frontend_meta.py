@@ -30,7 +30,7 @@ def _frontend(state: Any) -> Frontend:
 
 def _block(app: Any, data: bytes) -> int:
     off = app.heap.alloc(len(data))
-    app.heap.buf[off:off + len(data)] = data
+    app.heap.buf[off : off + len(data)] = data
     return off
 
 
@@ -38,10 +38,14 @@ def test_an_app_deadline_lands_on_the_daemon_clock(app_pair: Any) -> None:
     state, app, _ = app_pair
     fe = _frontend(state)  # a MockClock at 1000 s, far from CLOCK_MONOTONIC
     req = echo.EchoRequest.new(app.heap, payload=b"hi")
-    app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 1, 0, 0, req._off, 0, time.monotonic_ns() + 5 * 10**9)
+    app.submit.push(
+        DESCRIPTOR, SUB_CALL, 0, 0, 1, 1, 0, 0, req._off, 0, time.monotonic_ns() + 5 * 10**9
+    )
     fe.do_work()
     (rpc,) = fe.tx_out
-    assert rpc.kind is RpcKind.CALL and rpc.deadline == pytest.approx(fe.ctx.clock.now() + 5, abs=0.5)
+    assert rpc.kind is RpcKind.CALL and rpc.deadline == pytest.approx(
+        fe.ctx.clock.now() + 5, abs=0.5
+    )
 
 
 def test_metadata_is_decoded_once_and_bad_blocks_fail_only_their_call(app_pair: Any) -> None:
@@ -56,19 +60,32 @@ def test_metadata_is_decoded_once_and_bad_blocks_fail_only_their_call(app_pair: 
         app.submit.push(DESCRIPTOR, SUB_CALL, SUBF_METADATA, 0, 1, cid, 0, 0, req._off, off, 0)
     fe.do_work()
     (rpc,) = fe.tx_out
-    assert rpc.call_id == 1 and rpc.metadata == (("authorization", "Bearer x"), ("t-bin", b"\x00\x01"))
+    assert rpc.call_id == 1 and rpc.metadata == (
+        ("authorization", "Bearer x"),
+        ("t-bin", b"\x00\x01"),
+    )
     fe.do_work()
     codes = {d[4]: d[2] for d in app.complete.pop_batch(DESCRIPTOR)}
-    assert codes == {2: StatusCode.RESOURCE_EXHAUSTED, 3: StatusCode.INVALID_ARGUMENT,
-                     4: StatusCode.RESOURCE_EXHAUSTED, 5: StatusCode.INVALID_ARGUMENT}
+    assert codes == {
+        2: StatusCode.RESOURCE_EXHAUSTED,
+        3: StatusCode.INVALID_ARGUMENT,
+        4: StatusCode.RESOURCE_EXHAUSTED,
+        5: StatusCode.INVALID_ARGUMENT,
+    }
 
 
 def test_a_cancel_marks_the_call_and_tells_the_transport(app_pair: Any) -> None:
     state, app, _ = app_pair
     fe = _frontend(state)
     cancelled = []
-    state.datapath = type("DP", (), {"transport": type("T", (), {"cancel": staticmethod(cancelled.append)})(),
-                                     "content": False})()
+    state.datapath = type(
+        "DP",
+        (),
+        {
+            "transport": type("T", (), {"cancel": staticmethod(cancelled.append)})(),
+            "content": False,
+        },
+    )()
     req = echo.EchoRequest.new(app.heap, payload=b"hi")
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 1, 0, 0, req._off, 0, 0)
     fe.do_work()

@@ -16,8 +16,9 @@ from mrpcd.engine import MockClock, Side, validate_engine_class
 from tests.unit.engines import call, make_ctx, reply, wire
 
 
-def make(tmp_path: Path, side: Side = Side.SEND, **config: Any) -> tuple[AccessLog, Any,
-                                                                         MockClock, Path]:
+def make(
+    tmp_path: Path, side: Side = Side.SEND, **config: Any
+) -> tuple[AccessLog, Any, MockClock, Path]:
     clock = MockClock()
     path = tmp_path / "access.log"
     engine = AccessLog(make_ctx(clock, side=side), {"file": str(path), **config})
@@ -39,12 +40,20 @@ def test_module_uses_the_standard_logging_package() -> None:
 
 
 def test_config() -> None:
-    assert AccessLog.validate_config({}) == {"enforce": True, "file": "-", "sample_rate": 1.0,
-                                             "max_inflight": 1_000_000}
+    assert AccessLog.validate_config({}) == {
+        "enforce": True,
+        "file": "-",
+        "sample_rate": 1.0,
+        "max_inflight": 1_000_000,
+    }
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"path": "x"}, "unknown config key.*path"), ({"file": ""}, "file:"),
-        ({"file": 3}, "file:"), ({"sample_rate": 1.5}, "sample_rate"),
-        ({"sample_rate": "all"}, "sample_rate"), ({"max_inflight": 0}, "max_inflight")]
+        ({"path": "x"}, "unknown config key.*path"),
+        ({"file": ""}, "file:"),
+        ({"file": 3}, "file:"),
+        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"sample_rate": "all"}, "sample_rate"),
+        ({"max_inflight": 0}, "max_inflight"),
+    ]
     for bad, error in cases:
         with pytest.raises(ConfigError, match=f"^logging: {error}"):
             AccessLog.validate_config(bad)
@@ -61,10 +70,28 @@ def test_one_line_per_rpc_with_latency(tmp_path: Path) -> None:
     assert w.ids("tx_out") == [42, 43] and w.ids("rx_out") == [42, 43]
     first, second = lines(path)
     assert first["ts"].endswith("Z")
-    assert {k: first[k] for k in ("app", "side", "method", "status", "req_bytes", "resp_bytes",
-                                  "latency_us", "call_id")} == {
-        "app": "kv", "side": "send", "method": "/kv.KV/Get", "status": "OK", "req_bytes": "64",
-        "resp_bytes": "8", "latency_us": "123", "call_id": "42"}
+    assert {
+        k: first[k]
+        for k in (
+            "app",
+            "side",
+            "method",
+            "status",
+            "req_bytes",
+            "resp_bytes",
+            "latency_us",
+            "call_id",
+        )
+    } == {
+        "app": "kv",
+        "side": "send",
+        "method": "/kv.KV/Get",
+        "status": "OK",
+        "req_bytes": "64",
+        "resp_bytes": "8",
+        "latency_us": "123",
+        "call_id": "42",
+    }
     assert "details" not in first
     assert second["status"] == "NOT_FOUND" and second["details"] == "failed with NOT_FOUND"
     assert engine.statistics()["logged"] == 2
@@ -106,8 +133,9 @@ def test_sampling_is_deterministic(tmp_path: Path) -> None:
     picked = [i for i in range(10_000) if sampled(i, 0.25)]
     assert len(picked) == pytest.approx(2500, rel=0.05)
     assert picked == [i for i in range(10_000) if sampled(i, 0.25)]
-    assert all(sampled(i, 1.0) for i in range(1000)) and not any(sampled(i, 0.0)
-                                                                  for i in range(1000))
+    assert all(sampled(i, 1.0) for i in range(1000)) and not any(
+        sampled(i, 0.0) for i in range(1000)
+    )
     engine, w, clock, path = make(tmp_path, sample_rate=0.25)
     calls = [call(i, clock) for i in range(200)]
     w.tx_in.extend(calls)

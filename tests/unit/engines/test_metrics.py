@@ -18,8 +18,13 @@ from mrpcd.engine import MockClock, Side, validate_engine_class
 from tests.unit.engines import GET, PUT, call, make_ctx, reply, wire
 
 
-def make(registry: CollectorRegistry, side: Side = Side.SEND, app: str = "kv",
-         clock: MockClock | None = None, **config: Any) -> tuple[Metrics, Any, MockClock]:
+def make(
+    registry: CollectorRegistry,
+    side: Side = Side.SEND,
+    app: str = "kv",
+    clock: MockClock | None = None,
+    **config: Any,
+) -> tuple[Metrics, Any, MockClock]:
     clock = clock or MockClock()
     ctx = make_ctx(clock, side=side, app=app, services={"metrics_registry": registry})
     engine = Metrics(ctx, config)
@@ -153,10 +158,14 @@ def test_method_filter_and_shadow_mode_pass_everything() -> None:
     w.tx_in.extend([call(1, clock), call(2, clock, method=PUT)])
     engine.do_work()
     assert w.ids("tx_out") == [1, 2]
-    assert value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV",
-                 grpc_method="Get") == 0
-    assert value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV",
-                 grpc_method="Put") == 1
+    assert (
+        value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV", grpc_method="Get")
+        == 0
+    )
+    assert (
+        value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV", grpc_method="Put")
+        == 1
+    )
 
 
 def test_decompose_restore_keeps_inflight_latency() -> None:
@@ -188,8 +197,10 @@ def test_module_reload_keeps_the_registry_usable() -> None:
     wire(fresh, w)
     w.tx_in.append(call(2, clock))
     fresh.do_work()
-    assert value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV",
-                 grpc_method="Get") == 2
+    assert (
+        value(reg, "grpc_client_started_total", app="kv", grpc_service="kv.KV", grpc_method="Get")
+        == 2
+    )
 
 
 # ---------------------------------------------------------------------- exposition

@@ -32,8 +32,9 @@ def test_forwards_everything_in_order(side: Side) -> None:
     calls = [call(i, clock) for i in range(5)]
     reclaim = Rpc(kind=RpcKind.RECLAIM, app="kv", app_pid=1, call_id=99, method=None)
     w.tx_in.extend([*calls, reclaim])
-    w.rx_in.extend(reply(c, StatusCode.NOT_FOUND if c.call_id == 2 else StatusCode.OK)
-                   for c in calls)
+    w.rx_in.extend(
+        reply(c, StatusCode.NOT_FOUND if c.call_id == 2 else StatusCode.OK) for c in calls
+    )
     assert engine.do_work() == 11
     assert list(w.tx_out) == [*calls, reclaim]
     assert w.ids("rx_out") == [0, 1, 2, 3, 4]

@@ -17,8 +17,14 @@ SPEC_KEYS = {"engine", "side", "method", "config", "app"}
 
 def test_the_documented_specs_exist() -> None:
     names = {p.name for p in SPECS}
-    assert {"ratelimit-1k.yaml", "acl-denylist.yaml", "qos-small-first.yaml",
-            "metrics-all.yaml", "logging-sampled.yaml", "null.yaml"} <= names
+    assert {
+        "ratelimit-1k.yaml",
+        "acl-denylist.yaml",
+        "qos-small-first.yaml",
+        "metrics-all.yaml",
+        "logging-sampled.yaml",
+        "null.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])

@@ -25,8 +25,9 @@ class Runtime:
 
     def add(self, app: str, **config: Any) -> tuple[Qos, Wires]:
         cfg = {"bulk_budget_bytes": BUDGET, **config}
-        engine = Qos(make_ctx(self.clock, app=app, engine_id=f"{app}/qos-1",
-                              runtime_local=self.local), cfg)
+        engine = Qos(
+            make_ctx(self.clock, app=app, engine_id=f"{app}/qos-1", runtime_local=self.local), cfg
+        )
         return engine, wire(engine)
 
     def send(self, engine: Qos, w: Wires, i: int, size: int) -> None:
@@ -40,23 +41,33 @@ class Runtime:
 def test_valid_engine_and_defaults() -> None:
     assert validate_engine_class(ENGINE, "engines.qos") is Qos
     assert Qos.validate_config({}) == {
-        "enforce": True, "small_threshold": 4096, "latency_sensitive": False,
-        "bulk_budget_bytes": 262144, "priority_window": 0.001, "max_delay": 0.002,
-        "max_held": 10_000, "bulk_inflight": None}
-    assert Qos.validate_config({"max_delay": "5ms", "priority_window": "500us"})["max_delay"] \
-        == pytest.approx(0.005)
+        "enforce": True,
+        "small_threshold": 4096,
+        "latency_sensitive": False,
+        "bulk_budget_bytes": 262144,
+        "priority_window": 0.001,
+        "max_delay": 0.002,
+        "max_held": 10_000,
+        "bulk_inflight": None,
+    }
+    assert Qos.validate_config({"max_delay": "5ms", "priority_window": "500us"})[
+        "max_delay"
+    ] == pytest.approx(0.005)
 
 
-@pytest.mark.parametrize(("config", "error"), [
-    ({"threshold": 1}, "qos: unknown config key.*threshold"),
-    ({"small_threshold": -1}, "small_threshold: expected an integer >= 0"),
-    ({"small_threshold": "4k"}, "small_threshold"),
-    ({"bulk_budget_bytes": 0}, "bulk_budget_bytes"),
-    ({"latency_sensitive": "yes"}, "latency_sensitive: expected true or false"),
-    ({"max_delay": 0}, "max_delay: expected seconds > 0"),
-    ({"priority_window": "soon"}, "priority_window"),
-    ({"max_held": True}, "max_held"),
-])
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"threshold": 1}, "qos: unknown config key.*threshold"),
+        ({"small_threshold": -1}, "small_threshold: expected an integer >= 0"),
+        ({"small_threshold": "4k"}, "small_threshold"),
+        ({"bulk_budget_bytes": 0}, "bulk_budget_bytes"),
+        ({"latency_sensitive": "yes"}, "latency_sensitive: expected true or false"),
+        ({"max_delay": 0}, "max_delay: expected seconds > 0"),
+        ({"priority_window": "soon"}, "priority_window"),
+        ({"max_held": True}, "max_held"),
+    ],
+)
 def test_bad_config(config: dict[str, Any], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         Qos.validate_config(config)
@@ -246,8 +257,10 @@ def test_bulk_inflight_caps_calls_in_flight_and_replies_admit_more() -> None:
     from mrpcd.engine import EngineContext, MethodRef, MockClock, Rpc, RpcKind, Side
 
     clock = MockClock()
-    eng = Qos(EngineContext("bulk/qos-1", "bulk", 1, clock, side=Side.SEND),
-              {"bulk_inflight": 2, "small_threshold": 100})
+    eng = Qos(
+        EngineContext("bulk/qos-1", "bulk", 1, clock, side=Side.SEND),
+        {"bulk_inflight": 2, "small_threshold": 100},
+    )
     tx_in, tx_out, rx_in, rx_out = _dq(), _dq(), _dq(), _dq()
     eng.bind(tx_in, tx_out, rx_in, rx_out)
     m = MethodRef(0, "s.S", "M", "/s.S/M", "s.A", "s.B")

@@ -14,8 +14,9 @@ from tests.unit.engines import GET, PUT, call, make_ctx, reply, wire
 RATE_500 = {"max_tokens": 50, "tokens_per_fill": 50, "fill_interval": "100ms"}
 
 
-def make(config: dict[str, Any], *, side: Side = Side.SEND,
-         clock: MockClock | None = None) -> tuple[RateLimit, Any, MockClock]:
+def make(
+    config: dict[str, Any], *, side: Side = Side.SEND, clock: MockClock | None = None
+) -> tuple[RateLimit, Any, MockClock]:
     clock = clock or MockClock()
     engine = RateLimit(make_ctx(clock, side=side, engine_id="kv/ratelimit-1"), config)
     return engine, wire(engine), clock
@@ -27,35 +28,54 @@ def make(config: dict[str, Any], *, side: Side = Side.SEND,
 def test_valid_engine_and_defaults() -> None:
     assert validate_engine_class(ENGINE, "engines.ratelimit") is RateLimit
     assert RateLimit.validate_config({"max_tokens": 10}) == {
-        "enforce": True, "max_tokens": 10, "tokens_per_fill": 10, "fill_interval": 1.0,
-        "mode": "reject", "per_method": False, "max_held": 10_000}
+        "enforce": True,
+        "max_tokens": 10,
+        "tokens_per_fill": 10,
+        "fill_interval": 1.0,
+        "mode": "reject",
+        "per_method": False,
+        "max_held": 10_000,
+    }
 
 
-@pytest.mark.parametrize(("raw", "seconds"), [
-    (0.5, 0.5), (2, 2.0), ("1s", 1.0), ("100ms", 0.1), ("250us", 0.00025), ("1.5", 1.5),
-    (" 2 s ", 2.0), ("1m", 60.0)])
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        (0.5, 0.5),
+        (2, 2.0),
+        ("1s", 1.0),
+        ("100ms", 0.1),
+        ("250us", 0.00025),
+        ("1.5", 1.5),
+        (" 2 s ", 2.0),
+        ("1m", 60.0),
+    ],
+)
 def test_durations(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == pytest.approx(seconds)
     cfg = RateLimit.validate_config({"max_tokens": 1, "fill_interval": raw})
     assert cfg["fill_interval"] == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("config", "key"), [
-    ({"max_tokens": 1, "burst": 3}, "unknown config key.*burst"),
-    ({}, "max_tokens: required"),
-    ({"max_tokens": 0}, "max_tokens: expected an integer >= 1, got 0"),
-    ({"max_tokens": True}, "max_tokens"),
-    ({"max_tokens": 1.5}, "max_tokens"),
-    ({"max_tokens": 1, "tokens_per_fill": 0}, "tokens_per_fill"),
-    ({"max_tokens": 1, "fill_interval": 0}, "fill_interval: expected seconds > 0"),
-    ({"max_tokens": 1, "fill_interval": "-1s"}, "fill_interval"),
-    ({"max_tokens": 1, "fill_interval": "soon"}, "fill_interval.*'soon'"),
-    ({"max_tokens": 1, "fill_interval": float("inf")}, "fill_interval"),
-    ({"max_tokens": 1, "mode": "drop"}, "mode: expected reject or delay, got 'drop'"),
-    ({"max_tokens": 1, "per_method": "yes"}, "per_method"),
-    ({"max_tokens": 1, "max_held": -1}, "max_held"),
-    ({"max_tokens": 1, "enforce": "no"}, "enforce"),
-])
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"max_tokens": 1, "burst": 3}, "unknown config key.*burst"),
+        ({}, "max_tokens: required"),
+        ({"max_tokens": 0}, "max_tokens: expected an integer >= 1, got 0"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": 1, "tokens_per_fill": 0}, "tokens_per_fill"),
+        ({"max_tokens": 1, "fill_interval": 0}, "fill_interval: expected seconds > 0"),
+        ({"max_tokens": 1, "fill_interval": "-1s"}, "fill_interval"),
+        ({"max_tokens": 1, "fill_interval": "soon"}, "fill_interval.*'soon'"),
+        ({"max_tokens": 1, "fill_interval": float("inf")}, "fill_interval"),
+        ({"max_tokens": 1, "mode": "drop"}, "mode: expected reject or delay, got 'drop'"),
+        ({"max_tokens": 1, "per_method": "yes"}, "per_method"),
+        ({"max_tokens": 1, "max_held": -1}, "max_held"),
+        ({"max_tokens": 1, "enforce": "no"}, "enforce"),
+    ],
+)
 def test_bad_config(config: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^ratelimit: {key}"):
         RateLimit.validate_config(config)
@@ -109,8 +129,15 @@ def test_2000_per_second_offered_converges_to_500_per_second() -> None:
 
 def test_per_method_buckets_are_independent() -> None:
     engine, w, clock = make({"max_tokens": 2, "per_method": True})
-    w.tx_in.extend([call(1, clock), call(2, clock), call(3, clock),
-                    call(4, clock, method=PUT), call(5, clock, method=PUT)])
+    w.tx_in.extend(
+        [
+            call(1, clock),
+            call(2, clock),
+            call(3, clock),
+            call(4, clock, method=PUT),
+            call(5, clock, method=PUT),
+        ]
+    )
     engine.do_work()
     assert w.ids("tx_out") == [1, 2, 4, 5]
     assert "method /kv.KV/Get" in w.rx_out[0].details
@@ -130,8 +157,9 @@ def test_shadow_reject_counts_and_passes() -> None:
 
 
 def delayed(**extra: Any) -> tuple[RateLimit, Any, MockClock]:
-    return make({"max_tokens": 2, "tokens_per_fill": 1, "fill_interval": 0.1, "mode": "delay",
-                 **extra})
+    return make(
+        {"max_tokens": 2, "tokens_per_fill": 1, "fill_interval": 0.1, "mode": "delay", **extra}
+    )
 
 
 def test_delay_mode_holds_in_fifo_order_and_releases_on_fills() -> None:
@@ -162,8 +190,15 @@ def test_delay_mode_holds_in_fifo_order_and_releases_on_fills() -> None:
 def test_held_calls_past_their_deadline_fail() -> None:
     engine, w, clock = delayed()
     now = clock.now()
-    w.tx_in.extend([call(0, clock), call(1, clock), call(2, clock, deadline=now + 0.05),
-                    call(3, clock, deadline=now + 1), call(4, clock)])
+    w.tx_in.extend(
+        [
+            call(0, clock),
+            call(1, clock),
+            call(2, clock, deadline=now + 0.05),
+            call(3, clock, deadline=now + 1),
+            call(4, clock),
+        ]
+    )
     engine.do_work()
     assert engine.next_timer() == pytest.approx(now + 0.05)
     clock.advance(0.06)

@@ -25,10 +25,24 @@ def test_devices_without_pyverbs_are_reported(tmp_path: Path) -> None:
 
 
 def test_daemon_refuses_rdma_transport_with_a_clear_error(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "mrpcd", "run", "--prefix", str(tmp_path / "p"),
-                        "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60,
-                       cwd=ROOT, env={"MRPC_TRANSPORT": "rdma", "PATH": "/usr/bin:/bin",
-                                      "PYTHONPATH": str(ROOT)}, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrpcd",
+            "run",
+            "--prefix",
+            str(tmp_path / "p"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"MRPC_TRANSPORT": "rdma", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     assert r.returncode != 0
     assert "transport rdma" in r.stderr and ("RDMA" in r.stderr), r.stderr
     assert "Traceback" not in r.stderr

@@ -43,11 +43,22 @@ def slow_resolver(monkeypatch):
     tcp_resolve.forget()
 
 
-def _call(tcp, state, binding, app, spec: ConnSpec, call_id: int, deadline: float | None = None) -> None:
+def _call(
+    tcp, state, binding, app, spec: ConnSpec, call_id: int, deadline: float | None = None
+) -> None:
     req = echo.EchoRequest.new(app.heap, payload=b"call %d" % call_id)
     app.keep = getattr(app, "keep", []) + [req]
-    tcp.tx_in.append(Rpc(RpcKind.CALL, "t", 1, call_id, MethodRef.of(echo.METHODS[0]), deadline=deadline,
-                         _state=TxCall(spec, binding, req._off)))
+    tcp.tx_in.append(
+        Rpc(
+            RpcKind.CALL,
+            "t",
+            1,
+            call_id,
+            MethodRef.of(echo.METHODS[0]),
+            deadline=deadline,
+            _state=TxCall(spec, binding, req._off),
+        )
+    )
 
 
 def test_a_slow_host_name_never_blocks_the_runtime(app_pair, slow_resolver) -> None:
@@ -116,7 +127,10 @@ def test_an_unresolvable_name_fails_calls_unavailable(app_pair, slow_resolver) -
             break
         time.sleep(0.01)
     (err,) = tcp.rx_out
-    assert err.status is StatusCode.UNAVAILABLE and "cannot resolve host 'nonexistent.invalid'" in err.details
+    assert (
+        err.status is StatusCode.UNAVAILABLE
+        and "cannot resolve host 'nonexistent.invalid'" in err.details
+    )
     poller.close()
 
 
@@ -132,10 +146,23 @@ def test_ip_literals_skip_resolution(slow_resolver) -> None:
 def _conn(outbound: bool = False) -> SimpleNamespace:
     from libmrpc.wire import FrameAssembler
 
-    return SimpleNamespace(state="open", outbound=outbound, info={}, assembler=FrameAssembler(),
-                           lock=threading.Lock(), rx_calls={}, calls=set(), reserved=0,
-                           opened=0.0, last_in=0.0, frame_at=0.0, last_frame=0.0, out_since=None,
-                           read_paused=False, sendq=b"")
+    return SimpleNamespace(
+        state="open",
+        outbound=outbound,
+        info={},
+        assembler=FrameAssembler(),
+        lock=threading.Lock(),
+        rx_calls={},
+        calls=set(),
+        reserved=0,
+        opened=0.0,
+        last_in=0.0,
+        frame_at=0.0,
+        last_frame=0.0,
+        out_since=None,
+        read_paused=False,
+        sendq=b"",
+    )
 
 
 def test_admit_bounds_calls_and_bytes_per_connection() -> None:
@@ -155,8 +182,13 @@ def test_admit_bounds_calls_and_bytes_per_connection() -> None:
 
 
 def test_timers() -> None:
-    limits = PeerLimits(handshake_timeout=1, header_timeout=2, body_stall_timeout=3, idle_timeout=10,
-                        write_stall_timeout=4)
+    limits = PeerLimits(
+        handshake_timeout=1,
+        header_timeout=2,
+        body_stall_timeout=3,
+        idle_timeout=10,
+        write_stall_timeout=4,
+    )
     conn = _conn()
     assert overdue(conn, 0.5, limits) is None
     assert "HELLO" in overdue(conn, 1.5, limits)

@@ -48,24 +48,52 @@ def test_module_contents(mod: ModuleType, bundle: schema.SchemaBundle) -> None:
     assert mod.AllTypes.Mode.FAST == mod.AllTypes.FAST == 1
     assert mod.ENUMS["alltypes.AllTypes.Mode"] is mod.AllTypes.Mode
     assert mod.METHODS == [
-        MethodInfo(0, "alltypes.AllTypesService", "Roundtrip",
-                   "/alltypes.AllTypesService/Roundtrip", "alltypes.AllTypes",
-                   "alltypes.AllTypes", False, False),
-        MethodInfo(1, "alltypes.AllTypesService", "Ping", "/alltypes.AllTypesService/Ping",
-                   "alltypes.Empty", "alltypes.Empty", False, False),
-        MethodInfo(2, "alltypes.AllTypesService", "Watch", "/alltypes.AllTypesService/Watch",
-                   "alltypes.Empty", "alltypes.Node", False, True),
+        MethodInfo(
+            0,
+            "alltypes.AllTypesService",
+            "Roundtrip",
+            "/alltypes.AllTypesService/Roundtrip",
+            "alltypes.AllTypes",
+            "alltypes.AllTypes",
+            False,
+            False,
+        ),
+        MethodInfo(
+            1,
+            "alltypes.AllTypesService",
+            "Ping",
+            "/alltypes.AllTypesService/Ping",
+            "alltypes.Empty",
+            "alltypes.Empty",
+            False,
+            False,
+        ),
+        MethodInfo(
+            2,
+            "alltypes.AllTypesService",
+            "Watch",
+            "/alltypes.AllTypesService/Watch",
+            "alltypes.Empty",
+            "alltypes.Node",
+            False,
+            True,
+        ),
     ]
     assert mod.SERVICES == {"alltypes.AllTypesService": (0, 1, 2)}
 
 
 def test_method_ids_sort_services_by_full_name() -> None:
-    text = ('syntax = "proto3"; package p; message M {}\n'
-            "service Zed { rpc B(M) returns (M); rpc A(M) returns (M); }\n"
-            "service Alpha { rpc Z(stream M) returns (M); }\n")
+    text = (
+        'syntax = "proto3"; package p; message M {}\n'
+        "service Zed { rpc B(M) returns (M); rpc A(M) returns (M); }\n"
+        "service Alpha { rpc Z(stream M) returns (M); }\n"
+    )
     m = load_module(compile_texts({"p.proto": text}))
     assert [(x.id, x.path, x.client_streaming) for x in m.METHODS] == [
-        (0, "/p.Alpha/Z", True), (1, "/p.Zed/B", False), (2, "/p.Zed/A", False)]
+        (0, "/p.Alpha/Z", True),
+        (1, "/p.Zed/B", False),
+        (2, "/p.Zed/A", False),
+    ]
     assert m.SERVICES == {"p.Alpha": (0,), "p.Zed": (1, 2)}
 
 
@@ -80,15 +108,18 @@ def test_install_services_is_called_last(monkeypatch: pytest.MonkeyPatch) -> Non
 
     seen: list[dict[str, object]] = []
     monkeypatch.setattr(stubs, "install_services", lambda ns: seen.append(dict(ns)))
-    b = compile_texts({"svc.proto": 'syntax = "proto3"; message Q {} '
-                                    "service S { rpc Go(Q) returns (Q); }"})
+    b = compile_texts(
+        {"svc.proto": 'syntax = "proto3"; message Q {} service S { rpc Go(Q) returns (Q); }'}
+    )
     m = load_module(b)
     assert len(seen) == 1 and seen[0]["METHODS"] == m.METHODS and "MARSHAL" in seen[0]
 
 
 def test_schema_text_only_in_texts_literal() -> None:
-    text = ('syntax = "proto3";\n// MARKER_COMMENT import os\n'
-            'message M { string f = 1 [json_name = "MARKER_JSON\\"); import os; #"]; }\n')
+    text = (
+        'syntax = "proto3";\n// MARKER_COMMENT import os\n'
+        'message M { string f = 1 [json_name = "MARKER_JSON\\"); import os; #"]; }\n'
+    )
     src = generate_source(compile_texts({"m.proto": text}))
     lines = [ln for ln in src.splitlines() if "MARKER" in ln]
     # only inside the repr()-ed data literals, never as code
@@ -96,8 +127,9 @@ def test_schema_text_only_in_texts_literal() -> None:
     compile(src, "<test>", "exec")
 
 
-def test_cache_dir_roundtrip_without_protoc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            bundle: schema.SchemaBundle) -> None:
+def test_cache_dir_roundtrip_without_protoc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle: schema.SchemaBundle
+) -> None:
     key = bundle.cache_key
     codegen._LOADED.pop(key, None)
     m = load_module(bundle, tmp_path)
@@ -141,21 +173,30 @@ def test_mrpc_protoc_cli(tmp_path: Path) -> None:
     from libmrpc.protoc import main
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, [str(SCHEMAS / "echo.proto"), "--out", str(out),
-                                    "-I", str(SCHEMAS)])
+    res = CliRunner().invoke(
+        main, [str(SCHEMAS / "echo.proto"), "--out", str(out), "-I", str(SCHEMAS)]
+    )
     assert res.exit_code == 0, res.output
     target = out / "echo_mrpc.py"
     assert target.is_file()
     b = compile_texts(read_proto(SCHEMAS / "echo.proto"))
     assert target.read_text() == generate_source(b)
     # importable where grpc_tools is unavailable: the descriptors are embedded
-    code = ("import sys; sys.modules['grpc_tools'] = None\n"
-            f"sys.path.insert(0, {str(out)!r})\n"
-            "import echo_mrpc as m\n"
-            "r = m.EchoRequest(payload=b'hi')\n"
-            "print(bytes(r.payload).decode(), r.to_pb().payload.decode(), m.SCHEMA_HASH)\n")
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[3], timeout=60)
+    code = (
+        "import sys; sys.modules['grpc_tools'] = None\n"
+        f"sys.path.insert(0, {str(out)!r})\n"
+        "import echo_mrpc as m\n"
+        "r = m.EchoRequest(payload=b'hi')\n"
+        "print(bytes(r.payload).decode(), r.to_pb().payload.decode(), m.SCHEMA_HASH)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["hi", "hi", b.schema_hash]
 
@@ -172,16 +213,18 @@ def test_mrpc_protoc_cli_reports_schema_errors(tmp_path: Path) -> None:
 # --- MARSHAL / VALIDATE -------------------------------------------------------------
 
 
-def marshal(mod: ModuleType, msg: object, zc: int = 64, max_size: int = 1 << 24
-            ) -> tuple[bytearray, list[memoryview]]:
+def marshal(
+    mod: ModuleType, msg: object, zc: int = 64, max_size: int = 1 << 24
+) -> tuple[bytearray, list[memoryview]]:
     name = type(msg)._FULL_NAME  # type: ignore[attr-defined]
     return mod.MARSHAL[name](msg._owner.buf, msg._off, zc, max_size)  # type: ignore
 
 
 def test_marshal_zero_copy_segments(mod: ModuleType) -> None:
     heap = Heap.private(1 << 20)
-    a = mod.AllTypes.new(heap, payload=b"P" * 100, class_="small", r_bytes=[b"B" * 64, b"b"],
-                         inner={"s": "S" * 70})
+    a = mod.AllTypes.new(
+        heap, payload=b"P" * 100, class_="small", r_bytes=[b"B" * 64, b"b"], inner={"s": "S" * 70}
+    )
     head, segs = marshal(mod, a, zc=64)
     assert len(head) % 8 == 0
     assert [bytes(s) for s in segs] == [b"S" * 70, b"B" * 64, b"P" * 100]
@@ -190,7 +233,7 @@ def test_marshal_zero_copy_segments(mod: ModuleType) -> None:
     mod.VALIDATE["alltypes.AllTypes"](img)
     off = mod.AllTypes._LAYOUT.field("payload").offset
     r, n = REF.unpack_from(head, off)
-    assert (n, img[r:r + n]) == (100, b"P" * 100) and r == len(head) + 134
+    assert (n, img[r : r + n]) == (100, b"P" * 100) and r == len(head) + 134
     private, segs2 = marshal(mod, a, zc=sys.maxsize)
     assert segs2 == [] and bytes(private) != bytes(head)
 
@@ -263,7 +306,7 @@ def test_validate_rejects_bad_images(mod: ModuleType) -> None:
     with pytest.raises(WireError, match="shorter than its root"):
         v(img[:100])
     with pytest.raises(WireError, match="alltypes.AllTypes.payload"):
-        v(img[:len(img) - 8])  # payload at the end no longer fits
+        v(img[: len(img) - 8])  # payload at the end no longer fits
     bad = bytearray(img)
     REF.pack_into(bad, mod.AllTypes._LAYOUT.field("inner").offset, 320, 23)
     with pytest.raises(WireError, match="record size 24"):

@@ -176,7 +176,10 @@ def test_request_on_closed_connection(pair: Pair) -> None:
 
 def test_error_reply_shape() -> None:
     assert error_reply(StatusCode.UNAVAILABLE, "draining") == {
-        "ok": False, "code": 14, "error": "draining"}
+        "ok": False,
+        "code": 14,
+        "error": "draining",
+    }
 
 
 # ------------------------------------------------------------------ sockets
@@ -210,9 +213,14 @@ def test_open_control_connects(tmp_path: os.PathLike[str]) -> None:
 # -- nesting depth and peer groups ----------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [b'{"a":' + b"[" * 31 + b"]" * 31 + b"}",  # 32 levels with the object
-                                  b'{"s":"' + b"[{" * 5000 + b'"}',
-                                  b'{"s":"\\"' + b"[" * 100 + b'","t":[1]}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":' + b"[" * 31 + b"]" * 31 + b"}",  # 32 levels with the object
+        b'{"s":"' + b"[{" * 5000 + b'"}',
+        b'{"s":"\\"' + b"[" * 100 + b'","t":[1]}',
+    ],
+)
 def test_depth_within_limit_or_inside_strings_is_fine(text: bytes) -> None:
     from libmrpc.control import check_depth
 

@@ -54,10 +54,22 @@ def test_alloc_free_round_trip() -> None:
     assert a.statistics() == fresh_stats(4 * KIB)
 
 
-@pytest.mark.parametrize(("n", "block"), [
-    (0, 64), (1, 64), (63, 64), (64, 64), (65, 128), (128, 128), (129, 256),
-    (1000, 1024), (1024, 1024), (1025, 2048), (16 * KIB, 16 * KIB),
-])
+@pytest.mark.parametrize(
+    ("n", "block"),
+    [
+        (0, 64),
+        (1, 64),
+        (63, 64),
+        (64, 64),
+        (65, 128),
+        (128, 128),
+        (129, 256),
+        (1000, 1024),
+        (1024, 1024),
+        (1025, 2048),
+        (16 * KIB, 16 * KIB),
+    ],
+)
 def test_sizes_round_up_to_blocks(n: int, block: int) -> None:
     a = BuddyAllocator(64 * KIB)
     off = a.alloc(n)
@@ -129,8 +141,11 @@ def test_fragmentation_then_recovery() -> None:
 
 def test_exhaustion_message_and_type() -> None:
     a = BuddyAllocator(4 * KIB, name="send heap")
-    with pytest.raises(MemoryError, match=r"send heap exhausted: cannot allocate 4096 bytes "
-                                          r"\(used 64 of 4096, largest free block 2048\)"):
+    with pytest.raises(
+        MemoryError,
+        match=r"send heap exhausted: cannot allocate 4096 bytes "
+        r"\(used 64 of 4096, largest free block 2048\)",
+    ):
         a.alloc(4 * KIB)  # larger than the largest block (the upper half)
     with pytest.raises(HeapExhausted, match="cannot allocate 1000000 bytes"):
         a.alloc(1_000_000)
@@ -172,7 +187,7 @@ def test_heap_wrapper() -> None:
     heap = Heap.private(8 * KIB, name="private")
     assert heap.size == 8 * KIB and len(heap.buf) == 8 * KIB
     off = heap.alloc(10)
-    heap.buf[off:off + 10] = b"0123456789"
+    heap.buf[off : off + 10] = b"0123456789"
     assert heap.block_size(off) == 64
     heap.free(off)
     assert heap.statistics() == fresh_stats(8 * KIB)
@@ -281,6 +296,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.a.statistics() == fresh_stats(self.SIZE)
 
 
-AllocatorMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60,
-                                              deadline=None)
+AllocatorMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=60, deadline=None
+)
 TestAllocatorMachine = AllocatorMachine.TestCase

@@ -38,14 +38,21 @@ def test_scalars_sorted_by_alignment_then_number(alltypes: dict[str, MessageLayo
     assert ml.size == 96 and ml.presence_words == 0 and ml.oneofs == ()
     assert slots(ml) == {
         # 8-byte slots first, by field number
-        "f_double": ("scalar", 0, "d", 8), "f_int64": ("scalar", 8, "q", 8),
-        "f_uint64": ("scalar", 16, "Q", 8), "f_sint64": ("scalar", 24, "q", 8),
-        "f_fixed64": ("scalar", 32, "Q", 8), "f_sfixed64": ("scalar", 40, "q", 8),
+        "f_double": ("scalar", 0, "d", 8),
+        "f_int64": ("scalar", 8, "q", 8),
+        "f_uint64": ("scalar", 16, "Q", 8),
+        "f_sint64": ("scalar", 24, "q", 8),
+        "f_fixed64": ("scalar", 32, "Q", 8),
+        "f_sfixed64": ("scalar", 40, "q", 8),
         # then 4-byte scalars and references (align 4), by field number
-        "f_float": ("scalar", 48, "f", 4), "f_int32": ("scalar", 52, "i", 4),
-        "f_uint32": ("scalar", 56, "I", 4), "f_sint32": ("scalar", 60, "i", 4),
-        "f_fixed32": ("scalar", 64, "I", 4), "f_sfixed32": ("scalar", 68, "i", 4),
-        "f_enum": ("scalar", 72, "i", 4), "f_string": ("string", 76, "", 8),
+        "f_float": ("scalar", 48, "f", 4),
+        "f_int32": ("scalar", 52, "i", 4),
+        "f_uint32": ("scalar", 56, "I", 4),
+        "f_sint32": ("scalar", 60, "i", 4),
+        "f_fixed32": ("scalar", 64, "I", 4),
+        "f_sfixed32": ("scalar", 68, "i", 4),
+        "f_enum": ("scalar", 72, "i", 4),
+        "f_string": ("string", 76, "", 8),
         "f_bytes": ("bytes", 84, "", 8),
         # then bytes; 93 rounds up to 96
         "f_bool": ("scalar", 92, "?", 1),
@@ -57,9 +64,12 @@ def test_scalars_sorted_by_alignment_then_number(alltypes: dict[str, MessageLayo
 def test_recursive_node(alltypes: dict[str, MessageLayout]) -> None:
     ml = alltypes["alltypes.Node"]
     assert ml.size == 32
-    assert slots(ml) == {"weight": ("scalar", 0, "q", 8), "label": ("string", 8, "", 8),
-                         "children": ("repeated_message", 16, "", 8),
-                         "parent_hint": ("message", 24, "", 8)}
+    assert slots(ml) == {
+        "weight": ("scalar", 0, "q", 8),
+        "label": ("string", 8, "", 8),
+        "children": ("repeated_message", 16, "", 8),
+        "parent_hint": ("message", 24, "", 8),
+    }
     assert ml.field("children").elem_size == 32
     assert ml.field("parent_hint").type_name == "alltypes.Node"
 
@@ -69,7 +79,9 @@ def test_alltypes_presence_oneofs_and_refs(alltypes: dict[str, MessageLayout]) -
     assert ml.size == 320
     assert ml.presence_words == 1
     assert [(o.name, o.offset, o.members) for o in ml.oneofs] == [
-        ("choice", 8, (50, 51, 52, 53)), ("other", 12, (54, 55))]
+        ("choice", 8, (50, 51, 52, 53)),
+        ("other", 12, (54, 55)),
+    ]
     f = {x.name: x for x in ml.fields}
     # 8-aligned after the case slots: o_double (45), c_int (50)
     assert (f["o_double"].offset, f["c_int"].offset) == (16, 24)
@@ -77,14 +89,25 @@ def test_alltypes_presence_oneofs_and_refs(alltypes: dict[str, MessageLayout]) -
     assert (f["mode"].offset, f["tree"].offset) == (48, 52)
     for i, num in enumerate(range(10, 27)):  # repeated fields 10..26, 8 bytes apart
         assert next(x for x in ml.fields if x.number == num).offset == 60 + 8 * i
-    assert [f[n].offset for n in ("m_str_int", "m_int_str", "m_uint_bytes", "m_str_msg",
-                                  "m_bool_double", "m_sint_enum")] == list(range(196, 244, 8))
-    assert [(f[n].offset, f[n].presence_bit) for n in (
-        "o_int32", "o_string", "o_bytes", "o_inner", "o_bool", "o_double")] == [
-        (244, 0), (248, 1), (256, 2), (264, 3), (316, 4), (16, 5)]
-    assert [(f[n].offset, f[n].oneof_name) for n in ("c_string", "c_inner", "c_bytes",
-                                                     "x_float", "x_flag")] == [
-        (272, "choice"), (280, "choice"), (288, "choice"), (296, "other"), (317, "other")]
+    assert [
+        f[n].offset
+        for n in (
+            "m_str_int",
+            "m_int_str",
+            "m_uint_bytes",
+            "m_str_msg",
+            "m_bool_double",
+            "m_sint_enum",
+        )
+    ] == list(range(196, 244, 8))
+    assert [
+        (f[n].offset, f[n].presence_bit)
+        for n in ("o_int32", "o_string", "o_bytes", "o_inner", "o_bool", "o_double")
+    ] == [(244, 0), (248, 1), (256, 2), (264, 3), (316, 4), (16, 5)]
+    assert [
+        (f[n].offset, f[n].oneof_name)
+        for n in ("c_string", "c_inner", "c_bytes", "x_float", "x_flag")
+    ] == [(272, "choice"), (280, "choice"), (288, "choice"), (296, "other"), (317, "other")]
     assert (f["class"].offset, f["class"].attr_name) == (300, "class_")
     assert f["payload"].offset == 308
     assert f["r_bool"].elem_size == 1 and f["r_double"].elem_size == 8
@@ -102,15 +125,19 @@ def test_maps(alltypes: dict[str, MessageLayout]) -> None:
     assert (m.map_key.kind, m.map_key.offset) == (Kind.STRING, 0)  # type: ignore[union-attr]
     assert (m.map_value.kind, m.map_value.offset) == (Kind.MESSAGE, 8)  # type: ignore[union-attr]
     entry = alltypes["alltypes.AllTypes.MBoolDoubleEntry"]
-    assert entry.map_entry and slots(entry) == {"key": ("scalar", 8, "?", 1),
-                                                "value": ("scalar", 0, "d", 8)}
+    assert entry.map_entry and slots(entry) == {
+        "key": ("scalar", 8, "?", 1),
+        "value": ("scalar", 0, "d", 8),
+    }
     assert alltypes["alltypes.AllTypes.MSintEnumEntry"].size == 8
 
 
 def test_inner_and_empty(alltypes: dict[str, MessageLayout]) -> None:
     assert slots(alltypes["alltypes.AllTypes.Inner"]) == {
-        "a": ("scalar", 0, "i", 4), "s": ("string", 4, "", 8),
-        "nums": ("repeated_scalar", 12, "i", 8)}
+        "a": ("scalar", 0, "i", 4),
+        "s": ("string", 4, "", 8),
+        "nums": ("repeated_scalar", 12, "i", 8),
+    }
     assert alltypes["alltypes.AllTypes.Inner"].size == 24
     assert alltypes["alltypes.Empty"].size == 8  # minimum record size
     assert alltypes["alltypes.Empty"].fields == ()
@@ -125,7 +152,12 @@ def test_worked_example_layout() -> None:
     ml = layout_of(EX, "t.Ex")
     assert ml.presence_words == 1 and ml.oneofs[0].offset == 8
     assert {n: o for n, (_k, o, _f, _s) in slots(ml).items()} == {
-        "n": 16, "a": 24, "s": 28, "sub": 36, "flags": 44}
+        "n": 16,
+        "a": 24,
+        "s": 28,
+        "sub": 36,
+        "flags": 44,
+    }
     assert ml.size == 56
 
 
@@ -167,8 +199,11 @@ def test_presence_words_grow_past_64() -> None:
 def test_oneof_case_pads_before_8_byte_fields() -> None:
     ml = layout_of("message M { oneof o { double d = 1; int32 i = 2; } fixed64 x = 3; }")
     assert ml.oneofs[0].offset == 0
-    assert slots(ml) == {"d": ("scalar", 8, "d", 8), "x": ("scalar", 16, "Q", 8),
-                         "i": ("scalar", 24, "i", 4)}
+    assert slots(ml) == {
+        "d": ("scalar", 8, "d", 8),
+        "x": ("scalar", 16, "Q", 8),
+        "i": ("scalar", 24, "i", 4),
+    }
     assert ml.size == 32
 
 

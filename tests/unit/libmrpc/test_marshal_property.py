@@ -22,14 +22,26 @@ SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 MOD: ModuleType = load_proto(SCHEMAS / "alltypes.proto")
 ZC = 48  # zero_copy_min: blobs of at least this many bytes become segments
 HEAP = Heap.private(8 << 20, name="property heap")
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 
 _F = FieldDescriptor
 INT_RANGES = {
-    _F.TYPE_INT32: 32, _F.TYPE_SINT32: 32, _F.TYPE_SFIXED32: 32, _F.TYPE_ENUM: 32,
-    _F.TYPE_INT64: 64, _F.TYPE_SINT64: 64, _F.TYPE_SFIXED64: 64,
+    _F.TYPE_INT32: 32,
+    _F.TYPE_SINT32: 32,
+    _F.TYPE_SFIXED32: 32,
+    _F.TYPE_ENUM: 32,
+    _F.TYPE_INT64: 64,
+    _F.TYPE_SINT64: 64,
+    _F.TYPE_SFIXED64: 64,
 }
 UINT_RANGES = {_F.TYPE_UINT32: 32, _F.TYPE_FIXED32: 32, _F.TYPE_UINT64: 64, _F.TYPE_FIXED64: 64}
 
@@ -88,8 +100,7 @@ def message_strategy(desc: Any, depth: int) -> st.SearchStrategy[Any]:
         pb = cls()
         for name, value in kw.items():
             fd = desc.fields_by_name[name]
-            target = getattr(pb, name) if fd.type == _F.TYPE_MESSAGE or \
-                fd.is_repeated else None
+            target = getattr(pb, name) if fd.type == _F.TYPE_MESSAGE or fd.is_repeated else None
             if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
                 for k, v in value.items():
                     if hasattr(v, "DESCRIPTOR"):
@@ -127,7 +138,7 @@ def roundtrip(pb: Any, base: int) -> None:
     img = bytes(head) + b"".join(segs)
     MOD.VALIDATE[name](memoryview(img))
     recv = bytearray(base + len(img) + 16)
-    recv[base:base + len(img)] = img
+    recv[base : base + len(img)] = img
     view = cls._from_image(memoryview(recv), base, ReadOnlyOwner(recv))
     assert view.to_pb() == pb
     del msg, view
@@ -160,8 +171,9 @@ def only_wire_errors(fn: Any, *args: Any) -> bool:
     return True
 
 
-def marshal_garbage(name: str, heap: memoryview, off: int, zc: int, max_size: int,
-                    read: bool = True) -> None:
+def marshal_garbage(
+    name: str, heap: memoryview, off: int, zc: int, max_size: int, read: bool = True
+) -> None:
     """Garbage heap: a WireError, or an image that the receiver's VALIDATE accepts."""
     try:
         head, segs = MOD.MARSHAL[name](heap, off, zc, max_size)
@@ -176,24 +188,39 @@ def marshal_garbage(name: str, heap: memoryview, off: int, zc: int, max_size: in
 
 
 @SETTINGS
-@given(data=st.binary(max_size=600), off=st.integers(-16, 700), name=st.sampled_from(NAMES),
-       zc=st.sampled_from([0, 8, 1 << 40]), max_size=st.sampled_from([64, 1 << 20]))
+@given(
+    data=st.binary(max_size=600),
+    off=st.integers(-16, 700),
+    name=st.sampled_from(NAMES),
+    zc=st.sampled_from([0, 8, 1 << 40]),
+    max_size=st.sampled_from([64, 1 << 20]),
+)
 def test_marshal_random_heap(data: bytes, off: int, name: str, zc: int, max_size: int) -> None:
     marshal_garbage(name, memoryview(data), off, zc, max_size)
 
 
 def small_u32s(n: int) -> st.SearchStrategy[list[tuple[int, int]]]:
     """(position, value) pairs that plant plausible offsets/lengths into a buffer."""
-    return st.lists(st.tuples(st.integers(0, n - 4),
-                              st.integers(0, 400) | st.sampled_from([0xFFFFFFFF, 1 << 31])),
-                    min_size=1, max_size=8)
+    return st.lists(
+        st.tuples(
+            st.integers(0, n - 4), st.integers(0, 400) | st.sampled_from([0xFFFFFFFF, 1 << 31])
+        ),
+        min_size=1,
+        max_size=8,
+    )
 
 
 SAMPLE_HEAP = Heap.private(1 << 12)
 SAMPLE = MOD.AllTypes.new(
-    SAMPLE_HEAP, inner={"s": "x", "nums": [1, 2]}, r_inner=[{"a": 1, "s": "y"}],
-    r_string=["a", "b"], m_str_msg={"k": {"a": 1}}, c_inner={"a": 3}, payload=b"p" * 20,
-    tree={"children": [{"label": "c"}], "parent_hint": {"label": "h"}})
+    SAMPLE_HEAP,
+    inner={"s": "x", "nums": [1, 2]},
+    r_inner=[{"a": 1, "s": "y"}],
+    r_string=["a", "b"],
+    m_str_msg={"k": {"a": 1}},
+    c_inner={"a": 3},
+    payload=b"p" * 20,
+    tree={"children": [{"label": "c"}], "parent_hint": {"label": "h"}},
+)
 
 
 @SETTINGS
@@ -211,8 +238,9 @@ def test_marshal_every_word_poke() -> None:
         for value in (1, 24, n - 8, 0xFFFFFFFF):
             buf = bytearray(SAMPLE_HEAP.buf)
             struct.pack_into("<I", buf, pos, value)
-            marshal_garbage("alltypes.AllTypes", memoryview(buf), SAMPLE._off, 8, 1 << 20,
-                            read=False)
+            marshal_garbage(
+                "alltypes.AllTypes", memoryview(buf), SAMPLE._off, 8, 1 << 20, read=False
+            )
 
 
 def sample_image() -> bytes:
@@ -239,9 +267,11 @@ def land(img: bytes, name: str) -> None:
 
 
 @SETTINGS
-@given(cut=st.integers(0, len(IMAGE)), flips=st.lists(st.integers(0, 8 * len(IMAGE) - 1),
-                                                      max_size=6),
-       pokes=small_u32s(len(IMAGE)) | st.just([]))
+@given(
+    cut=st.integers(0, len(IMAGE)),
+    flips=st.lists(st.integers(0, 8 * len(IMAGE) - 1), max_size=6),
+    pokes=small_u32s(len(IMAGE)) | st.just([]),
+)
 def test_validate_mangled_images(cut: int, flips: list[int], pokes: list[tuple[int, int]]) -> None:
     img = bytearray(IMAGE)
     for bit in flips:

@@ -30,7 +30,11 @@ HEAD, TAIL, SLEEPING = 0, 64, 128
 
 def make_ring(nslots: int) -> tuple[memoryview, RingProducer, RingConsumer]:
     buf = memoryview(bytearray(ring_bytes(nslots)))
-    return buf, RingProducer(buf, nslots, name="test ring"), RingConsumer(buf, nslots, name="test ring")
+    return (
+        buf,
+        RingProducer(buf, nslots, name="test ring"),
+        RingConsumer(buf, nslots, name="test ring"),
+    )
 
 
 def pop_values(consumer: RingConsumer, limit: int = 256) -> list[int]:
@@ -231,8 +235,8 @@ def test_sides_on_two_mappings_see_each_other(mapped: tuple[DaemonRegions, AppRe
     with memoryview(app.ctl) as app_ctl, memoryview(regions.ctl) as d_ctl:
         app_submit = RingProducer(app_ctl[:size], slots, name="submit")
         d_submit = RingConsumer(d_ctl[:size], slots, name="submit")
-        d_complete = RingProducer(d_ctl[size:2 * size], slots, name="complete")
-        app_complete = RingConsumer(app_ctl[size:2 * size], slots, name="complete")
+        d_complete = RingProducer(d_ctl[size : 2 * size], slots, name="complete")
+        app_complete = RingConsumer(app_ctl[size : 2 * size], slots, name="complete")
         for rnd in range(5):  # wraps the 8-slot rings
             for i in range(6):
                 assert app_submit.push(ITEM, rnd * 10 + i)

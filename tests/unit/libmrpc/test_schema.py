@@ -24,13 +24,16 @@ def test_read_proto_follows_imports(tmp_path: Path) -> None:
     (tmp_path / "app").mkdir()
     (tmp_path / "inc" / "lib" / "base.proto").write_text(
         P3 + 'package lib;\nimport "google/protobuf/timestamp.proto";\n'
-        "message Base { google.protobuf.Timestamp at = 1; }\n")
+        "message Base { google.protobuf.Timestamp at = 1; }\n"
+    )
     (tmp_path / "inc" / "lib" / "mid.proto").write_text(
-        P3 + 'package lib;\nimport public "lib/base.proto";\nmessage Mid { Base b = 1; }\n')
+        P3 + 'package lib;\nimport public "lib/base.proto";\nmessage Mid { Base b = 1; }\n'
+    )
     (tmp_path / "app" / "main.proto").write_text(
         P3 + '// import "commented/out.proto";\n/* import "also/not.proto"; */\n'
         'import "lib/mid.proto";\npackage app;\nmessage Top { lib.Mid m = 1; }\n'
-        "service S { rpc Go(Top) returns (Top); }\n")
+        "service S { rpc Go(Top) returns (Top); }\n"
+    )
     texts = read_proto(tmp_path / "app" / "main.proto", [tmp_path / "inc"])
     assert sorted(texts) == ["lib/base.proto", "lib/mid.proto", "main.proto"]
     mod = load_module(compile_texts(texts))
@@ -74,35 +77,41 @@ def test_proto2_and_editions_rejected() -> None:
         compile_texts({"e.proto": 'edition = "2023";\nmessage M { int32 x = 1; }'})
 
 
-@pytest.mark.parametrize("body", [
-    "message M { int32 __class__ = 1; }",
-    "message M { int32 __init__ = 1; }",
-    "message __M { int32 x = 1; }",
-    "message M { int32 to_pb = 1; }",
-    "message M { int32 HasField = 1; }",
-    "message M { int32 _buf = 1; }",
-    "message M { int32 _w = 1; }",
-    "message None { int32 x = 1; }",
-    "enum E { True = 0; }",
-    "message M {} service class { rpc Go(M) returns (M); }",
-    "message M {} service S { rpc import(M) returns (M); }",
-    "message M { int32 from = 1; int32 from_ = 2; }",
-    "message MESSAGES {}",
-    "message EchoStub {} service Echo { rpc Go(EchoStub) returns (EchoStub); }",
-    "message _Private {}",
-    "message M { oneof __o { int32 x = 1; } }",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "message M { int32 __class__ = 1; }",
+        "message M { int32 __init__ = 1; }",
+        "message __M { int32 x = 1; }",
+        "message M { int32 to_pb = 1; }",
+        "message M { int32 HasField = 1; }",
+        "message M { int32 _buf = 1; }",
+        "message M { int32 _w = 1; }",
+        "message None { int32 x = 1; }",
+        "enum E { True = 0; }",
+        "message M {} service class { rpc Go(M) returns (M); }",
+        "message M {} service S { rpc import(M) returns (M); }",
+        "message M { int32 from = 1; int32 from_ = 2; }",
+        "message MESSAGES {}",
+        "message EchoStub {} service Echo { rpc Go(EchoStub) returns (EchoStub); }",
+        "message _Private {}",
+        "message M { oneof __o { int32 x = 1; } }",
+    ],
+)
 def test_dangerous_or_colliding_identifiers_rejected(body: str) -> None:
     with pytest.raises(SchemaError, match="t.proto|schema bundle"):
         compile1(body)
 
 
-@pytest.mark.parametrize("body", [
-    "message M { int32 x\" = 1; }",
-    "message M { int32 x\n = 1; }\nmessage 'q' {}",
-    "message M { int32 x; = 1; }",
-    "message M\u00e9 { int32 x = 1; }",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        'message M { int32 x" = 1; }',
+        "message M { int32 x\n = 1; }\nmessage 'q' {}",
+        "message M { int32 x; = 1; }",
+        "message M\u00e9 { int32 x = 1; }",
+    ],
+)
 def test_names_protoc_rejects_are_schema_errors(body: str) -> None:
     with pytest.raises(SchemaError):
         compile1(body)
@@ -138,14 +147,19 @@ def test_keyword_fields_allowed_with_trailing_underscore() -> None:
 
 def test_top_level_collision_across_packages_rejected() -> None:
     with pytest.raises(SchemaError, match="collides"):
-        compile_texts({"a.proto": P3 + "package a; message Same {}",
-                       "b.proto": P3 + 'package b; import "a.proto"; message Same {}'})
+        compile_texts(
+            {
+                "a.proto": P3 + "package a; message Same {}",
+                "b.proto": P3 + 'package b; import "a.proto"; message Same {}',
+            }
+        )
 
 
 def test_schema_hash_ignores_comments_and_whitespace() -> None:
     base = compile1("package h;\nmessage M { int32 x = 1; string s = 2; }\n")
-    pretty = compile1("package h;\n\n// a comment\nmessage M {\n  int32 x = 1;  /* more */\n"
-                      "  string s = 2;\n}\n")
+    pretty = compile1(
+        "package h;\n\n// a comment\nmessage M {\n  int32 x = 1;  /* more */\n  string s = 2;\n}\n"
+    )
     assert base.schema_hash == pretty.schema_hash
     assert base.cache_key != pretty.cache_key  # the generated module embeds the text
     changed = compile1("package h;\nmessage M { int64 x = 1; string s = 2; }\n")
@@ -179,8 +193,14 @@ def test_bundle_contents() -> None:
 
 
 def test_streaming_methods_are_marked() -> None:
-    mod = load_module(compile1("package st;\nmessage M {}\nservice S {\n"
-                               "  rpc Up(stream M) returns (M);\n"
-                               "  rpc Both(stream M) returns (stream M);\n}\n"))
+    mod = load_module(
+        compile1(
+            "package st;\nmessage M {}\nservice S {\n"
+            "  rpc Up(stream M) returns (M);\n"
+            "  rpc Both(stream M) returns (stream M);\n}\n"
+        )
+    )
     assert [(m.name, m.client_streaming, m.server_streaming) for m in mod.METHODS] == [
-        ("Up", True, False), ("Both", True, True)]
+        ("Up", True, False),
+        ("Both", True, True),
+    ]

@@ -143,15 +143,18 @@ def test_receive_fd_cannot_be_mapped_writable(pair: Pair) -> None:
     ro = mmap.mmap(recv, LAYOUT.recv_heap_size, prot=mmap.PROT_READ)
     ro.close()
     # the send heap and control region stay writable for the app
-    for fd, size in ((pair.received[0], LAYOUT.ctl_size), (pair.received[1], LAYOUT.send_heap_size)):
+    for fd, size in (
+        (pair.received[0], LAYOUT.ctl_size),
+        (pair.received[1], LAYOUT.send_heap_size),
+    ):
         mmap.mmap(fd, size).close()
 
 
 def test_daemon_writes_to_receive_heap_are_visible_to_app(pair: Pair) -> None:
     payload = bytes(range(256)) * 8
     off = LAYOUT.recv_heap_size - len(payload)
-    pair.daemon.recv[off:off + len(payload)] = payload
-    assert pair.app.recv[off:off + len(payload)] == payload
+    pair.daemon.recv[off : off + len(payload)] = payload
+    assert pair.app.recv[off : off + len(payload)] == payload
     pair.daemon.recv[0:4] = b"\x01\x02\x03\x04"
     assert pair.app.recv[0:4] == b"\x01\x02\x03\x04"
 
@@ -168,9 +171,9 @@ def test_app_writes_to_send_heap_are_visible_to_daemon(pair: Pair) -> None:
 def test_control_region_is_shared_both_ways(pair: Pair) -> None:
     pair.app.ctl[0:3] = b"app"
     end = LAYOUT.ctl_size
-    pair.daemon.ctl[end - 6:end] = b"daemon"
+    pair.daemon.ctl[end - 6 : end] = b"daemon"
     assert pair.daemon.ctl[0:3] == b"app"
-    assert pair.app.ctl[end - 6:end] == b"daemon"
+    assert pair.app.ctl[end - 6 : end] == b"daemon"
 
 
 def test_eventfds_connect_app_and_daemon(pair: Pair) -> None:

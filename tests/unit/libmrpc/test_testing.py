@@ -27,7 +27,9 @@ class Servicer(testing.TestServicer):
         assert request.payload.readonly  # the handler sees a received, read-only message
         with pytest.raises(TypeError):
             request.key = "x"
-        return testing.Reply(payload=request.payload, request_size=len(request.payload), key=request.key)
+        return testing.Reply(
+            payload=request.payload, request_size=len(request.payload), key=request.key
+        )
 
 
 def test_sync_future_and_aio_calls() -> None:
@@ -63,8 +65,12 @@ class AllTypesEcho(alltypes.AllTypesServiceServicer):
         return request  # a received message is copied back, as in production
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(pb=message_strategy(ALLTYPES, depth=2))
 def test_async_handlers_and_every_field_type(pb) -> None:
     stub = alltypes.AllTypesServiceStub(channel_for([AllTypesEcho()]))

@@ -44,8 +44,14 @@ def frame(ftype: int, body: bytes = b"", **kw: int) -> bytes:
     return encode_header(ftype, body_len=len(body), **kw) + body
 
 
-def raw_header(*, magic: int = MAGIC, version: int = PROTOCOL_VERSION, ftype: int = CALL,
-               status: int = 0, body_len: int = 0) -> bytes:
+def raw_header(
+    *,
+    magic: int = MAGIC,
+    version: int = PROTOCOL_VERSION,
+    ftype: int = CALL,
+    status: int = 0,
+    body_len: int = 0,
+) -> bytes:
     return HEADER.pack(magic, version, ftype, status, 0, 1, 2, body_len, 3)
 
 
@@ -77,7 +83,7 @@ def chunked(data: bytes, sizes: list[int]) -> list[bytes]:
     out, pos, i = [], 0, 0
     while pos < len(data):
         n = sizes[i % len(sizes)] if sizes else len(data)
-        out.append(data[pos:pos + n])
+        out.append(data[pos : pos + n])
         pos += n
         i += 1
     return out
@@ -96,8 +102,15 @@ def test_header_is_32_bytes() -> None:
 
 @pytest.mark.parametrize("ftype", sorted(FRAME_NAMES), ids=lambda t: FRAME_NAMES[t])
 def test_header_round_trip_every_type(ftype: int) -> None:
-    data = encode_header(ftype, call_id=2**64 - 1, method=2**32 - 1, body_len=1000,
-                         status=16, flags=0xFFFF, aux=2**63 + 5)
+    data = encode_header(
+        ftype,
+        call_id=2**64 - 1,
+        method=2**32 - 1,
+        body_len=1000,
+        status=16,
+        flags=0xFFFF,
+        aux=2**63 + 5,
+    )
     assert len(data) == HEADER_SIZE
     want = FrameHeader(ftype, 16, 0xFFFF, 2**64 - 1, 2**32 - 1, 1000, 2**63 + 5)
     assert decode_header(data, max_body=1000) == want
@@ -105,19 +118,22 @@ def test_header_round_trip_every_type(ftype: int) -> None:
     assert decode_header(b"junk" + data + b"trailing", 4, max_body=1000) == want
 
 
-@pytest.mark.parametrize(("data", "match"), [
-    (raw_header(magic=0x4547), "bad frame magic 0x4547 .*not an mrpc peer"),
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0\0", "bad frame magic"),
-    (raw_header(version=2), "protocol version 2, this daemon speaks 1"),
-    (raw_header(version=0), "protocol version 0"),
-    (raw_header(ftype=0), "unknown frame type 0"),
-    (raw_header(ftype=11), "unknown frame type 11"),
-    (raw_header(ftype=255), "unknown frame type 255"),
-    (raw_header(ftype=HELLO, body_len=MAX_HELLO_BODY + 1), "HELLO body of 65537 bytes exceeds"),
-    (raw_header(ftype=ERROR, body_len=2**32 - 1), "ERROR body of"),
-    (raw_header(ftype=PING, status=17), "invalid status 17"),
-    (raw_header(ftype=REPLY, status=0xFFFF), "invalid status 65535"),
-])
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (raw_header(magic=0x4547), "bad frame magic 0x4547 .*not an mrpc peer"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0\0", "bad frame magic"),
+        (raw_header(version=2), "protocol version 2, this daemon speaks 1"),
+        (raw_header(version=0), "protocol version 0"),
+        (raw_header(ftype=0), "unknown frame type 0"),
+        (raw_header(ftype=11), "unknown frame type 11"),
+        (raw_header(ftype=255), "unknown frame type 255"),
+        (raw_header(ftype=HELLO, body_len=MAX_HELLO_BODY + 1), "HELLO body of 65537 bytes exceeds"),
+        (raw_header(ftype=ERROR, body_len=2**32 - 1), "ERROR body of"),
+        (raw_header(ftype=PING, status=17), "invalid status 17"),
+        (raw_header(ftype=REPLY, status=0xFFFF), "invalid status 65535"),
+    ],
+)
 def test_decode_errors(data: bytes, match: str) -> None:
     with pytest.raises(WireError, match=match) as info:
         decode_header(data, max_body=1 << 20)
@@ -127,8 +143,9 @@ def test_decode_errors(data: bytes, match: str) -> None:
 @pytest.mark.parametrize("ftype", [CALL, REPLY])
 def test_oversized_message_body_is_resource_exhausted(ftype: int) -> None:
     data = raw_header(ftype=ftype, body_len=4097)
-    with pytest.raises(WireError, match=f"{FRAME_NAMES[ftype]} body of 4097 bytes exceeds the "
-                                        "limit of 4096") as info:
+    with pytest.raises(
+        WireError, match=f"{FRAME_NAMES[ftype]} body of 4097 bytes exceeds the limit of 4096"
+    ) as info:
         decode_header(data, max_body=4096)
     assert info.value.status is StatusCode.RESOURCE_EXHAUSTED
     # exactly at the limit is fine; a message body is not bound by the control limit
@@ -163,15 +180,18 @@ def test_json_frame_round_trip() -> None:
     assert decode_json_body(body) == obj
 
 
-@pytest.mark.parametrize(("body", "match"), [
-    (b"", "not JSON"),
-    (b"{", "not JSON"),
-    (b"\xff\xfe\xfd", "not JSON"),
-    (b'{"a": 1} trailing', "not JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b'"hello"', "must be a JSON object"),
-    (b"null", "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"", "not JSON"),
+        (b"{", "not JSON"),
+        (b"\xff\xfe\xfd", "not JSON"),
+        (b'{"a": 1} trailing', "not JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"hello"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+    ],
+)
 def test_json_body_errors(body: bytes, match: str) -> None:
     with pytest.raises(WireError, match=match):
         decode_json_body(body)
@@ -200,8 +220,18 @@ def test_json_body_garbage_is_only_wire_error(body: bytes) -> None:
 
 def test_stream_fed_whole() -> None:
     assert len(EXPECTED) == len(STREAM_FRAMES)
-    assert [h.type for h, _ in EXPECTED] == [HELLO, HELLO_ACK, CALL, PING, CALL, REPLY, REPLY,
-                                            ERROR, PONG, GOAWAY]
+    assert [h.type for h, _ in EXPECTED] == [
+        HELLO,
+        HELLO_ACK,
+        CALL,
+        PING,
+        CALL,
+        REPLY,
+        REPLY,
+        ERROR,
+        PONG,
+        GOAWAY,
+    ]
     assert EXPECTED[2][0] == FrameHeader(CALL, 0, 0, 1, 7, 200, 5_000_000)
     assert EXPECTED[2][1] == bytes(range(200))
     assert EXPECTED[7][1].decode() == "no such method \u2603"
@@ -211,7 +241,7 @@ def test_stream_fed_whole() -> None:
 
 def test_stream_fed_byte_at_a_time() -> None:
     asm = FrameAssembler()
-    got = collect(asm, (STREAM[i:i + 1] for i in range(len(STREAM))))
+    got = collect(asm, (STREAM[i : i + 1] for i in range(len(STREAM))))
     assert got == EXPECTED
     assert not asm.in_body
 
@@ -267,7 +297,7 @@ class HeapSink:
         off = self.next
         self.next += header.body_len
         self.placed[header.call_id] = (off, header.body_len)
-        return self.view[off:off + header.body_len]
+        return self.view[off : off + header.body_len]
 
 
 @pytest.mark.parametrize("step", [len(STREAM), 1, 13])
@@ -279,7 +309,7 @@ def test_body_sink_lands_bodies_in_place(step: int) -> None:
     messages = [f for f in STREAM_FRAMES if f[3] in (CALL, REPLY)]
     assert len(sink.placed) == 2  # call ids 1 and 3, each used by a CALL then a REPLY
     off, n = sink.placed[1]  # the REPLY for call 1 was placed last
-    assert bytes(sink.heap[off:off + n]) == bytes(range(256)) * 3
+    assert bytes(sink.heap[off : off + n]) == bytes(range(256)) * 3
     assert sink.next == sum(len(f) - HEADER_SIZE for f in messages)
     assert bytes(sink.heap[:200]) == bytes(range(200))  # the first CALL, never moved
 
@@ -299,7 +329,7 @@ def test_direct_receive_via_body_window() -> None:
     asm = FrameAssembler(sink)
     payload = bytes(range(251)) * 4
     data = frame(CALL, payload, call_id=8) + frame(PING, call_id=9)
-    assert asm.feed(data[:HEADER_SIZE + 10]) == []
+    assert asm.feed(data[: HEADER_SIZE + 10]) == []
     assert asm.in_body
     pos = HEADER_SIZE + 10
     body_end = HEADER_SIZE + len(payload)
@@ -308,14 +338,14 @@ def test_direct_receive_via_body_window() -> None:
         window = asm.body_window()
         assert len(window) == body_end - pos
         n = min(100, len(window))
-        window[:n] = data[pos:pos + n]  # what sock.recv_into(window) does
+        window[:n] = data[pos : pos + n]  # what sock.recv_into(window) does
         pos += n
         result = asm.body_received(n)
         assert (result is None) is (pos < body_end)
     assert result is not None
     hdr, body = result
     assert hdr.call_id == 8 and bytes(body) == payload
-    assert bytes(sink.heap[:len(payload)]) == payload
+    assert bytes(sink.heap[: len(payload)]) == payload
     assert not asm.in_body
     ((ping, _),) = asm.feed(data[pos:])  # and the stream carries on
     assert ping.type == PING and ping.call_id == 9
@@ -331,7 +361,9 @@ def test_sink_of_the_wrong_length_is_a_wire_error(delta: int) -> None:
 def test_on_frame_runs_before_the_next_sink() -> None:
     """The owner acts on each frame before it is asked where the next body goes."""
     sink = HeapSink()
-    asm = FrameAssembler(sink, on_frame=lambda h, b: sink.events.append(("frame", h.type, h.call_id)))
+    asm = FrameAssembler(
+        sink, on_frame=lambda h, b: sink.events.append(("frame", h.type, h.call_id))
+    )
     assert asm.feed(STREAM) == []  # frames went to on_frame, not to the return value
     want: list[tuple[str, int, int]] = []
     for h, _ in EXPECTED:
@@ -343,7 +375,7 @@ def test_on_frame_sees_bodies_byte_at_a_time() -> None:
     seen: list[Frame] = []
     asm = FrameAssembler(on_frame=lambda h, b: seen.append((h, bytes(b))))
     for i in range(len(STREAM)):
-        assert asm.feed(STREAM[i:i + 1]) == []
+        assert asm.feed(STREAM[i : i + 1]) == []
     assert seen == EXPECTED
 
 
@@ -355,7 +387,7 @@ def test_assembler_errors_whole_and_byte_at_a_time() -> None:
     frames: list[Frame] = []
     with pytest.raises(WireError, match="unknown frame type 42"):
         for i in range(len(bad)):
-            frames += [(h, bytes(b)) for h, b in asm.feed(bad[i:i + 1])]
+            frames += [(h, bytes(b)) for h, b in asm.feed(bad[i : i + 1])]
     assert frames == EXPECTED[:1]  # the good frame before the bad one came out
 
 
@@ -374,8 +406,10 @@ def test_discarded_body_is_skipped_without_storing(step: int) -> None:
     """A declined body is counted off; the frame comes out with an empty body and
     the stream carries on. Nothing of the announced size is ever allocated."""
     seen: list[Frame] = []
-    asm = FrameAssembler(lambda h: DISCARD if h.type == CALL else None,
-                         on_frame=lambda h, b: seen.append((h, bytes(b))))
+    asm = FrameAssembler(
+        lambda h: DISCARD if h.type == CALL else None,
+        on_frame=lambda h, b: seen.append((h, bytes(b))),
+    )
     data = frame(CALL, b"x" * 10_000, call_id=1) + frame(PING, call_id=2)
     for chunk in chunked(data, [step]):
         asm.feed(chunk)
@@ -398,7 +432,7 @@ def test_a_stream_that_is_not_mrpc_is_refused_within_four_bytes(junk: bytes) -> 
     asm = FrameAssembler()
     with pytest.raises(WireError):
         for i in range(len(junk)):
-            asm.feed(junk[i:i + 1])
+            asm.feed(junk[i : i + 1])
             assert i < 4
 
 
@@ -414,17 +448,23 @@ def _mutations() -> st.SearchStrategy[bytes]:
     """Bytes that get past the magic check often enough to reach the deeper checks."""
     header = st.builds(
         lambda v, t, s, n, f: struct.pack("<HBBHHQIIQ", MAGIC, v, t, s, f, 1, 2, n, 3),
-        st.sampled_from([0, 1, 1, 1, 2]), st.integers(0, 10), st.integers(0, 20),
-        st.integers(0, 300), st.integers(0, 0xFFFF),
+        st.sampled_from([0, 1, 1, 1, 2]),
+        st.integers(0, 10),
+        st.integers(0, 20),
+        st.integers(0, 300),
+        st.integers(0, 0xFFFF),
     )
-    return st.lists(st.one_of(header, st.binary(max_size=64), st.sampled_from(STREAM_FRAMES)),
-                    max_size=8).map(b"".join)
+    return st.lists(
+        st.one_of(header, st.binary(max_size=64), st.sampled_from(STREAM_FRAMES)), max_size=8
+    ).map(b"".join)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=400), _mutations()),
-       st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=10),
-       st.booleans())
+@given(
+    st.one_of(st.binary(max_size=400), _mutations()),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=10),
+    st.booleans(),
+)
 def test_garbage_gives_frames_or_wire_error_only(data: bytes, sizes: list[int], sink: bool) -> None:
     """Invariant: garbage in -> frames or WireError, never any other exception."""
     asm = FrameAssembler(HeapSink(1 << 16) if sink else None, max_body=256)

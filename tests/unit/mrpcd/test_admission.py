@@ -53,7 +53,7 @@ def _shared_refs(heap: Heap, n: int, blob_len: int) -> int:
     msg = AT.AllTypes.new(heap, r_bytes=[b"x"])
     blob = heap.alloc(blob_len)
     arr = heap.alloc(8 * n)
-    heap.buf[arr:arr + 8 * n] = struct.pack("<II", blob, blob_len) * n
+    heap.buf[arr : arr + 8 * n] = struct.pack("<II", blob, blob_len) * n
     struct.pack_into("<II", heap.buf, msg._off + AT.AllTypes._SPECS["r_bytes"].off, arr, n)
     return msg._off
 

@@ -17,13 +17,23 @@ from mrpcd.bindcache import MAGIC
 from mrpcd.binding import BindingCache
 from mrpcd.config import SchemaConfig
 
-LIMITS = SchemaConfig(max_bytes=256 << 10, max_per_app=16, compile_timeout=60.0, compile_memory=512 << 20,
-                      compile_jobs=2, keep_unused=0, cache_max_entries=256, cache_max_bytes=256 << 20)
+LIMITS = SchemaConfig(
+    max_bytes=256 << 10,
+    max_per_app=16,
+    compile_timeout=60.0,
+    compile_memory=512 << 20,
+    compile_jobs=2,
+    keep_unused=0,
+    cache_max_entries=256,
+    cache_max_bytes=256 << 20,
+)
 
 
 def texts(n: int) -> dict[str, str]:
-    return {f"s{n}.proto": f'syntax = "proto3";\npackage s{n};\nmessage M {{ int64 x = 1; }}\n'
-                           f"service S{n} {{ rpc Get(M) returns (M); }}\n"}
+    return {
+        f"s{n}.proto": f'syntax = "proto3";\npackage s{n};\nmessage M {{ int64 x = 1; }}\n'
+        f"service S{n} {{ rpc Get(M) returns (M); }}\n"
+    }
 
 
 def entry(cache_dir: Path, t: dict[str, str]) -> Path:
@@ -46,7 +56,9 @@ def test_compiled_then_memory_then_disk(tmp_path: Path) -> None:
     assert restarted.counts == {"memory": 0, "disk": 1, "compiled": 0, "failed": 0}
 
 
-def test_disk_hit_does_not_start_the_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_hit_does_not_start_the_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     BindingCache(tmp_path / "c", LIMITS).bind(texts(2))
 
     def no_compile(*_a: object, **_k: object) -> None:
@@ -56,7 +68,10 @@ def test_disk_hit_does_not_start_the_compiler(tmp_path: Path, monkeypatch: pytes
     assert BindingCache(tmp_path / "c", LIMITS).bind(texts(2)).how == "disk"
 
 
-@pytest.mark.parametrize("tamper", ["flip a payload byte", "flip a keyed-hash byte", "truncate", "another schema's entry"])
+@pytest.mark.parametrize(
+    "tamper",
+    ["flip a payload byte", "flip a keyed-hash byte", "truncate", "another schema's entry"],
+)
 def test_a_tampered_cache_file_is_ignored_and_compiled_again(tmp_path: Path, tamper: str) -> None:
     cache_dir = tmp_path / "c"
     cache = BindingCache(cache_dir, LIMITS)
@@ -120,7 +135,9 @@ def test_disk_entries_are_bounded_least_recently_used_first(tmp_path: Path) -> N
     assert not entry(cache_dir, texts(10)).exists()
     assert cache.stats["disk_entries"] == 2
     size = entry(cache_dir, texts(11)).stat().st_size
-    small = BindingCache(cache_dir, replace(LIMITS, cache_max_bytes=size))  # a restart with less room
+    small = BindingCache(
+        cache_dir, replace(LIMITS, cache_max_bytes=size)
+    )  # a restart with less room
     assert small.stats["disk_entries"] == 1 and small.stats["disk_bytes"] <= size
 
 
@@ -128,7 +145,9 @@ def test_bad_texts_and_limits(tmp_path: Path) -> None:
     cache = BindingCache(tmp_path / "c", replace(LIMITS, max_bytes=1024))
     with pytest.raises(RpcError) as e:
         cache.bind({"big.proto": "x" * 2000})
-    assert e.value.code() == StatusCode.RESOURCE_EXHAUSTED and "schema.max_bytes" in e.value.details()
+    assert (
+        e.value.code() == StatusCode.RESOURCE_EXHAUSTED and "schema.max_bytes" in e.value.details()
+    )
     with pytest.raises(RpcError) as e:
         cache.bind(["not", "a", "dict"])
     assert e.value.code() == StatusCode.INVALID_ARGUMENT

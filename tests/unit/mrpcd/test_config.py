@@ -60,7 +60,11 @@ def error(text: str, tmp: Path, **kw: object) -> str:
 def test_defaults_without_file() -> None:
     c = load_config(env={})
     prefix = default_prefix({})
-    assert c.prefix == prefix == (Path("/run/mrpc") if os.geteuid() == 0 else Path(f"/tmp/mrpc-{os.geteuid()}"))
+    assert (
+        c.prefix
+        == prefix
+        == (Path("/run/mrpc") if os.geteuid() == 0 else Path(f"/tmp/mrpc-{os.geteuid()}"))
+    )
     assert c.listen == ("127.0.0.1", 5150)
     assert (c.transport, c.log_level) == ("tcp", "info")
     assert c.app_socket == prefix / "app.sock"
@@ -90,7 +94,9 @@ def test_default_prefix_uses_own_private_xdg_runtime_dir(tmp_path: Path) -> None
     os.chmod(xdg, 0o755)  # not private: not an XDG runtime dir
     assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid) == fallback
     os.chmod(xdg, 0o700)
-    assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid + 1) == Path(f"/tmp/mrpc-{uid + 1}")  # not ours
+    assert default_prefix({"XDG_RUNTIME_DIR": str(xdg)}, uid=uid + 1) == Path(
+        f"/tmp/mrpc-{uid + 1}"
+    )  # not ours
     assert default_prefix({}, uid=0) == Path("/run/mrpc")
     assert default_prefix({"RUNTIME_DIRECTORY": "/run/x:/run/y"}, uid=uid) == Path("/run/x")
     assert load_config(env={"RUNTIME_DIRECTORY": str(tmp_path)}).prefix == tmp_path

@@ -64,7 +64,9 @@ def ask(s: socket.socket, msg: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def test_a_slow_op_stalls_neither_others_nor_its_own_order(served: tuple[str, Fake, ControlLoop]) -> None:
+def test_a_slow_op_stalls_neither_others_nor_its_own_order(
+    served: tuple[str, Fake, ControlLoop],
+) -> None:
     path, fake, _ = served
     slow, other = connect(path), connect(path)
     ask(slow, {"op": "register", "name": "slow"})
@@ -85,7 +87,8 @@ def test_a_slow_op_stalls_neither_others_nor_its_own_order(served: tuple[str, Fa
 
 
 def test_a_connection_that_does_not_register_is_closed_by_the_timer(
-        served: tuple[str, Fake, ControlLoop]) -> None:
+    served: tuple[str, Fake, ControlLoop],
+) -> None:
     path, fake, loop = served
     idle = connect(path)
     assert ask(idle, {"op": "ping"})["ok"]  # answered, but not registered
@@ -111,7 +114,8 @@ def test_end_of_stream_cleans_up_a_registered_app(served: tuple[str, Fake, Contr
 
 
 def test_a_bad_message_is_invalid_argument_and_the_connection_lives(
-        served: tuple[str, Fake, ControlLoop]) -> None:
+    served: tuple[str, Fake, ControlLoop],
+) -> None:
     path, _, _ = served
     s = connect(path)
     s.send(b"not json")

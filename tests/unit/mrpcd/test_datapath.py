@@ -28,7 +28,9 @@ APP = "kv"
 
 
 def ctx(name: str, side: Side = Side.SEND) -> EngineContext:
-    return EngineContext(engine_id=f"{APP}/{name}", app=APP, app_pid=1, clock=MockClock(), side=side)
+    return EngineContext(
+        engine_id=f"{APP}/{name}", app=APP, app_pid=1, clock=MockClock(), side=side
+    )
 
 
 class Frontend(Engine):
@@ -164,7 +166,9 @@ def test_insert_positions() -> None:
     run(dp)
     assert ids(tr.tx_in) == [0, 1, 2, 3]
     for bad in (0, 5, -1):
-        with pytest.raises(DatapathError, match=f"position {bad} is outside the policy chain of 'kv'"):
+        with pytest.raises(
+            DatapathError, match=f"position {bad} is outside the policy chain of 'kv'"
+        ):
             dp.insert(Pass(ctx("bad"), {}), bad)
     assert dp.engines == [fe, p3, p1, p2, tr]
 
@@ -315,8 +319,15 @@ def test_describe() -> None:
     submit(fe, range(2))
     rows = dp.describe()
     assert [r["engine"] for r in rows] == ["test-frontend", "test-pass", "test-transport"]
-    assert rows[1] == {"id": "kv/pass", "engine": "test-pass", "version": 1, "side": "send",
-                       "method": None, "config": {}, "queued": 2}
+    assert rows[1] == {
+        "id": "kv/pass",
+        "engine": "test-pass",
+        "version": 1,
+        "side": "send",
+        "method": None,
+        "config": {},
+        "queued": 2,
+    }
 
 
 def test_rejected_call_goes_back_to_the_app() -> None:
@@ -326,7 +337,11 @@ def test_rejected_call_goes_back_to_the_app() -> None:
         NAME = "test-deny-even"
 
         def on_call(self, rpc: Rpc) -> Verdict | Reject:
-            return Reject(StatusCode.PERMISSION_DENIED, "even") if rpc.call_id % 2 == 0 else Verdict.PASS
+            return (
+                Reject(StatusCode.PERMISSION_DENIED, "even")
+                if rpc.call_id % 2 == 0
+                else Verdict.PASS
+            )
 
     dp, fe, tr = make()
     dp.insert(Pass(ctx("p"), {}))
@@ -335,4 +350,6 @@ def test_rejected_call_goes_back_to_the_app() -> None:
     run(dp)
     assert ids(tr.tx_in) == [1, 3]
     assert [(r.kind, r.call_id, r.status) for r in fe.rx_in] == [
-        (RpcKind.REPLY, 0, StatusCode.PERMISSION_DENIED), (RpcKind.REPLY, 2, StatusCode.PERMISSION_DENIED)]
+        (RpcKind.REPLY, 0, StatusCode.PERMISSION_DENIED),
+        (RpcKind.REPLY, 2, StatusCode.PERMISSION_DENIED),
+    ]

@@ -46,8 +46,11 @@ class FakeDaemon:
     """The parts of mrpcd.daemon.Daemon that PolicyManager uses."""
 
     config: Cfg = field(default_factory=Cfg)
-    registry: EngineRegistry = field(default_factory=lambda: EngineRegistry(
-        {"null": "engines.null", "ratelimit": "engines.ratelimit", "tcp": "engines.tcp"}))
+    registry: EngineRegistry = field(
+        default_factory=lambda: EngineRegistry(
+            {"null": "engines.null", "ratelimit": "engines.ratelimit", "tcp": "engines.tcp"}
+        )
+    )
     clock: MockClock = field(default_factory=MockClock)
     services_base: dict[str, Any] = field(default_factory=dict)
     ingress: Any = None
@@ -107,32 +110,68 @@ def test_handler_maps_operator_ops() -> None:
 def test_attach_by_app_name_splices_before_the_transport(daemon: FakeDaemon) -> None:
     kv, other = add_app(daemon, "kv"), add_app(daemon, "other")
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
-    out = pm.attach({"engine": "ratelimit", "app": "kv", "side": "receive", "method": "Get",
-                     "config": {"max_tokens": 5}})
+    out = pm.attach(
+        {
+            "engine": "ratelimit",
+            "app": "kv",
+            "side": "receive",
+            "method": "Get",
+            "config": {"max_tokens": 5},
+        }
+    )
     [eid] = out["engine_ids"]
     assert eid.startswith("kv/ratelimit-") and "rule_id" not in out
     assert policies(kv) == [eid] and policies(other) == []
     assert runtime_names(kv) == ["test-edge", "ratelimit", "test-edge"]
     engine = pm.engines[eid][1]
     assert engine.ctx.side == Side.RECEIVE and engine.ctx.method == "Get"
-    assert engine.config["max_tokens"] == 5 and engine.config["mode"] == "reject"  # validated, defaults filled
+    assert (
+        engine.config["max_tokens"] == 5 and engine.config["mode"] == "reject"
+    )  # validated, defaults filled
 
 
-@pytest.mark.parametrize(("msg", "code", "words"), [
-    ({"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 0}}, StatusCode.INVALID_ARGUMENT,
-     "bad config for ratelimit"),
-    ({"engine": "ratelimit", "app": "kv", "config": {}}, StatusCode.INVALID_ARGUMENT, "max_tokens: required"),
-    ({"engine": "null", "app": "kv", "config": ["enforce"]}, StatusCode.INVALID_ARGUMENT, "must be a mapping"),
-    ({"engine": "null", "app": "kv", "side": "sideways"}, StatusCode.INVALID_ARGUMENT, "'sideways'"),
-    ({"engine": "null", "app": "kv", "method": 7}, StatusCode.INVALID_ARGUMENT, "method must be a string"),
-    ({"engine": "no-such", "app": "kv"}, StatusCode.NOT_FOUND, "no-such"),
-    ({"engine": "tcp", "app": "kv"}, StatusCode.INVALID_ARGUMENT, "always on"),
-    ({"app": "kv"}, StatusCode.INVALID_ARGUMENT, "needs an engine name"),
-    ({"engine": "null"}, StatusCode.INVALID_ARGUMENT, "--app NAME|PID or --all"),
-    ({"engine": "null", "app": "nobody"}, StatusCode.NOT_FOUND, "no application matches 'nobody'"),
-])
-def test_a_bad_attach_changes_nothing(daemon: FakeDaemon, msg: dict[str, Any], code: StatusCode,
-                                      words: str) -> None:
+@pytest.mark.parametrize(
+    ("msg", "code", "words"),
+    [
+        (
+            {"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 0}},
+            StatusCode.INVALID_ARGUMENT,
+            "bad config for ratelimit",
+        ),
+        (
+            {"engine": "ratelimit", "app": "kv", "config": {}},
+            StatusCode.INVALID_ARGUMENT,
+            "max_tokens: required",
+        ),
+        (
+            {"engine": "null", "app": "kv", "config": ["enforce"]},
+            StatusCode.INVALID_ARGUMENT,
+            "must be a mapping",
+        ),
+        (
+            {"engine": "null", "app": "kv", "side": "sideways"},
+            StatusCode.INVALID_ARGUMENT,
+            "'sideways'",
+        ),
+        (
+            {"engine": "null", "app": "kv", "method": 7},
+            StatusCode.INVALID_ARGUMENT,
+            "method must be a string",
+        ),
+        ({"engine": "no-such", "app": "kv"}, StatusCode.NOT_FOUND, "no-such"),
+        ({"engine": "tcp", "app": "kv"}, StatusCode.INVALID_ARGUMENT, "always on"),
+        ({"app": "kv"}, StatusCode.INVALID_ARGUMENT, "needs an engine name"),
+        ({"engine": "null"}, StatusCode.INVALID_ARGUMENT, "--app NAME|PID or --all"),
+        (
+            {"engine": "null", "app": "nobody"},
+            StatusCode.NOT_FOUND,
+            "no application matches 'nobody'",
+        ),
+    ],
+)
+def test_a_bad_attach_changes_nothing(
+    daemon: FakeDaemon, msg: dict[str, Any], code: StatusCode, words: str
+) -> None:
     apps = [add_app(daemon, "kv"), add_app(daemon, "kv")]  # two apps of one name: both or neither
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
     got, details = code_of(lambda: pm.attach(msg))
@@ -152,7 +191,9 @@ def test_detach_by_id_and_by_name(daemon: FakeDaemon) -> None:
     kv = add_app(daemon, "kv")
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
     [null_id] = pm.attach({"engine": "null", "app": "kv"})["engine_ids"]
-    [rl_id] = pm.attach({"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 1}})["engine_ids"]
+    [rl_id] = pm.attach({"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 1}})[
+        "engine_ids"
+    ]
     assert policies(kv) == [null_id, rl_id]
     out = pm.detach({"engine_id": null_id})
     assert out == {"detached": [{"engine_id": null_id, "handed_on": 0}]}
@@ -177,7 +218,9 @@ def test_set_updates_every_target(daemon: FakeDaemon) -> None:
 def test_set_is_all_or_nothing(daemon: FakeDaemon) -> None:
     add_app(daemon, "kv")
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
-    [rl_id] = pm.attach({"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 5}})["engine_ids"]
+    [rl_id] = pm.attach({"engine": "ratelimit", "app": "kv", "config": {"max_tokens": 5}})[
+        "engine_ids"
+    ]
     [null_id] = pm.attach({"engine": "null", "app": "kv"})["engine_ids"]
     # valid for the ratelimit engine (checked first), not for null: neither may change
     code, details = code_of(lambda: pm.set({"app": "kv", "config": {"max_tokens": 2}}))
@@ -191,7 +234,9 @@ def test_set_is_all_or_nothing(daemon: FakeDaemon) -> None:
 def test_all_future_rule_applies_to_later_apps_until_removed(daemon: FakeDaemon) -> None:
     early = add_app(daemon, "early")
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
-    out = pm.attach({"engine": "ratelimit", "app": "*", "future": True, "config": {"max_tokens": 3}})
+    out = pm.attach(
+        {"engine": "ratelimit", "app": "*", "future": True, "config": {"max_tokens": 3}}
+    )
     rule_id = out["rule_id"]
     assert len(out["engine_ids"]) == 1 and len(policies(early)) == 1
     late = add_app(daemon, "late")
@@ -199,7 +244,11 @@ def test_all_future_rule_applies_to_later_apps_until_removed(daemon: FakeDaemon)
     [late_id] = policies(late)
     assert pm.engines[late_id][1].config["max_tokens"] == 3
     [rule] = pm.rules({})["rules"]
-    assert rule["rule_id"] == rule_id and rule["app"] == "*" and rule["engine_ids"] == [*out["engine_ids"], late_id]
+    assert (
+        rule["rule_id"] == rule_id
+        and rule["app"] == "*"
+        and rule["engine_ids"] == [*out["engine_ids"], late_id]
+    )
     pm.app_left(late)
     assert late_id not in pm.engines
     assert pm.detach({"rule_id": rule_id}) == {"detached": [], "rule_removed": rule_id}
@@ -231,20 +280,28 @@ def test_config_policies_become_standing_rules(daemon: FakeDaemon) -> None:
     assert engine.ctx.side == Side.RECEIVE and engine.config["max_tokens"] == 4
 
 
-@pytest.mark.parametrize(("attachment", "words"), [
-    (PolicyAttachment("ratelimit", "*", "send", None, {"max_tokens": -1}), "policies[1]: bad config for ratelimit"),
-    (PolicyAttachment("no-such", "*", "send", None, {}), "policies[1]:"),
-    (PolicyAttachment("tcp", "*", "send", None, {}), "always on"),
-])
-def test_a_bad_config_policy_is_refused_at_start(daemon: FakeDaemon, attachment: PolicyAttachment,
-                                                 words: str) -> None:
+@pytest.mark.parametrize(
+    ("attachment", "words"),
+    [
+        (
+            PolicyAttachment("ratelimit", "*", "send", None, {"max_tokens": -1}),
+            "policies[1]: bad config for ratelimit",
+        ),
+        (PolicyAttachment("no-such", "*", "send", None, {}), "policies[1]:"),
+        (PolicyAttachment("tcp", "*", "send", None, {}), "always on"),
+    ],
+)
+def test_a_bad_config_policy_is_refused_at_start(
+    daemon: FakeDaemon, attachment: PolicyAttachment, words: str
+) -> None:
     daemon.config = Cfg((PolicyAttachment("null", "*", "send", None, {}), attachment))
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         PolicyManager(daemon)  # type: ignore[arg-type]
 
 
-def test_a_failing_standing_rule_does_not_stop_registration(daemon: FakeDaemon,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_standing_rule_does_not_stop_registration(
+    daemon: FakeDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
     pm.attach({"engine": "null", "app": "*", "future": True})
     pm.attach({"engine": "ratelimit", "app": "*", "future": True, "config": {"max_tokens": 1}})

@@ -76,7 +76,10 @@ def test_app_side_refuses_state_file_others_may_write(tmp_path: Path) -> None:
     os.chmod(tmp_path / "mrpcd.json", 0o666)
     with pytest.raises(RpcError) as info:
         daemon_state(tmp_path)
-    assert info.value.code() == StatusCode.PERMISSION_DENIED and "others may write" in info.value.details()
+    assert (
+        info.value.code() == StatusCode.PERMISSION_DENIED
+        and "others may write" in info.value.details()
+    )
     os.chmod(tmp_path / "mrpcd.json", 0o644)
     assert daemon_state(tmp_path) == {"app_socket": "/x/app.sock"}
     os.chmod(tmp_path, 0o777)
@@ -109,7 +112,9 @@ def test_disk_cache_rejects_tampered_entries_and_evicts(tmp_path: Path) -> None:
     assert again.load(keys[1]) is not None and not (tmp_path / "c" / "stray.py").exists()
 
 
-def test_daemon_user_can_be_trusted_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_user_can_be_trusted_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prefix = tmp_path / "p"
     prefix.mkdir()
     if os.geteuid() != 0:

@@ -35,12 +35,15 @@ def test_good_engine_loads() -> None:
     assert reg.get("good") is Good and reg.names() == ["good"]
 
 
-@pytest.mark.parametrize("attrs, words", [
-    ({}, ["defines no ENGINE"]),
-    ({"ENGINE": object}, ["subclass of mrpcd.engine.Engine"]),
-    ({"ENGINE": NoWork}, ["does not implement do_work", "def do_work(self) -> int"]),
-    ({"ENGINE": type("Nameless", (Good,), {"NAME": ""})}, ["needs a NAME"]),
-])
+@pytest.mark.parametrize(
+    "attrs, words",
+    [
+        ({}, ["defines no ENGINE"]),
+        ({"ENGINE": object}, ["subclass of mrpcd.engine.Engine"]),
+        ({"ENGINE": NoWork}, ["does not implement do_work", "def do_work(self) -> int"]),
+        ({"ENGINE": type("Nameless", (Good,), {"NAME": ""})}, ["needs a NAME"]),
+    ],
+)
 def test_bad_engines_are_rejected_naming_the_gap(attrs: dict, words: list[str]) -> None:
     name = _module(f"eng_bad_{len(sys.modules)}", **attrs)
     with pytest.raises(EngineLoadError) as e:

@@ -22,8 +22,13 @@ class Worker(Engine):
 
     NAME = "test-worker"
 
-    def __init__(self, name: str = "w", backlog: int | None = 0, timer: float | None = None,
-                 on_work: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "w",
+        backlog: int | None = 0,
+        timer: float | None = None,
+        on_work: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(EngineContext(f"t/{name}", "t", 1, MockClock()), {})
         self.backlog = backlog
         self.timer = timer
@@ -71,15 +76,16 @@ def test_commands_run_before_the_rounds_and_never_during_one(runtime: Runtime) -
     runtime.add_engine(w)
     runtime.post(lambda: w.log.append("cmd-1"))
     # a command posted from inside do_work waits for the next _work, after the rounds
-    w.on_work = lambda: (runtime.post(lambda: w.log.append("cmd-2")) if w.calls == 1 else None)
+    w.on_work = lambda: runtime.post(lambda: w.log.append("cmd-2")) if w.calls == 1 else None
     runtime.run_once()
     assert w.log == ["cmd-1", "work", "work", "work"]
     runtime.run_once()
     assert w.log[4:] == ["cmd-2", "work"]
 
 
-def test_a_failing_command_is_logged_and_the_next_still_runs(runtime: Runtime,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_command_is_logged_and_the_next_still_runs(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
     ran = []
 
     def bad() -> None:
@@ -98,7 +104,9 @@ def test_rounds_repeat_until_no_engine_finds_work(runtime: Runtime) -> None:
     runtime.add_engine(busy)
     runtime.add_engine(idle)
     assert runtime.run_once() == 5
-    assert busy.calls == 6 and idle.calls == 6  # every engine once per round, the last round finds nothing
+    assert (
+        busy.calls == 6 and idle.calls == 6
+    )  # every engine once per round, the last round finds nothing
     assert runtime.run_once() == 0 and busy.calls == 7
 
 
@@ -109,7 +117,9 @@ def test_rounds_stop_at_max_rounds_when_an_engine_never_goes_idle(runtime: Runti
     assert w.calls == MAX_ROUNDS
 
 
-def test_rounds_stop_after_the_rounds_budget(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rounds_stop_after_the_rounds_budget(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = [0.0]
     monkeypatch.setattr(rt.time, "perf_counter", lambda: fake[0])
 
@@ -122,8 +132,9 @@ def test_rounds_stop_after_the_rounds_budget(runtime: Runtime, monkeypatch: pyte
     assert w.calls == 3  # 0.8 of the budget after two rounds, 1.2 after the third: stop
 
 
-def test_a_failing_engine_is_logged_and_the_others_keep_working(runtime: Runtime,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_engine_is_logged_and_the_others_keep_working(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
     broken, w = Broken(), Worker(backlog=3)
     runtime.add_engine(broken)
     runtime.add_engine(w)
@@ -201,8 +212,9 @@ def test_call_from_another_thread_wakes_a_sleeping_runtime(monkeypatch: pytest.M
         r.stop()
 
 
-def test_the_loop_survives_a_failing_engine(monkeypatch: pytest.MonkeyPatch,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_the_loop_survives_a_failing_engine(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     broken, w = Broken(), Worker()
     with caplog.at_level(logging.ERROR, logger="mrpcd.runtime"):
         r = _started([broken, w], monkeypatch)

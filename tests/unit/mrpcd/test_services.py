@@ -35,10 +35,16 @@ def test_without_rules_the_first_uid_owns_the_name() -> None:
 
 
 def test_the_first_matching_rule_decides_alone() -> None:
-    rules = (ServiceRule("kv.Store", (1001,), ()), ServiceRule("kv.*", (), (77,)), ServiceRule("*", (0,), ()))
+    rules = (
+        ServiceRule("kv.Store", (1001,), ()),
+        ServiceRule("kv.*", (), (77,)),
+        ServiceRule("*", (0,), ()),
+    )
     p = ServicePolicy(rules, daemon_uid=DAEMON)
     assert p.authorize("kv.Store", who(1001), None, None) is False
-    assert "services[0]" in denied(p, "kv.Store", who(0), None, None)  # root is not implied by a rule
+    assert "services[0]" in denied(
+        p, "kv.Store", who(0), None, None
+    )  # root is not implied by a rule
     assert p.authorize("kv.Cache", who(1003, groups=frozenset({77})), None, None) is False
     assert p.authorize("kv.Cache", who(1003, gid=77), None, None) is False
     assert "services[1]" in denied(p, "kv.Cache", who(1003), None, None)
@@ -49,4 +55,6 @@ def test_the_first_matching_rule_decides_alone() -> None:
 def test_unknown_user_or_group_names_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"services\[0\].uids: no user named 'no-such-user-x'"):
         ServicePolicy((ServiceRule("a.B", ("no-such-user-x",), ()),))
-    assert ServicePolicy((ServiceRule("a.B", ("root",), ("root",)),)).rules[0].uids == frozenset({0})
+    assert ServicePolicy((ServiceRule("a.B", ("root",), ("root",)),)).rules[0].uids == frozenset(
+        {0}
+    )
