@@ -52,8 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libmrpc.status import ConfigError, StatusCode
-from mrpcd.datapath import make_private
-from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, RpcKind, Verdict
+from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, RpcKind, Verdict, make_private
 
 FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 MATCHERS = ("equals", "prefix", "regex", "in")

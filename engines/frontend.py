@@ -9,7 +9,7 @@ rx: turns replies, inbound calls and reclaim notices into completion
 descriptors. A full completion ring is back-pressure: items wait in a backlog,
 in order, and nothing is dropped.
 
-Admission (mrpcd/admission.py): an app at its quota of calls in flight, of
+Admission (engines/admission.py): an app at its quota of calls in flight, of
 waiting completions or of bytes held gets no more CALLs taken from its ring
 (they wait there; replies and releases behind them are still taken), and one
 app's frontend runs at most ``limits.slice_us`` per round. A server app that
@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from engines.admission import Admission, app_deadline, deadline_field
 from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.marshal_rt import TooBig
@@ -44,11 +45,19 @@ from libmrpc.ring import (
     SUBF_METADATA,
     RingCorrupted,
 )
-from libmrpc.shm import drain
 from libmrpc.status import StatusCode, WireError
-from mrpcd.admission import Admission, app_deadline, deadline_field
-from mrpcd.appstate import AppState, Landed, RxCall, TxCall, TxReply
-from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
+from mrpcd.engine import (
+    AppPort,
+    EngineContext,
+    FrontendEngine,
+    Landed,
+    MethodRef,
+    Rpc,
+    RpcKind,
+    RxCall,
+    TxCall,
+    TxReply,
+)
 
 MAX_DETAILS = 16 * 1024
 BATCH = 256  # descriptors taken per do_work at most
@@ -67,25 +76,26 @@ def to_monotonic(deadline: float | None, now: float) -> float | None:
     return None if deadline is None else time.monotonic() + (deadline - now)
 
 
-class Frontend(Engine):
+class Frontend(FrontendEngine):
     NAME = "frontend"
     VERSION = 1
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.app: AppState = ctx.services["app"]
-        self.max_message_size: int = ctx.services.get("max_message_size", 256 << 20)
-        self.max_metadata_size: int = ctx.services.get("max_metadata_size", md.MAX_METADATA_SIZE)
-        tcp = ctx.services.get("tcp_config")
-        self.zero_copy_min: int = tcp.zero_copy_min if tcp is not None else 2048
+        if ctx.port is None:
+            raise ValueError("the frontend serves one application: its context needs a port")
+        self.app: AppPort = ctx.port
+        svc = ctx.services
+        self.max_message_size = svc.max_message_size
+        self.max_metadata_size = svc.max_metadata_size
+        self.zero_copy_min = svc.tcp.zero_copy_min
         self.backlog: deque[Rpc] = deque()
         self.pending: deque[tuple[int, ...]] = deque()  # popped, not yet taken (<= CHUNK)
         self.held = False  # pending[0] is a CALL the quotas hold back
-        self.admission = Admission(self.app, ctx.services.get("limits"))
+        self.admission = Admission(self.app, svc.limits)
         self.slice = self.admission.limits.slice_us / 1e6
         self._refs: dict[tuple[int, int], MethodRef] = {}
         self.outgoing: dict[int, Rpc] = {}  # this app's calls in flight (to cancel them)
-        self.cancel_notices: deque[Rpc] = deque()  # inbound calls their callers cancelled
         self.counters = {
             "submitted": 0,
             "completed": 0,
@@ -103,36 +113,18 @@ class Frontend(Engine):
         except RingCorrupted as e:
             self._broken(e)
             return 0
-        if self.cancel_notices:
-            n += self._notify_cancels()
         return n + self._deliver()
 
     def _cancel(self, call_id: int) -> None:
-        """SUB_CANCEL: the app cancelled its call; the transport completes it once with
-        CANCELLED (and tells the peer daemon), or fails it so when it gets there."""
+        """SUB_CANCEL: the app cancelled its call. A CANCEL item goes down the datapath:
+        the transport completes the call once with CANCELLED (and tells the peer
+        daemon); a call still held by a policy fails so when it gets there."""
         rpc = self.outgoing.get(call_id)
         if rpc is None or rpc._cancelled:
             return  # already completed (or cancelled): nothing to do
         rpc._cancelled = True
-        dp = self.app.datapath
-        cancel = getattr(dp.transport, "cancel", None) if dp is not None else None
-        if cancel is not None:
-            cancel(rpc)
-
-    def _notify_cancels(self) -> int:
-        """Tell the server app about calls their callers cancelled (CMP_CANCEL)."""
-        n, notices, calls = 0, self.cancel_notices, self.app.server_calls
-        while notices:
-            rpc = notices[0]
-            if calls.get(rpc.call_id) is rpc:
-                if self.app.complete.free_slots() == 0:
-                    break
-                self._push(CMP_CANCEL, int(StatusCode.CANCELLED), rpc.call_id, 0, 0, 0, 0)
-                n += 1
-            notices.popleft()  # not delivered yet: it is refused when it gets there
-        if n:
-            self.app.wake_app()
-        return n
+        app = self.app
+        self.tx_out.append(Rpc(RpcKind.CANCEL, app.name, app.pid, call_id, rpc.method, _state=rpc))
 
     def _take(self) -> int:
         """Take up to BATCH descriptors, for at most one time slice; a CALL the
@@ -194,7 +186,7 @@ class Frontend(Engine):
             self._reply(call_id, status, off, length, md_off if flags & SUBF_METADATA else 0)
         elif kind == SUB_RELEASE:
             try:
-                app.recv_heap.free(off)
+                app.recv_free(off)
             except ValueError:
                 self.counters["rejected_descriptors"] += 1
                 self.ctx.log.warning(
@@ -421,8 +413,7 @@ class Frontend(Engine):
         fields stay zero-copy segments of the send heap. ``max_size`` is what is left
         of the app's byte quota (or max_message_size). Raises WireError (TooBig)."""
         st = rpc._state
-        dp = self.app.datapath
-        private = dp is not None and dp.content
+        private = self.private_images
         head, segs = module.MARSHAL[type_name](
             self.app.send_view, st.rec_off, sys.maxsize if private else self.zero_copy_min, max_size
         )
@@ -465,7 +456,7 @@ class Frontend(Engine):
         """Receive-heap offset of an image, copying a private one in first."""
         if landed.heap_off is not None:
             return landed.heap_off
-        off = self.app.recv_heap.alloc(landed.length)
+        off = self.app.recv_alloc(landed.length)
         assert landed.private is not None
         self.app.recv_view[off : off + landed.length] = landed.private
         landed.heap_off, landed.private = off, None
@@ -474,7 +465,7 @@ class Frontend(Engine):
     def _land_metadata(self, metadata: md.Metadata) -> int:
         """Receive-heap offset of ``metadata`` encoded for the app; raises HeapExhausted."""
         block = md.encode(metadata)
-        at = self.app.recv_heap.alloc(len(block))
+        at = self.app.recv_alloc(len(block))
         self.app.recv_view[at : at + len(block)] = block
         return at
 
@@ -483,7 +474,7 @@ class Frontend(Engine):
         if not data:
             return 0, 0
         try:
-            off = self.app.recv_heap.alloc(len(data))
+            off = self.app.recv_alloc(len(data))
         except HeapExhausted:
             return 0, 0
         self.app.recv_view[off : off + len(data)] = data
@@ -509,7 +500,7 @@ class Frontend(Engine):
                     md_at = self._land_metadata(rpc.metadata)
                 except HeapExhausted as e:
                     if landed is not None and landed.heap_off is not None:
-                        app.recv_heap.free(landed.heap_off)
+                        app.recv_free(landed.heap_off)
                         landed.heap_off = None
                     rpc.status, rpc.details = (
                         StatusCode.RESOURCE_EXHAUSTED,
@@ -574,9 +565,9 @@ class Frontend(Engine):
             if rpc.metadata:
                 block = md.encode(rpc.metadata)
                 try:
-                    md_at = app.recv_heap.alloc(len(block))
+                    md_at = app.recv_alloc(len(block))
                 except HeapExhausted as e:
-                    app.recv_heap.free(off)
+                    app.recv_free(off)
                     rx.landed.heap_off = None
                     self.tx_out.append(
                         rpc.error_reply(
@@ -604,6 +595,12 @@ class Frontend(Engine):
         if rpc.kind is RpcKind.RECLAIM:
             self.admission.release_reply(rpc.call_id)
             return self._push(CMP_RECLAIM, 0, rpc.call_id, 0, 0, 0, 0)
+        if rpc.kind is RpcKind.CANCEL:  # a remote caller cancelled an inbound call
+            call = rpc._state
+            if app.server_calls.get(rpc.call_id) is call:  # the app serves it: tell it
+                return self._push(CMP_CANCEL, int(StatusCode.CANCELLED), rpc.call_id, 0, 0, 0, 0)
+            if isinstance(call, Rpc):  # not delivered yet: refused when it gets here
+                call._cancelled = True
         return True
 
     def _refuse(self, rpc: Rpc, details: str) -> None:
@@ -617,10 +614,7 @@ class Frontend(Engine):
         self.ctx.log.error(
             "app %r (pid %d) corrupted its rings (%s); disconnecting it", app.name, app.pid, error
         )
-        app.closed = True
-        on_broken = self.ctx.services.get("on_app_broken")
-        if on_broken is not None:
-            on_broken(app, str(error))
+        app.disconnect(str(error))
 
     def _deliver(self) -> int:
         n = 0
@@ -670,7 +664,7 @@ class Frontend(Engine):
             return False
         app.submit.set_sleeping(True)
         try:
-            if self.rx_in or self.cancel_notices:
+            if self.rx_in:
                 return True
             if self.held:  # CALLs wait for quota; replies and releases behind them do not
                 return self._head_kind() not in (None, SUB_CALL)
@@ -688,9 +682,6 @@ class Frontend(Engine):
     def woke(self) -> None:
         if not self.app.closed:
             self.app.submit.set_sleeping(False)
-
-    def on_submit_event(self, _events: int) -> None:
-        drain(self.app.submit_efd)
 
     def statistics(self) -> dict[str, int | float]:
         adm = self.admission
@@ -711,7 +702,6 @@ class Frontend(Engine):
             "counters": dict(self.counters),
             "refs": self._refs,
             "outgoing": dict(self.outgoing),
-            "cancel_notices": list(self.cancel_notices),
         }
         self.backlog.clear()
         self.pending.clear()
@@ -723,7 +713,6 @@ class Frontend(Engine):
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
         self.outgoing.update(state.get("outgoing", {}))
-        self.cancel_notices.extend(state.get("cancel_notices", ()))
 
 
 ENGINE = Frontend

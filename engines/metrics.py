@@ -22,7 +22,8 @@ Latency is clock time from seeing the CALL to seeing its REPLY (same
 ``max_inflight`` entries (the oldest is evicted and counted as ``evicted``).
 Replies created by policies after this one (rejections) are counted with their
 status. All metrics engines of a daemon share one registry: the daemon's
-``ctx.services["metrics_registry"]`` or else this module's own; metric objects
+``ctx.services.metrics_registry`` (served by the daemon's ``metrics.listen``
+endpoint) or else this module's own; metric objects
 are cached per registry because several instances register the same names
 (the cache survives a reload of this module, i.e. a live upgrade).
 
@@ -40,14 +41,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from libmrpc.status import ConfigError, StatusCode
 from mrpcd.engine import EngineContext, PolicyEngine, Reject, Rpc, RpcKind, Side, Verdict
 
 try:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client import generate_latest as _generate_latest
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
@@ -145,38 +145,6 @@ def render(registry: CollectorRegistry | None = None) -> bytes:
     return _generate_latest(registry if registry is not None else _default_registry)
 
 
-def start_http_server(
-    registry: CollectorRegistry | None, host: str = "127.0.0.1", port: int = 0
-) -> tuple[ThreadingHTTPServer, int]:
-    """Serve ``GET /metrics`` from a daemon thread; return ``(server, bound_port)``.
-
-    ``port=0`` picks a free port. Stop with ``server.shutdown(); server.server_close()``.
-    Raises ``OSError`` when the address cannot be bound (nothing is left running).
-    """
-    reg = registry if registry is not None else _default_registry
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                self.send_error(404, "only /metrics is served here")
-                return
-            body = render(reg)
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name=f"mrpc-metrics-{port}", daemon=True)
-    thread.start()
-    return server, int(server.server_address[1])
-
-
 class Metrics(PolicyEngine):
     """Counts calls, replies, bytes and latency; forwards everything unchanged."""
 
@@ -199,7 +167,7 @@ class Metrics(PolicyEngine):
         self._inflight: dict[int, float] = {}  # call_id -> clock time the call was seen
 
     def _registry(self) -> CollectorRegistry:
-        registry = self.ctx.services.get("metrics_registry")
+        registry = self.ctx.services.metrics_registry
         return registry if registry is not None else _default_registry
 
     @classmethod

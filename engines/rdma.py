@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from libmrpc.status import MrpcError
-from mrpcd.engine import Engine, EngineContext
+from mrpcd.engine import EngineContext, IngressEngine, TransportEngine
 
 SYSFS = "/sys/class/infiniband"
 
@@ -44,7 +44,7 @@ def unavailable_reason(sysfs: str = SYSFS) -> str | None:
     return "the RDMA transport is not implemented in this version of mrpc; use transport: tcp"
 
 
-class RdmaTransport(Engine):
+class RdmaTransport(TransportEngine):
     NAME = "rdma"
     VERSION = 0
 
@@ -55,5 +55,16 @@ class RdmaTransport(Engine):
         return 0
 
 
+class RdmaIngress(IngressEngine):
+    NAME = "rdma-ingress"
+    VERSION = 0
+
+    def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
+        raise MrpcError(f"transport rdma: {unavailable_reason()}")
+
+    def do_work(self) -> int:  # pragma: no cover - never constructed
+        return 0
+
+
 ENGINE = RdmaTransport
-INGRESS = RdmaTransport
+INGRESS = RdmaIngress

@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from engines import tcp_resolve
-from engines.tcp_conn import Conn, connect_nonblocking
-from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
-from engines.tcp_limits import PeerLimits, overdue, settle
+from engines.tcp_conn import Conn, ConnState, connect_nonblocking
+from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
+from engines.tcp_limits import PeerLimits, overdue
 from libmrpc import metadata as md
 from libmrpc.heap import HeapExhausted
 from libmrpc.status import StatusCode, WireError
@@ -62,8 +62,18 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
-from mrpcd.appstate import AppState, ConnSpec, Landed, RxCall, TxCall, TxReply
-from mrpcd.engine import Engine, EngineContext, Rpc, RpcKind
+from mrpcd.engine import (
+    AppPort,
+    ConnSpec,
+    EngineContext,
+    Landed,
+    Rpc,
+    RpcKind,
+    RxCall,
+    TransportEngine,
+    TxCall,
+    TxReply,
+)
 
 log = logging.getLogger(__name__)
 FAILED_RETRY = 1.0  # seconds a failed connection keeps failing calls fast before a retry
@@ -89,19 +99,23 @@ class OversizeReply(NamedTuple):
     size: int
 
 
-class TcpTransport(Engine):
+class TcpTransport(TransportEngine):
     NAME = "tcp"
     VERSION = 1
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
+        if ctx.port is None or ctx.poller is None:
+            raise ValueError(
+                "the tcp transport serves one application: it needs a port and a poller"
+            )
         svc = ctx.services
-        self.app: AppState = svc["app"]
-        self.poller = svc["poller"]
-        self.tcp = svc["tcp_config"]
-        self.max_message_size: int = svc.get("max_message_size", 256 << 20)
-        self.max_metadata_size: int = svc.get("max_metadata_size", md.MAX_METADATA_SIZE)
-        self.daemon_name: str = svc.get("daemon_name", "mrpcd")
+        self.app: AppPort = ctx.port
+        self.poller = ctx.poller
+        self.tcp = svc.tcp
+        self.max_message_size = svc.max_message_size
+        self.max_metadata_size = svc.max_metadata_size
+        self.daemon_name = svc.daemon_name
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: dict[Target, Conn] = {}
         self.retired: set[Conn] = set()  # told GOAWAY, replaced; closed once their calls are done
@@ -131,9 +145,12 @@ class TcpTransport(Engine):
 
     def do_work(self) -> int:
         n = 0
-        tx_in = self.tx_in
+        tx_in, inbox, rx_out = self.tx_in, self.rx_in, self.rx_out
         while tx_in:
             self._send(tx_in.popleft())
+            n += 1
+        while inbox:  # what the daemon delivered to the app from the network side
+            rx_out.append(inbox.popleft())
             n += 1
         while self._resolved:  # host names resolved meanwhile: their calls go now
             entry = self.resolving.pop(self._resolved.popleft(), None)
@@ -158,6 +175,9 @@ class TcpTransport(Engine):
                 self._send_call(rpc)
             elif rpc.kind is RpcKind.REPLY:
                 self._send_reply(rpc)
+            elif rpc.kind is RpcKind.CANCEL:
+                if isinstance(rpc._state, Rpc):
+                    self.cancel(rpc._state)
             else:
                 self.rx_out.append(rpc)
         except Exception:
@@ -179,7 +199,7 @@ class TcpTransport(Engine):
         key: Target = spec.key
         conn = self.conns.get(key)
         if conn is not None and not conn.closed:
-            if not conn.info.get("goaway"):
+            if conn.state is not ConnState.GOAWAY:
                 return conn
             self.retired.add(conn)  # a new connection takes its place; it finishes its calls
             del self.conns[key]
@@ -261,9 +281,7 @@ class TcpTransport(Engine):
     def _on_resolved(self, key: Target) -> None:
         """From a resolver thread: hand the target to the runtime thread."""
         self._resolved.append(key)
-        runtime = self.app.runtime
-        if runtime is not None:
-            runtime.wake()
+        self.ctx.wake()
 
     def _sweep(self, now: float) -> int:
         """Time out stalled or idle connections and calls that wait on name resolution too long."""
@@ -324,17 +342,11 @@ class TcpTransport(Engine):
         if isinstance(conn, tuple):
             return self._fail(rpc, *conn)
         assert rpc.method is not None
-        if st.wire is not None:
-            head, segs = st.wire
-        elif st.image is not None:
-            head, segs = st.image, []
-        else:
-            try:
-                head, segs = st.binding.module.MARSHAL[rpc.method.request](
-                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size
-                )
-            except WireError as e:
-                return self._fail(rpc, e.status, f"bad request for {rpc.method.path}: {e}")
+        if st.wire is None:  # the frontend marshals every call; this is a bug, not an input
+            return self._fail(
+                rpc, StatusCode.INTERNAL, "mrpcd: call reached the transport unmarshalled"
+            )
+        head, segs = st.wire
         size = len(head) + sum(len(s) for s in segs)
         rpc.size = size
         peer_max = conn.info.get("peer_max")
@@ -372,92 +384,39 @@ class TcpTransport(Engine):
         self.dirty.add(conn)
         self.counters["calls_sent"] += 1
 
-    def _reclaim_cb(self, token: int) -> Any:
-        app, rx_out = self.app, self.rx_out
-
-        def done() -> None:
-            rx_out.append(Rpc(RpcKind.RECLAIM, app.name, app.pid, token, None))
-            if app.runtime is not None and not app.runtime.in_runtime():
-                app.runtime.wake()
-
-        return done
-
     def _send_reply(self, rpc: Rpc) -> None:
+        """A reply for an inbound call (the server app's answer, or an error for a
+        call refused on the receive side): its connection belongs to the ingress,
+        which writes it on its own runtime. Any other REPLY is a send-side error
+        on its way back to this app."""
         st = rpc._state
-        if isinstance(st, tuple) and st[0] == "rejected":
-            inner = st[1]
-            if isinstance(inner, RxCall):  # refused on the receive side: tell the caller
-                free_landed(self.app, inner.landed)
-                settle(inner.origin, inner.wire_id)
-                if not inner.origin.closed:
-                    send_error(inner.origin, inner.wire_id, rpc.status, rpc.details)
-                    self.dirty.add(inner.origin)
-            else:
-                self.rx_out.append(rpc)  # a send-side error that reached us: back to the app
-            return
-        if not isinstance(st, TxReply):
+        call = st.call if isinstance(st, TxReply) else st if isinstance(st, RxCall) else None
+        if call is None:
             self.rx_out.append(rpc)
             return
-        origin: Conn = st.call.origin
-        settle(origin, st.call.wire_id)
-        reclaim = self._reclaim_cb(rpc.call_id)
-        if origin.closed:
-            reclaim()
-            return
-        self.dirty.add(origin)
-        if rpc.metadata:  # trailing metadata: a METADATA frame before the REPLY / ERROR
-            block = md.encode(rpc.metadata)
-            origin.queue(
-                [encode_header(METADATA, call_id=st.call.wire_id, body_len=len(block)), block]
-            )
-        if rpc.status is not StatusCode.OK:
-            send_error(origin, st.call.wire_id, rpc.status, rpc.details)
-            reclaim()
-            return
-        assert rpc.method is not None
-        if st.wire is not None:
-            head, segs = st.wire
-        elif st.image is not None:
-            head, segs = st.image, []
-        else:
-            try:
-                head, segs = st.call.binding.module.MARSHAL[rpc.method.response](
-                    self.app.send_view, st.rec_off, self.tcp.zero_copy_min, self.max_message_size
+        call.origin.owner.post(rpc)
+        if isinstance(st, TxReply):
+            self.counters["replies_sent"] += 1
+
+    def abandon(self, rpcs: list[Rpc], details: str) -> None:
+        """The app is gone: every inbound call among ``rpcs`` gets UNAVAILABLE."""
+        for rpc in rpcs:
+            st = rpc._state
+            call = st.call if isinstance(st, TxReply) else st if isinstance(st, RxCall) else None
+            if call is None or call.origin.closed:
+                continue
+            call.origin.owner.post(
+                Rpc(
+                    RpcKind.REPLY,
+                    rpc.app,
+                    rpc.app_pid,
+                    rpc.call_id,
+                    rpc.method,
+                    status=StatusCode.UNAVAILABLE,
+                    details=details,
+                    _state=call,
                 )
-            except WireError as e:
-                send_error(
-                    origin,
-                    st.call.wire_id,
-                    StatusCode.INTERNAL,
-                    f"server app {self.app.name!r} returned a malformed reply: {e}",
-                )
-                reclaim()
-                return
-        size = len(head) + sum(len(s) for s in segs)
-        rpc.size = size
-        peer_max = origin.info.get("hello", {}).get("max_message_size")
-        if peer_max is not None and size > peer_max:
-            send_error(
-                origin,
-                st.call.wire_id,
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
-                f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
-                f"ask for less or ask its operator to raise it",
             )
-            reclaim()
-            return
-        origin.queue(
-            [
-                encode_header(REPLY, call_id=st.call.wire_id, method=rpc.method.id, body_len=size),
-                head,
-                *segs,
-            ],
-            reclaim if segs else None,
-        )
-        if not segs:
-            reclaim()  # everything was copied into the header buffer already
-        self.counters["replies_sent"] += 1
 
     def _sent_cb(self, wire_id: int) -> Callable[[], None]:
         """Forget where a call's frames sit once the kernel took them (or they were dropped)."""
@@ -483,7 +442,7 @@ class TcpTransport(Engine):
             _, key = heapq.heappop(self.deadlines)
             if key < 0:  # a connect deadline, keyed by -fd
                 for conn in list(self.conns.values()):
-                    if conn.fd == -key and conn.state == "connecting":
+                    if conn.fd == -key and conn.state is ConnState.CONNECTING:
                         conn.close(
                             f"connect to {conn.peer} timed out after {self.tcp.connect_timeout}s"
                         )
@@ -503,6 +462,9 @@ class TcpTransport(Engine):
                 f"from {conn.peer}",
             )
         return n
+
+    def prepare_sleep(self) -> bool:
+        return bool(self.rx_in)  # delivered from this runtime's own thread: no wake-up came
 
     def next_timer(self) -> float | None:
         t = self.deadlines[0][0] if self.deadlines else None
@@ -527,7 +489,7 @@ class TcpTransport(Engine):
             conn.cur = OversizeReply(header.body_len)
             return DISCARD
         try:
-            off = self.app.recv_heap.alloc(header.body_len)
+            off = self.app.recv_alloc(header.body_len)
         except HeapExhausted as e:
             conn.cur = e
             return DISCARD
@@ -615,6 +577,7 @@ class TcpTransport(Engine):
                 self.failed[conn.info["conn_id"]] = (self.ctx.clock.now() + FAILED_RETRY, code, msg)
                 conn.close(f"handshake refused: {msg}")
             else:
+                conn.move("hello_ack")
                 conn.info["peer_daemon"] = ack.get("daemon")
                 peer_max = ack.get("max_message_size")  # absent from older daemons
                 if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
@@ -623,7 +586,7 @@ class TcpTransport(Engine):
             if answer_ping(conn, header):
                 self.dirty.add(conn)
         elif t == GOAWAY:
-            conn.info["goaway"] = True
+            conn.move("goaway")
         elif t == PONG:
             pass
         else:

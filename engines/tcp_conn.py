@@ -19,6 +19,7 @@ drains. Timestamps (``opened``, ``last_in``, ``frame_at``, ``out_since``,
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -53,6 +54,29 @@ def _staging() -> memoryview:
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
+
+
+class ConnState(str, enum.Enum):
+    CONNECTING = "connecting"  # outbound: the TCP connect is under way (HELLO queued)
+    HELLO_SENT = "hello_sent"  # outbound: connected, HELLO sent, no HELLO_ACK yet
+    AWAIT_HELLO = "await_hello"  # inbound: accepted, the peer's HELLO not in yet
+    READY = "ready"  # handshake done: calls and replies flow
+    GOAWAY = "goaway"  # outbound: the peer said GOAWAY; no new calls, the others finish
+    CLOSED = "closed"  # the socket is closed; every call on it has its outcome
+
+
+#: The peer connection's states: state -> {event: next state}. ``close`` is allowed
+#: from anywhere; an event from the peer that its state lacks (a CALL before HELLO,
+#: a second HELLO) is the peer's protocol error and closes the connection.
+CONN_STATES: dict[ConnState, dict[str, ConnState]] = {
+    ConnState.CONNECTING: {"connected": ConnState.HELLO_SENT},
+    ConnState.HELLO_SENT: {"hello_ack": ConnState.READY, "goaway": ConnState.GOAWAY},
+    ConnState.AWAIT_HELLO: {"hello": ConnState.READY},
+    ConnState.READY: {"goaway": ConnState.GOAWAY},
+    ConnState.GOAWAY: {"goaway": ConnState.GOAWAY},
+    ConnState.CLOSED: {},
+}
+_IO = frozenset({ConnState.HELLO_SENT, ConnState.AWAIT_HELLO, ConnState.READY, ConnState.GOAWAY})
 
 
 class ConnOwner(Protocol):
@@ -155,7 +179,13 @@ class Conn:
         self.poller = poller
         self.peer = peer
         self.outbound = outbound
-        self.state = "connecting" if connecting else "open"
+        self.state = (
+            ConnState.CONNECTING
+            if connecting
+            else ConnState.HELLO_SENT
+            if outbound
+            else ConnState.AWAIT_HELLO
+        )
         self.assembler = FrameAssembler(
             self._sink, max_body=max_body, on_frame=self._dispatch, skip_oversize=True
         )  # owners fail that one call
@@ -184,22 +214,36 @@ class Conn:
 
     @property
     def closed(self) -> bool:
-        return self.state == "closed"
+        return self.state is ConnState.CLOSED
+
+    @property
+    def open(self) -> bool:
+        """Connected and not closed: bytes may be read and written."""
+        return self.state in _IO
+
+    def move(self, event: str) -> ConnState:
+        """Follow :data:`CONN_STATES`; a move the table lacks is the peer's protocol
+        error (``WireError``, which closes the connection)."""
+        nxt = CONN_STATES[self.state].get(event)
+        if nxt is None:
+            raise WireError(f"{event} when the connection is {self.state.value}")
+        self.state = nxt
+        return nxt
 
     def _sink(self, header: FrameHeader) -> memoryview | Body | None:
-        if self.state == "closed":
+        if self.state is ConnState.CLOSED:
             raise WireError("connection closed")  # stops the assembler mid-feed
         return self.owner.frame_sink(self, header)
 
     def _set_events(self, want: int) -> None:
-        if want != self._events and self.state != "closed":
+        if want != self._events and self.state is not ConnState.CLOSED:
             self._events = want
             self.poller.modify(self.fd, want)
 
     # ---------------------------------------------------------------- writing
 
     def queue(self, bufs: list[Any], done: Callable[[], None] | None = None) -> None:
-        if self.state == "closed":
+        if self.state is ConnState.CLOSED:
             if done is not None:
                 done()
             return
@@ -208,7 +252,7 @@ class Conn:
         self.sendq.add(bufs, done)
 
     def flush(self) -> None:
-        if self.state != "open" or not len(self.sendq):
+        if self.state not in _IO or not len(self.sendq):
             return
         before = self.sendq.sent
         try:
@@ -230,14 +274,14 @@ class Conn:
     # ---------------------------------------------------------------- reading
 
     def on_event(self, events: int) -> None:
-        if self.state == "connecting":
+        if self.state is ConnState.CONNECTING:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.close(f"cannot connect to {self.peer}: {os.strerror(err)}")
                 return
             if not events & (EPOLLOUT | EPOLL_FAIL):
                 return
-            self.state = "open"
+            self.move("connected")
             self.flush()
             if not len(self.sendq):
                 self._set_events(EPOLLIN)
@@ -245,7 +289,7 @@ class Conn:
             return self.close(f"{self.peer} hung up")
         if events & (EPOLLIN | EPOLL_FAIL) and not self.read_paused:
             self._read()
-        if events & EPOLLOUT and self.state == "open":
+        if events & EPOLLOUT and self.state in _IO:
             self.flush()
 
     def _read(self) -> None:
@@ -254,7 +298,7 @@ class Conn:
         for _ in range(READS_PER_EVENT):
             if staged >= STAGED_PER_EVENT:
                 return  # level-triggered: the rest waits for the next round, after the others
-            if self.state == "closed" or self.read_paused:
+            if self.state is ConnState.CLOSED or self.read_paused:
                 return
             try:
                 window = asm.body_window() if asm.in_body else None
@@ -290,14 +334,18 @@ class Conn:
                 return self.close(f"malformed frame from {self.peer}: {e}")
             if not was_partial or self._frames_seen != seen:
                 self.frame_at = now  # the frame now half received started in this chunk
-            if self.state != "closed" and not self.read_paused and len(self.sendq) > self.max_sendq:
+            if (
+                self.state is not ConnState.CLOSED
+                and not self.read_paused
+                and len(self.sendq) > self.max_sendq
+            ):
                 self.read_paused = True  # the peer does not read: stop taking its calls
                 self._set_events(EPOLLOUT)
             if n < len(staging):
                 return
 
     def _dispatch(self, header: FrameHeader, body: memoryview) -> None:
-        if self.state == "closed":
+        if self.state is ConnState.CLOSED:
             raise WireError("connection closed")
         self.frames_in += 1
         self._frames_seen += 1
@@ -310,9 +358,9 @@ class Conn:
             self.cur = None
 
     def close(self, reason: str, *, level: int = logging.INFO) -> None:
-        if self.state == "closed":
+        if self.state is ConnState.CLOSED:
             return
-        self.state = "closed"
+        self.state = ConnState.CLOSED
         log.log(
             level,
             "connection %s %s closed: %s",

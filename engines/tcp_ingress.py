@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from engines.tcp_conn import Conn, configure
+from engines.tcp_conn import Conn, ConnState, configure
 from engines.tcp_limits import (
     PONG_QUEUE_MAX,
     PeerLimits,
@@ -45,6 +46,7 @@ from libmrpc.wire import (
     METADATA,
     PING,
     PONG,
+    REPLY,
     Body,
     FrameHeader,
     clamp_timeout_us,
@@ -53,16 +55,25 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
-from mrpcd.appstate import AppState, Landed, RxCall
-from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
+from mrpcd.engine import (
+    AppPort,
+    EngineContext,
+    IngressEngine,
+    Landed,
+    MethodRef,
+    Rpc,
+    RpcKind,
+    RxCall,
+    TxReply,
+)
 
 log = logging.getLogger(__name__)
 
 
-def free_landed(app: AppState, landed: Landed | None) -> None:
+def free_landed(app: AppPort, landed: Landed | None) -> None:
     if landed is not None and landed.heap_off is not None:
         try:
-            app.recv_heap.free(landed.heap_off)
+            app.recv_free(landed.heap_off)
         except ValueError:
             pass
         landed.heap_off = None
@@ -81,8 +92,13 @@ def answer_ping(conn: Conn, header: FrameHeader) -> bool:
     return True
 
 
-class TcpIngress(Engine):
-    """Daemon-wide: accepts peer daemons' connections and routes their calls."""
+class TcpIngress(IngressEngine):
+    """Daemon-wide: accepts peer daemons' connections, routes their calls, answers them.
+
+    It alone touches its connections, on its runtime. Server apps' datapaths,
+    on any runtime, hand it their replies with :meth:`post`; it hands inbound
+    calls to a server app with ``AppPort.deliver``.
+    """
 
     NAME = "tcp-ingress"
     VERSION = 1
@@ -90,16 +106,19 @@ class TcpIngress(Engine):
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
         svc = ctx.services
-        self.router = svc["router"]
-        self.poller = svc["poller"]
-        self.tcp = svc["tcp_config"]
-        self.listener: socket.socket = svc["listener"]
-        self.max_message_size: int = svc.get("max_message_size", 256 << 20)
-        self.max_metadata_size: int = svc.get("max_metadata_size", md.MAX_METADATA_SIZE)
-        self.daemon_name: str = svc.get("daemon_name", "mrpcd")
+        if svc.router is None or ctx.poller is None or ctx.listener is None:
+            raise ValueError("tcp-ingress needs the router, a poller and the listening socket")
+        self.router = svc.router
+        self.poller = ctx.poller
+        self.tcp = svc.tcp
+        self.listener: socket.socket = ctx.listener
+        self.max_message_size = svc.max_message_size
+        self.max_metadata_size = svc.max_metadata_size
+        self.daemon_name = svc.daemon_name
         self.limits = PeerLimits.from_config(self.tcp, self.max_message_size)
         self.conns: set[Conn] = set()
         self.dirty: set[Conn] = set()
+        self.outbox: deque[Rpc] = deque()  # replies posted by server apps' datapaths
         self.per_ip: dict[str, int] = {}
         self._resume_accept: float | None = None
         self._next_sweep = 0.0
@@ -169,7 +188,19 @@ class TcpIngress(Engine):
             self.conns.add(conn)
             self.counters["accepted"] += 1
 
+    def post(self, rpc: Rpc) -> None:
+        """From any runtime: answer an inbound call (a REPLY whose state is the
+        server app's :class:`TxReply`, or an error REPLY whose state is the call's
+        :class:`RxCall`); written by this engine's runtime."""
+        self.outbox.append(rpc)
+        self.ctx.wake()
+
     def do_work(self) -> int:
+        n = 0
+        outbox = self.outbox
+        while outbox:
+            self._answer(outbox.popleft())
+            n += 1
         if self._resume_accept is not None or self.conns:
             now = self.ctx.clock.now()
             if self._resume_accept is not None and now >= self._resume_accept:
@@ -179,11 +210,11 @@ class TcpIngress(Engine):
                 self._next_sweep = now + self.limits.tick
                 self._sweep(now)
         if not self.dirty:
-            return 0
+            return n
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:  # a flush may close a connection (and touch self.dirty)
             conn.flush()
-        return 0
+        return n
 
     def _sweep(self, now: float) -> None:
         for conn in list(self.conns):
@@ -192,6 +223,9 @@ class TcpIngress(Engine):
             if reason is not None:
                 self.counters["connections_timed_out"] += 1
                 conn.close(reason)
+
+    def prepare_sleep(self) -> bool:
+        return bool(self.outbox)  # posted from this runtime's own thread: no wake-up came
 
     def next_timer(self) -> float | None:
         t = self._resume_accept
@@ -202,18 +236,18 @@ class TcpIngress(Engine):
     def frame_sink(self, conn: Conn, header: FrameHeader) -> memoryview | Body | None:
         t = header.type
         if t == HELLO:
-            if "hello" in conn.info:
+            if conn.state is not ConnState.AWAIT_HELLO:
                 raise WireError("a second HELLO on one connection")
             return None  # at most MAX_HELLO_BODY bytes, kept
         if t == METADATA or t == CANCEL:
-            if "hello" not in conn.info:
-                raise WireError("METADATA before HELLO")
+            if conn.state is not ConnState.READY:
+                raise WireError(f"{FRAME_NAMES[t]} before HELLO")
             return None  # at most MAX_CONTROL_BODY bytes, kept until its CALL
         if t != CALL:
             if t in (PING, PONG, GOAWAY):
                 return DISCARD if header.body_len else None
             raise WireError(f"unexpected {FRAME_NAMES[t]} frame on a server connection")
-        if "hello" not in conn.info:
+        if conn.state is not ConnState.READY:
             raise WireError("CALL before HELLO")
         if header.body_len == 0:
             return None
@@ -236,11 +270,11 @@ class TcpIngress(Engine):
         if refusal is not None:
             conn.cur = RpcError(*refusal)
             return DISCARD
-        if app.datapath is not None and app.datapath.reads_content():
+        if app.reads_content:
             conn.cur = (app, binding, method, Landed(None, header.body_len))
             return None  # land in private memory (grown as it arrives); a receive-side policy looks first
         try:
-            off = app.recv_heap.alloc(header.body_len)
+            off = app.recv_alloc(header.body_len)
         except HeapExhausted as e:
             settle(conn, header.call_id)
             conn.cur = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"server app {app.name!r}: {e}")
@@ -300,6 +334,7 @@ class TcpIngress(Engine):
             conn.flush()
             conn.close(f"handshake refused: {e.details()}")
             return
+        conn.move("hello")
         conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
         peer_max = hello.get("max_message_size")  # absent from older daemons
         if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
@@ -320,7 +355,7 @@ class TcpIngress(Engine):
 
     def _call(self, conn: Conn, header: FrameHeader, body: memoryview) -> None:
         cur = conn.cur
-        if "hello" not in conn.info:
+        if conn.state is not ConnState.READY:
             raise WireError("CALL before HELLO")
         block = conn.info.pop("metadata", None)
         metadata: md.Metadata = ()
@@ -355,7 +390,7 @@ class TcpIngress(Engine):
             )
             self.dirty.add(conn)
             return
-        if app.closed or app.datapath is None:
+        if app.closed:
             free_landed(app, landed)
             settle(conn, header.call_id)
             send_error(
@@ -376,7 +411,8 @@ class TcpIngress(Engine):
             size=header.body_len,
             created=now,
             metadata=metadata,
-            _state=RxCall(conn, header.call_id, binding, landed),
+            peer=conn.info["hello"]["client"],
+            _state=RxCall(conn, header.call_id, binding, landed, app),
         )
         cls = binding.module.MESSAGES[method.request]
         rpc._view = lambda: cls._from_image(
@@ -393,28 +429,90 @@ class TcpIngress(Engine):
         if len(routed) > 2 * len(conn.rx_calls) + 64:
             conn.info["routed"] = routed = {w: r for w, r in routed.items() if w in conn.rx_calls}
         routed[header.call_id] = rpc
-        app.datapath.transport.rx_out.append(rpc)
-        if app.runtime is not None and not app.runtime.in_runtime():
-            app.runtime.wake()
+        app.deliver(rpc)
 
     def _cancel(self, conn: Conn, wire_id: int) -> None:
         """The caller cancelled call ``wire_id``: tell its server app (or refuse the
         call before it gets there). A call already answered is left alone."""
         rpc = conn.info.get("routed", {}).pop(wire_id, None)
         entry = conn.rx_calls.get(wire_id)
-        if rpc is None or entry is None or rpc._cancelled:
+        if rpc is None or entry is None:
             return
-        rpc._cancelled = True
-        app = entry[0]
-        dp = app.datapath
-        if app.closed or dp is None:
+        app: AppPort = entry[0]
+        if app.closed:
             return
-        notices = getattr(dp.frontend, "cancel_notices", None)
-        if notices is not None:
-            notices.append(rpc)
+        app.deliver(Rpc(RpcKind.CANCEL, app.name, app.pid, rpc.call_id, rpc.method, _state=rpc))
         self.counters["calls_cancelled"] = self.counters.get("calls_cancelled", 0) + 1
-        if app.runtime is not None and not app.runtime.in_runtime():
-            app.runtime.wake()
+
+    # ------------------------------------------------------------------ answers
+
+    def _answer(self, rpc: Rpc) -> None:
+        """Write a server app's reply, or an error for an inbound call, on its connection."""
+        st = rpc._state
+        call: RxCall = st.call if isinstance(st, TxReply) else st
+        origin: Conn = call.origin
+        settle(origin, call.wire_id)
+        port = call.port
+        reclaim = self._reclaim_cb(port, rpc.call_id) if isinstance(st, TxReply) else None
+        if not isinstance(st, TxReply) and port is not None:
+            free_landed(port, call.landed)  # refused before its server app saw it
+        if origin.closed:
+            if reclaim is not None:
+                reclaim()
+            return
+        self.dirty.add(origin)
+        if rpc.metadata:  # trailing metadata: a METADATA frame before the REPLY / ERROR
+            block = md.encode(rpc.metadata)
+            origin.queue(
+                [encode_header(METADATA, call_id=call.wire_id, body_len=len(block)), block]
+            )
+        if rpc.status is not StatusCode.OK or not isinstance(st, TxReply) or st.wire is None:
+            if rpc.status is StatusCode.OK:  # a reply the frontend did not marshal: a bug
+                rpc.status, rpc.details = (
+                    StatusCode.INTERNAL,
+                    "mrpcd: reply reached tcp unmarshalled",
+                )
+            send_error(origin, call.wire_id, rpc.status, rpc.details)
+            if reclaim is not None:
+                reclaim()
+            return
+        assert rpc.method is not None
+        head, segs = st.wire
+        size = rpc.size or len(head) + sum(len(s) for s in segs)
+        peer_max = origin.info.get("hello", {}).get("max_message_size")
+        if peer_max is not None and size > peer_max:
+            send_error(
+                origin,
+                call.wire_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"reply of {size} bytes to {rpc.method.path} exceeds the max_message_size of the "
+                f"client's mrpcd ({peer_max} bytes; the server's is {self.max_message_size}); "
+                f"ask for less or ask its operator to raise it",
+            )
+            if reclaim is not None:
+                reclaim()
+            return
+        origin.queue(
+            [
+                encode_header(REPLY, call_id=call.wire_id, method=rpc.method.id, body_len=size),
+                head,
+                *segs,
+            ],
+            reclaim if segs else None,
+        )
+        if not segs and reclaim is not None:
+            reclaim()  # everything was copied into the header buffer already
+        self.counters["replies_sent"] = self.counters.get("replies_sent", 0) + 1
+
+    @staticmethod
+    def _reclaim_cb(port: AppPort | None, token: int) -> Any:
+        """Tell the server app it may reuse its reply's memory (once the kernel took it)."""
+
+        def done() -> None:
+            if port is not None and not port.closed:
+                port.deliver(Rpc(RpcKind.RECLAIM, port.name, port.pid, token, None))
+
+        return done
 
     def conn_closed(self, conn: Conn, reason: str) -> None:
         cur = conn.cur

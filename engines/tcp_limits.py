@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from engines.tcp_conn import ConnState
 from libmrpc.status import StatusCode, WireError
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,10 @@ def count_ping(conn: Any) -> None:
 
 def overdue(conn: Any, now: float, limits: PeerLimits) -> str | None:
     """Why ``conn`` should be closed now, or None."""
-    if conn.state != "open":
+    if not conn.open:
         return None
     asm = conn.assembler
-    if (
-        not conn.outbound
-        and "hello" not in conn.info
-        and now - conn.opened > limits.handshake_timeout
-    ):
+    if conn.state is ConnState.AWAIT_HELLO and now - conn.opened > limits.handshake_timeout:
         return f"no HELLO within {limits.handshake_timeout:g}s"
     if conn.read_paused:
         pass  # we stopped reading (back-pressure): a half-read frame is not the peer's stall

@@ -1,17 +1,21 @@
-"""What the daemon knows about one registered application.
+"""What the daemon knows about one registered application, and the router.
 
-Part of the engine API for always-on engines (frontend, transports): they reach
-an application's rings, heaps, bindings and in-flight tables through this
-object (``ctx.services["app"]``), and the daemon-wide routing through
-:class:`Router` (``ctx.services["router"]``).
+:class:`AppState` is the daemon's record of an app; engines see it only as an
+:class:`~mrpcd.engine.AppPort` (``ctx.port``): rings, heaps, bindings and the
+in-flight tables, plus the thread-safe :meth:`AppState.deliver` through which
+the network side hands items to the app's datapath. The datapath and the
+runtime that owns it are the daemon's business. :class:`Router` (engines see a
+:class:`~mrpcd.engine.RouterPort`) routes inbound calls to server apps.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -21,82 +25,13 @@ from libmrpc.heap import Heap
 from libmrpc.ring import RingConsumer, RingProducer
 from libmrpc.shm import DaemonRegions, notify
 from libmrpc.status import RpcError, StatusCode
-from mrpcd.engine import Rpc
+from mrpcd.engine import Binding, ConnSpec, Rpc
 
 if TYPE_CHECKING:
     from mrpcd.datapath import Datapath
     from mrpcd.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Binding:
-    """A schema an application bound: its slot number in that app and its module."""
-
-    slot: int
-    module: ModuleType
-    schema_hash: str
-    services: tuple[str, ...]
-
-
-@dataclass(eq=False)
-class ConnSpec:
-    """An application's connection to a remote daemon for one schema."""
-
-    conn_id: int
-    host: str
-    port: int
-    slot: int
-
-    @property
-    def addr(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        """The target: an app's connections with the same key share one TCP connection."""
-        return self.host, self.port, self.slot
-
-
-@dataclass(eq=False, slots=True)
-class Landed:
-    """A received message image: in the app's receive heap or in private memory."""
-
-    heap_off: int | None  # block offset in the app's receive heap
-    length: int
-    private: bytearray | memoryview | None = None
-
-
-@dataclass(eq=False, slots=True)
-class TxCall:
-    """State of an outbound CALL: where its request lives in the app's send heap."""
-
-    conn: ConnSpec
-    binding: Binding
-    rec_off: int
-    image: bytearray | None = None  # a private copy, made when a content policy is attached
-    wire: tuple[bytearray, list[memoryview]] | None = None  # the marshalled image (head, segments)
-
-
-@dataclass(eq=False, slots=True)
-class RxCall:
-    """State of an inbound CALL for a server app: where to send the answer."""
-
-    origin: Any  # the inbound connection object of the transport
-    wire_id: int
-    binding: Binding
-    landed: Landed | None
-
-
-@dataclass(eq=False, slots=True)
-class TxReply:
-    """State of a server app's REPLY on its way out."""
-
-    call: RxCall
-    rec_off: int  # 0 for an error reply
-    image: bytearray | None = None
-    wire: tuple[bytearray, list[memoryview]] | None = None
 
 
 class AppState:
@@ -135,13 +70,19 @@ class AppState:
         self.runtime: Runtime | None = None
         self.server_calls: dict[int, Rpc] = {}
         self.inflight: set[int] = set()
-        # admission accounting, kept by the frontend (mrpcd/admission.py): bytes of
+        # admission accounting, kept by the frontend (engines/admission.py): bytes of
         # marshalled images the daemon holds for this app, per call id and per reply token
         self.call_bytes: dict[int, int] = {}
         self.reply_bytes: dict[int, int] = {}
         self.bytes_inflight = 0
         self._tokens = itertools.count(1)
         self.lock = threading.Lock()
+        self._heap_lock = threading.Lock()  # the receive heap: its runtime and the ingress's
+        # the network-side end of the datapath (the transport's rx_in): deliver() appends
+        # from any thread, the owning runtime pops
+        self.inbox: deque[Rpc] = deque()
+        self.waker: Callable[[], None] = _nothing  # wakes the owning runtime (set by the daemon)
+        self.on_broken: Callable[[AppState, str], None] | None = None
         self.closed = False
         self.registered_at = 0.0
         self.counters = {"calls": 0, "replies": 0, "served": 0, "errors": 0}
@@ -152,6 +93,30 @@ class AppState:
     def wake_app(self) -> None:
         if self.complete.consumer_sleeping():
             notify(self.complete_efd)
+
+    @property
+    def reads_content(self) -> bool:
+        """A policy that reads message content is spliced into this app's datapath."""
+        dp = self.datapath
+        return dp is not None and dp.content
+
+    def deliver(self, rpc: Rpc) -> None:
+        """From any thread: hand ``rpc`` to this app's datapath and wake its runtime."""
+        self.inbox.append(rpc)
+        self.waker()
+
+    def recv_alloc(self, size: int) -> int:
+        with self._heap_lock:
+            return self.recv_heap.alloc(size)
+
+    def recv_free(self, offset: int) -> None:
+        with self._heap_lock:
+            self.recv_heap.free(offset)
+
+    def disconnect(self, reason: str) -> None:
+        self.closed = True
+        if self.on_broken is not None:
+            self.on_broken(self, reason)
 
     def describe(self) -> dict[str, Any]:
         dp = self.datapath
@@ -206,13 +171,15 @@ class AppState:
                     self.pid,
                     what,
                 )
-        import os
-
         for fd in (self.submit_efd, self.complete_efd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _nothing() -> None:
+    pass
 
 
 def _stats(heap: Heap) -> dict[str, int]:

@@ -45,6 +45,7 @@ import yaml
 
 from libmrpc.paths import default_prefix
 from libmrpc.status import ConfigError
+from mrpcd.engine.settings import LimitsConfig, TcpConfig
 
 __all__ = [
     "AppsConfig",
@@ -65,8 +66,6 @@ __all__ = [
 ]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-_DATAPATH_ENGINES = ("frontend", "tcp", "rdma")
-BUILTIN_ENGINES = frozenset(_DATAPATH_ENGINES)  # always on; never attached as policies
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the NUL
 
 
@@ -78,43 +77,8 @@ class ShmConfig:
 
 
 @dataclass(frozen=True)
-class TcpConfig:
-    nodelay: bool
-    connect_timeout: float  # seconds
-    zero_copy_min: int  # bulk fields at least this long go out zero-copy
-    sndbuf: int | None  # SO_SNDBUF bytes; None = kernel default
-    rcvbuf: int | None  # SO_RCVBUF bytes; None = kernel default
-    # --- limits on peers (hostile input); see deploy/mrpcd.yaml ---
-    max_connections_per_app: int = 64  # distinct (host, port, schema) targets one app may connect
-    max_inbound_connections: int = 4096  # accepted peer connections at once, all sources
-    max_inbound_per_ip: int = 512  # accepted peer connections at once from one address
-    handshake_timeout: float = 10.0  # seconds for an inbound peer to send its HELLO
-    header_timeout: float = 10.0  # seconds a frame header may stay half received
-    body_stall_timeout: float = 30.0  # seconds a frame body may go without a byte
-    idle_timeout: float = 300.0  # seconds without frames or calls before a connection closes
-    write_stall_timeout: float = 30.0  # seconds queued output may go unread by the peer
-    min_body_rate: int = (
-        64 << 10
-    )  # bytes/s a frame body must average once body_stall_timeout passed
-    max_send_queue: int = 8 << 20  # bytes queued to one peer before reading its calls pauses
-    max_calls_per_connection: int = 4096  # calls one inbound connection may have unanswered
-    max_reserved_per_connection: int | None = None  # receive-heap bytes; None = max_message_size
-
-
-@dataclass(frozen=True)
 class MetricsConfig:
     listen: tuple[str, int] | None  # Prometheus HTTP endpoint; None = off
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """Per-application admission quotas (see deploy/mrpcd.yaml, ``limits``)."""
-
-    calls_in_flight: int  # calls an app may have in flight (and server calls unanswered)
-    bytes_in_flight: int  # bytes of marshalled requests/replies the daemon holds per app
-    completion_backlog: int  # completions waiting for room in an app's completion ring
-    marshal_work: int  # records and blobs per message (marshal and validate)
-    slice_us: int  # microseconds one app's frontend may run per runtime round
 
 
 @dataclass(frozen=True)
@@ -480,7 +444,20 @@ def _check_known(mapping: Mapping[object, object], known: tuple[str, ...], prefi
 
 
 _Parser = Callable[[object, str], object]
-_POLICY_ENGINES = ("null", "ratelimit", "acl", "qos", "metrics", "logging")
+#: The engines shipped in ``engines/``, by name (operators may add or replace any).
+#: Which are always on (frontend, transports) and which attachable is decided by
+#: each engine's class, when the daemon loads it.
+_SHIPPED_ENGINES = (
+    "frontend",
+    "tcp",
+    "rdma",
+    "null",
+    "ratelimit",
+    "acl",
+    "qos",
+    "metrics",
+    "logging",
+)
 _KEYS: dict[str, tuple[_Parser, object]] = {
     "prefix": (_abspath, None),  # default from default_prefix()
     "listen": (_hostport, "127.0.0.1:5150"),
@@ -529,7 +506,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "schema.keep_unused": (_int(0, 1 << 20), 32),
     "schema.cache_max_entries": (_int(0, 1 << 24), 256),
     "schema.cache_max_bytes": (_size(0, TiB), "256MiB"),
-    "engines": (_engines, {n: f"engines.{n}" for n in (*_DATAPATH_ENGINES, *_POLICY_ENGINES)}),
+    "engines": (_engines, {n: f"engines.{n}" for n in _SHIPPED_ENGINES}),
     "policies": (_policies, []),
     "apps.max": (_int(1, 1_000_000), 1024),
     "apps.max_per_uid": (_int(1, 1_000_000), 128),
@@ -702,13 +679,13 @@ def _finish(v: dict[str, Any], sources: dict[str, Callable[[str], str]]) -> Conf
             f"at most half the smaller shm heap ({_fmt_size(half_heap)}), "
             f"got {_fmt_size(v['max_message_size'])}"
         )
-    attachable = sorted(set(v["engines"]) - BUILTIN_ENGINES)
+    known = sorted(v["engines"])
     for i, pol in enumerate(v["policies"]):
-        if pol.engine not in attachable:
+        if pol.engine not in known:  # always-on engines are refused when loaded (by class)
             p = f"policies[{i}].engine"
             raise ConfigError(
-                f"{sources['policies'](p)}: {p}: expected an attachable engine "
-                f"({', '.join(attachable)}), got {pol.engine!r}"
+                f"{sources['policies'](p)}: {p}: expected an engine named in `engines` "
+                f"({', '.join(known)}), got {pol.engine!r}"
             )
     sections = {s: {k: v.pop(f"{s}.{k}") for k in keys} for s, keys in _SECTIONS.items()}
     return Config(

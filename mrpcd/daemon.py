@@ -25,17 +25,27 @@ from libmrpc import marshal_rt
 from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
 from libmrpc.paths import daemon_state
 from libmrpc.schema import cache_key_for
-from libmrpc.shm import ShmLayout, create_regions
-from libmrpc.status import MrpcError, RpcError, StatusCode
-from libmrpc.wire import encode_error
+from libmrpc.shm import ShmLayout, create_regions, drain
+from libmrpc.status import ConfigError, MrpcError, RpcError, StatusCode
 from mrpcd import VERSION
 from mrpcd.accept import OUT_OF_FDS, accept_loop
-from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply
+from mrpcd.appstate import AppState, Router
 from mrpcd.binding import BindingCache, check_texts
 from mrpcd.config import Config, format_hostport, parse_hostport
 from mrpcd.control_loop import AppConn, ControlLoop
 from mrpcd.datapath import Datapath
-from mrpcd.engine import Engine, EngineContext, MonotonicClock, Rpc
+from mrpcd.engine import (
+    Binding,
+    ConnSpec,
+    EngineContext,
+    FrontendEngine,
+    IngressEngine,
+    MonotonicClock,
+    Rpc,
+    Services,
+    TransportEngine,
+)
+from mrpcd.metrics_http import new_registry
 from mrpcd.prefix import ensure_dir, open_file, unix_listener, write_file
 from mrpcd.registry import EngineRegistry, load_engine_class
 from mrpcd.runtime import Runtime
@@ -84,20 +94,20 @@ class Daemon:
         self.listen_addr = format_hostport(*self.listener.getsockname()[:2])
         self.name = f"{socket.gethostname()}/{self.listen_addr}"
         self.router = Router(self.name)
-        self.services_base: dict[str, Any] = {
-            "router": self.router,
-            "tcp_config": config.tcp,
-            "max_message_size": config.max_message_size,
-            "max_metadata_size": config.max_metadata_size,
-            "daemon_name": self.name,
-            "on_app_broken": self._app_broken,
-            "limits": config.limits,
-        }
+        self.services = Services(
+            daemon_name=self.name,
+            max_message_size=config.max_message_size,
+            max_metadata_size=config.max_metadata_size,
+            tcp=config.tcp,
+            limits=config.limits,
+            router=self.router,
+            metrics_registry=new_registry(),
+        )
         marshal_rt.set_work_limit(config.limits.marshal_work)
         self._app_socks: dict[int, socket.socket] = {}
-        self.frontend_cls = self.registry.get("frontend")
-        self.transport_cls = self.registry.get(config.transport)
-        self.ingress: Engine | None = None
+        self.frontend_cls = self._role("frontend", "frontend", FrontendEngine)
+        self.transport_cls = self._role(config.transport, "transport", TransportEngine)
+        self.ingress: IngressEngine | None = None
         self.app_sock_path = config.app_socket
         self.op_sock_path = config.operator_socket
         self.app_listener = _unix_listener(self.app_sock_path, 0o666)
@@ -113,6 +123,16 @@ class Daemon:
         self._claimants: dict[int, Claimant] = {}  # app_id -> its credentials
         self._registering: dict[int, int] = {}  # uid -> registrations under way
         self._register_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
+
+    def _role(self, name: str, key: str, role: type[Any]) -> type[Any]:
+        """The engine class configured as ``name``, checked to play ``role``."""
+        cls = self.registry.get(name)
+        if not issubclass(cls, role):
+            raise ConfigError(
+                f"{key}: engine {name!r} ({cls.__module__}.{cls.__qualname__}) is not a "
+                f"{role.__name__}; name an engine of that role"
+            )
+        return cls
 
     def _lock_prefix(self) -> int:
         """Hold ``PREFIX/mrpcd.lock`` for our lifetime: one daemon per prefix."""
@@ -203,14 +223,20 @@ class Daemon:
             name="tcp-ingress",
             attr="INGRESS",
         )
+        if not issubclass(ingress_cls, IngressEngine):
+            raise ConfigError(f"{self.config.transport}: its INGRESS is not an IngressEngine")
         ctx = EngineContext(
             "daemon/tcp-ingress",
             "",
             0,
             self.clock,
-            services=dict(self.services_base, poller=rt0.poller, listener=self.listener),
+            services=self.services,
+            poller=rt0.poller,
+            wake=rt0.wake_soon,
+            listener=self.listener,
         )
         self.ingress = ingress_cls(ctx, {})
+        self.ingress.lifecycle("attach")
         rt0.add_engine(self.ingress)
         for rt in self.runtimes:
             rt.start()
@@ -452,36 +478,32 @@ class Daemon:
             app = AppState(app_id, name, pid, uid, regions, submit_efd, complete_efd)
             app.registered_at = time.time()
             runtime = self.runtimes[app_id % len(self.runtimes)]
-            app.runtime = runtime
-            services = dict(self.services_base, app=app, poller=runtime.poller)
-            fe = self.frontend_cls(
-                EngineContext(
-                    f"{name}/frontend",
+            app.runtime = runtime  # the one runtime that owns this app's datapath
+            app.waker = runtime.wake_soon
+            app.on_broken = self._app_broken
+
+            def context(engine_id: str) -> EngineContext:
+                return EngineContext(
+                    engine_id,
                     name,
                     pid,
                     self.clock,
                     runtime_local=runtime.local,
-                    services=services,
-                ),
-                {},
-            )
-            tr = self.transport_cls(
-                EngineContext(
-                    f"{name}/{self.transport_cls.NAME}",
-                    name,
-                    pid,
-                    self.clock,
-                    runtime_local=runtime.local,
-                    services=services,
-                ),
-                {},
-            )
-            app.datapath = Datapath(name, fe, tr)
+                    services=self.services,
+                    port=app,
+                    poller=runtime.poller,
+                    wake=runtime.wake_soon,
+                )
+
+            fe = self.frontend_cls(context(f"{name}/frontend"), {})
+            tr = self.transport_cls(context(f"{name}/{self.transport_cls.NAME}"), {})
+            app.datapath = Datapath(name, fe, tr, inbox=app.inbox)
 
             def attach() -> None:
                 runtime.add_engine(fe)
                 runtime.add_engine(tr)
-                runtime.poller.register(submit_efd, 1, fe.on_submit_event)  # type: ignore[attr-defined]  # frontend-only hook
+                # the app's "I posted" signal: read it (the frontend polls the ring itself)
+                runtime.poller.register(submit_efd, 1, lambda _events: drain(submit_efd))
 
             with self.apps_lock:
                 self.apps[app_id] = app
@@ -630,9 +652,7 @@ class Daemon:
             return {"ok": True}
         if op == "peer":  # context.peer(): who made server call ``token`` (as its daemon says)
             call = app.server_calls.get(msg.get("token"))  # type: ignore[arg-type]
-            origin = getattr(getattr(call, "_state", None), "origin", None)
-            hello = getattr(origin, "info", {}).get("hello") or {}
-            return {"ok": True, "peer": str(hello.get("client", "unknown"))}
+            return {"ok": True, "peer": (call.peer if call is not None else "") or "unknown"}
         raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown control operation {op!r}")
 
     def _app_broken(self, app: AppState, reason: str) -> None:
@@ -672,20 +692,17 @@ class Daemon:
         items: list[Rpc] = dp.drain_all() + list(app.server_calls.values())
         app.server_calls.clear()
         gone = f"server app {app.name!r} (pid {app.pid}) exited before replying ({reason}); retry"
-        for rpc in items:
-            st = rpc._state
-            if isinstance(st, tuple) and st[0] == "rejected":
-                st = st[1]
-            if isinstance(st, TxReply):
-                st = st.call
-            if isinstance(st, RxCall) and not st.origin.closed:
-                st.origin.queue(encode_error(st.wire_id, StatusCode.UNAVAILABLE, gone))
-                st.origin.flush()
+        try:
+            dp.transport.abandon(items, gone)  # its callers hear UNAVAILABLE, from the transport
+        except Exception:
+            log.exception("transport of %r failed to abandon its calls", app.name)
         for engine in dp.engines:
             try:
                 engine.close()
             except Exception:
                 log.exception("closing engine %s of %r failed", engine.NAME, app.name)
+            if engine.state.value != "detached":
+                engine.lifecycle("detach")
         dp.state = "closed"
         app.close()
 

@@ -10,6 +10,14 @@ engine flushes what it holds into its outputs, whatever still waits in its
 inputs is moved to its outputs in order, and the neighbours are re-pointed.
 Upgrading binds the new engine to exactly the old engine's deques.
 
+The transport's ``rx_in`` is the app's inbox: the one deque other threads
+append to (``AppState.deliver``: inbound calls from the ingress, reclaims from
+a connection's flush), never re-pointed by a splice, so nothing handed over
+can land in a deque that left the chain. Each splice tells the frontend
+whether a policy that reads message content is in the chain
+(``FrontendEngine.need_private_images``) and moves each engine along its
+lifecycle (``Engine.lifecycle``).
+
 All mutations run on the datapath's runtime thread (``Runtime.call``), between
 two ``do_work`` rounds, so no engine ever sees a half-spliced chain.
 """
@@ -20,8 +28,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from libmrpc.status import StatusCode
-from mrpcd.engine import Engine, Rpc, RpcKind
+from mrpcd.engine import Engine, FrontendEngine, Rpc, TransportEngine
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,13 @@ class DatapathError(Exception):
 
 
 class Datapath:
-    def __init__(self, app: str, frontend: Engine, transport: Engine) -> None:
+    def __init__(
+        self,
+        app: str,
+        frontend: FrontendEngine,
+        transport: TransportEngine,
+        inbox: deque[Rpc] | None = None,
+    ) -> None:
         self.app = app
         self.engines: list[Engine] = [frontend, transport]
         self.state = "active"  # active | upgrading | closed
@@ -40,15 +53,23 @@ class Datapath:
         tx: deque[Rpc] = deque()
         rx: deque[Rpc] = deque()
         a.bind(deque(), tx, rx, deque())  # the frontend's tx_in / rx_out are unused ends
-        b.bind(tx, deque(), deque(), rx)  # the transport's tx_out / rx_in are unused ends
+        # the transport's tx_out is an unused end; its rx_in is the app's inbox
+        b.bind(tx, deque(), inbox if inbox is not None else deque(), rx)
+        a.lifecycle("attach")
+        b.lifecycle("attach")
+        a.need_private_images(False)
 
     @property
-    def frontend(self) -> Engine:
-        return self.engines[0]
+    def frontend(self) -> FrontendEngine:
+        fe = self.engines[0]
+        assert isinstance(fe, FrontendEngine)
+        return fe
 
     @property
-    def transport(self) -> Engine:
-        return self.engines[-1]
+    def transport(self) -> TransportEngine:
+        tr = self.engines[-1]
+        assert isinstance(tr, TransportEngine)
+        return tr
 
     @property
     def policies(self) -> list[Engine]:
@@ -58,7 +79,10 @@ class Datapath:
         return self.content
 
     def _update(self) -> None:
-        self.content = any(e.READS_CONTENT for e in self.policies)
+        content = any(e.READS_CONTENT for e in self.policies)
+        if content != self.content:
+            self.content = content
+            self.frontend.need_private_images(content)
 
     def insert(self, engine: Engine, index: int | None = None) -> None:
         """Splice ``engine`` in before position ``index`` (default: just before the transport)."""
@@ -71,6 +95,9 @@ class Datapath:
         a, b = self.engines[index - 1], self.engines[index]
         new_tx: deque[Rpc] = deque()
         new_rx: deque[Rpc] = deque()
+        if not engine.ATTACHABLE:
+            raise DatapathError(f"engine {engine.NAME!r} is always on; it is not a policy")
+        engine.lifecycle("attach")
         engine.bind(new_tx, a.tx_out, new_rx, b.rx_out)
         a.tx_out = new_tx
         b.rx_out = new_rx
@@ -95,14 +122,27 @@ class Datapath:
         a.tx_out = engine.tx_out
         b.rx_out = engine.rx_out
         self.engines.pop(index)
+        engine.lifecycle("detach")
         self._update()
         return moved
 
     def replace(self, old: Engine, new: Engine) -> None:
         """Put ``new`` in ``old``'s place on the same deques (live upgrade)."""
         index = self.engines.index(old)
+        role = (
+            FrontendEngine
+            if index == 0
+            else TransportEngine
+            if index == len(self.engines) - 1
+            else Engine
+        )
+        if not isinstance(new, role) or new.ATTACHABLE != old.ATTACHABLE:
+            raise DatapathError(f"{new.NAME!r} cannot take the place of {old.NAME!r}")
+        old.lifecycle("upgrade")
+        new.lifecycle("attach")
         new.bind(old.tx_in, old.tx_out, old.rx_in, old.rx_out)
         self.engines[index] = new
+        old.lifecycle("retire")
         self._update()
 
     def drain_all(self) -> list[Rpc]:
@@ -138,37 +178,3 @@ class Datapath:
                 }
             )
         return out
-
-
-def make_private(rpc: Rpc) -> bool:
-    """Give ``rpc`` a daemon-private image and ``view()`` if it has none.
-
-    A call marshalled before a content policy was attached (and held meanwhile,
-    e.g. by a delay-mode ratelimit or qos) still has zero-copy segments of the
-    app's send heap; copy them out now, so the bytes a policy checks are the
-    bytes sent. True when ``rpc.view()`` is now private; False when ``rpc``
-    carries no message (an error reply) or is not marshalled yet.
-    """
-    if rpc._view is not None:
-        return True
-    st = rpc._state
-    wire = getattr(st, "wire", None)
-    if wire is None or rpc.method is None or rpc.status is not StatusCode.OK:
-        return False
-    if rpc.kind is RpcKind.CALL:
-        binding, type_name = getattr(st, "binding", None), rpc.method.request
-    else:
-        binding, type_name = (
-            getattr(getattr(st, "call", None), "binding", None),
-            rpc.method.response,
-        )
-    if binding is None:
-        return False
-    head, segs = wire
-    image = bytearray(head)
-    for seg in segs:
-        image += seg
-    cls = binding.module.MESSAGES[type_name]
-    st.image, st.wire = image, (image, [])
-    rpc._view = lambda: cls._from_image(memoryview(image).toreadonly(), 0, st)
-    return True

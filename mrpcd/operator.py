@@ -72,7 +72,7 @@ class OperatorHandler:
         registry = self.policies.metrics_registry()
         if listen is None or registry is None:
             return
-        from engines.metrics import start_http_server
+        from mrpcd.metrics_http import start_http_server
 
         self._metrics_server, port = start_http_server(registry, listen[0], listen[1])
         self.metrics_addr = f"{listen[0]}:{port}"

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from mrpcd.datapath import Datapath
 
 log = logging.getLogger(__name__)
-ALWAYS_ON = {"frontend", "tcp", "rdma", "tcp-ingress"}
 
 
 def _engine_rows(dp: Datapath) -> list[dict[str, Any]]:
@@ -56,7 +55,6 @@ class PolicyManager:
         self.standing: dict[str, Standing] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._registry: Any = None
         for i, p in enumerate(daemon.config.policies):
             spec = {
                 "engine": p.engine,
@@ -82,14 +80,8 @@ class PolicyManager:
         }.get(op)
 
     def metrics_registry(self) -> Any:
-        if self._registry is None:
-            try:
-                from prometheus_client import CollectorRegistry
-            except ImportError:
-                return None
-            self._registry = CollectorRegistry()
-            self.daemon.services_base["metrics_registry"] = self._registry
-        return self._registry
+        """The registry every ``metrics`` engine of this daemon fills (None without prometheus_client)."""
+        return self.daemon.services.metrics_registry
 
     # ------------------------------------------------------------------ helpers
 
@@ -99,14 +91,14 @@ class PolicyManager:
         name = msg.get("engine")
         if not isinstance(name, str) or not name:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "policy attach needs an engine name")
-        if name in ALWAYS_ON:
-            raise RpcError(
-                StatusCode.INVALID_ARGUMENT, f"{name!r} is always on; it is not a policy"
-            )
         try:
             cls = self.daemon.registry.get(name)
         except EngineLoadError as e:
             raise RpcError(StatusCode.NOT_FOUND, str(e)) from None
+        if not cls.ATTACHABLE:  # frontends, transports: decided by class, not by name
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT, f"{name!r} is always on; it is not a policy"
+            )
         try:
             side = Side(msg.get("side") or "send")
         except ValueError:
@@ -148,10 +140,6 @@ class PolicyManager:
         assert runtime is not None and app.datapath is not None
         with self._lock:
             engine_id = f"{app.name}/{cls.NAME}-{next(self._ids)}"
-        services = dict(self.daemon.services_base, app=app, poller=runtime.poller)
-        if cls.NAME == "metrics":
-            self.metrics_registry()
-            services["metrics_registry"] = self._registry
         ctx = EngineContext(
             engine_id,
             app.name,
@@ -161,7 +149,10 @@ class PolicyManager:
             method=method,
             log=logging.getLogger(f"mrpcd.policy.{cls.NAME}"),
             runtime_local=runtime.local,
-            services=services,
+            services=self.daemon.services,
+            port=app,
+            poller=runtime.poller,
+            wake=runtime.wake_soon,
         )
         engine = cls(ctx, config)
 

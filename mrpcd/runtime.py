@@ -132,6 +132,13 @@ class Runtime:
         except OSError:
             pass
 
+    def wake_soon(self) -> None:
+        """From any thread: make the runtime run a round soon. Free on the runtime's
+        own thread (it runs another round after work, and engines report queued
+        input from ``prepare_sleep``); one eventfd write from any other."""
+        if threading.current_thread() is not self._thread:
+            self.wake()
+
     def add_engine(self, engine: Engine) -> None:
         assert self.in_runtime() or not self._thread.is_alive()
         self.engines.append(engine)

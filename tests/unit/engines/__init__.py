@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libmrpc.status import StatusCode
-from mrpcd.engine import Engine, EngineContext, MethodRef, MockClock, Rpc, RpcKind, Side
+from mrpcd.engine import Engine, EngineContext, MethodRef, MockClock, Rpc, RpcKind, Services, Side
 
 GET = MethodRef(
     id=1,
@@ -40,7 +40,7 @@ def make_ctx(
     engine_id: str | None = None,
     method: str | None = None,
     runtime_local: dict[str, Any] | None = None,
-    services: dict[str, Any] | None = None,
+    services: Services | None = None,
 ) -> EngineContext:
     return EngineContext(
         engine_id=engine_id or f"{app}/test-1",
@@ -50,7 +50,7 @@ def make_ctx(
         side=side,
         method=method,
         runtime_local=runtime_local if runtime_local is not None else {},
-        services=services if services is not None else {},
+        services=services if services is not None else Services(),
     )
 
 

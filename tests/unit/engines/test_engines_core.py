@@ -6,6 +6,7 @@ fresh instance: nothing queued is lost or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections import deque
@@ -30,8 +31,19 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
-from mrpcd.appstate import AppState, Binding, ConnSpec
-from mrpcd.engine import EngineContext, MethodRef, MockClock, Rpc, RpcKind
+from mrpcd.appstate import AppState
+from mrpcd.engine import (
+    DEFAULT_TCP,
+    Binding,
+    ConnSpec,
+    EngineContext,
+    MethodRef,
+    MockClock,
+    Rpc,
+    RpcKind,
+    Services,
+    TxCall,
+)
 from mrpcd.runtime import Poller
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -65,26 +77,31 @@ def _engine(cls, state, clock, poller=None, **services):
         "t",
         os.getpid(),
         clock,
-        services={
-            "app": state,
-            "poller": poller or Poller(),
-            "max_message_size": 1 << 20,
-            "tcp_config": SimpleNamespace(
-                nodelay=True, connect_timeout=2.0, zero_copy_min=2048, sndbuf=None, rcvbuf=None
-            ),
+        services=Services(
+            max_message_size=1 << 20,
+            tcp=dataclasses.replace(DEFAULT_TCP, connect_timeout=2.0),
             **services,
-        },
+        ),
+        port=state,
+        poller=poller or Poller(),
     )
     engine = cls(ctx, {})
     engine.bind(deque(), deque(), deque(), deque())
     return engine
 
 
+def tx_call(state, spec, binding, off, type_name="echo.EchoRequest"):
+    """An outbound call's state as the frontend leaves it: marshalled once."""
+    st = TxCall(spec, binding, off)
+    st.wire = binding.module.MARSHAL[type_name](state.send_view, off, 2048, 1 << 20)
+    return st
+
+
 def test_frontend_validates_and_forwards_calls(app_pair) -> None:
     state, app, _ = app_pair
     state.conns[1] = ConnSpec(1, "127.0.0.1", 9, 0)
-    state.datapath = SimpleNamespace(content=True)  # as if an ACL were attached
     fe = _engine(Frontend, state, MockClock())
+    fe.need_private_images(True)  # as if an ACL were attached
     req = echo.EchoRequest.new(app.heap, payload=b"hi")
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 7, 0, 0, req._off, 0, 0)
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 8, 5, 0, req._off, 0, 0)  # no method 5
@@ -162,7 +179,6 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
     try:
         state.conns[1] = ConnSpec(1, "127.0.0.1", peer.port, 0)
         tcp = _engine(TcpTransport, state, clock, poller)
-        from mrpcd.appstate import TxCall
 
         for i in range(10):
             req = echo.EchoRequest.new(app.heap, payload=b"call %d" % i)
@@ -174,7 +190,7 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
                     1,
                     i,
                     MethodRef.of(echo.METHODS[0]),
-                    _state=TxCall(state.conns[1], binding, req._off),
+                    _state=tx_call(state, state.conns[1], binding, req._off),
                 )
             )
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)
@@ -209,7 +225,6 @@ def test_tcp_decompose_restore_matches_replies_to_pending_calls(app_pair) -> Non
 
 def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
     state, app, binding = app_pair
-    from mrpcd.appstate import TxCall
 
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -225,7 +240,7 @@ def test_tcp_connection_refused_fails_calls_unavailable(app_pair) -> None:
             1,
             1,
             MethodRef.of(echo.METHODS[0]),
-            _state=TxCall(state.conns[1], binding, req._off),
+            _state=tx_call(state, state.conns[1], binding, req._off),
         )
     )
     for _ in range(100):
@@ -244,15 +259,15 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
 
     poller = Poller()
     listener = socket.create_server(("127.0.0.1", 0))
-    services = {
-        "router": Router("test"),
-        "poller": poller,
-        "listener": listener,
-        "tcp_config": SimpleNamespace(
-            nodelay=True, connect_timeout=2.0, zero_copy_min=2048, sndbuf=None, rcvbuf=None
-        ),
-    }
-    ctx = EngineContext("daemon/tcp-ingress", "", 0, MockClock(), services=services)
+    ctx = EngineContext(
+        "daemon/tcp-ingress",
+        "",
+        0,
+        MockClock(),
+        services=Services(router=Router("test")),
+        poller=poller,
+        listener=listener,
+    )
     old = TcpIngress(ctx, {})
     client = socket.create_connection(listener.getsockname())
     try:
@@ -297,7 +312,6 @@ def test_tcp_ingress_decompose_restore_keeps_connections_and_half_read_frames() 
 
 def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> None:
     from engines import tcp_conn
-    from mrpcd.appstate import TxCall
 
     state, app, binding = app_pair
     peer = FakePeer()
@@ -329,7 +343,7 @@ def test_tcp_batches_queued_calls_into_one_sendmsg(app_pair, monkeypatch) -> Non
                     1,
                     i,
                     MethodRef.of(echo.METHODS[0]),
-                    _state=TxCall(state.conns[1], binding, req._off),
+                    _state=tx_call(state, state.conns[1], binding, req._off),
                 )
             )
         _drive(tcp, poller, peer, lambda: sum(h.type == CALL for h, _ in peer.frames) == 10)

@@ -12,8 +12,7 @@ from engines.frontend import Frontend
 from libmrpc import metadata as md
 from libmrpc.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from libmrpc.status import StatusCode
-from mrpcd.appstate import ConnSpec
-from mrpcd.engine import MockClock, RpcKind
+from mrpcd.engine import ConnSpec, MockClock, RpcKind
 from tests.unit.engines import test_engines_core as core
 from tests.unit.engines.test_engines_core import _engine, echo
 
@@ -74,18 +73,9 @@ def test_metadata_is_decoded_once_and_bad_blocks_fail_only_their_call(app_pair: 
     }
 
 
-def test_a_cancel_marks_the_call_and_tells_the_transport(app_pair: Any) -> None:
+def test_a_cancel_marks_the_call_and_sends_one_cancel_down_the_datapath(app_pair: Any) -> None:
     state, app, _ = app_pair
     fe = _frontend(state)
-    cancelled = []
-    state.datapath = type(
-        "DP",
-        (),
-        {
-            "transport": type("T", (), {"cancel": staticmethod(cancelled.append)})(),
-            "content": False,
-        },
-    )()
     req = echo.EchoRequest.new(app.heap, payload=b"hi")
     app.submit.push(DESCRIPTOR, SUB_CALL, 0, 0, 1, 1, 0, 0, req._off, 0, 0)
     fe.do_work()
@@ -93,5 +83,6 @@ def test_a_cancel_marks_the_call_and_tells_the_transport(app_pair: Any) -> None:
         app.submit.push(DESCRIPTOR, SUB_CANCEL, 0, 0, 0, 1, 0, 0, 0, 0, 0)
     app.submit.push(DESCRIPTOR, SUB_CANCEL, 0, 0, 0, 99, 0, 0, 0, 0, 0)
     fe.do_work()
-    (rpc,) = fe.tx_out
-    assert rpc._cancelled and cancelled == [rpc]
+    rpc, cancel = fe.tx_out  # the call, then exactly one CANCEL naming it (for the transport)
+    assert rpc.kind is RpcKind.CALL and rpc._cancelled
+    assert cancel.kind is RpcKind.CANCEL and cancel._state is rpc and cancel.call_id == 1

@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines import metrics as metrics_mod
-from engines.metrics import CODE_NAMES, ENGINE, Metrics, render, start_http_server
+from engines.metrics import CODE_NAMES, ENGINE, Metrics, render
 from libmrpc.status import ConfigError, StatusCode
-from mrpcd.engine import MockClock, Side, validate_engine_class
+from mrpcd.engine import MockClock, Services, Side, validate_engine_class
+from mrpcd.metrics_http import start_http_server
 from tests.unit.engines import GET, PUT, call, make_ctx, reply, wire
 
 
@@ -26,7 +27,7 @@ def make(
     **config: Any,
 ) -> tuple[Metrics, Any, MockClock]:
     clock = clock or MockClock()
-    ctx = make_ctx(clock, side=side, app=app, services={"metrics_registry": registry})
+    ctx = make_ctx(clock, side=side, app=app, services=Services(metrics_registry=registry))
     engine = Metrics(ctx, config)
     return engine, wire(engine), clock
 
@@ -152,7 +153,7 @@ def test_inflight_is_bounded_and_unmatched_replies_still_count() -> None:
 def test_method_filter_and_shadow_mode_pass_everything() -> None:
     reg = CollectorRegistry()
     clock = MockClock()
-    ctx = make_ctx(clock, method="Put", services={"metrics_registry": reg})
+    ctx = make_ctx(clock, method="Put", services=Services(metrics_registry=reg))
     engine = Metrics(ctx, {"enforce": False})
     w = wire(engine)
     w.tx_in.extend([call(1, clock), call(2, clock, method=PUT)])

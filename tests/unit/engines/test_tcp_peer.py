@@ -11,14 +11,14 @@ import pytest
 
 from engines import tcp_resolve
 from engines.tcp import TcpTransport
+from engines.tcp_conn import ConnState
 from engines.tcp_limits import PeerLimits, admit, overdue, settle
 from libmrpc.status import StatusCode
 from libmrpc.wire import CALL, HELLO, encode_header
-from mrpcd.appstate import ConnSpec, TxCall
-from mrpcd.engine import MethodRef, MockClock, Rpc, RpcKind
+from mrpcd.engine import ConnSpec, MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
 from tests.unit.engines import test_engines_core as core
-from tests.unit.engines.test_engines_core import FakePeer, _engine, echo
+from tests.unit.engines.test_engines_core import FakePeer, _engine, echo, tx_call
 
 app_pair = core.app_pair  # the fixture
 
@@ -56,7 +56,7 @@ def _call(
             call_id,
             MethodRef.of(echo.METHODS[0]),
             deadline=deadline,
-            _state=TxCall(spec, binding, req._off),
+            _state=tx_call(state, spec, binding, req._off),
         )
     )
 
@@ -144,10 +144,12 @@ def test_ip_literals_skip_resolution(slow_resolver) -> None:
 
 
 def _conn(outbound: bool = False) -> SimpleNamespace:
+    from engines.tcp_conn import ConnState
     from libmrpc.wire import FrameAssembler
 
     return SimpleNamespace(
-        state="open",
+        state=ConnState.HELLO_SENT if outbound else ConnState.AWAIT_HELLO,
+        open=True,
         outbound=outbound,
         info={},
         assembler=FrameAssembler(),
@@ -193,6 +195,7 @@ def test_timers() -> None:
     assert overdue(conn, 0.5, limits) is None
     assert "HELLO" in overdue(conn, 1.5, limits)
     conn.info["hello"] = {}
+    conn.state = ConnState.READY
     conn.assembler.feed(b"MR\x01")
     assert overdue(conn, 1.5, limits) is None
     assert "header" in overdue(conn, 2.5, limits)

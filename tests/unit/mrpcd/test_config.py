@@ -432,8 +432,7 @@ policies:
             "policies:\n  - {engine: acl}\n  - {engine: acl, sid: send}",
             ":3: policies[1].sid: unknown key (did you mean 'side'?)",
         ),
-        ("policies:\n  - engine: nope", ":2: policies[0].engine: expected an attachable engine"),
-        ("policies:\n  - engine: tcp", "policies[0].engine: expected an attachable engine"),
+        ("policies:\n  - engine: nope", ":2: policies[0].engine: expected an engine named in"),
         (
             "policies:\n  - engine: acl\n    side: both",
             ":3: policies[0].side: expected one of send, receive",

@@ -15,12 +15,14 @@ from mrpcd.datapath import Datapath, DatapathError
 from mrpcd.engine import (
     Engine,
     EngineContext,
+    FrontendEngine,
     MockClock,
     PolicyEngine,
     Reject,
     Rpc,
     RpcKind,
     Side,
+    TransportEngine,
     Verdict,
 )
 
@@ -33,7 +35,7 @@ def ctx(name: str, side: Side = Side.SEND) -> EngineContext:
     )
 
 
-class Frontend(Engine):
+class Frontend(FrontendEngine):
     """Stands in for the app side: tests put submitted items on ``tx_out`` and
     read delivered ones from ``rx_in``."""
 
@@ -43,7 +45,7 @@ class Frontend(Engine):
         return 0
 
 
-class Transport(Engine):
+class Transport(TransportEngine):
     """Stands in for the network side: receives on ``tx_in``, delivers on ``rx_out``."""
 
     NAME = "test-transport"

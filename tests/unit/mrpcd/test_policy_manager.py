@@ -21,16 +21,25 @@ from libmrpc.status import ConfigError, RpcError, StatusCode
 from mrpcd.appstate import AppState
 from mrpcd.config import PolicyAttachment
 from mrpcd.datapath import Datapath
-from mrpcd.engine import Engine, EngineContext, MockClock, Side
+from mrpcd.engine import EngineContext, FrontendEngine, MockClock, Services, Side, TransportEngine
 from mrpcd.policy import PolicyManager
 from mrpcd.registry import EngineRegistry
 from mrpcd.runtime import Runtime
 
 
-class Edge(Engine):
-    """Stands in for the frontend / transport at the ends of a datapath."""
+class Edge(FrontendEngine):
+    """Stands in for the frontend at the app end of a datapath."""
 
     NAME = "test-edge"
+
+    def do_work(self) -> int:
+        return 0
+
+
+class EdgeT(TransportEngine):
+    """Stands in for the transport at the network end of a datapath."""
+
+    NAME = "test-edge-transport"
 
     def do_work(self) -> int:
         return 0
@@ -52,7 +61,7 @@ class FakeDaemon:
         )
     )
     clock: MockClock = field(default_factory=MockClock)
-    services_base: dict[str, Any] = field(default_factory=dict)
+    services: Services = field(default_factory=Services)
     ingress: Any = None
     apps: list[AppState] = field(default_factory=list)
 
@@ -77,7 +86,7 @@ def add_app(d: FakeDaemon, name: str) -> AppState:
     regions.close_fds()
     app = AppState(len(d.apps) + 1, name, 5000 + len(d.apps), os.getuid(), regions, s_efd, c_efd)
     ctx = EngineContext(f"{name}/edge", name, app.pid, d.clock)
-    fe, tr = Edge(ctx, {}), Edge(ctx, {})
+    fe, tr = Edge(ctx, {}), EdgeT(ctx, {})
     app.datapath = Datapath(name, fe, tr)
     app.runtime = Runtime(f"rt-{name}", d.clock, spin_us=0)
     app.runtime.engines.extend([fe, tr])
@@ -122,7 +131,7 @@ def test_attach_by_app_name_splices_before_the_transport(daemon: FakeDaemon) -> 
     [eid] = out["engine_ids"]
     assert eid.startswith("kv/ratelimit-") and "rule_id" not in out
     assert policies(kv) == [eid] and policies(other) == []
-    assert runtime_names(kv) == ["test-edge", "ratelimit", "test-edge"]
+    assert runtime_names(kv) == ["test-edge", "ratelimit", "test-edge-transport"]
     engine = pm.engines[eid][1]
     assert engine.ctx.side == Side.RECEIVE and engine.ctx.method == "Get"
     assert (
@@ -176,7 +185,9 @@ def test_a_bad_attach_changes_nothing(
     pm = PolicyManager(daemon)  # type: ignore[arg-type]
     got, details = code_of(lambda: pm.attach(msg))
     assert got == code and words in details
-    assert all(policies(a) == [] and runtime_names(a) == ["test-edge", "test-edge"] for a in apps)
+    assert all(
+        policies(a) == [] and runtime_names(a) == ["test-edge", "test-edge-transport"] for a in apps
+    )
     assert pm.engines == {} and pm.standing == {}
 
 
@@ -197,7 +208,11 @@ def test_detach_by_id_and_by_name(daemon: FakeDaemon) -> None:
     assert policies(kv) == [null_id, rl_id]
     out = pm.detach({"engine_id": null_id})
     assert out == {"detached": [{"engine_id": null_id, "handed_on": 0}]}
-    assert policies(kv) == [rl_id] and runtime_names(kv) == ["test-edge", "ratelimit", "test-edge"]
+    assert policies(kv) == [rl_id] and runtime_names(kv) == [
+        "test-edge",
+        "ratelimit",
+        "test-edge-transport",
+    ]
     assert pm.detach({"app": "kv", "engine": "ratelimit"})["detached"][0]["engine_id"] == rl_id
     assert policies(kv) == [] and pm.engines == {}
     code, details = code_of(lambda: pm.detach({"engine_id": null_id}))

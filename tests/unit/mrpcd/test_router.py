@@ -15,7 +15,8 @@ from libmrpc.codegen import load_module
 from libmrpc.schema import compile_texts
 from libmrpc.shm import ShmLayout, create_regions
 from libmrpc.status import RpcError, StatusCode
-from mrpcd.appstate import AppState, Binding, Router
+from mrpcd.appstate import AppState, Router
+from mrpcd.engine import Binding
 from mrpcd.services import Claimant, ServicePolicy
 
 ROOT = Path(__file__).resolve().parents[3]

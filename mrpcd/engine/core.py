@@ -1,9 +1,10 @@
-"""The public engine API.
+"""The engine contract: RPC items, contexts, engines, policies, the lifecycle.
 
-Every engine — in-tree or third-party — is written against this module only.
-An engine is a non-blocking unit of work sitting in a *datapath* (the chain
-``frontend -> [policies...] -> transport`` serving one application). Items flow
-in two directions through four queues the datapath hands the engine:
+Every engine — in-tree or third-party — is written against the engine API
+(``mrpcd.engine``) only. An engine is a non-blocking unit of work sitting in a
+*datapath* (the chain ``frontend -> [policies...] -> transport`` serving one
+application). Items flow in two directions through four queues the datapath
+hands the engine:
 
     tx_in  -> engine -> tx_out      (toward the network)
     rx_out <- engine <- rx_in       (toward the application)
@@ -17,13 +18,18 @@ Engines never sleep and never block: ``do_work()`` does what can be done now and
 returns how many items it processed. Time comes from ``ctx.clock`` so that
 time-based logic is tested with :class:`MockClock`, without sleeping.
 
-Lifecycle (one table, see ``ENGINE_STATES``)::
+Roles are classes: a :class:`FrontendEngine` and a :class:`TransportEngine` are
+always on (every datapath has exactly one of each, the daemon places them), a
+:class:`PolicyEngine` is attachable (operators attach, detach and reconfigure
+it), an :class:`IngressEngine` is the daemon-wide half of a transport.
+
+Lifecycle (one table, :data:`LIFECYCLE`; ``Engine.lifecycle(event)`` moves)::
 
     loaded --attach--> attached --detach--> detached
                           |  ^
-                  upgrade |  | restore
+                  upgrade |  | restore / rollback
                           v  |
-                      decomposed
+                      decomposed --retire--> detached
 """
 
 from __future__ import annotations
@@ -38,15 +44,34 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from libmrpc.status import ConfigError, StatusCode, WireError
+from mrpcd.engine.ports import AppPort, Poller, Services
 
 ENGINE_API_VERSION = 1
 
-ENGINE_STATES: dict[str, dict[str, str]] = {
-    "loaded": {"attach": "attached"},
-    "attached": {"detach": "detached", "upgrade": "decomposed"},
-    "decomposed": {"restore": "attached", "rollback": "attached"},
-    "detached": {},
+
+class EngineState(str, enum.Enum):
+    LOADED = "loaded"  # built and configured, in no datapath yet
+    ATTACHED = "attached"  # spliced into a datapath; do_work runs
+    DECOMPOSED = "decomposed"  # its state was handed to a successor (live upgrade)
+    DETACHED = "detached"  # out of every datapath, closed; never comes back
+
+
+#: The engine lifecycle: state -> {event: next state}. Anything else is a bug
+#: in the daemon (``LifecycleError``), never a silent no-op.
+LIFECYCLE: dict[EngineState, dict[str, EngineState]] = {
+    EngineState.LOADED: {"attach": EngineState.ATTACHED, "detach": EngineState.DETACHED},
+    EngineState.ATTACHED: {"detach": EngineState.DETACHED, "upgrade": EngineState.DECOMPOSED},
+    EngineState.DECOMPOSED: {
+        "restore": EngineState.ATTACHED,
+        "rollback": EngineState.ATTACHED,
+        "retire": EngineState.DETACHED,
+    },
+    EngineState.DETACHED: {},
 }
+
+
+class LifecycleError(RuntimeError):
+    """The daemon asked an engine for a move its lifecycle does not have (a daemon bug)."""
 
 
 # --------------------------------------------------------------------------- clocks
@@ -85,6 +110,7 @@ class RpcKind(enum.IntEnum):
     CALL = 1  # a request: outbound from a client app (tx) or inbound for a server app (rx)
     REPLY = 2  # a reply or error: outbound from a server app (tx) or inbound for a client (rx)
     RECLAIM = 3  # daemon bookkeeping: the app may reuse the send-heap memory of call_id
+    CANCEL = 4  # the caller cancelled call_id (tx: the app's own call; rx: a remote caller's)
 
 
 class Side(str, enum.Enum):
@@ -134,6 +160,7 @@ class Rpc:
     metadata: tuple[
         tuple[str, str | bytes], ...
     ] = ()  # the call's gRPC metadata (checked, read-only)
+    peer: str = ""  # inbound calls: the calling app, its daemon and address (as its daemon says)
     # --- frontend/transport private state ---
     _view: Callable[[], Any] | None = None
     _state: Any = None
@@ -154,7 +181,10 @@ class Rpc:
         return self._view()
 
     def error_reply(self, status: StatusCode, details: str) -> Rpc:
-        """A REPLY carrying ``status`` for this CALL; see ``Datapath.reject``."""
+        """A REPLY carrying ``status`` for this CALL, to go back the way it came.
+
+        It keeps the call's ``_state``: the transport answers an inbound call's
+        caller with it, the frontend completes an outbound call with it."""
         if self.kind is not RpcKind.CALL:
             raise ValueError("only a CALL can be answered with an error")
         return Rpc(
@@ -168,16 +198,21 @@ class Rpc:
             details=details,
             created=self.created,
             meta=self.meta,
-            _state=("rejected", self._state),
+            peer=self.peer,
+            _state=self._state,
         )
 
 
 # --------------------------------------------------------------------------- context
 
 
+def _no_wake() -> None:
+    pass
+
+
 @dataclass
 class EngineContext:
-    """What the daemon gives an engine: identity, clock, log, shared services."""
+    """What the daemon gives an engine: identity, clock, log, services, its app's port."""
 
     engine_id: str  # stable operator-facing id, e.g. "kv/ratelimit-1"
     app: str  # application name ("" for daemon-wide engines)
@@ -186,12 +221,14 @@ class EngineContext:
     side: Side = Side.SEND
     method: str | None = None  # restrict to one method ("Echo" or "/echo.Echo/Echo")
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mrpcd.engine"))
-    runtime_local: dict[str, Any] = field(
-        default_factory=dict
-    )  # state shared by engines of one runtime
-    services: dict[str, Any] = field(
-        default_factory=dict
-    )  # daemon services (metrics registry, ...)
+    #: state shared by the engines of one runtime (e.g. QoS's view of all apps on it)
+    runtime_local: dict[str, Any] = field(default_factory=dict)
+    services: Services = field(default_factory=Services)
+    port: AppPort | None = None  # the application (None for daemon-wide engines)
+    poller: Poller | None = None  # the owning runtime's epoll set (always-on engines)
+    #: wake the runtime that drives this engine; thread-safe, cheap when called from it
+    wake: Callable[[], None] = _no_wake
+    listener: Any = None  # the daemon's listening socket (ingress engines)
 
 
 # --------------------------------------------------------------------------- engines
@@ -202,6 +239,8 @@ class Engine(abc.ABC):
 
     NAME: ClassVar[str]
     VERSION: ClassVar[int] = 1
+    #: Operators may attach and detach it (policies); the others are always on.
+    ATTACHABLE: ClassVar[bool] = False
     #: True for policies that read message content: the datapath then gives
     #: ``Rpc.view()`` a daemon-private copy before this engine runs.
     READS_CONTENT: ClassVar[bool] = False
@@ -215,6 +254,17 @@ class Engine(abc.ABC):
         self.ctx = ctx
         self.config = dict(self.validate_config(config))
         self.tx_in, self.tx_out, self.rx_in, self.rx_out = deque(), deque(), deque(), deque()
+        self.state = EngineState.LOADED
+
+    def lifecycle(self, event: str) -> EngineState:
+        """Move along :data:`LIFECYCLE`; raise ``LifecycleError`` for a move it lacks."""
+        nxt = LIFECYCLE[self.state].get(event)
+        if nxt is None:
+            raise LifecycleError(
+                f"engine {self.ctx.engine_id}: cannot {event} when {self.state.value}"
+            )
+        self.state = nxt
+        return nxt
 
     def bind(
         self, tx_in: deque[Rpc], tx_out: deque[Rpc], rx_in: deque[Rpc], rx_out: deque[Rpc]
@@ -287,6 +337,43 @@ class Engine(abc.ABC):
         """Release OS resources; called after detach (and after ``decompose``)."""
 
 
+# --------------------------------------------------------------------------- roles
+
+
+class FrontendEngine(Engine):
+    """Always on, first in every datapath: the application's rings on one side.
+
+    It is the one place messages are marshalled. The datapath tells it, through
+    :meth:`need_private_images`, whether a policy that reads message content is
+    spliced in; while one is, images are daemon-private copies (what a policy
+    checks is what is sent), else bulk fields go out zero-copy.
+    """
+
+    private_images: bool = False
+
+    def need_private_images(self, on: bool) -> None:
+        """Called by the datapath (on its runtime) whenever its chain changes."""
+        self.private_images = on
+
+
+class TransportEngine(Engine):
+    """Always on, last in every datapath: the network side of one application.
+
+    tx: CALLs (send them), REPLYs (answer inbound calls), CANCELs (of the app's
+    calls); rx: replies to the app's calls, and whatever the daemon
+    :meth:`~mrpcd.engine.ports.AppPort.deliver`-ed to the app (inbound calls,
+    their cancellations, reclaims), which arrives in ``rx_in``.
+    """
+
+    def abandon(self, rpcs: list[Rpc], details: str) -> None:
+        """The app is gone: answer every inbound call among ``rpcs`` (queued in its
+        datapath or being served) with UNAVAILABLE ``details``; drop the rest."""
+
+
+class IngressEngine(Engine):
+    """Always on, daemon-wide: the listening half of a transport (no datapath)."""
+
+
 # --------------------------------------------------------------------------- policies
 
 
@@ -310,6 +397,7 @@ class PolicyEngine(Engine):
     call) and turning rejections into error replies toward the caller.
     """
 
+    ATTACHABLE = True
     COMMON_KEYS: ClassVar[frozenset[str]] = frozenset({"enforce"})
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:

@@ -24,17 +24,9 @@ import logging
 import math
 from typing import Any
 
-from mrpcd.appstate import AppState
-from mrpcd.config import LimitsConfig
+from mrpcd.engine import DEFAULT_LIMITS, AppPort, LimitsConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_LIMITS = LimitsConfig(
-    calls_in_flight=4096,
-    bytes_in_flight=256 << 20,
-    completion_backlog=4096,
-    marshal_work=1 << 18,
-    slice_us=2000,
-)
 MAX_TIMEOUT = 365 * 86400.0  # seconds; a deadline further ahead is treated as none
 U64_MAX = (1 << 64) - 1
 
@@ -69,7 +61,7 @@ _QUOTA = {
 class Admission:
     """The quotas of one app; used only from its runtime thread."""
 
-    def __init__(self, app: AppState, limits: Any = None) -> None:
+    def __init__(self, app: AppPort, limits: Any = None) -> None:
         self.app = app
         self.limits: LimitsConfig = limits if limits is not None else DEFAULT_LIMITS
         self.need = 0  # bytes a waiting call needs free, at least (0: none waits for bytes)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from engines.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
 from libmrpc import marshal_rt
 from libmrpc.heap import Heap
 from libmrpc.loader import load_proto
 from libmrpc.status import StatusCode, WireError
-from mrpcd.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 AT = load_proto(SCHEMAS / "alltypes.proto")
