@@ -1,0 +1,268 @@
+"""Working tree vs. a baseline revision (``--baseline REV``): per-run ratios and verdicts.
+
+bench/paired.py measures the working tree's window and right after it the
+baseline's, run by run, so run *i* of both sides saw the same machine. The ratio
+of a metric is taken per run (working tree / REV) and summarized as the median
+with [min–max] over runs.
+
+Noise band: the ratios of one comparison scatter around their true value by the
+noise that pairing does not cancel. Half their min–max range is how far one run's
+ratio strayed from the middle; a median further from 1.0 than that (and than
+``NOISE_FLOOR``, since 5 runs can agree by chance) is not explained by that
+scatter. So the verdict is "regression" when the median ratio is worse than 1.0 by
+more than ``max(NOISE_FLOOR, (max - min) / 2)``, else "no regression". Running
+``--baseline`` against the checked-out commit itself shows the band this machine
+gives (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bench import stats
+
+NOISE_FLOOR = 0.03  # the smallest band: a ±3 % median shift is never called a regression
+MIN_PAIRS = 3  # fewer paired runs give no spread to judge by
+
+Run = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    value: Callable[[Run], float | None]
+
+
+def _lat(p: str) -> Callable[[Run], float | None]:
+    return lambda r: (r.get("lat") or {}).get(p)
+
+
+METRICS = (
+    Metric("p50", "RTT p50", "µs", False, _lat("p50")),
+    Metric("p99", "RTT p99", "µs", False, _lat("p99")),
+    Metric("rate", "rate", "RPC/s", True, lambda r: r.get("rate")),
+    Metric("cpu", "CPU per RPC", "µs", False, lambda r: r.get("cpu_us_per_rpc")),
+)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def paired_ratios(
+    mine: Iterable[Run], base: Iterable[Run], value: Callable[[Run], float | None]
+) -> list[float]:
+    """``value(mine run i) / value(base run i)`` for every run index both sides measured."""
+    theirs = {r["run"]: r for r in base if r.get("count")}
+    out: list[float] = []
+    for r in mine:
+        b = theirs.get(r["run"])
+        if b is None or not r.get("count"):
+            continue
+        a_v, b_v = value(r), value(b)
+        if _finite(a_v) and _finite(b_v) and b_v:
+            out.append(float(a_v) / float(b_v))  # type: ignore[arg-type]
+    return out
+
+
+def noise_band(ratios: list[float], floor: float = NOISE_FLOOR) -> float:
+    """Half the min–max range of the per-run ratios, at least ``floor``."""
+    if not ratios:
+        return math.nan
+    return max(floor, (max(ratios) - min(ratios)) / 2)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    median: float
+    min: float
+    max: float
+    runs: int
+    band: float
+    regression: bool
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def verdict(ratios: list[float], higher_is_better: bool, floor: float = NOISE_FLOOR) -> Verdict:
+    """Whether ``ratios`` (working tree / baseline, per run) show a regression."""
+    s = stats.spread(ratios)
+    n = int(s["runs"])
+    if n < MIN_PAIRS:
+        return Verdict(s["median"], s["min"], s["max"], n, math.nan, False, f"undecided: {n} runs")
+    band = noise_band(ratios, floor)
+    med = s["median"]
+    worse_by = (1.0 - med) if higher_is_better else (med - 1.0)
+    if worse_by > band:
+        text = f"regression {med:.2f}"
+    elif -worse_by > band:
+        text = f"no regression (better: {med:.2f})"
+    else:
+        text = f"no regression (within ±{band * 100:.1f} %)"
+    return Verdict(med, s["min"], s["max"], n, band, worse_by > band, text)
+
+
+def _cases(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["case"]["key"]: c for c in rec.get("cases", []) if c.get("runs")}
+
+
+def compare(mine: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every case both systems measured: per metric the two medians, ratio and verdict;
+    per process role the CPU µs per RPC of both and their ratio."""
+    out = []
+    theirs = _cases(base)
+    for key, case in _cases(mine).items():
+        other = theirs.get(key)
+        if other is None:
+            continue
+        row: dict[str, Any] = {"case": key, "metrics": {}, "roles": {}}
+        for m in METRICS:
+            ratios = paired_ratios(case["runs"], other["runs"], m.value)
+            row["metrics"][m.key] = {
+                "mine": stats.spread([m.value(r) or math.nan for r in case["runs"]]),
+                "base": stats.spread([m.value(r) or math.nan for r in other["runs"]]),
+                "ratios": ratios,
+                "verdict": verdict(ratios, m.higher_is_better).to_json(),
+            }
+        roles = sorted({role for r in [*case["runs"], *other["runs"]] for role in r["cpu_s"]})
+        for role in roles:
+
+            def per_rpc(r: Run, role: str = role) -> float | None:
+                return r["cpu_s"].get(role, 0.0) / r["count"] * 1e6 if r.get("count") else None
+
+            ratios = paired_ratios(case["runs"], other["runs"], per_rpc)
+            row["roles"][role] = {
+                "mine": stats.spread([per_rpc(r) or math.nan for r in case["runs"]]),
+                "base": stats.spread([per_rpc(r) or math.nan for r in other["runs"]]),
+                "ratio": stats.spread(ratios),
+            }
+        out.append(row)
+    return out
+
+
+def _ratio(s: dict[str, float]) -> str:
+    if not s or not s.get("runs"):
+        return "—"
+    return f"**{s['median']:.3f}** <sub>[{s['min']:.3f}–{s['max']:.3f}]</sub>"
+
+
+def _val(s: dict[str, float]) -> str:
+    if not s or not s.get("runs"):
+        return "—"
+    d = 0 if abs(s["median"]) >= 100 else (1 if abs(s["median"]) >= 10 else 2)
+    return f"{s['median']:,.{d}f} <sub>[{s['min']:,.{d}f}–{s['max']:,.{d}f}]</sub>"
+
+
+HEADLINE = (
+    ("latency/pinned/c1x1/64B", "p50", "pinned RTT p50"),
+    ("latency/pinned/c1x1/64B", "p99", "pinned RTT p99"),
+    ("rate/scheduled/c64x1/32B", "rate", "rate, c=64, 1 client"),
+)
+
+
+def section(results: dict[str, Any]) -> list[str]:
+    """The markdown lines of the baseline comparison (empty without ``--baseline``)."""
+    bl = results.get("baseline")
+    if not bl:
+        return []
+    systems = results["systems"]
+    out = [
+        (
+            f"Baseline `{bl['rev']}` = `{bl['commit'][:12]}`, checked out with `git archive` (the "
+            "harness in bench/ is the working tree's on both sides). Per case, each run measured "
+            "the working tree's window and right after it the baseline's (A B A B ...). *ratio*: "
+            "working tree / baseline per run, median **bold** with [min–max] over runs. *noise "
+            f"band*: half the ratios' min–max range, at least {NOISE_FLOOR * 100:.0f} %; a median "
+            "worse than 1.0 by more than that is a *regression* (latency and CPU: ratio > 1; "
+            "rate: ratio < 1)."
+        ),
+        "",
+    ]
+    for label, files in bl.get("imports", {}).items():
+        where = files.get("error") or ", ".join(f"`{k}` from `{v}`" for k, v in files.items())
+        out.append(f"- imports, {label}: {where}")
+    out.append("")
+    for mine_name, base_name in bl.get("pairs", []):
+        mine, base = systems.get(mine_name), systems.get(base_name)
+        if not mine or not base:
+            continue
+        if base.get("status") in ("skipped", "failed"):
+            out += [f"**{base_name}** {base['status']}: {base.get('reason', '')}", ""]
+            continue
+        rows = compare(mine, base)
+        by_case = {r["case"]: r for r in rows}
+        load = [_foreign(rec) for rec in (mine, base)]
+        if all(x is not None for x in load):
+            out += [
+                (
+                    f"Other processes on the host used {load[0]:.0f} % of a CPU during {mine_name}'s "
+                    f"windows, {load[1]:.0f} % during {base_name}'s (mean over windows)."
+                ),
+                "",
+            ]
+        for case_key, metric, label in HEADLINE:
+            row = by_case.get(case_key)
+            if row:
+                m = row["metrics"][metric]
+                v = m["verdict"]
+                out.append(
+                    f"- **{mine_name} / {base_name}, {label}: {v['median']:.3f}** "
+                    f"[{v['min']:.3f}–{v['max']:.3f}] over {v['runs']} runs "
+                    f"({_val(m['mine'])} vs {_val(m['base'])}): {v['text']}"
+                )
+        out += [
+            "",
+            (
+                f"| {mine_name} / {base_name} | metric | working tree | baseline | ratio | "
+                "noise band | verdict |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            for m in METRICS:
+                x = row["metrics"][m.key]
+                v = x["verdict"]
+                band = "—" if _nan(v["band"]) else f"±{v['band'] * 100:.1f} %"
+                ratio = {"median": v["median"], "min": v["min"], "max": v["max"], "runs": v["runs"]}
+                out.append(
+                    f"| {row['case']} | {m.label} ({m.unit}) | {_val(x['mine'])} | "
+                    f"{_val(x['base'])} | {_ratio(ratio)} | {band} | {v['text']} |"
+                )
+        out += [
+            "",
+            (
+                "CPU µs per RPC by process (user+sys of each process over the window ÷ RPCs; "
+                "`client-app`: all client processes):"
+            ),
+            "",
+            f"| {mine_name} / {base_name} | process | working tree | baseline | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            for role, x in row["roles"].items():
+                out.append(
+                    f"| {row['case']} | {role} | {_val(x['mine'])} | {_val(x['base'])} | "
+                    f"{_ratio(x['ratio'])} |"
+                )
+        out.append("")
+    return out
+
+
+def _foreign(rec: dict[str, Any]) -> float | None:
+    """Mean % of a CPU other processes used during ``rec``'s measured windows."""
+    runs = [r for c in rec.get("cases", []) for r in c.get("runs", [])]
+    busy = sum(r.get("foreign_cpu_s", 0.0) for r in runs)
+    wall = sum(r.get("wall_s", 0.0) for r in runs)
+    return busy / wall * 100 if wall > 0 else None
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
