@@ -5,14 +5,18 @@ baseline's, run by run, so run *i* of both sides saw the same machine. The ratio
 of a metric is taken per run (working tree / REV) and summarized as the median
 with [min–max] over runs.
 
-Noise band: the ratios of one comparison scatter around their true value by the
-noise that pairing does not cancel. Half their min–max range is how far one run's
-ratio strayed from the middle; a median further from 1.0 than that (and than
-``NOISE_FLOOR``, since 5 runs can agree by chance) is not explained by that
-scatter. So the verdict is "regression" when the median ratio is worse than 1.0 by
-more than ``max(NOISE_FLOOR, (max - min) / 2)``, else "no regression". Running
-``--baseline`` against the checked-out commit itself shows the band this machine
-gives (bench/README.md).
+Noise band: the ratios of one comparison scatter by the noise that pairing does not
+cancel (other work on the host comes and goes within a second). How far the median
+ratio can stray by that scatter alone is read off the ratios themselves, without
+assuming a distribution: with n ratios sorted, the k-th smallest and k-th largest
+bound the true median with confidence 1 - 2·P(Binomial(n, ½) < k) (the sign test),
+and k is the largest with at least ``CONFIDENCE``. With 5 runs that interval is
+[min, max] (94 %); with 8, the 2nd smallest to 2nd largest (93 %). The band is the
+distance from the median to the interval's end on the "worse" side, at least
+``NOISE_FLOOR``; a median worse than 1.0 by more than the band (so: every ratio
+inside the interval is worse than 1.0, and by more than the floor) is a
+*regression*, anything else *no regression*. Running ``--baseline`` against the
+checked-out commit itself shows the band this machine gives (bench/README.md).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import Any
 
 from bench import stats
 
-NOISE_FLOOR = 0.03  # the smallest band: a ±3 % median shift is never called a regression
-MIN_PAIRS = 3  # fewer paired runs give no spread to judge by
+NOISE_FLOOR = 0.02  # the smallest band: a 2 % median shift is never called a regression
+CONFIDENCE = 0.90  # of the median's interval (5 paired runs are the fewest that reach it)
 
 Run = dict[str, Any]
 
@@ -71,11 +75,33 @@ def paired_ratios(
     return out
 
 
-def noise_band(ratios: list[float], floor: float = NOISE_FLOOR) -> float:
-    """Half the min–max range of the per-run ratios, at least ``floor``."""
-    if not ratios:
-        return math.nan
-    return max(floor, (max(ratios) - min(ratios)) / 2)
+def median_interval(ratios: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free interval of the median: ``(x_(k), x_(n+1-k))`` of the sorted values,
+    k the largest with coverage ``1 - 2 P(Bin(n, 1/2) < k) >= confidence``; NaNs if n is
+    too small for that confidence."""
+    xs = sorted(ratios)
+    n = len(xs)
+    best = 0
+    for k in range(1, (n + 1) // 2 + 1):
+        tail = sum(math.comb(n, i) for i in range(k)) / 2**n
+        if 1 - 2 * tail < confidence:
+            break
+        best = k
+    if best == 0:
+        return math.nan, math.nan
+    return xs[best - 1], xs[n - best]
+
+
+def noise_band(
+    ratios: list[float], higher_is_better: bool, floor: float = NOISE_FLOOR
+) -> tuple[float, float]:
+    """(band on the worse side, band on the better side) around the median ratio."""
+    lo, hi = median_interval(ratios)
+    if math.isnan(lo):
+        return math.nan, math.nan
+    med = stats.spread(ratios)["median"]
+    below, above = max(floor, med - lo), max(floor, hi - med)
+    return (below, above) if not higher_is_better else (above, below)
 
 
 @dataclass(frozen=True)
@@ -84,7 +110,9 @@ class Verdict:
     min: float
     max: float
     runs: int
-    band: float
+    lo: float  # the median's interval (CONFIDENCE)
+    hi: float
+    band: float  # on the worse side
     regression: bool
     text: str
 
@@ -96,18 +124,20 @@ def verdict(ratios: list[float], higher_is_better: bool, floor: float = NOISE_FL
     """Whether ``ratios`` (working tree / baseline, per run) show a regression."""
     s = stats.spread(ratios)
     n = int(s["runs"])
-    if n < MIN_PAIRS:
-        return Verdict(s["median"], s["min"], s["max"], n, math.nan, False, f"undecided: {n} runs")
-    band = noise_band(ratios, floor)
+    lo, hi = median_interval(ratios)
+    band, band_better = noise_band(ratios, higher_is_better, floor)
     med = s["median"]
+    if math.isnan(band):
+        text = f"undecided: {n} runs (5 needed)"
+        return Verdict(med, s["min"], s["max"], n, lo, hi, band, False, text)
     worse_by = (1.0 - med) if higher_is_better else (med - 1.0)
     if worse_by > band:
         text = f"regression {med:.2f}"
-    elif -worse_by > band:
+    elif -worse_by > band_better:
         text = f"no regression (better: {med:.2f})"
     else:
-        text = f"no regression (within ±{band * 100:.1f} %)"
-    return Verdict(med, s["min"], s["max"], n, band, worse_by > band, text)
+        text = f"no regression (within {band * 100:.1f} % noise)"
+    return Verdict(med, s["min"], s["max"], n, lo, hi, band, worse_by > band, text)
 
 
 def _cases(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -180,9 +210,10 @@ def section(results: dict[str, Any]) -> list[str]:
             "harness in bench/ is the working tree's on both sides). Per case, each run measured "
             "the working tree's window and right after it the baseline's (A B A B ...). *ratio*: "
             "working tree / baseline per run, median **bold** with [min–max] over runs. *noise "
-            f"band*: half the ratios' min–max range, at least {NOISE_FLOOR * 100:.0f} %; a median "
-            "worse than 1.0 by more than that is a *regression* (latency and CPU: ratio > 1; "
-            "rate: ratio < 1)."
+            f"band*: from the median to the worse end of its {CONFIDENCE * 100:.0f} % "
+            "distribution-free interval (sign test over the runs' ratios; the interval in "
+            f"brackets), at least {NOISE_FLOOR * 100:.0f} %; a median worse than 1.0 by more "
+            "than that is a *regression* (latency and CPU: ratio > 1; rate: ratio < 1)."
         ),
         "",
     ]
@@ -230,7 +261,11 @@ def section(results: dict[str, Any]) -> list[str]:
             for m in METRICS:
                 x = row["metrics"][m.key]
                 v = x["verdict"]
-                band = "—" if _nan(v["band"]) else f"±{v['band'] * 100:.1f} %"
+                band = (
+                    "—"
+                    if _nan(v["band"])
+                    else f"{v['band'] * 100:.1f} % <sub>[{v['lo']:.3f}–{v['hi']:.3f}]</sub>"
+                )
                 ratio = {"median": v["median"], "min": v["min"], "max": v["max"], "runs": v["runs"]}
                 out.append(
                     f"| {row['case']} | {m.label} ({m.unit}) | {_val(x['mine'])} | "

@@ -14,7 +14,7 @@ REPLY_SIZE = 8
 RATE_TARGET_CONC = 64
 GOODPUT_TARGET_SIZE = 8 * MIB
 MAX_CALLS = 2_000_000  # per window and client; every window is bounded in count and time
-BASELINE_MIN_RUNS = 5  # runs per case with --baseline: the per-run ratios' spread is the noise
+BASELINE_MIN_RUNS = 8  # runs per case with --baseline: the per-run ratios' spread is the noise
 
 
 @dataclass(frozen=True)
