@@ -3,6 +3,7 @@
 python -m bench install                      # pip install -e '.[bench]'
 python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--install]
                      [--baseline REV]           # also run mrpc@REV, windows alternating
+                     [--runs N]                 # measured windows per case
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
 """
@@ -102,6 +103,16 @@ def list_cmd() -> None:
         "working tree / REV ratios with a verdict per metric."
     ),
 )
+@click.option(
+    "--runs",
+    "runs_opt",
+    type=click.IntRange(1, 100),
+    default=None,
+    help=(
+        "Measured windows per case (default 3; with --baseline at least 8). More runs "
+        "narrow the --baseline noise band on a busy machine."
+    ),
+)
 @click.option("-v", "--verbose", is_flag=True)
 def run_cmd(
     quick: bool,
@@ -110,6 +121,7 @@ def run_cmd(
     do_install: bool,
     workloads_opt: str,
     baseline_rev: str | None,
+    runs_opt: int | None,
     verbose: bool,
 ) -> None:
     """Run the benchmarks and write results.json, results.md and PNG plots."""
@@ -159,6 +171,8 @@ def run_cmd(
             raise click.ClickException(str(exc)) from None
         # per-run ratios need a few runs for their spread to mean anything
         plan = dataclasses.replace(plan, runs=max(plan.runs, plan_mod.BASELINE_MIN_RUNS))
+    if runs_opt is not None:
+        plan = dataclasses.replace(plan, runs=runs_opt)
     out = out_opt or RESULTS_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
 
     atexit.register(procs.stop_all)

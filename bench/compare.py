@@ -5,18 +5,23 @@ baseline's, run by run, so run *i* of both sides saw the same machine. The ratio
 of a metric is taken per run (working tree / REV) and summarized as the median
 with [min–max] over runs.
 
-Noise band: the ratios of one comparison scatter by the noise that pairing does not
-cancel (other work on the host comes and goes within a second). How far the median
-ratio can stray by that scatter alone is read off the ratios themselves, without
-assuming a distribution: with n ratios sorted, the k-th smallest and k-th largest
-bound the true median with confidence 1 - 2·P(Binomial(n, ½) < k) (the sign test),
-and k is the largest with at least ``CONFIDENCE``. With 5 runs that interval is
-[min, max] (94 %); with 8, the 2nd smallest to 2nd largest (93 %). The band is the
-distance from the median to the interval's end on the "worse" side, at least
-``NOISE_FLOOR``; a median worse than 1.0 by more than the band (so: every ratio
-inside the interval is worse than 1.0, and by more than the floor) is a
-*regression*, anything else *no regression*. Running ``--baseline`` against the
-checked-out commit itself shows the band this machine gives (bench/README.md).
+Noise band: the ratios of one comparison scatter by the noise that pairing does
+not cancel (other work on the host comes and goes within a second). How far the
+median ratio can stray by that scatter alone is read off the ratios themselves,
+without assuming a distribution: with n ratios sorted, the k-th smallest and k-th
+largest bound the true median with confidence 1 - 2·P(Binomial(n, ½) < k) (the
+sign test), k the largest with at least ``CONFIDENCE`` (99 %). With 8 to 11 runs
+that interval is [min, max] (99.2 % with 8); with 16, the 3rd smallest to the 3rd
+largest. The band is the distance from the median to the interval's end on the
+"worse" side, at least ``NOISE_FLOOR``. A median worse than 1.0 by more than the
+band (the whole interval worse than 1.0 -- with 8 runs, every run -- and the
+median by more than the floor) is a *regression*, anything else *no regression*.
+
+99 % rather than 90 %: a report holds ~20 verdicts, and on a shared machine the
+noise comes in bursts longer than one run (runs are not independent): a run of the
+same code on both sides, judged at 90 %, called 2 of 20 metrics a regression.
+``--baseline`` against the checked-out commit itself shows the band this machine
+gives (bench/README.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 from bench import stats
 
 NOISE_FLOOR = 0.02  # the smallest band: a 2 % median shift is never called a regression
-CONFIDENCE = 0.90  # of the median's interval (5 paired runs are the fewest that reach it)
+CONFIDENCE = 0.99  # of the median's interval (8 paired runs are the fewest that reach it)
 
 Run = dict[str, Any]
 
@@ -128,7 +133,8 @@ def verdict(ratios: list[float], higher_is_better: bool, floor: float = NOISE_FL
     band, band_better = noise_band(ratios, higher_is_better, floor)
     med = s["median"]
     if math.isnan(band):
-        text = f"undecided: {n} runs (5 needed)"
+        need = next(m for m in range(1, 100) if not math.isnan(median_interval([1.0] * m)[0]))
+        text = f"undecided: {n} runs ({need} needed)"
         return Verdict(med, s["min"], s["max"], n, lo, hi, band, False, text)
     worse_by = (1.0 - med) if higher_is_better else (med - 1.0)
     if worse_by > band:

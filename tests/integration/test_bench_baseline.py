@@ -13,7 +13,7 @@ import pytest
 from bench import compare, plan, report, runner
 from bench.systems.mrpc_systems import Mrpc
 
-TINY = dataclasses.replace(plan.QUICK, runs=5, lat_duration=0.05, warmup=0.02)
+TINY = dataclasses.replace(plan.QUICK, runs=8, lat_duration=0.05, warmup=0.02)
 
 
 def test_baseline_head_runs_both_trees_alternating(
