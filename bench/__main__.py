@@ -109,7 +109,7 @@ def list_cmd() -> None:
     type=click.IntRange(1, 100),
     default=None,
     help=(
-        "Measured windows per case (default 3; with --baseline at least 8). More runs "
+        "Measured windows per case (default 3; with --baseline at least 12). More runs "
         "narrow the --baseline noise band on a busy machine."
     ),
 )
