@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench import procs
 from bench.plan import REPLY_SIZE, Plan
 from bench.runner import MAX_RESTARTS, CaseError, CaseRun, _brief, _role_rss, run_system
 from bench.systems import StartContext, System, Unavailable
@@ -43,8 +44,10 @@ class _Side:
         try:
             self.system.check()
         except Unavailable as exc:
-            self.rec.update(status="skipped", reason=str(exc))
-            self.progress(f"{self.cls.name}: skipped: {exc}")
+            # a twin that cannot run REV's code (or would run other code) is a failure
+            status = "skipped" if self.cls.code_root == procs.REPO_ROOT else "failed"
+            self.rec.update(status=status, reason=str(exc))
+            self.progress(f"{self.cls.name}: {status}: {exc}")
             return False
         check = getattr(self.system, "import_check", None)
         if check is not None:
