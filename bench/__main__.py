@@ -2,6 +2,8 @@
 
 python -m bench install                      # pip install -e '.[bench]'
 python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--install]
+                     [--baseline REV]           # also run mrpc@REV, windows alternating
+                     [--runs N]                 # measured windows per case
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
 """
@@ -9,6 +11,7 @@ python -m bench list                         # systems and whether they can run
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -89,6 +92,27 @@ def list_cmd() -> None:
     default="",
     help="Comma-separated workloads: latency, rate, goodput, qos (default: all).",
 )
+@click.option(
+    "--baseline",
+    "baseline_rev",
+    default=None,
+    metavar="REV",
+    help=(
+        "Also run every mrpc system with the code of git revision REV (HEAD~1, a hash, a "
+        "branch) as NAME@REV, windows alternating with the working tree's, and report "
+        "working tree / REV ratios with a verdict per metric."
+    ),
+)
+@click.option(
+    "--runs",
+    "runs_opt",
+    type=click.IntRange(1, 100),
+    default=None,
+    help=(
+        "Measured windows per case (default 3; with --baseline at least 12). More runs "
+        "narrow the --baseline noise band on a busy machine."
+    ),
+)
 @click.option("-v", "--verbose", is_flag=True)
 def run_cmd(
     quick: bool,
@@ -96,6 +120,8 @@ def run_cmd(
     out_opt: Path | None,
     do_install: bool,
     workloads_opt: str,
+    baseline_rev: str | None,
+    runs_opt: int | None,
     verbose: bool,
 ) -> None:
     """Run the benchmarks and write results.json, results.md and PNG plots."""
@@ -136,6 +162,17 @@ def run_cmd(
     else:
         names = list(table)
     plan = plan_mod.QUICK if quick else plan_mod.FULL
+    if baseline_rev is not None:
+        from bench import baseline
+
+        try:
+            baseline.resolve(baseline_rev)
+        except baseline.BaselineError as exc:
+            raise click.ClickException(str(exc)) from None
+        # per-run ratios need a few runs for their spread to mean anything
+        plan = dataclasses.replace(plan, runs=max(plan.runs, plan_mod.BASELINE_MIN_RUNS))
+    if runs_opt is not None:
+        plan = dataclasses.replace(plan, runs=runs_opt)
     out = out_opt or RESULTS_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
 
     atexit.register(procs.stop_all)
@@ -155,7 +192,7 @@ def run_cmd(
         f"({', '.join(workloads)}) -> {out}"
     )
     try:
-        results = runner.run(plan, names, out, progress, workloads)
+        results = runner.run(plan, names, out, progress, workloads, baseline_rev)
     except KeyboardInterrupt:
         procs.stop_all()
         raise click.ClickException("interrupted; partial results in " + str(out)) from None

@@ -14,6 +14,9 @@ REPLY_SIZE = 8
 RATE_TARGET_CONC = 64
 GOODPUT_TARGET_SIZE = 8 * MIB
 MAX_CALLS = 2_000_000  # per window and client; every window is bounded in count and time
+# runs per case with --baseline: from 12 runs on, the noise band ignores the one most extreme
+# run on each side (bench/compare.py), so one window starved by other work does not set it
+BASELINE_MIN_RUNS = 12
 
 
 @dataclass(frozen=True)

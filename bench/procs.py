@@ -35,11 +35,12 @@ ALL_CPUS: frozenset[int] = frozenset(os.sched_getaffinity(0))
 _live: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a bench child: repo root importable, unbuffered output."""
+def child_env(extra: dict[str, str] | None = None, root: Path = REPO_ROOT) -> dict[str, str]:
+    """Environment for a bench child: the code tree ``root`` (the working tree, or a
+    baseline checkout: bench/baseline.py) first on the path, unbuffered output."""
     env = dict(os.environ)
     path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + path if path else "")
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("GRPC_VERBOSITY", "ERROR")
     if extra:
@@ -79,8 +80,10 @@ def spawn(
     stdin_pipe: bool = False,
     stdout_pipe: bool = False,
     env: dict[str, str] | None = None,
+    root: Path = REPO_ROOT,
 ) -> Proc:
-    """Start ``argv`` in a new session; stderr (and stdout unless piped) go to a log."""
+    """Start ``argv`` in a new session, in the code tree ``root`` (its cwd and first on its
+    path); stderr (and stdout unless piped) go to a log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}.log"
     logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -95,8 +98,8 @@ def spawn(
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else logf,
             stderr=logf,
-            cwd=REPO_ROOT,
-            env=env if env is not None else child_env(),
+            cwd=root,
+            env=env if env is not None else child_env(root=root),
             start_new_session=True,
         )
     finally:

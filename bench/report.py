@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import stats
+from bench import compare, stats
 from bench.plan import GOODPUT_TARGET_SIZE, LATENCY_REQ, RATE_REQ, RATE_TARGET_CONC, REPLY_SIZE
 
 COLORS = {
@@ -649,6 +649,10 @@ def markdown(results: dict[str, Any]) -> str:
             out.extend([intro, ""])
         out.extend([*body, ""])
 
+    base_sec = compare.section(results)
+    if base_sec:
+        bl = results["baseline"]
+        section(f"Baseline: working tree vs `{bl['rev']}`", None, base_sec)
     section(
         "Targets",
         (

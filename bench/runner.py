@@ -12,6 +12,7 @@ thread by thread and unpinned afterwards).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
-from bench import procs, stats
+from bench import baseline, procs, stats
+from bench.baseline import wrong_code
 from bench.plan import MAX_CALLS, REPLY_SIZE, Case, Plan
 from bench.systems import EXPERIMENTS, WORKLOADS, StartContext, System, Unavailable, registry
 
@@ -77,18 +79,25 @@ class Workers:
             [(f"client-{safe}-{i}", config) for i in range(case.clients)],
             log_dir,
             PINNED_CPUS if case.mode == "pinned" else None,
+            system.code_root,
         )
 
     @classmethod
     def of(
-        cls, specs: list[tuple[str, dict[str, Any]]], log_dir: Path, cpus: Any = None
+        cls,
+        specs: list[tuple[str, dict[str, Any]]],
+        log_dir: Path,
+        cpus: Any = None,
+        root: Path = procs.REPO_ROOT,
     ) -> Workers:
         """Worker processes with different configs: ``(role, {"driver", "server", "case"})``."""
         self = cls.__new__(cls)
-        self._spawn(specs, log_dir, cpus)
+        self._spawn(specs, log_dir, cpus, root)
         return self
 
-    def _spawn(self, specs: list[tuple[str, dict[str, Any]]], log_dir: Path, cpus: Any) -> None:
+    def _spawn(
+        self, specs: list[tuple[str, dict[str, Any]]], log_dir: Path, cpus: Any, root: Path
+    ) -> None:
         self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         self.procs: list[procs.Proc] = []
         for i, (role, config) in enumerate(specs):
@@ -99,6 +108,7 @@ class Workers:
                 cpus=cpus,
                 stdin_pipe=True,
                 stdout_pipe=True,
+                root=root,
             )
             self.procs.append(p)
             threading.Thread(target=self._reader, args=(i, p), daemon=True).start()
@@ -217,63 +227,107 @@ def _role_rss(pids: dict[int, str]) -> dict[str, int]:
     return out
 
 
+class CaseRun:
+    """One case of one system: :meth:`open` starts its clients, each :meth:`measure` runs
+    one window (so two systems' windows can alternate: bench/paired.py), :meth:`close`
+    stops the clients and summarizes."""
+
+    def __init__(
+        self, system: System, server_info: dict[str, Any], case: Case, plan: Plan, log_dir: Path
+    ) -> None:
+        self.system, self.server_info, self.case, self.plan = system, server_info, case, plan
+        self.log_dir = log_dir
+        self.cpus = PINNED_CPUS if case.mode == "pinned" else sorted(procs.ALL_CPUS)
+        self.duration = plan.duration(case)
+        self.record: dict[str, Any] = {"case": case.to_json(), "runs": []}
+        self.workers: Workers | None = None
+
+    def open(self) -> None:
+        """Start the clients and wait until they are connected; CaseError otherwise."""
+        if self.case.mode == "pinned":
+            _set_affinity(self.system.accounted(), self.cpus)
+        self.workers = Workers(self.system, self.server_info, self.case, self.log_dir)
+        ready = self.workers.expect("ready", READY_TIMEOUT_S)
+        for i, r in enumerate(ready):
+            code = (r.get("info") or {}).get("code")
+            problem = wrong_code(code, self.system.code_root) if code is not None else None
+            if problem:
+                raise CaseError(f"client {i} {problem}")
+        self.record["client_info"] = ready[0].get("info", {})
+        self.record["client_idle_rss_kib"] = max(r.get("rss_kib") or 0 for r in ready)
+        self.system.on_clients_ready(ready)
+        if self.case.mode == "pinned":  # threads a hook may have started
+            procs.set_affinity_all_threads(self.system.accounted(), self.cpus)
+
+    def measure(self, run: int) -> dict[str, Any]:
+        """One warm-up and measured window; its record (also kept in ``self.record``)."""
+        assert self.workers is not None, "open() first"
+        workers, plan, duration = self.workers, self.plan, self.duration
+        _settle()
+        workers.send(
+            {
+                "cmd": "run",
+                "duration": duration,
+                "warmup": plan.warmup,
+                "max_calls": MAX_CALLS,
+                "cdf": self.case.workload == "latency",
+            }
+        )
+        workers.expect("warm", duration + plan.warmup + 60.0)
+        server_pids = self.system.accounted()
+        watched = dict(server_pids) | {pid: "client-app" for pid in workers.pids()}
+        with RssSampler(watched, plan.sample_interval) as sampler:
+            snap0 = procs.cpu_snapshot(server_pids)
+            busy0 = procs.host_busy_s()
+            t0 = time.monotonic()
+            workers.send({"cmd": "go"})
+            results = workers.expect("result", duration + 60.0)
+            snap1 = procs.cpu_snapshot(server_pids)
+            busy1 = procs.host_busy_s()
+            wall = time.monotonic() - t0
+        rec = _run_record(
+            run, results, server_pids, snap0, snap1, wall, sampler.by_role(), self.case
+        )
+        # CPU the host spent on processes that are not part of this case (other work on
+        # the machine disturbs the figures; the report warns when it is large).
+        rec["host_busy_s"] = busy1 - busy0
+        rec["foreign_cpu_s"] = max(0.0, busy1 - busy0 - sum(rec["cpu_s"].values()))
+        rec["started"] = t0
+        self.record["runs"].append(rec)
+        return rec
+
+    def fail(self, exc: CaseError) -> None:
+        self.record.setdefault("error", str(exc))
+
+    @property
+    def failed(self) -> bool:
+        return "error" in self.record
+
+    def close(self) -> dict[str, Any]:
+        """Stop the clients, unpin, summarize; the case's raw record."""
+        try:
+            if self.workers is not None:
+                self.workers.close()
+        finally:
+            if self.case.mode == "pinned":
+                _set_affinity(self.system.accounted(), sorted(procs.ALL_CPUS))
+        self.record["summary"] = summarize_case(self.record)
+        return self.record
+
+
 def run_case(
     system: System, server_info: dict[str, Any], case: Case, plan: Plan, log_dir: Path
 ) -> dict[str, Any]:
     """Run every repeat of one case; return its raw record."""
-    server_pids = system.accounted()
-    cpus = PINNED_CPUS if case.mode == "pinned" else sorted(procs.ALL_CPUS)
-    if case.mode == "pinned":
-        _set_affinity(server_pids, cpus)
-    workers = Workers(system, server_info, case, log_dir)
-    record: dict[str, Any] = {"case": case.to_json(), "runs": []}
-    duration = plan.duration(case)
+    cr = CaseRun(system, server_info, case, plan, log_dir)
     try:
-        ready = workers.expect("ready", READY_TIMEOUT_S)
-        record["client_info"] = ready[0].get("info", {})
-        record["client_idle_rss_kib"] = max(r.get("rss_kib") or 0 for r in ready)
-        system.on_clients_ready(ready)
-        server_pids = system.accounted()
-        if case.mode == "pinned":  # threads a hook may have started
-            procs.set_affinity_all_threads(server_pids, cpus)
-        _settle()
+        cr.open()
         for run in range(plan.runs):
-            workers.send(
-                {
-                    "cmd": "run",
-                    "duration": duration,
-                    "warmup": plan.warmup,
-                    "max_calls": MAX_CALLS,
-                    "cdf": case.workload == "latency",
-                }
-            )
-            workers.expect("warm", duration + plan.warmup + 60.0)
-            server_pids = system.accounted()
-            watched = dict(server_pids) | {pid: "client-app" for pid in workers.pids()}
-            with RssSampler(watched, plan.sample_interval) as sampler:
-                snap0 = procs.cpu_snapshot(server_pids)
-                busy0 = procs.host_busy_s()
-                t0 = time.monotonic()
-                workers.send({"cmd": "go"})
-                results = workers.expect("result", duration + 60.0)
-                snap1 = procs.cpu_snapshot(server_pids)
-                busy1 = procs.host_busy_s()
-                wall = time.monotonic() - t0
-            rec = _run_record(
-                run, results, server_pids, snap0, snap1, wall, sampler.by_role(), case
-            )
-            # CPU the host spent on processes that are not part of this case (other work on
-            # the machine disturbs the figures; the report warns when it is large).
-            rec["host_busy_s"] = busy1 - busy0
-            rec["foreign_cpu_s"] = max(0.0, busy1 - busy0 - sum(rec["cpu_s"].values()))
-            record["runs"].append(rec)
+            cr.measure(run)
     except CaseError as exc:
-        record["error"] = str(exc)
+        cr.fail(exc)
     finally:
-        workers.close()
-        if case.mode == "pinned":
-            _set_affinity(system.accounted(), sorted(procs.ALL_CPUS))
-    record["summary"] = summarize_case(record)
+        record = cr.close()
     return record
 
 
@@ -524,7 +578,10 @@ def run(
     out_dir: Path,
     progress: Any,
     workloads: tuple[str, ...] = ALL_WORKLOADS,
+    baseline_rev: str | None = None,
 ) -> dict[str, Any]:
+    """Run the systems ``names``; with ``baseline_rev`` every system that runs mrpc's code
+    is paired with its ``NAME@REV`` twin (bench/baseline.py, bench/paired.py)."""
     table = registry()
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -542,11 +599,28 @@ def run(
     }
     scratch = Path(tempfile.mkdtemp(prefix="mrpc-bench-"))
     try:
-        for name in names:
-            results["systems"][name] = run_system(
-                table[name], plan, out_dir, scratch, progress, workloads
-            )
-            _write(out_dir, results)  # keep partial results if a later system hangs
+        with contextlib.ExitStack() as stack:
+            co = None
+            if baseline_rev is not None:
+                co = stack.enter_context(baseline.checkout(baseline_rev))
+                results["baseline"] = _baseline_info(co, progress)
+            for name in names:
+                cls = table[name]
+                if co is not None and cls.has_baseline:
+                    from bench import paired
+
+                    twin = baseline.twin(cls, co)
+                    mine, theirs = paired.run_pair(
+                        cls, twin, plan, out_dir, scratch, progress, workloads
+                    )
+                    results["systems"][name] = mine
+                    results["systems"][twin.name] = theirs
+                    results["baseline"]["pairs"].append([name, twin.name])
+                else:
+                    results["systems"][name] = run_system(
+                        cls, plan, out_dir, scratch, progress, workloads
+                    )
+                _write(out_dir, results)  # keep partial results if a later system hangs
     finally:
         procs.stop_all()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -564,6 +638,20 @@ def run(
         progress(f"warning: left in /dev/shm after the run: {leftovers}")
     _write(out_dir, results)
     return results
+
+
+def _baseline_info(co: baseline.Checkout, progress: Any) -> dict[str, Any]:
+    """The checkout, and where the working tree's and the baseline's processes import from."""
+    info: dict[str, Any] = co.to_json() | {"pairs": [], "imports": {}}
+    for label, root in (("working tree", procs.REPO_ROOT), (co.rev, co.root)):
+        try:
+            info["imports"][label] = baseline.check_tree(root)["files"]
+        except Unavailable as exc:
+            info["imports"][label] = {"error": str(exc)}
+    progress(f"baseline {co.rev} = {co.commit[:12]}, checked out in {co.root}")
+    for label, files in info["imports"].items():
+        progress(f"  {label}: " + ", ".join(f"{k} from {v}" for k, v in files.items()))
+    return info
 
 
 def _write(out_dir: Path, results: dict[str, Any]) -> None:

@@ -45,6 +45,10 @@ class System:
     workloads: ClassVar[tuple[str, ...]] = WORKLOADS
     experiments: ClassVar[tuple[str, ...]] = ()
     has_bind_time: ClassVar[bool] = False
+    # The code tree every process of this system runs: the working tree, or a baseline
+    # revision's checkout (bench/baseline.py) for the ``NAME@REV`` twins.
+    code_root: ClassVar[Path] = procs.REPO_ROOT
+    has_baseline: ClassVar[bool] = False  # runs mrpc's code: --baseline adds a NAME@REV twin
 
     def __init__(self) -> None:
         self.procs: list[procs.Proc] = []
@@ -103,7 +107,7 @@ class System:
             str(ctx.lifetime_s),
             *args,
         )
-        proc = procs.spawn(role, argv, log_dir=ctx.log_dir)
+        proc = procs.spawn(role, argv, log_dir=ctx.log_dir, root=self.code_root)
         self.procs.append(proc)
         return procs.wait_for_json(ready, timeout, proc)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs, stats
+from bench.baseline import loaded_code, wrong_code
 from bench.clients import run_inline, run_tasks
 from bench.systems import StartContext, System, Unavailable, watch_parent
 
@@ -58,8 +59,12 @@ def _api_problem() -> str | None:
     return None
 
 
-def start_daemon(role: str, prefix: Path, log_dir: Path) -> tuple[procs.Proc, dict[str, Any]]:
-    """``python -m mrpcd run --prefix PREFIX --listen 127.0.0.1:0``; waits for mrpcd.json."""
+def start_daemon(
+    role: str, prefix: Path, log_dir: Path, root: Path = procs.REPO_ROOT
+) -> tuple[procs.Proc, dict[str, Any]]:
+    """``python -m mrpcd run --prefix PREFIX --listen 127.0.0.1:0`` with the code in ``root``;
+    waits for mrpcd.json. The schema cache is ``PREFIX/cache`` whatever MRPC_CACHE_DIR says:
+    daemons of different code trees never share generated code."""
     prefix.mkdir(parents=True, exist_ok=True)
     state = prefix / "mrpcd.json"
     state.unlink(missing_ok=True)
@@ -67,6 +72,8 @@ def start_daemon(role: str, prefix: Path, log_dir: Path) -> tuple[procs.Proc, di
         role,
         procs.python_argv("mrpcd", "run", "--prefix", str(prefix), "--listen", "127.0.0.1:0"),
         log_dir=log_dir,
+        env=procs.child_env({"MRPC_CACHE_DIR": str(prefix / "cache")}, root=root),
+        root=root,
     )
     try:
         info = procs.wait_for_json(state, DAEMON_START_TIMEOUT_S, proc)
@@ -78,8 +85,9 @@ def start_daemon(role: str, prefix: Path, log_dir: Path) -> tuple[procs.Proc, di
     return proc, info
 
 
-def mrpcctl(prefix: Path, *args: str, timeout: float = 30.0) -> str:
-    """Run ``mrpcctl --prefix PREFIX ARGS`` (as ``python -m mrpcd.ctl``); raise on failure."""
+def mrpcctl(prefix: Path, *args: str, timeout: float = 30.0, root: Path = procs.REPO_ROOT) -> str:
+    """Run ``mrpcctl --prefix PREFIX ARGS`` (``mrpcd.ctl`` of the code in ``root``); raise on
+    failure."""
     argv = [
         sys.executable,
         "-c",
@@ -94,8 +102,8 @@ def mrpcctl(prefix: Path, *args: str, timeout: float = 30.0) -> str:
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=procs.REPO_ROOT,
-        env=procs.child_env(),
+        cwd=root,
+        env=procs.child_env(root=root),
     )
     if out.returncode != 0:
         raise RuntimeError(
@@ -126,7 +134,7 @@ def serve_mrpc(args: argparse.Namespace, extra: list[str], ready: Callable[..., 
     server = _make(libmrpc.Server, prefix=opts.prefix, name="bench-server", inline=True)
     server.add_servicer(Echo())
     server.start()
-    ready({"prefix": opts.prefix})
+    ready({"prefix": opts.prefix, "code": loaded_code()})
     try:
         watch_parent(args.lifetime)
     finally:
@@ -165,7 +173,7 @@ class MrpcClient:
         self.channel = _make(libmrpc.connect, target=self.target, prefix=self.prefix, name=name)
         self.stub = self.echo.EchoStub(self.channel)
         self.stub.Echo(self.echo.EchoRequest(payload=b"hello"), timeout=FIRST_CALL_TIMEOUT_S)
-        return {"app": name}
+        return {"app": name, "code": loaded_code()}
 
     def window(self, conc: int, req_size: int, duration: float, max_calls: int) -> Any:
         req = self.echo.EchoRequest(payload=b"x" * req_size)
@@ -232,7 +240,7 @@ def bind_probe(argv: list[str]) -> None:
     )
 
 
-def _run_probe(target: str, prefix: Path) -> dict[str, Any]:
+def _run_probe(target: str, prefix: Path, root: Path = procs.REPO_ROOT) -> dict[str, Any]:
     code = "import sys; from bench.systems.mrpc_systems import bind_probe; bind_probe(sys.argv[1:])"
     out = subprocess.run(
         [sys.executable, "-c", code, target, str(prefix)],
@@ -240,8 +248,8 @@ def _run_probe(target: str, prefix: Path) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=procs.REPO_ROOT,
-        env=procs.child_env(),
+        cwd=root,
+        env=procs.child_env(root=root),
     )
     if out.returncode != 0:
         raise RuntimeError(f"bind probe failed ({out.returncode}): {out.stderr.strip()[-800:]}")
@@ -259,6 +267,7 @@ class Mrpc(System):
     )
     driver = "bench.systems.mrpc_systems:MrpcClient"
     has_bind_time = True
+    has_baseline = True
     experiments = ("qos",)
     policy: str | None = None  # attached on both daemons to every app (--all --future)
     # (engine, --set pairs): attached on daemon A to the client app, send side
@@ -272,16 +281,19 @@ class Mrpc(System):
     def start(self, ctx: StartContext) -> dict[str, Any]:
         self.ctx = ctx
         self.dir_a, self.dir_b = ctx.workdir / "A", ctx.workdir / "B"
-        proc_b, info_b = start_daemon("mrpcd-B", self.dir_b, ctx.log_dir)
+        proc_b, info_b = start_daemon("mrpcd-B", self.dir_b, ctx.log_dir, self.code_root)
         self.procs.append(proc_b)
-        proc_a, info_a = start_daemon("mrpcd-A", self.dir_a, ctx.log_dir)
+        proc_a, info_a = start_daemon("mrpcd-A", self.dir_a, ctx.log_dir, self.code_root)
         self.procs.append(proc_a)
         self.target = info_b["listen"]
         attached = self.attach_policy() if self.policy else []
         if self.client_policy:
             attached.append(self.attach_client_policy())
         self.policy_check: dict[str, Any] | None = None
-        self.start_server(ctx, "mrpc", "server-app", "--prefix", str(self.dir_b))
+        ready = self.start_server(ctx, "mrpc", "server-app", "--prefix", str(self.dir_b))
+        problem = wrong_code(ready.get("code", {}), self.code_root)
+        if problem:
+            raise RuntimeError(f"the server app {problem}")
         return {
             "target": self.target,
             "prefix": str(self.dir_a),
@@ -290,12 +302,22 @@ class Mrpc(System):
             "daemon_b": info_b,
             "policy": self.policy or (self.client_policy[0] if self.client_policy else None),
             "policy_attach": attached,
+            "cache_dirs": [str(self.dir_a / "cache"), str(self.dir_b / "cache")],
+            "code_root": str(self.code_root),
         }
 
     def attach_policy(self) -> list[str]:
         """Attach ``self.policy`` on both daemons to every app, present and future."""
         return [
-            mrpcctl(prefix, "policy", "attach", str(self.policy), "--all", "--future").strip()
+            mrpcctl(
+                prefix,
+                "policy",
+                "attach",
+                str(self.policy),
+                "--all",
+                "--future",
+                root=self.code_root,
+            ).strip()
             for prefix in (self.dir_a, self.dir_b)
         ]
 
@@ -307,7 +329,7 @@ class Mrpc(System):
         argv = ["policy", "attach", engine, "--app", CLIENT_APP, "--side", "send", "--future"]
         for pair in sets:
             argv += ["--set", pair]
-        return mrpcctl(self.dir_a, *argv).strip()
+        return mrpcctl(self.dir_a, *argv, root=self.code_root).strip()
 
     def on_clients_ready(self, client_infos: list[dict[str, Any]]) -> None:
         """Once per system: check on daemon A that every client app has the engine."""
@@ -315,8 +337,8 @@ class Mrpc(System):
             return
         engine = self.client_policy[0]
         try:
-            listing = json.loads(mrpcctl(self.dir_a, "list", "--json"))
-            counters = json.loads(mrpcctl(self.dir_a, "stats", "--json"))
+            listing = json.loads(mrpcctl(self.dir_a, "list", "--json", root=self.code_root))
+            counters = json.loads(mrpcctl(self.dir_a, "stats", "--json", root=self.code_root))
         except Exception as exc:  # noqa: BLE001 - reported, the case still runs
             self.policy_check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             return
@@ -366,8 +388,10 @@ class Mrpc(System):
                     if phase == "cached" and proc is not None:  # restart on the warm prefix
                         procs.stop(proc)
                     if phase != "warm daemon":
-                        proc, _ = start_daemon(f"mrpcd-bind-{i}", prefix, ctx.log_dir)
-                    samples[phase].append(_run_probe(self.target, prefix))
+                        proc, _ = start_daemon(
+                            f"mrpcd-bind-{i}", prefix, ctx.log_dir, self.code_root
+                        )
+                    samples[phase].append(_run_probe(self.target, prefix, self.code_root))
             except Exception as exc:  # noqa: BLE001 - reported in the results
                 error = f"{type(exc).__name__}: {exc}"
                 break
