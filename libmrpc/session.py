@@ -123,7 +123,7 @@ class Call:
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
         self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
-        self.trailing: Any = ()  # the server's trailing metadata
+        self.trailing: Any = ()  # the server's metadata (md.ReplyMetadata if it sent initial)
         self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
@@ -353,12 +353,13 @@ class Session:
             return msg
         return copy_message(msg, self.send_heap)
 
-    def _metadata_block(self, metadata: Any) -> SendBlock | None:
-        """The call's metadata encoded in the send heap (None when there is none)."""
-        if not metadata:
+    def _metadata_block(self, metadata: Any, initial: Any = None) -> SendBlock | None:
+        """The metadata block in the send heap (None when there is none): a call's
+        metadata, or a reply's trailing and ``initial`` metadata."""
+        if not metadata and not initial:
             return None
         try:
-            block = md.encode(metadata)
+            block = md.encode(metadata or (), initial or ())
         except md.MetadataError as e:
             raise RpcError(e.status, f"cannot send metadata: {e}") from None
         owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
@@ -440,8 +441,9 @@ class Session:
         status: StatusCode = StatusCode.OK,
         details: str = "",
         trailing: Any = None,
+        initial: Any = None,
     ) -> None:
-        block = self._metadata_block(trailing)
+        block = self._metadata_block(trailing, initial)
         md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
             reply = self._own(reply)
@@ -587,7 +589,7 @@ class Session:
                     if call is not None:
                         err = RpcError(StatusCode(status), details)
                         if trailing:
-                            err._trailing = trailing  # type: ignore[attr-defined]
+                            err._initial, err._trailing = md.split(trailing)  # type: ignore[attr-defined]
                         self._finish(call, None, err)
             elif kind == CMP_REQUEST:
                 server = self.server
@@ -598,8 +600,8 @@ class Session:
                     )
                 else:
                     metadata: md.Metadata = ()
-                    if flags & CMPF_METADATA:
-                        metadata = self._read_metadata(_conn << 3)
+                    if flags & CMPF_METADATA:  # a call's block has no initial section
+                        _, metadata = md.split(self._read_metadata(_conn << 3))
                     server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)
