@@ -353,13 +353,16 @@ class Session:
             return msg
         return copy_message(msg, self.send_heap)
 
-    def _metadata_block(self, metadata: Any, initial: Any = None) -> SendBlock | None:
-        """The metadata block in the send heap (None when there is none): a call's
-        metadata, or a reply's trailing and ``initial`` metadata."""
-        if not metadata and not initial:
+    def _metadata_block(self, metadata: Any) -> SendBlock | None:
+        """The call's (or reply's trailing) metadata in the send heap (None when none)."""
+        if not metadata:
             return None
+        return self._heap_block(metadata)
+
+    def _heap_block(self, metadata: Any, initial: Any = ()) -> SendBlock:
+        """The block of ``metadata`` (and a reply's ``initial``) in the send heap."""
         try:
-            block = md.encode(metadata or (), initial or ())
+            block = md.encode(metadata, initial)
         except md.MetadataError as e:
             raise RpcError(e.status, f"cannot send metadata: {e}") from None
         owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
@@ -443,7 +446,10 @@ class Session:
         trailing: Any = None,
         initial: Any = None,
     ) -> None:
-        block = self._metadata_block(trailing, initial)
+        if not initial:  # the handler sent no initial metadata (nearly always)
+            block = self._metadata_block(trailing)
+        else:
+            block = self._heap_block(trailing or (), initial)
         md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
             reply = self._own(reply)
