@@ -353,11 +353,11 @@ class Frontend(FrontendEngine):
         if md_off:
             try:
                 trailing = self._metadata(md_off)
-            except md.MetadataError as e:
-                code, details = (
-                    StatusCode.INTERNAL,
-                    (f"server app {app.name!r} returned bad trailing metadata: {e}"),
+            except md.MetadataError as e:  # as gRPC: too large is RESOURCE_EXHAUSTED
+                code = (
+                    e.status if e.status is StatusCode.RESOURCE_EXHAUSTED else StatusCode.INTERNAL
                 )
+                details = f"server app {app.name!r} returned bad metadata with its reply: {e}"
         reply = Rpc(
             RpcKind.REPLY,
             app.name,

@@ -147,7 +147,8 @@ SUB_RELEASE = 3  # off = receive-heap block the app no longer reads
 SUB_CANCEL = 4  # call_id: the caller gave up (deadline/cancel); the daemon still completes it once
 # submit flags
 SUBF_METADATA = 1  # SUB_CALL: length = send-heap offset of the call's metadata block;
-#                   SUB_REPLY: deadline_ns = send-heap offset of the trailing metadata block
+#                   SUB_REPLY: deadline_ns = send-heap offset of the reply's metadata block
+#                   (trailing, and initial when sent: libmrpc/metadata.py)
 
 # completion ring (daemon -> app)
 CMP_REPLY = 1  # call_id, status; off/length = image (OK) or details text (error) in receive heap
@@ -158,4 +159,4 @@ CMP_CANCEL = 4  # call_id=server token: the caller cancelled the call (its reply
 CMPF_DUPLICATE = 1  # CMP_REPLY refusing a SUB_CALL whose call_id was already in flight: it
 #                     is not the outcome of the call that holds that id
 CMPF_METADATA = 2  # CMP_REQUEST / CMP_REPLY: conn = receive-heap offset / 8 of the call's
-#                   (trailing) metadata block
+#                   metadata block (a reply's: trailing, and initial when sent)

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Self
@@ -44,6 +44,7 @@ class ServicerContext:
         "_code",
         "_deadline_ns",
         "_details",
+        "_initial",
         "_metadata",
         "_method",
         "_session",
@@ -62,6 +63,7 @@ class ServicerContext:
         self._metadata = metadata
         self._cancelled = False
         self._trailing: Any = None
+        self._initial: tuple[tuple[str, str | bytes], ...] | None = None  # None: not sent
         self._token = 0
         self._callbacks: list[Callable[[], Any]] | None = []
         self._method = method
@@ -122,6 +124,46 @@ class ServicerContext:
         self._callbacks.append(callback)
         return True
 
+    def send_initial_metadata(self, metadata: Any) -> Awaitable[None]:
+        """Send the server's initial metadata (gRPC headers): ``(key, value)`` pairs,
+        bytes values for ``-bin`` keys. At most once per call, before the handler
+        returns; ``await`` it in ``async def`` handlers (as with grpc.aio) or not (as
+        with grpcio): it takes effect when called.
+
+        A unary call has one response, so mrpc carries initial metadata with the reply
+        or error (also an ``abort()`` after it); the caller reads it once the call
+        completed: ``call.initial_metadata()`` of ``with_call``, ``future`` and
+        ``aio_with_call``, or ``RpcError.initial_metadata()``. mrpcd checks the key rules
+        (a break fails the call with INTERNAL at the caller: the server's fault) and
+        ``max_metadata_size``, which counts initial and trailing metadata together
+        (RESOURCE_EXHAUSTED at the caller).
+
+        Raises ValueError when initial metadata was sent already or the call has ended
+        (as grpcio: "no longer allowed"), RpcError(CANCELLED) when the caller cancelled,
+        RpcError(INVALID_ARGUMENT) for an entry that is not a (str, str | bytes) pair;
+        nothing is recorded then.
+        """
+        if self._cancelled:
+            raise RpcError(StatusCode.CANCELLED, "send_initial_metadata: the caller cancelled")
+        if self._initial is not None or self._callbacks is None:
+            raise ValueError(
+                "initial metadata no longer allowed: it was sent already or the call "
+                "has ended; send it once, before the handler returns"
+            )
+        try:
+            pairs = tuple(metadata)
+            md.encode(pairs)  # types now, in the handler; key rules are mrpcd's
+        except TypeError:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"send_initial_metadata: {type(metadata).__name__} is not a sequence of "
+                f"(key, value) pairs",
+            ) from None
+        except md.MetadataError as e:
+            raise RpcError(e.status, f"send_initial_metadata: {e}") from None
+        self._initial = pairs
+        return _SENT
+
     def set_trailing_metadata(self, metadata: Any) -> None:
         """Metadata sent back with the reply (or error): ``(key, value)`` pairs."""
         try:
@@ -146,6 +188,19 @@ class ServicerContext:
             return False
         rem = self.time_remaining()
         return rem is None or rem > 0
+
+
+class _Sent:
+    """What ``send_initial_metadata`` returns: done already, awaitable for grpc.aio code."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_SENT = _Sent()
 
 
 @dataclass
@@ -493,9 +548,11 @@ class Server:
                     ),
                 )
             else:
-                session.send_reply(token, reply, trailing=ctx._trailing)
+                session.send_reply(token, reply, trailing=ctx._trailing, initial=ctx._initial)
                 return
-            session.send_reply(token, None, code, details, trailing=ctx._trailing)
+            session.send_reply(
+                token, None, code, details, trailing=ctx._trailing, initial=ctx._initial
+            )
         except RpcError as e:
             log.warning("could not answer %s: %s", h.path, e)
         finally:

@@ -123,7 +123,7 @@ class Call:
         self.callbacks: list[Callable[[Call], None]] | None = None
         self.bg = False  # the background thread must lead until this completes
         self.metadata: Any = None  # the send-heap block of its metadata, alive until completion
-        self.trailing: Any = ()  # the server's trailing metadata
+        self.trailing: Any = ()  # the server's metadata (md.ReplyMetadata if it sent initial)
         self.cancelled = False  # the caller cancelled it (the daemon completes it with CANCELLED)
 
     def finish(self, result: Any, error: RpcError | None) -> None:
@@ -354,11 +354,15 @@ class Session:
         return copy_message(msg, self.send_heap)
 
     def _metadata_block(self, metadata: Any) -> SendBlock | None:
-        """The call's metadata encoded in the send heap (None when there is none)."""
+        """The call's (or reply's trailing) metadata in the send heap (None when none)."""
         if not metadata:
             return None
+        return self._heap_block(metadata)
+
+    def _heap_block(self, metadata: Any, initial: Any = ()) -> SendBlock:
+        """The block of ``metadata`` (and a reply's ``initial``) in the send heap."""
         try:
-            block = md.encode(metadata)
+            block = md.encode(metadata, initial)
         except md.MetadataError as e:
             raise RpcError(e.status, f"cannot send metadata: {e}") from None
         owner = SendBlock(self.send_heap, self.send_heap.alloc(len(block)))
@@ -440,8 +444,12 @@ class Session:
         status: StatusCode = StatusCode.OK,
         details: str = "",
         trailing: Any = None,
+        initial: Any = None,
     ) -> None:
-        block = self._metadata_block(trailing)
+        if not initial:  # the handler sent no initial metadata (nearly always)
+            block = self._metadata_block(trailing)
+        else:
+            block = self._heap_block(trailing or (), initial)
         md_off, flags = (block.off, SUBF_METADATA) if block is not None else (0, 0)
         if status is StatusCode.OK:
             reply = self._own(reply)
@@ -587,7 +595,7 @@ class Session:
                     if call is not None:
                         err = RpcError(StatusCode(status), details)
                         if trailing:
-                            err._trailing = trailing  # type: ignore[attr-defined]
+                            err._initial, err._trailing = md.split(trailing)  # type: ignore[attr-defined]
                         self._finish(call, None, err)
             elif kind == CMP_REQUEST:
                 server = self.server
@@ -598,8 +606,8 @@ class Session:
                     )
                 else:
                     metadata: md.Metadata = ()
-                    if flags & CMPF_METADATA:
-                        metadata = self._read_metadata(_conn << 3)
+                    if flags & CMPF_METADATA:  # a call's block has no initial section
+                        _, metadata = md.split(self._read_metadata(_conn << 3))
                     server._dispatch(call_id, method, aux, off, length, deadline_ns, metadata)
             elif kind == CMP_RECLAIM:
                 self.replies.pop(call_id, None)

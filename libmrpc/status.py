@@ -47,6 +47,11 @@ class RpcError(Exception):
     def details(self) -> str:
         return self._details
 
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The server's initial metadata (``context.send_initial_metadata`` before the
+        handler failed); empty when none, or when the error did not come from the server."""
+        return getattr(self, "_initial", ())
+
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """The server's trailing metadata sent with this error (empty when none)."""
         return getattr(self, "_trailing", ())

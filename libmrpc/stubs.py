@@ -2,7 +2,8 @@
 
 A generated module ends with ``install_services(globals())``, which adds for
 every service ``S``: ``SStub(channel)`` with one callable per method
-(``stub.M(req, timeout=...)``, ``stub.M.future(req)``, ``await stub.M.aio(req)``),
+(``stub.M(req, timeout=...)``, ``stub.M.with_call(req)``, ``stub.M.future(req)``,
+``await stub.M.aio(req)``, ``await stub.M.aio_with_call(req)``),
 ``SServicer`` (a base class whose methods answer UNIMPLEMENTED) and
 ``add_SServicer_to_server(servicer, server)``.
 """
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from libmrpc import metadata as md
 from libmrpc.status import RpcError, StatusCode
 
 
@@ -101,24 +103,63 @@ class CallFuture:
     def add_done_callback(self, fn: Any) -> None:
         self._call.add_callback(lambda _c: fn(self))  # exactly once, even racing the completion
 
+    def initial_metadata(self) -> md.Metadata:
+        """The server's initial metadata (``context.send_initial_metadata``). It arrives
+        with the reply, so this waits for the call to complete (up to its timeout);
+        empty when the server sent none or the call has not completed."""
+        self._call.wait(self._timeout)
+        return md.split(self._call.trailing)[0]
+
+    def trailing_metadata(self) -> md.Metadata:
+        """The server's trailing metadata; waits like ``initial_metadata()``."""
+        self._call.wait(self._timeout)
+        return md.split(self._call.trailing)[1]
+
 
 class CallInfo:
-    """The ``call`` of ``stub.M.with_call``: the outcome and the server's metadata."""
+    """The ``call`` of ``stub.M.with_call``: the outcome and the server's metadata.
+
+    mrpc carries the server's initial metadata with the reply (a unary call has
+    one response), so both kinds are there once the call returned.
+    """
 
     def __init__(self, call: Any) -> None:
         self._call = call
 
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return tuple(self._call.trailing)
+    def trailing_metadata(self) -> md.Metadata:
+        """What the handler passed to ``context.set_trailing_metadata()``."""
+        return md.split(self._call.trailing)[1]
 
-    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return ()  # mrpc sends the server's metadata once, with the reply
+    def initial_metadata(self) -> md.Metadata:
+        """What the handler passed to ``context.send_initial_metadata()``."""
+        return md.split(self._call.trailing)[0]
 
     def code(self) -> StatusCode:
         return StatusCode.OK if self._call.error is None else self._call.error.code()
 
     def details(self) -> str:
         return "" if self._call.error is None else self._call.error.details()
+
+
+class AioCallInfo:
+    """The ``call`` of ``await stub.M.aio_with_call``, shaped like a grpc.aio call:
+    ``await call.initial_metadata()``, ``trailing_metadata()``, ``code()``, ``details()``
+    (all complete at once: the call has returned)."""
+
+    def __init__(self, call: Any) -> None:
+        self._info = CallInfo(call)
+
+    async def initial_metadata(self) -> md.Metadata:
+        return self._info.initial_metadata()
+
+    async def trailing_metadata(self) -> md.Metadata:
+        return self._info.trailing_metadata()
+
+    async def code(self) -> StatusCode:
+        return self._info.code()
+
+    async def details(self) -> str:
+        return self._info.details()
 
 
 class UnaryUnaryMultiCallable:
@@ -178,7 +219,8 @@ class UnaryUnaryMultiCallable:
         wait_for_ready: Any = None,
     ) -> tuple[Any, CallInfo]:
         """Like calling the stub; returns ``(reply, call)`` where ``call`` gives the
-        server's ``trailing_metadata()``, ``code()`` and ``details()``."""
+        server's ``initial_metadata()``, ``trailing_metadata()``, ``code()`` and
+        ``details()``. A failed call raises RpcError, which carries both metadata too."""
         call = self._blocking(request, timeout, metadata)
         return call.result, CallInfo(call)
 
@@ -219,16 +261,43 @@ class UnaryUnaryMultiCallable:
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except asyncio.CancelledError:
-            session = self._channel._session()
-            session.cancel(call)  # the task was cancelled: so is the call
-            session.abandon(call)  # its CANCELLED completion is reaped by the reader thread
+            self._aio_cancelled(call)
             raise
         except TimeoutError:
-            self._channel._session().abandon(call)
-            raise RpcError(
-                StatusCode.DEADLINE_EXCEEDED,
-                f"{self._method.path}: deadline of {timeout}s exceeded",
-            ) from None
+            raise self._aio_timed_out(call, timeout) from None
+
+    async def aio_with_call(
+        self, request: Any, timeout: float | None = None, metadata: Any = None
+    ) -> tuple[Any, AioCallInfo]:
+        """Like ``await stub.M.aio(req)``; returns ``(reply, call)`` where ``call`` gives
+        ``await call.initial_metadata()`` and ``await call.trailing_metadata()`` as in
+        grpc.aio. A failed call raises RpcError, which carries both metadata too."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        session = self._channel._session()
+        call = self._start(
+            request, timeout, background=not session.attach_loop(loop), metadata=metadata
+        )
+        session.add_aio(loop, fut, call)
+        try:
+            reply = await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except asyncio.CancelledError:
+            self._aio_cancelled(call)
+            raise
+        except TimeoutError:
+            raise self._aio_timed_out(call, timeout) from None
+        return reply, AioCallInfo(call)
+
+    def _aio_cancelled(self, call: Any) -> None:
+        session = self._channel._session()
+        session.cancel(call)  # the task was cancelled: so is the call
+        session.abandon(call)  # its CANCELLED completion is reaped by the reader thread
+
+    def _aio_timed_out(self, call: Any, timeout: float | None) -> RpcError:
+        self._channel._session().abandon(call)
+        return RpcError(
+            StatusCode.DEADLINE_EXCEEDED, f"{self._method.path}: deadline of {timeout}s exceeded"
+        )
 
 
 def _make_stub(schema: SchemaInfo, service: str) -> type:

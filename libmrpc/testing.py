@@ -13,7 +13,9 @@ would), then handed over as a read-only received message — so a handler sees
 exactly what it would see in production, and a message that would not survive
 the wire fails here too. Handler errors become ``RpcError`` with the same
 status codes as through mrpcd. Sync, ``.future()`` and ``.aio`` calls work;
-``async def`` handlers are run to completion.
+``async def`` handlers are run to completion. Metadata is checked as mrpcd
+checks it, both ways; the handler's initial and trailing metadata come back
+through ``with_call``, ``future``, ``aio_with_call`` and ``RpcError``.
 """
 
 from __future__ import annotations
@@ -111,10 +113,13 @@ class _Session:
             except md.MetadataError as e:
                 raise RpcError(e.status, f"call to {path}: {e}") from None
             ctx = ServicerContext(path, deadline_ns, None, sent)
-            reply = fn(received, ctx) if _takes_context(fn) else fn(received)
-            call.trailing = ctx._trailing or ()
-            if inspect.isawaitable(reply):
-                reply = _run(reply)
+            try:
+                reply = fn(received, ctx) if _takes_context(fn) else fn(received)
+                if inspect.isawaitable(reply):
+                    reply = _run(reply)
+            finally:  # the reply's metadata goes back with any outcome, as through mrpcd
+                ctx._terminate()  # the call has ended: callbacks run, no more initial metadata
+                call.trailing = _reply_metadata(path, ctx)
             if ctx._code not in (None, StatusCode.OK):
                 raise RpcError(ctx._code, ctx._details)
             if not isinstance(reply, response_cls):
@@ -125,11 +130,12 @@ class _Session:
                 )
             call.finish(_wire(schema, method.response, reply), None)
         except RpcError as e:
-            call.finish(None, e)
+            call.finish(None, _with_metadata(RpcError(e.code(), e.details()), call.trailing))
         except WireError as e:
             call.finish(None, RpcError(e.status, f"{path}: {e}"))
         except Exception as e:  # noqa: BLE001 - a handler exception, as through mrpcd
-            call.finish(None, RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}"))
+            err = RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}")
+            call.finish(None, _with_metadata(err, call.trailing))
         return call
 
     def wait_call(self, call: Call, timeout: float | None) -> bool:
@@ -149,6 +155,26 @@ class _Session:
             fut.set_exception(call.error)
         else:
             fut.set_result(call.result)
+
+
+def _reply_metadata(path: str, ctx: ServicerContext) -> md.Metadata:
+    """The handler's initial and trailing metadata after mrpcd's checks (a break fails
+    the call: RESOURCE_EXHAUSTED when too large, else INTERNAL, as through mrpcd)."""
+    if not ctx._trailing and not ctx._initial:
+        return ()
+    try:
+        return md.decode(md.encode(ctx._trailing or (), ctx._initial or ()))
+    except md.MetadataError as e:
+        code = e.status if e.status is StatusCode.RESOURCE_EXHAUSTED else StatusCode.INTERNAL
+        raise RpcError(
+            code, f"handler of {path} returned bad metadata with its reply: {e}"
+        ) from None
+
+
+def _with_metadata(err: RpcError, metadata: md.Metadata) -> RpcError:
+    if metadata:
+        err._initial, err._trailing = md.split(metadata)  # type: ignore[attr-defined]
+    return err
 
 
 def _run(coro: Any) -> Any:

@@ -277,7 +277,9 @@ def test_trailing_metadata_comes_back_with_replies_and_errors(cluster: Cluster) 
     assert e.value.trailing_metadata() == (("served-by", "trailer"), ("echo-bin", b"z"))
     with pytest.raises(RpcError) as e:  # the server broke the key rules: its fault, INTERNAL
         stub.Call(testing.Request(key="badkey"), timeout=10)
-    assert e.value.code() is StatusCode.INTERNAL and "trailing metadata" in e.value.details()
+    assert (
+        e.value.code() is StatusCode.INTERNAL and "bad metadata with its reply" in e.value.details()
+    )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         used = (
@@ -361,3 +363,179 @@ def test_the_first_calls_timeout_bounds_bind_and_connect(cluster: Cluster) -> No
     assert outcome and outcome[0][0] is StatusCode.DEADLINE_EXCEEDED and outcome[0][1] < 3, outcome
     # the late bind reply is dropped; the next call binds, connects and goes through
     assert stub.Call(testing.Request(key="k2", payload=b"x"), timeout=10).payload == b"x"
+
+
+class Headers(testing.TestServicer):  # type: ignore[misc,name-defined]
+    """Sends initial metadata as ``request.key`` asks; replies with what a second send raised."""
+
+    def Call(self, request, context):  # type: ignore[no-untyped-def]
+        key = request.key
+        if key == "both":
+            context.send_initial_metadata([("initial-k", "v"), ("init-bin", b"\x00\xff")])
+            context.set_trailing_metadata([("trailing-k", "t")])
+        elif key in ("initial", "twice"):
+            context.send_initial_metadata((("only", "initial"),))
+        elif key == "abort":
+            context.send_initial_metadata([("before", "abort")])
+            context.set_trailing_metadata([("why", "abort")])
+            context.abort(StatusCode.NOT_FOUND, "asked to abort")
+        elif key == "raise":
+            context.send_initial_metadata([("before", "raise")])
+            raise ValueError("asked to raise")
+        elif key == "badkey":
+            context.send_initial_metadata([("Bad Key", "x")])
+        elif key == "reserved":
+            context.send_initial_metadata([("grpc-status", "0")])
+        elif key == "big":  # under the limit each, over it together
+            context.send_initial_metadata([("big-bin", b"i" * 5000)])
+            context.set_trailing_metadata([("big-bin", b"t" * 5000)])
+        if key == "twice":
+            try:
+                context.send_initial_metadata([("again", "x")])
+            except ValueError as e:
+                return testing.Reply(key=f"ValueError: {e}")
+        return testing.Reply(key=key)
+
+
+class AsyncHeaders(testing.TestServicer):  # type: ignore[misc,name-defined]
+    """An ``async def`` handler written as for grpc.aio: ``await context.send_initial_metadata``."""
+
+    async def Call(self, request, context):  # type: ignore[no-untyped-def]
+        await context.send_initial_metadata([("async-k", request.key)])
+        context.set_trailing_metadata([("async-t", "t")])
+        if request.key == "abort":
+            context.abort(StatusCode.FAILED_PRECONDITION, "asked to abort")
+        try:
+            await context.send_initial_metadata([("again", "x")])
+        except ValueError:
+            return testing.Reply(key="second send refused")
+        return testing.Reply(key="second send accepted")
+
+
+def headers_setup(cluster: Cluster, servicer: Any, name: str) -> tuple[Any, Any, Any, Any]:
+    a = cluster.daemon("a")
+    b = cluster.daemon("b")
+    server = libmrpc.Server(prefix=b.prefix, name=name)
+    server.add_servicer(servicer)
+    server.start()
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name=f"{name}-client"))
+    return a, b, stub, server
+
+
+def both_heaps_settle(a: Any, b: Any, client: str, server: str) -> tuple[int, int]:
+    deadline = time.monotonic() + 5
+    while True:
+        used = (
+            next(x for x in a.apps() if x["name"] == client)["recv_heap"]["used"],
+            next(x for x in b.apps() if x["name"] == server)["recv_heap"]["used"],
+        )
+        if used == (0, 0) or time.monotonic() > deadline:
+            return used
+        time.sleep(0.1)
+
+
+def test_initial_metadata_comes_back_sync_future_and_aio(cluster: Cluster) -> None:
+    import asyncio
+
+    a, b, stub, server = headers_setup(cluster, Headers(), "headers")
+    initial = (("initial-k", "v"), ("init-bin", b"\x00\xff"))
+    reply, call = stub.Call.with_call(testing.Request(key="both"), timeout=10)
+    assert reply.key == "both" and call.code() is StatusCode.OK
+    assert call.initial_metadata() == initial, call.initial_metadata()
+    assert call.trailing_metadata() == (("trailing-k", "t"),)
+    reply, call = stub.Call.with_call(testing.Request(key="initial"), timeout=10)
+    assert call.initial_metadata() == (("only", "initial"),) and call.trailing_metadata() == ()
+    reply, call = stub.Call.with_call(testing.Request(key="none"), timeout=10)
+    assert call.initial_metadata() == () and call.trailing_metadata() == ()
+    fut = stub.Call.future(testing.Request(key="both"), timeout=10)
+    assert fut.initial_metadata() == initial and fut.trailing_metadata() == (("trailing-k", "t"),)
+    assert fut.result().key == "both"
+
+    async def aio() -> tuple[Any, ...]:
+        reply, call = await stub.Call.aio_with_call(testing.Request(key="both"), timeout=10)
+        return (
+            reply.key,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.code(),
+            await call.details(),
+        )
+
+    got = asyncio.run(aio())
+    print(f"\naio_with_call: {got}")
+    assert got == ("both", initial, (("trailing-k", "t"),), StatusCode.OK, "")
+    # the second send_initial_metadata raises as in grpcio; the first one stands
+    reply, call = stub.Call.with_call(testing.Request(key="twice"), timeout=10)
+    assert reply.key.startswith("ValueError: initial metadata no longer allowed"), reply.key
+    assert call.initial_metadata() == (("only", "initial"),)
+    del reply, call, fut  # their receive-heap blocks go back to the daemon
+    assert both_heaps_settle(a, b, "headers-client", "headers") == (0, 0)
+    server.stop(0)
+
+
+def test_initial_metadata_arrives_with_errors(cluster: Cluster) -> None:
+    import asyncio
+
+    _a, _b, stub, server = headers_setup(cluster, Headers(), "headers-err")
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="abort"), timeout=10)
+    assert e.value.code() is StatusCode.NOT_FOUND and e.value.details() == "asked to abort"
+    assert e.value.initial_metadata() == (("before", "abort"),)
+    assert e.value.trailing_metadata() == (("why", "abort"),)
+    err = stub.Call.future(testing.Request(key="raise"), timeout=10).exception()
+    assert err is not None and err.code() is StatusCode.UNKNOWN, err
+    assert err.initial_metadata() == (("before", "raise"),) and err.trailing_metadata() == ()
+
+    async def aio() -> RpcError:
+        try:
+            await stub.Call.aio_with_call(testing.Request(key="abort"), timeout=10)
+        except RpcError as e:
+            return e
+        raise AssertionError("the call succeeded")
+
+    err = asyncio.run(aio())
+    assert err.code() is StatusCode.NOT_FOUND and err.initial_metadata() == (("before", "abort"),)
+    server.stop(0)
+
+
+def test_bad_initial_metadata_fails_only_that_call(cluster: Cluster) -> None:
+    a, b, stub, server = headers_setup(cluster, Headers(), "headers-bad")
+    for key, code, why in (
+        ("badkey", StatusCode.INTERNAL, "initial metadata: metadata key 'Bad Key' is invalid"),
+        ("reserved", StatusCode.INTERNAL, "is reserved"),
+        ("big", StatusCode.RESOURCE_EXHAUSTED, "exceeds the limit of 8192 bytes"),
+    ):
+        with pytest.raises(RpcError) as e:
+            stub.Call(testing.Request(key=key), timeout=10)
+        print(f"\n{key}: {e.value.code().name}: {e.value.details()}")
+        assert e.value.code() is code, e.value
+        assert why in e.value.details() and "headers-bad" in e.value.details(), e.value.details()
+        assert e.value.initial_metadata() == ()  # the refused metadata is not delivered
+    reply, call = stub.Call.with_call(testing.Request(key="both"), timeout=10)  # still serving
+    assert call.initial_metadata()[0] == ("initial-k", "v")
+    del reply, call
+    assert both_heaps_settle(a, b, "headers-bad-client", "headers-bad") == (0, 0)
+    server.stop(0)
+
+
+def test_async_handlers_await_send_initial_metadata(cluster: Cluster) -> None:
+    import asyncio
+
+    _a, _b, stub, server = headers_setup(cluster, AsyncHeaders(), "headers-async")
+    reply, call = stub.Call.with_call(testing.Request(key="k"), timeout=10)
+    assert reply.key == "second send refused"
+    assert call.initial_metadata() == (("async-k", "k"),)
+    assert call.trailing_metadata() == (("async-t", "t"),)
+
+    async def aio() -> RpcError:
+        try:
+            await stub.Call.aio(testing.Request(key="abort"), timeout=10)
+        except RpcError as e:
+            return e
+        raise AssertionError("the call succeeded")
+
+    err = asyncio.run(aio())
+    assert err.code() is StatusCode.FAILED_PRECONDITION
+    assert err.initial_metadata() == (("async-k", "abort"),)
+    assert err.trailing_metadata() == (("async-t", "t"),)
+    server.stop(0)

@@ -86,3 +86,41 @@ def test_a_cancel_marks_the_call_and_sends_one_cancel_down_the_datapath(app_pair
     rpc, cancel = fe.tx_out  # the call, then exactly one CANCEL naming it (for the transport)
     assert rpc.kind is RpcKind.CALL and rpc._cancelled
     assert cancel.kind is RpcKind.CANCEL and cancel._state is rpc and cancel.call_id == 1
+
+
+def test_a_reply_carries_initial_metadata_through_and_too_much_is_resource_exhausted(
+    app_pair: Any,
+) -> None:
+    from types import SimpleNamespace
+
+    from libmrpc.ring import CMP_REPLY, CMPF_METADATA, SUB_REPLY
+    from mrpcd.engine import Rpc
+
+    state, app, _ = app_pair
+    fe = _frontend(state)  # max_metadata_size=256
+    both = md.encode([("t", "1")], [("i-bin", b"\x00")])
+    cases = {7: both, 8: md.encode([], [("k", "v" * 300)]), 9: md.encode([], [("Bad", "v")])}
+    for token, block in cases.items():
+        state.server_calls[token] = Rpc(RpcKind.CALL, "t", 1, token, None, _state=SimpleNamespace())
+        details = _block(app, b"nope")
+        off = _block(app, block)
+        app.submit.push(
+            DESCRIPTOR, SUB_REPLY, SUBF_METADATA, int(StatusCode.NOT_FOUND), 0, token, 0, 0,
+            details, 4, off,
+        )  # fmt: skip
+    fe.do_work()
+    replies = {r.call_id: r for r in fe.tx_out}
+    assert replies[7].status is StatusCode.NOT_FOUND
+    assert md.split(replies[7].metadata) == ((("i-bin", b"\x00"),), (("t", "1"),))
+    assert md.encode(replies[7].metadata) == both  # forwarded to the peer unchanged
+    assert replies[8].status is StatusCode.RESOURCE_EXHAUSTED and replies[8].metadata == ()
+    assert replies[9].status is StatusCode.INTERNAL, replies[9]
+    assert "initial metadata: metadata key 'Bad'" in replies[9].details
+    # the caller's side: the reply's metadata lands as one block, initial included
+    fe.rx_in.append(replies[7])
+    fe.do_work()
+    (d,) = [d for d in app.complete.pop_batch(DESCRIPTOR) if d[0] == CMP_REPLY]
+    assert d[1] & CMPF_METADATA and d[2] == StatusCode.NOT_FOUND
+    at = d[3] << 3
+    landed = bytes(app.recv[at : at + md.block_size(app.recv, at)])
+    assert landed == both

@@ -75,3 +75,92 @@ class AllTypesEcho(alltypes.AllTypesServiceServicer):
 def test_async_handlers_and_every_field_type(pb) -> None:
     stub = alltypes.AllTypesServiceStub(channel_for([AllTypesEcho()]))
     assert stub.Roundtrip(alltypes.AllTypes.from_pb(pb)).to_pb() == pb
+
+
+class Headers(testing.TestServicer):
+    """Sends initial and trailing metadata; ``request.key`` picks how the call ends."""
+
+    def __init__(self) -> None:
+        self.context = None
+
+    def Call(self, request, context):
+        self.context = context
+        context.send_initial_metadata([("initial-k", request.key), ("i-bin", b"\x00")])
+        context.set_trailing_metadata([("trailing-k", "t")])
+        if request.key == "abort":
+            context.abort(StatusCode.NOT_FOUND, "asked to abort")
+        if request.key == "raise":
+            raise ValueError("asked to raise")
+        with pytest.raises(ValueError, match="no longer allowed"):
+            context.send_initial_metadata([("again", "x")])
+        return testing.Reply(key=request.key)
+
+
+class AsyncHeaders(testing.TestServicer):
+    async def Call(self, request, context):
+        await context.send_initial_metadata([("async-k", request.key)])
+        if request.key == "bad":
+            context.set_trailing_metadata([("Bad", "x")])
+        return testing.Reply(key=request.key)
+
+
+def test_initial_metadata_comes_back_in_memory_as_through_mrpcd() -> None:
+    servicer = Headers()
+    stub = testing.TestStub(channel_for([servicer]))
+    reply, call = stub.Call.with_call(testing.Request(key="k"))
+    assert reply.key == "k" and call.initial_metadata() == (("initial-k", "k"), ("i-bin", b"\x00"))
+    assert call.trailing_metadata() == (("trailing-k", "t"),)
+    with pytest.raises(ValueError, match="no longer allowed"):  # the call has ended
+        servicer.context.send_initial_metadata([("late", "x")])
+    fut = stub.Call.future(testing.Request(key="f"))
+    assert fut.initial_metadata()[0] == ("initial-k", "f")
+    assert fut.trailing_metadata() == (("trailing-k", "t"),)
+
+    async def aio() -> tuple[object, ...]:
+        _, call = await stub.Call.aio_with_call(testing.Request(key="a"))
+        return await call.initial_metadata(), await call.code()
+
+    assert asyncio.run(aio()) == ((("initial-k", "a"), ("i-bin", b"\x00")), StatusCode.OK)
+    for key, code in (("abort", StatusCode.NOT_FOUND), ("raise", StatusCode.UNKNOWN)):
+        with pytest.raises(RpcError) as e:
+            stub.Call(testing.Request(key=key))
+        assert e.value.code() is code
+        assert e.value.initial_metadata()[0] == ("initial-k", key)
+        assert e.value.trailing_metadata() == (("trailing-k", "t"),)
+
+
+def test_async_handlers_and_bad_reply_metadata_in_memory() -> None:
+    stub = testing.TestStub(channel_for([AsyncHeaders()]))
+    _, call = stub.Call.with_call(testing.Request(key="k"))
+    assert call.initial_metadata() == (("async-k", "k"),)
+    with pytest.raises(RpcError) as e:  # mrpcd's checks: the server's fault is INTERNAL
+        stub.Call(testing.Request(key="bad"))
+    assert e.value.code() is StatusCode.INTERNAL and "'Bad' is invalid" in e.value.details()
+    assert e.value.initial_metadata() == ()
+
+
+def test_send_initial_metadata_rules_match_grpcio() -> None:
+    from libmrpc.server import ServicerContext
+
+    ctx = ServicerContext("/t.T/M", 0)
+    with pytest.raises(RpcError) as e:
+        ctx.send_initial_metadata([("k", 1)])
+    assert e.value.code() is StatusCode.INVALID_ARGUMENT
+    with pytest.raises(RpcError) as e:
+        ctx.send_initial_metadata(None)
+    assert e.value.code() is StatusCode.INVALID_ARGUMENT
+    assert ctx._initial is None  # nothing recorded: a good send still works
+    sent = ctx.send_initial_metadata(iter([("k", "v")]))
+    assert ctx._initial == (("k", "v"),)
+    assert asyncio.run(_await(sent)) is None  # awaitable, as grpc.aio's
+    with pytest.raises(ValueError, match="no longer allowed"):
+        ctx.send_initial_metadata([("k", "v")])
+    cancelled = ServicerContext("/t.T/M", 0)
+    cancelled._cancelled = True
+    with pytest.raises(RpcError) as e:
+        cancelled.send_initial_metadata([("k", "v")])
+    assert e.value.code() is StatusCode.CANCELLED
+
+
+async def _await(aw: object) -> object:
+    return await aw  # type: ignore[misc]
