@@ -3,6 +3,7 @@ off the runtime thread, per-connection accounting and timers (MockClock)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from types import SimpleNamespace
@@ -11,9 +12,9 @@ import pytest
 
 from engines import tcp_resolve
 from engines.tcp import TcpTransport
-from engines.tcp_conn import ConnState
+from engines.tcp_conn import Conn, ConnState
 from engines.tcp_limits import PeerLimits, admit, overdue, settle
-from libmrpc.status import StatusCode
+from libmrpc.status import StatusCode, WireError
 from libmrpc.wire import CALL, HELLO, encode_header
 from mrpcd.engine import ConnSpec, MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
@@ -220,3 +221,54 @@ def test_timers() -> None:
     assert overdue(conn, 13.5, limits) is None
     out = _conn(outbound=True)  # an outbound connection gives up at half the idle timeout
     assert "idle for 5s" in overdue(out, 5.5, limits)
+
+
+# --------------------------------------------------------------------------- states and hand-overs
+
+
+def test_connection_states_follow_one_table() -> None:
+    from engines.tcp_conn import CONN_STATES
+
+    conn = SimpleNamespace(state=ConnState.AWAIT_HELLO)
+    move = functools.partial(Conn.move, conn)
+    assert move("hello") is ConnState.READY
+    with pytest.raises(WireError, match="hello when the connection is ready"):
+        move("hello")  # a second HELLO is the peer's protocol error
+    conn.state = ConnState.CONNECTING
+    assert move("connected") is ConnState.HELLO_SENT
+    assert move("hello_ack") is ConnState.READY and move("goaway") is ConnState.GOAWAY
+    with pytest.raises(WireError):
+        move("hello_ack")  # a second HELLO_ACK
+    assert CONN_STATES[ConnState.CLOSED] == {}
+    reachable = {dst for moves in CONN_STATES.values() for dst in moves.values()}
+    assert reachable <= set(CONN_STATES)
+
+
+def test_the_transport_hands_delivered_items_on_and_inbound_answers_to_their_owner(
+    app_pair,
+) -> None:
+    from mrpcd.engine import RxCall, TxReply
+
+    state, _app, binding = app_pair
+    poller = Poller()
+    tcp = _engine(TcpTransport, state, MockClock(), poller)
+    delivered = Rpc(RpcKind.CALL, "t", 1, 5, None)
+    tcp.rx_in.append(delivered)  # as AppPort.deliver does, from the ingress's thread
+    assert tcp.prepare_sleep()  # queued from this thread: no wake-up came, so do not sleep
+    tcp.do_work()
+    assert list(tcp.rx_out) == [delivered] and not tcp.prepare_sleep()
+    posted: list[Rpc] = []
+    origin = SimpleNamespace(owner=SimpleNamespace(post=posted.append), closed=False)
+    call = RxCall(origin, 9, binding, None, state)
+    answer = Rpc(RpcKind.REPLY, "t", 1, 5, None, _state=TxReply(call, 0))
+    refusal = Rpc(RpcKind.REPLY, "t", 1, 6, None, status=StatusCode.ABORTED, _state=call)
+    tcp.tx_in.extend([answer, refusal])
+    tcp.do_work()
+    assert posted == [answer, refusal]  # the connection's owner writes them, on its runtime
+    tcp.abandon(
+        [Rpc(RpcKind.CALL, "t", 1, 7, None, _state=call), Rpc(RpcKind.CALL, "t", 1, 8, None)],
+        "gone",
+    )
+    (gone,) = posted[2:]  # only the inbound call is answered
+    assert gone.status is StatusCode.UNAVAILABLE and gone.details == "gone" and gone._state is call
+    poller.close()

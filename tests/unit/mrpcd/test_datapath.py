@@ -4,7 +4,7 @@ replace and teardown, in order, each exactly once."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,9 +13,12 @@ import pytest
 from libmrpc.status import StatusCode
 from mrpcd.datapath import Datapath, DatapathError
 from mrpcd.engine import (
+    LIFECYCLE,
     Engine,
     EngineContext,
+    EngineState,
     FrontendEngine,
+    LifecycleError,
     MockClock,
     PolicyEngine,
     Reject,
@@ -355,3 +358,74 @@ def test_rejected_call_goes_back_to_the_app() -> None:
         (RpcKind.REPLY, 0, StatusCode.PERMISSION_DENIED),
         (RpcKind.REPLY, 2, StatusCode.PERMISSION_DENIED),
     ]
+
+
+# ------------------------------------------------------------------ the boundary
+
+
+class Reader(Pass):
+    NAME = "test-reader"
+    READS_CONTENT = True
+
+
+def test_the_inbox_survives_every_splice_and_only_the_transport_drains_it() -> None:
+    """Other threads append to the inbox (AppPort.deliver) at any time: a splice
+    must never swap it out, or a delivered item would land in a dead deque."""
+    inbox: deque[Rpc] = deque()
+    fe, tr = Frontend(ctx("frontend"), {}), Transport(ctx("transport"), {})
+    dp = Datapath(APP, fe, tr, inbox=inbox)
+    engines = [Pass(ctx(f"p{i}"), {}) for i in range(3)]
+    for p in engines:
+        dp.insert(p)
+        assert tr.rx_in is inbox
+    dp.remove(engines[1])
+    dp.replace(engines[0], Pass(ctx("p0b"), {}))
+    assert tr.rx_in is inbox and all(e.rx_in is not inbox for e in dp.engines[:-1])
+
+
+def test_the_frontend_hears_when_content_policies_come_and_go() -> None:
+    calls: list[bool] = []
+
+    class Fe(Frontend):
+        def need_private_images(self, on: bool) -> None:
+            calls.append(on)
+            super().need_private_images(on)
+
+    fe = Fe(ctx("frontend"), {})
+    dp = Datapath(APP, fe, Transport(ctx("transport"), {}))
+    plain, reader = Pass(ctx("plain"), {}), Reader(ctx("reader"), {})
+    dp.insert(plain)
+    dp.insert(reader)
+    assert fe.private_images and dp.reads_content()
+    dp.remove(reader)
+    assert not fe.private_images
+    assert calls == [False, True, False]  # once at creation, then once per change
+
+
+def test_lifecycle_follows_the_table_and_refuses_the_rest() -> None:
+    dp, fe, tr = make()
+    assert fe.state is EngineState.ATTACHED and tr.state is EngineState.ATTACHED
+    p = Pass(ctx("p"), {})
+    assert p.state is EngineState.LOADED
+    dp.insert(p)
+    assert p.state is EngineState.ATTACHED
+    new = Pass(ctx("p2"), {})
+    dp.replace(p, new)
+    assert p.state is EngineState.DETACHED and new.state is EngineState.ATTACHED
+    with pytest.raises(LifecycleError, match="cannot attach when detached"):
+        dp.insert(p)  # a retired engine never comes back
+    dp.remove(new)
+    assert new.state is EngineState.DETACHED
+    for moves in LIFECYCLE.values():  # every target is a state; detached is final
+        assert all(dst in LIFECYCLE for dst in moves.values())
+    assert LIFECYCLE[EngineState.DETACHED] == {}
+
+
+def test_always_on_engines_are_decided_by_class() -> None:
+    dp, _fe, tr = make()
+    with pytest.raises(DatapathError, match="always on"):
+        dp.insert(Transport(ctx("another-transport"), {}))
+    with pytest.raises(DatapathError, match="cannot take the place"):
+        dp.replace(tr, Pass(ctx("p"), {}))  # a policy cannot become the transport
+    dp.replace(tr, Transport(ctx("transport-v2"), {}))  # a transport can (live upgrade)
+    assert isinstance(dp.transport, Transport) and dp.transport is not tr
