@@ -24,10 +24,12 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
-from libmrpc.marshal_rt import TooBig
-from libmrpc.ring import (
+from libmrpc._heap import HeapExhausted
+from libmrpc._shm import drain
+from libmrpc.status import StatusCode, WireError
+from libmrpc.wire import metadata as md
+from libmrpc.wire.marshal import TooBig
+from libmrpc.wire.ring import (
     CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
@@ -44,8 +46,6 @@ from libmrpc.ring import (
     SUBF_METADATA,
     RingCorrupted,
 )
-from libmrpc.shm import drain
-from libmrpc.status import StatusCode, WireError
 from mrpcd.admission import Admission, app_deadline, deadline_field
 from mrpcd.appstate import AppState, Landed, RxCall, TxCall, TxReply
 from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind

@@ -37,10 +37,10 @@ from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
 from engines.tcp_limits import PeerLimits, overdue, settle
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
+from libmrpc._heap import HeapExhausted
 from libmrpc.status import StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.wire import metadata as md
+from libmrpc.wire.frames import (
     CALL,
     CANCEL,
     DISCARD,

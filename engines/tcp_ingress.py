@@ -29,10 +29,10 @@ from engines.tcp_limits import (
     reap_gone_apps,
     settle,
 )
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
+from libmrpc._heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.wire import metadata as md
+from libmrpc.wire.frames import (
     CALL,
     CANCEL,
     DISCARD,

@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Self
 
-from libmrpc import metadata as md
-from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
+from libmrpc._session import CALL_DEADLINE, RecvBlock, Session, get_session
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
+from libmrpc.wire import metadata as md
 
 log = logging.getLogger(__name__)
 

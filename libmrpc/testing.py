@@ -26,13 +26,13 @@ import time
 from collections.abc import Iterable
 from typing import Any, Self
 
-from libmrpc import metadata as md
-from libmrpc.heap import Heap
-from libmrpc.message import ReadOnlyOwner
+from libmrpc._heap import Heap
+from libmrpc._message import ReadOnlyOwner
+from libmrpc._session import Call
 from libmrpc.server import ServicerContext, _takes_context
-from libmrpc.session import Call
 from libmrpc.status import RpcError, StatusCode, WireError
 from libmrpc.stubs import SchemaInfo
+from libmrpc.wire import metadata as md
 
 MAX_MESSAGE = 64 << 20
 
@@ -51,7 +51,7 @@ def _wire(schema: SchemaInfo, type_name: str, msg: Any) -> Any:
 
 
 class _Session:
-    """Stands in for libmrpc.session.Session: answers calls in the caller's thread."""
+    """Stands in for libmrpc._session.Session: answers calls in the caller's thread."""
 
     def __init__(self, servicers: Iterable[Any]) -> None:
         self.handlers: dict[tuple[str, int], Any] = {}

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from libmrpc import marshal_rt
-from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
-from libmrpc.paths import daemon_state
-from libmrpc.schema import cache_key_for
-from libmrpc.shm import ShmLayout, create_regions
+from libmrpc._control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
+from libmrpc._paths import daemon_state
+from libmrpc._schema import cache_key_for
+from libmrpc._shm import ShmLayout, create_regions
 from libmrpc.status import MrpcError, RpcError, StatusCode
-from libmrpc.wire import encode_error
+from libmrpc.wire import marshal as marshal_rt
+from libmrpc.wire.frames import encode_error
 from mrpcd import VERSION
 from mrpcd.accept import OUT_OF_FDS, accept_loop
 from mrpcd.appstate import AppState, Binding, ConnSpec, Router, RxCall, TxReply

@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 
 from engines.frontend import Frontend
-from libmrpc.ring import CMP_RECLAIM, CMP_REPLY, CMPF_DUPLICATE, DESCRIPTOR, SUB_CALL, SUB_REPLY
 from libmrpc.status import StatusCode
+from libmrpc.wire.ring import (
+    CMP_RECLAIM,
+    CMP_REPLY,
+    CMPF_DUPLICATE,
+    DESCRIPTOR,
+    SUB_CALL,
+    SUB_REPLY,
+)
 from mrpcd.admission import DEFAULT_LIMITS
 from mrpcd.appstate import ConnSpec
 from mrpcd.engine import MockClock, Rpc, RpcKind

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from engines.frontend import Frontend
-from libmrpc import metadata as md
-from libmrpc.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from libmrpc.status import StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from mrpcd.appstate import ConnSpec
 from mrpcd.engine import MockClock, RpcKind
 from tests.unit.engines import test_engines_core as core

@@ -13,7 +13,7 @@ from engines import tcp_resolve
 from engines.tcp import TcpTransport
 from engines.tcp_limits import PeerLimits, admit, overdue, settle
 from libmrpc.status import StatusCode
-from libmrpc.wire import CALL, HELLO, encode_header
+from libmrpc.wire.frames import CALL, HELLO, encode_header
 from mrpcd.appstate import ConnSpec, TxCall
 from mrpcd.engine import MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
@@ -144,7 +144,7 @@ def test_ip_literals_skip_resolution(slow_resolver) -> None:
 
 
 def _conn(outbound: bool = False) -> SimpleNamespace:
-    from libmrpc.wire import FrameAssembler
+    from libmrpc.wire.frames import FrameAssembler
 
     return SimpleNamespace(
         state="open",

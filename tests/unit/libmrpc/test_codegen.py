@@ -12,13 +12,14 @@ from types import ModuleType
 import pytest
 from click.testing import CliRunner
 
-from libmrpc import codegen, schema
-from libmrpc.codegen import generate_source, load_cached, load_module
-from libmrpc.heap import Heap
-from libmrpc.layout import LAYOUT_VERSION, MethodInfo
+from libmrpc import _codegen as codegen
+from libmrpc import _schema as schema
+from libmrpc._codegen import generate_source, load_cached, load_module
+from libmrpc._heap import Heap
+from libmrpc._schema import GENERATOR_VERSION, compile_texts, read_proto
 from libmrpc.loader import load_proto
-from libmrpc.schema import GENERATOR_VERSION, compile_texts, read_proto
 from libmrpc.status import StatusCode, WireError
+from libmrpc.wire.layout import LAYOUT_VERSION, MethodInfo
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 REF = struct.Struct("<II")
@@ -170,7 +171,7 @@ def load_proto_texts(texts: dict[str, str], cache: Path) -> ModuleType:
 
 
 def test_mrpc_protoc_cli(tmp_path: Path) -> None:
-    from libmrpc.protoc import main
+    from libmrpc._protoc import main
 
     out = tmp_path / "out"
     res = CliRunner().invoke(
@@ -202,7 +203,7 @@ def test_mrpc_protoc_cli(tmp_path: Path) -> None:
 
 
 def test_mrpc_protoc_cli_reports_schema_errors(tmp_path: Path) -> None:
-    from libmrpc.protoc import main
+    from libmrpc._protoc import main
 
     bad = tmp_path / "bad.proto"
     bad.write_text('syntax = "proto3";\nmessage M { int32 x = 1 }\n')

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 import libmrpc
 from libmrpc import RpcError, StatusCode
 from libmrpc.testing import channel_for
-from tests.unit.libmrpc.test_marshal_property import ALLTYPES, message_strategy
+from tests.unit.libmrpc.wire.test_marshal_property import ALLTYPES, message_strategy
 
 ROOT = Path(__file__).resolve().parents[3]
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")

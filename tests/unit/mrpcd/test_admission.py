@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from libmrpc import marshal_rt
-from libmrpc.heap import Heap
+from libmrpc._heap import Heap
 from libmrpc.loader import load_proto
 from libmrpc.status import StatusCode, WireError
+from libmrpc.wire import marshal as marshal_rt
 from mrpcd.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"

@@ -10,7 +10,7 @@ CALL bodies and REPLY bodies are message *images* (see docs/LAYOUT.md); ERROR
 bodies are UTF-8 details; HELLO/HELLO_ACK bodies are JSON. For a CALL, ``aux``
 is the remaining timeout in microseconds (0 = none). A call with metadata is
 preceded by a METADATA frame with the same call_id whose body is the metadata
-block (libmrpc/metadata.py); a call without metadata is exactly the CALL frame.
+block (libmrpc/wire/metadata.py); a call without metadata is exactly the CALL frame.
 CANCEL (call_id = the CALL's, no body): the caller cancelled; its reply is unwanted.
 
 :class:`FrameAssembler` turns a byte stream into frames. It asks its owner where

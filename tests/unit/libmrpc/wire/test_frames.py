@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libmrpc.status import StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.wire.frames import (
     CALL,
     DISCARD,
     ERROR,

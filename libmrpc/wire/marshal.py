@@ -26,8 +26,8 @@ from __future__ import annotations
 import struct
 from typing import Any, NoReturn
 
-from libmrpc.layout import MAX_DEPTH
 from libmrpc.status import StatusCode, WireError
+from libmrpc.wire.layout import MAX_DEPTH
 
 REF = struct.Struct("<II")
 U32_MAX = 0xFFFFFFFF
