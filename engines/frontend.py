@@ -26,8 +26,9 @@ from typing import Any
 
 from libmrpc._heap import HeapExhausted
 from libmrpc._shm import drain
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
 from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
 from libmrpc.wire.marshal import TooBig
 from libmrpc.wire.ring import (
     CMP_CANCEL,

@@ -38,8 +38,9 @@ from engines.tcp_conn import Conn, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
 from engines.tcp_limits import PeerLimits, overdue, settle
 from libmrpc._heap import HeapExhausted
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
 from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
 from libmrpc.wire.frames import (
     CALL,
     CANCEL,

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from libmrpc.status import WireError
+from libmrpc.wire.errors import WireError
 from libmrpc.wire.frames import Body, FrameAssembler, FrameHeader
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,9 @@ from engines.tcp_limits import (
     settle,
 )
 from libmrpc._heap import HeapExhausted
-from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.status import RpcError, StatusCode
 from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
 from libmrpc.wire.frames import (
     CALL,
     CANCEL,

@@ -26,7 +26,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 
 log = logging.getLogger(__name__)
 

@@ -144,7 +144,7 @@ def generate_source(bundle: SchemaBundle) -> str:
         "from libmrpc import _message_views as _rv",
         "from libmrpc.wire.layout import FieldLayout as _FL, MessageLayout as _ML",
         "from libmrpc.wire.layout import MethodInfo as _MI, OneofLayout as _OL",
-        "from libmrpc.status import WireError as _WireError",
+        "from libmrpc.wire.errors import WireError as _WireError",
         "",
         f"SCHEMA_HASH = {bundle.schema_hash!r}",
         f"CACHE_KEY = {bundle.cache_key!r}",

@@ -31,7 +31,7 @@ from google.protobuf import descriptor_pb2
 from libmrpc.status import SchemaError
 from libmrpc.wire.layout import LAYOUT_VERSION, all_messages, attr_name, compute_layouts
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: generated code imports libmrpc.wire.* and libmrpc._message*
 
 WELL_KNOWN_PREFIX = "google/protobuf/"
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

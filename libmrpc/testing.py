@@ -30,9 +30,10 @@ from libmrpc._heap import Heap
 from libmrpc._message import ReadOnlyOwner
 from libmrpc._session import Call
 from libmrpc.server import ServicerContext, _takes_context
-from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
 from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
 
 MAX_MESSAGE = 64 << 20
 

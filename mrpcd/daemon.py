@@ -25,7 +25,7 @@ from libmrpc._control import error_reply, peer_credentials, peer_groups, recv_ms
 from libmrpc._paths import daemon_state
 from libmrpc._schema import cache_key_for
 from libmrpc._shm import ShmLayout, create_regions
-from libmrpc.status import MrpcError, RpcError, StatusCode
+from libmrpc.status import LocalError, MrpcError, RpcError, StatusCode
 from libmrpc.wire import marshal as marshal_rt
 from libmrpc.wire.frames import encode_error
 from mrpcd import VERSION
@@ -122,7 +122,7 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             other = daemon_state(self.prefix).get("pid", "?")
-            raise MrpcError(
+            raise LocalError(
                 f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
                 f"stop it or choose another --prefix"
             ) from None
@@ -177,7 +177,7 @@ class Daemon:
             sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise MrpcError(
+            raise LocalError(
                 f"cannot listen on {format_hostport(host, port)}: {e.strerror}; "
                 f"choose another address with --listen or MRPC_LISTEN"
             ) from None

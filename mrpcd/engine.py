@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from libmrpc.status import ConfigError, StatusCode, WireError
+from libmrpc.status import ConfigError, StatusCode
+from libmrpc.wire.errors import WireError
 
 ENGINE_API_VERSION = 1
 

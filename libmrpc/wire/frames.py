@@ -39,7 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 
 MAGIC = 0x524D  # b"MR" little-endian
 PROTOCOL_VERSION = 1

@@ -18,7 +18,8 @@ from libmrpc._codegen import generate_source, load_cached, load_module
 from libmrpc._heap import Heap
 from libmrpc._schema import GENERATOR_VERSION, compile_texts, read_proto
 from libmrpc.loader import load_proto
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 from libmrpc.wire.layout import LAYOUT_VERSION, MethodInfo
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"

@@ -11,8 +11,9 @@ import pytest
 
 from libmrpc._heap import Heap
 from libmrpc.loader import load_proto
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
 from libmrpc.wire import marshal as marshal_rt
+from libmrpc.wire.errors import WireError
 from mrpcd.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from libmrpc._heap import Heap
 from libmrpc._message import ReadOnlyOwner
 from libmrpc.loader import load_proto
-from libmrpc.status import WireError
+from libmrpc.wire.errors import WireError
 
 SCHEMAS = Path(__file__).resolve().parents[4] / "schemas"
 MOD: ModuleType = load_proto(SCHEMAS / "alltypes.proto")
