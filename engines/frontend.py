@@ -24,11 +24,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from libmrpc._heap import HeapExhausted
 from libmrpc._shm import drain
 from libmrpc.status import StatusCode
 from libmrpc.wire import metadata as md
 from libmrpc.wire.errors import WireError
+from libmrpc.wire.heap import HeapExhausted
 from libmrpc.wire.marshal import TooBig
 from libmrpc.wire.ring import (
     CMP_CANCEL,

@@ -37,7 +37,6 @@ from engines import tcp_resolve
 from engines.tcp_conn import Conn, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed, send_error
 from engines.tcp_limits import PeerLimits, overdue, settle
-from libmrpc._heap import HeapExhausted
 from libmrpc.status import StatusCode
 from libmrpc.wire import metadata as md
 from libmrpc.wire.errors import WireError
@@ -63,6 +62,7 @@ from libmrpc.wire.frames import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.heap import HeapExhausted
 from mrpcd.appstate import AppState, ConnSpec, Landed, RxCall, TxCall, TxReply
 from mrpcd.engine import Engine, EngineContext, Rpc, RpcKind
 

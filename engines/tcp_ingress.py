@@ -29,7 +29,6 @@ from engines.tcp_limits import (
     reap_gone_apps,
     settle,
 )
-from libmrpc._heap import HeapExhausted
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.wire import metadata as md
 from libmrpc.wire.errors import WireError
@@ -54,6 +53,7 @@ from libmrpc.wire.frames import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.heap import HeapExhausted
 from mrpcd.appstate import AppState, Landed, RxCall
 from mrpcd.engine import Engine, EngineContext, MethodRef, Rpc, RpcKind
 
