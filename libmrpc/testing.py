@@ -19,17 +19,16 @@ status codes as through mrpcd. Sync, ``.future()`` and ``.aio`` calls work;
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Self
 
+from libmrpc._dispatch import Handler, ServicerContext, handlers_of, run_async, run_sync
 from libmrpc._heap import Heap
 from libmrpc._message import ReadOnlyOwner
 from libmrpc._session import Call
-from libmrpc.server import ServicerContext, _takes_context
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
 from libmrpc.wire import metadata as md
@@ -55,22 +54,12 @@ class _Session:
     """Stands in for libmrpc._session.Session: answers calls in the caller's thread."""
 
     def __init__(self, servicers: Iterable[Any]) -> None:
-        self.handlers: dict[tuple[str, int], Any] = {}
+        self.handlers: dict[tuple[str, int], Handler] = {}
         self.closed = False
         for servicer in servicers:
-            for klass in type(servicer).__mro__:
-                schema = klass.__dict__.get("_MRPC_SCHEMA")
-                if schema is None:
-                    continue
-                for mid in schema.SERVICES[klass.__dict__["_MRPC_SERVICE"]]:
-                    fn = getattr(servicer, schema.METHODS[mid].name, None)
-                    if fn is not None and not getattr(fn, "_mrpc_unimplemented", False):
-                        self.handlers[(schema.SCHEMA_HASH, mid)] = fn
-                break
-            else:
-                raise TypeError(
-                    f"{type(servicer).__name__} does not derive from a generated Servicer"
-                )
+            schema, _service, handlers = handlers_of(servicer)
+            for mid, h in handlers.items():
+                self.handlers[(schema.SCHEMA_HASH, mid)] = h
         self._schemas: dict[int, SchemaInfo] = {}
         self._ids = iter(range(1, sys.maxsize))
 
@@ -102,8 +91,8 @@ class _Session:
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
         try:
             received = _wire(schema, method.request, request)
-            fn = self.handlers.get((schema.SCHEMA_HASH, method_id))
-            if fn is None:
+            h = self.handlers.get((schema.SCHEMA_HASH, method_id))
+            if h is None:
                 raise RpcError(
                     StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server"
                 )
@@ -112,24 +101,18 @@ class _Session:
             except md.MetadataError as e:
                 raise RpcError(e.status, f"call to {path}: {e}") from None
             ctx = ServicerContext(path, deadline_ns, None, sent)
-            reply = fn(received, ctx) if _takes_context(fn) else fn(received)
-            call.trailing = ctx._trailing or ()
-            if inspect.isawaitable(reply):
-                reply = _run(reply)
-            if ctx._code not in (None, StatusCode.OK):
-                raise RpcError(ctx._code, ctx._details)
-            if not isinstance(reply, response_cls):
-                raise RpcError(
-                    StatusCode.INTERNAL,
-                    f"handler of {path} returned {type(reply).__name__}, "
-                    f"expected {response_cls._FULL_NAME}",
-                )
-            call.finish(_wire(schema, method.response, reply), None)
+            outcome = (
+                _run(run_async(h, received, ctx)) if h.is_async else run_sync(h, received, ctx)
+            )
+            call.trailing = outcome.trailing or ()
+            if outcome.code is not StatusCode.OK:
+                raise outcome.error()
+            call.finish(_wire(schema, method.response, outcome.reply), None)
         except RpcError as e:
             call.finish(None, e)
         except WireError as e:
             call.finish(None, RpcError(e.status, f"{path}: {e}"))
-        except Exception as e:  # noqa: BLE001 - a handler exception, as through mrpcd
+        except Exception as e:  # noqa: BLE001 - a failure outside the handler, as through mrpcd
             call.finish(None, RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}"))
         return call
 

@@ -75,3 +75,49 @@ class AllTypesEcho(alltypes.AllTypesServiceServicer):
 def test_async_handlers_and_every_field_type(pb) -> None:
     stub = alltypes.AllTypesServiceStub(channel_for([AllTypesEcho()]))
     assert stub.Roundtrip(alltypes.AllTypes.from_pb(pb)).to_pb() == pb
+
+
+class Contextual(testing.TestServicer):
+    """Uses the context the way the server's dispatcher serves it."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    async def Call(self, request, context):
+        context.add_callback(lambda: self.ended.append(request.key))
+        await asyncio.sleep(0)
+        context.set_trailing_metadata([("x-key", request.key)])
+        if request.fail:
+            context.abort(StatusCode.FAILED_PRECONDITION, request.fail)
+        remaining = context.time_remaining()
+        return testing.Reply(key=f"{remaining is not None and 0 < remaining <= 5}")
+
+
+def test_async_handlers_get_the_servers_context_semantics() -> None:
+    """Trailing metadata set after an await, callbacks and deadlines, as on the server."""
+    servicer = Contextual()
+    stub = testing.TestStub(channel_for([servicer]))
+    reply, call = stub.Call.with_call(testing.Request(key="a"), timeout=5)
+    assert reply.key == "True"
+    assert call.trailing_metadata() == (("x-key", "a"),)
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="b", fail="not now"))
+    assert e.value.code() is StatusCode.FAILED_PRECONDITION
+    assert e.value.trailing_metadata() == (("x-key", "b"),)  # sent with the error too
+    assert servicer.ended == ["a", "b"]  # add_callback ran when each call ended
+
+
+def test_a_wrong_reply_type_is_internal_as_on_the_server() -> None:
+    class Wrong(testing.TestServicer):
+        def Call(self, request, context):
+            return testing.Request()
+
+    with pytest.raises(RpcError) as e:
+        testing.TestStub(channel_for([Wrong()])).Call(testing.Request())
+    assert e.value.code() is StatusCode.INTERNAL
+    assert "returned Request, expected mrpctest.Reply" in e.value.details()
+
+
+def test_channel_for_refuses_what_is_not_a_servicer() -> None:
+    with pytest.raises(TypeError, match="does not derive from a generated"):
+        channel_for([object()])
