@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import struct
 import subprocess
 import sys
@@ -34,6 +36,30 @@ def bundle() -> schema.SchemaBundle:
 @pytest.fixture(scope="module")
 def mod(bundle: schema.SchemaBundle) -> ModuleType:
     return load_module(bundle)
+
+
+def test_generated_imports_name_modules_of_this_version(bundle: schema.SchemaBundle) -> None:
+    """Generated code imports libmrpc modules by name: every one must exist, and a
+    change of those names bumps GENERATOR_VERSION (the cache key) so a module cached
+    by an older version is regenerated, not imported with stale names."""
+    tree = ast.parse(generate_source(bundle))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("libmrpc"):
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("libmrpc"))
+    assert "libmrpc.wire.marshal" in names and "libmrpc._message" in names
+    for name in sorted(names):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # `from libmrpc.wire.errors import WireError`: an attribute
+            parent, _, attr = name.rpartition(".")
+            assert hasattr(importlib.import_module(parent), attr), (
+                f"generated code imports {name}, which does not exist"
+            )
+    assert GENERATOR_VERSION != "1"  # version 1 imported libmrpc.marshal_rt, libmrpc.message
 
 
 def test_module_contents(mod: ModuleType, bundle: schema.SchemaBundle) -> None:
