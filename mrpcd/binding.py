@@ -29,6 +29,9 @@ from typing import Any
 
 # Generated modules import these; importing them with the daemon keeps that
 # one-time cost (tens of ms without bytecode caches) out of the first bind.
+import libmrpc._message
+import libmrpc.stubs
+import libmrpc.wire.marshal  # noqa: F401
 from libmrpc._codegen import exec_codes
 from libmrpc._schema import cache_key_for, check_file_names
 from libmrpc.status import RpcError, StatusCode
