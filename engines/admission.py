@@ -8,7 +8,7 @@ completion ring, and bytes of marshalled messages the daemon holds for the app.
 
 The byte quota is enforced while marshalling: the marshaller gets what is left
 of the quota as its size limit and stops before copying past it
-(:class:`~libmrpc.marshal_rt.TooBig` says how many bytes the message needs at
+(:class:`~libmrpc.wire.marshal.TooBig` says how many bytes the message needs at
 least). The call then waits until that much is free; only a message that alone
 is larger than the whole quota fails, with RESOURCE_EXHAUSTED. Waiting costs no
 repeated work: the call is retried only once enough bytes are free.

@@ -25,10 +25,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from engines.admission import Admission, app_deadline, deadline_field
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
-from libmrpc.marshal_rt import TooBig
-from libmrpc.ring import (
+from libmrpc.status import StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.heap import HeapExhausted
+from libmrpc.wire.marshal import TooBig
+from libmrpc.wire.ring import (
     CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
@@ -45,7 +47,6 @@ from libmrpc.ring import (
     SUBF_METADATA,
     RingCorrupted,
 )
-from libmrpc.status import StatusCode, WireError
 from mrpcd.engine import (
     AppPort,
     EngineContext,

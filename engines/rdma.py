@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from libmrpc.status import MrpcError
+from libmrpc.status import LocalError
 from mrpcd.engine import EngineContext, IngressEngine, TransportEngine
 
 SYSFS = "/sys/class/infiniband"
@@ -49,7 +49,7 @@ class RdmaTransport(TransportEngine):
     VERSION = 0
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
-        raise MrpcError(f"transport rdma: {unavailable_reason()}")
+        raise LocalError(f"transport rdma: {unavailable_reason()}")
 
     def do_work(self) -> int:  # pragma: no cover - never constructed
         return 0
@@ -60,7 +60,7 @@ class RdmaIngress(IngressEngine):
     VERSION = 0
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
-        raise MrpcError(f"transport rdma: {unavailable_reason()}")
+        raise LocalError(f"transport rdma: {unavailable_reason()}")
 
     def do_work(self) -> int:  # pragma: no cover - never constructed
         return 0

@@ -37,10 +37,10 @@ from engines import tcp_resolve
 from engines.tcp_conn import Conn, ConnState, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
 from engines.tcp_limits import PeerLimits, overdue
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
-from libmrpc.status import StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.status import StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.frames import (
     CALL,
     CANCEL,
     DISCARD,
@@ -62,6 +62,7 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.heap import HeapExhausted
 from mrpcd.engine import (
     AppPort,
     ConnSpec,

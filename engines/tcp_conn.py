@@ -1,6 +1,6 @@
 """One non-blocking TCP connection between two daemons (both directions).
 
-The I/O shell around :class:`libmrpc.wire.FrameAssembler`: reads in batches
+The I/O shell around :class:`libmrpc.wire.frames.FrameAssembler`: reads in batches
 into a staging buffer, or straight into a body's final place (an application's
 receive heap) when a large body is being received; writes queued frames with
 one ``sendmsg`` per flush, scatter-gather, zero-copy from shared memory.
@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from libmrpc.status import WireError
-from libmrpc.wire import Body, FrameAssembler, FrameHeader
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.frames import Body, FrameAssembler, FrameHeader
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from engines.tcp_limits import (
     reap_gone_apps,
     settle,
 )
-from libmrpc import metadata as md
-from libmrpc.heap import HeapExhausted
-from libmrpc.status import RpcError, StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.status import RpcError, StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.frames import (
     CALL,
     CANCEL,
     DISCARD,
@@ -55,6 +55,7 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.heap import HeapExhausted
 from mrpcd.engine import (
     AppPort,
     EngineContext,

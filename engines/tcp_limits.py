@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.tcp_conn import ConnState
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Self
 
-from libmrpc.session import Session, get_session
+from libmrpc._session import Session, get_session
 
 
 class Channel:

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from libmrpc.codegen import load_cached, load_module
-from libmrpc.schema import compile_texts, read_proto
+from libmrpc._codegen import load_cached, load_module
+from libmrpc._schema import compile_texts, read_proto
 
 
 def load_proto(
@@ -21,7 +21,7 @@ def load_proto(
     include_dirs: tuple[str | os.PathLike[str], ...] | list[str | os.PathLike[str]] = (),
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> ModuleType:
-    """The generated module of ``path`` (see :func:`libmrpc.codegen.generate_source`).
+    """The generated module of ``path`` (see :func:`libmrpc._codegen.generate_source`).
 
     Raises :class:`~libmrpc.status.SchemaError` for unreadable or invalid schemas.
     """

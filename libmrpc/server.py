@@ -17,212 +17,29 @@ again. If none does within ``reconnect_timeout`` seconds, the server stops and
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Self
 
-from libmrpc import metadata as md
-from libmrpc.session import CALL_DEADLINE, RecvBlock, Session, get_session
+from libmrpc._dispatch import (
+    Handler,
+    Outcome,
+    ServicerContext,
+    handlers_of,
+    run_async,
+    run_sync,
+)
+from libmrpc._session import RecvBlock, Session, get_session
 from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
 
+__all__ = ["Server", "ServicerContext"]
+
 log = logging.getLogger(__name__)
-
-
-class ServicerContext:
-    """The ``context`` argument of handlers (the grpc.ServicerContext subset that applies)."""
-
-    __slots__ = (
-        "_callbacks",
-        "_cancelled",
-        "_code",
-        "_deadline_ns",
-        "_details",
-        "_initial",
-        "_metadata",
-        "_method",
-        "_session",
-        "_token",
-        "_trailing",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        deadline_ns: int,
-        session: Session | None = None,
-        metadata: tuple[tuple[str, str | bytes], ...] = (),
-    ) -> None:
-        self._session = session  # the registration the request came through (its reply goes there)
-        self._metadata = metadata
-        self._cancelled = False
-        self._trailing: Any = None
-        self._initial: tuple[tuple[str, str | bytes], ...] | None = None  # None: not sent
-        self._token = 0
-        self._callbacks: list[Callable[[], Any]] | None = []
-        self._method = method
-        self._deadline_ns = deadline_ns
-        self._code: StatusCode | None = None
-        self._details = ""
-
-    def time_remaining(self) -> float | None:
-        if not self._deadline_ns:
-            return None
-        return max(0.0, (self._deadline_ns - time.monotonic_ns()) / 1e9)
-
-    def abort(self, code: StatusCode, details: str) -> None:
-        raise RpcError(code, details)
-
-    def abort_with_status(self, status: Any) -> None:
-        """Abort with a grpc.Status-like object (``code``, ``details``, ``trailing_metadata``)."""
-        trailing = getattr(status, "trailing_metadata", None)
-        if trailing:
-            self.set_trailing_metadata(trailing)
-        raise RpcError(status.code, getattr(status, "details", ""))
-
-    def code(self) -> StatusCode | None:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_code(self, code: StatusCode) -> None:
-        self._code = StatusCode(code)
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def method(self) -> str:
-        return self._method
-
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """The caller's metadata: ``(key, value)`` pairs, bytes values for ``-bin`` keys."""
-        return self._metadata
-
-    def peer(self) -> str:
-        """The calling app, its pid, daemon and address, as the caller's daemon announced them."""
-        if self._session is None or not self._token:
-            return "mrpc:unknown"
-        try:
-            return "mrpc:" + str(
-                self._session.control({"op": "peer", "token": self._token})["peer"]
-            )
-        except RpcError:
-            return "mrpc:unknown"
-
-    def add_callback(self, callback: Callable[[], Any]) -> bool:
-        """Run ``callback()`` once when the call ends (answered or cancelled); False if it
-        already ended."""
-        if self._callbacks is None:
-            return False
-        self._callbacks.append(callback)
-        return True
-
-    def send_initial_metadata(self, metadata: Any) -> Awaitable[None]:
-        """Send the server's initial metadata (gRPC headers): ``(key, value)`` pairs,
-        bytes values for ``-bin`` keys. At most once per call, before the handler
-        returns; ``await`` it in ``async def`` handlers (as with grpc.aio) or not (as
-        with grpcio): it takes effect when called.
-
-        A unary call has one response, so mrpc carries initial metadata with the reply
-        or error (also an ``abort()`` after it); the caller reads it once the call
-        completed: ``call.initial_metadata()`` of ``with_call``, ``future`` and
-        ``aio_with_call``, or ``RpcError.initial_metadata()``. mrpcd checks the key rules
-        (a break fails the call with INTERNAL at the caller: the server's fault) and
-        ``max_metadata_size``, which counts initial and trailing metadata together
-        (RESOURCE_EXHAUSTED at the caller).
-
-        Raises ValueError when initial metadata was sent already or the call has ended
-        (as grpcio: "no longer allowed"), RpcError(CANCELLED) when the caller cancelled,
-        RpcError(INVALID_ARGUMENT) for an entry that is not a (str, str | bytes) pair;
-        nothing is recorded then.
-        """
-        if self._cancelled:
-            raise RpcError(StatusCode.CANCELLED, "send_initial_metadata: the caller cancelled")
-        if self._initial is not None or self._callbacks is None:
-            raise ValueError(
-                "initial metadata no longer allowed: it was sent already or the call "
-                "has ended; send it once, before the handler returns"
-            )
-        try:
-            pairs = tuple(metadata)
-            md.encode(pairs)  # types now, in the handler; key rules are mrpcd's
-        except TypeError:
-            raise RpcError(
-                StatusCode.INVALID_ARGUMENT,
-                f"send_initial_metadata: {type(metadata).__name__} is not a sequence of "
-                f"(key, value) pairs",
-            ) from None
-        except md.MetadataError as e:
-            raise RpcError(e.status, f"send_initial_metadata: {e}") from None
-        self._initial = pairs
-        return _SENT
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        """Metadata sent back with the reply (or error): ``(key, value)`` pairs."""
-        try:
-            md.encode(metadata)  # types now, in the handler; key rules are mrpcd's
-        except md.MetadataError as e:
-            raise RpcError(e.status, f"set_trailing_metadata: {e}") from None
-        self._trailing = tuple(metadata)
-
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def _terminate(self) -> None:
-        callbacks, self._callbacks = self._callbacks, None
-        for cb in callbacks or ():
-            try:
-                cb()
-            except Exception:
-                log.exception("RPC termination callback failed")
-
-    def is_active(self) -> bool:
-        if self._cancelled:
-            return False
-        rem = self.time_remaining()
-        return rem is None or rem > 0
-
-
-class _Sent:
-    """What ``send_initial_metadata`` returns: done already, awaitable for grpc.aio code."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield
-
-
-_SENT = _Sent()
-
-
-@dataclass
-class _Handler:
-    fn: Callable[..., Any]
-    path: str
-    request_cls: Any
-    response_cls: Any
-    is_async: bool
-    takes_context: bool
-
-
-def _takes_context(fn: Callable[..., Any]) -> bool:
-    try:
-        params = [
-            p
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        return True
-    return len(params) >= 2
 
 
 class Server:
@@ -245,8 +62,8 @@ class Server:
         self._name = name
         self._inline = inline
         self._max_workers = max_workers
-        self._pending: list[tuple[SchemaInfo, str, dict[int, _Handler]]] = []
-        self._handlers: dict[tuple[int, int], _Handler] = {}
+        self._pending: list[tuple[SchemaInfo, str, dict[int, Handler]]] = []
+        self._handlers: dict[tuple[int, int], Handler] = {}
         self._session: Session | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,26 +77,9 @@ class Server:
 
     # ------------------------------------------------------------------ setup
 
-    def _schema_of(self, servicer: Any) -> tuple[SchemaInfo, str]:
-        for klass in type(servicer).__mro__:
-            schema = klass.__dict__.get("_MRPC_SCHEMA")
-            if schema is not None:
-                return schema, klass.__dict__["_MRPC_SERVICE"]
-        raise TypeError(
-            f"{type(servicer).__name__} does not derive from a generated <Service>Servicer"
-        )
-
     def add_servicer(self, servicer: Any) -> None:
         """Serve every method ``servicer`` overrides; the others answer UNIMPLEMENTED."""
-        schema, service = self._schema_of(servicer)
-        handlers: dict[int, _Handler] = {}
-        for mid in schema.SERVICES[service]:
-            m = schema.METHODS[mid]
-            fn = getattr(servicer, m.name, None)
-            if fn is None or getattr(fn, "_mrpc_unimplemented", False):
-                continue
-            handlers[mid] = self._handler(fn, schema, m)
-        self._add(schema, service, handlers)
+        self._add(*handlers_of(servicer))
 
     def add_method(self, module: Any, path: str, fn: Callable[..., Any]) -> None:
         """Serve method ``path`` ("/pkg.Service/Method") of a generated module with ``fn``.
@@ -289,21 +89,11 @@ class Server:
         schema: SchemaInfo = module._SCHEMA_INFO
         for m in schema.METHODS:
             if path in (m.path, f"{m.service}/{m.name}"):
-                self._add(schema, m.service, {m.id: self._handler(fn, schema, m)})
+                self._add(schema, m.service, {m.id: Handler.for_method(fn, schema, m)})
                 return
         raise ValueError(f"schema {schema.SCHEMA_HASH} has no method {path!r}")
 
-    def _handler(self, fn: Callable[..., Any], schema: SchemaInfo, m: Any) -> _Handler:
-        return _Handler(
-            fn,
-            m.path,
-            schema.MESSAGES[m.request],
-            schema.MESSAGES[m.response],
-            inspect.iscoroutinefunction(fn),
-            _takes_context(fn),
-        )
-
-    def _add(self, schema: SchemaInfo, service: str, handlers: dict[int, _Handler]) -> None:
+    def _add(self, schema: SchemaInfo, service: str, handlers: dict[int, Handler]) -> None:
         if self.started:
             raise RuntimeError("add servicers before start()")
         for s, svc, hs in self._pending:
@@ -338,7 +128,7 @@ class Server:
         session = get_session(self._prefix, self._name)
         if session.server is not None and session.server is not self:
             raise RuntimeError("this process already runs a Server on that daemon")
-        handlers: dict[tuple[int, int], _Handler] = {}
+        handlers: dict[tuple[int, int], Handler] = {}
         for schema, _service, hs in self._pending:
             slot = session.bind(schema)
             for mid, h in hs.items():
@@ -495,25 +285,11 @@ class Server:
         else:
             self._run_sync(h, request, ctx, token)
 
-    def _run_sync(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
-        inherit = CALL_DEADLINE.set(ctx._deadline_ns)  # nested calls inherit the deadline
-        try:
-            reply = h.fn(request, ctx) if h.takes_context else h.fn(request)
-        except BaseException as e:  # noqa: BLE001 - every failure becomes a status
-            self._answer(h, token, None, ctx, e)
-        else:
-            self._answer(h, token, reply, ctx, None)
-        finally:
-            CALL_DEADLINE.reset(inherit)
+    def _run_sync(self, h: Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        self._answer(h, token, ctx, run_sync(h, request, ctx))
 
-    async def _run_async(self, h: _Handler, request: Any, ctx: ServicerContext, token: int) -> None:
-        CALL_DEADLINE.set(ctx._deadline_ns)  # this task's context: nested calls inherit it
-        try:
-            reply = await (h.fn(request, ctx) if h.takes_context else h.fn(request))
-        except BaseException as e:  # noqa: BLE001
-            self._answer(h, token, None, ctx, e)
-        else:
-            self._answer(h, token, reply, ctx, None)
+    async def _run_async(self, h: Handler, request: Any, ctx: ServicerContext, token: int) -> None:
+        self._answer(h, token, ctx, await run_async(h, request, ctx))
 
     def _cancel(self, token: int) -> None:
         """The caller cancelled call ``token`` (completion thread): the handler's context
@@ -523,36 +299,24 @@ class Server:
             ctx._cancelled = True
             ctx._terminate()
 
-    def _answer(
-        self, h: _Handler, token: int, reply: Any, ctx: ServicerContext, error: BaseException | None
-    ) -> None:
+    def _answer(self, h: Handler, token: int, ctx: ServicerContext, outcome: Outcome) -> None:
         session = ctx._session or self._session
         assert session is not None
         self._contexts.pop(token, None)
-        ctx._terminate()
         try:
-            if error is not None:
-                if isinstance(error, RpcError):
-                    code, details = error.code(), error.details()
-                else:
-                    code, details = StatusCode.UNKNOWN, f"Exception calling application: {error!r}"
-                    log.info("handler of %s raised %r", h.path, error)
-            elif ctx._code not in (None, StatusCode.OK):
-                code, details = ctx._code, ctx._details
-            elif not isinstance(reply, h.response_cls):
-                code, details = (
-                    StatusCode.INTERNAL,
-                    (
-                        f"handler of {h.path} returned {type(reply).__name__}, "
-                        f"expected {h.response_cls._FULL_NAME}"
-                    ),
+            if outcome.code is StatusCode.OK:
+                session.send_reply(
+                    token, outcome.reply, trailing=outcome.trailing, initial=outcome.initial
                 )
             else:
-                session.send_reply(token, reply, trailing=ctx._trailing, initial=ctx._initial)
-                return
-            session.send_reply(
-                token, None, code, details, trailing=ctx._trailing, initial=ctx._initial
-            )
+                session.send_reply(
+                    token,
+                    None,
+                    outcome.code,
+                    outcome.details,
+                    trailing=outcome.trailing,
+                    initial=outcome.initial,
+                )
         except RpcError as e:
             log.warning("could not answer %s: %s", h.path, e)
         finally:

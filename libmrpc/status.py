@@ -61,23 +61,26 @@ class RpcError(Exception):
 
 
 class MrpcError(Exception):
-    """Base of mrpc's local-misuse errors (bad config, bad schema, bad engine)."""
+    """Base of the errors mrpc raises outside an RPC's status (those are :class:`RpcError`).
+
+    Catch a subclass, which says who is at fault:
+
+    - :class:`LocalError`: misuse on this host (a bad config key, schema, engine
+      module, prefix); the fix is local, in a file or a command line.
+    - :class:`~libmrpc.wire.errors.WireError`: bytes from an untrusted party (a peer
+      daemon, an application) are malformed; it carries the gRPC status the affected
+      RPC fails with, and costs only the offender.
+    """
 
 
-class ConfigError(MrpcError):
+class LocalError(MrpcError):
+    """Local misuse: the configuration, a schema, an engine module or a directory on
+    this host is wrong. The message names the value and says what to change."""
+
+
+class ConfigError(LocalError):
     """A configuration key or value is wrong; the message names key and file."""
 
 
-class SchemaError(MrpcError):
+class SchemaError(LocalError):
     """A schema failed to parse, validate or compile."""
-
-
-class WireError(MrpcError):
-    """Bytes that came from an untrusted party (peer daemon, application) are malformed.
-
-    ``status`` is what the affected RPC fails with.
-    """
-
-    def __init__(self, message: str, status: StatusCode = StatusCode.INVALID_ARGUMENT) -> None:
-        super().__init__(message)
-        self.status = status

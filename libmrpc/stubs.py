@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc import metadata as md
 from libmrpc.status import RpcError, StatusCode
+from libmrpc.wire import metadata as md
 
 
 @dataclass(frozen=True)

@@ -21,20 +21,27 @@ through ``with_call``, ``future``, ``aio_with_call`` and ``RpcError``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Self
 
-from libmrpc import metadata as md
-from libmrpc.heap import Heap
-from libmrpc.message import ReadOnlyOwner
-from libmrpc.server import ServicerContext, _takes_context
-from libmrpc.session import Call
-from libmrpc.status import RpcError, StatusCode, WireError
+from libmrpc._dispatch import (
+    Handler,
+    Outcome,
+    ServicerContext,
+    handlers_of,
+    run_async,
+    run_sync,
+)
+from libmrpc._heap import Heap
+from libmrpc._message import ReadOnlyOwner
+from libmrpc._session import Call
+from libmrpc.status import RpcError, StatusCode
 from libmrpc.stubs import SchemaInfo
+from libmrpc.wire import metadata as md
+from libmrpc.wire.errors import WireError
 
 MAX_MESSAGE = 64 << 20
 
@@ -53,25 +60,15 @@ def _wire(schema: SchemaInfo, type_name: str, msg: Any) -> Any:
 
 
 class _Session:
-    """Stands in for libmrpc.session.Session: answers calls in the caller's thread."""
+    """Stands in for libmrpc._session.Session: answers calls in the caller's thread."""
 
     def __init__(self, servicers: Iterable[Any]) -> None:
-        self.handlers: dict[tuple[str, int], Any] = {}
+        self.handlers: dict[tuple[str, int], Handler] = {}
         self.closed = False
         for servicer in servicers:
-            for klass in type(servicer).__mro__:
-                schema = klass.__dict__.get("_MRPC_SCHEMA")
-                if schema is None:
-                    continue
-                for mid in schema.SERVICES[klass.__dict__["_MRPC_SERVICE"]]:
-                    fn = getattr(servicer, schema.METHODS[mid].name, None)
-                    if fn is not None and not getattr(fn, "_mrpc_unimplemented", False):
-                        self.handlers[(schema.SCHEMA_HASH, mid)] = fn
-                break
-            else:
-                raise TypeError(
-                    f"{type(servicer).__name__} does not derive from a generated Servicer"
-                )
+            schema, _service, handlers = handlers_of(servicer)
+            for mid, h in handlers.items():
+                self.handlers[(schema.SCHEMA_HASH, mid)] = h
         self._schemas: dict[int, SchemaInfo] = {}
         self._ids = iter(range(1, sys.maxsize))
 
@@ -103,8 +100,8 @@ class _Session:
         deadline_ns = time.monotonic_ns() + int(timeout * 1e9) if timeout is not None else 0
         try:
             received = _wire(schema, method.request, request)
-            fn = self.handlers.get((schema.SCHEMA_HASH, method_id))
-            if fn is None:
+            h = self.handlers.get((schema.SCHEMA_HASH, method_id))
+            if h is None:
                 raise RpcError(
                     StatusCode.UNIMPLEMENTED, f"method {path} is not implemented by this server"
                 )
@@ -113,29 +110,19 @@ class _Session:
             except md.MetadataError as e:
                 raise RpcError(e.status, f"call to {path}: {e}") from None
             ctx = ServicerContext(path, deadline_ns, None, sent)
-            try:
-                reply = fn(received, ctx) if _takes_context(fn) else fn(received)
-                if inspect.isawaitable(reply):
-                    reply = _run(reply)
-            finally:  # the reply's metadata goes back with any outcome, as through mrpcd
-                ctx._terminate()  # the call has ended: callbacks run, no more initial metadata
-                call.trailing = _reply_metadata(path, ctx)
-            if ctx._code not in (None, StatusCode.OK):
-                raise RpcError(ctx._code, ctx._details)
-            if not isinstance(reply, response_cls):
-                raise RpcError(
-                    StatusCode.INTERNAL,
-                    f"handler of {path} returned {type(reply).__name__}, "
-                    f"expected {response_cls._FULL_NAME}",
-                )
-            call.finish(_wire(schema, method.response, reply), None)
+            outcome = (
+                _run(run_async(h, received, ctx)) if h.is_async else run_sync(h, received, ctx)
+            )
+            call.trailing = _reply_metadata(path, outcome)
+            if outcome.code is not StatusCode.OK:
+                raise RpcError(outcome.code, outcome.details)
+            call.finish(_wire(schema, method.response, outcome.reply), None)
         except RpcError as e:
-            call.finish(None, _with_metadata(RpcError(e.code(), e.details()), call.trailing))
+            call.finish(None, _with_metadata(e, call.trailing))
         except WireError as e:
             call.finish(None, RpcError(e.status, f"{path}: {e}"))
-        except Exception as e:  # noqa: BLE001 - a handler exception, as through mrpcd
-            err = RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}")
-            call.finish(None, _with_metadata(err, call.trailing))
+        except Exception as e:  # noqa: BLE001 - a failure outside the handler, as through mrpcd
+            call.finish(None, RpcError(StatusCode.UNKNOWN, f"Exception calling application: {e!r}"))
         return call
 
     def wait_call(self, call: Call, timeout: float | None) -> bool:
@@ -157,13 +144,13 @@ class _Session:
             fut.set_result(call.result)
 
 
-def _reply_metadata(path: str, ctx: ServicerContext) -> md.Metadata:
+def _reply_metadata(path: str, outcome: Outcome) -> md.Metadata:
     """The handler's initial and trailing metadata after mrpcd's checks (a break fails
     the call: RESOURCE_EXHAUSTED when too large, else INTERNAL, as through mrpcd)."""
-    if not ctx._trailing and not ctx._initial:
+    if not outcome.trailing and not outcome.initial:
         return ()
     try:
-        return md.decode(md.encode(ctx._trailing or (), ctx._initial or ()))
+        return md.decode(md.encode(outcome.trailing or (), outcome.initial or ()))
     except md.MetadataError as e:
         code = e.status if e.status is StatusCode.RESOURCE_EXHAUSTED else StatusCode.INTERNAL
         raise RpcError(

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from libmrpc.control import error_reply
+from libmrpc._control import error_reply
 from libmrpc.status import StatusCode
 
 log = logging.getLogger(__name__)

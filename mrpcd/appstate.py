@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from libmrpc.heap import Heap
-from libmrpc.ring import RingConsumer, RingProducer
-from libmrpc.shm import DaemonRegions, notify
+from libmrpc._heap import Heap
+from libmrpc._shm import DaemonRegions, notify
 from libmrpc.status import RpcError, StatusCode
+from libmrpc.wire.ring import RingConsumer, RingProducer
 from mrpcd.engine import Binding, ConnSpec, Rpc
 
 if TYPE_CHECKING:

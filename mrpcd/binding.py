@@ -29,11 +29,11 @@ from typing import Any
 
 # Generated modules import these; importing them with the daemon keeps that
 # one-time cost (tens of ms without bytecode caches) out of the first bind.
-import libmrpc.marshal_rt
-import libmrpc.message
-import libmrpc.stubs  # noqa: F401
-from libmrpc.codegen import exec_codes
-from libmrpc.schema import cache_key_for, check_file_names
+import libmrpc._message
+import libmrpc.stubs
+import libmrpc.wire.marshal  # noqa: F401
+from libmrpc._codegen import exec_codes
+from libmrpc._schema import cache_key_for, check_file_names
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.bindcache import DiskCache
 from mrpcd.compiler import Compiled, compile_in_child, load_payload

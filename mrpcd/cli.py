@@ -9,7 +9,7 @@ import threading
 
 import click
 
-from libmrpc.status import MrpcError
+from libmrpc.status import LocalError
 
 
 @click.group()
@@ -44,7 +44,7 @@ def run(
             config_path or os.environ.get("MRPC_CONFIG"),
             overrides={"prefix": prefix, "listen": listen, "log_level": log_level},
         )
-    except MrpcError as e:
+    except LocalError as e:
         raise click.ClickException(str(e)) from None
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -54,7 +54,7 @@ def run(
     try:
         daemon = Daemon(config)
         daemon.start()
-    except MrpcError as e:
+    except LocalError as e:
         raise click.ClickException(str(e)) from None
     stop = threading.Event()
 

@@ -147,8 +147,8 @@ def _child() -> int:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        from libmrpc.codegen import compile_source, generate_source
-        from libmrpc.schema import compile_texts
+        from libmrpc._codegen import compile_source, generate_source
+        from libmrpc._schema import compile_texts
 
         bundle = compile_texts(req["texts"])
         filename = f"<mrpc schema {bundle.cache_key[:16]}>"

@@ -43,7 +43,7 @@ from typing import Any, cast
 
 import yaml
 
-from libmrpc.paths import default_prefix
+from libmrpc._paths import default_prefix
 from libmrpc.status import ConfigError
 from mrpcd.engine.settings import LimitsConfig, TcpConfig
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
+from libmrpc._control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
 from libmrpc.status import StatusCode
 from mrpcd.accept import BACKOFF, OUT_OF_FDS, RateLimitedLog, refuse_connection, spare_fd
 

@@ -10,13 +10,13 @@ from typing import Any
 import click
 import yaml
 
-from libmrpc.control import open_control, request
-from libmrpc.paths import check_daemon_peer, operator_socket_path, resolve_prefix
+from libmrpc._control import open_control, request
+from libmrpc._paths import check_daemon_peer, operator_socket_path, resolve_prefix
 from libmrpc.status import RpcError
 
 
 def _operator_socket(prefix: str | None) -> str:
-    """The operator socket at ``prefix`` (checked: root's or ours, see libmrpc.paths)."""
+    """The operator socket at ``prefix`` (checked: root's or ours, see libmrpc._paths)."""
     return operator_socket_path(resolve_prefix(prefix))
 
 
@@ -146,7 +146,7 @@ def schema() -> None:
 @click.pass_context
 def prefetch(ctx: click.Context, proto: str, include: tuple[str, ...]) -> None:
     """Compile PROTO into the daemon's binding cache, so apps bind in milliseconds."""
-    from libmrpc.schema import read_proto
+    from libmrpc._schema import read_proto
 
     texts = read_proto(proto, include_dirs=include)
     r = _call(ctx, {"op": "schema_prefetch", "texts": texts})

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from libmrpc import marshal_rt
-from libmrpc.control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
-from libmrpc.paths import daemon_state
-from libmrpc.schema import cache_key_for
-from libmrpc.shm import ShmLayout, create_regions, drain
-from libmrpc.status import ConfigError, MrpcError, RpcError, StatusCode
+from libmrpc._control import error_reply, peer_credentials, peer_groups, recv_msg, send_msg
+from libmrpc._paths import daemon_state
+from libmrpc._schema import cache_key_for
+from libmrpc._shm import ShmLayout, create_regions, drain
+from libmrpc.status import ConfigError, LocalError, MrpcError, RpcError, StatusCode
+from libmrpc.wire import marshal as marshal_rt
 from mrpcd import VERSION
 from mrpcd.accept import OUT_OF_FDS, accept_loop
 from mrpcd.appstate import AppState, Router
@@ -142,7 +142,7 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             other = daemon_state(self.prefix).get("pid", "?")
-            raise MrpcError(
+            raise LocalError(
                 f"another mrpcd (pid {other}) already runs with prefix {self.prefix}; "
                 f"stop it or choose another --prefix"
             ) from None
@@ -197,7 +197,7 @@ class Daemon:
             sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise MrpcError(
+            raise LocalError(
                 f"cannot listen on {format_hostport(host, port)}: {e.strerror}; "
                 f"choose another address with --listen or MRPC_LISTEN"
             ) from None

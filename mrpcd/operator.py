@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from libmrpc.control import error_reply
+from libmrpc._control import error_reply
 from libmrpc.status import MrpcError, RpcError, StatusCode
 from mrpcd import VERSION
 

@@ -25,12 +25,12 @@ import socket
 import stat
 from pathlib import Path
 
-from libmrpc.status import MrpcError
+from libmrpc.status import LocalError
 
 log = logging.getLogger(__name__)
 
 
-class PrefixError(MrpcError):
+class PrefixError(LocalError):
     """A directory or file of the daemon is unsafe to use; nothing was changed."""
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
+from libmrpc.status import LocalError
 from mrpcd.engine import Engine, validate_engine_class
 
 
-class EngineLoadError(Exception):
-    """An engine module is missing or does not implement the engine contract."""
+class EngineLoadError(LocalError):
+    """An engine module is missing or does not implement the engine contract.
+
+    A local misuse (the configured module path or the engine's code is wrong);
+    the message names the engine, its module and what is missing."""
 
 
 class EngineRegistry:

@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from libmrpc.status import ConfigError, StatusCode, WireError
+from libmrpc.status import ConfigError, StatusCode
+from libmrpc.wire.errors import WireError
 from mrpcd.engine.ports import AppPort, Poller, Services
 
 ENGINE_API_VERSION = 1

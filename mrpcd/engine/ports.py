@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mrpcd.engine.settings import DEFAULT_LIMITS, DEFAULT_TCP, LimitsConfig, TcpConfig
 
 if TYPE_CHECKING:
-    from libmrpc.heap import Heap
-    from libmrpc.ring import RingConsumer, RingProducer
+    from libmrpc._heap import Heap
+    from libmrpc.wire.ring import RingConsumer, RingProducer
     from mrpcd.engine.core import Rpc
     from mrpcd.engine.items import Binding, ConnSpec
 

@@ -13,8 +13,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from libmrpc.heap import Heap
-from libmrpc.wire import CALL, HELLO, FrameAssembler, FrameHeader, encode_header, encode_json_frame
+from libmrpc._heap import Heap
+from libmrpc.wire.frames import (
+    CALL,
+    HELLO,
+    FrameAssembler,
+    FrameHeader,
+    encode_header,
+    encode_json_frame,
+)
 
 
 def proc_stats(pid: int) -> dict[str, int]:

@@ -14,11 +14,10 @@ import pytest
 
 import libmrpc
 from libmrpc import RpcError, StatusCode
-from libmrpc.control import open_control, recv_msg, request, send_msg
-from libmrpc.heap import Heap
-from libmrpc.ring import SUB_CALL, SUB_RELEASE
-from libmrpc.session import Call, get_session
-from libmrpc.wire import (
+from libmrpc._control import open_control, recv_msg, request, send_msg
+from libmrpc._heap import Heap
+from libmrpc._session import Call, get_session
+from libmrpc.wire.frames import (
     CALL,
     ERROR,
     HELLO,
@@ -28,6 +27,7 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.ring import SUB_CALL, SUB_RELEASE
 from tests.integration.conftest import ROOT, Cluster
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")

@@ -20,7 +20,7 @@ testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
 OPERATE = """
 import json, os, sys
-from libmrpc.control import open_control, recv_msg, request, send_msg
+from libmrpc._control import open_control, recv_msg, request, send_msg
 prefix, register_first = sys.argv[1], sys.argv[2] == "app"
 if register_first:  # this process is an mrpc application first
     app = open_control(os.path.join(prefix, "app.sock"))

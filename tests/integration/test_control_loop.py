@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from libmrpc import RpcError, StatusCode
-from libmrpc.control import ControlError, open_control, request, send_msg
+from libmrpc._control import ControlError, open_control, request, send_msg
 from tests.integration.conftest import Cluster, Daemon
 from tests.integration.test_control_robustness import resources, wait_apps
 

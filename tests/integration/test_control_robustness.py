@@ -14,14 +14,14 @@ import pytest
 
 import libmrpc
 from libmrpc import StatusCode
-from libmrpc.control import ControlError, open_control, recv_msg, request, send_msg
+from libmrpc._control import ControlError, open_control, recv_msg, request, send_msg
 from tests.integration.conftest import ROOT, Cluster, Daemon
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
 HIT_AND_RUN = """
 import socket, sys, time
-from libmrpc.control import send_msg
+from libmrpc._control import send_msg
 path, n = sys.argv[1], int(sys.argv[2])
 for i in range(n):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -41,7 +41,7 @@ NO_RATE = "apps:\n  register_rate: 1000000\n  register_burst: 1000000\n"
 
 FLOOD = """
 import sys
-from libmrpc.control import ControlError, open_control, request
+from libmrpc._control import ControlError, open_control, request
 path, n = sys.argv[1], int(sys.argv[2])
 ok = refused = 0
 detail = ""

@@ -18,8 +18,8 @@ import pytest
 
 import libmrpc
 from libmrpc import StatusCode
-from libmrpc.session import get_session
-from libmrpc.wire import ERROR, HELLO_ACK, PING, REPLY, encode_header
+from libmrpc._session import get_session
+from libmrpc.wire.frames import ERROR, HELLO_ACK, PING, REPLY, encode_header
 from tests.integration.conftest import ROOT, App, Cluster, Daemon
 from tests.integration.hostile_peer import (
     Peer,

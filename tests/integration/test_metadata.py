@@ -338,7 +338,7 @@ def test_the_first_calls_timeout_bounds_bind_and_connect(cluster: Cluster) -> No
     a = cluster.daemon("a")
     b = cluster.daemon("b")
     cluster.server(b, "--mode", "inline")
-    from libmrpc.session import get_session
+    from libmrpc._session import get_session
 
     get_session(a.prefix, "first-call")  # registered; no schema bound, no connection yet
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="first-call"))

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from libmrpc import RpcError, StatusCode
-from libmrpc.control import open_control
-from libmrpc.schema import cache_key_for
+from libmrpc._control import open_control
+from libmrpc._schema import cache_key_for
 from tests.integration.conftest import ROOT, Cluster, User
 from tests.integration.test_schema_bind import bind, raw_app
 
@@ -306,7 +306,7 @@ def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) 
     )
     try:
         assert fake.stdout is not None and fake.stdout.readline().strip() == "READY"
-        from libmrpc.session import Session
+        from libmrpc._session import Session
 
         with pytest.raises(RpcError) as info:
             Session(prefix, name="victim")
@@ -323,7 +323,7 @@ def test_app_refuses_prefix_of_another_user(shared_dir: Path, other_user: User) 
             check=False,
         )
         assert ctl.returncode != 0 and "PERMISSION_DENIED" in ctl.stderr, ctl.stderr
-        from libmrpc.paths import check_daemon_peer
+        from libmrpc._paths import check_daemon_peer
 
         sock = open_control(
             str(prefix / "app.sock")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 
 import libmrpc
 from tests.integration.conftest import ROOT, Cluster
-from tests.unit.libmrpc.test_marshal_property import ALLTYPES, message_strategy
+from tests.unit.libmrpc.wire.test_marshal_property import ALLTYPES, message_strategy
 
 alltypes = libmrpc.load_proto(ROOT / "schemas" / "alltypes.proto")
 

@@ -19,7 +19,7 @@ import pytest
 
 import libmrpc
 from libmrpc import RpcError, StatusCode
-from libmrpc.control import open_control, request
+from libmrpc._control import open_control, request
 from tests.integration.conftest import ROOT, Cluster
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")

@@ -7,7 +7,7 @@ import gc
 import time
 
 import libmrpc
-from libmrpc.session import get_session
+from libmrpc._session import get_session
 from tests.integration.conftest import ROOT, Cluster
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")

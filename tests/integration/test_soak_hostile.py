@@ -30,8 +30,8 @@ from collections.abc import Callable
 import pytest
 
 import libmrpc
-from libmrpc.control import open_control, recv_msg, send_msg
-from libmrpc.wire import CALL, PING, encode_header
+from libmrpc._control import open_control, recv_msg, send_msg
+from libmrpc.wire.frames import CALL, PING, encode_header
 from tests.integration.conftest import APPS, ROOT, Cluster, Daemon
 from tests.integration.hostile_peer import Peer, call_frame, hello, proc_stats, request_image
 

@@ -79,7 +79,7 @@ def test_register_leave_cycles_return_fds_and_rss_to_baseline(cluster):
     import os
     import time
 
-    from libmrpc.control import open_control, request
+    from libmrpc._control import open_control, request
 
     a = cluster.daemon(
         "a",
@@ -130,8 +130,8 @@ def test_a_timed_out_call_never_sends_bytes_the_app_rewrote(cluster):
 
     import libmrpc
     from libmrpc import RpcError, StatusCode
-    from libmrpc.session import get_session
-    from libmrpc.wire import CALL, HELLO, HELLO_ACK, FrameAssembler, encode_json_frame
+    from libmrpc._session import get_session
+    from libmrpc.wire.frames import CALL, HELLO, HELLO_ACK, FrameAssembler, encode_json_frame
 
     testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
     a = cluster.daemon("a", config="tcp:\n  sndbuf: 65536\n")
@@ -321,8 +321,8 @@ def test_an_old_peer_sending_an_oversize_reply_fails_that_call_only(cluster):
 
     import libmrpc
     from libmrpc import RpcError, StatusCode
-    from libmrpc.heap import Heap
-    from libmrpc.wire import (
+    from libmrpc._heap import Heap
+    from libmrpc.wire.frames import (
         CALL,
         HELLO,
         HELLO_ACK,

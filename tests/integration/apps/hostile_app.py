@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 import libmrpc
-from libmrpc.ring import CMP_REPLY, CMP_REQUEST, DESCRIPTOR, SUB_CALL, SUB_RELEASE, SUB_REPLY
-from libmrpc.session import get_session
-from libmrpc.shm import notify
+from libmrpc._session import get_session
+from libmrpc._shm import notify
 from libmrpc.status import StatusCode
+from libmrpc.wire.ring import CMP_REPLY, CMP_REQUEST, DESCRIPTOR, SUB_CALL, SUB_RELEASE, SUB_REPLY
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 alltypes = libmrpc.load_proto(ROOT / "schemas" / "alltypes.proto")

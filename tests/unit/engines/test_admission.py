@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from engines.admission import MAX_TIMEOUT, U64_MAX, app_deadline, deadline_field
-from libmrpc import marshal_rt
-from libmrpc.heap import Heap
+from libmrpc._heap import Heap
 from libmrpc.loader import load_proto
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire import marshal as marshal_rt
+from libmrpc.wire.errors import WireError
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 AT = load_proto(SCHEMAS / "alltypes.proto")

@@ -18,11 +18,10 @@ import pytest
 import libmrpc
 from engines.frontend import Frontend
 from engines.tcp import TcpTransport
-from libmrpc.heap import Heap
-from libmrpc.ring import CMP_REPLY, DESCRIPTOR, SUB_CALL, RingConsumer, RingProducer
-from libmrpc.shm import ShmLayout, create_regions, map_app_regions
+from libmrpc._heap import Heap
+from libmrpc._shm import ShmLayout, create_regions, map_app_regions
 from libmrpc.status import StatusCode
-from libmrpc.wire import (
+from libmrpc.wire.frames import (
     CALL,
     HELLO,
     HELLO_ACK,
@@ -31,6 +30,7 @@ from libmrpc.wire import (
     encode_header,
     encode_json_frame,
 )
+from libmrpc.wire.ring import CMP_REPLY, DESCRIPTOR, SUB_CALL, RingConsumer, RingProducer
 from mrpcd.appstate import AppState
 from mrpcd.engine import (
     DEFAULT_TCP,

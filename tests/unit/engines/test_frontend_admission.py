@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 
 from engines.frontend import Frontend
-from libmrpc.ring import CMP_RECLAIM, CMP_REPLY, CMPF_DUPLICATE, DESCRIPTOR, SUB_CALL, SUB_REPLY
 from libmrpc.status import StatusCode
+from libmrpc.wire.ring import (
+    CMP_RECLAIM,
+    CMP_REPLY,
+    CMPF_DUPLICATE,
+    DESCRIPTOR,
+    SUB_CALL,
+    SUB_REPLY,
+)
 from mrpcd.engine import DEFAULT_LIMITS, ConnSpec, MockClock, Rpc, RpcKind
 from tests.unit.engines import test_engines_core as core
 from tests.unit.engines.test_engines_core import _engine, echo

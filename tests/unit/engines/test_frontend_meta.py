@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from engines.frontend import Frontend
-from libmrpc import metadata as md
-from libmrpc.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from libmrpc.status import StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.ring import DESCRIPTOR, SUB_CALL, SUB_CANCEL, SUBF_METADATA
 from mrpcd.engine import ConnSpec, MockClock, RpcKind
 from tests.unit.engines import test_engines_core as core
 from tests.unit.engines.test_engines_core import _engine, echo
@@ -93,7 +93,7 @@ def test_a_reply_carries_initial_metadata_through_and_too_much_is_resource_exhau
 ) -> None:
     from types import SimpleNamespace
 
-    from libmrpc.ring import CMP_REPLY, CMPF_METADATA, SUB_REPLY
+    from libmrpc.wire.ring import CMP_REPLY, CMPF_METADATA, SUB_REPLY
     from mrpcd.engine import Rpc
 
     state, app, _ = app_pair

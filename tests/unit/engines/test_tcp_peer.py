@@ -14,8 +14,9 @@ from engines import tcp_resolve
 from engines.tcp import TcpTransport
 from engines.tcp_conn import Conn, ConnState
 from engines.tcp_limits import PeerLimits, admit, overdue, settle
-from libmrpc.status import StatusCode, WireError
-from libmrpc.wire import CALL, HELLO, encode_header
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.frames import CALL, HELLO, encode_header
 from mrpcd.engine import ConnSpec, MethodRef, MockClock, Rpc, RpcKind
 from mrpcd.runtime import Poller
 from tests.unit.engines import test_engines_core as core
@@ -146,7 +147,7 @@ def test_ip_literals_skip_resolution(slow_resolver) -> None:
 
 def _conn(outbound: bool = False) -> SimpleNamespace:
     from engines.tcp_conn import ConnState
-    from libmrpc.wire import FrameAssembler
+    from libmrpc.wire.frames import FrameAssembler
 
     return SimpleNamespace(
         state=ConnState.HELLO_SENT if outbound else ConnState.AWAIT_HELLO,

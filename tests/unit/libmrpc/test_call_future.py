@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from libmrpc.session import Call
+from libmrpc._session import Call
 from libmrpc.stubs import CallFuture
 
 

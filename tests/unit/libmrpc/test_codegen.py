@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import struct
 import subprocess
 import sys
@@ -12,13 +14,15 @@ from types import ModuleType
 import pytest
 from click.testing import CliRunner
 
-from libmrpc import codegen, schema
-from libmrpc.codegen import generate_source, load_cached, load_module
-from libmrpc.heap import Heap
-from libmrpc.layout import LAYOUT_VERSION, MethodInfo
+from libmrpc import _codegen as codegen
+from libmrpc import _schema as schema
+from libmrpc._codegen import generate_source, load_cached, load_module
+from libmrpc._heap import Heap
+from libmrpc._schema import GENERATOR_VERSION, compile_texts, read_proto
 from libmrpc.loader import load_proto
-from libmrpc.schema import GENERATOR_VERSION, compile_texts, read_proto
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.layout import LAYOUT_VERSION, MethodInfo
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 REF = struct.Struct("<II")
@@ -32,6 +36,30 @@ def bundle() -> schema.SchemaBundle:
 @pytest.fixture(scope="module")
 def mod(bundle: schema.SchemaBundle) -> ModuleType:
     return load_module(bundle)
+
+
+def test_generated_imports_name_modules_of_this_version(bundle: schema.SchemaBundle) -> None:
+    """Generated code imports libmrpc modules by name: every one must exist, and a
+    change of those names bumps GENERATOR_VERSION (the cache key) so a module cached
+    by an older version is regenerated, not imported with stale names."""
+    tree = ast.parse(generate_source(bundle))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("libmrpc"):
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("libmrpc"))
+    assert "libmrpc.wire.marshal" in names and "libmrpc._message" in names
+    for name in sorted(names):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # `from libmrpc.wire.errors import WireError`: an attribute
+            parent, _, attr = name.rpartition(".")
+            assert hasattr(importlib.import_module(parent), attr), (
+                f"generated code imports {name}, which does not exist"
+            )
+    assert GENERATOR_VERSION != "1"  # version 1 imported libmrpc.marshal_rt, libmrpc.message
 
 
 def test_module_contents(mod: ModuleType, bundle: schema.SchemaBundle) -> None:
@@ -170,7 +198,7 @@ def load_proto_texts(texts: dict[str, str], cache: Path) -> ModuleType:
 
 
 def test_mrpc_protoc_cli(tmp_path: Path) -> None:
-    from libmrpc.protoc import main
+    from libmrpc._protoc import main
 
     out = tmp_path / "out"
     res = CliRunner().invoke(
@@ -202,7 +230,7 @@ def test_mrpc_protoc_cli(tmp_path: Path) -> None:
 
 
 def test_mrpc_protoc_cli_reports_schema_errors(tmp_path: Path) -> None:
-    from libmrpc.protoc import main
+    from libmrpc._protoc import main
 
     bad = tmp_path / "bad.proto"
     bad.write_text('syntax = "proto3";\nmessage M { int32 x = 1 }\n')

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from libmrpc.control import (
+from libmrpc._control import (
     MAX_PACKET,
     ControlError,
     error_reply,
@@ -222,7 +222,7 @@ def test_open_control_connects(tmp_path: os.PathLike[str]) -> None:
     ],
 )
 def test_depth_within_limit_or_inside_strings_is_fine(text: bytes) -> None:
-    from libmrpc.control import check_depth
+    from libmrpc._control import check_depth
 
     check_depth(text)
 
@@ -237,6 +237,6 @@ def test_deep_nesting_is_a_value_error_not_recursion(pair: Pair) -> None:
 
 
 def test_peer_groups_are_this_process_groups(pair: Pair) -> None:
-    from libmrpc.control import peer_groups
+    from libmrpc._control import peer_groups
 
     assert peer_groups(pair[0]) == frozenset(os.getgroups())

@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from libmrpc.heap import MIN_BLOCK, BuddyAllocator, Heap, HeapExhausted, HeapStatistics
+from libmrpc._heap import MIN_BLOCK, BuddyAllocator, Heap, HeapExhausted, HeapStatistics
 
 KIB = 1024
 

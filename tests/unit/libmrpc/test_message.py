@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from libmrpc import message as rt
-from libmrpc.heap import Heap
+from libmrpc import _message as rt
+from libmrpc._heap import Heap
 from libmrpc.loader import load_proto
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from libmrpc import schema
-from libmrpc.codegen import load_module
-from libmrpc.schema import cache_key_for, compile_texts, imports_of, read_proto
+from libmrpc import _schema as schema
+from libmrpc._codegen import load_module
+from libmrpc._schema import cache_key_for, compile_texts, imports_of, read_proto
 from libmrpc.status import SchemaError
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from libmrpc.control import recv_msg, send_msg
-from libmrpc.ring import ring_bytes
-from libmrpc.shm import (
+from libmrpc._control import recv_msg, send_msg
+from libmrpc._shm import (
     F_SEAL_FUTURE_WRITE,
     AppRegions,
     DaemonRegions,
@@ -26,6 +25,7 @@ from libmrpc.shm import (
     map_app_regions,
     notify,
 )
+from libmrpc.wire.ring import ring_bytes
 
 LAYOUT = ShmLayout(ring_slots=16, send_heap_size=64 * 1024, recv_heap_size=128 * 1024)
 SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL

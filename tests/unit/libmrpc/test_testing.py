@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 import libmrpc
 from libmrpc import RpcError, StatusCode
 from libmrpc.testing import channel_for
-from tests.unit.libmrpc.test_marshal_property import ALLTYPES, message_strategy
+from tests.unit.libmrpc.wire.test_marshal_property import ALLTYPES, message_strategy
 
 ROOT = Path(__file__).resolve().parents[3]
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
@@ -164,3 +164,49 @@ def test_send_initial_metadata_rules_match_grpcio() -> None:
 
 async def _await(aw: object) -> object:
     return await aw  # type: ignore[misc]
+
+
+class Contextual(testing.TestServicer):
+    """Uses the context the way the server's dispatcher serves it."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    async def Call(self, request, context):
+        context.add_callback(lambda: self.ended.append(request.key))
+        await asyncio.sleep(0)
+        context.set_trailing_metadata([("x-key", request.key)])
+        if request.fail:
+            context.abort(StatusCode.FAILED_PRECONDITION, request.fail)
+        remaining = context.time_remaining()
+        return testing.Reply(key=f"{remaining is not None and 0 < remaining <= 5}")
+
+
+def test_async_handlers_get_the_servers_context_semantics() -> None:
+    """Trailing metadata set after an await, callbacks and deadlines, as on the server."""
+    servicer = Contextual()
+    stub = testing.TestStub(channel_for([servicer]))
+    reply, call = stub.Call.with_call(testing.Request(key="a"), timeout=5)
+    assert reply.key == "True"
+    assert call.trailing_metadata() == (("x-key", "a"),)
+    with pytest.raises(RpcError) as e:
+        stub.Call(testing.Request(key="b", fail="not now"))
+    assert e.value.code() is StatusCode.FAILED_PRECONDITION
+    assert e.value.trailing_metadata() == (("x-key", "b"),)  # sent with the error too
+    assert servicer.ended == ["a", "b"]  # add_callback ran when each call ended
+
+
+def test_a_wrong_reply_type_is_internal_as_on_the_server() -> None:
+    class Wrong(testing.TestServicer):
+        def Call(self, request, context):
+            return testing.Request()
+
+    with pytest.raises(RpcError) as e:
+        testing.TestStub(channel_for([Wrong()])).Call(testing.Request())
+    assert e.value.code() is StatusCode.INTERNAL
+    assert "returned Request, expected mrpctest.Reply" in e.value.details()
+
+
+def test_channel_for_refuses_what_is_not_a_servicer() -> None:
+    with pytest.raises(TypeError, match="does not derive from a generated"):
+        channel_for([object()])

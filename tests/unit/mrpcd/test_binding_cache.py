@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from libmrpc.schema import cache_key_for
+from libmrpc._schema import cache_key_for
 from libmrpc.status import RpcError, SchemaError, StatusCode
 from mrpcd import binding as binding_mod
 from mrpcd.bindcache import MAGIC

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from libmrpc.control import recv_msg, send_msg
+from libmrpc._control import recv_msg, send_msg
 from mrpcd.control_loop import AppConn, ControlLoop
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 from mrpcd.engine import (
     EngineContext,
     MethodRef,

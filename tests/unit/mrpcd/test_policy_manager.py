@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from libmrpc.shm import ShmLayout, create_regions
+from libmrpc._shm import ShmLayout, create_regions
 from libmrpc.status import ConfigError, RpcError, StatusCode
 from mrpcd.appstate import AppState
 from mrpcd.config import PolicyAttachment

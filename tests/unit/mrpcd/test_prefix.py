@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from libmrpc.paths import app_socket_path, daemon_state
+from libmrpc._paths import app_socket_path, daemon_state
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.bindcache import DiskCache
 from mrpcd.compiler import Compiled
@@ -130,8 +130,8 @@ def test_daemon_user_can_be_trusted_by_name(
 
 
 def test_app_side_cache_ignores_files_others_may_write(tmp_path: Path) -> None:
+    from libmrpc._schema import cache_key_for, read_proto
     from libmrpc.loader import load_proto
-    from libmrpc.schema import cache_key_for, read_proto
 
     proto = tmp_path / "appcache.proto"
     proto.write_text('syntax = "proto3";\npackage appcache;\nmessage M { int32 x = 1; }\n')

@@ -11,9 +11,9 @@ from types import ModuleType
 import pytest
 
 import libmrpc
-from libmrpc.codegen import load_module
-from libmrpc.schema import compile_texts
-from libmrpc.shm import ShmLayout, create_regions
+from libmrpc._codegen import load_module
+from libmrpc._schema import compile_texts
+from libmrpc._shm import ShmLayout, create_regions
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.appstate import AppState, Router
 from mrpcd.engine import Binding

@@ -1,4 +1,4 @@
-"""Heap allocators for shared-memory message heaps.
+"""The buddy allocator behind every message heap: pure bookkeeping over offsets.
 
 How this works: a binary buddy allocator over offsets. The heap is split into
 blocks of ``min_block << order`` bytes; a request is rounded up to the next block
@@ -12,7 +12,6 @@ The first block is reserved, so offset 0 is never handed out and can mean "null"
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from libmrpc.status import RpcError, StatusCode
@@ -137,44 +136,3 @@ class BuddyAllocator:
             allocations=len(self._allocated) - 1,
             largest_free=self.largest_free(),
         )
-
-
-class Heap:
-    """A byte buffer plus a thread-safe allocator over it.
-
-    ``buf`` is a writable memoryview for heaps this process allocates in. The
-    buffer may be an ``mmap`` of shared memory or a private ``bytearray``.
-    """
-
-    def __init__(self, buf: memoryview, *, name: str = "heap", min_block: int = MIN_BLOCK) -> None:
-        self.buf = buf
-        self.name = name
-        self._alloc = BuddyAllocator(len(buf), min_block=min_block, name=name)
-        self._lock = threading.Lock()
-        self.closed = False
-
-    @classmethod
-    def private(cls, size: int, *, name: str = "private heap") -> Heap:
-        """A heap in process-private memory (detached messages, tests)."""
-        return cls(memoryview(bytearray(size)), name=name)
-
-    @property
-    def size(self) -> int:
-        return self._alloc.size
-
-    def alloc(self, n: int) -> int:
-        with self._lock:
-            return self._alloc.alloc(n)
-
-    def free(self, off: int) -> None:
-        with self._lock:
-            if not self.closed:
-                self._alloc.free(off)
-
-    def block_size(self, off: int) -> int:
-        with self._lock:
-            return self._alloc.block_size(off)
-
-    def statistics(self) -> HeapStatistics:
-        with self._lock:
-            return self._alloc.statistics()

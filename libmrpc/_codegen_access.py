@@ -20,7 +20,7 @@ Names used by the generated code: ``_C<k>`` classes, ``_F<k>_<i>`` field specs,
 
 from __future__ import annotations
 
-from libmrpc.layout import FieldLayout, Kind, MessageLayout
+from libmrpc.wire.layout import FieldLayout, Kind, MessageLayout
 
 # struct format char -> identifier suffix of the _U_/_P_ helpers
 FMT_NAMES = {"d": "d", "f": "f", "i": "i", "I": "I", "q": "q", "Q": "Q", "?": "b"}

@@ -13,12 +13,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libmrpc.heap import Heap
+from libmrpc._heap import Heap
+from libmrpc._message import ReadOnlyOwner
 from libmrpc.loader import load_proto
-from libmrpc.message import ReadOnlyOwner
-from libmrpc.status import WireError
+from libmrpc.wire.errors import WireError
 
-SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[4] / "schemas"
 MOD: ModuleType = load_proto(SCHEMAS / "alltypes.proto")
 ZC = 48  # zero_copy_min: blobs of at least this many bytes become segments
 HEAP = Heap.private(8 << 20, name="property heap")

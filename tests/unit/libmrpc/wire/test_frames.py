@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libmrpc.status import StatusCode, WireError
-from libmrpc.wire import (
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
+from libmrpc.wire.frames import (
     CALL,
     DISCARD,
     ERROR,

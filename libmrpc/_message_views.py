@@ -2,7 +2,7 @@
 
 How this works: a repeated field is a reference ``(offset, count)`` to a contiguous
 array (packed scalars, refs to blobs, or records). A view object holds the message
-and the field's :class:`~libmrpc.message.FieldSpec` and re-reads the reference on
+and the field's :class:`~libmrpc._message.FieldSpec` and re-reads the reference on
 every operation, so views never go stale when another view grows the array.
 Growing reallocates with doubling capacity (capacities are remembered by the
 arena); element views of repeated *messages* are registered with the arena, which
@@ -22,8 +22,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from libmrpc.layout import Kind
-from libmrpc.message import (
+from libmrpc._message import (
     REF,
     U32,
     U64,
@@ -35,6 +34,7 @@ from libmrpc.message import (
     put_blob,
     zeros,
 )
+from libmrpc.wire.layout import Kind
 
 _EMPTY = memoryview(b"").toreadonly()
 

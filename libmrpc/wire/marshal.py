@@ -26,8 +26,9 @@ from __future__ import annotations
 import struct
 from typing import Any, NoReturn
 
-from libmrpc.layout import MAX_DEPTH
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import TooBig, WireError
+from libmrpc.wire.layout import MAX_DEPTH
 
 REF = struct.Struct("<II")
 U32_MAX = 0xFFFFFFFF
@@ -45,14 +46,6 @@ def set_work_limit(n: int) -> None:
     if type(n) is not int or n < 1:
         raise ValueError(f"work limit must be an integer >= 1, got {n!r}")
     WORK = n
-
-
-class TooBig(WireError):
-    """The marshalled message would exceed the size limit it was given."""
-
-    def __init__(self, message: str, at_least: int) -> None:
-        super().__init__(message, StatusCode.RESOURCE_EXHAUSTED)
-        self.at_least = at_least  # bytes the message needs, at least
 
 
 def _short(v: Any) -> str:

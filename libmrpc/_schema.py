@@ -28,10 +28,10 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from libmrpc.layout import LAYOUT_VERSION, all_messages, attr_name, compute_layouts
 from libmrpc.status import SchemaError
+from libmrpc.wire.layout import LAYOUT_VERSION, all_messages, attr_name, compute_layouts
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: generated code imports libmrpc.wire.* and libmrpc._message*
 
 WELL_KNOWN_PREFIX = "google/protobuf/"
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -55,7 +55,7 @@ MODULE_NAMES = frozenset(
     }
 )
 # Attributes the generator and the runtime set on every generated message class
-# (besides the methods of libmrpc.message.Message): no field, nested type or
+# (besides the methods of libmrpc._message.Message): no field, nested type or
 # nested enum value may take them.
 CLASS_NAMES = frozenset({"_FULL_NAME", "_SIZE", "_LAYOUT", "_PB", "_SPECS", "_ATTRS", "_MEMBERS"})
 # Attributes of generated servicer/stub classes: no method may take them.
@@ -268,7 +268,7 @@ def _ident(name: str, what: str, file: str, *, allow_keyword: bool = False) -> N
 
 
 def _reserved_attrs() -> frozenset[str]:
-    from libmrpc.message import Message
+    from libmrpc._message import Message
 
     return frozenset(dir(Message)) | CLASS_NAMES
 

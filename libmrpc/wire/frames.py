@@ -10,7 +10,7 @@ CALL bodies and REPLY bodies are message *images* (see docs/LAYOUT.md); ERROR
 bodies are UTF-8 details; HELLO/HELLO_ACK bodies are JSON. For a CALL, ``aux``
 is the remaining timeout in microseconds (0 = none). A call with metadata is
 preceded by a METADATA frame with the same call_id whose body is the metadata
-block (libmrpc/metadata.py); a call without metadata is exactly the CALL frame.
+block (libmrpc/wire/metadata.py); a call without metadata is exactly the CALL frame.
 Likewise a METADATA frame before a REPLY / ERROR carries the server's metadata
 (trailing, and initial when the handler sent any, as one block).
 CANCEL (call_id = the CALL's, no body): the caller cancelled; its reply is unwanted.
@@ -41,7 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libmrpc.status import StatusCode, WireError
+from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 
 MAGIC = 0x524D  # b"MR" little-endian
 PROTOCOL_VERSION = 1

@@ -1,7 +1,7 @@
 """Runtime base of the generated message classes: views over records in a heap.
 
 How this works: a message object is a *view* ``(buf, base, off, owner)`` onto a
-fixed-size record laid out by :mod:`libmrpc.layout`; ``buf`` is a memoryview of a
+fixed-size record laid out by :mod:`libmrpc.wire.layout`; ``buf`` is a memoryview of a
 whole heap (or of a received image's heap), references inside records are
 ``(offset, length)`` pairs relative to ``base``. Generated subclasses add one
 property per field whose getter/setter is straight-line ``struct`` code.
@@ -31,15 +31,15 @@ import struct
 import threading
 from typing import Any, ClassVar
 
-from libmrpc.arena import (
+from libmrpc._arena import (
     Arena,
     ReadOnlyOwner,
     default_heap,
     set_default_heap,
     zeros,
 )
-from libmrpc.heap import Heap
-from libmrpc.layout import Kind, MessageLayout, OneofLayout
+from libmrpc._heap import Heap
+from libmrpc.wire.layout import Kind, MessageLayout, OneofLayout
 
 __all__ = [
     "Arena",
@@ -378,7 +378,7 @@ class Message:
         """
         if isinstance(other, Message) and other._buf is self._buf and other._off == self._off:
             return
-        from libmrpc.message_views import fill
+        from libmrpc._message_views import fill
 
         if self._w:
             self._wprep()
@@ -387,14 +387,14 @@ class Message:
 
     def to_pb(self) -> Any:
         """This message as an instance of the official protobuf class (a copy)."""
-        from libmrpc.message_views import to_pb
+        from libmrpc._message_views import to_pb
 
         return to_pb(self)
 
     @classmethod
     def from_pb(cls, pb: Any, heap: Heap | None = None) -> Any:
         """A new message (new arena on ``heap`` or the default heap) copied from ``pb``."""
-        from libmrpc.message_views import fill
+        from libmrpc._message_views import fill
 
         m = cls.new(heap if heap is not None else default_heap())
         fill(m, pb)
@@ -451,7 +451,7 @@ def link_message(parent: Message, spec: FieldSpec) -> int:
 
 def copy_message(msg: Message, heap: Heap) -> Any:
     """A deep copy of ``msg`` in a new arena on ``heap`` (e.g. the app's send heap)."""
-    from libmrpc.message_views import fill
+    from libmrpc._message_views import fill
 
     m = type(msg).new(heap)
     fill(m, msg)

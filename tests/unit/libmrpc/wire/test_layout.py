@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from libmrpc.codegen import load_module
-from libmrpc.heap import Heap
-from libmrpc.layout import LAYOUT_VERSION, Kind, MessageLayout, compute_layouts
-from libmrpc.schema import compile_texts, read_proto
+from libmrpc._codegen import load_module
+from libmrpc._heap import Heap
+from libmrpc._schema import compile_texts, read_proto
+from libmrpc.wire.layout import LAYOUT_VERSION, Kind, MessageLayout, compute_layouts
 
-SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[4] / "schemas"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from libmrpc.codegen import generate_source, write_atomic
-from libmrpc.schema import compile_texts, read_proto
+from libmrpc._codegen import generate_source, write_atomic
+from libmrpc._schema import compile_texts, read_proto
 from libmrpc.status import SchemaError
 
 

@@ -5,14 +5,14 @@ functions are emitted: ``_mx<k>`` (send side: rewrite the references of a record
 already copied into the image head, emitting their targets) and ``_vx<k>``
 (receive side: check the references of a record inside an image). Offsets, record
 sizes, element strides and the recursion targets are constants in the code; the
-runtime state classes live in :mod:`libmrpc.marshal_rt`. Each message type also
+runtime state classes live in :mod:`libmrpc.wire.marshal`. Each message type also
 gets a root function ``_marshal<k>`` / ``_validate<k>`` for the MARSHAL/VALIDATE
 tables. See ``docs/LAYOUT.md`` for the image format.
 """
 
 from __future__ import annotations
 
-from libmrpc.layout import MAX_DEPTH, Kind, MessageLayout
+from libmrpc.wire.layout import MAX_DEPTH, Kind, MessageLayout
 
 
 def has_refs(ml: MessageLayout) -> bool:

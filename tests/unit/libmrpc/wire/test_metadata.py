@@ -1,11 +1,11 @@
-"""The metadata block codec and gRPC key rules (libmrpc/metadata.py)."""
+"""The metadata block codec and gRPC key rules (libmrpc/wire/metadata.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from libmrpc import metadata as md
 from libmrpc.status import StatusCode
+from libmrpc.wire import metadata as md
 
 
 def test_round_trip_keeps_order_duplicates_and_binary() -> None:

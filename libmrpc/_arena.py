@@ -1,13 +1,13 @@
 """Message memory: arenas of heap blocks, and the default heap new messages use.
 
 How this works: an :class:`Arena` owns a list of blocks from one
-:class:`~libmrpc.heap.Heap`. Small allocations bump inside the current chunk
+:class:`~libmrpc._heap.Heap`. Small allocations bump inside the current chunk
 (chunks start at 256 bytes and double up to 4 KiB; each chunk is zeroed once when
 taken), allocations above 1 KiB get a block of their own. When the arena is
 garbage-collected every block goes back to the heap (unless the heap is closed).
 Message views hold a strong reference to their arena, so memory lives exactly as
 long as some view of it. The arena also remembers array capacities and the element
-views of growable arrays (see :mod:`libmrpc.message_views`).
+views of growable arrays (see :mod:`libmrpc._message_views`).
 
 With no default heap set, messages go to a lazily created process-private heap
 (an anonymous mapping, so untouched pages cost nothing): messages work without
@@ -21,10 +21,10 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from libmrpc.heap import Heap
+from libmrpc._heap import Heap
 
 if TYPE_CHECKING:
-    from libmrpc.message import Message
+    from libmrpc._message import Message
 
 DEFAULT_HEAP_SIZE = 64 << 20
 CHUNK_FIRST = 256
@@ -95,7 +95,7 @@ class Arena:
     def alloc(self, n: int, zero: bool = True) -> int:
         """Offset of ``n`` fresh bytes, 8-byte aligned; zeroed unless ``zero`` is False.
 
-        Raises :class:`~libmrpc.heap.HeapExhausted` when the heap is full.
+        Raises :class:`~libmrpc._heap.HeapExhausted` when the heap is full.
         """
         n = (n + 7) & ~7 or 8
         cur = self._cur

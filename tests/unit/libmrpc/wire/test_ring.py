@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from libmrpc.ring import (
+from libmrpc._shm import AppRegions, DaemonRegions, ShmLayout, create_regions, map_app_regions
+from libmrpc.wire.ring import (
     DESCRIPTOR,
     HEADER_SIZE,
     SLOT_SIZE,
@@ -21,7 +22,6 @@ from libmrpc.ring import (
     RingProducer,
     ring_bytes,
 )
-from libmrpc.shm import AppRegions, DaemonRegions, ShmLayout, create_regions, map_app_regions
 
 ITEM = struct.Struct("<Q")
 U64 = struct.Struct("<Q")

@@ -2,8 +2,8 @@
 
 How this works: :func:`generate_source` turns a :class:`SchemaBundle` into the
 source of a module with one class per message type (accessors from
-:mod:`libmrpc.codegen_access`), an ``IntEnum`` per enum type, the daemon's
-MARSHAL/VALIDATE tables (:mod:`libmrpc.codegen_wire`) and the METHODS/SERVICES
+:mod:`libmrpc._codegen_access`), an ``IntEnum`` per enum type, the daemon's
+MARSHAL/VALIDATE tables (:mod:`libmrpc._codegen_wire`) and the METHODS/SERVICES
 tables; its last statement hands the namespace to ``libmrpc.stubs``. The module
 embeds its schema texts and descriptor set, so it imports without protoc.
 
@@ -34,10 +34,10 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
-from libmrpc.codegen_access import accessors, spec_bindings, struct_helpers
-from libmrpc.codegen_wire import marshal_code, validate_code
-from libmrpc.layout import LAYOUT_VERSION, MessageLayout, MethodInfo, compute_layouts
-from libmrpc.schema import GENERATOR_VERSION, SchemaBundle, cache_key_for
+from libmrpc._codegen_access import accessors, spec_bindings, struct_helpers
+from libmrpc._codegen_wire import marshal_code, validate_code
+from libmrpc._schema import GENERATOR_VERSION, SchemaBundle, cache_key_for
+from libmrpc.wire.layout import LAYOUT_VERSION, MessageLayout, MethodInfo, compute_layouts
 
 __all__ = [
     "MethodInfo",
@@ -139,12 +139,12 @@ def generate_source(bundle: SchemaBundle) -> str:
         ascii(f"mrpc generated module for schema {bundle.schema_hash} ({files}). DO NOT EDIT."),
         "import enum as _enum",
         "import struct as _struct",
-        "from libmrpc import marshal_rt as _mr",
-        "from libmrpc import message as _rt",
-        "from libmrpc import message_views as _rv",
-        "from libmrpc.layout import FieldLayout as _FL, MessageLayout as _ML",
-        "from libmrpc.layout import MethodInfo as _MI, OneofLayout as _OL",
-        "from libmrpc.status import WireError as _WireError",
+        "from libmrpc.wire import marshal as _mr",
+        "from libmrpc import _message as _rt",
+        "from libmrpc import _message_views as _rv",
+        "from libmrpc.wire.layout import FieldLayout as _FL, MessageLayout as _ML",
+        "from libmrpc.wire.layout import MethodInfo as _MI, OneofLayout as _OL",
+        "from libmrpc.wire.errors import WireError as _WireError",
         "",
         f"SCHEMA_HASH = {bundle.schema_hash!r}",
         f"CACHE_KEY = {bundle.cache_key!r}",

@@ -27,7 +27,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
-from libmrpc.ring import ring_bytes
+from libmrpc.wire.ring import ring_bytes
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _SEAL_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW

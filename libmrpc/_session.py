@@ -28,12 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from libmrpc import metadata as md
-from libmrpc.control import check_reply, open_control, recv_msg, request, send_msg
-from libmrpc.heap import Heap
-from libmrpc.message import Arena, copy_message, set_default_heap
-from libmrpc.paths import app_socket_path, check_daemon_peer, resolve_prefix
-from libmrpc.ring import (
+from libmrpc._control import check_reply, open_control, recv_msg, request, send_msg
+from libmrpc._heap import Heap
+from libmrpc._message import Arena, copy_message, set_default_heap
+from libmrpc._paths import app_socket_path, check_daemon_peer, resolve_prefix
+from libmrpc._shm import ShmLayout, drain, map_app_regions, notify
+from libmrpc.status import RpcError, StatusCode
+from libmrpc.wire import metadata as md
+from libmrpc.wire.ring import (
     CMP_CANCEL,
     CMP_RECLAIM,
     CMP_REPLY,
@@ -49,8 +51,6 @@ from libmrpc.ring import (
     RingConsumer,
     RingProducer,
 )
-from libmrpc.shm import ShmLayout, drain, map_app_regions, notify
-from libmrpc.status import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 SAFETY_SLEEP = 0.5
