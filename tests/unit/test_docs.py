@@ -115,3 +115,53 @@ def test_readme_proto_block_is_the_schema_file_it_names() -> None:
         assert named, f"{b.where()}: the text before a proto block names its file in schemas/"
         want = re.sub(r"\s+", "", (ROOT / named[0]).read_text())
         assert re.sub(r"\s+", "", b.code) == want, f"{b.where()} differs from {named[0]}"
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_leftover_placeholders(doc: Path) -> None:
+    hits = [
+        f"{n}: {line.strip()}"
+        for n, line in enumerate(doc.read_text().splitlines(), 1)
+        if re.search(r"\b(PLACEHOLDER|TODO|FIXME|XXX)\b", line)
+    ]
+    assert not hits, f"{doc.relative_to(ROOT)} has unfinished text:\n" + "\n".join(hits)
+
+
+def _defines(source: str, name: str) -> bool:
+    """``name`` is a function, class, module-level name or instance attribute in ``source``."""
+    pattern = rf"^\s*(?:async\s+def|def|class)\s+{name}\b|^\s*{name}\s*[:=]|self\.{name}\s*[:=]"
+    return re.search(pattern, source, re.MULTILINE) is not None
+
+
+def test_architecture_names_code_that_exists() -> None:
+    """Every `package/file.py:Name.attr` in docs/ARCHITECTURE.md is a real file defining Name and attr."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    refs = re.findall(r"(?<![\w/])((?:mrpcd|libmrpc|engines)/[\w/]+\.py)(?::([\w.]+))?", text)
+    assert len(refs) > 40, f"only {len(refs)} file references found"
+    missing = []
+    for path, name in refs:
+        file = ROOT / path
+        if not file.is_file():
+            missing.append(f"{path}: no such file")
+            continue
+        source = file.read_text()
+        for part in name.split(".") if name else ():
+            if not _defines(source, part):
+                missing.append(f"{path}:{name}: {part} is not defined there")
+    classes: dict[str, str] = {}  # class name -> source of the file defining it
+    for pkg in ("mrpcd", "libmrpc", "engines"):
+        for file in (ROOT / pkg).rglob("*.py"):
+            source = file.read_text()
+            for cls in re.findall(r"^class\s+(\w+)", source, re.MULTILINE):
+                classes[cls] = source
+    spans = re.findall(r"`([^`\n]+)`", prose(ROOT / "docs" / "ARCHITECTURE.md"))
+    methods = {m for s in spans for m in re.findall(r"(?<![\w.])([A-Z]\w+)\.(\w+)", s)}
+    assert len(methods) > 40, f"only {len(methods)} Class.attr references found"
+    for cls, attr in sorted(methods):
+        if cls in classes and not _defines(classes[cls], attr):
+            missing.append(f"{cls}.{attr}: {attr} is not defined in the file of class {cls}")
+        elif cls not in classes:
+            missing.append(f"{cls}.{attr}: no class {cls} in mrpcd, libmrpc or engines")
+    assert not missing, "docs/ARCHITECTURE.md names code that does not exist:\n" + "\n".join(
+        sorted(set(missing))
+    )
