@@ -165,3 +165,26 @@ def test_architecture_names_code_that_exists() -> None:
     assert not missing, "docs/ARCHITECTURE.md names code that does not exist:\n" + "\n".join(
         sorted(set(missing))
     )
+
+
+def test_readme_layout_names_every_folder_and_real_modules() -> None:
+    layout = next(b for b in blocks(README) if b.lang == "text" and "mrpcd/" in b.code)
+    folders = re.findall(r"^(\w+)/", layout.code, re.MULTILINE)
+    tops = {
+        p.relative_to(ROOT).parts[0]
+        for p in _tracked_text_files()
+        if len(p.relative_to(ROOT).parts) > 1 and not p.relative_to(ROOT).parts[0].startswith(".")
+    }
+    assert tops and not tops - set(folders), (
+        f"folders missing from the layout: {tops - set(folders)}"
+    )
+    missing, folder = [], ""
+    for line in layout.code.splitlines():
+        top = re.match(r"^(\w+)/", line)
+        if top:
+            folder = top.group(1)
+            continue
+        for name in re.findall(r"\b([\w*]+)\.py\b", line.strip().split("  ")[0]):
+            if not list((ROOT / folder).glob(f"{name}.py")):
+                missing.append(f"{folder}/{name}.py")
+    assert not missing, f"README layout names modules that do not exist: {missing}"
