@@ -132,6 +132,8 @@ class Frontend(FrontendEngine):
         quotas hold back stays first in ``pending`` and stops the taking of
         CALLs (replies and releases are still taken). Raises RingCorrupted."""
         pending, submit = self.pending, self.app.submit
+        if not pending and not submit.available():
+            return 0  # the usual idle round: nothing posted
         stop = time.perf_counter() + self.slice
         n = 0
         while n < BATCH:

@@ -76,7 +76,7 @@ CONN_STATES: dict[ConnState, dict[str, ConnState]] = {
     ConnState.GOAWAY: {"goaway": ConnState.GOAWAY},
     ConnState.CLOSED: {},
 }
-_IO = frozenset({ConnState.HELLO_SENT, ConnState.AWAIT_HELLO, ConnState.READY, ConnState.GOAWAY})
+_CONNECTING, _CLOSED = ConnState.CONNECTING, ConnState.CLOSED  # identity checks: no enum hashing
 
 
 class ConnOwner(Protocol):
@@ -219,7 +219,8 @@ class Conn:
     @property
     def open(self) -> bool:
         """Connected and not closed: bytes may be read and written."""
-        return self.state in _IO
+        state = self.state
+        return state is not _CONNECTING and state is not _CLOSED
 
     def move(self, event: str) -> ConnState:
         """Follow :data:`CONN_STATES`; a move the table lacks is the peer's protocol
@@ -252,7 +253,8 @@ class Conn:
         self.sendq.add(bufs, done)
 
     def flush(self) -> None:
-        if self.state not in _IO or not len(self.sendq):
+        state = self.state
+        if state is _CONNECTING or state is _CLOSED or not len(self.sendq):
             return
         before = self.sendq.sent
         try:
@@ -289,7 +291,7 @@ class Conn:
             return self.close(f"{self.peer} hung up")
         if events & (EPOLLIN | EPOLL_FAIL) and not self.read_paused:
             self._read()
-        if events & EPOLLOUT and self.state in _IO:
+        if events & EPOLLOUT and self.state is not _CLOSED:
             self.flush()
 
     def _read(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -120,6 +121,7 @@ class TcpIngress(IngressEngine):
         self.conns: set[Conn] = set()
         self.dirty: set[Conn] = set()
         self.outbox: deque[Rpc] = deque()  # replies posted by server apps' datapaths
+        self._thread = 0  # ident of the runtime thread that drives this engine
         self.per_ip: dict[str, int] = {}
         self._resume_accept: float | None = None
         self._next_sweep = 0.0
@@ -193,10 +195,15 @@ class TcpIngress(IngressEngine):
         """From any runtime: answer an inbound call (a REPLY whose state is the
         server app's :class:`TxReply`, or an error REPLY whose state is the call's
         :class:`RxCall`); written by this engine's runtime."""
+        if threading.get_ident() == self._thread:  # on our runtime: write it now
+            self._answer(rpc)
+            return
         self.outbox.append(rpc)
         self.ctx.wake()
 
     def do_work(self) -> int:
+        if not self._thread:
+            self._thread = threading.get_ident()  # the runtime driving us (post checks it)
         n = 0
         outbox = self.outbox
         while outbox:

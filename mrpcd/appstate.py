@@ -101,7 +101,15 @@ class AppState:
         return dp is not None and dp.content
 
     def deliver(self, rpc: Rpc) -> None:
-        """From any thread: hand ``rpc`` to this app's datapath and wake its runtime."""
+        """From any thread: hand ``rpc`` to this app's datapath and wake its runtime.
+
+        On the owning runtime itself (a single runtime, or the ingress sharing it)
+        the item enters the chain at once, so the frontend sees it in this round;
+        splices run on that thread too, so the deque read here is current."""
+        runtime, dp = self.runtime, self.datapath
+        if dp is not None and runtime is not None and runtime.in_runtime():
+            dp.deliver_local(rpc)
+            return
         self.inbox.append(rpc)
         self.waker()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from mrpcd.engine import Engine, FrontendEngine, Rpc, TransportEngine
 
@@ -45,6 +45,11 @@ class Datapath:
         transport: TransportEngine,
         inbox: deque[Rpc] | None = None,
     ) -> None:
+        if not isinstance(frontend, FrontendEngine) or not isinstance(transport, TransportEngine):
+            raise DatapathError(
+                f"a datapath is a FrontendEngine and a TransportEngine, got "
+                f"{type(frontend).__name__} and {type(transport).__name__}"
+            )
         self.app = app
         self.engines: list[Engine] = [frontend, transport]
         self.state = "active"  # active | upgrading | closed
@@ -61,19 +66,20 @@ class Datapath:
 
     @property
     def frontend(self) -> FrontendEngine:
-        fe = self.engines[0]
-        assert isinstance(fe, FrontendEngine)
-        return fe
+        return cast(FrontendEngine, self.engines[0])  # checked in __init__ and replace
 
     @property
     def transport(self) -> TransportEngine:
-        tr = self.engines[-1]
-        assert isinstance(tr, TransportEngine)
-        return tr
+        return cast(TransportEngine, self.engines[-1])
 
     @property
     def policies(self) -> list[Engine]:
         return self.engines[1:-1]
+
+    def deliver_local(self, rpc: Rpc) -> None:
+        """On the owning runtime: put ``rpc`` where the transport hands received items
+        on (what it would do with the inbox next round, without the round)."""
+        self.transport.rx_out.append(rpc)
 
     def reads_content(self) -> bool:
         return self.content

@@ -85,8 +85,10 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
+    """The daemon's clock: ``now`` is ``time.monotonic`` itself (read ~30 times per RPC
+    per daemon; a Python method around it cost a frame each time)."""
+
+    now = staticmethod(time.monotonic)
 
 
 class MockClock:
