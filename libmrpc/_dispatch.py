@@ -261,7 +261,7 @@ def handlers_of(servicer: Any) -> tuple[SchemaInfo, str, dict[int, Handler]]:
     return schema, service, handlers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per call (frozen __init__ is slower)
 class Outcome:
     """How one call ended: ``reply`` when ``code`` is OK, else ``code`` and ``details``."""
 
