@@ -94,6 +94,14 @@ def _status(value: Any, default: StatusCode) -> StatusCode:
     return code if code is not StatusCode.OK else default
 
 
+def _inbound_call(state: object) -> RxCall | None:
+    """The inbound call a REPLY answers (a server app's reply or a receive-side
+    refusal), or None for a send-side error on its way back to the app."""
+    if isinstance(state, TxReply):
+        return state.call
+    return state if isinstance(state, RxCall) else None
+
+
 class OversizeReply(NamedTuple):
     """``conn.cur`` for a reply body skipped because it exceeds max_message_size."""
 
@@ -391,7 +399,7 @@ class TcpTransport(TransportEngine):
         which writes it on its own runtime. Any other REPLY is a send-side error
         on its way back to this app."""
         st = rpc._state
-        call = st.call if isinstance(st, TxReply) else st if isinstance(st, RxCall) else None
+        call = _inbound_call(st)
         if call is None:
             self.rx_out.append(rpc)
             return
@@ -402,8 +410,7 @@ class TcpTransport(TransportEngine):
     def abandon(self, rpcs: list[Rpc], details: str) -> None:
         """The app is gone: every inbound call among ``rpcs`` gets UNAVAILABLE."""
         for rpc in rpcs:
-            st = rpc._state
-            call = st.call if isinstance(st, TxReply) else st if isinstance(st, RxCall) else None
+            call = _inbound_call(rpc._state)
             if call is None or call.origin.closed:
                 continue
             call.origin.owner.post(
