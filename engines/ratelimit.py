@@ -289,10 +289,18 @@ class RateLimit(PolicyEngine):
             "seq": self._seq,
         }
 
+    @classmethod
+    def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
+        """Any version's state will do (also a newer one's, for a rollback) as long as
+        it has the shape read by ``load_state``."""
+        if not isinstance(state.get("buckets", {}), Mapping) or not isinstance(
+            state.get("held", []), list
+        ):
+            return f"the state of v{prev_version} has no buckets/held calls this version can read"
+        return None
+
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt a predecessor's state, replacing this engine's buckets and held calls."""
-        if prev_version > self.VERSION:
-            raise ValueError(f"{self.NAME} v{self.VERSION} cannot restore state of v{prev_version}")
         super().load_state(state, prev_version)
         cap = self.config["max_tokens"]
         self._buckets = {

@@ -28,7 +28,7 @@ import logging
 from collections import deque
 from typing import Any, cast
 
-from mrpcd.engine import Engine, FrontendEngine, Rpc, TransportEngine
+from mrpcd.engine import Engine, EngineState, FrontendEngine, Rpc, TransportEngine
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class Datapath:
         )
         if not isinstance(new, role) or new.ATTACHABLE != old.ATTACHABLE:
             raise DatapathError(f"{new.NAME!r} cannot take the place of {old.NAME!r}")
-        old.lifecycle("upgrade")
+        if old.state is EngineState.ATTACHED:
+            old.lifecycle("upgrade")  # (an upgrade may have decomposed it already)
         new.lifecycle("attach")
         new.bind(old.tx_in, old.tx_out, old.rx_in, old.rx_out)
         self.engines[index] = new
@@ -177,6 +178,7 @@ class Datapath:
                     "id": e.ctx.engine_id,
                     "engine": e.NAME,
                     "version": e.VERSION,
+                    "module": getattr(type(e), "__mrpc_source__", type(e).__module__),
                     "side": e.ctx.side.value,
                     "method": e.ctx.method,
                     "config": e.config,

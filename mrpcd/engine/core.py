@@ -307,6 +307,12 @@ class Engine(abc.ABC):
         engine.load_state(state, prev_version)
         return engine
 
+    @classmethod
+    def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
+        """Before a live upgrade from ``prev_version``: None to accept its state, or the
+        reason this version cannot take it over (the old instance then keeps running)."""
+        return None
+
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt ``state``; the default accepts only an empty state."""
         if state:
