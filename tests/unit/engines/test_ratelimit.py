@@ -283,7 +283,11 @@ def test_decompose_restore_moves_held_calls_without_loss_or_duplication() -> Non
     assert fresh.handle_request({"op": "stats"})["stats"]["released"] == 1
 
 
-def test_restore_rejects_newer_state() -> None:
+def test_restore_takes_a_newer_versions_state_of_the_right_shape_and_refuses_others() -> None:
     engine, _, _ = delayed()
-    with pytest.raises(ValueError, match="v2"):
-        RateLimit.restore(engine.ctx, engine.config, engine.decompose(), prev_version=2)
+    state = engine.decompose()
+    assert RateLimit.check_compatible(2, state) is None  # a rollback from v2 works
+    restored = RateLimit.restore(engine.ctx, engine.config, state, prev_version=2)
+    assert restored.decompose()["buckets"] == state["buckets"]
+    reason = RateLimit.check_compatible(2, {"buckets": [1, 2]})
+    assert reason is not None and "v2" in reason

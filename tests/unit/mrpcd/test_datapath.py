@@ -328,6 +328,7 @@ def test_describe() -> None:
         "id": "kv/pass",
         "engine": "test-pass",
         "version": 1,
+        "module": "tests.unit.mrpcd.test_datapath",
         "side": "send",
         "method": None,
         "config": {},
