@@ -15,16 +15,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest import ROOT, Cluster
+from tests.integration.conftest import APPS, ROOT, Cluster, User
 
 UNIT = ROOT / "deploy" / "mrpcd.service"
 SYSUSERS = ROOT / "deploy" / "mrpc.sysusers.conf"
+QUIET: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 60}
 
 
 class Manager:
@@ -206,6 +209,89 @@ def test_logs_stay_plain_when_journal_stream_names_another_file(tmp_path: Path) 
     assert f"mrpcd[{proc.pid}] INFO mrpcd.daemon: mrpcd " in log.read_text()
 
 
+def test_watchdog_pings_arrive_while_the_runtimes_answer(manager: Manager, tmp_path: Path) -> None:
+    env = {"NOTIFY_SOCKET": manager.env_value, "WATCHDOG_USEC": "400000"}
+    proc = _run(tmp_path / "prefix", env)
+    try:
+        manager.until("READY")
+        start = time.monotonic()
+        pings = [manager.until("WATCHDOG", 5) for _ in range(3)]
+        took = time.monotonic() - start
+        print(f"3 watchdog pings in {took:.2f}s (WATCHDOG_USEC=400000)")
+        assert all(p["WATCHDOG"] == "1" for p in pings) and took < 3, took
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_the_units_layout_serves_other_users(other_user: User, third_user: User) -> None:
+    """The unit's setup without systemd: mrpcd runs as a service user (other_user stands
+    in for mrpc) with deploy/mrpcd.yaml, the unit's environment and the directories
+    systemd would make; another user's app connects with MRPC_PREFIX and
+    MRPC_DAEMON_USER, as the README says; the operator socket takes root only."""
+    import grp
+
+    base = Path(tempfile.mkdtemp(prefix="mrpc-svc-", dir="/tmp"))
+    base.chmod(0o755)
+    run, state = base / "run" / "mrpc", base / "lib" / "mrpc"
+    for d, mode in ((run, 0o755), (state, 0o700)):  # RuntimeDirectoryMode, StateDirectoryMode
+        d.mkdir(parents=True)
+        os.chown(d, other_user.uid, other_user.gid)
+        d.chmod(mode)
+    name = f"mrpc-test-{secrets.token_hex(6)}"
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    abstract.bind("\0" + name)  # no file permissions: the service user may send to it
+    manager = Manager(abstract, "@" + name)
+    unit_env = dict(v.split("=", 1) for v in _unit(UNIT)["Service"]["Environment"])
+    env = {
+        "RUNTIME_DIRECTORY": str(run),
+        "MRPC_CACHE_DIR": unit_env["MRPC_CACHE_DIR"].replace("/var/lib/mrpc", str(state)),
+        "MRPC_OPERATOR_GROUP": grp.getgrgid(other_user.gid).gr_name,
+        "MRPC_LISTEN": "127.0.0.1:0",
+        "NOTIFY_SOCKET": manager.env_value,
+    }
+    log = base / "mrpcd.log"
+    argv = [*other_user.python, "-m", "mrpcd", "run", "--config", str(ROOT / "deploy/mrpcd.yaml")]
+    with log.open("w") as out:
+        daemon = other_user.popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    app = None
+    try:
+        assert manager.until("READY").get("READY") == "1", log.read_text()
+        trust = {"MRPC_PREFIX": str(run), "MRPC_DAEMON_USER": other_user.name}
+        ctl = [sys.executable, "-m", "mrpcd.ctl", "--json", "status"]
+        r = subprocess.run(ctl, env={**os.environ, **trust}, check=False, **QUIET)
+        assert r.returncode == 0, r.stderr  # root operates it
+        refused = subprocess.run(
+            ctl, env={**os.environ, "MRPC_PREFIX": str(run)}, check=False, **QUIET
+        )
+        assert refused.returncode != 0 and "only a daemon run by" in refused.stderr, refused
+        r = third_user.run([*third_user.python, "-m", "mrpcd.ctl", "status"], env=trust)
+        assert r.returncode != 0 and "PERMISSION_DENIED" in r.stdout + r.stderr, r
+        app = third_user.popen(
+            [*third_user.python, str(APPS / "server_app.py"), str(run), "--name", "kv"],
+            env=trust,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "READY", app.stderr
+        assert manager.until("STATUS", 10)["STATUS"].startswith("serving 1 app;"), manager.seen
+        cache = os.stat(state / "cache")
+        assert (cache.st_uid, cache.st_mode & 0o777) == (other_user.uid, 0o700)
+        daemon.send_signal(signal.SIGTERM)
+        assert manager.until("STOPPING", 10)["STOPPING"] == "1"
+        assert daemon.wait(15) == 0, log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        for p in (app, daemon):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        abstract.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- the unit file
 
 
@@ -233,6 +319,7 @@ def test_the_unit_file_has_the_key_settings() -> None:
 
     assert one("Type") == "notify"
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("WatchdogSec") == "30s"
     assert one("ExecStart").endswith("mrpcd run --config /etc/mrpc/mrpcd.yaml")
     assert one("User") == one("Group") == "mrpc"
     assert one("RuntimeDirectory") == "mrpc" and one("RuntimeDirectoryMode") == "0755"
