@@ -60,8 +60,8 @@ def run(
     from mrpcd.logs import configure_logging
     from mrpcd.notify import Notifier, Watchdog
 
-    notifier = Notifier.from_environ()  # unsets NOTIFY_SOCKET: children must not notify
     configure_logging(config.log_level)
+    notifier = Notifier.from_environ()  # unsets NOTIFY_SOCKET: children must not notify
     try:
         daemon = Daemon(config)
         daemon.start()
