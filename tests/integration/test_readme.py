@@ -18,6 +18,7 @@ Every ``python`` and ``bash`` block of README.md runs here unless a
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -122,7 +123,12 @@ def test_readme_python_snippets_against_real_daemons(cluster: Cluster) -> None:
         )
         print(r.stdout)
         assert r.returncode == 0, f"README client snippets failed:\n{script}\n{r.stderr}"
-        assert "b'hi'" in r.stdout and "DEADLINE_EXCEEDED /echo.Echo/Echo" in r.stdout
+        assert "b'hi'" in r.stdout
+        # the 1 µs deadline passes in the client, or (when the daemon is quicker) in mrpcd's
+        # frontend, whose error names the call: "DEADLINE_EXCEEDED call N to /echo.Echo/Echo"
+        assert re.search(
+            r"^DEADLINE_EXCEEDED (call \d+ to )?/echo\.Echo/Echo", r.stdout, re.MULTILINE
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         try:
