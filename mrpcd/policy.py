@@ -249,7 +249,8 @@ class PolicyManager:
             unrecorded = self._unrecord(record_id) if record_id else None
             if rule is None and unrecorded is None:
                 raise RpcError(StatusCode.NOT_FOUND, f"no standing rule {rule_id!r}")
-            return {"detached": [], "rule_removed": rule_id, "unrecorded": unrecorded}
+            result: dict[str, Any] = {"detached": [], "rule_removed": rule_id}
+            return result | ({"unrecorded": unrecorded} if unrecorded else {})
         detached = []
         for engine_id, app, engine in self._find(msg):
             runtime = app.runtime
@@ -268,13 +269,10 @@ class PolicyManager:
             moved = runtime.call(unsplice)
             with self._lock:
                 self.engines.pop(engine_id, None)
-            detached.append(
-                {
-                    "engine_id": engine_id,
-                    "handed_on": moved,
-                    "unrecorded": self._unrecord(self._recorded.pop(engine_id, None)),
-                }
-            )
+            row: dict[str, Any] = {"engine_id": engine_id, "handed_on": moved}
+            if unrecorded := self._unrecord(self._recorded.pop(engine_id, None)):
+                row["unrecorded"] = unrecorded  # its entry in the record is gone too
+            detached.append(row)
             log.info(
                 "detached %s from app %r (%d queued items handed on)", engine_id, app.name, moved
             )
