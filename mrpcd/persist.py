@@ -119,6 +119,9 @@ class PolicyRecord:
         """Read the record (see the module doc); never raises for what the file holds."""
         if not self.enabled:
             return []
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a write cut by a crash
+            log.info("removing %s, left by a write that a crash interrupted", stale)
+            stale.unlink(missing_ok=True)
         try:
             fd = open_file(self.path, os.O_RDONLY, 0o600)
         except FileNotFoundError:

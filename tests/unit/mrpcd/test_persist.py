@@ -62,6 +62,14 @@ def test_each_write_is_fsynced_and_renamed_into_place(
     assert synced == ["file", "dir"]
 
 
+def test_a_temp_file_left_by_a_crash_is_removed_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "policies.json"
+    add(PolicyRecord(path))
+    (tmp_path / ".policies.json.0badcafe.tmp").write_text('{"format": 1, "poli')
+    assert [e.id for e in PolicyRecord(path).load()] == ["p1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["policies.json"]
+
+
 def test_a_failed_write_keeps_the_old_file_and_records_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
