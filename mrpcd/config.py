@@ -146,6 +146,7 @@ class Config:
     policies: tuple[PolicyAttachment, ...]
     apps: AppsConfig
     services: tuple[ServiceRule, ...]
+    persist_policies: bool = True  # record runtime policy changes under the prefix
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON/YAML-able data; loading it as a config file gives this Config back."""
@@ -508,6 +509,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "schema.cache_max_bytes": (_size(0, TiB), "256MiB"),
     "engines": (_engines, {n: f"engines.{n}" for n in _SHIPPED_ENGINES}),
     "policies": (_policies, []),
+    "persist_policies": (_bool, True),
     "apps.max": (_int(1, 1_000_000), 1024),
     "apps.max_per_uid": (_int(1, 1_000_000), 128),
     "apps.register_timeout": (_float(0.0, 3600.0, positive=True), 10.0),

@@ -188,6 +188,7 @@ def policy() -> None:
     default=None,
     help="A policy spec (policies/*.yaml).",
 )
+@click.option("--transient", is_flag=True, help="Do not record it: gone when the daemon restarts.")
 @click.pass_context
 def attach(
     ctx: click.Context,
@@ -199,8 +200,12 @@ def attach(
     method: str | None,
     sets: tuple[str, ...],
     spec_file: str | None,
+    transient: bool,
 ) -> None:
-    """Attach policy engine NAME to an application's datapath."""
+    """Attach policy engine NAME to an application's datapath.
+
+    Recorded under the prefix (an attach by pid under the app's name) and put back
+    after a daemon restart, unless --transient."""
     spec: dict[str, Any] = {}
     if spec_file:
         spec = yaml.safe_load(Path(spec_file).read_text()) or {}
@@ -221,11 +226,17 @@ def attach(
         "method": method or spec.get("method"),
         "config": config,
         "future": future,
+        "transient": transient,
     }
     r = _call(ctx, msg)
     text = "\n".join(f"attached {eid}" for eid in r["engine_ids"]) or "attached to no running app"
     if r.get("rule_id"):
         text += f"\nstanding rule {r['rule_id']} applies to applications that register later"
+    for p in r.get("persisted") or []:
+        text += f"\nrecorded as {p['id']} for app {p['app']!r}: survives daemon restarts"
+        text += f" ({p['note']})" if p.get("note") else ""
+    if r.get("not_persisted"):
+        text += f"\nnot recorded: {r['not_persisted']}"
     _out(ctx, r, text)
 
 
@@ -366,6 +377,32 @@ def call_(
     cmd = {"op": op, **_parse_sets(pairs)}
     r = _call(ctx, {"op": "engine_call", "engine_id": engine_id, "cmd": cmd})
     _out(ctx, r, json.dumps(r["result"], indent=2, default=str))
+
+
+@policy.command("list")
+@click.option("--persisted", is_flag=True, help="The record kept across daemon restarts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def list_policies(ctx: click.Context, persisted: bool, as_json: bool) -> None:
+    """Policies recorded under the prefix (--persisted); attached engines: `mrpcctl list`."""
+    ctx.obj["json"] |= as_json
+    if not persisted:
+        raise click.UsageError(
+            "give --persisted (attached engines are in `mrpcctl list`, rules in `policy rules`)"
+        )
+    r = _call(ctx, {"op": "policy_list"})
+    if not r["enabled"]:
+        _out(ctx, r, "not recording: persist_policies is off in the daemon config")
+        return
+    lines = [
+        f"{p['id']}: {p['engine']} on {p['app']} ({p['kind']}, {p['side']}"
+        + (f", method {p['method']}" if p["method"] else "")
+        + f") {p['config']}"
+        + (f"  SKIPPED: {p['skipped']}" if p.get("skipped") else "")
+        for p in r["policies"]
+    ]
+    lines += [f"engine {n}: module {m}" for n, m in r["engines"].items()]
+    _out(ctx, r, "\n".join(lines) or f"nothing recorded in {r['path']}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ two rounds (see mrpcd.datapath), so in-flight RPCs are never dropped.
 
 Standing rules (``--all`` with ``future``, and ``policies:`` in the daemon
 config) are applied to every application that registers later too.
+
+Runtime changes are recorded under the prefix (mrpcd.persist) unless attached
+``transient``; at start the record's entries become standing rules (ids ``pN``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import ConfigError, RpcError, StatusCode
 from mrpcd.engine import Engine, EngineContext, Side
-from mrpcd.registry import EngineLoadError
+from mrpcd.persist import RECORD_NAME, Entry, PolicyRecord
+from mrpcd.registry import EngineLoadError, load_engine_class
 
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
@@ -46,6 +50,8 @@ class Standing:
     method: str | None
     config: dict[str, Any]
     engine_ids: list[str] = field(default_factory=list)
+    record_id: str | None = None  # its entry in the policy record (mrpcd.persist)
+    record_kind: str | None = None  # that entry's kind: "app" or "rule"
 
 
 class PolicyManager:
@@ -69,6 +75,12 @@ class PolicyManager:
             except RpcError as e:
                 raise ConfigError(f"policies[{i}]: {e.details()}") from None
             self.standing[f"config-{i + 1}"] = self._standing(f"config-{i + 1}", spec)
+        # --- persisted policies (mrpcd.persist) ---
+        self.record = PolicyRecord(
+            daemon.prefix / RECORD_NAME, enabled=daemon.config.persist_policies
+        )
+        self._recorded: dict[str, str] = {}  # engine_id -> record entry ("app" kind) it came from
+        self._restore()
 
     def handler(self, op: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         return {
@@ -77,6 +89,7 @@ class PolicyManager:
             "policy_set": self.set,
             "stats": self.stats,
             "policy_rules": self.rules,
+            "policy_list": self.list_persisted,
         }.get(op)
 
     def metrics_registry(self) -> Any:
@@ -195,12 +208,14 @@ class PolicyManager:
             )
         ids = [self._attach_to(app, cls, config, side, method) for app in apps]
         result: dict[str, Any] = {"engine_ids": ids}
+        rule = None
         if future:
             rule_id = f"rule-{next(self._ids)}"
             rule = self._standing(rule_id, dict(msg, side=side.value, config=config))
             rule.engine_ids.extend(ids)
             self.standing[rule_id] = rule
             result["rule_id"] = rule_id
+        result.update(self._record_attach(msg, selector, list(zip(apps, ids)), config, rule))
         return result
 
     def _find(self, msg: dict[str, Any]) -> list[tuple[str, AppState, Engine]]:
@@ -229,9 +244,13 @@ class PolicyManager:
     def detach(self, msg: dict[str, Any]) -> dict[str, Any]:
         rule_id = msg.get("rule_id")
         if rule_id:
-            if self.standing.pop(rule_id, None) is None:
+            rule = self.standing.pop(rule_id, None)
+            record_id = rule.record_id if rule else rule_id  # a skipped record entry: by its id
+            unrecorded = self._unrecord(record_id) if record_id else None
+            if rule is None and unrecorded is None:
                 raise RpcError(StatusCode.NOT_FOUND, f"no standing rule {rule_id!r}")
-            return {"detached": [], "rule_removed": rule_id}
+            result: dict[str, Any] = {"detached": [], "rule_removed": rule_id}
+            return result | ({"unrecorded": unrecorded} if unrecorded else {})
         detached = []
         for engine_id, app, engine in self._find(msg):
             runtime = app.runtime
@@ -250,7 +269,10 @@ class PolicyManager:
             moved = runtime.call(unsplice)
             with self._lock:
                 self.engines.pop(engine_id, None)
-            detached.append({"engine_id": engine_id, "handed_on": moved})
+            row: dict[str, Any] = {"engine_id": engine_id, "handed_on": moved}
+            if unrecorded := self._unrecord(self._recorded.pop(engine_id, None)):
+                row["unrecorded"] = unrecorded  # its entry in the record is gone too
+            detached.append(row)
             log.info(
                 "detached %s from app %r (%d queued items handed on)", engine_id, app.name, moved
             )
@@ -273,7 +295,12 @@ class PolicyManager:
         for _eid, app, engine in targets:
             assert app.runtime is not None
             app.runtime.call(functools.partial(engine.update_config, config))
-        return {"updated": [t[0] for t in targets], "config": {t[0]: t[2].config for t in targets}}
+        recorded = [r for eid, _app, engine in targets if (r := self._record_set(eid, engine))]
+        return {
+            "updated": [t[0] for t in targets],
+            "config": {t[0]: t[2].config for t in targets},
+            "recorded": recorded,
+        }
 
     def stats(self, msg: dict[str, Any]) -> dict[str, Any]:
         out = []
@@ -322,7 +349,11 @@ class PolicyManager:
                         "config": rule.config,
                     }
                 )
-                rule.engine_ids.append(self._attach_to(app, cls, config, side, method))
+                engine_id = self._attach_to(app, cls, config, side, method)
+                rule.engine_ids.append(engine_id)
+                if rule.record_kind == "app" and rule.record_id:
+                    with self._lock:
+                        self._recorded[engine_id] = rule.record_id
             except Exception:
                 log.exception("standing rule %s failed for app %r", rule.rule_id, app.name)
 
@@ -330,3 +361,165 @@ class PolicyManager:
         with self._lock:
             for eid in [eid for eid, (a, _) in self.engines.items() if a is app]:
                 del self.engines[eid]
+                self._recorded.pop(eid, None)  # the record keeps the entry, for the app's name
+
+    # ------------------------------------------------------------------ persisted policies
+
+    def _restore(self) -> None:
+        """Make the record's entries standing rules; skip (and keep) those no longer valid."""
+        entries = self.record.load()
+        for name, module in self.record.engine_modules.items():
+            self._use_engine_module(name, module)
+        for entry in entries:
+            spec = {
+                "engine": entry.engine,
+                "app": entry.app,
+                "side": entry.side,
+                "method": entry.method,
+                "config": entry.config,
+            }
+            try:
+                _cls, config, side, _method = self._prepare(spec)
+            except RpcError as e:
+                entry.skipped = e.details()
+                log.warning(
+                    "persisted policy %s skipped: %s; it stays recorded (remove it with "
+                    "`mrpcctl policy detach --rule %s`)",
+                    entry.describe(),
+                    e.details(),
+                    entry.id,
+                )
+                continue
+            rule = self._standing(entry.id, dict(spec, side=side.value, config=config))
+            rule.record_id, rule.record_kind = entry.id, entry.kind
+            self.standing[entry.id] = rule
+            log.info("persisted policy %s restored as a standing rule", entry.describe())
+
+    def _use_engine_module(self, name: str, module: str) -> None:
+        registry = self.daemon.registry
+        if registry.modules.get(name) == module:
+            return
+        try:
+            load_engine_class(module, name=name)
+        except EngineLoadError as e:
+            log.warning("recorded upgrade of engine %r not used: %s", name, e)
+            return
+        registry.modules[name] = module
+        registry._classes.pop(name, None)
+        log.info("engine %r runs from %s (recorded by an upgrade)", name, module)
+
+    def record_engine_module(self, name: str, module: str) -> str | None:
+        """Hook for ``mrpcctl engine upgrade``: record that ``name`` now runs from ``module``.
+
+        Returns None, or why it was not recorded (the upgrade itself stands)."""
+        if not self.record.enabled:
+            return "persist_policies is off in the daemon config"
+        try:
+            self.record.record_engine_module(name, module)
+        except OSError as e:
+            return self._write_failed(e)
+        return None
+
+    def _write_failed(self, e: OSError) -> str:
+        why = (
+            f"cannot write {self.record.path}: {e.strerror or e}; the change is in effect "
+            f"but will not survive a restart"
+        )
+        log.error("%s", why)
+        return why
+
+    def _record_attach(
+        self,
+        msg: dict[str, Any],
+        selector: str,
+        attached: list[tuple[AppState, str]],
+        config: dict[str, Any],
+        rule: Standing | None,
+    ) -> dict[str, Any]:
+        if msg.get("transient"):
+            return {"persisted": [], "transient": True}
+        if not self.record.enabled:
+            return {
+                "persisted": [],
+                "not_persisted": "persist_policies is off in the daemon config",
+            }
+        by_name = selector == "*" or any(a.name == selector for a, _ in attached)
+        by_name |= not attached and not selector.isdigit() and not selector.startswith("#")
+        common: dict[str, Any] = {
+            "engine": str(msg["engine"]),
+            "side": Side(msg.get("side") or "send").value,
+            "method": msg.get("method"),
+            "config": config,
+        }
+        out: list[dict[str, Any]] = []
+        try:
+            if rule is not None:
+                if not by_name:
+                    return {
+                        "persisted": [],
+                        "not_persisted": f"a standing rule for {selector!r} (a pid or app id) "
+                        f"cannot survive a restart; attach by app name to record it",
+                    }
+                entry = self.record.add("rule", selector, **common)
+                rule.record_id, rule.record_kind = entry.id, entry.kind
+                out.append({"id": entry.id, "kind": "rule", "app": selector})
+            else:
+                pid = int(selector) if not by_name and selector.isdigit() else None
+                entries: dict[str, Entry] = {}
+                for app, engine_id in attached:
+                    if app.name not in entries:
+                        entries[app.name] = self.record.add(
+                            "app", app.name, attached_by_pid=pid, **common
+                        )
+                        note = "recorded by app name" + (
+                            f" (attached by pid {pid}; pids change across restarts)"
+                            if pid is not None
+                            else ""
+                        )
+                        out.append(
+                            {
+                                "id": entries[app.name].id,
+                                "kind": "app",
+                                "app": app.name,
+                                "note": note,
+                            }
+                        )
+                    with self._lock:
+                        self._recorded[engine_id] = entries[app.name].id
+        except OSError as e:
+            return {"persisted": out, "not_persisted": self._write_failed(e)}
+        return {"persisted": out}
+
+    def _record_set(self, engine_id: str, engine: Engine) -> str | None:
+        with self._lock:
+            record_id = self._recorded.get(engine_id)
+        if record_id is None:
+            return None
+        rule = self.standing.get(record_id)
+        if rule is not None and rule.record_id == record_id:
+            rule.config = dict(engine.config)  # apps registering later get the new config
+        try:
+            self.record.update_config(record_id, dict(engine.config))
+        except OSError as e:
+            self._write_failed(e)
+            return None
+        return record_id
+
+    def _unrecord(self, record_id: str | None) -> str | None:
+        """Remove an entry from the record (and its restored rule); its id if it was there."""
+        if record_id is None:
+            return None
+        rule = self.standing.get(record_id)
+        if rule is not None and rule.record_id == record_id:
+            del self.standing[record_id]
+        try:
+            entry = self.record.remove(record_id)
+        except OSError as e:
+            self._write_failed(e)
+            return None
+        if entry is not None:
+            log.info("persisted policy %s removed from the record", entry.describe())
+        return entry.id if entry else None
+
+    def list_persisted(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.record.describe()

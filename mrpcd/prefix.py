@@ -142,15 +142,26 @@ def open_file(path: Path, flags: int, mode: int) -> int:
     return fd
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replace ``path`` (in a checked directory) with ``data``, file mode ``mode``."""
+def write_file(path: Path, data: bytes, mode: int, *, durable: bool = False) -> None:
+    """Atomically replace ``path`` (in a checked directory) with ``data``, file mode ``mode``.
+
+    ``durable``: also fsync the file before the rename and the directory after
+    it, so a crash or power loss leaves the old or the new content, never none."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
+        if durable:
+            os.fsync(fd)
         os.replace(tmp, path)
+        if durable:
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException:
         try:
             os.unlink(tmp)

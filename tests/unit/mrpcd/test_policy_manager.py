@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +49,7 @@ class EdgeT(TransportEngine):
 @dataclass
 class Cfg:
     policies: tuple[PolicyAttachment, ...] = ()
+    persist_policies: bool = False  # the record has its own tests (test_persist.py)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class FakeDaemon:
     services: Services = field(default_factory=Services)
     ingress: Any = None
     apps: list[AppState] = field(default_factory=list)
+    prefix: Path = Path("/nonexistent/mrpc-prefix")  # never written: persist_policies is off
 
     def find_apps(self, selector: str) -> list[AppState]:
         if selector in ("*", "--all"):
