@@ -533,6 +533,13 @@ class Session:
                     continue
                 for fd, ev in self._poller.poll(timeout * 1000):  # only the leader polls
                     if fd == ctl_fd and ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                        # a draining daemon answers, then hangs up: both can be seen in
+                        # one poll, so take what is on the ring before failing the rest
+                        try:
+                            while batch := complete.pop_batch(DESCRIPTOR, 256):
+                                self._handle(batch)
+                        except Exception:  # the rest fail below, as before
+                            log.exception("completions left by mrpcd could not be read")
                         self._daemon_gone("mrpcd closed the connection (daemon stopped or crashed)")
                         return
             finally:

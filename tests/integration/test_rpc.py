@@ -235,6 +235,23 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(cluster: Cluster) -> None
     assert not (a.prefix / "app.sock").exists() and not (a.prefix / "mrpcd.json").exists()
 
 
+def test_replies_posted_before_a_drained_daemon_hangs_up_are_delivered(cluster: Cluster) -> None:
+    """The app sees the daemon's last completions and its hang-up in one wake-up
+    (stopped meanwhile here; a loaded machine does the same): it takes the
+    completions first and fails only what is really lost."""
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b)
+    client = cluster.app("posting_client.py", str(a.prefix), b.listen, name="posting")
+    time.sleep(0.05)
+    client.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(15) == 0
+    finally:
+        client.proc.send_signal(signal.SIGCONT)
+    assert client.result(30)["replies"] == [str(i) for i in range(8)]
+
+
 def test_several_server_apps_on_one_daemon_route_by_service(cluster: Cluster) -> None:
     a, b = cluster.daemon("a"), cluster.daemon("b")
     cluster.server(b)
