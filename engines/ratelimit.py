@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "max_held": 10_000,
 }
 KEYS = frozenset({"max_tokens", "tokens_per_fill", *DEFAULTS})
+_STATE_KEYS = frozenset({"counters", "buckets", "held", "seq"})  # what decompose() hands over
 
 
 def parse_duration(value: object) -> float:
@@ -289,10 +290,17 @@ class RateLimit(PolicyEngine):
             "seq": self._seq,
         }
 
+    @classmethod
+    def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
+        """A newer version's state is taken (a rollback) only if it has nothing this
+        version does not know."""
+        unknown = sorted(set(state) - _STATE_KEYS)
+        if prev_version > cls.VERSION and unknown:
+            return f"its state has {', '.join(map(str, unknown))}, unknown to v{cls.VERSION}"
+        return None
+
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt a predecessor's state, replacing this engine's buckets and held calls."""
-        if prev_version > self.VERSION:
-            raise ValueError(f"{self.NAME} v{self.VERSION} cannot restore state of v{prev_version}")
         super().load_state(state, prev_version)
         cap = self.config["max_tokens"]
         self._buckets = {

@@ -86,8 +86,9 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         )
         for e in app["datapath"]:
             cfg = f" {e['config']}" if e["config"] else ""
+            module = f" {e['module']}" if e.get("module") else ""
             lines.append(
-                f"  engine {e['id']}  [{e['engine']} v{e['version']}, {e['side']}"
+                f"  engine {e['id']}  [{e['engine']} v{e['version']}{module}, {e['side']}"
                 f"{', method ' + e['method'] if e['method'] else ''}]{cfg}"
             )
         for c in app["connections"]:
@@ -286,6 +287,85 @@ def rules(ctx: click.Context) -> None:
         )
         or "no standing rules",
     )
+
+
+@main.group()
+def engine() -> None:
+    """Upgrade, roll back and command engines of running datapaths."""
+
+
+def _engine_lines(r: dict[str, Any], verb: str) -> str:
+    lines = [
+        f"{verb} {o['engine_id']} (app {o['app']}): v{o['from_version']} -> v{o['to_version']} "
+        f"({o['module']}) in {o['ms']} ms"
+        for o in r["engines"]
+    ]
+    return "\n".join(lines) or f"no running engine {r['engine']!r} matched"
+
+
+@engine.command()
+@click.argument("name")
+@click.option("--module", "module", default=None, help="The new code as a module path (PKG.MOD).")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The new code as a .py file.",
+)
+@click.option("--app", "app", default=None, help="Application name or pid.")
+@click.option("--all", "all_apps", is_flag=True, help="Every application (and later ones).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def upgrade(
+    ctx: click.Context,
+    name: str,
+    module: str | None,
+    file: str | None,
+    app: str | None,
+    all_apps: bool,
+    as_json: bool,
+) -> None:
+    """Swap engine NAME for new code, live, keeping its state; a refusal rolls back."""
+    ctx.obj["json"] |= as_json
+    if (module is None) == (file is None):
+        raise click.UsageError("give the new code: --module PKG.MOD or --file PATH.py")
+    if bool(app) == all_apps:
+        raise click.UsageError("say which application: --app NAME|PID or --all")
+    msg = {
+        "op": "engine_upgrade",
+        "engine": name,
+        "module": module,
+        "file": str(Path(file).resolve()) if file else None,
+        "app": "*" if all_apps else app,
+    }
+    r = _call(ctx, msg)
+    _out(ctx, r, _engine_lines(r, "upgraded"))
+
+
+@engine.command()
+@click.argument("name")
+@click.option("--app", "app", default=None, help="Application name or pid (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def rollback(ctx: click.Context, name: str, app: str | None, as_json: bool) -> None:
+    """Return engine NAME to the version it ran before its last upgrade."""
+    ctx.obj["json"] |= as_json
+    r = _call(ctx, {"op": "engine_rollback", "engine": name, "app": app or "*"})
+    _out(ctx, r, _engine_lines(r, "rolled back"))
+
+
+@engine.command("call")
+@click.argument("engine_id")
+@click.argument("op")
+@click.argument("pairs", nargs=-1)
+@click.pass_context
+def call_(ctx: click.Context, engine_id: str, op: str, pairs: tuple[str, ...]) -> None:
+    """Send command OP (key=value ...) to engine ENGINE_ID's handle_request."""
+    r = _call(
+        ctx, {"op": "engine_call", "engine_id": engine_id, "cmd": op, "args": _parse_sets(pairs)}
+    )
+    _out(ctx, r, json.dumps(r["result"], indent=2, default=str))
 
 
 if __name__ == "__main__":

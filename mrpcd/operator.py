@@ -31,6 +31,9 @@ class OperatorHandler:
         from mrpcd.policy import PolicyManager
 
         self.policies = PolicyManager(daemon)
+        from mrpcd.upgrade import UpgradeManager
+
+        self.upgrades = UpgradeManager(daemon, self.policies)
 
     # ------------------------------------------------------------------ access
 
@@ -152,3 +155,14 @@ class OperatorHandler:
             "bind_ms": round(result.seconds * 1e3, 3),
             "services": list(result.module.SERVICES),
         }
+
+    # ------------------------------------------------------------------ engines (mrpcd/upgrade.py)
+
+    def op_engine_upgrade(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.upgrade(msg)
+
+    def op_engine_rollback(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.rollback(msg)
+
+    def op_engine_call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.call(msg)

@@ -307,6 +307,12 @@ class PolicyManager:
             ]
         }
 
+    def replaced(self, engine_id: str, app: AppState, engine: Engine) -> None:
+        """A live upgrade put ``engine`` in the place of the attached engine ``engine_id``."""
+        with self._lock:
+            if engine_id in self.engines:
+                self.engines[engine_id] = (app, engine)
+
     # ------------------------------------------------------------------ app hooks
 
     def app_registered(self, app: AppState) -> None:

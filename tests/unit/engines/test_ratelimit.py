@@ -283,7 +283,12 @@ def test_decompose_restore_moves_held_calls_without_loss_or_duplication() -> Non
     assert fresh.handle_request({"op": "stats"})["stats"]["released"] == 1
 
 
-def test_restore_rejects_newer_state() -> None:
+def test_restore_rejects_newer_state_it_cannot_read() -> None:
     engine, _, _ = delayed()
+    newer = {**engine.decompose(), "windows": {}}  # a v2 that keeps more than v1 knows
+    assert "windows" in (RateLimit.check_compatible(2, newer) or "")
     with pytest.raises(ValueError, match="v2"):
-        RateLimit.restore(engine.ctx, engine.config, engine.decompose(), prev_version=2)
+        RateLimit.restore(engine.ctx, engine.config, newer, prev_version=2)
+    # a newer state of the same shape is taken (rolling back v2 -> v1)
+    assert RateLimit.check_compatible(2, engine.decompose()) is None
+    RateLimit.restore(engine.ctx, engine.config, engine.decompose(), prev_version=2)

@@ -328,6 +328,7 @@ def test_describe() -> None:
         "id": "kv/pass",
         "engine": "test-pass",
         "version": 1,
+        "module": __name__,
         "side": "send",
         "method": None,
         "config": {},
