@@ -238,8 +238,12 @@ class PolicyManager:
             assert runtime is not None
 
             def unsplice(
-                app: AppState = app, engine: Engine = engine, runtime: Any = runtime
+                app: AppState = app,
+                engine: Engine = engine,
+                runtime: Any = runtime,
+                engine_id: str = engine_id,
             ) -> int:
+                engine = self._current(engine_id, engine)  # a live upgrade may have replaced it
                 moved = 0
                 if app.datapath is not None and engine in app.datapath.policies:
                     moved = app.datapath.remove(engine)
@@ -270,10 +274,13 @@ class PolicyManager:
                 raise RpcError(
                     StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}"
                 ) from None
-        for _eid, app, engine in targets:
+        for eid, app, engine in targets:
             assert app.runtime is not None
-            app.runtime.call(functools.partial(engine.update_config, config))
-        return {"updated": [t[0] for t in targets], "config": {t[0]: t[2].config for t in targets}}
+            app.runtime.call(functools.partial(self._update, eid, engine, config))
+        return {
+            "updated": [t[0] for t in targets],
+            "config": {t[0]: self._current(t[0], t[2]).config for t in targets},
+        }
 
     def stats(self, msg: dict[str, Any]) -> dict[str, Any]:
         out = []
@@ -306,6 +313,15 @@ class PolicyManager:
                 for r in self.standing.values()
             ]
         }
+
+    def _update(self, engine_id: str, engine: Engine, config: dict[str, Any]) -> None:
+        self._current(engine_id, engine).update_config(config)
+
+    def _current(self, engine_id: str, engine: Engine) -> Engine:
+        """The instance running as ``engine_id`` now (on its runtime: an upgrade swaps there)."""
+        with self._lock:
+            found = self.engines.get(engine_id)
+        return found[1] if found is not None else engine
 
     def replaced(self, engine_id: str, app: AppState, engine: Engine) -> None:
         """A live upgrade put ``engine`` in the place of the attached engine ``engine_id``."""

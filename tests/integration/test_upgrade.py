@@ -312,3 +312,11 @@ def test_engine_call_and_usage_errors(cluster: Cluster, tmp_path: Path) -> None:
     r = a.ctl("engine", "upgrade", "acl", "--module", "engines.acl", "--app", "loadgen")
     assert r["engines"][0]["ok"] and r["module"] == "engines.acl"
     assert stub.Call(testing.Request(key="bob"), timeout=10).key == "bob"
+    # set and detach reach the instance that runs now, not the one it replaced
+    a.ctl("policy", "set", eid, "default=deny")
+    assert a.ctl("engine", "call", eid, "rules")["result"]["default"] == "deny"
+    with pytest.raises(RpcError):
+        stub.Call(testing.Request(key="bob"), timeout=10)
+    a.ctl("policy", "detach", eid)
+    assert rows(a, "acl") == []
+    assert stub.Call(testing.Request(key="bob"), timeout=10).key == "bob"
