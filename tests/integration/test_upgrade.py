@@ -319,4 +319,9 @@ def test_engine_call_and_usage_errors(cluster: Cluster, tmp_path: Path) -> None:
         stub.Call(testing.Request(key="bob"), timeout=10)
     a.ctl("policy", "detach", eid)
     assert rows(a, "acl") == []
+    # --all: later attaches get the new code too (an upgrade of nothing running)
+    v2 = new_version(tmp_path, "acl")
+    assert a.ctl("engine", "upgrade", "acl", "--file", str(v2), "--all")["engines"] == []
+    a.ctl("policy", "attach", "acl", "--app", "loadgen", "--set", "default=allow")
+    assert [(e["version"], e["module"]) for e in rows(a, "acl")] == [(2, str(v2))]
     assert stub.Call(testing.Request(key="bob"), timeout=10).key == "bob"
