@@ -489,7 +489,9 @@ class Frontend(FrontendEngine):
         if app.complete.free_slots() == 0:
             return False
         if rpc.kind is RpcKind.REPLY:
-            if rpc._state is _DUPLICATE:  # refuses a second post of an id: not the call's outcome
+            # refuses a second post of an id: not the call's outcome (compared by value:
+            # an older copy of this module, before a live upgrade, may have made it)
+            if type(rpc._state) is str and rpc._state == _DUPLICATE:
                 off, n = self._text(rpc.details)
                 return self._push(
                     CMP_REPLY, int(rpc.status), rpc.call_id, 0, 0, off, n, flags=CMPF_DUPLICATE

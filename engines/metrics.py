@@ -82,7 +82,6 @@ CODE_NAMES[StatusCode.CANCELLED] = "Canceled"
 # Module state survives ``importlib.reload`` (live upgrade re-executes this module in
 # the same namespace): registering the same metric names again would fail.
 _default_registry: CollectorRegistry = globals().get("_default_registry") or CollectorRegistry()
-_families: dict[int, Any] = globals().get("_families", {})  # id(registry) -> _Families
 _families_lock: threading.Lock = globals().get("_families_lock") or threading.Lock()
 
 
@@ -127,11 +126,15 @@ class _Families:
 
 
 def families(registry: CollectorRegistry) -> Any:
-    """The shared metric objects of ``registry``, registering them on first use."""
+    """The shared metric objects of ``registry``, registering them on first use.
+
+    Kept on the registry itself, so a fresh copy of this module (a live upgrade
+    loads the engine's code as a new module object) finds the same objects."""
     with _families_lock:
-        found = _families.get(id(registry))
-        if found is None or found.registry is not registry:  # ids are reused after gc
-            found = _families[id(registry)] = _Families(registry)
+        found = getattr(registry, "_mrpc_families", None)
+        if found is None:
+            found = _Families(registry)
+            registry._mrpc_families = found  # type: ignore[attr-defined]
         return found
 
 

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "max_held": 10_000,
 }
 KEYS = frozenset({"max_tokens", "tokens_per_fill", *DEFAULTS})
+_STATE_KEYS = frozenset({"counters", "buckets", "held", "seq"})  # what decompose() hands over
 
 
 def parse_duration(value: object) -> float:
@@ -291,12 +292,11 @@ class RateLimit(PolicyEngine):
 
     @classmethod
     def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
-        """Any version's state will do (also a newer one's, for a rollback) as long as
-        it has the shape read by ``load_state``."""
-        if not isinstance(state.get("buckets", {}), Mapping) or not isinstance(
-            state.get("held", []), list
-        ):
-            return f"the state of v{prev_version} has no buckets/held calls this version can read"
+        """A newer version's state is taken (a rollback) only if it has nothing this
+        version does not know."""
+        unknown = sorted(set(state) - _STATE_KEYS)
+        if prev_version > cls.VERSION and unknown:
+            return f"its state has {', '.join(map(str, unknown))}, unknown to v{cls.VERSION}"
         return None
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:

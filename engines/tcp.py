@@ -31,10 +31,10 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from engines import tcp_resolve
-from engines.tcp_conn import Conn, ConnState, connect_nonblocking
+from engines.tcp_conn import Conn, ConnState, OversizeReply, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
 from engines.tcp_limits import PeerLimits, overdue
 from libmrpc.status import StatusCode
@@ -100,12 +100,6 @@ def _inbound_call(state: object) -> RxCall | None:
     if isinstance(state, TxReply):
         return state.call
     return state if isinstance(state, RxCall) else None
-
-
-class OversizeReply(NamedTuple):
-    """``conn.cur`` for a reply body skipped because it exceeds max_message_size."""
-
-    size: int
 
 
 class TcpTransport(TransportEngine):

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from libmrpc.wire.errors import WireError
 from libmrpc.wire.frames import Body, FrameAssembler, FrameHeader
@@ -54,6 +54,14 @@ def _staging() -> memoryview:
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_FAIL = select.EPOLLERR | select.EPOLLHUP
+
+
+class OversizeReply(NamedTuple):
+    """``conn.cur`` for a reply body skipped because it exceeds max_message_size (here,
+    with the connection, not in tcp.py: a live upgrade hands connections to a new
+    copy of tcp.py, whose checks must recognise what the old copy left)."""
+
+    size: int
 
 
 class ConnState(str, enum.Enum):

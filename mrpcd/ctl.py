@@ -86,9 +86,9 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         )
         for e in app["datapath"]:
             cfg = f" {e['config']}" if e["config"] else ""
+            module = f" {e['module']}" if e.get("module") else ""
             lines.append(
-                f"  engine {e['id']}  [{e['engine']} v{e['version']} from {e.get('module', '?')}, "
-                f"{e['side']}"
+                f"  engine {e['id']}  [{e['engine']} v{e['version']}{module}, {e['side']}"
                 f"{', method ' + e['method'] if e['method'] else ''}]{cfg}"
             )
         for c in app["connections"]:
@@ -302,26 +302,30 @@ def rules(ctx: click.Context) -> None:
 
 @main.group()
 def engine() -> None:
-    """Upgrade, roll back and talk to running engines."""
+    """Upgrade, roll back and command engines of running datapaths."""
 
 
-def _upgrade_answer(ctx: click.Context, r: dict[str, Any], verb: str) -> None:
-    lines = [f"{verb} {u['engine_id']}: v{u['from']} -> v{u['to']}" for u in r["upgraded"]]
-    lines += [f"kept {x['engine_id']}: {x['reason']}" for x in r["refused"]]
-    _out(ctx, r, "\n".join(lines))
-    if r["refused"]:
-        ctx.exit(1)
+def _engine_lines(r: dict[str, Any], verb: str) -> str:
+    lines = [
+        f"{verb} {o['engine_id']} (app {o['app']}): v{o['from_version']} -> v{o['to_version']} "
+        f"({o['module']}) in {o['ms']} ms"
+        for o in r["engines"]
+    ]
+    return "\n".join(lines) or f"no running engine {r['engine']!r} matched"
 
 
 @engine.command()
 @click.argument("name")
-@click.option("--module", "module", default=None, help="New code: a dotted module path.")
+@click.option("--module", "module", default=None, help="The new code as a module path (PKG.MOD).")
 @click.option(
-    "--file", "file", type=click.Path(exists=True, dir_okay=False), default=None,
-    help="New code: a .py file.",
-)  # fmt: skip
-@click.option("--app", default=None, help="Only this application (name or pid).")
-@click.option("--all", "all_apps", is_flag=True, help="Every application (the default).")
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The new code as a .py file.",
+)
+@click.option("--app", "app", default=None, help="Application name or pid.")
+@click.option("--all", "all_apps", is_flag=True, help="Every application (and later ones).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def upgrade(
@@ -333,49 +337,48 @@ def upgrade(
     all_apps: bool,
     as_json: bool,
 ) -> None:
-    """Live-upgrade every running engine NAME to new code; calls in flight are kept.
-
-    An engine whose new version refuses its state (or fails to restore) keeps
-    running the old version; the answer says why and the exit status is 1."""
+    """Swap engine NAME for new code, live, keeping its state; a refusal rolls back."""
     ctx.obj["json"] |= as_json
     if (module is None) == (file is None):
-        raise click.UsageError("give exactly one of --module and --file")
+        raise click.UsageError("give the new code: --module PKG.MOD or --file PATH.py")
+    if bool(app) == all_apps:
+        raise click.UsageError("say which application: --app NAME|PID or --all")
     msg = {
         "op": "engine_upgrade",
         "engine": name,
         "module": module,
         "file": str(Path(file).resolve()) if file else None,
-        "app": None if all_apps else app,
+        "app": "*" if all_apps else app,
     }
-    _upgrade_answer(ctx, _call(ctx, msg), "upgraded")
+    r = _call(ctx, msg)
+    text = _engine_lines(r, "upgraded")
+    if r.get("not_persisted"):
+        text += f"\nnot recorded for the next start: {r['not_persisted']}"
+    _out(ctx, r, text)
 
 
 @engine.command()
 @click.argument("name")
-@click.option("--app", default=None, help="Only this application (name or pid).")
+@click.option("--app", "app", default=None, help="Application name or pid (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def rollback(ctx: click.Context, name: str, app: str | None, as_json: bool) -> None:
-    """Return every engine NAME to the version it ran before its last upgrade."""
+    """Return engine NAME to the version it ran before its last upgrade."""
     ctx.obj["json"] |= as_json
-    _upgrade_answer(
-        ctx, _call(ctx, {"op": "engine_rollback", "engine": name, "app": app}), "rolled back"
-    )
+    r = _call(ctx, {"op": "engine_rollback", "engine": name, "app": app or "*"})
+    _out(ctx, r, _engine_lines(r, "rolled back"))
 
 
 @engine.command("call")
 @click.argument("engine_id")
 @click.argument("op")
 @click.argument("pairs", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def call_(
-    ctx: click.Context, engine_id: str, op: str, pairs: tuple[str, ...], as_json: bool
-) -> None:
-    """Send command OP (key=value arguments) to ENGINE_ID's handle_request."""
-    ctx.obj["json"] |= as_json
-    cmd = {"op": op, **_parse_sets(pairs)}
-    r = _call(ctx, {"op": "engine_call", "engine_id": engine_id, "cmd": cmd})
+def call_(ctx: click.Context, engine_id: str, op: str, pairs: tuple[str, ...]) -> None:
+    """Send command OP (key=value ...) to engine ENGINE_ID's handle_request."""
+    r = _call(
+        ctx, {"op": "engine_call", "engine_id": engine_id, "cmd": op, "args": _parse_sets(pairs)}
+    )
     _out(ctx, r, json.dumps(r["result"], indent=2, default=str))
 
 

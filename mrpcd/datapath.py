@@ -28,7 +28,8 @@ import logging
 from collections import deque
 from typing import Any, cast
 
-from mrpcd.engine import Engine, EngineState, FrontendEngine, Rpc, TransportEngine
+from mrpcd.engine import Engine, FrontendEngine, Rpc, TransportEngine
+from mrpcd.registry import engine_source
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +133,71 @@ class Datapath:
         self._update()
         return moved
 
+    def role(self, old: Engine) -> type[Engine]:
+        """The class an engine taking ``old``'s place must be (its slot's role)."""
+        index = self.engines.index(old)
+        if index == 0:
+            return FrontendEngine
+        return TransportEngine if index == len(self.engines) - 1 else Engine
+
+    def can_take(self, old: Engine, cls: type[Engine]) -> str | None:
+        """Why an engine of class ``cls`` cannot take ``old``'s place (None: it can)."""
+        if old not in self.engines:
+            return f"engine {old.ctx.engine_id} is not in the datapath of {self.app!r}"
+        role = self.role(old)
+        if not issubclass(cls, role) or cls.ATTACHABLE != old.ATTACHABLE:
+            kind = role.__name__ if role is not Engine else "PolicyEngine (ATTACHABLE)"
+            return (
+                f"{cls.NAME!r} ({cls.__name__}) cannot take the place of {old.NAME!r}: not a {kind}"
+            )
+        return None
+
     def replace(self, old: Engine, new: Engine) -> None:
         """Put ``new`` in ``old``'s place on the same deques (live upgrade)."""
+        self.engines.index(old)  # ValueError for an engine of another datapath
+        reason = self.can_take(old, type(new))
+        if reason is not None:
+            raise DatapathError(reason)
+        old.lifecycle("upgrade")
+        self.commit_upgrade(old, new)
+
+    # The upgrade of one engine in three steps, for a caller that may roll back
+    # (mrpcd/upgrade.py): begin (decompose) -> commit (the successor runs) or
+    # rollback (the old engine resumes with the state it handed over).
+
+    def begin_upgrade(self, old: Engine) -> dict[str, Any]:
+        """``old`` hands its state over (``decompose``); it stays in place, decomposed."""
+        if self.state != "active":
+            raise DatapathError(f"can't upgrade in {self.app!r}: datapath is {self.state}")
+        if old not in self.engines:
+            raise DatapathError(
+                f"engine {old.ctx.engine_id} is not in the datapath of {self.app!r}"
+            )
+        old.lifecycle("upgrade")
+        try:
+            return old.decompose()
+        except BaseException:
+            old.lifecycle("rollback")
+            raise
+
+    def commit_upgrade(self, old: Engine, new: Engine) -> None:
+        """``new`` (restored from ``old``'s state) takes ``old``'s deques and place."""
+        reason = self.can_take(old, type(new))
+        if reason is not None:
+            raise DatapathError(reason)
         index = self.engines.index(old)
-        role = (
-            FrontendEngine
-            if index == 0
-            else TransportEngine
-            if index == len(self.engines) - 1
-            else Engine
-        )
-        if not isinstance(new, role) or new.ATTACHABLE != old.ATTACHABLE:
-            raise DatapathError(f"{new.NAME!r} cannot take the place of {old.NAME!r}")
-        if old.state is EngineState.ATTACHED:
-            old.lifecycle("upgrade")  # (an upgrade may have decomposed it already)
         new.lifecycle("attach")
         new.bind(old.tx_in, old.tx_out, old.rx_in, old.rx_out)
         self.engines[index] = new
         old.lifecycle("retire")
+        if index == 0:  # a new frontend learns what the chain needs
+            self.frontend.need_private_images(self.content)
         self._update()
+
+    def rollback_upgrade(self, old: Engine, state: dict[str, Any]) -> None:
+        """The successor was refused: ``old`` takes its own state back and resumes."""
+        old.load_state(state, old.VERSION)
+        old.lifecycle("rollback")
 
     def drain_all(self) -> list[Rpc]:
         """Take every item out of every deque and engine (teardown)."""
@@ -178,7 +225,7 @@ class Datapath:
                     "id": e.ctx.engine_id,
                     "engine": e.NAME,
                     "version": e.VERSION,
-                    "module": getattr(type(e), "__mrpc_source__", type(e).__module__),
+                    "module": engine_source(type(e)),
                     "side": e.ctx.side.value,
                     "method": e.ctx.method,
                     "config": e.config,

@@ -35,15 +35,6 @@ class OperatorHandler:
 
         self.upgrades = UpgradeManager(daemon, self.policies)
 
-    def op_engine_upgrade(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return self.upgrades.upgrade(msg)
-
-    def op_engine_rollback(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return self.upgrades.rollback(msg)
-
-    def op_engine_call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return self.upgrades.call(msg)
-
     # ------------------------------------------------------------------ access
 
     def refuse(self, uid: int, gid: int, groups: frozenset[int]) -> dict[str, Any] | None:
@@ -164,3 +155,14 @@ class OperatorHandler:
             "bind_ms": round(result.seconds * 1e3, 3),
             "services": list(result.module.SERVICES),
         }
+
+    # ------------------------------------------------------------------ engines (mrpcd/upgrade.py)
+
+    def op_engine_upgrade(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.upgrade(msg)
+
+    def op_engine_rollback(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.rollback(msg)
+
+    def op_engine_call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.upgrades.call(msg)

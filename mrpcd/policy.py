@@ -257,8 +257,12 @@ class PolicyManager:
             assert runtime is not None
 
             def unsplice(
-                app: AppState = app, engine: Engine = engine, runtime: Any = runtime
+                app: AppState = app,
+                engine: Engine = engine,
+                runtime: Any = runtime,
+                engine_id: str = engine_id,
             ) -> int:
+                engine = self._current(engine_id, engine)  # a live upgrade may have replaced it
                 moved = 0
                 if app.datapath is not None and engine in app.datapath.policies:
                     moved = app.datapath.remove(engine)
@@ -292,13 +296,14 @@ class PolicyManager:
                 raise RpcError(
                     StatusCode.INVALID_ARGUMENT, f"bad config for {engine.ctx.engine_id}: {e}"
                 ) from None
-        for _eid, app, engine in targets:
+        for eid, app, engine in targets:
             assert app.runtime is not None
-            app.runtime.call(functools.partial(engine.update_config, config))
-        recorded = [r for eid, _app, engine in targets if (r := self._record_set(eid, engine))]
+            app.runtime.call(functools.partial(self._update, eid, engine, config))
+        current = {t[0]: self._current(t[0], t[2]) for t in targets}
+        recorded = [r for eid, engine in current.items() if (r := self._record_set(eid, engine))]
         return {
             "updated": [t[0] for t in targets],
-            "config": {t[0]: t[2].config for t in targets},
+            "config": {eid: engine.config for eid, engine in current.items()},
             "recorded": recorded,
         }
 
@@ -333,6 +338,21 @@ class PolicyManager:
                 for r in self.standing.values()
             ]
         }
+
+    def _update(self, engine_id: str, engine: Engine, config: dict[str, Any]) -> None:
+        self._current(engine_id, engine).update_config(config)
+
+    def _current(self, engine_id: str, engine: Engine) -> Engine:
+        """The instance running as ``engine_id`` now (on its runtime: an upgrade swaps there)."""
+        with self._lock:
+            found = self.engines.get(engine_id)
+        return found[1] if found is not None else engine
+
+    def replaced(self, engine_id: str, app: AppState, engine: Engine) -> None:
+        """A live upgrade put ``engine`` in the place of the attached engine ``engine_id``."""
+        with self._lock:
+            if engine_id in self.engines:
+                self.engines[engine_id] = (app, engine)
 
     # ------------------------------------------------------------------ app hooks
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 from libmrpc.status import LocalError
 from mrpcd.engine import Engine, validate_engine_class
@@ -40,6 +43,13 @@ class EngineRegistry:
         self._classes[name] = cls = load_engine_class(path, name=name, reload=reload)
         return cls
 
+    def set_class(self, name: str, cls: type[Engine]) -> type[Engine] | None:
+        """Use ``cls`` for ``name`` from now on (an upgrade of every app); returns the
+        class it replaces (None if ``name`` was never loaded)."""
+        old = self._classes.get(name)
+        self._classes[name] = cls
+        return old
+
 
 def load_engine_class(
     path: str, *, name: str = "", reload: bool = False, attr: str = "ENGINE"
@@ -60,50 +70,84 @@ def load_engine_class(
         raise EngineLoadError(str(e)) from None
 
 
+# --------------------------------------------------------------------------- fresh loads
+
+#: what a freshly loaded module was loaded from (a dotted module path or a file path)
+SOURCE_ATTR = "__mrpc_source__"
 _fresh = itertools.count(1)
+
+
+def engine_source(cls: type) -> str:
+    """Where ``cls`` was loaded from: its module path, or the file of a fresh load."""
+    module = sys.modules.get(cls.__module__)
+    return str(getattr(module, SOURCE_ATTR, cls.__module__))
+
+
+def _check_file(path: Path) -> None:
+    """Code the daemon runs must be as trusted as the daemon: a regular file owned by
+    root or the daemon's user, writable by nobody else."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise EngineLoadError(f"engine file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EngineLoadError(f"engine file {path} is not a regular file")
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise EngineLoadError(
+            f"engine file {path} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}) "
+            f"may be changed by others: it must belong to root or uid {os.geteuid()} and "
+            f"be writable only by its owner (chmod go-w)"
+        )
 
 
 def load_fresh_engine_class(
     *, module: str | None = None, file: str | None = None, attr: str = "ENGINE"
-) -> type[Engine]:
-    """Load engine code anew for a live upgrade: a new module object every time,
-    never the class cached by an earlier import (``importlib.reload`` would change
-    the module the running engines use). ``module`` is a dotted path found on
-    ``sys.path``; ``file`` a ``.py`` path. Raises ``EngineLoadError`` naming the gap."""
+) -> tuple[type[Engine], str]:
+    """Load the engine class of a module path or a ``.py`` file as a *new* module
+    object (never one cached in ``sys.modules``: an upgrade always runs the code as
+    it is now), validated as at load. Returns the class and where it came from."""
     if (module is None) == (file is None):
-        raise EngineLoadError("name the new code with exactly one of --module and --file")
-    where = f"module {module}" if module else f"file {file}"
+        raise EngineLoadError("name the new code: a module path or a file path (one of them)")
     if module is not None:
+        source = module
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError) as e:
-            raise EngineLoadError(f"{where}: cannot be found: {e}") from None
+            raise EngineLoadError(f"module {module}: cannot find it: {e}") from None
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            raise EngineLoadError(f"{where}: not found as a .py file on the daemon's path")
-        path = spec.origin
+            raise EngineLoadError(
+                f"module {module}: no such Python source module on mrpcd's path "
+                f"(give its dotted path, e.g. engines.ratelimit, or --file PATH.py)"
+            )
+        path = Path(spec.origin)
+        name = f"{module}__mrpc_v{next(_fresh)}"
     else:
-        path = str(Path(str(file)).resolve())
-        if not Path(path).is_file():
-            raise EngineLoadError(f"{where}: no such file")
-    unique = f"mrpc_upgrade_{next(_fresh)}_{Path(path).stem}"
-    fresh_spec = importlib.util.spec_from_file_location(unique, path)
-    if fresh_spec is None or fresh_spec.loader is None:
-        raise EngineLoadError(f"{where}: cannot be loaded")
-    mod = importlib.util.module_from_spec(fresh_spec)
-    sys.modules[unique] = mod  # dataclasses and pickling look modules up by name
+        assert file is not None
+        path = Path(file)
+        source = str(path)
+        if not path.is_absolute() or path.suffix != ".py":
+            raise EngineLoadError(f"engine file {file!r}: expected an absolute path to a .py file")
+        name = f"mrpc_engine_{path.stem}__mrpc_v{next(_fresh)}"
+    _check_file(path)
+    where = f"engine code {source}"
     try:
-        fresh_spec.loader.exec_module(mod)
-    except Exception as e:
-        sys.modules.pop(unique, None)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        mod: ModuleType = importlib.util.module_from_spec(spec)
+        setattr(mod, SOURCE_ATTR, source)
+        sys.modules[name] = mod  # under its own new name: dataclasses and tracebacks find it
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+    except (Exception, SystemExit) as e:
         raise EngineLoadError(f"{where}: cannot import: {type(e).__name__}: {e}") from e
     obj = getattr(mod, attr, None)
     if obj is None:
-        sys.modules.pop(unique, None)
-        raise EngineLoadError(f"{where}: defines no {attr} (expected `{attr} = MyEngine`)")
+        raise EngineLoadError(f"{where}: module defines no {attr} (expected `{attr} = MyEngine`)")
     try:
-        cls = validate_engine_class(obj, where)
+        return validate_engine_class(obj, where), source
     except TypeError as e:
-        sys.modules.pop(unique, None)
         raise EngineLoadError(str(e)) from None
-    cls.__mrpc_source__ = module or path  # type: ignore[attr-defined]  # shown by `mrpcctl list`
-    return cls

@@ -295,6 +295,14 @@ class Engine(abc.ABC):
         return {}
 
     @classmethod
+    def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
+        """Can this version take over ``state``, decomposed by version ``prev_version``?
+
+        None accepts; a string refuses and says why (the upgrade is rolled back:
+        the running instance keeps its state). Called before ``restore``."""
+        return None
+
+    @classmethod
     def restore(
         cls,
         ctx: EngineContext,
@@ -302,16 +310,14 @@ class Engine(abc.ABC):
         state: Mapping[str, Any],
         prev_version: int,
     ) -> Engine:
-        """Build an engine of this version from a predecessor's ``decompose()``."""
+        """Build an engine of this version from a predecessor's ``decompose()``
+        (``ValueError`` when ``check_compatible`` refuses it)."""
+        refusal = cls.check_compatible(prev_version, state)
+        if refusal is not None:
+            raise ValueError(f"{cls.NAME} v{cls.VERSION} cannot restore v{prev_version}: {refusal}")
         engine = cls(ctx, config)
         engine.load_state(state, prev_version)
         return engine
-
-    @classmethod
-    def check_compatible(cls, prev_version: int, state: Mapping[str, Any]) -> str | None:
-        """Before a live upgrade from ``prev_version``: None to accept its state, or the
-        reason this version cannot take it over (the old instance then keeps running)."""
-        return None
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
         """Adopt ``state``; the default accepts only an empty state."""

@@ -283,11 +283,12 @@ def test_decompose_restore_moves_held_calls_without_loss_or_duplication() -> Non
     assert fresh.handle_request({"op": "stats"})["stats"]["released"] == 1
 
 
-def test_restore_takes_a_newer_versions_state_of_the_right_shape_and_refuses_others() -> None:
+def test_restore_rejects_newer_state_it_cannot_read() -> None:
     engine, _, _ = delayed()
-    state = engine.decompose()
-    assert RateLimit.check_compatible(2, state) is None  # a rollback from v2 works
-    restored = RateLimit.restore(engine.ctx, engine.config, state, prev_version=2)
-    assert restored.decompose()["buckets"] == state["buckets"]
-    reason = RateLimit.check_compatible(2, {"buckets": [1, 2]})
-    assert reason is not None and "v2" in reason
+    newer = {**engine.decompose(), "windows": {}}  # a v2 that keeps more than v1 knows
+    assert "windows" in (RateLimit.check_compatible(2, newer) or "")
+    with pytest.raises(ValueError, match="v2"):
+        RateLimit.restore(engine.ctx, engine.config, newer, prev_version=2)
+    # a newer state of the same shape is taken (rolling back v2 -> v1)
+    assert RateLimit.check_compatible(2, engine.decompose()) is None
+    RateLimit.restore(engine.ctx, engine.config, engine.decompose(), prev_version=2)

@@ -328,7 +328,7 @@ def test_describe() -> None:
         "id": "kv/pass",
         "engine": "test-pass",
         "version": 1,
-        "module": "tests.unit.mrpcd.test_datapath",
+        "module": __name__,
         "side": "send",
         "method": None,
         "config": {},
