@@ -100,7 +100,10 @@ class UpgradeManager:
         selector = self._selector(msg)
         with self._lock:
             outcomes = self._run(name, selector, lambda _old: cls)
-            persisted = None
+            persisted: str | None = (
+                "an upgrade of one application lasts until the daemon restarts; "
+                "upgrade with --all to keep it"
+            )
             if selector == "*" and all(o.ok for o in outcomes):
                 self._set_default(name, cls)
                 persisted = self._persist(name, module)

@@ -173,3 +173,24 @@ def test_entries_with_a_gone_engine_or_a_bad_config_are_skipped_by_name(cluster:
     assert "no engine named 'vanished'" in rec["p1"]["skipped"]
     assert "max_tokens" in rec["p2"]["skipped"] and rec["p3"]["skipped"] is None
     assert b2.ctl("policy", "detach", "--rule", "p1")["unrecorded"] == "p1"
+
+
+def test_an_upgrade_of_every_app_is_kept_across_a_restart(cluster: Cluster) -> None:
+    b = cluster.daemon("b")
+    cluster.server(b, name="srv")
+    b.ctl("policy", "attach", "null", "--app", "srv")
+    mod = "tests.integration.engines.null_v2"
+    one = b.ctl("engine", "upgrade", "null", "--module", mod, "--app", "srv")
+    assert "until the daemon restarts" in one["not_persisted"]  # one app: not recorded
+    assert b.ctl("policy", "list", "--persisted")["engines"] == {}
+    r = b.ctl("engine", "upgrade", "null", "--module", mod, "--all")
+    assert "not_persisted" not in r and r["version"] == 2
+    assert b.ctl("policy", "list", "--persisted")["engines"] == {"null": mod}
+    b2 = restart(cluster, b, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while not any(x["name"] == "srv" for x in b2.apps()):
+        assert time.monotonic() < deadline, "srv did not register again"
+        time.sleep(0.1)
+    (app,) = b2.ctl("list")["apps"]
+    (null,) = [e for e in app["datapath"] if e["engine"] == "null"]
+    assert (null["version"], null["module"]) == (2, mod), null
