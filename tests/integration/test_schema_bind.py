@@ -138,9 +138,18 @@ def test_compile_limits_give_resource_exhausted_naming_the_key(cluster: Cluster)
         err = bind_error(raw_app(d.prefix), texts)
         print(f"{key}: {err.code().name} after {time.monotonic() - t0:.1f}s: {err.details()}")
         assert err.code() == StatusCode.RESOURCE_EXHAUSTED and key in err.details(), err.details()
-        assert (
-            bind(raw_app(d.prefix, "small"), small("fine"))["how"] == "compiled"
-        )  # the daemon is fine
+        # the daemon is fine: it compiles a small schema (with 0.3 s even that can time
+        # out on a loaded machine, so a few tries; each is a fresh compile)
+        for i in range(5):
+            try:
+                got = bind(raw_app(d.prefix, f"small{i}"), small(f"fine{i}"))
+            except RpcError as e:
+                assert e.code() == StatusCode.RESOURCE_EXHAUSTED and key in e.details(), e
+                continue
+            assert got["how"] == "compiled", got
+            break
+        else:
+            raise AssertionError(f"5 small schemas in a row hit {key}")
 
 
 def test_schema_count_per_app_and_eviction(cluster: Cluster) -> None:
