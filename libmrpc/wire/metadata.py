@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from typing import Self
 
 from libmrpc.status import StatusCode
+from libmrpc.wire.errors import WireError
 
 MAX_METADATA_SIZE = 8 * 1024  # bytes of one call's (or reply's) encoded metadata block
 MAX_ENTRIES = 256  # entries of one block (a reply's initial and trailing together)
@@ -57,12 +58,8 @@ _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 Metadata = tuple[tuple[str, "str | bytes"], ...]
 
 
-class MetadataError(Exception):
+class MetadataError(WireError):
     """Metadata that breaks a rule; ``status`` is the gRPC code to answer with."""
-
-    def __init__(self, message: str, status: StatusCode = StatusCode.INVALID_ARGUMENT) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ReplyMetadata(tuple[tuple[str, "str | bytes"], ...]):

@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import struct
 
+from libmrpc.wire.errors import WireError
+
 SLOT_SIZE = 64
 HEADER_SIZE = 192
 # indices into the header viewed as native u64 words
 _HEAD, _TAIL, _SLEEPING = 0, 8, 16
 
 
-class RingCorrupted(Exception):
-    """The other side wrote an impossible counter into the ring header."""
+class RingCorrupted(WireError):
+    """The other side wrote an impossible counter into the ring header (a
+    :class:`WireError`: the other side's fault; its session is ended)."""
 
 
 def ring_bytes(nslots: int) -> int:

@@ -16,6 +16,8 @@ from libmrpc.status import ConfigError, LocalError, MrpcError, RpcError, SchemaE
 from libmrpc.wire import marshal
 from libmrpc.wire.errors import TooBig, WireError
 from libmrpc.wire.frames import FrameAssembler
+from libmrpc.wire.metadata import MetadataError
+from libmrpc.wire.ring import RingCorrupted
 from mrpcd.config import load_config
 from mrpcd.prefix import PrefixError
 from mrpcd.registry import EngineLoadError, EngineRegistry
@@ -27,7 +29,7 @@ def test_local_misuse_is_a_local_error_not_a_wire_error(cls: type[Exception]) ->
     assert not issubclass(cls, WireError)
 
 
-@pytest.mark.parametrize("cls", [WireError, TooBig])
+@pytest.mark.parametrize("cls", [WireError, TooBig, RingCorrupted, MetadataError])
 def test_bad_bytes_are_a_wire_error_not_a_local_error(cls: type[Exception]) -> None:
     assert issubclass(cls, WireError) and issubclass(cls, MrpcError)
     assert not issubclass(cls, LocalError)
