@@ -281,7 +281,9 @@ def detach(
 def set_(ctx: click.Context, engine_id: str, pairs: tuple[str, ...]) -> None:
     """Reconfigure ENGINE_ID in place: key=value ... (all or nothing)."""
     r = _call(ctx, {"op": "policy_set", "engine_id": engine_id, "config": _parse_sets(pairs)})
-    _out(ctx, r, "\n".join(f"updated {eid}: {r['config'][eid]}" for eid in r["updated"]))
+    lines = [f"updated {eid}: {r['config'][eid]}" for eid in r["updated"]]
+    lines += [f"not recorded {eid}: {why}" for eid, why in r.get("not_recorded", {}).items()]
+    _out(ctx, r, "\n".join(lines))
 
 
 @policy.command()

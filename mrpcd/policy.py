@@ -305,6 +305,21 @@ class PolicyManager:
             "updated": [t[0] for t in targets],
             "config": {eid: engine.config for eid, engine in current.items()},
             "recorded": recorded,
+            "not_recorded": self._unrecorded_set(current, recorded),
+        }
+
+    def _unrecorded_set(self, current: dict[str, Engine], recorded: list[str]) -> dict[str, str]:
+        """Why a ``policy set`` of these engines will not survive a restart."""
+        with self._lock:
+            kept = {eid for eid in current if self._recorded.get(eid) in recorded}
+        if not self.record.enabled:
+            return {eid: "persist_policies is off" for eid in current}
+        return {
+            eid: "it was attached --transient, by a --future rule or by the config's "
+            "policies: a restart gives it the rule's config (to change a rule, detach it "
+            "with `policy detach --rule ID` and attach it again)"
+            for eid in current
+            if eid not in kept
         }
 
     def stats(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -112,7 +112,11 @@ def test_set_and_detach_after_a_restart_update_the_record(cluster: Cluster) -> N
     eids = engines_of(b2, "srv")
     rl = next(eid for eid, e in eids.items() if e["engine"] == "ratelimit")
     assert any(e["engine"] == "metrics" for e in eids.values())
-    b2.ctl("policy", "set", rl, "max_tokens=7")
+    r = b2.ctl("policy", "set", rl, "max_tokens=7")
+    assert r["not_recorded"] == {}
+    met = next(eid for eid, e in eids.items() if e["engine"] == "metrics")
+    r = b2.ctl("policy", "set", met, "enforce=false")  # from a --future rule: not recorded
+    assert r["recorded"] == [] and "rule" in r["not_recorded"][met]
     rec = b2.ctl("policy", "list", "--persisted")["policies"]
     assert [(e["kind"], e["engine"], e["config"].get("max_tokens")) for e in rec] == [
         ("app", "ratelimit", 7),
