@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from engines import tcp_features as wf
 from engines import tcp_resolve
 from engines.tcp_conn import Conn, ConnState, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
@@ -45,6 +46,7 @@ from libmrpc.wire.frames import (
     CANCEL,
     DISCARD,
     ERROR,
+    FEATURES,
     FRAME_NAMES,
     GOAWAY,
     HELLO,
@@ -110,7 +112,8 @@ class OversizeReply(NamedTuple):
 
 class TcpTransport(TransportEngine):
     NAME = "tcp"
-    VERSION = 1
+    VERSION = 2  # 2: wire features (FEATURES, BATCH), see engines.tcp_features
+    WIRE_FEATURES: frozenset[str] = wf.WIRE_FEATURES
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
@@ -278,9 +281,11 @@ class TcpTransport(TransportEngine):
                         "pid": self.app.pid,
                         "daemon": self.daemon_name,
                         "max_message_size": self.max_message_size,
+                        "features": wf.advertise(conn, self.WIRE_FEATURES),
                     },
                 )
-            ]
+            ],
+            batchable=False,
         )
         self.conns[key] = conn
         if connecting:
@@ -384,10 +389,10 @@ class TcpTransport(TransportEngine):
             frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
         sent = None
         if segs and not conn.closed:  # zero-copy: where the frames sit until the kernel took them
-            start = conn.sendq.queued
+            start = conn.position()
             self.unsent[wire_id] = (conn, start, start + sum(len(f) for f in frames))
             sent = self._sent_cb(wire_id)
-        conn.queue(frames, sent)
+        conn.queue(frames, sent, frames=2 if rpc.metadata else 1)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)
@@ -590,6 +595,12 @@ class TcpTransport(TransportEngine):
                 peer_max = ack.get("max_message_size")  # absent from older daemons
                 if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
                     conn.info["peer_max"] = peer_max
+                wf.negotiate(conn, self.WIRE_FEATURES, wf.parse(ack.get("features"), "HELLO_ACK"))
+                if wf.sync(conn, self.WIRE_FEATURES):  # upgraded since our HELLO went out
+                    self.dirty.add(conn)
+        elif t == FEATURES:
+            if wf.on_features(conn, body, self.WIRE_FEATURES):
+                self.dirty.add(conn)
         elif t == PING:
             if answer_ping(conn, header):
                 self.dirty.add(conn)
@@ -622,7 +633,12 @@ class TcpTransport(TransportEngine):
     # ------------------------------------------------------------------ lifecycle
 
     def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, pending=len(self.pending), connections=len(self.conns))
+        return dict(
+            self.counters,
+            pending=len(self.pending),
+            connections=len(self.conns),
+            **wf.describe(self.conns.values()),
+        )
 
     def decompose(self) -> dict[str, Any]:
         state = {
@@ -660,6 +676,8 @@ class TcpTransport(TransportEngine):
         self.counters.update(state.get("counters", {}))
         for conn in [*self.conns.values(), *self.retired]:
             conn.owner = self
+            if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
+                self.dirty.add(conn)
 
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:

@@ -14,6 +14,13 @@ runs it instead. If the new class refuses the state or ``restore`` raises, the
 old instance takes its state back (``load_state``) and resumes (``rollback``):
 nothing was lost, the answer says why. ``engine_rollback`` upgrades back to the
 class an engine had before its last upgrade.
+
+Two additions (see docs/ARCHITECTURE.md, "Wire features and transport switch"):
+the daemon-wide ``tcp-ingress`` is upgraded the same way on its runtime (no
+datapath: the runtime's engine list only, and ``Daemon.ingress``); and a
+transport may be replaced by a transport of another name (a *switch*:
+``mrpcctl engine upgrade tcp --module engines.local``), when the new class
+accepts the old one's state.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import RpcError, StatusCode
-from mrpcd.engine import Engine
+from mrpcd.engine import Engine, IngressEngine, TransportEngine
 from mrpcd.registry import EngineLoadError, load_fresh_engine_class
 
 if TYPE_CHECKING:
@@ -71,7 +78,7 @@ class UpgradeManager:
             cls = load_fresh_engine_class(module=msg.get("module"), file=msg.get("file"))
         except EngineLoadError as e:
             raise RpcError(StatusCode.INVALID_ARGUMENT, f"new code refused: {e}") from None
-        if cls.NAME != name:
+        if cls.NAME != name and not issubclass(cls, TransportEngine):  # a switch: transports only
             raise RpcError(
                 StatusCode.INVALID_ARGUMENT,
                 f"new code refused: it defines engine {cls.NAME!r}, not {name!r}",
@@ -108,6 +115,9 @@ class UpgradeManager:
     # ------------------------------------------------------------------ the swap
 
     def _upgrade_all(self, name: str, selector: str, new_class: Any) -> dict[str, Any]:
+        ingress = self.daemon.ingress
+        if ingress is not None and name == ingress.NAME:
+            return self._upgrade_ingress(ingress, new_class)
         with self._lock:
             targets = self._targets(name, selector)
             if not targets:
@@ -146,6 +156,10 @@ class UpgradeManager:
         def run() -> tuple[Engine | None, str]:
             if app.closed or old not in dp.engines:
                 return None, f"app {app.name!r} has left or the engine was detached"
+            if cls.NAME != old.NAME and not (
+                isinstance(old, TransportEngine) and issubclass(cls, TransportEngine)
+            ):
+                return None, f"{cls.NAME} cannot replace {old.NAME}: only a transport switches name"
             old.lifecycle("upgrade")
             state = old.decompose()
             try:
@@ -166,3 +180,52 @@ class UpgradeManager:
             return new, ""
 
         return runtime.call(run)
+
+    # ------------------------------------------------------------------ the ingress
+
+    def _upgrade_ingress(self, old: IngressEngine, new_class: Any) -> dict[str, Any]:
+        """Swap the daemon-wide ingress on its runtime (rt0), as ``_swap`` does a
+        datapath's engine: decompose, check, restore, or roll back."""
+        with self._lock:
+            eid = old.ctx.engine_id
+            cls = new_class(eid)
+            if cls is None:
+                refused = {"engine_id": eid, "reason": "it was never upgraded"}
+                return {"upgraded": [], "refused": [refused]}
+            if not issubclass(cls, IngressEngine) or cls.NAME != old.NAME:
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT,
+                    f"new code refused: {cls.__name__} is not a {old.NAME} ingress engine",
+                )
+            runtime = self.daemon.runtimes[0]
+
+            def run() -> tuple[Engine | None, str]:
+                old.lifecycle("upgrade")
+                state = old.decompose()
+                try:
+                    reason = cls.check_compatible(old.VERSION, state)
+                    new = None if reason else cls.restore(old.ctx, old.config, state, old.VERSION)
+                except Exception as e:  # noqa: BLE001 - the new code failing is an answer
+                    reason, new = f"restore raised {type(e).__name__}: {e}", None
+                if new is None:
+                    old.load_state(state, old.VERSION)
+                    old.lifecycle("rollback")
+                    return None, (
+                        f"{cls.NAME} v{cls.VERSION} refused the state of v{old.VERSION}: {reason}"
+                    )
+                new.lifecycle("attach")
+                old.lifecycle("retire")
+                engines = runtime.engines
+                engines[engines.index(old)] = new
+                self.daemon.ingress = new
+                return new, ""
+
+            new, reason = runtime.call(run)
+            if new is None:
+                log.warning("upgrade of %s refused: %s", eid, reason)
+                refused: dict[str, Any] = {"engine_id": eid, "version": old.VERSION, "reason": reason}
+                return {"upgraded": [], "refused": [refused]}
+            self.previous[eid] = type(old)
+            log.info("upgraded %s from v%d to v%d", eid, old.VERSION, new.VERSION)
+            done = {"engine_id": eid, "from": old.VERSION, "to": new.VERSION}
+            return {"upgraded": [done], "refused": []}
