@@ -190,8 +190,8 @@ class UpgradeManager:
             eid = old.ctx.engine_id
             cls = new_class(eid)
             if cls is None:
-                refused = {"engine_id": eid, "reason": "it was never upgraded"}
-                return {"upgraded": [], "refused": [refused]}
+                never = {"engine_id": eid, "reason": "it was never upgraded"}
+                return {"upgraded": [], "refused": [never]}
             if not issubclass(cls, IngressEngine) or cls.NAME != old.NAME:
                 raise RpcError(
                     StatusCode.INVALID_ARGUMENT,
@@ -223,7 +223,7 @@ class UpgradeManager:
             new, reason = runtime.call(run)
             if new is None:
                 log.warning("upgrade of %s refused: %s", eid, reason)
-                refused: dict[str, Any] = {"engine_id": eid, "version": old.VERSION, "reason": reason}
+                refused = {"engine_id": eid, "version": old.VERSION, "reason": reason}
                 return {"upgraded": [], "refused": [refused]}
             self.previous[eid] = type(old)
             log.info("upgraded %s from v%d to v%d", eid, old.VERSION, new.VERSION)
