@@ -33,8 +33,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from engines import local_calls, tcp_resolve
 from engines import tcp_features as wf
-from engines import tcp_resolve
+from engines.local_calls import LocalOrigin
 from engines.tcp_conn import Conn, ConnState, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
 from engines.tcp_limits import PeerLimits, overdue
@@ -143,6 +144,10 @@ class TcpTransport(TransportEngine):
         self._resolved: deque[Target] = deque()  # appended by resolver threads
         self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
+        # calls to a server app of this daemon (engines.local_calls): started only by
+        # the local transport, completed by either after a switch
+        self.local: LocalOrigin | None = None
+        self.replies: deque[Rpc] = deque()  # the server apps' answers, posted from any runtime
         self.counters = {
             "calls_sent": 0,
             "replies_received": 0,
@@ -163,6 +168,10 @@ class TcpTransport(TransportEngine):
             n += 1
         while inbox:  # what the daemon delivered to the app from the network side
             rx_out.append(inbox.popleft())
+            n += 1
+        replies = self.replies
+        while replies:  # answers to local calls
+            local_calls.complete(self, replies.popleft())
             n += 1
         while self._resolved:  # host names resolved meanwhile: their calls go now
             entry = self.resolving.pop(self._resolved.popleft(), None)
@@ -302,7 +311,7 @@ class TcpTransport(TransportEngine):
         n = 0
         for conn in list(self.retired):
             if not conn.calls:
-                conn.close("the peer said GOAWAY and no call is left on it")
+                conn.close("retired (GOAWAY or a transport switch) and no call is left on it")
         for conn in [*self.conns.values(), *self.retired]:
             reason = overdue(conn, now, self.limits)
             if reason is not None:
@@ -341,8 +350,11 @@ class TcpTransport(TransportEngine):
         del self.pending[rpc._wire_id]
         conn.calls.discard(rpc._wire_id)
         self._unpin(rpc._wire_id)  # the app may reuse the request's memory once it sees CANCELLED
-        conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
-        self.dirty.add(conn)
+        if isinstance(conn, LocalOrigin):
+            conn.cancel(rpc._wire_id)
+        else:
+            conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
+            self.dirty.add(conn)
         self.counters["cancelled"] = self.counters.get("cancelled", 0) + 1
         self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
 
@@ -477,7 +489,16 @@ class TcpTransport(TransportEngine):
         return n
 
     def prepare_sleep(self) -> bool:
-        return bool(self.rx_in)  # delivered from this runtime's own thread: no wake-up came
+        # delivered or posted from this runtime's own thread: no wake-up came
+        return bool(self.rx_in) or bool(self.replies)
+
+    def post(self, rpc: Rpc) -> None:
+        """From any runtime: a server app's answer to a local call of this app."""
+        self.replies.append(rpc)
+        if self.local is not None and self.local.closed:  # this app is gone
+            local_calls.drain_dead(self.replies)
+        else:
+            self.ctx.wake()
 
     def next_timer(self) -> float | None:
         t = self.deadlines[0][0] if self.deadlines else None
@@ -651,6 +672,8 @@ class TcpTransport(TransportEngine):
             "retired": self.retired,
             "next_wire_id": next(self._wire_ids),
             "counters": dict(self.counters),
+            "local": self.local,
+            "replies": self.replies,  # the same deque: a late post() to this instance lands in it
         }
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
         self.unsent = {}
@@ -674,6 +697,13 @@ class TcpTransport(TransportEngine):
                 self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))
+        replies = state.get("replies")
+        if replies is not None and replies is not self.replies:
+            replies.extend(self.replies)
+            self.replies = replies
+        self.local = state.get("local")
+        if self.local is not None:
+            self.local.owner = self  # where the server apps post their answers now
         for conn in [*self.conns.values(), *self.retired]:
             conn.owner = self
             if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
@@ -682,6 +712,9 @@ class TcpTransport(TransportEngine):
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:
             conn.close("application left")
+        if self.local is not None:
+            self.local.closed = True
+        local_calls.drain_dead(self.replies)
 
 
 ENGINE = TcpTransport

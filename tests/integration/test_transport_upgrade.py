@@ -106,3 +106,76 @@ def test_batch_turns_on_for_live_connections_once_both_hosts_upgrade(
     assert ing["batched_frames"] > 0 and ing["batched_frames_received"] > 0
     assert ing["accepted"] == 2  # loadgen's and steady's connections, never reopened
     assert calls > calls_half > 100
+
+
+def test_an_app_switches_transport_live_from_tcp_to_local_and_back(cluster: Cluster) -> None:
+    a = cluster.daemon("a")
+    cluster.server(a, "--mode", "async")
+    stub = testing.TestStub(libmrpc.connect(a.listen, prefix=a.prefix, name="loadgen"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    figures = []
+    with Load(stub) as load:
+        time.sleep(0.3)
+        for module, name, to in [
+            ("engines.local", "tcp", "local"),
+            ("engines.tcp", "local", "tcp"),
+        ]:
+            before = tcp_stats(a, "loadgen")
+            r = a.ctl("engine", "upgrade", name, "--module", module, "--app", "loadgen")
+            assert len(r["upgraded"]) == 1 and not r["refused"], r
+            assert engine_row(a, "loadgen", to)["module"] == module
+            time.sleep(1.0)
+            after = tcp_stats(a, "loadgen")
+            local = after.get("local_calls", 0) - before.get("local_calls", 0)
+            tcp = after["calls_sent"] - before["calls_sent"]
+            figures.append(f"{name}->{to}: {local} local calls, {tcp} over tcp")
+            if to == "local":
+                assert local > 100, figures
+                assert after["connections"] == 0  # the tcp connection drained and closed
+            else:
+                assert tcp > 100 and after["connections"] == 1, figures
+        calls = sum(load.seen.values())
+    load.check()
+    ingress = a.ctl("stats")["ingress"]
+    print(f"tcp -> local -> tcp under 64 calls in flight: {calls} calls, 0 failed; {figures}")
+    assert ingress["accepted"] == 2  # the first connection, and one after switching back
+
+
+def engine_row(d: Daemon, app: str, name: str) -> dict[str, Any]:
+    (row,) = [e for x in d.apps() if x["name"] == app for e in x["datapath"] if e["engine"] == name]
+    return row
+
+
+def test_local_calls_keep_every_outcome_of_a_remote_call(cluster: Cluster) -> None:
+    a = cluster.daemon("a")
+    cluster.server(a)
+    stub = testing.TestStub(libmrpc.connect(a.listen, prefix=a.prefix, name="client"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    a.ctl("engine", "upgrade", "tcp", "--module", "engines.local", "--app", "client")
+    big = stub.Call(testing.Request(reply_size=3 << 20), timeout=10)
+    assert len(big.payload) == 3 << 20
+    outcomes = {}
+    for name, req, timeout in [
+        ("abort", testing.Request(fail="abort:NOT_FOUND:no such key"), 5.0),
+        ("raise", testing.Request(fail="raise:boom"), 5.0),
+        ("deadline", testing.Request(sleep_ms=3000), 0.3),
+        ("exit", testing.Request(fail="exit"), 5.0),
+        ("gone", testing.Request(payload=b"anyone?"), 5.0),
+    ]:
+        try:
+            stub.Call(req, timeout=timeout)
+            outcomes[name] = "OK"
+        except libmrpc.RpcError as e:
+            outcomes[name] = e.code().name
+            if name == "abort":
+                assert e.details() == "no such key"
+    print(f"outcomes of local calls: {outcomes}")
+    assert outcomes == {
+        "abort": "NOT_FOUND",
+        "raise": "UNKNOWN",
+        "deadline": "DEADLINE_EXCEEDED",
+        "exit": "UNAVAILABLE",
+        "gone": "UNAVAILABLE",
+    }
+    stats = tcp_stats(a, "client")
+    assert stats["local_calls"] >= 4 and stats["connections"] == 0 and stats["pending"] == 0
