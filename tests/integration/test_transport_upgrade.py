@@ -11,15 +11,19 @@ that same connection. No call fails at any point.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import libmrpc
-from tests.integration.conftest import Cluster, Daemon
+from tests.integration.conftest import ROOT, Cluster, Daemon
 from tests.integration.netns import Netns, netns_of
 from tests.integration.test_upgrade import Load, testing
 
@@ -179,3 +183,74 @@ def test_local_calls_keep_every_outcome_of_a_remote_call(cluster: Cluster) -> No
     }
     stats = tcp_stats(a, "client")
     assert stats["local_calls"] >= 4 and stats["connections"] == 0 and stats["pending"] == 0
+
+
+def _old_tree(dest: Path) -> Path:
+    """The code just before wire features (the parent of the commit that added
+    engines/tcp_features.py), unpacked from git into ``dest``."""
+    try:
+        added = subprocess.run(
+            ["git", "log", "--diff-filter=A", "--format=%H", "-1", "--", "engines/tcp_features.py"],
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        archive = subprocess.run(
+            ["git", "archive", f"{added}^"], cwd=ROOT, capture_output=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"no git history to take the pre-feature code from: {e}")
+    if not added:
+        pytest.skip("no git history to take the pre-feature code from")
+    dest.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    return dest
+
+
+def _daemon_from(cluster: Cluster, tree: Path, name: str) -> Daemon:
+    """An mrpcd running the code of ``tree`` (python -m finds it first, from its cwd)."""
+    prefix, log = cluster.base / name, cluster.base / f"{name}.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "mrpcd",
+        "run",
+        "--prefix",
+        str(prefix),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tree)
+    d = Daemon(prefix, proc, log)
+    cluster.daemons.append(d)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and d.state.get("pid") != proc.pid:
+        assert proc.poll() is None, d.log()
+        try:
+            d.state = json.loads((prefix / "mrpcd.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    return d
+
+
+def test_a_new_daemon_and_one_before_wire_features_talk_both_ways(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    old_tree = _old_tree(tmp_path / "old")
+    assert not (old_tree / "engines" / "tcp_features.py").exists()
+    old, new = _daemon_from(cluster, old_tree, "old"), cluster.daemon("new")
+    cluster.server(old, name="old-server")
+    cluster.server(new, name="new-server")
+    figures = []
+    for client_d, server_d, label in [(new, old, "new->old"), (old, new, "old->new")]:
+        stub = testing.TestStub(
+            libmrpc.connect(server_d.listen, prefix=client_d.prefix, name=f"c-{label}")
+        )
+        stub.Call(testing.Request(payload=b"warm"), timeout=10)
+        with Load(stub, workers=16) as load:
+            time.sleep(1.0)
+        load.check()
+        figures.append(f"{label}: {sum(load.seen.values())} calls, 0 failed")
+    stats = tcp_stats(new, "c-new->old")
+    assert stats.get("batched_frames", 0) == 0 and stats["connections"] == 1
+    assert new.ctl("stats")["ingress"].get("batched_frames", 0) == 0
+    assert "conns_batching" not in old.ctl("stats")["ingress"]  # it really runs the old code
+    print(f"new and pre-feature daemons: {figures}")
