@@ -20,6 +20,14 @@ not keep is skipped without storing it, every connection's reservations and
 queues are bounded, stalled and idle connections are timed out, and host names
 are resolved off the runtime thread (:mod:`engines.tcp_resolve`). An app's
 connections to one (host, port, schema) share one TCP connection.
+
+Wire features (:mod:`engines.tcp_features`): the HELLO advertises
+``WIRE_FEATURES``, the HELLO_ACK tells the peer's, and each connection uses what
+both have (BATCH frames, :mod:`engines.tcp_conn`). ``load_state`` (a live
+upgrade or rollback) announces a changed set on every live connection with a
+FEATURES frame. It also completes calls the ``local`` transport
+(:mod:`engines.local`) handed to a server app of this daemon (``post``), so an
+app switched back from ``local`` to ``tcp`` loses none.
 """
 
 from __future__ import annotations

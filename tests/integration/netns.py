@@ -35,20 +35,34 @@ class Netns:
 
     @classmethod
     def create(cls) -> Netns:
-        ns = cls(os.getpid() % 200 + 20)
-        ns.close()  # a leftover of a killed run with the same pid
-        for name in ns.names:
-            r = _ip("netns", "add", name)
-            if r.returncode != 0:
-                ns.close()
+        """Two fresh namespaces and their veth pair; a number in use (another run's)
+        is skipped, never taken over."""
+        start = os.getpid() % 200
+        for i in range(20):
+            ns = cls(20 + (start + i) % 200)
+            made = []
+            for name in ns.names:
+                r = _ip("netns", "add", name)
+                if r.returncode != 0:
+                    break
+                made.append(name)
+            if len(made) == 2:
+                ns._link()
+                return ns
+            for name in made:
+                _ip("netns", "del", name)
+            if "exists" not in r.stderr:
                 pytest.skip(f"cannot create network namespaces here: ip netns add: {r.stderr}")
-        va, vb = ns.veths
+        pytest.skip("no free mrpcns-* namespace number after 20 tries")
+
+    def _link(self) -> None:
+        va, vb = self.veths
         steps = [
             ("link", "add", va, "type", "veth", "peer", "name", vb),
-            ("link", "set", va, "netns", ns.names[0]),
-            ("link", "set", vb, "netns", ns.names[1]),
+            ("link", "set", va, "netns", self.names[0]),
+            ("link", "set", vb, "netns", self.names[1]),
         ]
-        for name, veth, addr in zip(ns.names, ns.veths, ns.addrs, strict=True):
+        for name, veth, addr in zip(self.names, self.veths, self.addrs, strict=True):
             steps += [
                 ("-n", name, "addr", "add", f"{addr}/24", "dev", veth),
                 ("-n", name, "link", "set", veth, "up"),
@@ -57,9 +71,10 @@ class Netns:
         for step in steps:
             r = _ip(*step)
             if r.returncode != 0:
-                ns.close()
+                if step[0] == "link":
+                    _ip("link", "del", va)  # still in this namespace (if it was made)
+                self.close()
                 pytest.skip(f"cannot set up a veth pair here: ip {' '.join(step)}: {r.stderr}")
-        return ns
 
     def close(self) -> None:
         for name in self.names:

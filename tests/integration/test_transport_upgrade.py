@@ -112,8 +112,11 @@ def test_batch_turns_on_for_live_connections_once_both_hosts_upgrade(
     assert calls > calls_half > 100
 
 
-def test_an_app_switches_transport_live_from_tcp_to_local_and_back(cluster: Cluster) -> None:
-    a = cluster.daemon("a")
+@pytest.mark.parametrize("runtimes", [1, 2])
+def test_an_app_switches_transport_live_from_tcp_to_local_and_back(
+    cluster: Cluster, runtimes: int
+) -> None:
+    a = cluster.daemon("a", config=f"runtimes: {runtimes}\n")  # 2: client and server apart
     cluster.server(a, "--mode", "async")
     stub = testing.TestStub(libmrpc.connect(a.listen, prefix=a.prefix, name="loadgen"))
     stub.Call(testing.Request(payload=b"warm"), timeout=10)
@@ -141,7 +144,13 @@ def test_an_app_switches_transport_live_from_tcp_to_local_and_back(cluster: Clus
         calls = sum(load.seen.values())
     load.check()
     ingress = a.ctl("stats")["ingress"]
-    print(f"tcp -> local -> tcp under 64 calls in flight: {calls} calls, 0 failed; {figures}")
+    where = {x["name"]: x["runtime"] for x in a.apps()}
+    if runtimes == 2:
+        assert where["loadgen"] != where["server"], where
+    print(
+        f"tcp -> local -> tcp under 64 calls in flight, {runtimes} runtime(s): {calls} calls, "
+        f"0 failed; {figures}"
+    )
     assert ingress["accepted"] == 2  # the first connection, and one after switching back
 
 
