@@ -27,7 +27,9 @@ from tests.integration.conftest import ROOT, Cluster, Daemon
 from tests.integration.netns import Netns, netns_of
 from tests.integration.test_upgrade import Load, testing
 
-V1 = "engines:\n  tcp: tests.integration.wire_v1\n"
+# two runtimes: B's server app and its ingress are on different threads, so the
+# replies cross runtimes (the ingress's outbox) while the ingress is swapped
+V1 = "runtimes: 2\nengines:\n  tcp: tests.integration.wire_v1\n"
 
 
 @pytest.fixture
@@ -71,6 +73,7 @@ def test_batch_turns_on_for_live_connections_once_both_hosts_upgrade(
     )
     stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="loadgen"))
     stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    assert [x["runtime"] for x in b.apps()] == ["rt1"]  # the ingress is on rt0
     with Load(stub) as load:
         time.sleep(0.5)
         assert tcp_stats(a, "loadgen").get("batched_frames", 0) == 0  # both old: no BATCH
@@ -93,6 +96,18 @@ def test_batch_turns_on_for_live_connections_once_both_hosts_upgrade(
         time.sleep(0.5)
         full, ing = tcp_stats(a, "loadgen"), ingress_stats(b)
         calls = sum(load.seen.values())
+
+        # and back: B rolls its ingress back to the old code; it tells A, which stops
+        # batching; a BATCH already on its way to B is still taken (never a failure)
+        r = b.ctl("engine", "rollback", "tcp-ingress")
+        assert [u["to"] for u in r["upgraded"]] == [1], r
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and tcp_stats(a, "loadgen")["conns_batching"]:
+            time.sleep(0.2)
+        back = tcp_stats(a, "loadgen")
+        time.sleep(0.5)
+        assert tcp_stats(a, "loadgen")["batched_frames"] == back["batched_frames"]
+        calls_back = sum(load.seen.values()) - calls
     load.check()
     report = steady.result()  # closing its stdin ends its loop
     print(
@@ -102,14 +117,16 @@ def test_batch_turns_on_for_live_connections_once_both_hosts_upgrade(
         f"{full.get('batched_frames')} batches_sent={full.get('batches_sent')} "
         f"batched_frames_received={full.get('batched_frames_received')}, "
         f"B ingress batched_frames={ing.get('batched_frames')} "
-        f"batched_frames_received={ing.get('batched_frames_received')}"
+        f"batched_frames_received={ing.get('batched_frames_received')}; {calls_back} calls "
+        f"after B rolled its ingress back (A stopped batching at {back['batched_frames']})"
     )
     assert not report["errors"] and report["ok"] > 10, report
     assert full["conns_batching"] == 1 and full["connections"] == 1  # the same, live connection
     assert full["batched_frames"] > 0 and full["batched_frames_received"] > 0
     assert ing["batched_frames"] > 0 and ing["batched_frames_received"] > 0
     assert ing["accepted"] == 2  # loadgen's and steady's connections, never reopened
-    assert calls > calls_half > 100
+    assert calls > calls_half > 100 and calls_back > 100
+    assert back["conns_batching"] == 0 and back["connections"] == 1
 
 
 @pytest.mark.parametrize("runtimes", [1, 2])
