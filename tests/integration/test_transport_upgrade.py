@@ -155,6 +155,10 @@ def test_an_app_switches_transport_live_from_tcp_to_local_and_back(
             figures.append(f"{name}->{to}: {local} local calls, {tcp} over tcp")
             if to == "local":
                 assert local > 100, figures
+                deadline = time.monotonic() + 10  # closed at the next sweep (tcp_limits tick)
+                while after["connections"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    after = tcp_stats(a, "loadgen")
                 assert after["connections"] == 0  # the tcp connection drained and closed
             else:
                 assert tcp > 100 and after["connections"] == 1, figures
