@@ -20,6 +20,14 @@ not keep is skipped without storing it, every connection's reservations and
 queues are bounded, stalled and idle connections are timed out, and host names
 are resolved off the runtime thread (:mod:`engines.tcp_resolve`). An app's
 connections to one (host, port, schema) share one TCP connection.
+
+Wire features (:mod:`engines.tcp_features`): the HELLO advertises
+``WIRE_FEATURES``, the HELLO_ACK tells the peer's, and each connection uses what
+both have (BATCH frames, :mod:`engines.tcp_conn`). ``load_state`` (a live
+upgrade or rollback) announces a changed set on every live connection with a
+FEATURES frame. It also completes calls the ``local`` transport
+(:mod:`engines.local`) handed to a server app of this daemon (``post``), so an
+app switched back from ``local`` to ``tcp`` loses none.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engines import tcp_resolve
+from engines import local_calls, tcp_resolve
+from engines import tcp_features as wf
+from engines.local_calls import LocalOrigin
 from engines.tcp_conn import Conn, ConnState, OversizeReply, connect_nonblocking
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
 from engines.tcp_limits import PeerLimits, overdue
@@ -45,6 +55,7 @@ from libmrpc.wire.frames import (
     CANCEL,
     DISCARD,
     ERROR,
+    FEATURES,
     FRAME_NAMES,
     GOAWAY,
     HELLO,
@@ -104,7 +115,8 @@ def _inbound_call(state: object) -> RxCall | None:
 
 class TcpTransport(TransportEngine):
     NAME = "tcp"
-    VERSION = 1
+    VERSION = 2  # 2: wire features (FEATURES, BATCH), see engines.tcp_features
+    WIRE_FEATURES: frozenset[str] = wf.WIRE_FEATURES
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
@@ -134,6 +146,11 @@ class TcpTransport(TransportEngine):
         self._resolved: deque[Target] = deque()  # appended by resolver threads
         self._next_sweep = 0.0
         self._wire_ids = itertools.count(1)
+        # calls to a server app of this daemon (engines.local_calls): started only by
+        # the local transport, completed by either after a switch
+        self.local: LocalOrigin | None = None
+        self.replies: deque[Rpc] = deque()  # the server apps' answers, posted from any runtime
+        self._handed_over = False  # decompose() gave local and replies to a successor
         self.counters = {
             "calls_sent": 0,
             "replies_received": 0,
@@ -154,6 +171,10 @@ class TcpTransport(TransportEngine):
             n += 1
         while inbox:  # what the daemon delivered to the app from the network side
             rx_out.append(inbox.popleft())
+            n += 1
+        replies = self.replies
+        while replies:  # answers to local calls
+            local_calls.complete(self, replies.popleft())
             n += 1
         while self._resolved:  # host names resolved meanwhile: their calls go now
             entry = self.resolving.pop(self._resolved.popleft(), None)
@@ -272,9 +293,11 @@ class TcpTransport(TransportEngine):
                         "pid": self.app.pid,
                         "daemon": self.daemon_name,
                         "max_message_size": self.max_message_size,
+                        "features": wf.advertise(conn, self.WIRE_FEATURES),
                     },
                 )
-            ]
+            ],
+            batchable=False,
         )
         self.conns[key] = conn
         if connecting:
@@ -291,7 +314,7 @@ class TcpTransport(TransportEngine):
         n = 0
         for conn in list(self.retired):
             if not conn.calls:
-                conn.close("the peer said GOAWAY and no call is left on it")
+                conn.close("retired (GOAWAY or a transport switch) and no call is left on it")
         for conn in [*self.conns.values(), *self.retired]:
             reason = overdue(conn, now, self.limits)
             if reason is not None:
@@ -330,8 +353,11 @@ class TcpTransport(TransportEngine):
         del self.pending[rpc._wire_id]
         conn.calls.discard(rpc._wire_id)
         self._unpin(rpc._wire_id)  # the app may reuse the request's memory once it sees CANCELLED
-        conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
-        self.dirty.add(conn)
+        if isinstance(conn, LocalOrigin):
+            conn.cancel(rpc._wire_id)
+        else:
+            conn.queue([encode_header(CANCEL, call_id=rpc._wire_id)])
+            self.dirty.add(conn)
         self.counters["cancelled"] = self.counters.get("cancelled", 0) + 1
         self._fail(rpc, StatusCode.CANCELLED, "the call was cancelled by the caller")
 
@@ -378,10 +404,10 @@ class TcpTransport(TransportEngine):
             frames[:0] = [encode_header(METADATA, call_id=wire_id, body_len=len(block)), block]
         sent = None
         if segs and not conn.closed:  # zero-copy: where the frames sit until the kernel took them
-            start = conn.sendq.queued
+            start = conn.position()
             self.unsent[wire_id] = (conn, start, start + sum(len(f) for f in frames))
             sent = self._sent_cb(wire_id)
-        conn.queue(frames, sent)
+        conn.queue(frames, sent, frames=2 if rpc.metadata else 1)
         self.pending[wire_id] = (rpc, conn)
         conn.calls.add(wire_id)
         self.dirty.add(conn)
@@ -466,7 +492,16 @@ class TcpTransport(TransportEngine):
         return n
 
     def prepare_sleep(self) -> bool:
-        return bool(self.rx_in)  # delivered from this runtime's own thread: no wake-up came
+        # delivered or posted from this runtime's own thread: no wake-up came
+        return bool(self.rx_in) or bool(self.replies)
+
+    def post(self, rpc: Rpc) -> None:
+        """From any runtime: a server app's answer to a local call of this app."""
+        self.replies.append(rpc)
+        if self.local is not None and self.local.closed:  # this app is gone
+            local_calls.drain_dead(self.replies)
+        else:
+            self.ctx.wake()
 
     def next_timer(self) -> float | None:
         t = self.deadlines[0][0] if self.deadlines else None
@@ -584,6 +619,12 @@ class TcpTransport(TransportEngine):
                 peer_max = ack.get("max_message_size")  # absent from older daemons
                 if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
                     conn.info["peer_max"] = peer_max
+                wf.negotiate(conn, self.WIRE_FEATURES, wf.parse(ack.get("features"), "HELLO_ACK"))
+                if wf.sync(conn, self.WIRE_FEATURES):  # upgraded since our HELLO went out
+                    self.dirty.add(conn)
+        elif t == FEATURES:
+            if wf.on_features(conn, body, self.WIRE_FEATURES):
+                self.dirty.add(conn)
         elif t == PING:
             if answer_ping(conn, header):
                 self.dirty.add(conn)
@@ -616,7 +657,12 @@ class TcpTransport(TransportEngine):
     # ------------------------------------------------------------------ lifecycle
 
     def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, pending=len(self.pending), connections=len(self.conns))
+        return dict(
+            self.counters,
+            pending=len(self.pending),
+            connections=len(self.conns),
+            **wf.describe(self.conns.values()),
+        )
 
     def decompose(self) -> dict[str, Any]:
         state = {
@@ -629,10 +675,13 @@ class TcpTransport(TransportEngine):
             "retired": self.retired,
             "next_wire_id": next(self._wire_ids),
             "counters": dict(self.counters),
+            "local": self.local,
+            "replies": self.replies,  # the same deque: a late post() to this instance lands in it
         }
         self.conns, self.pending, self.deadlines, self.failed, self.resolving = {}, {}, [], {}, {}
         self.unsent = {}
         self.retired = set()
+        self._handed_over = True  # local origin and replies are the successor's now
         return state
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
@@ -652,12 +701,27 @@ class TcpTransport(TransportEngine):
                 self._resolved.append(key)
         self._wire_ids = itertools.count(state.get("next_wire_id", 1))
         self.counters.update(state.get("counters", {}))
+        replies = state.get("replies")
+        if replies is not None and replies is not self.replies:
+            replies.extend(self.replies)
+            self.replies = replies
+        self._handed_over = False
+        self.local = state.get("local")
+        if self.local is not None:
+            self.local.owner = self  # where the server apps post their answers now
         for conn in [*self.conns.values(), *self.retired]:
             conn.owner = self
+            if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
+                self.dirty.add(conn)
 
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:
             conn.close("application left")
+        if self._handed_over:
+            return  # an upgrade's old instance: the shared local origin and replies live on
+        if self.local is not None:
+            self.local.closed = True
+        local_calls.drain_dead(self.replies)
 
 
 ENGINE = TcpTransport

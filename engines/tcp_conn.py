@@ -15,6 +15,20 @@ queued to it, its connection is no longer read (no new calls) until the queue
 drains. Timestamps (``opened``, ``last_in``, ``frame_at``, ``out_since``,
 ``last_frame``) let the owner time out stalled or idle peers
 (see :mod:`engines.tcp_limits`). ``close`` breaks every reference cycle.
+
+Batching (the ``batch`` wire feature, negotiated per connection, see
+:mod:`engines.tcp_features`): while ``batch`` is in ``features``, small frames
+queued without a completion callback and without zero-copy views (everything
+already copied: small calls, small replies, errors, cancels) are collected and
+go out as one BATCH frame (one header, ``aux`` = frames, at most
+MAX_BATCH_BODY bytes) when the connection flushes, or as they were when only
+one is waiting. A frame that does not qualify first seals the batch, so the
+order on the wire is the order of ``queue``. A BATCH received (only when
+``batch`` is in ``accepts``) is taken apart here and each frame in it goes to
+the owner exactly as if it had come alone; frames that change the connection
+(HELLO, HELLO_ACK, FEATURES, BATCH) are refused inside one. The owner's
+``counters`` get ``batched_frames`` (frames sent inside BATCH frames),
+``batches_sent`` and ``batched_frames_received``.
 """
 
 from __future__ import annotations
@@ -32,7 +46,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from libmrpc.wire.errors import WireError
-from libmrpc.wire.frames import Body, FrameAssembler, FrameHeader
+from libmrpc.wire.frames import (
+    BATCH,
+    FEATURES,
+    FRAME_NAMES,
+    HELLO,
+    HELLO_ACK,
+    MAX_BATCH_BODY,
+    Body,
+    FrameAssembler,
+    FrameHeader,
+    encode_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +66,8 @@ DIRECT_MIN = 64 * 1024  # a body with at least this much left is received in pla
 IOV_MAX = 1024
 READS_PER_EVENT = 64
 STAGED_PER_EVENT = 1 << 20  # bytes parsed from one connection before others get their turn
+BATCH_ITEM_MAX = 16 << 10  # frames larger than this go alone, never in a BATCH
+NOT_IN_BATCH = frozenset({HELLO, HELLO_ACK, FEATURES, BATCH})
 _local = threading.local()
 
 
@@ -215,6 +242,14 @@ class Conn:
         self.pings, self.ping_window = 0, now  # PINGs seen in the current one-second window
         self._events = EPOLLIN | (EPOLLOUT if connecting else 0)
         self.bytes_in = self.bytes_out = self.frames_in = 0
+        # wire features (engines.tcp_features): in use (both sides), taken (advertised
+        # here, ever), last advertised here (None: no handshake yet), the peer's
+        self.features: frozenset[str] = frozenset()
+        self.accepts: frozenset[str] = frozenset()
+        self.advertised: frozenset[str] | None = None
+        self.peer_features: frozenset[str] = frozenset()
+        self._batch: list[Any] = []  # small frames waiting to go out as one BATCH
+        self._batch_len = self._batch_frames = 0
         poller.register(self.fd, self._events, self.on_event)
 
     def now(self) -> float:
@@ -242,7 +277,41 @@ class Conn:
     def _sink(self, header: FrameHeader) -> memoryview | Body | None:
         if self.state is ConnState.CLOSED:
             raise WireError("connection closed")  # stops the assembler mid-feed
+        if header.type == BATCH:
+            if "batch" not in self.accepts:
+                raise WireError("BATCH frame, which this daemon did not advertise")
+            return None  # at most MAX_BATCH_BODY bytes, taken apart when complete
         return self.owner.frame_sink(self, header)
+
+    def _inner_sink(self, header: FrameHeader) -> memoryview | Body | None:
+        if header.type in NOT_IN_BATCH:
+            raise WireError(f"{FRAME_NAMES[header.type]} frame inside a BATCH")
+        return self._sink(header)
+
+    def _unbatch(self, header: FrameHeader, body: memoryview) -> None:
+        """Hand each frame of a BATCH to the owner, as if it had come alone."""
+        inner = FrameAssembler(
+            self._inner_sink,
+            max_body=self.assembler.max_body,
+            on_frame=self._dispatch,
+            skip_oversize=True,
+        )
+        before = self.frames_in
+        try:
+            inner.feed(body)
+            if inner.partial:
+                raise WireError("BATCH frame ends inside a frame")
+            if self.frames_in - before != header.aux:
+                raise WireError(
+                    f"BATCH frame announced {header.aux} frames, carried {self.frames_in - before}"
+                )
+        finally:
+            inner.reset()
+        counters = getattr(self.owner, "counters", None)
+        if counters is not None:
+            counters["batched_frames_received"] = (
+                counters.get("batched_frames_received", 0) + header.aux
+            )
 
     def _set_events(self, want: int) -> None:
         if want != self._events and self.state is not ConnState.CLOSED:
@@ -251,17 +320,68 @@ class Conn:
 
     # ---------------------------------------------------------------- writing
 
-    def queue(self, bufs: list[Any], done: Callable[[], None] | None = None) -> None:
+    def queue(
+        self,
+        bufs: list[Any],
+        done: Callable[[], None] | None = None,
+        *,
+        frames: int = 1,
+        batchable: bool = True,
+    ) -> None:
+        """Queue ``frames`` whole frames (``bufs``: headers and bodies); ``done``
+        runs once the kernel took their last byte (or they were dropped)."""
         if self.state is ConnState.CLOSED:
             if done is not None:
                 done()
             return
+        if batchable and done is None and "batch" in self.features:
+            size = 0
+            for b in bufs:
+                if type(b) is memoryview:  # zero-copy: its owner tracks queue positions
+                    size = BATCH_ITEM_MAX + 1
+                    break
+                size += len(b)
+            if size <= BATCH_ITEM_MAX:
+                if self._batch_len + size > MAX_BATCH_BODY:
+                    self.seal()
+                self._batch.extend(bufs)
+                self._batch_len += size
+                self._batch_frames += frames
+                return
+        if self._batch:
+            self.seal()
+        self._add(bufs, done)
+
+    def position(self) -> int:
+        """The send-queue position the next queued byte will have (seals a batch)."""
+        if self._batch:
+            self.seal()
+        return self.sendq.queued
+
+    def seal(self) -> None:
+        """Move the frames collected for a BATCH onto the send queue."""
+        bufs, n = self._batch, self._batch_frames
+        if not bufs:
+            return
+        self._batch, self._batch_len, self._batch_frames = [], 0, 0
+        if n > 1:
+            size = sum(len(b) for b in bufs)
+            bufs.insert(0, encode_header(BATCH, body_len=size, aux=n))
+            counters = getattr(self.owner, "counters", None)
+            if counters is not None:
+                counters["batched_frames"] = counters.get("batched_frames", 0) + n
+                counters["batches_sent"] = counters.get("batches_sent", 0) + 1
+        self._add(bufs, None)
+
+    def _add(self, bufs: list[Any], done: Callable[[], None] | None) -> None:
         if not len(self.sendq):
             self.out_since = self.now()
         self.sendq.add(bufs, done)
 
     def flush(self) -> None:
         state = self.state
+        if self._batch and state is not _CONNECTING and state is not _CLOSED:
+            self.seal()
         if state is _CONNECTING or state is _CLOSED or not len(self.sendq):
             return
         before = self.sendq.sent
@@ -361,7 +481,11 @@ class Conn:
         self._frames_seen += 1
         self.last_frame = self.last_in
         try:
-            self.owner.handle_frame(self, header, body)
+            if header.type == BATCH:
+                self.frames_in -= 1  # counted by the frames it carries
+                self._unbatch(header, body)
+            else:
+                self.owner.handle_frame(self, header, body)
         except WireError as e:
             self.close(f"protocol error from {self.peer}: {e}")
         finally:
@@ -393,6 +517,7 @@ class Conn:
             # break the cycles (conn <-> assembler's bound methods) and drop buffers now
             self.assembler.reset()
             self.sendq = SendQueue()
+            self._batch, self._batch_len, self._batch_frames = [], 0, 0
             self.cur = None
             with self.lock:
                 self.rx_calls.clear()

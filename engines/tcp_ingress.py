@@ -9,6 +9,13 @@ reserved and queued output are bounded per connection, connections per
 address and in all; stalled, silent and idle connections are timed out (see
 :mod:`engines.tcp_limits`). A refused HELLO tells the peer only that its
 schema does not match; the details are logged here.
+
+It negotiates wire features with each peer (:mod:`engines.tcp_features`) and
+can be upgraded live (``mrpcctl engine upgrade tcp-ingress --module
+engines.tcp_ingress``): ``decompose`` hands over the inbound connections and
+the outbox (the same deque: a reply posted by another runtime during the swap
+lands in the successor's), the listener is re-registered by the successor, and
+its ``load_state`` announces new features on every live connection.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from engines import tcp_features as wf
 from engines.tcp_conn import Conn, ConnState, configure
 from engines.tcp_limits import (
     PONG_QUEUE_MAX,
@@ -38,6 +46,7 @@ from libmrpc.wire.frames import (
     CALL,
     CANCEL,
     DISCARD,
+    FEATURES,
     FRAME_NAMES,
     GOAWAY,
     HELLO,
@@ -103,7 +112,8 @@ class TcpIngress(IngressEngine):
     """
 
     NAME = "tcp-ingress"
-    VERSION = 1
+    VERSION = 2  # 2: wire features (FEATURES, BATCH), upgradable live
+    WIRE_FEATURES: frozenset[str] = wf.WIRE_FEATURES
 
     def __init__(self, ctx: EngineContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
@@ -136,6 +146,7 @@ class TcpIngress(IngressEngine):
         }
         self.listener.setblocking(False)
         self.poller.register(self.listener.fileno(), 1, self._on_accept)
+        self._listening = True
 
     def _on_accept(self, _events: int) -> None:
         for _ in range(64):
@@ -146,6 +157,7 @@ class TcpIngress(IngressEngine):
             except OSError as e:  # EMFILE and friends: back off, keep serving
                 log.error("accept failed: %s; pausing accepts for 100 ms", e)
                 self.poller.unregister(self.listener.fileno())
+                self._listening = False
                 self._resume_accept = self.ctx.clock.now() + 0.1
                 return
             ip = str(addr[0])
@@ -214,6 +226,7 @@ class TcpIngress(IngressEngine):
             if self._resume_accept is not None and now >= self._resume_accept:
                 self._resume_accept = None
                 self.poller.register(self.listener.fileno(), 1, self._on_accept)
+                self._listening = True
             if self.conns and now >= self._next_sweep:
                 self._next_sweep = now + self.limits.tick
                 self._sweep(now)
@@ -247,7 +260,7 @@ class TcpIngress(IngressEngine):
             if conn.state is not ConnState.AWAIT_HELLO:
                 raise WireError("a second HELLO on one connection")
             return None  # at most MAX_HELLO_BODY bytes, kept
-        if t == METADATA or t == CANCEL:
+        if t == METADATA or t == CANCEL or t == FEATURES:
             if conn.state is not ConnState.READY:
                 raise WireError(f"{FRAME_NAMES[t]} before HELLO")
             return None  # at most MAX_CONTROL_BODY bytes, kept until its CALL
@@ -300,6 +313,9 @@ class TcpIngress(IngressEngine):
             conn.info["metadata"] = (header.call_id, bytes(body))
         elif t == HELLO:
             self._hello(conn, body)
+        elif t == FEATURES:
+            if wf.on_features(conn, body, self.WIRE_FEATURES):
+                self.dirty.add(conn)
         elif t == PING:
             if answer_ping(conn, header):
                 self.dirty.add(conn)
@@ -342,7 +358,9 @@ class TcpIngress(IngressEngine):
             conn.flush()
             conn.close(f"handshake refused: {e.details()}")
             return
+        peer_features = wf.parse(hello.get("features"), "HELLO")
         conn.move("hello")
+        wf.negotiate(conn, self.WIRE_FEATURES, peer_features)
         conn.info["hello"] = {"schema_hash": schema_hash, "services": announced, "client": client}
         peer_max = hello.get("max_message_size")  # absent from older daemons
         if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max > 0:
@@ -355,9 +373,11 @@ class TcpIngress(IngressEngine):
                         "ok": True,
                         "daemon": self.daemon_name,
                         "max_message_size": self.max_message_size,
+                        "features": wf.advertise(conn, self.WIRE_FEATURES),
                     },
                 )
-            ]
+            ],
+            batchable=False,
         )
         self.dirty.add(conn)
 
@@ -537,29 +557,46 @@ class TcpIngress(IngressEngine):
         self.dirty.discard(conn)
 
     def statistics(self) -> dict[str, int | float]:
-        return dict(self.counters, connections=len(self.conns))
+        return dict(self.counters, connections=len(self.conns), **wf.describe(self.conns))
 
     def decompose(self) -> dict[str, Any]:
-        """Hand over the listener's connections (sockets, buffers, half-read frames)."""
+        """Hand over the listener's connections (sockets, buffers, half-read frames)
+        and the outbox itself (other runtimes may still append to it)."""
         self.poller.unregister(self.listener.fileno())
+        self._listening = False
         state = {
             "conns": set(self.conns),
             "dirty": set(self.dirty),
             "counters": dict(self.counters),
             "per_ip": dict(self.per_ip),
+            "outbox": self.outbox,
         }
         self.conns, self.dirty, self.per_ip = set(), set(), {}
-        return state
+        return state  # self.outbox stays the shared deque: a late post lands in it
 
     def load_state(self, state: Mapping[str, Any], prev_version: int) -> None:
+        outbox = state.get("outbox")
+        if outbox is not None and outbox is not self.outbox:
+            outbox.extend(self.outbox)  # nothing, unless posted before we took over
+            self.outbox = outbox
         self.conns.update(state.get("conns", ()))
         self.dirty.update(state.get("dirty", ()))
         self.per_ip.update(state.get("per_ip", {}))
         self.counters.update(state.get("counters", {}))
+        if not self._listening:  # a rollback: the listener goes back to this instance
+            self._resume_accept = None
+            self.poller.unregister(self.listener.fileno())  # a half-built successor's
+            self.poller.register(self.listener.fileno(), 1, self._on_accept)
+            self._listening = True
         for conn in self.conns:
             conn.owner = self
+            if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
+                self.dirty.add(conn)
 
     def close(self) -> None:
         self.poller.unregister(self.listener.fileno())
         for conn in list(self.conns):
             conn.close("daemon shutting down")
+
+
+ENGINE = TcpIngress  # for `mrpcctl engine upgrade tcp-ingress --module engines.tcp_ingress`

@@ -343,9 +343,9 @@ def upgrade(
     ctx.obj["json"] |= as_json
     if (module is None) == (file is None):
         raise click.UsageError("give the new code: --module PKG.MOD or --file PATH.py")
-    if bool(app) == all_apps:
-        raise click.UsageError("say which application: --app NAME|PID or --all")
-    msg = {
+    if app and all_apps:
+        raise click.UsageError("give --app NAME|PID or --all, not both")
+    msg = {  # neither: the daemon asks which application (tcp-ingress has none)
         "op": "engine_upgrade",
         "engine": name,
         "module": module,

@@ -26,6 +26,13 @@ the command fails with FAILED_PRECONDITION and the reason. The class each
 engine id ran before is kept, so ``rollback`` upgrades back to it (with the
 current state). ``--all`` also makes the new class the one later attaches and
 later applications get.
+
+Two more cases (docs/ARCHITECTURE.md, "Wire features and transport switch"):
+the daemon-wide ``tcp-ingress`` is upgraded the same way on its runtime (rt0;
+no datapath: the runtime's engine list and ``Daemon.ingress``), and a transport
+may be replaced by a transport of another name (a *switch*: ``mrpcctl engine
+upgrade tcp --module engines.local``) when the new class accepts the old one's
+state.
 """
 
 from __future__ import annotations
@@ -36,10 +43,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from libmrpc.status import ConfigError, RpcError, StatusCode
-from mrpcd.engine import Engine, EngineState
+from mrpcd.engine import Engine, EngineState, IngressEngine, TransportEngine
 from mrpcd.registry import EngineLoadError, engine_source, load_fresh_engine_class
 
 if TYPE_CHECKING:
@@ -91,12 +98,17 @@ class UpgradeManager:
                 StatusCode.INVALID_ARGUMENT,
                 f"upgrade of {name!r} refused, nothing changed: {e}",
             ) from None
-        if cls.NAME != name:
+        if cls.NAME != name and not issubclass(cls, TransportEngine):  # a switch: transports only
             raise RpcError(
                 StatusCode.INVALID_ARGUMENT,
                 f"upgrade of {name!r} refused, nothing changed: {source} defines engine "
                 f"{cls.NAME!r} ({cls.__name__}), not {name!r}",
             )
+        ingress = self.daemon.ingress
+        if ingress is not None and name == ingress.NAME:  # daemon-wide: --app does not apply
+            with self._lock:
+                outcomes = [self._swap_ingress(ingress, cls)]
+            return self._answer("upgrade", name, outcomes, cls, source)
         selector = self._selector(msg)
         with self._lock:
             outcomes = self._run(name, selector, lambda _old: cls)
@@ -114,6 +126,17 @@ class UpgradeManager:
 
     def rollback(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = self._name(msg)
+        ingress = self.daemon.ingress
+        if ingress is not None and name == ingress.NAME:
+            back = self.previous.get(ingress.ctx.engine_id)
+            if back is None:
+                raise RpcError(
+                    StatusCode.FAILED_PRECONDITION,
+                    f"{name} was never upgraded: there is no previous version to return to",
+                )
+            with self._lock:
+                outcomes = [self._swap_ingress(ingress, back)]
+            return self._answer("rollback", name, outcomes, None, "")
         selector = self._selector(msg)
         with self._lock:
             outcomes = self._run(name, selector, lambda old: self.previous.get(old.ctx.engine_id))
@@ -286,6 +309,53 @@ class UpgradeManager:
             outcome.module,
             outcome.ms,
         )
+        return outcome
+
+    def _swap_ingress(self, old: IngressEngine, cls: type[Engine]) -> Outcome:
+        """Swap the daemon-wide ingress on its runtime (rt0), as ``_swap`` does a
+        datapath's engine: decompose, check, restore, or roll back."""
+        t0 = time.perf_counter()
+        eid = old.ctx.engine_id
+        outcome = Outcome(eid, "*", old.VERSION, cls.VERSION, engine_source(cls), False)
+        if not issubclass(cls, IngressEngine) or cls.NAME != old.NAME:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"new code refused: {cls.__name__} is not a {old.NAME} ingress engine",
+            )
+        runtime = self.daemon.runtimes[0]
+
+        def run() -> Engine | str:
+            try:
+                config = dict(cls.validate_config(old.config))
+            except Exception as e:  # noqa: BLE001 - the new code's bug, reported to the operator
+                return f"v{cls.VERSION} refuses the running config {old.config}: {e}"
+            old.lifecycle("upgrade")
+            state = old.decompose()
+            try:
+                reason = cls.check_compatible(old.VERSION, state)
+                new = None if reason else cls.restore(old.ctx, config, state, old.VERSION)
+            except Exception as e:  # noqa: BLE001 - the new code failing is an answer
+                reason, new = f"v{cls.VERSION} failed to restore: {type(e).__name__}: {e}", None
+            if new is None:
+                old.load_state(state, old.VERSION)
+                old.lifecycle("rollback")
+                return f"v{cls.VERSION} refuses state of v{old.VERSION}: {reason}"
+            new.lifecycle("attach")
+            old.lifecycle("retire")
+            engines = runtime.engines
+            engines[engines.index(old)] = new
+            self.daemon.ingress = cast(IngressEngine, new)
+            return new
+
+        got = runtime.call(run)
+        outcome.ms = round((time.perf_counter() - t0) * 1e3, 3)
+        if isinstance(got, str):
+            outcome.reason = got
+            log.warning("upgrade of %s to v%d rolled back: %s", eid, cls.VERSION, got)
+            return outcome
+        self.previous[eid] = type(old)
+        outcome.ok = True
+        log.info("upgraded %s: v%d -> v%d in %.3f ms", eid, old.VERSION, got.VERSION, outcome.ms)
         return outcome
 
     def _persist(self, name: str, module: str | None) -> str | None:

@@ -15,6 +15,16 @@ Likewise a METADATA frame before a REPLY / ERROR carries the server's metadata
 (trailing, and initial when the handler sent any, as one block).
 CANCEL (call_id = the CALL's, no body): the caller cancelled; its reply is unwanted.
 
+Optional frames, sent only to a peer that advertised the matching feature in
+its HELLO / HELLO_ACK (or a FEATURES frame), because a daemon that predates them
+refuses an unknown frame type by closing the connection (see
+engines/tcp_features.py): FEATURES (JSON body ``{"features": [...], "answer":
+bool}``) re-announces what the sender understands on a live connection, after a
+live upgrade of its transport; BATCH carries several whole frames (header and
+body each) in its body, ``aux`` = how many, at most :data:`MAX_BATCH_BODY` bytes.
+The header ``version`` stays 1: it is the framing, which never changed; what a
+peer understands beyond it is negotiated by feature names.
+
 :class:`FrameAssembler` turns a byte stream into frames. It asks its owner where
 each body should land (``body_sink(header) -> memoryview | None``) as soon as the
 header is complete, so a large body can be received straight into its final
@@ -50,6 +60,7 @@ HEADER = struct.Struct("<HBBHHQIIQ")
 HEADER_SIZE = HEADER.size  # 32
 
 HELLO, HELLO_ACK, CALL, REPLY, ERROR, GOAWAY, PING, PONG, METADATA, CANCEL = range(1, 11)
+FEATURES, BATCH = 11, 12  # optional: only to a peer that advertised them
 FRAME_NAMES = {
     HELLO: "HELLO",
     HELLO_ACK: "HELLO_ACK",
@@ -61,9 +72,12 @@ FRAME_NAMES = {
     PONG: "PONG",
     METADATA: "METADATA",
     CANCEL: "CANCEL",
+    FEATURES: "FEATURES",
+    BATCH: "BATCH",
 }
 MAX_CONTROL_BODY = 64 << 10  # ERROR / GOAWAY / PING / PONG bodies
 MAX_HELLO_BODY = 64 << 10  # HELLO / HELLO_ACK bodies (JSON)
+MAX_BATCH_BODY = 64 << 10  # BATCH bodies (the whole frames it carries)
 MAX_HELLO_SERVICES = 256  # services one HELLO may list
 MAX_SERVICE_NAME = 256  # characters in one service name
 MAX_PEER_TIMEOUT_US = 7 * 24 * 3600 * 10**6  # a CALL's timeout (aux) is clamped to a week
@@ -130,6 +144,9 @@ def decode_header(
             raise WireError(
                 f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_HELLO_BODY}"
             )
+    elif ftype == BATCH:
+        if body_len > MAX_BATCH_BODY:
+            raise WireError(f"BATCH body of {body_len} bytes exceeds {MAX_BATCH_BODY}")
     elif body_len > MAX_CONTROL_BODY:
         raise WireError(f"{FRAME_NAMES[ftype]} body of {body_len} bytes exceeds {MAX_CONTROL_BODY}")
     if status > 16:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import re
 import threading
 import time
 from pathlib import Path
@@ -35,13 +36,22 @@ MODULES = {
 }
 
 
-def new_version(tmp: Path, name: str, version: int = 2, tail: str = "") -> Path:
-    """A copy of engine ``name``'s module with VERSION = ``version`` (and ``tail`` appended)."""
+def base_version(name: str) -> int:
+    """The VERSION engine ``name`` has in the installed code."""
     src = (ROOT / "engines" / f"{MODULES[name]}.py").read_text()
-    old = f'NAME = "{name}"\n    VERSION = 1\n'
-    assert src.count(old) == 1, f"engines/{MODULES[name]}.py: no {old!r}"
+    found = re.findall(rf'NAME = "{name}"\n    VERSION = (\d+)', src)
+    assert len(found) == 1, f"engines/{MODULES[name]}.py: no NAME/VERSION pair for {name!r}"
+    return int(found[0])
+
+
+def new_version(tmp: Path, name: str, version: int | None = None, tail: str = "") -> Path:
+    """A copy of engine ``name``'s module with VERSION = ``version`` (default: one
+    above the installed one) and ``tail`` appended."""
+    src = (ROOT / "engines" / f"{MODULES[name]}.py").read_text()
+    version = base_version(name) + 1 if version is None else version
+    pattern = rf'(NAME = "{name}"\n    VERSION = )\d+'
     path = tmp / f"{name}_v{version}_{abs(hash(tail)) % 10_000}.py"
-    path.write_text(src.replace(old, f'NAME = "{name}"\n    VERSION = {version}\n') + tail)
+    path.write_text(re.sub(pattern, rf"\g<1>{version}", src, count=1) + tail)
     path.chmod(0o644)
     return path
 
@@ -155,8 +165,9 @@ def test_upgrade_and_rollback_under_load_lose_and_duplicate_nothing(
         for d in daemons:
             r, figures = timed_upgrade(load, d, "upgrade", name, "--file", str(path), "--all")
             print(f"{name} upgrade on {d.prefix.name}: {figures}, engines {r['engines']}")
-            assert r["version"] == 2 and r["engines"] and all(o["ok"] for o in r["engines"])
-            assert all(e["version"] == 2 and e["module"] == str(path) for e in rows(d, name))
+            up = base_version(name) + 1
+            assert r["version"] == up and r["engines"] and all(o["ok"] for o in r["engines"])
+            assert all(e["version"] == up and e["module"] == str(path) for e in rows(d, name))
         # the client's connection to b was handed over, never re-opened
         assert b.ctl("stats")["ingress"]["accepted"] == accepted
         if eid:
@@ -168,7 +179,7 @@ def test_upgrade_and_rollback_under_load_lose_and_duplicate_nothing(
             r, figures = timed_upgrade(load, d, "rollback", name)
             print(f"{name} rollback on {d.prefix.name}: {figures}")
             assert all(
-                e["version"] == 1 and e["module"] == f"engines.{MODULES[name]}"
+                e["version"] == base_version(name) and e["module"] == f"engines.{MODULES[name]}"
                 for e in rows(d, name)
             )
     load.check()
@@ -244,7 +255,7 @@ ENGINE = _Picky
 """
 BROKEN = {  # what the new version does: (appended code, what the answer must say)
     "restore raises": (_RAISES, "failed to restore: RuntimeError: v2 cannot read this state"),
-    "check_compatible refuses": (_REFUSES, "refuses state of v1: v2 only upgrades from v7"),
+    "check_compatible refuses": (_REFUSES, "refuses state of v{base}: v{up} only upgrades from v7"),
     "no ENGINE": ("\n\ndel ENGINE\n", "defines no ENGINE"),
 }
 
@@ -262,10 +273,12 @@ def test_broken_new_versions_roll_back_under_load(
             path = new_version(tmp_path, name, tail=tail)
             r = a.ctl("engine", "upgrade", name, "--file", str(path), "--all", check=False)
             print(f"{name}, {what}: exit {r.returncode}: {r.stderr.strip()}")
+            base = base_version(name)
+            reason = reason.format(base=base, up=base + 1)
             assert r.returncode != 0 and reason in r.stderr, r.stderr
             load.wait_for(100)  # calls keep succeeding
             assert [(e["version"], e["module"]) for e in rows(a, name)] == [
-                (1, f"engines.{MODULES[name]}")
+                (base, f"engines.{MODULES[name]}")
             ]
     load.check()
     assert "Traceback" not in a.log()
@@ -323,5 +336,7 @@ def test_engine_call_and_usage_errors(cluster: Cluster, tmp_path: Path) -> None:
     v2 = new_version(tmp_path, "acl")
     assert a.ctl("engine", "upgrade", "acl", "--file", str(v2), "--all")["engines"] == []
     a.ctl("policy", "attach", "acl", "--app", "loadgen", "--set", "default=allow")
-    assert [(e["version"], e["module"]) for e in rows(a, "acl")] == [(2, str(v2))]
+    assert [(e["version"], e["module"]) for e in rows(a, "acl")] == [
+        (base_version("acl") + 1, str(v2))
+    ]
     assert stub.Call(testing.Request(key="bob"), timeout=10).key == "bob"

@@ -127,7 +127,7 @@ def test_header_round_trip_every_type(ftype: int) -> None:
         (raw_header(version=2), "protocol version 2, this daemon speaks 1"),
         (raw_header(version=0), "protocol version 0"),
         (raw_header(ftype=0), "unknown frame type 0"),
-        (raw_header(ftype=11), "unknown frame type 11"),
+        (raw_header(ftype=13), "unknown frame type 13"),
         (raw_header(ftype=255), "unknown frame type 255"),
         (raw_header(ftype=HELLO, body_len=MAX_HELLO_BODY + 1), "HELLO body of 65537 bytes exceeds"),
         (raw_header(ftype=ERROR, body_len=2**32 - 1), "ERROR body of"),
