@@ -223,8 +223,8 @@ def run_cmd(
     "--scenarios",
     "scenarios_opt",
     default="",
-    help="Comma-separated scenarios (default: ratelimit,tcp,daemon-restart; "
-    "also: metrics, frontend).",
+    help="Comma-separated scenarios (default: ratelimit,metrics,tcp,daemon-restart; "
+    "also: frontend).",
 )
 @click.option("--pinned", is_flag=True, help="Every app and daemon on CPU 0 (default: scheduled).")
 @click.option("-v", "--verbose", is_flag=True)

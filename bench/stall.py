@@ -47,6 +47,15 @@ def longest_gap(done_ns: Sequence[int], lo: int, hi: int) -> tuple[int, int]:
     return best, start
 
 
+def slot_gap_p90(done_ns: Sequence[int], lo: int, hi: int) -> float:
+    """p90 over the consecutive slots of [lo, hi) as long as the swap's (SWAP_SLACK_MS + 5 ms)
+    of each slot's longest gap: what the gap at the swap is without a swap (ns; nan if
+    the window holds no whole slot)."""
+    width = (SWAP_SLACK_MS + 5) * 1_000_000
+    gaps = sorted(longest_gap(done_ns, t, t + width)[0] for t in range(lo, hi - width + 1, width))
+    return stats.percentile(gaps, 90.0)
+
+
 def window_latency(
     done_ns: Sequence[int], lat_ns: Sequence[int], lo: int, hi: int
 ) -> dict[str, float]:
@@ -92,6 +101,7 @@ def analyze(
             "swap_at_s": rel(swap_ns),
             "gap_at_swap_ms": g / 1e6,
             "gap_at_swap_at_s": rel(g_at),
+            "slot_gap_before_p90_ms": slot_gap_p90(done_ns, before_lo, lo) / 1e6,
         }
     return at_swap | {
         "command_s": (cmd_end_ns - cmd_start_ns) / NS,
@@ -115,6 +125,8 @@ METRICS = (
     ("rate_before", lambda r: r["before"]["rate"]),
     ("rate_during", lambda r: r["during"]["rate"]),
     ("command_s", lambda r: r["command_s"]),
+    ("gap_at_swap_ms", lambda r: r.get("gap_at_swap_ms", float("nan"))),
+    ("slot_gap_before_p90_ms", lambda r: r.get("slot_gap_before_p90_ms", float("nan"))),
 )
 
 

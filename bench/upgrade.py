@@ -113,7 +113,7 @@ SCENARIOS = {
         ),
     )
 }
-DEFAULT_SCENARIOS = ("ratelimit", "tcp", "daemon-restart")
+DEFAULT_SCENARIOS = ("ratelimit", "metrics", "tcp", "daemon-restart")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from array import array
 
 from bench import stall
@@ -40,7 +41,7 @@ def test_analyze_finds_the_pause_of_the_upgrade_and_compares_latency() -> None:
     )
     assert a["stall_ms"] == 41.0 and a["stall_at_s"] == 1.999
     assert a["gap_before_ms"] == 1.0
-    assert a["gap_at_swap_ms"] == 41.0
+    assert a["gap_at_swap_ms"] == 41.0 and a["slot_gap_before_p90_ms"] == 1.0
     assert a["window_s"] == [1.4, 2.6] and a["before_window_s"] == [0.3, 1.4]  # cut at warm-up
     assert a["before"]["p99_us"] == 1000.0 and a["during"]["p99_us"] == 41000.0
     assert a["command_s"] == 0.2
@@ -56,3 +57,13 @@ def test_summarize_totals_failures_and_counts_runs_that_met_the_goal() -> None:
     s = stall.summarize([run(5, 0), run(20, 1), run(8, 0), {"error": "x"}], goal_ms=10)
     assert (s["runs"], s["completed"], s["met"], s["failed"], s["calls"]) == (4, 3, 2, 1, 30)
     assert s["stall_ms"] == {"median": 8, "min": 5, "max": 20, "runs": 3}
+
+
+def test_slot_gaps_before_say_what_a_swap_sized_slot_shows_without_a_swap() -> None:
+    # a completion every 2 ms over ten 55-ms slots; a 20-ms pause in one slot, then in two
+    every = range(0, 550 * MS, 2 * MS)
+    one = [t for t in every if not 60 * MS < t < 80 * MS]
+    assert stall.slot_gap_p90(one, 0, 550 * MS) == 2 * MS  # the 9th of 10 slots is calm
+    two = [t for t in one if not 170 * MS < t < 190 * MS]
+    assert stall.slot_gap_p90(two, 0, 550 * MS) == 20 * MS
+    assert math.isnan(stall.slot_gap_p90(every, 0, 50 * MS))  # no whole slot
