@@ -223,7 +223,7 @@ def run_cmd(
     "--scenarios",
     "scenarios_opt",
     default="",
-    help="Comma-separated scenarios (default: ratelimit,metrics,tcp,daemon-restart; "
+    help="Comma-separated scenarios (default: control,ratelimit,metrics,tcp,daemon-restart; "
     "also: frontend).",
 )
 @click.option("--pinned", is_flag=True, help="Every app and daemon on CPU 0 (default: scheduled).")

@@ -10,7 +10,8 @@ runs steady for ``phase_s``; then the runner runs the scenario's command
 server how many calls it executed twice, and writes its arrays.
 ``bench/stall.py`` turns that into the stall and the latency before vs during.
 
-Scenarios (``SCENARIOS``): an engine upgrade with ``mrpcctl engine upgrade NAME
+Scenarios (``SCENARIOS``): a control (``mrpcctl status``: an operator command
+that changes nothing, timed the same way); an engine upgrade with ``mrpcctl engine upgrade NAME
 --file F --app bench-upgrade`` on daemon A, F a module subclassing the running
 engine with VERSION + 1 (new code loaded as a fresh module, the state handed
 over); and the daemon hot restart ``mrpcctl daemon restart`` of daemon A, which
@@ -60,11 +61,14 @@ class Scenario:
     policy: bool = False  # attach ``engine`` as a policy first, with these --set pairs:
     sets: tuple[str, ...] = ()
     restart: bool = False  # daemon hot restart instead
+    control: bool = False  # no upgrade: `mrpcctl status`, what any operator command costs
 
     def command(self, new_code: Path | None) -> list[str]:
         """The mrpcctl arguments (after ``--prefix A``) this scenario runs."""
         if self.restart:
             return ["daemon", "restart", "--json"]
+        if self.control:
+            return ["status", "--json"]
         assert self.engine is not None and new_code is not None
         return ["engine", "upgrade", self.engine, "--file", str(new_code), "--app", CLIENT_APP]
 
@@ -72,6 +76,13 @@ class Scenario:
 SCENARIOS = {
     s.name: s
     for s in (
+        Scenario(
+            "control",
+            "control, no upgrade: `mrpcctl status --json` on daemon A, timed the same way "
+            "(what starting an operator command does to the load)",
+            ENGINE_GOAL_MS,
+            control=True,
+        ),
         Scenario(
             "ratelimit",
             "policy: ratelimit on the client app (daemon A, send side, a limit never reached) "
@@ -113,7 +124,7 @@ SCENARIOS = {
         ),
     )
 }
-DEFAULT_SCENARIOS = ("ratelimit", "metrics", "tcp", "daemon-restart")
+DEFAULT_SCENARIOS = ("control", "ratelimit", "metrics", "tcp", "daemon-restart")
 
 
 @dataclass(frozen=True)
@@ -403,7 +414,12 @@ def run(
             results["skipped"][name] = NOT_AVAILABLE
             continue
         active.append(scn)
-        results["scenarios"][name] = {"what": scn.what, "goal_ms": scn.goal_ms, "runs": []}
+        results["scenarios"][name] = {
+            "what": scn.what,
+            "goal_ms": scn.goal_ms,
+            "control": scn.control,
+            "runs": [],
+        }
     for i in range(plan.runs):
         for scn in active:
             rec = run_once(scn, i, plan, out, workdir)

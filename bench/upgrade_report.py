@@ -69,7 +69,8 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"daemon B, 32-byte payloads of their own), {plan['phase_s']:g} s steady, the command, "
             f"{plan['phase_s']:g} s more; {plan['runs']} run(s) per scenario, scenarios alternating, "
             f"fresh daemons every run; {'every process on CPU 0' if plan['pinned'] else 'scheduled'}"
-            f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs."
+            f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs. "
+            "*control* runs `mrpcctl status` instead of an upgrade: compare every row with it."
         ),
         "",
         (
@@ -89,7 +90,7 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"{_pair(sm['rate_before'], sm['rate_during'])} | "
             f"{_cell(sm['command_s'], '{:.2f}')} | {sm['calls']:,} | "
             f"{sm['failed']} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
-            f"{verdict(sm)} |"
+            f"{'control: no upgrade' if sc.get('control') else verdict(sm)} |"
         )
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\n*{name}*: {why} (skipped).")
