@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -341,41 +343,34 @@ def _state_pid(prefix: Path) -> int | None:
 
 
 def _stop_restarted(prefix: Path, started: list[procs.Proc]) -> None:
-    """A hot-restarted daemon may run under a new pid outside the group we started:
-    stop it by the pid its state file names, if it is still alive and not one of ours."""
+    """A hot-restarted daemon may run under a new pid, maybe outside the process group we
+    started: end it by the pid its state file names (SIGTERM, SIGKILL after 3 s), if that
+    process is still an mrpcd of this prefix and not one we stopped already."""
     pid = _state_pid(prefix)
     if pid is None or pid in {p.pid for p in started}:
         return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _daemon_alive(pid, prefix):
+            return
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and _daemon_alive(pid, prefix):
+            time.sleep(0.05)
+
+
+def _daemon_alive(pid: int, prefix: Path) -> bool:
+    """Whether ``pid`` is a live (not zombie) mrpcd whose command line names ``prefix``."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
-        return
-    if b"mrpcd" in cmdline and str(prefix).encode() in cmdline:
-        procs.stop(procs.Proc("mrpcd-A (restarted)", _Adopted(pid)))  # type: ignore[arg-type]
-
-
-class _Adopted:
-    """Enough of a Popen for procs.stop on a process we did not start directly."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.stdin, self.stdout, self.returncode = pid, None, None, None
-
-    def poll(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            alive = False
-        return None if alive else 0
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout or 0)
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired("mrpcd", timeout or 0)
-            time.sleep(0.05)
-        return 0
+        return False
+    return not zombie and b"mrpcd" in cmdline and str(prefix).encode() in cmdline
 
 
 def _tracebacks(log_dir: Path) -> int:
