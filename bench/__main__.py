@@ -4,7 +4,7 @@ python -m bench install                      # pip install -e '.[bench]'
 python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--install]
                      [--baseline REV]           # also run mrpc@REV, windows alternating
                      [--runs N]                 # measured windows per case
-python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--pinned]
+python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--phase S] [--pinned]
                                              # calls stalled by a live upgrade (bench/upgrade.py)
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
@@ -226,6 +226,13 @@ def run_cmd(
     help="Comma-separated scenarios (default: control,ratelimit,metrics,tcp,daemon-restart; "
     "also: frontend).",
 )
+@click.option(
+    "--phase",
+    "phase_opt",
+    type=click.FloatRange(0.5, 60),
+    default=None,
+    help="Seconds of load before the command, and after it (default 2; --quick: 1.5).",
+)
 @click.option("--pinned", is_flag=True, help="Every app and daemon on CPU 0 (default: scheduled).")
 @click.option("-v", "--verbose", is_flag=True)
 def upgrade_cmd(
@@ -233,6 +240,7 @@ def upgrade_cmd(
     out_opt: Path | None,
     runs_opt: int | None,
     scenarios_opt: str,
+    phase_opt: float | None,
     pinned: bool,
     verbose: bool,
 ) -> None:
@@ -257,7 +265,9 @@ def upgrade_cmd(
             f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(upgrade.SCENARIOS)}"
         )
     plan = upgrade.QUICK if quick else upgrade.FULL
-    plan = dataclasses.replace(plan, runs=runs_opt or plan.runs, pinned=pinned)
+    plan = dataclasses.replace(
+        plan, runs=runs_opt or plan.runs, phase_s=phase_opt or plan.phase_s, pinned=pinned
+    )
     out = out_opt or RESULTS_ROOT / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-upgrade")
     atexit.register(procs.stop_all)
     signal.signal(signal.SIGTERM, lambda signum, _f: sys.exit(128 + signum))

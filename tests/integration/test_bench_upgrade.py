@@ -16,7 +16,7 @@ from bench import procs
 
 def test_quick_upgrade_bench_measures_a_ratelimit_upgrade(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "bench", "upgrade", "--quick", "--runs", "1"]
+    argv = [sys.executable, "-m", "bench", "upgrade", "--quick", "--runs", "1", "--phase", "1"]
     argv += ["--scenarios", "ratelimit,daemon-restart", "--out", str(out)]
     t0 = time.monotonic()
     r = subprocess.run(
