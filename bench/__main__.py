@@ -4,6 +4,8 @@ python -m bench install                      # pip install -e '.[bench]'
 python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--install]
                      [--baseline REV]           # also run mrpc@REV, windows alternating
                      [--runs N]                 # measured windows per case
+python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--phase S] [--pinned]
+                                             # calls stalled by a live upgrade (bench/upgrade.py)
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
 """
@@ -201,14 +203,101 @@ def run_cmd(
     click.echo((out / "results.md").read_text())
 
 
+@cli.command("upgrade")
+@click.option("--quick", is_flag=True, help="2 runs per scenario, 1.5 s phases (~1 minute).")
+@click.option(
+    "--out",
+    "out_opt",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory (default bench/results/<timestamp>-upgrade).",
+)
+@click.option(
+    "--runs",
+    "runs_opt",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Runs per scenario (default 5; --quick: 2).",
+)
+@click.option(
+    "--scenarios",
+    "scenarios_opt",
+    default="",
+    help="Comma-separated scenarios (default: control,ratelimit,metrics,tcp,daemon-restart; "
+    "also: frontend).",
+)
+@click.option(
+    "--phase",
+    "phase_opt",
+    type=click.FloatRange(0.5, 60),
+    default=None,
+    help="Seconds of load before the command, and after it (default 2; --quick: 1.5).",
+)
+@click.option("--pinned", is_flag=True, help="Every app and daemon on CPU 0 (default: scheduled).")
+@click.option("-v", "--verbose", is_flag=True)
+def upgrade_cmd(
+    quick: bool,
+    out_opt: Path | None,
+    runs_opt: int | None,
+    scenarios_opt: str,
+    phase_opt: float | None,
+    pinned: bool,
+    verbose: bool,
+) -> None:
+    """How long calls stall during a live engine upgrade or a daemon hot restart.
+
+    64 calls in flight, steady load, the upgrade command, more load; every
+    completion is recorded. Writes results.json, results.md and one PNG per scenario
+    (completions over time with the upgrade shaded)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    import tempfile
+
+    from bench import upgrade, upgrade_report
+
+    names = [s.strip() for s in scenarios_opt.split(",") if s.strip()]
+    names = names or list(upgrade.DEFAULT_SCENARIOS)
+    unknown = [n for n in names if n not in upgrade.SCENARIOS]
+    if unknown:
+        raise click.ClickException(
+            f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(upgrade.SCENARIOS)}"
+        )
+    plan = upgrade.QUICK if quick else upgrade.FULL
+    plan = dataclasses.replace(
+        plan, runs=runs_opt or plan.runs, phase_s=phase_opt or plan.phase_s, pinned=pinned
+    )
+    out = out_opt or RESULTS_ROOT / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-upgrade")
+    atexit.register(procs.stop_all)
+    signal.signal(signal.SIGTERM, lambda signum, _f: sys.exit(128 + signum))
+    t0 = time.monotonic()
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
+
+    progress(f"{plan.runs} run(s) of {', '.join(names)} -> {out}")
+    with tempfile.TemporaryDirectory(prefix="mrpc-bench-upgrade-") as work:
+        try:
+            results = upgrade.run(plan, names, out, Path(work), progress)
+        except KeyboardInterrupt:
+            procs.stop_all()
+            raise click.ClickException("interrupted; partial logs in " + str(out)) from None
+    written = upgrade_report.write_report(results, out)
+    progress(f"done in {results['seconds']:.0f}s; wrote " + ", ".join(p.name for p in written))
+    click.echo((out / "results.md").read_text())
+
+
 @cli.command("report")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report_cmd(out: Path) -> None:
-    """Rebuild results.md and the plots of a finished run from its results.json."""
-    from bench import report
+    """Rebuild results.md and the plots of a finished run (``run`` or ``upgrade``) from its
+    results.json."""
+    from bench import report, upgrade_report
 
     results = json.loads((out / "results.json").read_text())
-    for p in report.write_report(results, out):
+    writer = upgrade_report if results.get("kind") == "upgrade" else report
+    for p in writer.write_report(results, out):
         click.echo(p)
 
 

@@ -1,0 +1,438 @@
+"""``python -m bench upgrade``: how long calls stall while mrpc is upgraded under load.
+
+Every run of a scenario starts from scratch: two daemons (B, then A, each
+``mrpcd run --listen 127.0.0.1:0`` with a fresh prefix), an echo server app on
+B and a client app on A (``bench/upgrade_apps.py``) that keeps 64 calls in
+flight and records the completion time and latency of every call. The client
+runs steady for ``phase_s``; then the runner runs the scenario's command
+(timestamps around it on the same CLOCK_MONOTONIC as the client's), waits
+``phase_s`` more and stops the client, which drains its last calls, asks the
+server how many calls it executed twice, and writes its arrays.
+``bench/stall.py`` turns that into the stall and the latency before vs during.
+
+Scenarios (``SCENARIOS``): a control (``mrpcctl status``: an operator command
+that changes nothing, timed the same way); an engine upgrade with ``mrpcctl engine upgrade NAME
+--file F --app bench-upgrade`` on daemon A, F a module subclassing the running
+engine with VERSION + 1 (new code loaded as a fresh module, the state handed
+over); and the daemon hot restart ``mrpcctl daemon restart`` of daemon A, which
+is skipped with a note when this build's mrpcctl has no such command. Runs
+alternate scenarios (A B C A B C ...) so drifting load on the host hits all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench import procs, stall
+from bench.systems.mrpc_systems import RATELIMIT_NEVER, start_daemon
+from bench.upgrade_apps import read_calls
+
+log = logging.getLogger(__name__)
+
+CLIENT_APP = "bench-upgrade"
+CONC = 64
+READY_TIMEOUT_S = 60.0
+COMMAND_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 90.0
+ENGINE_GOAL_MS = 10.0
+RESTART_GOAL_MS = 100.0
+NOT_AVAILABLE = "daemon hot restart: not available in this build"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str  # one line for the report
+    goal_ms: float
+    engine: str | None = None  # engine upgrade: the engine's name ...
+    module: str | None = None  # ... and the module the new version subclasses
+    policy: bool = False  # attach ``engine`` as a policy first, with these --set pairs:
+    sets: tuple[str, ...] = ()
+    restart: bool = False  # daemon hot restart instead
+    control: bool = False  # no upgrade: `mrpcctl status`, what any operator command costs
+
+    def command(self, new_code: Path | None) -> list[str]:
+        """The mrpcctl arguments (after ``--prefix A``) this scenario runs."""
+        if self.restart:
+            return ["daemon", "restart", "--json"]
+        if self.control:
+            return ["status", "--json"]
+        assert self.engine is not None and new_code is not None
+        return ["engine", "upgrade", self.engine, "--file", str(new_code), "--app", CLIENT_APP]
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "control",
+            "control, no upgrade: `mrpcctl status --json` on daemon A, timed the same way "
+            "(what starting an operator command does to the load)",
+            ENGINE_GOAL_MS,
+            control=True,
+        ),
+        Scenario(
+            "ratelimit",
+            "policy: ratelimit on the client app (daemon A, send side, a limit never reached) "
+            "upgraded to a new version",
+            ENGINE_GOAL_MS,
+            "ratelimit",
+            "engines.ratelimit",
+            policy=True,
+            sets=RATELIMIT_NEVER,
+        ),
+        Scenario(
+            "metrics",
+            "policy: metrics on the client app (daemon A, send side) upgraded",
+            ENGINE_GOAL_MS,
+            "metrics",
+            "engines.metrics",
+            policy=True,
+        ),
+        Scenario(
+            "tcp",
+            "transport: the client app's tcp engine on daemon A (its open connection to B "
+            "handed over) upgraded",
+            ENGINE_GOAL_MS,
+            "tcp",
+            "engines.tcp",
+        ),
+        Scenario(
+            "frontend",
+            "frontend: the client app's frontend on daemon A (its rings) upgraded",
+            ENGINE_GOAL_MS,
+            "frontend",
+            "engines.frontend",
+        ),
+        Scenario(
+            "daemon-restart",
+            "daemon hot restart of daemon A (`mrpcctl daemon restart`) under the client app",
+            RESTART_GOAL_MS,
+            restart=True,
+        ),
+    )
+}
+DEFAULT_SCENARIOS = ("control", "ratelimit", "metrics", "tcp", "daemon-restart")
+
+
+@dataclass(frozen=True)
+class UpgradePlan:
+    runs: int = 5
+    phase_s: float = 2.0  # steady load before the command, and load after it
+    pinned: bool = False  # every app and daemon thread on CPU 0 (default: scheduled)
+
+
+FULL = UpgradePlan()
+QUICK = UpgradePlan(runs=2, phase_s=1.5)
+
+
+def _ctl_argv(prefix: Path, args: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "from mrpcd.ctl import main; main()",
+        "--prefix",
+        str(prefix),
+    ] + args
+
+
+def ctl(prefix: Path, args: list[str], timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
+    """Run ``mrpcctl --prefix PREFIX ARGS`` and time it (monotonic ns around the process)."""
+    t0 = time.monotonic_ns()
+    out = subprocess.run(
+        _ctl_argv(prefix, args),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=procs.REPO_ROOT,
+        env=procs.child_env(),
+    )
+    t1 = time.monotonic_ns()
+    return {
+        "argv": ["mrpcctl", "--prefix", str(prefix), *args],
+        "rc": out.returncode,
+        "stdout": out.stdout[-2000:],
+        "stderr": out.stderr[-2000:],
+        "start_ns": t0,
+        "end_ns": t1,
+    }
+
+
+def restart_available() -> bool:
+    """Whether this build's mrpcctl has ``daemon restart`` (asks its --help; no daemon)."""
+    r = ctl(Path("/nonexistent"), ["daemon", "restart", "--help"], timeout=30)
+    return r["rc"] == 0
+
+
+def new_version(workdir: Path, module: str) -> Path:
+    """A module whose engine subclasses ``module``'s with VERSION + 1: new code to load."""
+    path = workdir / f"{module.rsplit('.', 1)[-1]}_next.py"
+    path.write_text(
+        f"from {module} import ENGINE as _Old\n\n\n"
+        "class Next(_Old):\n    VERSION = _Old.VERSION + 1\n\n\nENGINE = Next\n"
+    )
+    return path
+
+
+class Client:
+    """The client app process, driven over its stdin/stdout."""
+
+    def __init__(self, argv: list[str], log_dir: Path, cpus: Any) -> None:
+        self.proc = procs.spawn(
+            "client-app", argv, log_dir=log_dir, cpus=cpus, stdin_pipe=True, stdout_pipe=True
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self) -> None:
+        out = self.proc.popen.stdout
+        assert out is not None
+        for line in out:
+            try:
+                self.events.put(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("client app said: %s", line[:200])
+        self.events.put({"event": "eof"})
+
+    def send(self, cmd: str) -> None:
+        stdin = self.proc.popen.stdin
+        assert stdin is not None
+        stdin.write(cmd.encode() + b"\n")
+        stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        try:
+            got = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the client app did not say {event!r} in {timeout:.0f}s") from None
+        if got.get("event") != event:
+            raise RuntimeError(
+                f"the client app said {got} instead of {event!r}:\n{self.proc.log_tail()}"
+            )
+        return got
+
+
+def run_once(
+    scn: Scenario, run: int, plan: UpgradePlan, out: Path, workdir: Path
+) -> dict[str, Any]:
+    """One run of ``scn`` on fresh daemons; the record for results.json."""
+    tag = f"{scn.name}-{run}"
+    log_dir, base = out / "logs" / tag, workdir / tag
+    calls_path = out / "calls" / f"{tag}.bin"
+    calls_path.parent.mkdir(parents=True, exist_ok=True)
+    rec: dict[str, Any] = {"scenario": scn.name, "run": run}
+    started: list[procs.Proc] = []
+    cpus = (0,) if plan.pinned else None
+    try:
+        proc_b, info_b = start_daemon("mrpcd-B", base / "B", log_dir)
+        started.append(proc_b)
+        proc_a, info_a = start_daemon("mrpcd-A", base / "A", log_dir)
+        started.append(proc_a)
+        if cpus:
+            procs.set_affinity_all_threads(procs.descendants([proc_a.pid, proc_b.pid]), cpus)
+        ready = base / "server.ready.json"
+        server = procs.spawn(
+            "server-app",
+            procs.python_argv(
+                "bench.upgrade_apps", "server", "--prefix", str(base / "B"), "--ready", str(ready)
+            ),
+            log_dir=log_dir,
+            cpus=cpus,
+        )
+        started.append(server)
+        procs.wait_for_json(ready, READY_TIMEOUT_S, server)
+        if scn.engine and scn.policy:
+            attach = ["policy", "attach", scn.engine, "--app", CLIENT_APP, "--side", "send"]
+            attach += ["--future"] + [a for s in scn.sets for a in ("--set", s)]
+            r = ctl(base / "A", attach)
+            if r["rc"] != 0:
+                raise RuntimeError(f"attaching {scn.engine} failed: {r['stderr'].strip()}")
+        new_code = new_version(base, scn.module) if scn.module else None
+        client = Client(
+            procs.python_argv(
+                "bench.upgrade_apps", "client", "--target", str(info_b["listen"]),
+                "--prefix", str(base / "A"), "--out", str(calls_path), "--conc", str(CONC),
+                "--name", CLIENT_APP,
+            ),
+            log_dir,
+            cpus,
+        )  # fmt: skip
+        started.append(client.proc)
+        client.expect("ready", READY_TIMEOUT_S)
+        client.send("go")
+        started_ns = client.expect("started", READY_TIMEOUT_S)["t_ns"]
+        time.sleep(plan.phase_s)
+        wall_offset = time.time_ns() - time.monotonic_ns()
+        cmd = ctl(base / "A", scn.command(new_code))
+        rec["command"] = cmd
+        time.sleep(plan.phase_s)
+        client.send("stop")
+        res = client.expect("result", RESULT_TIMEOUT_S)
+        rec["client"] = res
+        rec["started_ns"] = started_ns
+        if cmd["rc"] != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd['argv'][3:])} failed ({cmd['rc']}): "
+                f"{(cmd['stderr'] or cmd['stdout']).strip()[-400:]}"
+            )
+        srv = res["server"]
+        rec["unanswered"] = max(0, srv["received"] - srv["duplicates"] - res["calls"])
+        done, lat = read_calls(calls_path)
+        rec["calls_file"] = str(calls_path.relative_to(out))
+        rec["analysis"] = stall.analyze(
+            done,
+            lat,
+            started_ns=started_ns,
+            cmd_start_ns=cmd["start_ns"],
+            cmd_end_ns=cmd["end_ns"],
+            swap_ns=swap_logged_ns(log_dir / "mrpcd-A.log", wall_offset, cmd["start_ns"]),
+        )
+        rec["daemon_a_pid"] = [info_a.get("pid"), _state_pid(base / "A")]
+    except Exception as exc:  # noqa: BLE001 - reported in the results, the next run goes on
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: %s", tag, rec["error"])
+    finally:
+        for p in reversed(started):
+            procs.stop(p)
+        _stop_restarted(base / "A", started)
+        rec["tracebacks"] = _tracebacks(log_dir)
+    return rec
+
+
+def swap_logged_ns(log_path: Path, wall_offset_ns: int, after_ns: int) -> int | None:
+    """CLOCK_MONOTONIC ns of daemon A's first "upgraded ..." log line after ``after_ns``
+    (its wall-clock stamp, ms resolution, moved by ``wall_offset_ns`` = wall - monotonic)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if "mrpcd.upgrade: upgraded" not in line:
+            continue
+        try:
+            wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        t = int(wall * 1e9) - wall_offset_ns
+        if t >= after_ns:
+            return t
+    return None
+
+
+def _state_pid(prefix: Path) -> int | None:
+    try:
+        pid = json.loads((prefix / "mrpcd.json").read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _stop_restarted(prefix: Path, started: list[procs.Proc]) -> None:
+    """A hot-restarted daemon may run under a new pid, maybe outside the process group we
+    started: end it by the pid its state file names (SIGTERM, SIGKILL after 3 s), if that
+    process is still an mrpcd of this prefix and not one we stopped already."""
+    pid = _state_pid(prefix)
+    if pid is None or pid in {p.pid for p in started}:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _daemon_alive(pid, prefix):
+            return
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and _daemon_alive(pid, prefix):
+            time.sleep(0.05)
+
+
+def _daemon_alive(pid: int, prefix: Path) -> bool:
+    """Whether ``pid`` is a live (not zombie) mrpcd whose command line names ``prefix``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+    return not zombie and b"mrpcd" in cmdline and str(prefix).encode() in cmdline
+
+
+def _tracebacks(log_dir: Path) -> int:
+    if not log_dir.exists():
+        return 0
+    return sum(p.read_text(errors="replace").count("Traceback") for p in log_dir.glob("*.log"))
+
+
+def run(
+    plan: UpgradePlan,
+    names: list[str],
+    out: Path,
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every run of every scenario, alternating; the whole results.json."""
+    t0 = time.monotonic()
+    results: dict[str, Any] = {
+        "kind": "upgrade",
+        "plan": asdict(plan),
+        "conc": CONC,
+        "margin_s": stall.MARGIN_S,
+        "host": {
+            "cpus": len(procs.ALL_CPUS),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "scenarios": {},
+        "skipped": {},
+    }
+    active = []
+    for name in names:
+        scn = SCENARIOS[name]
+        if scn.restart and not restart_available():
+            progress(NOT_AVAILABLE)
+            results["skipped"][name] = NOT_AVAILABLE
+            continue
+        active.append(scn)
+        results["scenarios"][name] = {
+            "what": scn.what,
+            "goal_ms": scn.goal_ms,
+            "control": scn.control,
+            "runs": [],
+        }
+    for i in range(plan.runs):
+        for scn in active:
+            rec = run_once(scn, i, plan, out, workdir)
+            results["scenarios"][scn.name]["runs"].append(rec)
+            progress(_brief(rec))
+    for name, sc in results["scenarios"].items():
+        sc["summary"] = stall.summarize(sc["runs"], sc["goal_ms"])
+    results["seconds"] = time.monotonic() - t0
+    return results
+
+
+def _brief(rec: dict[str, Any]) -> str:
+    head = f"{rec['scenario']} run {rec['run']}: "
+    if "analysis" not in rec:
+        return head + "FAILED: " + rec.get("error", "?")
+    a, c = rec["analysis"], rec["client"]
+    return head + (
+        f"stall {a['stall_ms']:.1f} ms (before: {a['gap_before_ms']:.1f} ms), "
+        f"p99 {a['before']['p99_us']:.0f} -> {a['during']['p99_us']:.0f} µs, "
+        f"command {a['command_s']:.2f} s, {c['calls']} calls, {c['failed']} failed"
+    )

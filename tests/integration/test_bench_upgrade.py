@@ -1,0 +1,54 @@
+"""Smoke test of ``python -m bench upgrade``: one quick run of the policy scenario on real
+daemons (bench/upgrade.py, bench/upgrade_apps.py, bench/stall.py, bench/upgrade_report.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import procs
+
+
+def test_quick_upgrade_bench_measures_a_ratelimit_upgrade(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "bench", "upgrade", "--quick", "--runs", "1", "--phase", "1"]
+    argv += ["--scenarios", "ratelimit,daemon-restart", "--out", str(out)]
+    t0 = time.monotonic()
+    r = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=procs.REPO_ROOT,
+        env=procs.child_env(),
+    )
+    print(f"took {time.monotonic() - t0:.1f}s\n{r.stderr}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (rec,) = results["scenarios"]["ratelimit"]["runs"]
+    assert "error" not in rec, rec["error"]
+    a, client = rec["analysis"], rec["client"]
+    assert client["calls"] > 1000 and client["failed"] == 0, client
+    assert client["mismatched"] == 0 and client["server"]["duplicates"] == 0
+    assert client["server"]["received"] >= client["calls"]  # the server counted each call
+    assert math.isfinite(a["stall_ms"]) and a["stall_ms"] > 0
+    assert "swap_at_s" in a, "daemon A's 'upgraded ... from v1 to v2' line was not found"
+    assert a["window_s"][0] < a["swap_at_s"] < a["window_s"][1]
+    assert rec["tracebacks"] == 0
+    assert "| ratelimit | ≤ 10 ms |" in r.stdout  # the table is printed
+    if "daemon-restart" in results["skipped"]:  # this build has no `mrpcctl daemon restart`
+        assert "daemon hot restart: not available in this build" in r.stderr
+    else:  # the bench ran it: the run completed (its figures are the hot restart's business)
+        (restart,) = results["scenarios"]["daemon-restart"]["runs"]
+        assert "analysis" in restart, restart.get("error")
+        print("daemon restart:", restart["analysis"]["stall_ms"], "ms,", restart["client"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = out / "upgrade_ratelimit.png"
+        assert png.stat().st_size > 10_000
+        assert "![upgrade_ratelimit.png](upgrade_ratelimit.png)" in (out / "results.md").read_text()
