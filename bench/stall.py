@@ -127,6 +127,7 @@ METRICS = (
     ("command_s", lambda r: r["command_s"]),
     ("gap_at_swap_ms", lambda r: r.get("gap_at_swap_ms", float("nan"))),
     ("slot_gap_before_p90_ms", lambda r: r.get("slot_gap_before_p90_ms", float("nan"))),
+    ("swap_runtime_ms", lambda r: r.get("swap_runtime_ms", float("nan"))),
 )
 
 

@@ -72,7 +72,9 @@ class Scenario:
         if self.control:
             return ["status", "--json"]
         assert self.engine is not None and new_code is not None
-        return ["engine", "upgrade", self.engine, "--file", str(new_code), "--app", CLIENT_APP]
+        return [
+            "engine", "upgrade", self.engine, "--file", str(new_code), "--app", CLIENT_APP, "--json"
+        ]  # fmt: skip
 
 
 SCENARIOS = {
@@ -148,6 +150,16 @@ def _ctl_argv(prefix: Path, args: list[str]) -> list[str]:
         "--prefix",
         str(prefix),
     ] + args
+
+
+def runtime_swap_ms(stdout: str) -> float | None:
+    """The time the runtime spent on the swap (decompose to resume), from the
+    command's JSON answer: no other work of that runtime ran meanwhile."""
+    try:
+        engines = json.loads(stdout).get("engines") or []
+        return max(float(e["ms"]) for e in engines) if engines else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def ctl(prefix: Path, args: list[str], timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
@@ -302,6 +314,9 @@ def run_once(
             cmd_end_ns=cmd["end_ns"],
             swap_ns=swap_logged_ns(log_dir / "mrpcd-A.log", wall_offset, cmd["start_ns"]),
         )
+        swap_ms = runtime_swap_ms(cmd["stdout"])
+        if swap_ms is not None:
+            rec["analysis"]["swap_runtime_ms"] = swap_ms
         rec["daemon_a_pid"] = [info_a.get("pid"), _state_pid(base / "A")]
     except Exception as exc:  # noqa: BLE001 - reported in the results, the next run goes on
         rec["error"] = f"{type(exc).__name__}: {exc}"

@@ -35,7 +35,9 @@ def _swap_cell(sm: dict[str, Any]) -> str:
     at, slot = sm.get("gap_at_swap_ms"), sm.get("slot_gap_before_p90_ms")
     if not at or not at["runs"]:
         return "—"
-    return f"{_cell(at)}<br>55-ms slots before, p90: {_cell(slot)}"
+    held = sm.get("swap_runtime_ms")
+    own = f"<br>runtime held by the swap: {_cell(held, '{:.2f}')}" if held and held["runs"] else ""
+    return f"{_cell(at)}<br>55-ms slots before, p90: {_cell(slot)}{own}"
 
 
 def verdict(sm: dict[str, Any]) -> str:
@@ -52,6 +54,13 @@ def verdict(sm: dict[str, Any]) -> str:
         parts.append(
             f"unresolvable here: without an upgrade the longest gap was already "
             f"{sm['gap_before_ms']['median']:.1f} ms"
+        )
+    held = sm.get("swap_runtime_ms")
+    if held and held["runs"]:
+        ok = held["max"] <= goal
+        parts.append(
+            f"the swap itself held the runtime {held['median']:.2f} ms (max {held['max']:.2f}): "
+            f"{'**met**' if ok else '**missed**'}"
         )
     bad = sm["failed"] + sm["mismatched"] + sm["duplicates"] + sm["unanswered"]
     parts.append("0 failed calls **met**" if bad == 0 else f"failed calls **missed** ({bad})")
@@ -124,6 +133,12 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             "vN+1` (its log has ms resolution and is written right after the swap), next to "
             "the p90, over the 55-ms slots of the before window, of each slot's longest gap: "
             "the same figure without a swap."
+        ),
+        (
+            "- *runtime held by the swap*: the time the datapath's runtime spent in the "
+            "swap (decompose, check, restore, resume), as the daemon reports it in the "
+            "command's answer (`engines[].ms`): no call of that runtime moved meanwhile; "
+            "the rest of the stall is the host's scheduling."
         ),
         "- *command s*: wall time of the `mrpcctl` process, Python start-up (~0.2 s) included.",
         (
