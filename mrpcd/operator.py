@@ -125,6 +125,20 @@ class OperatorHandler:
             return error_reply(StatusCode.INTERNAL, f"{op} failed inside mrpcd: {e}")
         return {"ok": True, **result}
 
+    def op_daemon_restart(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Hot restart (``mrpcd/hotrestart.py``); once answered, this process exits."""
+        timeout = msg.get("timeout")
+        if timeout is not None and (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout <= 600
+        ):
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"timeout must be a number of seconds in (0, 600], got {timeout!r}",
+            )
+        return self.daemon.hot_restart(None if timeout is None else float(timeout))
+
     def op_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         d = self.daemon
         return {
