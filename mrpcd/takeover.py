@@ -89,8 +89,12 @@ def child_main(
         return 1
     if go.get("msg") != "commit":
         return 1
-    sock.close()
     daemon._go()
+    try:
+        send_doc(sock, {"msg": "serving", "pid": os.getpid()})  # mrpcd.json is ours now
+    except OSError:
+        pass
+    sock.close()
     notifier = Notifier(notify[0], notify[1])
     daemon.notifier = notifier
     log.info(
