@@ -62,7 +62,10 @@ def recv_doc(sock: socket.socket, deadline: float) -> tuple[dict[str, Any], list
     try:
         while len(fds) < nfds:
             _settimeout(sock, deadline)
-            data, got, _flags, _addr = socket.recv_fds(sock, 1, FDS_PER_CHUNK)
+            try:
+                data, got, _flags, _addr = socket.recv_fds(sock, 1, FDS_PER_CHUNK)
+            except TimeoutError:
+                raise HandoverError("timed out receiving descriptors") from None
             if not data:
                 raise HandoverError("the other mrpcd process hung up while passing descriptors")
             fds.extend(got)
