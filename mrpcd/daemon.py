@@ -268,7 +268,13 @@ class Daemon:
         t = threading.Thread(target=self._accept_operators, name="mrpcd-ops", daemon=True)
         t.start()
         self._threads.append(t)
-        self.operator.start_metrics()
+        if self._inherited is None:
+            self.operator.start_metrics()
+        else:  # a hot restart's new process: it serves already, metrics or not
+            try:
+                self.operator.start_metrics()
+            except OSError as e:
+                log.error("hot restart: the metrics endpoint did not start: %s", e)
         self._write_state_file()
         log.info(
             "mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix

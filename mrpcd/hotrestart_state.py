@@ -111,7 +111,9 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
             (svc, o.uid, o.app_name, o.pid, o.app_id, o.since)
             for svc, o in daemon.router.owners.items()
         ]
+    metrics = getattr(daemon.operator, "_metrics_server", None)
     state = {
+        "metrics_listener": None if metrics is None else fds.add(metrics.socket.fileno()),
         "from_pid": os.getpid(),
         "lock": fds.add(daemon._lock_fd),
         "listener": fds.add(daemon.listener.fileno()),

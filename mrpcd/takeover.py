@@ -170,6 +170,8 @@ def restore(
     daemon = Daemon(config, inherited)
     daemon.bindings = bindings
     daemon.operator = OperatorHandler(daemon)
+    if state.get("metrics_listener") is not None:
+        daemon.operator.inherited_metrics = sock(state["metrics_listener"])
     daemon._make_ingress()
     daemon._app_ids = itertools.count(int(state["next_app_id"]))
     with daemon.router.lock:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,36 @@ def test_a_config_that_no_longer_loads_is_refused_and_nothing_changes(
         assert got["errors"] == {} and got["mismatches"] == 0, got
     finally:
         _stop_successor(a)
+
+
+def test_the_metrics_endpoint_and_recorded_policies_carry_over(cluster: Cluster) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = cluster.daemon("a", config=f"metrics:\n  listen: 127.0.0.1:{port}\n")
+    try:
+        cluster.server(a, name="srv")
+        r = a.ctl("policy", "attach", "metrics", "--app", "srv", "--side", "receive")
+        assert [p["app"] for p in r["persisted"]] == ["srv"]
+        cli = cluster.app(
+            "client_app.py", str(a.prefix), a.listen, "--concurrency", "8", "--forever", name="c"
+        )
+        time.sleep(0.5)
+        before = _scrape(port)
+        assert "mrpc_" in before
+        _restart(a)  # the old process held the port: the new one serves the same socket
+        time.sleep(0.5)
+        after = _scrape(port)
+        print(f"metrics on 127.0.0.1:{port} before and after: {len(before)}, {len(after)} bytes")
+        assert "mrpc_" in after
+        engines = [e["engine"] for x in a.apps() if x["name"] == "srv" for e in x["datapath"]]
+        assert "metrics" in engines, engines  # the recorded attachment came back
+        (got,) = _finish([cli], [])
+        assert got["errors"] == {} and got["mismatches"] == 0, got
+    finally:
+        _stop_successor(a)
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
