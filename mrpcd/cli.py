@@ -111,10 +111,18 @@ def serve(
         while signals:
             signum = signals.popleft()
             if signum == signal.SIGHUP:
-                _hot_restart(daemon, watchdog)
+                _hot_restart(daemon, watchdog, signals)
+            elif daemon.restarting or daemon.handed_over:
+                log.info(
+                    "signal %d during a hot restart: passed on to whichever mrpcd serves", signum
+                )
+                daemon.pending_stop = True
             else:
                 log.info("signal %d: draining in-flight RPCs", signum)
                 stopping = True
+        if daemon.pending_stop and not daemon.restarting and not daemon.handed_over:
+            log.info("the hot restart failed: draining in-flight RPCs for the stop requested")
+            stopping = True
         now = _status(daemon)
         if now != shown and not stopping:
             notifier.status(now)
@@ -130,7 +138,7 @@ def serve(
     logging.getLogger("mrpcd").info("stopped")
 
 
-def _hot_restart(daemon: Daemon, watchdog: Watchdog) -> None:
+def _hot_restart(daemon: Daemon, watchdog: Watchdog, signals: collections.deque[int]) -> None:
     """SIGHUP: hot restart; on success this process leaves, else it serves on."""
     from libmrpc.status import RpcError
 
@@ -142,6 +150,8 @@ def _hot_restart(daemon: Daemon, watchdog: Watchdog) -> None:
         log.error("SIGHUP: %s", e.details())
         return
     watchdog.stop()
+    if any(s != signal.SIGHUP for s in signals):  # a stop asked for meanwhile
+        daemon.pending_stop = True
     daemon.exit_handed_over()
 
 

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -76,6 +77,8 @@ class Daemon:
         # hot restart (mrpcd/hotrestart.py): a restart under way, the handed-over state
         self.restarting = False
         self.handed_over = False
+        self.successor_pid = 0
+        self.pending_stop = False  # SIGTERM during a hot restart: passed on to the successor
         self.notifier: Notifier | None = None  # set by ``mrpcd run`` for the hot restart
         ensure_dir(self.prefix, 0o755, "prefix")
         self._lock_fd = inherited.lock_fd if inherited is not None else self._lock_prefix()
@@ -418,6 +421,12 @@ class Daemon:
 
     def exit_handed_over(self) -> None:
         """The new daemon serves: leave without closing or unlinking anything shared."""
+        if self.pending_stop and self.successor_pid:
+            log.info("passing the stop requested during the hot restart on to the new mrpcd")
+            try:
+                os.kill(self.successor_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         log.info("handed over to the new mrpcd; exiting")
         logging.shutdown()
         os._exit(0)

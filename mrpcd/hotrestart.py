@@ -179,6 +179,7 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         code = StatusCode.DEADLINE_EXCEEDED if "timed out" in reason else StatusCode.UNAVAILABLE
         raise RpcError(code, f"hot restart failed, the old mrpcd serves on: {reason}") from None
     t_done = time.monotonic()
+    daemon.successor_pid = child.pid
     daemon.handed_over = True  # committed: from here on the new process serves, whatever it says
     try:
         _expect(ours, time.monotonic() + 10.0, "serving", child)

@@ -26,6 +26,7 @@ Document (``version`` is ``mrpcd.handover.VERSION``)::
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -157,4 +158,24 @@ def _app_doc(app: AppState, conn: Any, fds: _Fds) -> dict[str, Any]:
         "frontend": dp.frontend.export_state(),  # type: ignore[attr-defined]
         "transport": transport,
         "transport_socks": [fds.add(s.fileno()) for s in socks],
+        "policies": [_policy_doc(e) for e in dp.policies],
+    }
+
+
+def _policy_doc(engine: Any) -> dict[str, Any]:
+    """An attached policy: what it is and its state (``decompose``, a snapshot for
+    policies; None when it is not plain data: the new one then starts fresh)."""
+    try:
+        state = engine.decompose()
+        pickle.dumps(state)
+    except Exception:  # noqa: BLE001 - whatever it holds, the policy itself carries over
+        state = None
+    ctx = engine.ctx
+    return {
+        "engine": engine.NAME,
+        "version": engine.VERSION,
+        "side": ctx.side.value,
+        "method": ctx.method,
+        "config": dict(engine.config),
+        "state": state,
     }

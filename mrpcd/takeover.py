@@ -185,6 +185,7 @@ def restore(
         daemon._app_socks[app.app_id] = app_conn.sock
         daemon.control.adopt(app_conn)
         daemon.operator.app_registered(app)  # standing and persisted policies, before any call
+        _restore_policies(daemon, app, doc["policies"])
     now = time.monotonic()
     for doc in state["unregistered"]:
         daemon.control.adopt(
@@ -202,6 +203,50 @@ def restore(
         state["ingress"], [sock(i) for i in state["ingress_socks"]]
     )
     return daemon
+
+
+def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]]) -> None:
+    """The policies the app had: those the standing rules attached again take their
+    state; the others (``--transient`` ones, say) are attached as they were."""
+    assert app.datapath is not None and daemon.operator is not None
+    manager = daemon.operator.policies
+    fresh = list(app.datapath.policies)
+    for doc in docs:
+        key = (doc["engine"], doc["side"], doc["method"], doc["config"])
+        engine = next(
+            (e for e in fresh if (e.NAME, e.ctx.side.value, e.ctx.method, dict(e.config)) == key),
+            None,
+        )
+        if engine is not None:
+            fresh.remove(engine)
+        else:
+            try:
+                cls, config, side, method = manager._prepare(
+                    {k: doc[k] for k in ("engine", "side", "method", "config")}
+                )
+                engine_id = manager._attach_to(app, cls, config, side, method)
+            except Exception as e:  # noqa: BLE001 - one policy lost is logged, not fatal
+                log.warning(
+                    "hot restart: policy %s of app %r not attached again: %s",
+                    doc["engine"],
+                    app.name,
+                    e,
+                )
+                continue
+            engine = manager.engines[engine_id][1]
+        state = doc["state"]
+        if state is None:
+            continue
+        try:
+            if engine.check_compatible(doc["version"], state) is None:
+                engine.load_state(state, doc["version"])
+        except Exception as e:  # noqa: BLE001 - the policy works on with a fresh state
+            log.warning(
+                "hot restart: policy %s of app %r starts with a fresh state: %s",
+                doc["engine"],
+                app.name,
+                e,
+            )
 
 
 def _restore_app(daemon: Daemon, doc: dict[str, Any], fds: list[int], old_daemon: Any) -> AppState:

@@ -148,7 +148,9 @@ def test_a_config_that_no_longer_loads_is_refused_and_nothing_changes(
         _stop_successor(a)
 
 
-def test_the_metrics_endpoint_and_recorded_policies_carry_over(cluster: Cluster) -> None:
+def test_the_metrics_endpoint_and_the_policies_carry_over_with_their_state(
+    cluster: Cluster,
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -157,6 +159,10 @@ def test_the_metrics_endpoint_and_recorded_policies_carry_over(cluster: Cluster)
         cluster.server(a, name="srv")
         r = a.ctl("policy", "attach", "metrics", "--app", "srv", "--side", "receive")
         assert [p["app"] for p in r["persisted"]] == ["srv"]
+        a.ctl(
+            "policy", "attach", "ratelimit", "--app", "srv", "--side", "receive", "--transient",
+            "--set", "max_tokens=1000000",
+        )  # fmt: skip
         cli = cluster.app(
             "client_app.py", str(a.prefix), a.listen, "--concurrency", "8", "--forever", name="c"
         )
@@ -168,10 +174,21 @@ def test_the_metrics_endpoint_and_recorded_policies_carry_over(cluster: Cluster)
         after = _scrape(port)
         print(f"metrics on 127.0.0.1:{port} before and after: {len(before)}, {len(after)} bytes")
         assert "mrpc_" in after
-        engines = [e["engine"] for x in a.apps() if x["name"] == "srv" for e in x["datapath"]]
+        engines = {
+            e["engine"]: e["id"] for x in a.apps() if x["name"] == "srv" for e in x["datapath"]
+        }
         assert "metrics" in engines, engines  # the recorded attachment came back
+        assert "ratelimit" in engines, (
+            engines
+        )  # and the transient one, which only a hot restart keeps
         (got,) = _finish([cli], [])
         assert got["errors"] == {} and got["mismatches"] == 0, got
+        # the policies' state carried over: their counters cover the calls before the restart
+        for name in ("metrics", "ratelimit"):
+            stats = a.ctl("engine", "call", engines[name], "stats")["result"]["stats"]
+            print(name, stats)
+            counted = max(v for k, v in stats.items() if isinstance(v, int))
+            assert counted >= got["ok"], (name, stats, got["ok"])
     finally:
         _stop_successor(a)
 
