@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
-from mrpcd.hotrestart_state import collect_state, settled
+from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
 
 if TYPE_CHECKING:
     from mrpcd.daemon import Daemon
@@ -153,6 +153,8 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         child = _Child(_fork(daemon, ours, theirs))
         theirs.close()
         check_peer(ours, None)
+        listeners, fds = collect_listeners(daemon)
+        send_doc(ours, {"msg": "listeners", **listeners}, fds)
         _expect(ours, deadline, "loaded", child)
         t_loaded = time.monotonic()
         quiesced = []

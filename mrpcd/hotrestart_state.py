@@ -8,7 +8,10 @@ control loop paused.
 
 Document (``version`` is ``mrpcd.handover.VERSION``)::
 
-    lock, listener, app_listener, op_listener   fd indexes
+    listeners (first, by collect_listeners): lock, listener, app_listener, op_listener,
+        metrics_listener (or None)   fd indexes
+
+    state:
     next_app_id, from_pid
     owners      [(service, uid, app_name, pid, app_id, since)]   service owners, oldest first
     apps        [app]          registered apps (below)
@@ -68,6 +71,21 @@ class _Fds:
         return len(self.fds) - 1
 
 
+def collect_listeners(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
+    """What never changes while the daemon runs, sent first so that the new process
+    builds its daemon before the old one pauses: the lock and the listening sockets."""
+    fds = _Fds()
+    metrics = getattr(daemon.operator, "_metrics_server", None)
+    doc = {
+        "lock": fds.add(daemon._lock_fd),
+        "listener": fds.add(daemon.listener.fileno()),
+        "app_listener": fds.add(daemon.app_listener.fileno()),
+        "op_listener": fds.add(daemon.op_listener.fileno()),
+        "metrics_listener": None if metrics is None else fds.add(metrics.socket.fileno()),
+    }
+    return doc, fds.fds
+
+
 def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
     fds = _Fds()
     control = daemon.control
@@ -112,14 +130,8 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
             (svc, o.uid, o.app_name, o.pid, o.app_id, o.since)
             for svc, o in daemon.router.owners.items()
         ]
-    metrics = getattr(daemon.operator, "_metrics_server", None)
     state = {
-        "metrics_listener": None if metrics is None else fds.add(metrics.socket.fileno()),
         "from_pid": os.getpid(),
-        "lock": fds.add(daemon._lock_fd),
-        "listener": fds.add(daemon.listener.fileno()),
-        "app_listener": fds.add(daemon.app_listener.fileno()),
-        "op_listener": fds.add(daemon.op_listener.fileno()),
         "next_app_id": next_app_id,
         "owners": owners,
         "apps": app_docs,

@@ -60,7 +60,12 @@ def child_main(
     sock = socket.socket(fileno=fd)
     try:
         check_peer(sock, os.getppid())
+        deadline = time.monotonic() + 60.0
+        listeners, listener_fds = recv_doc(sock, deadline)
+        if listeners.get("msg") != "listeners":
+            raise HandoverError(f"expected the listeners, got {listeners.get('msg')!r}")
         config, bindings = _load(old_daemon, options)
+        daemon = prebuild(config, listeners, listener_fds, bindings)
         send_doc(sock, {"msg": "loaded"})
         deadline = time.monotonic() + config.restart_timeout
         state, fds = recv_doc(sock, deadline)
@@ -69,7 +74,7 @@ def child_main(
             raise HandoverError(f"expected the state, got {state.get('msg')!r}")
         _close_inherited(inherited, keep={fd})
         _hook("restore")
-        daemon = restore(config, state, fds, old_daemon, bindings)
+        restore(daemon, state, fds, old_daemon)
         send_doc(sock, {"msg": "restored"})
         t1 = time.monotonic()
     except Exception as e:
@@ -153,26 +158,32 @@ def _close_inherited(inherited: set[int], keep: set[int]) -> None:
             pass
 
 
-def restore(
-    config: Config, state: dict[str, Any], fds: list[int], old_daemon: Any, bindings: BindingCache
-) -> Daemon:
-    """Build the daemon from the handed-over ``state``; starts no thread."""
+def prebuild(config: Config, doc: dict[str, Any], fds: list[int], bindings: BindingCache) -> Daemon:
+    """The daemon on the old one's lock and listeners, with no app yet and no thread
+    (built while the old daemon still serves)."""
 
     def sock(i: int) -> socket.socket:
         return socket.socket(fileno=fds[i])
 
     inherited = Inherited(
-        fds[state["lock"]],
-        sock(state["listener"]),
-        sock(state["app_listener"]),
-        sock(state["op_listener"]),
+        fds[doc["lock"]], sock(doc["listener"]), sock(doc["app_listener"]), sock(doc["op_listener"])
     )
     daemon = Daemon(config, inherited)
     daemon.bindings = bindings
     daemon.operator = OperatorHandler(daemon)
-    if state.get("metrics_listener") is not None:
-        daemon.operator.inherited_metrics = sock(state["metrics_listener"])
+    if doc.get("metrics_listener") is not None:
+        daemon.operator.inherited_metrics = sock(doc["metrics_listener"])
     daemon._make_ingress()
+    return daemon
+
+
+def restore(daemon: Daemon, state: dict[str, Any], fds: list[int], old_daemon: Any) -> None:
+    """Give the prebuilt daemon everything of the handed-over ``state``; starts no thread."""
+
+    def sock(i: int) -> socket.socket:
+        return socket.socket(fileno=fds[i])
+
+    assert daemon.operator is not None
     daemon._app_ids = itertools.count(int(state["next_app_id"]))
     with daemon.router.lock:
         for svc, uid, app_name, pid, app_id, since in state["owners"]:
@@ -202,7 +213,6 @@ def restore(
     daemon.ingress.import_state(  # type: ignore[attr-defined]
         state["ingress"], [sock(i) for i in state["ingress_socks"]]
     )
-    return daemon
 
 
 def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]]) -> None:

@@ -78,6 +78,7 @@ def test_hot_restart_under_load_fails_and_duplicates_nothing(cluster: Cluster) -
         for d in (a, b, a):  # the client's daemon and the server's, each under load
             time.sleep(1.0)
             r = _restart(d)
+            r["at"] = time.strftime("%H:%M:%S")
             restarts.append(r)
             print(f"hot restart of {d.prefix.name}: {json.dumps(r)}")
             assert r["apps"] == 2 and r["peer_connections"] == 2, r
@@ -90,8 +91,10 @@ def test_hot_restart_under_load_fails_and_duplicates_nothing(cluster: Cluster) -
         print("server on a:", served_a, "server on b:", served_b)
         print(
             "longest gap between completions at the clients: "
-            f"{got_a['max_gap_s'] * 1e3:.1f} ms, {got_b['max_gap_s'] * 1e3:.1f} ms; calls "
-            f"paused in the daemons: {[r['stall_ms'] for r in restarts]} ms"
+            f"{got_a['max_gap_s'] * 1e3:.1f} ms (ended {got_a['max_gap_ended']}), "
+            f"{got_b['max_gap_s'] * 1e3:.1f} ms (ended {got_b['max_gap_ended']}); calls "
+            f"paused in the daemons: {[r['stall_ms'] for r in restarts]} ms; hand-overs at "
+            f"{[r['at'] for r in restarts]}"
         )
         for got in (got_a, got_b):
             assert got["errors"] == {} and got["mismatches"] == 0, got

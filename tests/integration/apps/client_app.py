@@ -50,7 +50,7 @@ def main(
     details: dict[str, str] = {}
     seq = itertools.count()
     stop = threading.Event()
-    gap = [0.0, time.perf_counter()]  # longest gap between completions, last completion
+    gap = [0.0, time.perf_counter(), 0.0]  # longest gap between completions, last one, when
     if forever:
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 
@@ -68,7 +68,9 @@ def main(
                 continue
             now = time.perf_counter()
             latencies.append(now - t0)
-            gap[0], gap[1] = max(gap[0], now - gap[1]), now
+            if now - gap[1] > gap[0]:
+                gap[0], gap[2] = now - gap[1], time.time()
+            gap[1] = now
             if bytes(reply.payload) != body:
                 mismatches += 1
 
@@ -96,6 +98,8 @@ def main(
                 "seconds": took,
                 "p50_us": latencies[len(latencies) // 2] * 1e6 if latencies else None,
                 "max_gap_s": round(gap[0], 4),
+                "max_gap_ended": time.strftime("%H:%M:%S", time.localtime(gap[2]))
+                + f".{int(gap[2] * 1000) % 1000:03d}",
             }
         ),
         flush=True,
