@@ -17,7 +17,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import App, Cluster, Daemon
+import libmrpc
+from tests.integration.conftest import ROOT, App, Cluster, Daemon
+
+testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
 
 def _state(d: Daemon) -> dict[str, Any]:
@@ -199,3 +202,24 @@ def test_the_metrics_endpoint_and_the_policies_carry_over_with_their_state(
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return r.read().decode()
+
+
+def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -> None:
+    """A call the daemon took is finished by the old process (calls do not move
+    between processes): a slow handler makes the pause as long as its rest."""
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    try:
+        cluster.server(b, name="srv")
+        stub = testing.TestStub(libmrpc.connect(b.listen, prefix=str(a.prefix), name="slow"))
+        assert stub.Call(testing.Request(payload=b"hi"), timeout=10).payload == b"hi"
+        for d in (a, b):  # the caller's daemon, then the server's
+            fut = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=800), timeout=10)
+            time.sleep(0.2)
+            r = _restart(d)
+            print(f"{d.prefix.name}: a call with 0.6 s left paused the others {r['stall_ms']} ms")
+            assert r["settle_ms"] >= 300, r
+            assert fut.result().payload == b"slow"
+        assert stub.Call(testing.Request(payload=b"after"), timeout=10).payload == b"after"
+    finally:
+        _stop_successor(a)
+        _stop_successor(b)
