@@ -150,7 +150,15 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         paused = True
         if not daemon.control.pause(timeout):
             raise HandoverError("timed out waiting for the apps' control operations to finish")
+        t_pause = time.monotonic()
         child = _Child(_fork(daemon, ours, theirs))
+        t_fork = time.monotonic()
+        log.info(
+            "hot restart: forked pid %d in %.1f ms (the control loop paused in %.1f ms)",
+            child.pid,
+            (t_fork - t_pause) * 1e3,
+            (t_pause - t_start) * 1e3,
+        )
         theirs.close()
         check_peer(ours, None)
         listeners, fds = collect_listeners(daemon)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import resource
 import socket
 import time
 from typing import Any
@@ -58,6 +59,7 @@ def child_main(
     """The forked process's life; returns its exit status."""
     old_daemon = old_world[0]
     sock = socket.socket(fileno=fd)
+    priority = _yield_cpu()
     try:
         check_peer(sock, os.getppid())
         deadline = time.monotonic() + 60.0
@@ -70,6 +72,7 @@ def child_main(
         deadline = time.monotonic() + config.restart_timeout
         state, fds = recv_doc(sock, deadline)
         t0 = time.monotonic()
+        _restore_priority(priority)  # calls wait on us from here on
         if state.get("msg") != "state":
             raise HandoverError(f"expected the state, got {state.get('msg')!r}")
         _close_inherited(inherited, keep={fd})
@@ -112,6 +115,32 @@ def child_main(
 
     serve(daemon, notifier, config, options["config_path"], options["overrides"], takeover=True)
     return 0
+
+
+def _yield_cpu() -> int | None:
+    """Load at a lower priority, so that the old daemon (and its apps) keep the CPU
+    while this process imports and binds; only when the priority can be restored
+    (root, or RLIMIT_NICE: the unit's ``LimitNICE=+0``). Returns the priority to restore."""
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, 0)
+        soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+        if os.geteuid() != 0 and soft != resource.RLIM_INFINITY and 20 - soft > now:
+            return None  # could not come back
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, now + 10))
+    except OSError:
+        return None
+    return now
+
+
+def _restore_priority(priority: int | None) -> None:
+    if priority is None:
+        return
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, 0, priority
+        )  # this thread; the threads it starts inherit it
+    except OSError as e:
+        log.warning("hot restart: cannot restore the priority %d: %s", priority, e)
 
 
 def _hook(step: str) -> None:
