@@ -11,8 +11,8 @@ document (:func:`restore`; nothing shared is read or written yet), says
 reason and exits: the old daemon rolls back.
 
 Test hook: ``MRPC_TEST_FAIL_TAKEOVER=load`` or ``=restore`` (in the old daemon's
-environment) makes the new process fail at that step, so tests can check the
-rollback; it is read nowhere else.
+environment) makes the new process fail at that step, ``=hang`` makes it hang
+while loading, so tests can check the rollback; it is read nowhere else.
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def _restore_priority(priority: int | None) -> None:
 
 
 def _hook(step: str) -> None:
+    if os.environ.get(TEST_HOOK) == "hang" and step == "load":
+        time.sleep(3600)  # the old process times out and kills us
     if os.environ.get(TEST_HOOK) == step:
         raise TakeoverFailed(f"{TEST_HOOK}={step} (a test hook) makes this step fail")
 

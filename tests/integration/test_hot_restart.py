@@ -223,3 +223,20 @@ def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -
     finally:
         _stop_successor(a)
         _stop_successor(b)
+
+
+def test_a_new_process_that_hangs_is_killed_and_the_old_one_serves_on(cluster: Cluster) -> None:
+    a = cluster.daemon("a", env={"MRPC_TEST_FAIL_TAKEOVER": "hang"})
+    cluster.server(a, name="srv")
+    cli = cluster.app("client_app.py", str(a.prefix), a.listen, "--forever", name="cli")
+    t0 = time.monotonic()
+    r = a.ctl("daemon", "restart", "--timeout", "1.5", check=False)
+    took = time.monotonic() - t0
+    print(f"mrpcctl daemon restart --timeout 1.5 said after {took:.1f}s:", r.stderr.strip())
+    assert r.returncode != 0 and "DEADLINE_EXCEEDED" in r.stderr and "timed out" in r.stderr
+    assert "hot restart failed, the old mrpcd serves on" in r.stderr
+    assert a.ctl("status")["pid"] == a.proc.pid
+    children = Path(f"/proc/{a.proc.pid}/task/{a.proc.pid}/children").read_text().split()
+    assert children == [], children  # the hanging new process was killed and reaped
+    (got,) = _finish([cli], [])
+    assert got["errors"] == {} and got["mismatches"] == 0 and got["ok"] > 0, got
