@@ -145,7 +145,7 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     child: _Child | None = None
     quiesced: list[_Park] | None = None
-    paused = False
+    paused = told_systemd = False
     try:
         paused = True
         if not daemon.control.pause(timeout):
@@ -172,7 +172,7 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         send_doc(ours, {"msg": "state", **state}, fds)
         _expect(ours, deadline, "restored", child)
         if notifier is not None:
-            notifier.mainpid(child.pid)
+            told_systemd = notifier.mainpid(child.pid)
         send_doc(ours, {"msg": "commit"})
     except Exception as e:  # noqa: BLE001 - whatever failed, roll back and say why
         reason = _reason(e, child)
@@ -184,6 +184,8 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
             _reap(child)
         ours.close()
         if notifier is not None:
+            if told_systemd:  # the commit did not go out: the main process is still this one
+                notifier.mainpid(os.getpid())
             notifier.ready("hot restart failed; the old process serves on")
         log.error("hot restart failed, this mrpcd (pid %d) serves on: %s", os.getpid(), reason)
         code = StatusCode.DEADLINE_EXCEEDED if "timed out" in reason else StatusCode.UNAVAILABLE
