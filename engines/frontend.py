@@ -93,6 +93,7 @@ class Frontend(FrontendEngine):
         self.backlog: deque[Rpc] = deque()
         self.pending: deque[tuple[int, ...]] = deque()  # popped, not yet taken (<= CHUNK)
         self.held = False  # pending[0] is a CALL the quotas hold back
+        self.quiesce = False  # hot restart: take no new CALL (export_state/import_state)
         self.admission = Admission(self.app, svc.limits)
         self.slice = self.admission.limits.slice_us / 1e6
         self._refs: dict[tuple[int, int], MethodRef] = {}
@@ -144,6 +145,8 @@ class Frontend(FrontendEngine):
             while pending:
                 d = pending[0]
                 if d[0] == SUB_CALL:
+                    if self.quiesce:  # a hot restart: the next daemon takes it
+                        return n + self._take_non_calls(BATCH - n)
                     self.held = not self._call(d)
                     if self.held:
                         return n + self._take_non_calls(BATCH - n)
@@ -671,7 +674,7 @@ class Frontend(FrontendEngine):
         try:
             if self.rx_in:
                 return True
-            if self.held:  # CALLs wait for quota; replies and releases behind them do not
+            if self.held or self.quiesce:  # CALLs wait (quota, hot restart); the rest not
                 return self._head_kind() not in (None, SUB_CALL)
             return bool(self.pending) or app.submit.available() > 0
         except RingCorrupted:
@@ -718,6 +721,23 @@ class Frontend(FrontendEngine):
         self.counters.update(state.get("counters", {}))
         self._refs.update(state.get("refs", {}))
         self.outgoing.update(state.get("outgoing", {}))
+
+    # ------------------------------------------------------------------ hot restart
+
+    def settled(self) -> bool:
+        """Quiescing for a hot restart: nothing of this app's is in flight here."""
+        return (
+            not self.backlog and not self.outgoing and all(d[0] == SUB_CALL for d in self.pending)
+        )
+
+    def export_state(self) -> dict[str, Any]:
+        """Plain data for the next daemon (only when ``settled``): the descriptors
+        popped from the submit ring and not yet taken, and the counters."""
+        return {"pending": [tuple(d) for d in self.pending], "counters": dict(self.counters)}
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        self.pending.extend(tuple(d) for d in state.get("pending", ()))
+        self.counters.update(state.get("counters", {}))
 
 
 ENGINE = Frontend

@@ -36,6 +36,7 @@ import functools
 import heapq
 import itertools
 import logging
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -44,7 +45,15 @@ from typing import Any
 from engines import local_calls, tcp_resolve
 from engines import tcp_features as wf
 from engines.local_calls import LocalOrigin
-from engines.tcp_conn import Conn, ConnState, OversizeReply, connect_nonblocking
+from engines.tcp_conn import (
+    Conn,
+    ConnState,
+    OversizeReply,
+    conn_settled,
+    connect_nonblocking,
+    export_conn,
+    import_conn,
+)
 from engines.tcp_ingress import TcpIngress, answer_ping, free_landed
 from engines.tcp_limits import PeerLimits, overdue
 from libmrpc.status import StatusCode
@@ -713,6 +722,48 @@ class TcpTransport(TransportEngine):
             conn.owner = self
             if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
                 self.dirty.add(conn)
+
+    # ------------------------------------------------------------------ hot restart
+
+    def settled(self) -> bool:
+        """Quiescing for a hot restart: no call pending, nothing half sent or read."""
+        if self.pending or self.unsent or self.resolving or self._resolved:
+            return False
+        return all(c.closed or conn_settled(c) for c in [*self.conns.values(), *self.retired])
+
+    def export_state(self) -> tuple[dict[str, Any], list[socket.socket]]:
+        """Plain data and sockets for the next daemon (only when ``settled``): the
+        open connections (retired ones, without calls, are left to close)."""
+        docs, socks = [], []
+        for key, conn in self.conns.items():
+            if not conn.closed:
+                doc, sock = export_conn(conn)
+                docs.append((tuple(key), doc))
+                socks.append(sock)
+        return {
+            "conns": docs,
+            "next_wire_id": next(self._wire_ids),
+            "counters": dict(self.counters),
+        }, socks
+
+    def import_state(self, state: Mapping[str, Any], socks: list[socket.socket]) -> None:
+        """Adopt ``export_state``'s connections (their sockets in the same order)."""
+        for (key, doc), sock in zip(state["conns"], socks, strict=True):
+            conn = import_conn(
+                doc,
+                sock,
+                self,
+                self.poller,
+                max_body=self.max_message_size,
+                clock=self.ctx.clock,
+                max_sendq=sys.maxsize,
+            )
+            conn.info["conn_id"] = tuple(key)
+            self.conns[tuple(key)] = conn
+            if wf.sync(conn, self.WIRE_FEATURES):  # the new code may understand more (or less)
+                self.dirty.add(conn)
+        self._wire_ids = itertools.count(int(state.get("next_wire_id", 1)))
+        self.counters.update(state.get("counters", {}))
 
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:

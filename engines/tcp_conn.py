@@ -227,6 +227,7 @@ class Conn:
         self.sendq = SendQueue()
         self.max_sendq = max_sendq
         self.read_paused = False  # back-pressure: the peer does not read what we send
+        self.hold = False  # hot restart: stop reading at the next frame boundary (set_hold)
         self.cur: Any = None  # the owner's note about the body being received
         self.info: dict[str, Any] = {}  # handshake results and owner bookkeeping
         self.calls: set[int] = set()  # outbound: wire ids of calls awaiting a reply
@@ -398,8 +399,24 @@ class Conn:
             self.last_in = self.frame_at = self.now()  # stall timers restart with reading
         elif not self.read_paused and len(self.sendq) > self.max_sendq:
             self.read_paused = True
-        want = (0 if self.read_paused else EPOLLIN) | (0 if empty else EPOLLOUT)
+        want = (0 if self.read_paused or self.held else EPOLLIN) | (0 if empty else EPOLLOUT)
         self._set_events(want)
+
+    # ---------------------------------------------------------------- hot restart
+
+    @property
+    def held(self) -> bool:
+        """Reading stopped at a frame boundary for a hot restart (see ``set_hold``)."""
+        return self.hold and not self.assembler.partial
+
+    def set_hold(self, on: bool) -> None:
+        """Hot restart: with ``on``, read only what completes the frame under way,
+        then nothing (the rest stays in the kernel for the next daemon); off reads again."""
+        self.hold = on
+        if self.state is ConnState.CLOSED or self.state is ConnState.CONNECTING:
+            return
+        reading = not self.read_paused and not self.held
+        self._set_events((EPOLLIN if reading else 0) | (EPOLLOUT if len(self.sendq) else 0))
 
     # ---------------------------------------------------------------- reading
 
@@ -430,6 +447,12 @@ class Conn:
                 return  # level-triggered: the rest waits for the next round, after the others
             if self.state is ConnState.CLOSED or self.read_paused:
                 return
+            limit = len(staging)
+            if self.hold:  # hot restart: up to the end of the frame under way, no further
+                if not asm.partial:
+                    self._set_events(EPOLLOUT if len(self.sendq) else 0)
+                    return
+                limit = asm.body_left if asm.in_body else asm.header_left
             try:
                 window = asm.body_window() if asm.in_body else None
                 if window is not None and len(window) >= DIRECT_MIN:
@@ -443,7 +466,7 @@ class Conn:
                         self._dispatch(*frame)
                         self.frame_at = self.last_in
                     continue
-                n = sock.recv_into(staging)
+                n = sock.recv_into(staging, limit)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -471,7 +494,7 @@ class Conn:
             ):
                 self.read_paused = True  # the peer does not read: stop taking its calls
                 self._set_events(EPOLLOUT)
-            if n < len(staging):
+            if n < limit and not self.hold:
                 return
 
     def _dispatch(self, header: FrameHeader, body: memoryview) -> None:
@@ -553,3 +576,77 @@ def configure(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+
+# ---------------------------------------------------------------- hot restart
+
+#: Conn.info keys that outlive a hot restart (handshake results, a METADATA frame
+#: waiting for its CALL); the rest is per-call bookkeeping, empty when settled.
+HANDOVER_INFO = ("conn_id", "schema_hash", "peer_daemon", "peer_max", "ip", "hello", "metadata")
+
+
+def conn_settled(conn: Conn) -> bool:
+    """Nothing of this connection's is half done: no partial frame, nothing queued,
+    no call awaiting an answer; a hot restart may hand it over as it is."""
+    return (
+        conn.state is not _CONNECTING
+        and not conn.assembler.partial
+        and not len(conn.sendq)
+        and not conn.calls
+        and not conn.rx_calls
+        and conn.cur is None
+        and not conn._batch  # small frames waiting for their BATCH
+    )
+
+
+def export_conn(conn: Conn) -> tuple[dict[str, Any], socket.socket]:
+    """A settled connection as plain data plus its socket (for SCM_RIGHTS)."""
+    doc = {
+        "peer": conn.peer,
+        "outbound": conn.outbound,
+        "state": conn.state.value,
+        "info": {k: conn.info[k] for k in HANDOVER_INFO if k in conn.info},
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "frames_in": conn.frames_in,
+        # wire features: what is in use, taken, advertised here, and the peer's
+        "features": sorted(conn.features),
+        "accepts": sorted(conn.accepts),
+        "advertised": None if conn.advertised is None else sorted(conn.advertised),
+        "peer_features": sorted(conn.peer_features),
+    }
+    return doc, conn.sock
+
+
+def import_conn(
+    doc: dict[str, Any],
+    sock: socket.socket,
+    owner: ConnOwner,
+    poller: Any,
+    *,
+    max_body: int,
+    clock: Any,
+    max_sendq: int,
+) -> Conn:
+    """The next daemon's copy of an ``export_conn`` connection (same socket, same state)."""
+    conn = Conn(
+        sock,
+        owner,
+        poller,
+        peer=str(doc["peer"]),
+        outbound=bool(doc["outbound"]),
+        max_body=max_body,
+        clock=clock,
+        max_sendq=max_sendq,
+    )
+    conn.state = ConnState(doc["state"])
+    conn.info.update(doc["info"])
+    conn.bytes_in = int(doc.get("bytes_in", 0))
+    conn.bytes_out = int(doc.get("bytes_out", 0))
+    conn.frames_in = int(doc.get("frames_in", 0))
+    conn.features = frozenset(doc.get("features", ()))
+    conn.accepts = frozenset(doc.get("accepts", ()))
+    advertised = doc.get("advertised")
+    conn.advertised = None if advertised is None else frozenset(advertised)
+    conn.peer_features = frozenset(doc.get("peer_features", ()))
+    return conn

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engines import tcp_features as wf
-from engines.tcp_conn import Conn, ConnState, configure
+from engines.tcp_conn import Conn, ConnState, configure, conn_settled, export_conn, import_conn
 from engines.tcp_limits import (
     PONG_QUEUE_MAX,
     PeerLimits,
@@ -592,6 +592,50 @@ class TcpIngress(IngressEngine):
             conn.owner = self
             if wf.sync(conn, self.WIRE_FEATURES):  # new code: tell the peer what it understands
                 self.dirty.add(conn)
+
+    # ------------------------------------------------------------------ hot restart
+
+    def quiesce(self, on: bool) -> None:
+        """A hot restart: stop (or resume) reading every inbound connection at its
+        next frame boundary; what a peer sends meanwhile waits in the kernel."""
+        for conn in self.conns:
+            if conn.hold != on and not conn.closed:
+                conn.set_hold(on)
+
+    def settled(self) -> bool:
+        """Quiescing: every connection held at a frame boundary, nothing to answer or send."""
+        self.quiesce(True)  # connections accepted since
+        if self.outbox:
+            return False
+        return all(c.closed or (c.held and conn_settled(c)) for c in self.conns)
+
+    def export_state(self) -> tuple[dict[str, Any], list[socket.socket]]:
+        """Plain data and sockets of the inbound connections (only when ``settled``)."""
+        docs, socks = [], []
+        for conn in self.conns:
+            if not conn.closed:
+                doc, sock = export_conn(conn)
+                docs.append(doc)
+                socks.append(sock)
+        return {"conns": docs, "counters": dict(self.counters)}, socks
+
+    def import_state(self, state: Mapping[str, Any], socks: list[socket.socket]) -> None:
+        for doc, sock in zip(state["conns"], socks, strict=True):
+            conn = import_conn(
+                doc,
+                sock,
+                self,
+                self.poller,
+                max_body=self.max_message_size,
+                clock=self.ctx.clock,
+                max_sendq=self.limits.max_send_queue,
+            )
+            ip = str(conn.info.get("ip"))
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            self.conns.add(conn)
+            if wf.sync(conn, self.WIRE_FEATURES):  # the new code may understand more (or less)
+                self.dirty.add(conn)
+        self.counters.update(state.get("counters", {}))
 
     def close(self) -> None:
         self.poller.unregister(self.listener.fileno())

@@ -64,6 +64,7 @@ class AppState:
         self.recv_view = memoryview(regions.recv)
         self.recv_heap = Heap(self.recv_view, name=f"receive heap of {name!r}")
         self.bindings: list[Binding] = []
+        self.schema_texts: list[Any] = []  # per slot: the texts bound (a hot restart rebinds)
         self.conns: dict[int, ConnSpec] = {}
         self.served: dict[str, Binding] = {}
         self.datapath: Datapath | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from libmrpc.status import LocalError
 if TYPE_CHECKING:
     from mrpcd.config import Config
     from mrpcd.daemon import Daemon
-    from mrpcd.notify import Notifier
+    from mrpcd.notify import Notifier, Watchdog
 
 
 @click.group()
@@ -43,22 +42,23 @@ def run(
 ) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT (which drain in-flight RPCs).
 
-    Under systemd (``NOTIFY_SOCKET`` set) it reports READY=1, STATUS=, STOPPING=1 and,
-    around a SIGHUP, RELOADING=1 ... READY=1. SIGHUP re-reads the config file for
-    ``log_level`` only; other changed keys take effect when mrpcd restarts.
+    SIGHUP (like ``mrpcctl daemon restart``) is a hot restart: a new mrpcd
+    process, running the code installed now and the config read anew, takes
+    over every app, peer connection and call in flight; this one exits. Under
+    systemd (``NOTIFY_SOCKET`` set) it reports READY=1, STATUS=, STOPPING=1 and,
+    around a hot restart, RELOADING=1 ... MAINPID=<new pid> READY=1.
     """
+    from mrpcd import hotrestart
     from mrpcd.config import load_config
     from mrpcd.daemon import Daemon
 
+    overrides = {"prefix": prefix, "listen": listen, "log_level": log_level}
     try:
-        config = load_config(
-            config_path or os.environ.get("MRPC_CONFIG"),
-            overrides={"prefix": prefix, "listen": listen, "log_level": log_level},
-        )
+        config = load_config(config_path or os.environ.get("MRPC_CONFIG"), overrides=overrides)
     except LocalError as e:
         raise click.ClickException(str(e)) from None
     from mrpcd.logs import configure_logging
-    from mrpcd.notify import Notifier, Watchdog
+    from mrpcd.notify import Notifier
 
     configure_logging(config.log_level)
     notifier = Notifier.from_environ()  # unsets NOTIFY_SOCKET: children must not notify
@@ -67,6 +67,26 @@ def run(
         daemon.start()
     except LocalError as e:
         raise click.ClickException(str(e)) from None
+    hotrestart.RUN_OPTIONS.update(config_path=config_path, overrides=overrides)
+    daemon.notifier = notifier
+    serve(daemon, notifier, config, config_path, overrides)
+
+
+def serve(
+    daemon: Daemon,
+    notifier: Notifier,
+    config: Config,
+    config_path: str | None,
+    overrides: dict[str, str | None],
+    *,
+    takeover: bool = False,
+) -> None:
+    """The main thread's life once the daemon serves: signals, systemd, then the drain.
+    A hot restart's new process (``takeover``) comes here too."""
+    from mrpcd import hotrestart
+    from mrpcd.notify import Watchdog
+
+    hotrestart.RUN_OPTIONS.update(config_path=config_path, overrides=overrides)
     log = logging.getLogger("mrpcd")
     signals: collections.deque[int] = collections.deque()
     wake = threading.Event()
@@ -77,11 +97,13 @@ def run(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    notifier.ready(_status(daemon))  # the sockets accept and mrpcd.json is written
+    if takeover:
+        notifier.send(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={_status(daemon)}")
+    else:
+        notifier.ready(_status(daemon))  # the sockets accept and mrpcd.json is written
     watchdog = Watchdog(notifier, lambda timeout: _runtimes_answer(daemon, timeout))
     watchdog.start()
     shown = _status(daemon)
-    overrides = {"prefix": prefix, "listen": listen, "log_level": log_level}
     stopping = False
     while not stopping:
         wake.wait(1.0)
@@ -89,10 +111,18 @@ def run(
         while signals:
             signum = signals.popleft()
             if signum == signal.SIGHUP:
-                config = _reload(config_path, overrides, config, notifier, daemon)
+                _hot_restart(daemon, watchdog, signals)
+            elif daemon.restarting or daemon.handed_over:
+                log.info(
+                    "signal %d during a hot restart: passed on to whichever mrpcd serves", signum
+                )
+                daemon.pending_stop = True
             else:
                 log.info("signal %d: draining in-flight RPCs", signum)
                 stopping = True
+        if daemon.pending_stop and not daemon.restarting and not daemon.handed_over:
+            log.info("the hot restart failed: draining in-flight RPCs for the stop requested")
+            stopping = True
         now = _status(daemon)
         if now != shown and not stopping:
             notifier.status(now)
@@ -108,6 +138,23 @@ def run(
     logging.getLogger("mrpcd").info("stopped")
 
 
+def _hot_restart(daemon: Daemon, watchdog: Watchdog, signals: collections.deque[int]) -> None:
+    """SIGHUP: hot restart; on success this process leaves, else it serves on."""
+    from libmrpc.status import RpcError
+
+    log = logging.getLogger("mrpcd")
+    log.info("SIGHUP: hot restart")
+    try:
+        daemon.hot_restart()
+    except RpcError as e:
+        log.error("SIGHUP: %s", e.details())
+        return
+    watchdog.stop()
+    if any(s != signal.SIGHUP for s in signals):  # a stop asked for meanwhile
+        daemon.pending_stop = True
+    daemon.exit_handed_over()
+
+
 def _status(daemon: Daemon) -> str:
     with daemon.apps_lock:
         apps = len(daemon.apps)
@@ -117,42 +164,3 @@ def _status(daemon: Daemon) -> str:
 def _runtimes_answer(daemon: Daemon, timeout: float) -> bool:
     """Every runtime thread ran a no-op within ``timeout`` (the watchdog's health check)."""
     return all(rt.call(rt.in_runtime, timeout=timeout) for rt in daemon.runtimes)
-
-
-def _reload(
-    path: str | None,
-    overrides: dict[str, str | None],
-    config: Config,
-    notifier: Notifier,
-    daemon: Daemon,
-) -> Config:
-    """SIGHUP: re-read the config file and apply its ``log_level``; return the config in force.
-
-    Nothing else is reloaded in place: keys that changed are named in a warning and
-    take effect when mrpcd restarts. A file that no longer loads changes nothing.
-    """
-    from mrpcd.config import load_config
-
-    log = logging.getLogger("mrpcd")
-    notifier.reloading("reloading log_level")
-    try:
-        new = load_config(path or os.environ.get("MRPC_CONFIG"), overrides=overrides)
-    except LocalError as e:
-        log.error("SIGHUP: the config did not load, nothing changed: %s", e)
-        notifier.ready(_status(daemon))
-        return config
-    log.info("SIGHUP: log_level %s -> %s", config.log_level, new.log_level)
-    logging.getLogger().setLevel(new.log_level.upper())
-    changed = [
-        f.name
-        for f in dataclasses.fields(new)
-        if f.name != "log_level" and getattr(new, f.name) != getattr(config, f.name)
-    ]
-    if changed:
-        log.warning(
-            "SIGHUP: %s changed but only log_level is reloaded in place; restart mrpcd "
-            "(systemctl restart mrpcd) to apply the rest",
-            ", ".join(changed),
-        )
-    notifier.ready(_status(daemon))
-    return dataclasses.replace(config, log_level=new.log_level)

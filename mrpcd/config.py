@@ -147,6 +147,7 @@ class Config:
     apps: AppsConfig
     services: tuple[ServiceRule, ...]
     persist_policies: bool = True  # record runtime policy changes under the prefix
+    restart_timeout: float = 10.0  # hot restart: the new process restores within this
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON/YAML-able data; loading it as a config file gives this Config back."""
@@ -510,6 +511,7 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "engines": (_engines, {n: f"engines.{n}" for n in _SHIPPED_ENGINES}),
     "policies": (_policies, []),
     "persist_policies": (_bool, True),
+    "restart_timeout": (_float(0.5, 600.0), 10.0),
     "apps.max": (_int(1, 1_000_000), 1024),
     "apps.max_per_uid": (_int(1, 1_000_000), 128),
     "apps.register_timeout": (_float(0.0, 3600.0, positive=True), 10.0),

@@ -98,6 +98,14 @@ class ControlLoop:
         self._listener_paused_until = 0.0
         self._complain = RateLimitedLog()
         self._spare: int | None = None
+        # hot restart: pause() stops the loop with no operation running; adopt() takes
+        # over an old daemon's connections before start()
+        self._pause_asked = threading.Event()
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self._active = 0  # jobs running on the workers
+        self._active_lock = threading.Lock()
+        self._adopted: list[AppConn] = []
         self._threads = [
             threading.Thread(
                 target=self._work, args=(self._jobs,), name=f"mrpcd-ctl-worker{i}", daemon=True
@@ -129,6 +137,14 @@ class ControlLoop:
         self.listener.setblocking(False)
         self._sel.register(self.listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        for conn in self._adopted:
+            conn.fd = conn.sock.fileno()
+            conn.sock.setblocking(False)
+            self.conns[conn.fd] = conn
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            if conn.app is None:
+                heapq.heappush(self._timers, (conn.deadline, next(self._seq), conn))
+        self._adopted = []
         for t in self._threads:
             t.start()
         self._loop_thread.start()
@@ -174,6 +190,8 @@ class ControlLoop:
                             self._close(key.data, "mrpcd failed on its control connection")
                 self._finish_done()
                 self._expire()
+                if self._pause_asked.is_set():
+                    self._hold()
         except Exception:
             log.exception("the app control loop failed; app control sockets are no longer served")
             raise
@@ -186,6 +204,42 @@ class ControlLoop:
             self._wake_w.close()
             if self._spare is not None:
                 os.close(self._spare)
+
+    # ------------------------------------------------------------------ hot restart
+
+    def adopt(self, conn: AppConn) -> None:
+        """Before ``start``: serve a connection the old daemon handed over."""
+        self._adopted.append(conn)
+
+    def pause(self, timeout: float) -> bool:
+        """Stop reading app sockets once no operation runs (what apps send waits in
+        their sockets); True when paused within ``timeout``. ``resume`` undoes it."""
+        self._resume.clear()
+        self._pause_asked.set()
+        self._wake()
+        return self._paused.wait(timeout)
+
+    def resume(self) -> None:
+        self._pause_asked.clear()
+        self._resume.set()
+
+    def idle_connections(self) -> list[AppConn]:
+        """While paused: the open connections (registered or not)."""
+        assert self._paused.is_set()
+        return [c for c in self.conns.values() if not c.closed]
+
+    def _hold(self) -> None:
+        """On the loop thread: wait for running operations, then pause until resumed."""
+        while self._pause_asked.is_set():
+            self._finish_done()
+            with self._active_lock:
+                idle = self._active == 0 and self._jobs.empty() and self._compile_jobs.empty()
+            if idle and not any(c.busy for c in self.conns.values()):
+                self._paused.set()
+                self._resume.wait()
+                self._paused.clear()
+                return
+            time.sleep(0.001)
 
     def _timeout(self) -> float | None:
         ends = []
@@ -352,10 +406,15 @@ class ControlLoop:
             job = jobs.get()
             if job is None:
                 return
+            with self._active_lock:
+                self._active += 1
             try:
                 job()
             except Exception:
                 log.exception("an app control job failed")
+            finally:
+                with self._active_lock:
+                    self._active -= 1
 
     def _slow(self, conn: AppConn, msg: dict[str, Any]) -> None:
         error: str | None = None

@@ -15,9 +15,11 @@ import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,8 @@ from mrpcd.runtime import Runtime
 from mrpcd.services import Claimant, ServicePolicy
 
 if TYPE_CHECKING:
+    from mrpcd.hotrestart import Inherited
+    from mrpcd.notify import Notifier
     from mrpcd.operator import OperatorHandler
 
 log = logging.getLogger(__name__)
@@ -62,17 +66,27 @@ def _unix_listener(path: Path, mode: int, group: str | None = None) -> socket.so
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, inherited: Inherited | None = None) -> None:
+        """``inherited``: a hot restart's new daemon takes the old one's lock and
+        listening sockets (``mrpcd/hotrestart.py``) instead of making its own."""
         self.config = config
         self.clock = MonotonicClock()
         self.started = time.time()
         self.prefix = config.prefix
+        self._inherited = inherited
+        # hot restart (mrpcd/hotrestart.py): a restart under way, the handed-over state
+        self.restarting = False
+        self.handed_over = False
+        self.successor_pid = 0
+        self.pending_stop = False  # SIGTERM during a hot restart: passed on to the successor
+        self.notifier: Notifier | None = None  # set by ``mrpcd run`` for the hot restart
         ensure_dir(self.prefix, 0o755, "prefix")
-        self._lock_fd = self._lock_prefix()
+        self._lock_fd = inherited.lock_fd if inherited is not None else self._lock_prefix()
         try:
             self._setup(config)
         except BaseException:
-            self._release_prefix()  # a failed start leaves no socket, lock or thread behind
+            if inherited is None:  # the old daemon still owns an inherited prefix
+                self._release_prefix()  # a failed start leaves no socket, lock or thread behind
             raise
 
     def _setup(self, config: Config) -> None:
@@ -90,7 +104,9 @@ class Daemon:
         self._stopping = threading.Event()
         self.draining = False
         self._threads: list[threading.Thread] = []
-        self.listener = self._tcp_listener()
+        self.listener = (
+            inherited.listener if (inherited := self._inherited) else self._tcp_listener()
+        )
         self.listen_addr = format_hostport(*self.listener.getsockname()[:2])
         self.name = f"{socket.gethostname()}/{self.listen_addr}"
         self.router = Router(self.name)
@@ -110,10 +126,13 @@ class Daemon:
         self.ingress: IngressEngine | None = None
         self.app_sock_path = config.app_socket
         self.op_sock_path = config.operator_socket
-        self.app_listener = _unix_listener(self.app_sock_path, 0o666)
-        self.op_listener = _unix_listener(
-            self.op_sock_path, 0o660 if config.operator_group else 0o600, config.operator_group
-        )
+        if inherited is not None:
+            self.app_listener, self.op_listener = inherited.app_listener, inherited.op_listener
+        else:
+            self.app_listener = _unix_listener(self.app_sock_path, 0o666)
+            self.op_listener = _unix_listener(
+                self.op_sock_path, 0o660 if config.operator_group else 0o600, config.operator_group
+            )
         self.operator: OperatorHandler | None = None  # set in start(): the operator command handler
         self.control = ControlLoop(
             self.app_listener, self._app_request, self._app_gone, config.apps.register_timeout
@@ -217,6 +236,10 @@ class Daemon:
 
     def _start(self, operator_cls: Any) -> None:
         self.operator = operator_cls(self)
+        self._make_ingress()
+        self._go()
+
+    def _make_ingress(self) -> None:
         rt0 = self.runtimes[0]
         ingress_cls = load_engine_class(
             self.config.engines.get(self.config.transport, "engines.tcp"),
@@ -238,13 +261,23 @@ class Daemon:
         self.ingress = ingress_cls(ctx, {})
         self.ingress.lifecycle("attach")
         rt0.add_engine(self.ingress)
+
+    def _go(self) -> None:
+        """Start the threads: runtimes, the control loop, operator accepts, metrics."""
+        assert self.operator is not None
         for rt in self.runtimes:
             rt.start()
         self.control.start()
         t = threading.Thread(target=self._accept_operators, name="mrpcd-ops", daemon=True)
         t.start()
         self._threads.append(t)
-        self.operator.start_metrics()
+        if self._inherited is None:
+            self.operator.start_metrics()
+        else:  # a hot restart's new process: it serves already, metrics or not
+            try:
+                self.operator.start_metrics()
+            except OSError as e:
+                log.error("hot restart: the metrics endpoint did not start: %s", e)
         self._write_state_file()
         log.info(
             "mrpcd %s ready: listening on %s, prefix %s", VERSION, self.listen_addr, self.prefix
@@ -348,7 +381,7 @@ class Daemon:
                         os.close(fd)
                     if msg is None:
                         return
-                    reply = refusal or self.operator.handle(msg)
+                    reply = refusal or self._operate(msg)
                     try:
                         send_msg(sock, reply)
                     except RpcError as e:  # a reply too large for one control packet
@@ -360,10 +393,43 @@ class Daemon:
                                 f"large: {e.details()}; ask for less",
                             ),
                         )
+                    if self.handed_over:  # the restart's answer is out: the next daemon serves
+                        self.exit_handed_over()
                     if refusal:
                         return
             except OSError as e:
                 log.info("operator connection ended: %s", e)
+
+    def _operate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.operator is not None
+        if self.restarting or self.handed_over:
+            return error_reply(
+                StatusCode.UNAVAILABLE,
+                "mrpcd is handing over to a new process (hot restart); retry in a moment",
+            )
+        return self.operator.handle(msg)
+
+    # ------------------------------------------------------------------ hot restart
+
+    def hot_restart(self, timeout: float | None = None) -> dict[str, Any]:
+        """Start a new mrpcd from the installed code and hand everything over to it
+        (``mrpcd/hotrestart.py``). On success this process must exit
+        (``exit_handed_over``) once it has answered; raises RpcError after a rollback."""
+        from mrpcd.hotrestart import hot_restart
+
+        return hot_restart(self, self.config.restart_timeout if timeout is None else timeout)
+
+    def exit_handed_over(self) -> None:
+        """The new daemon serves: leave without closing or unlinking anything shared."""
+        if self.pending_stop and self.successor_pid:
+            log.info("passing the stop requested during the hot restart on to the new mrpcd")
+            try:
+                os.kill(self.successor_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        log.info("handed over to the new mrpcd; exiting")
+        logging.shutdown()
+        os._exit(0)
 
     def _app_request(self, conn: AppConn, msg: dict[str, Any]) -> dict[str, Any] | None:
         """Answer one control message of an app (on the control loop or one of its workers).
@@ -490,33 +556,9 @@ class Daemon:
             regions, submit_efd, complete_efd = create_regions(name, self.layout)
             app = AppState(app_id, name, pid, uid, regions, submit_efd, complete_efd)
             app.registered_at = time.time()
-            runtime = self.runtimes[app_id % len(self.runtimes)]
-            app.runtime = runtime  # the one runtime that owns this app's datapath
-            app.waker = runtime.wake_soon
-            app.on_broken = self._app_broken
-
-            def context(engine_id: str) -> EngineContext:
-                return EngineContext(
-                    engine_id,
-                    name,
-                    pid,
-                    self.clock,
-                    runtime_local=runtime.local,
-                    services=self.services,
-                    port=app,
-                    poller=runtime.poller,
-                    wake=runtime.wake_soon,
-                )
-
-            fe = self.frontend_cls(context(f"{name}/frontend"), {})
-            tr = self.transport_cls(context(f"{name}/{self.transport_cls.NAME}"), {})
-            app.datapath = Datapath(name, fe, tr, inbox=app.inbox)
-
-            def attach() -> None:
-                runtime.add_engine(fe)
-                runtime.add_engine(tr)
-                # the app's "I posted" signal: read it (the frontend polls the ring itself)
-                runtime.poller.register(submit_efd, 1, lambda _events: drain(submit_efd))
+            attach = self._make_datapath(app)
+            runtime = app.runtime
+            assert runtime is not None
 
             with self.apps_lock:
                 self.apps[app_id] = app
@@ -557,6 +599,40 @@ class Daemon:
         )
         return app
 
+    def _make_datapath(self, app: AppState) -> Callable[[], None]:
+        """Give ``app`` its runtime and datapath; returns what puts them to work
+        (run it on that runtime)."""
+        runtime = self.runtimes[app.app_id % len(self.runtimes)]
+        app.runtime = runtime  # the one runtime that owns this app's datapath
+        app.waker = runtime.wake_soon
+        app.on_broken = self._app_broken
+        name, submit_efd = app.name, app.submit_efd
+
+        def context(engine_id: str) -> EngineContext:
+            return EngineContext(
+                engine_id,
+                name,
+                app.pid,
+                self.clock,
+                runtime_local=runtime.local,
+                services=self.services,
+                port=app,
+                poller=runtime.poller,
+                wake=runtime.wake_soon,
+            )
+
+        fe = self.frontend_cls(context(f"{name}/frontend"), {})
+        tr = self.transport_cls(context(f"{name}/{self.transport_cls.NAME}"), {})
+        app.datapath = Datapath(name, fe, tr, inbox=app.inbox)
+
+        def attach() -> None:
+            runtime.add_engine(fe)
+            runtime.add_engine(tr)
+            # the app's "I posted" signal: read it (the frontend polls the ring itself)
+            runtime.poller.register(submit_efd, 1, lambda _events: drain(submit_efd))
+
+        return attach
+
     def _app_op(self, app: AppState, op: Any, msg: dict[str, Any]) -> dict[str, Any]:
         if op == "bind_schema":
             texts = check_texts(msg.get("texts"), self.config.schema.max_bytes)
@@ -583,6 +659,7 @@ class Daemon:
                     app.bindings.append(
                         Binding(slot, module, result.schema_hash, tuple(module.SERVICES))
                     )
+                    app.schema_texts.append(texts)  # a hot restart binds them again
             return {
                 "ok": True,
                 "slot": slot,

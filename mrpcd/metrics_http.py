@@ -7,6 +7,7 @@ them as ``ctx.services.metrics_registry``); this serves it over HTTP when
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,12 +23,13 @@ def new_registry() -> Any:
 
 
 def start_http_server(
-    registry: Any, host: str = "127.0.0.1", port: int = 0
+    registry: Any, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
 ) -> tuple[ThreadingHTTPServer, int]:
     """Serve ``GET /metrics`` from a daemon thread; return ``(server, bound_port)``.
 
     ``port=0`` picks a free port. Stop with ``server.shutdown(); server.server_close()``.
     Raises ``OSError`` when the address cannot be bound (nothing is left running).
+    ``sock``: a listening socket to serve instead (a hot restart hands it over).
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -46,7 +48,13 @@ def start_http_server(
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    if sock is None:
+        server = ThreadingHTTPServer((host, port), Handler)
+    else:
+        server = ThreadingHTTPServer((host, port), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.server_address = sock.getsockname()[:2]
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name=f"mrpc-metrics-{port}", daemon=True)
     thread.start()

@@ -28,6 +28,7 @@ class OperatorHandler:
         self.daemon = daemon
         self.metrics_addr: str | None = None
         self._metrics_server: Any = None
+        self.inherited_metrics: Any = None  # a hot restart: the old daemon's metrics listener
         from mrpcd.policy import PolicyManager
 
         self.policies = PolicyManager(daemon)
@@ -73,11 +74,19 @@ class OperatorHandler:
     def start_metrics(self) -> None:
         listen = self.daemon.config.metrics.listen
         registry = self.policies.metrics_registry()
+        inherited, self.inherited_metrics = self.inherited_metrics, None
+        if inherited is not None and (
+            listen is None or listen[1] not in (0, inherited.getsockname()[1])
+        ):
+            inherited.close()  # the config moved or dropped the endpoint
+            inherited = None
         if listen is None or registry is None:
             return
         from mrpcd.metrics_http import start_http_server
 
-        self._metrics_server, port = start_http_server(registry, listen[0], listen[1])
+        self._metrics_server, port = start_http_server(
+            registry, listen[0], listen[1], sock=inherited
+        )
         self.metrics_addr = f"{listen[0]}:{port}"
         log.info("metrics on http://%s/metrics", self.metrics_addr)
 
@@ -115,6 +124,20 @@ class OperatorHandler:
             log.exception("operator command %r failed", op)
             return error_reply(StatusCode.INTERNAL, f"{op} failed inside mrpcd: {e}")
         return {"ok": True, **result}
+
+    def op_daemon_restart(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Hot restart (``mrpcd/hotrestart.py``); once answered, this process exits."""
+        timeout = msg.get("timeout")
+        if timeout is not None and (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout <= 600
+        ):
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"timeout must be a number of seconds in (0, 600], got {timeout!r}",
+            )
+        return self.daemon.hot_restart(None if timeout is None else float(timeout))
 
     def op_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         d = self.daemon

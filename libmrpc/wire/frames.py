@@ -252,6 +252,11 @@ class FrameAssembler:
         return self._header is not None or bool(self._hdr)
 
     @property
+    def header_left(self) -> int:
+        """Bytes still missing from the header being received (0 in a body)."""
+        return HEADER_SIZE - len(self._hdr) if self._header is None else 0
+
+    @property
     def body_received_so_far(self) -> int:
         return self._filled if self._header is not None else 0
 

@@ -113,6 +113,30 @@ class BuddyAllocator:
             order += 1
         free[order].add(off)
 
+    def export_state(self) -> dict[str, object]:
+        """The allocation state as plain data (a daemon hot restart hands it over)."""
+        return {
+            "size": self.size,
+            "min_block": self.min_block,
+            "free": [sorted(f) for f in self._free],
+            "allocated": sorted(self._allocated.items()),
+            "used": self._used,
+            "reserved": self._reserved,
+        }
+
+    def import_state(self, state: dict[str, object]) -> None:
+        """Take over ``export_state()`` of an allocator of the same size and block."""
+        if state["size"] != self.size or state["min_block"] != self.min_block:
+            raise ValueError(
+                f"{self.name}: cannot import the state of a {state['size']}-byte heap with "
+                f"{state['min_block']}-byte blocks into a {self.size}-byte heap with "
+                f"{self.min_block}-byte blocks"
+            )
+        self._free = [set(f) for f in state["free"]]  # type: ignore[attr-defined]
+        self._allocated = dict(state["allocated"])  # type: ignore[call-overload]
+        self._used = int(state["used"])  # type: ignore[call-overload]
+        self._reserved = int(state["reserved"])  # type: ignore[call-overload]
+
     def block_size(self, off: int) -> int:
         """Size of the allocated block at ``off``; ``ValueError`` if not allocated."""
         try:

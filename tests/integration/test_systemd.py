@@ -134,22 +134,27 @@ def test_status_follows_the_apps_and_stopping_precedes_exit(
     print("notify messages:", manager.seen)
 
 
-def test_sighup_reloads_the_log_level_between_reloading_and_ready(
+def test_sighup_is_a_hot_restart_between_reloading_and_mainpid_ready(
     manager: Manager, tmp_path: Path
 ) -> None:
+    """SIGHUP (ExecReload=) hands over to a new process that reads the config anew:
+    RELOADING=1, then MAINPID=<new pid> and READY=1; a config that no longer loads
+    leaves the old process serving (RELOADING=1, READY=1) and says why in the log."""
     config = tmp_path / "mrpcd.yaml"
     config.write_text("log_level: info\nruntimes: 1\n")
     log = tmp_path / "mrpcd.log"
+    prefix = tmp_path / "p"
     argv = [sys.executable, "-m", "mrpcd", "run", "--config", str(config)]
     env = {**os.environ, "NOTIFY_SOCKET": manager.env_value}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [*argv, "--prefix", str(tmp_path / "p"), "--listen", "127.0.0.1:0"],
+            [*argv, "--prefix", str(prefix), "--listen", "127.0.0.1:0"],
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    new_pid = 0
     try:
         manager.until("READY")
         config.write_text("log_level: warning\nruntimes: 2\n")
@@ -157,22 +162,46 @@ def test_sighup_reloads_the_log_level_between_reloading_and_ready(
         proc.send_signal(signal.SIGHUP)
         reloading = manager.until("RELOADING")
         assert int(reloading["MONOTONIC_USEC"]) >= sent, reloading
-        ready = manager.next()
-        assert ready.get("READY") == "1", manager.seen
+        handed = manager.until("MAINPID")  # the old process names its successor first
+        new_pid = int(handed["MAINPID"])
+        assert new_pid != proc.pid, manager.seen
+        ready = manager.until("READY")
+        assert ready["MAINPID"] == str(new_pid), manager.seen  # the successor's own message
+        assert proc.wait(10) == 0  # the old process left once the new one took over
+        assert json.loads((prefix / "mrpcd.json").read_text())["pid"] == new_pid
         config.write_text("log_level: [not, a, level]\n")
-        proc.send_signal(signal.SIGHUP)
+        os.kill(new_pid, signal.SIGHUP)
         manager.until("RELOADING")
-        assert manager.next().get("READY") == "1", manager.seen  # still serving
-        assert _stop(proc) == 0
+        again = manager.until("READY")
+        assert "MAINPID" not in again and "failed" in again.get("STATUS", ""), manager.seen
+        assert json.loads((prefix / "mrpcd.json").read_text())["pid"] == new_pid  # serves on
+        os.kill(new_pid, signal.SIGTERM)
+        manager.until("STOPPING")
     finally:
         _stop(proc)
+        if new_pid:
+            _wait_gone(new_pid)
     text = log.read_text()
     print(text)
-    assert "INFO mrpcd: SIGHUP: log_level info -> warning" in text
-    assert "WARNING mrpcd: SIGHUP: runtimes changed but only log_level is reloaded" in text
-    assert "ERROR mrpcd: SIGHUP: the config did not load, nothing changed: " in text
-    assert "draining in-flight RPCs" not in text  # INFO is off since the reload
+    print("notify messages:", manager.seen)
+    assert f"hot restart: handed over to pid {new_pid}" in text
+    assert "ERROR mrpcd: SIGHUP: hot restart failed, the old mrpcd serves on: " in text
+    assert "the config does not load" in text
+    assert "draining in-flight RPCs" not in text  # INFO is off in the new process
     assert "Traceback" not in text
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"mrpcd pid {pid} did not stop")
 
 
 def test_logs_are_journald_lines_when_stderr_is_the_journal(tmp_path: Path) -> None:

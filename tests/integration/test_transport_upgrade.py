@@ -288,3 +288,33 @@ def test_a_new_daemon_and_one_before_wire_features_talk_both_ways(
     assert new.ctl("stats")["ingress"].get("batched_frames", 0) == 0
     assert "conns_batching" not in old.ctl("stats")["ingress"]  # it really runs the old code
     print(f"new and pre-feature daemons: {figures}")
+
+
+def test_wire_features_carry_over_a_hot_restart(cluster: Cluster) -> None:
+    """A hot restart hands the connection over with the features both sides agreed
+    on: the new process goes on batching on it (and never re-connects)."""
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    cluster.server(b, "--mode", "async")
+    stub = testing.TestStub(libmrpc.connect(b.listen, prefix=a.prefix, name="loadgen"))
+    stub.Call(testing.Request(payload=b"warm"), timeout=10)
+    with Load(stub) as load:
+        load.wait_for(500)
+        before = tcp_stats(a, "loadgen")
+        assert before["conns_batching"] == 1, before
+        pid = a.ctl("status")["pid"]
+        r = a.ctl("daemon", "restart")
+        assert r["new_pid"] != pid and r["peer_connections"] >= 1, r
+        load.wait_for(500)
+        deadline = time.monotonic() + 10
+        after = tcp_stats(a, "loadgen")
+        while after["batches_sent"] <= before["batches_sent"] and time.monotonic() < deadline:
+            load.wait_for(200)
+            after = tcp_stats(a, "loadgen")
+    load.check()
+    print(
+        f"hot restart with BATCH in use: {sum(load.seen.values())} calls, 0 failed; "
+        f"batches sent {before['batches_sent']} -> {after['batches_sent']}, "
+        f"ingress accepted {ingress_stats(b)['accepted']}"
+    )
+    assert after["conns_batching"] == 1 and after["batches_sent"] > before["batches_sent"]
+    assert ingress_stats(b)["accepted"] == 1  # the same connection, handed over

@@ -7,6 +7,8 @@ Prints READY when serving; exits when stdin closes or on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import os
 import signal
 import sys
@@ -25,7 +27,14 @@ from libmrpc import RpcError, StatusCode
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
 
-def answer(request: object, name: str) -> object:
+SEEN: collections.Counter[bytes] = collections.Counter()  # --count: payloads answered
+SEEN_LOCK = threading.Lock()
+
+
+def answer(request: object, name: str, count: bool = False) -> object:
+    if count:
+        with SEEN_LOCK:
+            SEEN[bytes(request.payload)] += 1
     fail = request.fail
     if fail == "exit":
         os._exit(3)
@@ -46,21 +55,22 @@ def answer(request: object, name: str) -> object:
 @click.option("--mode", type=click.Choice(["sync", "inline", "async"]), default="sync")
 @click.option("--name", default="server")
 @click.option("--alltypes", is_flag=True)
-def main(prefix: str, mode: str, name: str, alltypes: bool) -> None:
+@click.option("--count", is_flag=True, help="At exit print the calls answered and duplicates.")
+def main(prefix: str, mode: str, name: str, alltypes: bool, count: bool) -> None:
     if mode == "async":
 
         class Servicer(testing.TestServicer):
             async def Call(self, request, context):
                 if request.sleep_ms:
                     await asyncio.sleep(request.sleep_ms / 1000)
-                return answer(request, name)
+                return answer(request, name, count)
     else:
 
         class Servicer(testing.TestServicer):  # type: ignore[no-redef]
             def Call(self, request, context):
                 if request.sleep_ms:
                     time.sleep(request.sleep_ms / 1000)
-                return answer(request, name)
+                return answer(request, name, count)
 
     server = libmrpc.Server(prefix=prefix, inline=(mode == "inline"), name=name)
     server.add_servicer(Servicer())
@@ -82,6 +92,10 @@ def main(prefix: str, mode: str, name: str, alltypes: bool) -> None:
     print("READY", flush=True)
     stop.wait()
     server.stop(1.0)
+    if count:
+        with SEEN_LOCK:
+            dups = {p.decode(errors="replace"): n for p, n in SEEN.items() if n > 1}
+            print(json.dumps({"calls": sum(SEEN.values()), "duplicates": dups}), flush=True)
 
 
 if __name__ == "__main__":
