@@ -188,10 +188,44 @@ class Cluster:
                 code = d.stop()
                 if code != 0:
                     problems.append(f"mrpcd at {d.prefix} exited with {code}:\n{d.log()[-3000:]}")
+            if not stop_successor(d):
+                problems.append(f"the hot-restarted mrpcd at {d.prefix} did not stop on SIGTERM")
             if "Traceback" in d.log():
                 problems.append(f"mrpcd at {d.prefix} logged a traceback:\n{d.log()[-5000:]}")
         shutil.rmtree(self.base, ignore_errors=True)
         return problems
+
+
+def stop_successor(d: Daemon, timeout: float = 15) -> bool:
+    """A hot restart leaves a process the test did not start (a fork of the daemon's,
+    named in ``mrpcd.json``): stop it too. False if it did not stop (it is killed)."""
+    try:
+        pid = json.loads((d.prefix / "mrpcd.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if pid == d.proc.pid or not _running(pid):
+        return True
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _running(pid: int) -> bool:
+    """``pid`` is a live (not zombie) mrpcd."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status and b"mrpcd" in cmdline
 
 
 @pytest.fixture
