@@ -213,12 +213,17 @@ def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -
         stub = testing.TestStub(libmrpc.connect(b.listen, prefix=str(a.prefix), name="slow"))
         assert stub.Call(testing.Request(payload=b"hi"), timeout=10).payload == b"hi"
         for d in (a, b):  # the caller's daemon, then the server's
-            fut = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=800), timeout=10)
+            fut = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=1500), timeout=10)
             time.sleep(0.2)
             r = _restart(d)
-            print(f"{d.prefix.name}: a call with 0.6 s left paused the others {r['stall_ms']} ms")
-            assert r["settle_ms"] >= 300, r
-            assert fut.result().payload == b"slow"
+            assert fut.result().payload == b"slow"  # answered by the old process, not lost
+            left = 1.3 - r["startup_ms"] / 1e3  # the new process loads first, then the pause
+            print(
+                f"{d.prefix.name}: a call with {max(left, 0):.1f} s left when the pause began "
+                f"paused the others {r['stall_ms']} ms (settle {r['settle_ms']} ms)"
+            )
+            if left > 0.5:  # a loaded machine may take longer to load than the call takes
+                assert r["settle_ms"] >= 250, r
         assert stub.Call(testing.Request(payload=b"after"), timeout=10).payload == b"after"
     finally:
         _stop_successor(a)
