@@ -258,27 +258,22 @@ class UpgradeManager:
         reason = dp.can_take(old, cls)
         if reason is not None:
             return failed(reason)
-        try:
-            config = dict(cls.validate_config(old.config))
-        except Exception as e:  # noqa: BLE001 - the new code's bug, reported to the operator
-            return failed(f"v{cls.VERSION} refuses the running config {old.config}: {e}")
+        config, reason = _running_config(cls, old)
+        if config is None:
+            return failed(reason or "")
         try:
             state = dp.begin_upgrade(old)
         except Exception as e:  # the old instance resumes as it was
             log.exception("decompose of %s failed", eid)
             return failed(f"v{old.VERSION} could not decompose: {type(e).__name__}: {e}")
-        new: Engine | None = None
-        try:
-            refusal = cls.check_compatible(old.VERSION, state)
-            if refusal is not None:
-                reason = f"v{cls.VERSION} refuses state of v{old.VERSION}: {refusal}"
-            else:
-                new = cls.restore(old.ctx, config, state, old.VERSION)
+        new, reason = _restored(cls, old, config, state)
+        if new is not None:
+            try:
                 reason = dp.can_take(old, type(new))
                 if reason is None:
                     dp.commit_upgrade(old, new)
-        except Exception as e:  # noqa: BLE001 - a broken new version is rolled back
-            reason = f"v{cls.VERSION} failed to restore: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - a broken new version is rolled back
+                reason = f"v{cls.VERSION} failed to restore: {type(e).__name__}: {e}"
         if reason is not None:
             if new is not None:
                 _discard(new)
@@ -325,21 +320,16 @@ class UpgradeManager:
         runtime = self.daemon.runtimes[0]
 
         def run() -> Engine | str:
-            try:
-                config = dict(cls.validate_config(old.config))
-            except Exception as e:  # noqa: BLE001 - the new code's bug, reported to the operator
-                return f"v{cls.VERSION} refuses the running config {old.config}: {e}"
+            config, reason = _running_config(cls, old)
+            if config is None:
+                return reason or ""
             old.lifecycle("upgrade")
             state = old.decompose()
-            try:
-                reason = cls.check_compatible(old.VERSION, state)
-                new = None if reason else cls.restore(old.ctx, config, state, old.VERSION)
-            except Exception as e:  # noqa: BLE001 - the new code failing is an answer
-                reason, new = f"v{cls.VERSION} failed to restore: {type(e).__name__}: {e}", None
+            new, reason = _restored(cls, old, config, state)
             if new is None:
                 old.load_state(state, old.VERSION)
                 old.lifecycle("rollback")
-                return f"v{cls.VERSION} refuses state of v{old.VERSION}: {reason}"
+                return reason or ""
             new.lifecycle("attach")
             old.lifecycle("retire")
             engines = runtime.engines
@@ -400,6 +390,28 @@ class UpgradeManager:
         if cls is not None:
             out.update(version=cls.VERSION, module=source)
         return out
+
+
+def _running_config(cls: type[Engine], old: Engine) -> tuple[dict[str, Any] | None, str | None]:
+    """``old``'s config as the new class validates it, or why it refuses it."""
+    try:
+        return dict(cls.validate_config(old.config)), None
+    except Exception as e:  # noqa: BLE001 - the new code's bug, reported to the operator
+        return None, f"v{cls.VERSION} refuses the running config {old.config}: {e}"
+
+
+def _restored(
+    cls: type[Engine], old: Engine, config: dict[str, Any], state: dict[str, Any]
+) -> tuple[Engine | None, str | None]:
+    """The new instance built from ``old``'s state, or why there is none
+    (``check_compatible`` refused, or ``restore`` raised)."""
+    try:
+        refusal = cls.check_compatible(old.VERSION, state)
+        if refusal is not None:
+            return None, f"v{cls.VERSION} refuses state of v{old.VERSION}: {refusal}"
+        return cls.restore(old.ctx, config, state, old.VERSION), None
+    except Exception as e:  # noqa: BLE001 - a broken new version is rolled back
+        return None, f"v{cls.VERSION} failed to restore: {type(e).__name__}: {e}"
 
 
 def _discard(engine: Engine) -> None:

@@ -203,14 +203,14 @@ def stop_successor(d: Daemon, timeout: float = 15) -> bool:
         pid = json.loads((d.prefix / "mrpcd.json").read_text())["pid"]
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    if pid == d.proc.pid or not _running(pid):
+    if pid == d.proc.pid or not mrpcd_running(pid):
         return True
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    while _running(pid):
+    while mrpcd_running(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             return False
@@ -218,7 +218,7 @@ def stop_successor(d: Daemon, timeout: float = 15) -> bool:
     return True
 
 
-def _running(pid: int) -> bool:
+def mrpcd_running(pid: int) -> bool:
     """``pid`` is a live (not zombie) mrpcd."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()

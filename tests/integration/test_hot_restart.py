@@ -9,8 +9,6 @@ flight (``client_app.py --forever``), servers count every payload they answer
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import time
 import urllib.request
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import libmrpc
-from tests.integration.conftest import ROOT, App, Cluster, Daemon
+from tests.integration.conftest import ROOT, App, Cluster, Daemon, mrpcd_running, stop_successor
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
 
@@ -27,40 +25,17 @@ def _state(d: Daemon) -> dict[str, Any]:
     return json.loads((d.prefix / "mrpcd.json").read_text())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 def _restart(d: Daemon, *args: str) -> dict[str, Any]:
     old = _state(d)["pid"]
     r = d.ctl("daemon", "restart", *args)
     assert r["old_pid"] == old and r["new_pid"] != old, r
     deadline = time.monotonic() + 10
-    while _alive(old) and time.monotonic() < deadline:
+    while mrpcd_running(old) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not _alive(old), f"the old mrpcd (pid {old}) is still running after the hand-over"
+    assert not mrpcd_running(old), f"the old mrpcd (pid {old}) is still running after the hand-over"
     assert _state(d)["pid"] == r["new_pid"]  # the new process rewrote mrpcd.json
     assert d.ctl("status")["pid"] == r["new_pid"]
     return r
-
-
-def _stop_successor(d: Daemon) -> None:
-    """The conftest stops the daemon it started; a successor is stopped here."""
-    try:
-        pid = _state(d)["pid"]
-    except (FileNotFoundError, ValueError):
-        return
-    if pid == d.proc.pid or not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(pid), f"the new mrpcd (pid {pid}) did not stop on SIGTERM"
 
 
 def _finish(clients: list[App], servers: list[App]) -> list[dict[str, Any]]:
@@ -107,8 +82,8 @@ def test_hot_restart_under_load_fails_and_duplicates_nothing(cluster: Cluster) -
         assert served_b == {"calls": got_a["ok"] + 1, "duplicates": {}}, (served_b, got_a)
         assert served_a == {"calls": got_b["ok"] + 1, "duplicates": {}}, (served_a, got_b)
     finally:
-        _stop_successor(a)
-        _stop_successor(b)
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
+        assert stop_successor(b), "the new mrpcd did not stop on SIGTERM"
 
 
 def test_a_failed_new_process_leaves_the_old_one_serving(cluster: Cluster) -> None:
@@ -151,7 +126,7 @@ def test_a_config_that_no_longer_loads_is_refused_and_nothing_changes(
         (got,) = _finish([cli], [])
         assert got["errors"] == {} and got["mismatches"] == 0, got
     finally:
-        _stop_successor(a)
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
 
 
 def test_the_metrics_endpoint_and_the_policies_carry_over_with_their_state(
@@ -196,7 +171,7 @@ def test_the_metrics_endpoint_and_the_policies_carry_over_with_their_state(
             counted = max(v for k, v in stats.items() if isinstance(v, int))
             assert counted >= got["ok"], (name, stats, got["ok"])
     finally:
-        _stop_successor(a)
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
 
 
 def _scrape(port: int) -> str:
@@ -226,8 +201,8 @@ def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -
                 assert r["settle_ms"] >= 250, r
         assert stub.Call(testing.Request(payload=b"after"), timeout=10).payload == b"after"
     finally:
-        _stop_successor(a)
-        _stop_successor(b)
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
+        assert stop_successor(b), "the new mrpcd did not stop on SIGTERM"
 
 
 def test_a_new_process_that_hangs_is_killed_and_the_old_one_serves_on(cluster: Cluster) -> None:
