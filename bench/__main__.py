@@ -223,8 +223,8 @@ def run_cmd(
     "--scenarios",
     "scenarios_opt",
     default="",
-    help="Comma-separated scenarios (default: control,ratelimit,metrics,tcp,daemon-restart; "
-    "also: frontend).",
+    help="Comma-separated scenarios (default: control,ratelimit,metrics,tcp,daemon-restart,"
+    "envoy-hot-restart,envoy-restart; also: frontend).",
 )
 @click.option(
     "--phase",

@@ -10,16 +10,21 @@ the binary directly::
 
 with the listener and the admin interface on port 0; the listener's real port
 is read back from the admin API (``GET /listeners?format=json``), so there are
-no port races.
+no port races. ``python -m bench upgrade`` (``bench/upgrade_envoy.py``) also
+starts sidecars with a fixed listener port and Envoy's hot restart enabled
+(:class:`HotRestart`: ``--restart-epoch N`` with a shared base id).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import string
 import time
 import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
@@ -48,37 +53,75 @@ def envoy_version() -> str:
     return m.group(1) if m else (out.stdout + out.stderr).strip()[:80]
 
 
-def _admin_get(admin: str, path: str) -> str:
+def admin_get(admin: str, path: str) -> str:
+    """GET ``path`` from an Envoy admin interface at ``admin`` (host:port)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
     with opener.open(f"http://{admin}{path}", timeout=5.0) as resp:
         return resp.read().decode()
 
 
+@dataclass(frozen=True)
+class HotRestart:
+    """Envoy's hot restart flags for one process (epoch 0 picks a free base id and
+    writes it to ``base_id_path``; a later epoch names it with ``--base-id``, as
+    Envoy's ``hot-restarter.py`` does). ``drain_s`` / ``parent_shutdown_s`` are
+    ``--drain-time-s`` / ``--parent-shutdown-time-s``: how long the parent drains its
+    connections once the child took its listeners, and when the child ends it."""
+
+    epoch: int
+    base_id_path: Path
+    drain_s: float
+    parent_shutdown_s: float
+
+    def flags(self) -> list[str]:
+        out = ["--restart-epoch", str(self.epoch)]
+        if self.epoch == 0:
+            out += ["--use-dynamic-base-id", "--base-id-path", str(self.base_id_path)]
+        else:
+            out += ["--base-id", self.base_id_path.read_text().strip()]
+        return out + [
+            "--drain-time-s", f"{self.drain_s:g}", "--parent-shutdown-time-s",
+            f"{self.parent_shutdown_s:g}",
+        ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a listener that must keep its port
+    across restarts; a race with another process taking it is possible but unlikely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_sidecar(
-    name: str, upstream_port: int, workdir: Path, log_dir: Path, timeout: float = 30.0
+    name: str,
+    upstream_port: int,
+    workdir: Path,
+    log_dir: Path,
+    timeout: float = 30.0,
+    *,
+    listen_port: int = 0,
+    hot_restart: HotRestart | None = None,
+    cpus: Iterable[int] | None = None,
 ) -> tuple[procs.Proc, int]:
-    """Start one Envoy proxying to 127.0.0.1:``upstream_port``; return it and its port."""
+    """Start one Envoy proxying to 127.0.0.1:``upstream_port``; return it and its port.
+
+    ``listen_port``: the listener's port (0: any). ``hot_restart``: run with Envoy's
+    hot restart enabled, as that epoch (default ``--disable-hot-restart``); ``cpus``:
+    its CPU affinity (default: any). Returns once this process's own admin API lists
+    the listener."""
     config = workdir / f"{name}.yaml"
     config.write_text(
         string.Template(CONFIG_TEMPLATE.read_text()).substitute(
-            name=name, upstream_port=upstream_port
+            name=name, upstream_port=upstream_port, listen_port=listen_port
         )
     )
     admin_file = workdir / f"{name}.admin"
     admin_file.unlink(missing_ok=True)
-    argv = [
-        str(envoy_binary()),
-        "-c",
-        str(config),
-        "--concurrency",
-        "1",
-        "--disable-hot-restart",
-        "--log-level",
-        "warn",
-        "--admin-address-path",
-        str(admin_file),
-    ]
-    proc = procs.spawn(name, argv, log_dir=log_dir)
+    argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1"]
+    argv += hot_restart.flags() if hot_restart else ["--disable-hot-restart"]
+    argv += ["--log-level", "warn", "--admin-address-path", str(admin_file)]
+    proc = procs.spawn(name, argv, log_dir=log_dir, cpus=cpus)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -86,7 +129,7 @@ def start_sidecar(
         if admin_file.exists() and admin_file.read_text().strip():
             admin = admin_file.read_text().strip()
             try:
-                listeners = json.loads(_admin_get(admin, "/listeners?format=json"))
+                listeners = json.loads(admin_get(admin, "/listeners?format=json"))
                 for st in listeners.get("listener_statuses", []):
                     port = st["local_address"]["socket_address"].get("port_value", 0)
                     if port:

@@ -128,7 +128,13 @@ METRICS = (
     ("gap_at_swap_ms", lambda r: r.get("gap_at_swap_ms", float("nan"))),
     ("slot_gap_before_p90_ms", lambda r: r.get("slot_gap_before_p90_ms", float("nan"))),
     ("swap_runtime_ms", lambda r: r.get("swap_runtime_ms", float("nan"))),
+    ("stall_over_gap_before", lambda r: _ratio(r["stall_ms"], r["gap_before_ms"])),
+    ("p99_during_over_before", lambda r: _ratio(r["during"]["p99_us"], r["before"]["p99_us"])),
 )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and b > 0 else float("nan")
 
 
 def summarize(runs: list[dict[str, Any]], goal_ms: float) -> dict[str, Any]:
@@ -145,7 +151,18 @@ def summarize(runs: list[dict[str, Any]], goal_ms: float) -> dict[str, Any]:
         "duplicates": sum(r["client"]["server"]["duplicates"] for r in ok),
         "unanswered": sum(r["unanswered"] for r in ok),
         "met": sum(1 for r in ok if r["analysis"]["stall_ms"] <= goal_ms),
+        "codes": _codes(ok),
+        "reconnects": sum(r["client"].get("reconnects", 0) for r in ok),
     }
     for name, get in METRICS:
         out[name] = stats.spread([get(r["analysis"]) for r in ok])
+    return out
+
+
+def _codes(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """Failed calls by gRPC status code name, over the runs."""
+    out: dict[str, int] = {}
+    for r in runs:
+        for code, n in r["client"].get("codes", {}).items():
+            out[code] = out.get(code, 0) + n
     return out

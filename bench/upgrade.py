@@ -64,6 +64,9 @@ class Scenario:
     sets: tuple[str, ...] = ()
     restart: bool = False  # daemon hot restart instead
     control: bool = False  # no upgrade: `mrpcctl status`, what any operator command costs
+    peer: str | None = None  # the peer through Envoy sidecars instead (bench/upgrade_envoy.py):
+    # "hot-restart" (Envoy's hot restart of the client's sidecar) or "restart" (stop + start)
+    versus: str | None = None  # the mrpc scenario doing the same operator action
 
     def command(self, new_code: Path | None) -> list[str]:
         """The mrpcctl arguments (after ``--prefix A``) this scenario runs."""
@@ -126,9 +129,32 @@ SCENARIOS = {
             RESTART_GOAL_MS,
             restart=True,
         ),
+        Scenario(
+            "envoy-hot-restart",
+            "peer: grpc.aio client -> Envoy A -> Envoy B -> grpc.aio server, the same load; "
+            "Envoy's hot restart of Envoy A (the client's sidecar): a second Envoy with "
+            "`--restart-epoch 1` and the same `--base-id` takes the listener, the old one "
+            "drains for 2 s (`--drain-time-s 2`) and is ended after 3 s "
+            "(`--parent-shutdown-time-s 3`); the interval runs to the old process's exit",
+            RESTART_GOAL_MS,
+            peer="hot-restart",
+            versus="daemon-restart",
+        ),
+        Scenario(
+            "envoy-restart",
+            "peer: the same, Envoy A stopped (SIGTERM) and started again on the same port "
+            "(a config change without hot restart); the interval runs to the new Envoy "
+            "listing its listener",
+            RESTART_GOAL_MS,
+            peer="restart",
+            versus="daemon-restart",
+        ),
     )
 }
-DEFAULT_SCENARIOS = ("control", "ratelimit", "metrics", "tcp", "daemon-restart")
+DEFAULT_SCENARIOS = (
+    "control", "ratelimit", "metrics", "tcp", "daemon-restart", "envoy-hot-restart",
+    "envoy-restart",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -416,23 +442,31 @@ def run(
         "scenarios": {},
         "skipped": {},
     }
+    from bench import upgrade_envoy  # it imports this module
+
     active = []
     for name in names:
         scn = SCENARIOS[name]
-        if scn.restart and not restart_available():
-            progress(NOT_AVAILABLE)
-            results["skipped"][name] = NOT_AVAILABLE
+        why = NOT_AVAILABLE if scn.restart and not restart_available() else None
+        if scn.peer:
+            why = upgrade_envoy.available()
+        if why:
+            progress(f"{name}: {why}")
+            results["skipped"][name] = why
             continue
         active.append(scn)
         results["scenarios"][name] = {
             "what": scn.what,
             "goal_ms": scn.goal_ms,
             "control": scn.control,
+            "peer": scn.peer,
+            "versus": scn.versus,
             "runs": [],
         }
     for i in range(plan.runs):
         for scn in active:
-            rec = run_once(scn, i, plan, out, workdir)
+            once = upgrade_envoy.run_once if scn.peer else run_once
+            rec = once(scn, i, plan, out, workdir)
             results["scenarios"][scn.name]["runs"].append(rec)
             progress(_brief(rec))
     for name, sc in results["scenarios"].items():
@@ -450,4 +484,6 @@ def _brief(rec: dict[str, Any]) -> str:
         f"stall {a['stall_ms']:.1f} ms (before: {a['gap_before_ms']:.1f} ms), "
         f"p99 {a['before']['p99_us']:.0f} -> {a['during']['p99_us']:.0f} µs, "
         f"command {a['command_s']:.2f} s, {c['calls']} calls, {c['failed']} failed"
+        + (f" {c['codes']}" if c.get("codes") else "")
+        + (f", {c['reconnects']} reconnect(s)" if "reconnects" in c else "")
     )

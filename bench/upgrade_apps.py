@@ -48,7 +48,7 @@ def read_calls(path: Path) -> tuple[array, array]:
     return raw[0::2], raw[1::2]
 
 
-def _emit(obj: dict[str, Any]) -> None:
+def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
@@ -56,32 +56,41 @@ def _emit(obj: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- server
 
 
+class Seen:
+    """The echo server's counters: calls received and payloads seen twice (a call
+    executed twice); answers the ``?stats`` and ``?reset`` requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: set[bytes] = set()
+        self.counts = {"received": 0, "duplicates": 0}
+
+    def reply(self, payload: bytes) -> bytes:
+        """The reply payload for a request payload."""
+        with self.lock:
+            if payload == STATS:
+                return json.dumps(self.counts).encode()
+            if payload == RESET:
+                self.seen.clear()
+                self.counts.update(received=0, duplicates=0)
+                return b"ok"
+            self.counts["received"] += 1
+            if payload in self.seen:
+                self.counts["duplicates"] += 1
+            self.seen.add(payload)
+        return payload
+
+
 def serve(prefix: str, ready: str, lifetime: float) -> None:
     import libmrpc
     from bench.systems import watch_parent, write_ready
 
     echo = libmrpc.load_proto(str(ECHO_PROTO))
-    lock = threading.Lock()
-    seen: set[bytes] = set()
-    counts = {"received": 0, "duplicates": 0}
+    seen = Seen()
 
     class Echo(echo.EchoServicer):  # type: ignore[name-defined,misc]
         def Echo(self, request: Any, context: Any) -> Any:
-            payload = bytes(request.payload)
-            if payload == STATS:
-                with lock:
-                    return echo.EchoReply(payload=json.dumps(counts).encode())
-            if payload == RESET:
-                with lock:
-                    seen.clear()
-                    counts.update(received=0, duplicates=0)
-                return echo.EchoReply(payload=b"ok")
-            with lock:
-                counts["received"] += 1
-                if payload in seen:
-                    counts["duplicates"] += 1
-                seen.add(payload)
-            return echo.EchoReply(payload=payload)
+            return echo.EchoReply(payload=seen.reply(bytes(request.payload)))
 
     server = libmrpc.Server(prefix=prefix, name="bench-server", inline=True)
     server.add_servicer(Echo())
@@ -96,21 +105,44 @@ def serve(prefix: str, ready: str, lifetime: float) -> None:
 # ----------------------------------------------------------------------------- client
 
 
-class Load:
-    """``conc`` asyncio tasks calling back to back until told to stop."""
+def status_name(exc: BaseException) -> str:
+    """The gRPC status code name of a failed call (``UNAVAILABLE``), or the exception's
+    type when it carries none: libmrpc's RpcError and grpc's AioRpcError both have
+    ``code()``."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            value = code()
+        except Exception:  # noqa: BLE001 - a code that cannot be read is reported by type
+            value = None
+        name = getattr(value, "name", None)
+        if isinstance(name, str):
+            return name
+    return type(exc).__name__
 
-    def __init__(self, stub: Any, echo: Any, conc: int) -> None:
-        self.stub, self.echo, self.conc = stub, echo, conc
+
+class Load:
+    """``conc`` asyncio tasks calling back to back until told to stop.
+
+    ``call(request, timeout=...)`` is the stub's awaitable unary call (libmrpc's
+    ``stub.Echo.aio``, grpc.aio's ``stub.Echo``), ``request(payload=...)`` builds a
+    request; both apps of ``python -m bench upgrade`` (mrpc and the gRPC peer,
+    ``bench/upgrade_grpc.py``) run this same loop."""
+
+    def __init__(self, call: Any, request: Any, conc: int) -> None:
+        self.call, self.request, self.conc = call, request, conc
         self.done_ns = array("q")
         self.lat_ns = array("q")
         self.failed = 0
+        self.codes: dict[str, int] = {}
         self.mismatched = 0
         self.error_samples: list[str] = []
         self.error_ns: list[int] = []
+        self.last_error_ns = 0
         self.stopping = False
 
     async def _task(self, k: int) -> None:
-        aio = self.stub.Echo.aio
+        aio, request = self.call, self.request
         clock = time.monotonic_ns
         i = 0
         while not self.stopping:
@@ -118,12 +150,15 @@ class Load:
             i += 1
             t0 = clock()
             try:
-                reply = await aio(self.echo.EchoRequest(payload=body), timeout=CALL_TIMEOUT_S)
+                reply = await aio(request(payload=body), timeout=CALL_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 self.failed += 1
+                name = status_name(exc)
+                self.codes[name] = self.codes.get(name, 0) + 1
+                self.last_error_ns = clock()
                 if len(self.error_samples) < MAX_ERRORS_KEPT:
                     self.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
-                    self.error_ns.append(clock())
+                    self.error_ns.append(self.last_error_ns)
                 continue
             t1 = clock()
             self.done_ns.append(t1)
@@ -141,6 +176,44 @@ class Load:
             t.cancel()
         return not pending
 
+    def write(self, path: str) -> None:
+        """The arrays, as :func:`read_calls` reads them."""
+        out = array("q", [0]) * (2 * len(self.done_ns))
+        out[0::2], out[1::2] = self.done_ns, self.lat_ns
+        Path(path).write_bytes(out.tobytes())
+
+    def result(self, drained: bool, t_stop: int, server: dict[str, Any]) -> dict[str, Any]:
+        """The ``result`` event's fields."""
+        return {
+            "event": "result",
+            "calls": len(self.done_ns),
+            "failed": self.failed,
+            "codes": self.codes,
+            "mismatched": self.mismatched,
+            "error_samples": self.error_samples,
+            "error_ns": self.error_ns,
+            "last_error_ns": self.last_error_ns,
+            "drained": drained,
+            "stopped_ns": t_stop,
+            "server": server,
+        }
+
+
+def command_reader(loop: asyncio.AbstractEventLoop, go: asyncio.Event, stop: asyncio.Event) -> None:
+    """Read the runner's commands on a thread (stdin): the loop only sees the events."""
+
+    def read_commands() -> None:
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "go":
+                loop.call_soon_threadsafe(go.set)
+            elif cmd == "stop":
+                break
+        loop.call_soon_threadsafe(go.set)
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=read_commands, daemon=True).start()
+
 
 async def _client(opts: argparse.Namespace) -> None:
     import libmrpc
@@ -150,44 +223,17 @@ async def _client(opts: argparse.Namespace) -> None:
     stub = echo.EchoStub(channel)
     try:
         await stub.Echo.aio(echo.EchoRequest(payload=RESET), timeout=CALL_TIMEOUT_S)
-        loop = asyncio.get_running_loop()
         go, stop = asyncio.Event(), asyncio.Event()
-
-        def read_commands() -> None:  # stdin on a thread: the loop only sees events
-            for line in sys.stdin:
-                cmd = line.strip()
-                if cmd == "go":
-                    loop.call_soon_threadsafe(go.set)
-                elif cmd == "stop":
-                    break
-            loop.call_soon_threadsafe(go.set)
-            loop.call_soon_threadsafe(stop.set)
-
-        threading.Thread(target=read_commands, daemon=True).start()
-        _emit({"event": "ready", "pid": os.getpid()})
+        command_reader(asyncio.get_running_loop(), go, stop)
+        emit({"event": "ready", "pid": os.getpid()})
         await go.wait()
-        load = Load(stub, echo, opts.conc)
-        _emit({"event": "started", "t_ns": time.monotonic_ns()})
+        load = Load(stub.Echo.aio, echo.EchoRequest, opts.conc)
+        emit({"event": "started", "t_ns": time.monotonic_ns()})
         drained = await load.run(stop)
         t_stop = time.monotonic_ns()
         reply = await stub.Echo.aio(echo.EchoRequest(payload=STATS), timeout=CALL_TIMEOUT_S)
-        server = json.loads(bytes(reply.payload))
-        out = array("q", [0]) * (2 * len(load.done_ns))
-        out[0::2], out[1::2] = load.done_ns, load.lat_ns
-        Path(opts.out).write_bytes(out.tobytes())
-        _emit(
-            {
-                "event": "result",
-                "calls": len(load.done_ns),
-                "failed": load.failed,
-                "mismatched": load.mismatched,
-                "error_samples": load.error_samples,
-                "error_ns": load.error_ns,
-                "drained": drained,
-                "stopped_ns": t_stop,
-                "server": server,
-            }
-        )
+        load.write(opts.out)
+        emit(load.result(drained, t_stop, json.loads(bytes(reply.payload))))
     finally:
         channel.close()
 

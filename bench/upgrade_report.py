@@ -40,6 +40,92 @@ def _swap_cell(sm: dict[str, Any]) -> str:
     return f"{_cell(at)}<br>55-ms slots before, p90: {_cell(slot)}{own}"
 
 
+def _failed(sm: dict[str, Any]) -> str:
+    codes = sm.get("codes") or {}
+    by_code = f" ({', '.join(f'{c} {n:,}' for c, n in sorted(codes.items()))})" if codes else ""
+    return f"{sm['failed']:,}{by_code}"
+
+
+def _ratio_cell(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Median of ``a`` over median of ``b``."""
+    if not a.get("runs") or not b.get("runs") or not b["median"]:
+        return "—"
+    return f"{a['median'] / b['median']:.2f}"
+
+
+# (operator action, the mrpc scenario, the peer scenario)
+SIDE_BY_SIDE = (
+    (
+        "restart the process under live connections (hot restart)",
+        "daemon-restart",
+        "envoy-hot-restart",
+    ),
+    (
+        "change the config: mrpc upgrades a policy live; Envoy without hot restart restarts",
+        "ratelimit",
+        "envoy-restart",
+    ),
+)
+
+
+def side_by_side(results: dict[str, Any]) -> list[str]:
+    """The mrpc rows next to the peer rows doing the same operator action (if both ran)."""
+    scs = results["scenarios"]
+    rows = [(what, scs[m], scs[e], m, e) for what, m, e in SIDE_BY_SIDE if m in scs and e in scs]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## mrpc vs Envoy, the same operator action, same load, same run",
+        "",
+        (
+            "Medians [min–max] over runs; ratios: Envoy's median over mrpc's. *stall / gap "
+            "before*: the run's stall over the longest gap of its own before window (per run, "
+            "median): how much the action adds to what each stack's load already shows; "
+            "*p99 during / before*: the same for p99 latency. *failed*: calls that raised, "
+            "by gRPC status; *unanswered*: executed by the server, reply lost; *reconnects*: "
+            "times the client's channel became READY again (mrpc: not applicable, the app's "
+            "rings never move)."
+        ),
+        "",
+        (
+            "| operator action | stack: scenario | stall ms | longest gap before ms | stall / gap "
+            "before | p99 µs before → during | p99 during / before | RPC/s before | failed / "
+            "unanswered | reconnects |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for what, m, e, mname, ename in rows:
+        for stack, sc, name in (("mrpc", m, mname), ("Envoy", e, ename)):
+            sm = sc["summary"]
+            lines.append(
+                f"| {what} | {stack}: {name} | {_cell(sm['stall_ms'])} | "
+                f"{_cell(sm['gap_before_ms'])} | {_cell(sm.get('stall_over_gap_before', {}), '{:.2f}')} | "
+                f"{_pair(sm['p99_before_us'], sm['p99_during_us'])} | "
+                f"{_cell(sm.get('p99_during_over_before', {}), '{:.2f}')} | "
+                f"{_cell(sm['rate_before'], '{:,.0f}')} | {_failed(sm)} / {sm['unanswered']:,} | "
+                f"{sm.get('reconnects', 0) if sc.get('peer') else '—'} |"
+            )
+        ms, es = m["summary"], e["summary"]
+        lines.append(
+            f"| {what} | **Envoy / mrpc** | {_ratio_cell(es['stall_ms'], ms['stall_ms'])} | "
+            f"{_ratio_cell(es['gap_before_ms'], ms['gap_before_ms'])} | "
+            f"{_ratio_cell(es.get('stall_over_gap_before', {}), ms.get('stall_over_gap_before', {}))} | | "
+            f"{_ratio_cell(es.get('p99_during_over_before', {}), ms.get('p99_during_over_before', {}))} | "
+            f"{_ratio_cell(es['rate_before'], ms['rate_before'])} | "
+            f"{es['failed']:,} vs {ms['failed']:,} | |"
+        )
+    lines += [
+        "",
+        (
+            "Not measured: Istio's ztunnel (the per-node proxy of Istio's ambient mode, whose "
+            "upgrade restarts the one proxy every workload of the node goes through) needs "
+            "Kubernetes and Istio's CNI; this host has neither, so no ztunnel figure is given."
+        ),
+    ]
+    return lines
+
+
 def verdict(sm: dict[str, Any]) -> str:
     if not sm["completed"]:
         return "**no completed run**"
@@ -75,7 +161,8 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
         "",
         (
             f"{results['conc']} calls in flight (client app on daemon A, echo server app on "
-            f"daemon B, 32-byte payloads of their own), {plan['phase_s']:g} s steady, the command, "
+            f"daemon B, 32-byte payloads of their own; the envoy-* rows: grpc.aio client -> "
+            f"Envoy A -> Envoy B -> grpc.aio server, the same load), {plan['phase_s']:g} s steady, the command, "
             f"{plan['phase_s']:g} s more; {plan['runs']} run(s) per scenario, scenarios alternating, "
             f"fresh daemons every run; {'every process on CPU 0' if plan['pinned'] else 'scheduled'}"
             f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs. "
@@ -98,9 +185,10 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"{_pair(sm['p99_before_us'], sm['p99_during_us'])} | "
             f"{_pair(sm['rate_before'], sm['rate_during'])} | "
             f"{_cell(sm['command_s'], '{:.2f}')} | {sm['calls']:,} | "
-            f"{sm['failed']} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
+            f"{_failed(sm)} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
             f"{'control: no upgrade' if sc.get('control') else verdict(sm)} |"
         )
+    lines += side_by_side(results)
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\n*{name}*: {why} (skipped).")
     errors = [
@@ -182,7 +270,7 @@ def plot(name: str, sc: dict[str, Any], out: Path) -> Path | None:
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9))
 
     def mark(ax: Any) -> None:
-        ax.axvspan(c0, c1, color="tab:orange", alpha=0.25, label="mrpcctl running")
+        ax.axvspan(c0, c1, color="tab:orange", alpha=0.25, label="command running")
         if "swap_at_s" in a:
             ax.axvline(a["swap_at_s"], color="tab:red", lw=1, ls="--", label="swap logged")
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bench import procs
 
 
@@ -52,3 +54,52 @@ def test_quick_upgrade_bench_measures_a_ratelimit_upgrade(tmp_path: Path) -> Non
         png = out / "upgrade_ratelimit.png"
         assert png.stat().st_size > 10_000
         assert "![upgrade_ratelimit.png](upgrade_ratelimit.png)" in (out / "results.md").read_text()
+
+
+def _envoy_missing() -> str | None:
+    from bench import upgrade_envoy
+
+    return upgrade_envoy.available()
+
+
+def test_quick_upgrade_bench_runs_envoy_hot_restart_next_to_mrpc(tmp_path: Path) -> None:
+    """The peer scenarios: grpc.aio -> Envoy -> Envoy -> grpc.aio under the same load, a real
+    Envoy hot restart (epoch 1 takes over) and a plain restart, next to mrpc's hot restart."""
+    why = _envoy_missing()
+    if why:
+        pytest.skip(why)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "bench", "upgrade", "--runs", "1", "--phase", "0.7"]
+    argv += ["--scenarios", "daemon-restart,envoy-hot-restart,envoy-restart", "--out", str(out)]
+    t0 = time.monotonic()
+    r = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=procs.REPO_ROOT,
+        env=procs.child_env(),
+    )
+    print(f"took {time.monotonic() - t0:.1f}s\n{r.stderr}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (hot,) = results["scenarios"]["envoy-hot-restart"]["runs"]
+    assert "error" not in hot, hot["error"]
+    assert hot["client"]["calls"] > 200, hot["client"]
+    # the new Envoy (epoch 1) took over the listener and answered calls after the old one left
+    assert hot["envoy_a_stats"]["server.hot_restart_epoch"] == 1, hot["envoy_a_stats"]
+    assert hot["envoy_a_stats"]["http.ingress.downstream_rq_total"] > 0
+    assert hot["command"]["rc"] == 0  # the old Envoy exited by itself, after its drain
+    assert hot["analysis"]["command_s"] >= 2.5  # --parent-shutdown-time-s 3, from epoch 1's start
+    (plain,) = results["scenarios"]["envoy-restart"]["runs"]
+    assert "error" not in plain, plain["error"]
+    c = plain["client"]
+    # killing the proxy under 64 calls in flight loses calls; each failure has a status code
+    assert c["failed"] + plain["unanswered"] > 0, c
+    assert sum(c["codes"].values()) == c["failed"], c
+    assert c["reconnects"] >= 1, c["channel_states"]
+    print("envoy hot restart:", hot["analysis"]["stall_ms"], "ms; plain:", plain["analysis"])
+    if "daemon-restart" not in results["skipped"]:  # the side-by-side table is printed
+        assert "## mrpc vs Envoy, the same operator action" in r.stdout
+        assert "| restart the process under live connections (hot restart) | Envoy: " in r.stdout
