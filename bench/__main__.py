@@ -5,6 +5,7 @@ python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--i
                      [--baseline REV]           # also run mrpc@REV, windows alternating
                      [--runs N]                 # measured windows per case
 python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--phase S] [--pinned]
+                        [--daemon-gc no-full] [--no-gc-probe]
                                              # calls stalled by a live upgrade (bench/upgrade.py)
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
@@ -234,6 +235,20 @@ def run_cmd(
     help="Seconds of load before the command, and after it (default 2; --quick: 1.5).",
 )
 @click.option("--pinned", is_flag=True, help="Every app and daemon on CPU 0 (default: scheduled).")
+@click.option(
+    "--daemon-gc",
+    "daemon_gc",
+    type=click.Choice(["default", "no-full"]),
+    default="default",
+    help="no-full: DIAGNOSTIC variant, the daemons run without automatic full (generation-2) "
+    "garbage collections (set by the bench's GC probe, not how mrpcd ships): the load "
+    "without their pauses.",
+)
+@click.option(
+    "--gc-probe/--no-gc-probe",
+    default=True,
+    help="Log every Python process's GC pauses and match them to the stall (default: on).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def upgrade_cmd(
     quick: bool,
@@ -242,6 +257,8 @@ def upgrade_cmd(
     scenarios_opt: str,
     phase_opt: float | None,
     pinned: bool,
+    daemon_gc: str,
+    gc_probe: bool,
     verbose: bool,
 ) -> None:
     """How long calls stall during a live engine upgrade or a daemon hot restart.
@@ -266,7 +283,12 @@ def upgrade_cmd(
         )
     plan = upgrade.QUICK if quick else upgrade.FULL
     plan = dataclasses.replace(
-        plan, runs=runs_opt or plan.runs, phase_s=phase_opt or plan.phase_s, pinned=pinned
+        plan,
+        runs=runs_opt or plan.runs,
+        phase_s=phase_opt or plan.phase_s,
+        pinned=pinned,
+        daemon_gc=daemon_gc,
+        gc_probe=gc_probe,
     )
     out = out_opt or RESULTS_ROOT / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-upgrade")
     atexit.register(procs.stop_all)

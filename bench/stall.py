@@ -47,6 +47,25 @@ def longest_gap(done_ns: Sequence[int], lo: int, hi: int) -> tuple[int, int]:
     return best, start
 
 
+def longest_gap_clear_of(
+    done_ns: Sequence[int], lo: int, hi: int, spans: Sequence[tuple[int, int]]
+) -> int:
+    """Length (ns) of the longest interval between consecutive completions that overlaps
+    ``[lo, hi]`` and none of ``spans`` ((start, end) ns: the GC pauses of any process)."""
+    i0 = bisect.bisect_right(done_ns, lo)
+    i1 = bisect.bisect_left(done_ns, hi)
+    points = list(done_ns[max(0, i0 - 1) : min(len(done_ns), i1 + 1)])
+    if not points or points[0] > lo:
+        points.insert(0, lo)
+    if points[-1] < hi:
+        points.append(hi)
+    best = 0
+    for a, b in itertools.pairwise(points):
+        if b - a > best and not any(s < b and e > a for s, e in spans):
+            best = b - a
+    return best
+
+
 def slot_gap_p90(done_ns: Sequence[int], lo: int, hi: int) -> float:
     """p90 over the consecutive slots of [lo, hi) as long as the swap's (SWAP_SLACK_MS + 5 ms)
     of each slot's longest gap: what the gap at the swap is without a swap (ns; nan if
@@ -92,7 +111,7 @@ def analyze(
     lo, hi = cmd_start_ns - margin, cmd_end_ns + margin
     before_lo = max(started_ns + int(warmup_s * NS), lo - (hi - lo))
     gap, gap_at = longest_gap(done_ns, lo, hi)
-    gap_before, _ = longest_gap(done_ns, before_lo, lo) if before_lo < lo else (0, lo)
+    gap_before, gap_before_at = longest_gap(done_ns, before_lo, lo) if before_lo < lo else (0, lo)
     rel = lambda t: (t - started_ns) / NS
     at_swap: dict[str, Any] = {}
     if swap_ns is not None:
@@ -110,6 +129,7 @@ def analyze(
         "stall_ms": gap / 1e6,
         "stall_at_s": rel(gap_at),
         "gap_before_ms": gap_before / 1e6,
+        "gap_before_at_s": rel(gap_before_at),
         "before": window_latency(done_ns, lat_ns, before_lo, lo),
         "during": window_latency(done_ns, lat_ns, lo, hi),
     }
@@ -128,6 +148,8 @@ METRICS = (
     ("gap_at_swap_ms", lambda r: r.get("gap_at_swap_ms", float("nan"))),
     ("slot_gap_before_p90_ms", lambda r: r.get("slot_gap_before_p90_ms", float("nan"))),
     ("swap_runtime_ms", lambda r: r.get("swap_runtime_ms", float("nan"))),
+    ("stall_clear_of_gc_ms", lambda r: r.get("stall_clear_of_gc_ms", float("nan"))),
+    ("gap_before_clear_of_gc_ms", lambda r: r.get("gap_before_clear_of_gc_ms", float("nan"))),
     ("stall_over_gap_before", lambda r: _ratio(r["stall_ms"], r["gap_before_ms"])),
     ("p99_during_over_before", lambda r: _ratio(r["during"]["p99_us"], r["before"]["p99_us"])),
 )
@@ -152,10 +174,31 @@ def summarize(runs: list[dict[str, Any]], goal_ms: float) -> dict[str, Any]:
         "unanswered": sum(r["unanswered"] for r in ok),
         "met": sum(1 for r in ok if r["analysis"]["stall_ms"] <= goal_ms),
         "codes": _codes(ok),
+        "stall_gc_runs": sum(1 for r in ok if r["analysis"].get("gc_at_stall")),
+        "gap_before_gc_runs": sum(1 for r in ok if r["analysis"].get("gc_at_gap_before")),
+        "gc_probed": sum(1 for r in ok if "gc" in r),
+        "full_gc": _full_gc(ok),
         "reconnects": sum(r["client"].get("reconnects", 0) for r in ok),
     }
     for name, get in METRICS:
         out[name] = stats.spread([get(r["analysis"]) for r in ok])
+    return out
+
+
+def _full_gc(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per process role: full (generation-2) collections during the load over the runs,
+    their count per second of load, and their length in ms (median, max)."""
+    by_role: dict[str, list[float]] = {}
+    load_s = 0.0
+    for r in runs:
+        load_s += (r["client"]["stopped_ns"] - r["started_ns"]) / NS
+        for p in r.get("gc", []):
+            if p["generation"] == 2:
+                by_role.setdefault(p["role"], []).append(p["ms"])
+    out = {}
+    for role, ms in sorted(by_role.items()):
+        sp = stats.spread(ms)
+        out[role] = {"count": len(ms), "per_s": len(ms) / load_s if load_s else 0.0} | sp
     return out
 
 

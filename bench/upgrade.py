@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import procs, stall
+from bench import gcprobe, procs, stall
 from bench.systems.mrpc_systems import RATELIMIT_NEVER, start_daemon
 from bench.upgrade_apps import read_calls
 
@@ -162,6 +162,8 @@ class UpgradePlan:
     runs: int = 5
     phase_s: float = 2.0  # steady load before the command, and load after it
     pinned: bool = False  # every app and daemon thread on CPU 0 (default: scheduled)
+    gc_probe: bool = True  # log every process's GC pauses (bench/gcprobe), matched to gaps
+    daemon_gc: str = "default"  # "no-full": diagnostic variant, daemons without full GCs
 
 
 FULL = UpgradePlan()
@@ -230,9 +232,17 @@ def new_version(workdir: Path, module: str) -> Path:
 class Client:
     """The client app process, driven over its stdin/stdout."""
 
-    def __init__(self, argv: list[str], log_dir: Path, cpus: Any) -> None:
+    def __init__(
+        self, argv: list[str], log_dir: Path, cpus: Any, env: dict[str, str] | None = None
+    ) -> None:
         self.proc = procs.spawn(
-            "client-app", argv, log_dir=log_dir, cpus=cpus, stdin_pipe=True, stdout_pipe=True
+            "client-app",
+            argv,
+            log_dir=log_dir,
+            cpus=cpus,
+            stdin_pipe=True,
+            stdout_pipe=True,
+            env=procs.child_env(env),
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._reader, daemon=True).start()
@@ -277,9 +287,16 @@ def run_once(
     started: list[procs.Proc] = []
     cpus = (0,) if plan.pinned else None
     try:
-        proc_b, info_b = start_daemon("mrpcd-B", base / "B", log_dir)
+        daemon_env = lambda role: gcprobe.env(
+            log_dir, role, probe=plan.gc_probe, full_gc=plan.daemon_gc
+        )
+        proc_b, info_b = start_daemon(
+            "mrpcd-B", base / "B", log_dir, extra_env=daemon_env("mrpcd-B")
+        )
         started.append(proc_b)
-        proc_a, info_a = start_daemon("mrpcd-A", base / "A", log_dir)
+        proc_a, info_a = start_daemon(
+            "mrpcd-A", base / "A", log_dir, extra_env=daemon_env("mrpcd-A")
+        )
         started.append(proc_a)
         if cpus:
             procs.set_affinity_all_threads(procs.descendants([proc_a.pid, proc_b.pid]), cpus)
@@ -291,6 +308,7 @@ def run_once(
             ),
             log_dir=log_dir,
             cpus=cpus,
+            env=procs.child_env(app_env(plan, log_dir, "server-app")),
         )
         started.append(server)
         procs.wait_for_json(ready, READY_TIMEOUT_S, server)
@@ -309,6 +327,7 @@ def run_once(
             ),
             log_dir,
             cpus,
+            app_env(plan, log_dir, "client-app"),
         )  # fmt: skip
         started.append(client.proc)
         client.expect("ready", READY_TIMEOUT_S)
@@ -340,6 +359,7 @@ def run_once(
             cmd_end_ns=cmd["end_ns"],
             swap_ns=swap_logged_ns(log_dir / "mrpcd-A.log", wall_offset, cmd["start_ns"]),
         )
+        add_gc(rec, log_dir, done)
         swap_ms = runtime_swap_ms(cmd["stdout"])
         if swap_ms is not None:
             rec["analysis"]["swap_runtime_ms"] = swap_ms
@@ -353,6 +373,36 @@ def run_once(
         _stop_restarted(base / "A", started)
         rec["tracebacks"] = _tracebacks(log_dir)
     return rec
+
+
+def app_env(plan: UpgradePlan, log_dir: Path, role: str) -> dict[str, str]:
+    """The GC probe's environment for a bench app (apps always collect as usual)."""
+    return gcprobe.env(log_dir, role, probe=plan.gc_probe)
+
+
+def add_gc(rec: dict[str, Any], log_dir: Path, done: Any) -> None:
+    """Every process's GC pauses of at least 1 ms during the load into ``rec["gc"]``, those
+    overlapping the stall and the longest gap before into the analysis, and both figures
+    again over the gaps that overlap no pause (``*_clear_of_gc_ms``)."""
+    a, t0 = rec["analysis"], rec["started_ns"]
+    if not any(log_dir.glob("gc-*")):
+        return  # the probe was off
+    ps = gcprobe.pauses(log_dir, t0 - 5 * stall.NS, rec["client"]["stopped_ns"])
+    rec["gc"] = gcprobe.record([p for p in ps if p.ns >= 1_000_000 and p.start_ns >= t0], t0)
+    spans = [(p.start_ns, p.start_ns + p.ns) for p in ps if p.ns >= 1_000_000]
+    sec = lambda x: t0 + int(x * stall.NS)
+    for key, (lo, hi) in (("stall", a["window_s"]), ("gap_before", a["before_window_s"])):
+        if hi > lo:
+            g = stall.longest_gap_clear_of(done, sec(lo), sec(hi), spans)
+            a[f"{key}_clear_of_gc_ms"] = g / 1e6
+    for key, at, ms in (
+        ("gc_at_stall", a["stall_at_s"], a["stall_ms"]),
+        ("gc_at_gap_before", a.get("gap_before_at_s"), a["gap_before_ms"]),
+    ):
+        if at is None or not ms:
+            continue
+        start = t0 + int(at * stall.NS)
+        a[key] = [p.brief() for p in gcprobe.overlapping(ps, start, start + int(ms * 1e6))]
 
 
 def swap_logged_ns(log_path: Path, wall_offset_ns: int, after_ns: int) -> int | None:
@@ -432,6 +482,7 @@ def run(
     results: dict[str, Any] = {
         "kind": "upgrade",
         "plan": asdict(plan),
+        "gc_probe": plan.gc_probe,
         "conc": CONC,
         "margin_s": stall.MARGIN_S,
         "host": {

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs, sidecars, stall
-from bench.upgrade import CONC, READY_TIMEOUT_S, RESULT_TIMEOUT_S, Client, Scenario, UpgradePlan
+from bench.upgrade import (
+    CONC,
+    READY_TIMEOUT_S,
+    RESULT_TIMEOUT_S,
+    Client,
+    Scenario,
+    UpgradePlan,
+    add_gc,
+    app_env,
+)
 from bench.upgrade_apps import read_calls
 
 DRAIN_S = 2.0  # --drain-time-s (Envoy's default 600 s)
@@ -100,6 +109,7 @@ def run_once(
             procs.python_argv("bench.upgrade_grpc", "server", "--ready", str(ready)),
             log_dir=log_dir,
             cpus=cpus,
+            env=procs.child_env(app_env(plan, log_dir, "grpc-server")),
         )
         started.append(server)
         upstream = int(procs.wait_for_json(ready, READY_TIMEOUT_S, server)["addr"].rsplit(":")[1])
@@ -116,6 +126,7 @@ def run_once(
             ),
             log_dir,
             cpus,
+            app_env(plan, log_dir, "client-app"),
         )  # fmt: skip
         started.append(client.proc)
         client.expect("ready", READY_TIMEOUT_S)
@@ -169,6 +180,7 @@ def run_once(
             done, lat, started_ns=started_ns, cmd_start_ns=t0, cmd_end_ns=t1
         )
         rec["analysis"]["new_ready_at_s"] = (t_ready - started_ns) / stall.NS
+        add_gc(rec, log_dir, done)
         rec["envoy"] = sidecars.envoy_version()
     except Exception as exc:  # noqa: BLE001 - reported in the results, the next run goes on
         rec["error"] = f"{type(exc).__name__}: {exc}"

@@ -126,6 +126,43 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gc_cell(sm: dict[str, Any]) -> str:
+    if not sm.get("gc_probed"):
+        return "—"
+    return f"{sm['stall_gc_runs']}/{sm['gc_probed']} · {sm['gap_before_gc_runs']}/{sm['gc_probed']}"
+
+
+def gc_section(results: dict[str, Any]) -> list[str]:
+    """Where the gaps come from: the full collections each process made during the load."""
+    rows = []
+    for name, sc in results["scenarios"].items():
+        for role, g in sc["summary"].get("full_gc", {}).items():
+            rows.append(
+                f"| {name} | {role} | {g['count']} | {g['per_s']:.2f} | "
+                f"{g['median']:.1f} | {g['max']:.1f} |"
+            )
+    if not results.get("gc_probe"):
+        return []
+    return [
+        "",
+        "## Garbage collection pauses (the GC probe)",
+        "",
+        (
+            "Every Python process of a run logs its collections (`bench/gcprobe`: a "
+            "`gc.callbacks` entry, two clock reads per collection). *GC at stall · before* in "
+            "the table above: in how many runs the stall, and the longest gap before, "
+            "overlapped a collection of ≥ 1 ms in some process (which one: `results.json`, "
+            "`analysis.gc_at_stall`). *clear of GC*: the same two figures taken only over the "
+            "gaps that overlap no collection of ≥ 1 ms in any process: what is left once the "
+            "pauses are set aside. Full (generation-2) collections during the load:"
+        ),
+        "",
+        "| scenario | process | full collections | per s of load | ms median | ms max |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def verdict(sm: dict[str, Any]) -> str:
     if not sm["completed"]:
         return "**no completed run**"
@@ -156,9 +193,24 @@ def verdict(sm: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -> str:
     """The report; ``plots``: file names of the PNGs to show."""
     plan, host = results["plan"], results["host"]
+    variant = plan.get("daemon_gc", "default")
     lines = [
         "# Live upgrade under load",
         "",
+        *(
+            [
+                (
+                    f"**DIAGNOSTIC VARIANT `--daemon-gc {variant}`: the daemons ran without "
+                    "automatic full (generation-2) garbage collections (set by the bench's GC "
+                    "probe, `gc.set_threshold(700, 10, 10**9)`); mrpcd does not ship this way. "
+                    "It shows the load, and the upgrades, without the daemons' full-collection "
+                    "pauses.**"
+                ),
+                "",
+            ]
+            if variant != "default"
+            else []
+        ),
         (
             f"{results['conc']} calls in flight (client app on daemon A, echo server app on "
             f"daemon B, 32-byte payloads of their own; the envoy-* rows: grpc.aio client -> "
@@ -172,9 +224,10 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
         (
             "| scenario | goal | stall ms | longest gap before ms | longest gap at the swap ms | "
             "p50 µs before → during | p99 µs before → during | RPC/s before → during | "
-            "command s | calls | failed / mismatched / duplicated / unanswered | verdict |"
+            "command s | calls | failed / mismatched / duplicated / unanswered | "
+            "GC at stall · before | clear of GC ms: stall · before | verdict |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, sc in results["scenarios"].items():
         sm = sc["summary"]
@@ -186,9 +239,11 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"{_pair(sm['rate_before'], sm['rate_during'])} | "
             f"{_cell(sm['command_s'], '{:.2f}')} | {sm['calls']:,} | "
             f"{_failed(sm)} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
-            f"{'control: no upgrade' if sc.get('control') else verdict(sm)} |"
+            f"{_gc_cell(sm)} | {_cell(sm.get('stall_clear_of_gc_ms', {}))} · "
+            f"{_cell(sm.get('gap_before_clear_of_gc_ms', {}))} | {'control: no upgrade' if sc.get('control') else verdict(sm)} |"
         )
     lines += side_by_side(results)
+    lines += gc_section(results)
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\n*{name}*: {why} (skipped).")
     errors = [
@@ -295,6 +350,17 @@ def plot(name: str, sc: dict[str, Any], out: Path) -> Path | None:
     ax2.bar(edges[:-1], counts, width=0.001, align="edge")
     mark(ax2)
     ax2.axvspan(g_at, g_at + g_ms / 1e3, color="tab:red", alpha=0.15, label="longest gap")
+    gcs = [p for p in rec.get("gc", []) if p["at_s"] < hi and p["at_s"] + p["ms"] / 1e3 > lo]
+    for k, p in enumerate(gcs):
+        ax2.axvspan(
+            p["at_s"], p["at_s"] + p["ms"] / 1e3, ymax=0.1, color="tab:purple", alpha=0.6,
+            label="GC pause (any process)" if k == 0 else None,
+        )  # fmt: skip
+        ax2.annotate(
+            f"{p['role']} gen{p['generation']} {p['ms']:.1f} ms", (p["at_s"], 0),
+            xytext=(0, 12 + 10 * (k % 3)), textcoords="offset points", fontsize=7,
+            color="tab:purple",
+        )  # fmt: skip
     ax2.set(xlabel="time (s)", ylabel="completions per 1 ms")
     ax2.set_title(f"zoom, 1-ms bins: {what} (longest gap {g_ms:.1f} ms)")
     ax2.legend(loc="upper right", fontsize=8)

@@ -60,11 +60,16 @@ def _api_problem() -> str | None:
 
 
 def start_daemon(
-    role: str, prefix: Path, log_dir: Path, root: Path = procs.REPO_ROOT
+    role: str,
+    prefix: Path,
+    log_dir: Path,
+    root: Path = procs.REPO_ROOT,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[procs.Proc, dict[str, Any]]:
     """``python -m mrpcd run --prefix PREFIX --listen 127.0.0.1:0`` with the code in ``root``;
     waits for mrpcd.json. The schema cache is ``PREFIX/cache`` whatever MRPC_CACHE_DIR says:
-    daemons of different code trees never share generated code."""
+    daemons of different code trees never share generated code. ``extra_env``: more
+    variables for the daemon (bench/upgrade.py: the GC probe)."""
     prefix.mkdir(parents=True, exist_ok=True)
     state = prefix / "mrpcd.json"
     state.unlink(missing_ok=True)
@@ -72,7 +77,9 @@ def start_daemon(
         role,
         procs.python_argv("mrpcd", "run", "--prefix", str(prefix), "--listen", "127.0.0.1:0"),
         log_dir=log_dir,
-        env=procs.child_env({"MRPC_CACHE_DIR": str(prefix / "cache")}, root=root),
+        env=procs.child_env(
+            {"MRPC_CACHE_DIR": str(prefix / "cache"), **(extra_env or {})}, root=root
+        ),
         root=root,
     )
     try:

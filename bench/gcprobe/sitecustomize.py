@@ -1,0 +1,47 @@
+"""Bench-only GC probe, loaded by every Python process ``python -m bench upgrade`` starts
+(its directory is put first on their PYTHONPATH; nothing outside the bench imports it).
+
+``MRPC_BENCH_GC_LOG=PATH``: append one line per garbage collection that took at least
+``MIN_NS`` or was a full (generation-2) one to ``PATH.<pid>``:
+``start_ns duration_ns generation collected thread_name`` (CLOCK_MONOTONIC, the clock of
+the client's completion record), so a gap between completions can be matched with a
+collection in any process. A ``gc.callbacks`` entry: two clock reads per collection.
+
+``MRPC_BENCH_GC=no-full``: the diagnostic variant (``--daemon-gc no-full``): automatic
+full collections never run in this process (``gc.set_threshold(700, 10, 10**9)``;
+generations 0 and 1 as usual). Not how mrpcd ships: it shows what the load looks like
+without full-collection pauses.
+"""
+
+import gc
+import os
+import threading
+import time
+
+MIN_NS = 500_000
+
+
+def _install(path: str) -> None:
+    fd = os.open(f"{path}.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    started: dict[int, int] = {}
+    clock, ident = time.monotonic_ns, threading.get_ident
+
+    def on_gc(phase: str, info: dict, _fd: int = fd) -> None:
+        if phase == "start":
+            started[ident()] = clock()
+            return
+        t0 = started.pop(ident(), None)
+        if t0 is None:
+            return
+        dt = clock() - t0
+        if dt >= MIN_NS or info["generation"] == 2:
+            line = f"{t0} {dt} {info['generation']} {info['collected']} "
+            os.write(_fd, (line + threading.current_thread().name + "\n").encode())
+
+    gc.callbacks.append(on_gc)
+
+
+if os.environ.get("MRPC_BENCH_GC_LOG"):
+    _install(os.environ["MRPC_BENCH_GC_LOG"])
+if os.environ.get("MRPC_BENCH_GC") == "no-full":
+    gc.set_threshold(700, 10, 10**9)
