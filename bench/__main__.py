@@ -5,7 +5,7 @@ python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--i
                      [--baseline REV]           # also run mrpc@REV, windows alternating
                      [--runs N]                 # measured windows per case
 python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--phase S] [--pinned]
-                        [--daemon-gc no-full] [--no-gc-probe]
+                        [--daemon-gc no-full] [--rt] [--no-gc-probe]
                                              # calls stalled by a live upgrade (bench/upgrade.py)
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
@@ -245,6 +245,12 @@ def run_cmd(
     "without their pauses.",
 )
 @click.option(
+    "--rt",
+    is_flag=True,
+    help="Variant: every app, daemon and Envoy thread SCHED_RR priority 10 (root): shielded "
+    "from the other processes of the host, not from each other.",
+)
+@click.option(
     "--gc-probe/--no-gc-probe",
     default=True,
     help="Log every Python process's GC pauses and match them to the stall (default: on).",
@@ -258,6 +264,7 @@ def upgrade_cmd(
     phase_opt: float | None,
     pinned: bool,
     daemon_gc: str,
+    rt: bool,
     gc_probe: bool,
     verbose: bool,
 ) -> None:
@@ -288,6 +295,7 @@ def upgrade_cmd(
         phase_s=phase_opt or plan.phase_s,
         pinned=pinned,
         daemon_gc=daemon_gc,
+        rt=rt,
         gc_probe=gc_probe,
     )
     out = out_opt or RESULTS_ROOT / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-upgrade")

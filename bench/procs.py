@@ -300,6 +300,25 @@ def set_affinity_all_threads(pids: Iterable[int], cpus: Iterable[int]) -> int:
     return n
 
 
+def set_rt_all_threads(pids: Iterable[int], priority: int) -> int:
+    """SCHED_RR at ``priority`` for every thread of every pid (and so for the threads and
+    processes they create later, which inherit it); the number of threads set."""
+    n = 0
+    param = os.sched_param(priority)
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_RR, param)
+                n += 1
+            except OSError:
+                continue
+    return n
+
+
 def shm_entries() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))

@@ -47,11 +47,26 @@ def longest_gap(done_ns: Sequence[int], lo: int, hi: int) -> tuple[int, int]:
     return best, start
 
 
+GC_SHARE = 1 / 3  # a gap is a collection's when pauses cover at least this share of it
+
+
+def covered(a: int, b: int, spans: Sequence[tuple[int, int]]) -> int:
+    """ns of [a, b] that ``spans`` ((start, end) ns, maybe overlapping each other) cover."""
+    cuts = sorted((max(s, a), min(e, b)) for s, e in spans if s < b and e > a)
+    total, reach = 0, a
+    for s, e in cuts:
+        s = max(s, reach)
+        if e > s:
+            total, reach = total + e - s, e
+    return total
+
+
 def longest_gap_clear_of(
     done_ns: Sequence[int], lo: int, hi: int, spans: Sequence[tuple[int, int]]
 ) -> int:
     """Length (ns) of the longest interval between consecutive completions that overlaps
-    ``[lo, hi]`` and none of ``spans`` ((start, end) ns: the GC pauses of any process)."""
+    ``[lo, hi]`` and is not a collection's: ``spans`` ((start, end) ns, the GC pauses of
+    any process) cover less than GC_SHARE of it."""
     i0 = bisect.bisect_right(done_ns, lo)
     i1 = bisect.bisect_left(done_ns, hi)
     points = list(done_ns[max(0, i0 - 1) : min(len(done_ns), i1 + 1)])
@@ -61,7 +76,7 @@ def longest_gap_clear_of(
         points.append(hi)
     best = 0
     for a, b in itertools.pairwise(points):
-        if b - a > best and not any(s < b and e > a for s, e in spans):
+        if b - a > best and covered(a, b, spans) < GC_SHARE * (b - a):
             best = b - a
     return best
 

@@ -51,6 +51,7 @@ RESULT_TIMEOUT_S = 90.0
 ENGINE_GOAL_MS = 10.0
 RESTART_GOAL_MS = 100.0
 NOT_AVAILABLE = "daemon hot restart: not available in this build"
+RT_PRIORITY = 10  # --rt: SCHED_RR priority of the measured processes (chrt -r 10)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,15 @@ class UpgradePlan:
     pinned: bool = False  # every app and daemon thread on CPU 0 (default: scheduled)
     gc_probe: bool = True  # log every process's GC pauses (bench/gcprobe), matched to gaps
     daemon_gc: str = "default"  # "no-full": diagnostic variant, daemons without full GCs
+    rt: bool = False  # variant: every app, daemon and Envoy thread SCHED_RR (RT_PRIORITY)
+
+    def isolate(self, *procs_: procs.Proc | int) -> None:
+        """Apply the plan's real-time variant to these processes (and their threads and
+        children)."""
+        if self.rt:
+            pids = [p if isinstance(p, int) else p.pid for p in procs_]
+            if not procs.set_rt_all_threads(procs.descendants(pids), RT_PRIORITY):
+                raise RuntimeError("--rt: could not set SCHED_RR (needs CAP_SYS_NICE / root)")
 
 
 FULL = UpgradePlan()
@@ -300,6 +310,7 @@ def run_once(
         started.append(proc_a)
         if cpus:
             procs.set_affinity_all_threads(procs.descendants([proc_a.pid, proc_b.pid]), cpus)
+        plan.isolate(proc_a, proc_b)
         ready = base / "server.ready.json"
         server = procs.spawn(
             "server-app",
@@ -312,6 +323,7 @@ def run_once(
         )
         started.append(server)
         procs.wait_for_json(ready, READY_TIMEOUT_S, server)
+        plan.isolate(server)
         if scn.engine and scn.policy:
             attach = ["policy", "attach", scn.engine, "--app", CLIENT_APP, "--side", "send"]
             attach += ["--future"] + [a for s in scn.sets for a in ("--set", s)]
@@ -331,6 +343,7 @@ def run_once(
         )  # fmt: skip
         started.append(client.proc)
         client.expect("ready", READY_TIMEOUT_S)
+        plan.isolate(client.proc)
         client.send("go")
         started_ns = client.expect("started", READY_TIMEOUT_S)["t_ns"]
         time.sleep(plan.phase_s)
@@ -381,9 +394,10 @@ def app_env(plan: UpgradePlan, log_dir: Path, role: str) -> dict[str, str]:
 
 
 def add_gc(rec: dict[str, Any], log_dir: Path, done: Any) -> None:
-    """Every process's GC pauses of at least 1 ms during the load into ``rec["gc"]``, those
-    overlapping the stall and the longest gap before into the analysis, and both figures
-    again over the gaps that overlap no pause (``*_clear_of_gc_ms``)."""
+    """Every process's GC pauses of at least 1 ms during the load into ``rec["gc"]``; the
+    pauses that make up the stall, and the longest gap before (cover at least a third of
+    it), into the analysis (``gc_at_stall``, ``gc_at_gap_before``); and both figures again
+    over the gaps that are not a collection's (``*_clear_of_gc_ms``)."""
     a, t0 = rec["analysis"], rec["started_ns"]
     if not any(log_dir.glob("gc-*")):
         return  # the probe was off
@@ -401,8 +415,9 @@ def add_gc(rec: dict[str, Any], log_dir: Path, done: Any) -> None:
     ):
         if at is None or not ms:
             continue
-        start = t0 + int(at * stall.NS)
-        a[key] = [p.brief() for p in gcprobe.overlapping(ps, start, start + int(ms * 1e6))]
+        start, end = t0 + int(at * stall.NS), t0 + int(at * stall.NS) + int(ms * 1e6)
+        if stall.covered(start, end, spans) >= stall.GC_SHARE * (end - start):
+            a[key] = [p.brief() for p in gcprobe.overlapping(ps, start, end)]
 
 
 def swap_logged_ns(log_path: Path, wall_offset_ns: int, after_ns: int) -> int | None:

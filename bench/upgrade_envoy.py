@@ -113,12 +113,14 @@ def run_once(
         )
         started.append(server)
         upstream = int(procs.wait_for_json(ready, READY_TIMEOUT_S, server)["addr"].rsplit(":")[1])
+        plan.isolate(server)
         envoy_b, port_b = sidecars.start_sidecar("envoy-B", upstream, base, log_dir, cpus=cpus)
         started.append(envoy_b)
         port_a = sidecars.free_port()
         kw: dict[str, Any] = {"listen_port": port_a, "cpus": cpus}
         envoy_a, _ = sidecars.start_sidecar("envoy-A", port_b, base, log_dir, hot_restart=hr, **kw)
         started.append(envoy_a)
+        plan.isolate(envoy_b, envoy_a)
         client = Client(
             procs.python_argv(
                 "bench.upgrade_grpc", "client", "--target", f"127.0.0.1:{port_a}",
@@ -130,6 +132,7 @@ def run_once(
         )  # fmt: skip
         started.append(client.proc)
         client.expect("ready", READY_TIMEOUT_S)
+        plan.isolate(client.proc)
         client.send("go")
         started_ns = client.expect("started", READY_TIMEOUT_S)["t_ns"]
         time.sleep(plan.phase_s)
@@ -142,6 +145,7 @@ def run_once(
             )
             started.append(child)
             t_ready = time.monotonic_ns()
+            plan.isolate(child)
             try:
                 rc = envoy_a.popen.wait(timeout=EXIT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -155,6 +159,7 @@ def run_once(
             child, _ = sidecars.start_sidecar("envoy-A.1", port_b, base, log_dir, **kw)
             started.append(child)
             t_ready = time.monotonic_ns()
+            plan.isolate(child)
             what = ["kill -TERM envoy-A", "&&", "envoy", "(same config, same port)"]
         t1 = time.monotonic_ns()
         rec["command"] = {

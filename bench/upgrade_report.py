@@ -150,11 +150,11 @@ def gc_section(results: dict[str, Any]) -> list[str]:
         (
             "Every Python process of a run logs its collections (`bench/gcprobe`: a "
             "`gc.callbacks` entry, two clock reads per collection). *GC at stall · before* in "
-            "the table above: in how many runs the stall, and the longest gap before, "
-            "overlapped a collection of ≥ 1 ms in some process (which one: `results.json`, "
-            "`analysis.gc_at_stall`). *clear of GC*: the same two figures taken only over the "
-            "gaps that overlap no collection of ≥ 1 ms in any process: what is left once the "
-            "pauses are set aside. Full (generation-2) collections during the load:"
+            "the table above: in how many runs the stall, and the longest gap before, was a "
+            "collection's (collections of ≥ 1 ms in any process cover at least a third of it; "
+            "which ones: `results.json`, `analysis.gc_at_stall`). *clear of GC*: the same two "
+            "figures taken only over the gaps that are not a collection's: what is left once "
+            "the pauses are set aside. Full (generation-2) collections during the load:"
         ),
         "",
         "| scenario | process | full collections | per s of load | ms median | ms max |",
@@ -211,12 +211,26 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             if variant != "default"
             else []
         ),
+        *(
+            [
+                (
+                    "**VARIANT `--rt`: every thread of the apps, the daemons and the Envoys ran "
+                    "SCHED_RR priority 10 (`chrt -r 10`): the host's other processes could not "
+                    "preempt them; they still share the 2 CPUs with each other and `mrpcctl` "
+                    "(normal priority).**"
+                ),
+                "",
+            ]
+            if plan.get("rt")
+            else []
+        ),
         (
             f"{results['conc']} calls in flight (client app on daemon A, echo server app on "
             f"daemon B, 32-byte payloads of their own; the envoy-* rows: grpc.aio client -> "
             f"Envoy A -> Envoy B -> grpc.aio server, the same load), {plan['phase_s']:g} s steady, the command, "
             f"{plan['phase_s']:g} s more; {plan['runs']} run(s) per scenario, scenarios alternating, "
             f"fresh daemons every run; {'every process on CPU 0' if plan['pinned'] else 'scheduled'}"
+            f"{' (SCHED_RR 10)' if plan.get('rt') else ''}"
             f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs. "
             "*control* runs `mrpcctl status` instead of an upgrade: compare every row with it."
         ),

@@ -22,11 +22,21 @@ MIN_NS = 500_000
 
 
 def _install(path: str) -> None:
-    fd = os.open(f"{path}.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # one file per process; O_CLOEXEC: an exec'd successor (a hot-restarted mrpcd) opens
+    # its own; a forked child reopens (pid check) and never writes to an inherited fd
+    # number that it may have closed and reused
+    out = {"pid": -1, "fd": -1}
     started: dict[int, int] = {}
     clock, ident = time.monotonic_ns, threading.get_ident
 
-    def on_gc(phase: str, info: dict, _fd: int = fd) -> None:
+    def fd() -> int:
+        if out["pid"] != os.getpid():
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            out["fd"] = os.open(f"{path}.{os.getpid()}", flags, 0o644)
+            out["pid"] = os.getpid()
+        return out["fd"]
+
+    def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             started[ident()] = clock()
             return
@@ -36,7 +46,10 @@ def _install(path: str) -> None:
         dt = clock() - t0
         if dt >= MIN_NS or info["generation"] == 2:
             line = f"{t0} {dt} {info['generation']} {info['collected']} "
-            os.write(_fd, (line + threading.current_thread().name + "\n").encode())
+            try:
+                os.write(fd(), (line + threading.current_thread().name + "\n").encode())
+            except OSError:
+                pass  # a probe must not disturb the process it watches
 
     gc.callbacks.append(on_gc)
 

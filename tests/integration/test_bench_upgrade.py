@@ -44,6 +44,13 @@ def test_quick_upgrade_bench_measures_a_ratelimit_upgrade(tmp_path: Path) -> Non
     assert a["window_s"][0] < a["swap_at_s"] < a["window_s"][1]
     assert rec["tracebacks"] == 0
     assert "| ratelimit | ≤ 10 ms |" in r.stdout  # the table is printed
+    # the GC probe ran in every process: the daemons' collections are in the record and the
+    # stall was also measured over the gaps clear of any collection
+    assert {"mrpcd-A", "mrpcd-B", "client-app", "server-app"} <= {
+        p.name[3:].rpartition(".")[0] for p in (out / "logs" / "ratelimit-0").glob("gc-*")
+    }
+    assert 0 < a["stall_clear_of_gc_ms"] <= a["stall_ms"]
+    assert "## Garbage collection pauses (the GC probe)" in r.stdout
     if "daemon-restart" in results["skipped"]:  # this build has no `mrpcctl daemon restart`
         assert "daemon hot restart: not available in this build" in r.stderr
     else:  # the bench ran it: the run completed (its figures are the hot restart's business)
