@@ -18,18 +18,21 @@ starts sidecars with a fixed listener port and Envoy's hot restart enabled
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import string
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "envoy" / "sidecar.yaml"
+LDS_TEMPLATE = CONFIG_TEMPLATE.with_name("sidecar-lds.yaml")
+LISTENER_TEMPLATE = CONFIG_TEMPLATE.with_name("listener.yaml")
 
 
 def envoy_binary() -> Path:
@@ -85,6 +88,19 @@ class HotRestart:
         ]  # fmt: skip
 
 
+def write_listener(path: Path, listen_port: int, policy_filters: str = "") -> None:
+    """Write the LDS file of a ``lds_path`` sidecar: its listener on ``listen_port`` with
+    ``policy_filters`` (YAML list items, indented for listener.yaml) before the router.
+    Atomic (a rename in the same directory), as Envoy's file watch expects."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(
+        string.Template(LISTENER_TEMPLATE.read_text()).substitute(
+            listen_port=listen_port, policy_filters=policy_filters
+        )
+    )
+    os.replace(tmp, path)
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on now (for a listener that must keep its port
     across restarts; a race with another process taking it is possible but unlikely)."""
@@ -103,24 +119,29 @@ def start_sidecar(
     listen_port: int = 0,
     hot_restart: HotRestart | None = None,
     cpus: Iterable[int] | None = None,
+    lds_path: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> tuple[procs.Proc, int]:
     """Start one Envoy proxying to 127.0.0.1:``upstream_port``; return it and its port.
 
     ``listen_port``: the listener's port (0: any). ``hot_restart``: run with Envoy's
     hot restart enabled, as that epoch (default ``--disable-hot-restart``); ``cpus``:
-    its CPU affinity (default: any). Returns once this process's own admin API lists
-    the listener."""
+    its CPU affinity (default: any). ``lds_path``: the listener comes from that file
+    (:func:`write_listener`, written by the caller first), watched by Envoy.
+    ``extra_args``: more command-line flags. Returns once this process's own admin API
+    lists the listener."""
     config = workdir / f"{name}.yaml"
+    template = LDS_TEMPLATE if lds_path else CONFIG_TEMPLATE
     config.write_text(
-        string.Template(CONFIG_TEMPLATE.read_text()).substitute(
-            name=name, upstream_port=upstream_port, listen_port=listen_port
+        string.Template(template.read_text()).substitute(
+            name=name, upstream_port=upstream_port, listen_port=listen_port, lds_path=lds_path
         )
     )
     admin_file = workdir / f"{name}.admin"
     admin_file.unlink(missing_ok=True)
     argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1"]
     argv += hot_restart.flags() if hot_restart else ["--disable-hot-restart"]
-    argv += ["--log-level", "warn", "--admin-address-path", str(admin_file)]
+    argv += ["--log-level", "warn", "--admin-address-path", str(admin_file), *extra_args]
     proc = procs.spawn(name, argv, log_dir=log_dir, cpus=cpus)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

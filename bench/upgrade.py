@@ -142,6 +142,17 @@ SCENARIOS = {
             versus="daemon-restart",
         ),
         Scenario(
+            "envoy-policy",
+            "peer: the same, a policy attached to Envoy A its own way without a restart: its "
+            "listener file (LDS from the filesystem) replaced with an HTTP local rate limit "
+            "filter added (10^8 tokens/s: never limits); Envoy drains the old filter chain's "
+            "connections (`--drain-time-s 2`); the interval runs to the update applied and "
+            "drained",
+            ENGINE_GOAL_MS,
+            peer="policy",
+            versus="ratelimit",
+        ),
+        Scenario(
             "envoy-restart",
             "peer: the same, Envoy A stopped (SIGTERM) and started again on the same port "
             "(a config change without hot restart); the interval runs to the new Envoy "
@@ -154,7 +165,7 @@ SCENARIOS = {
 }
 DEFAULT_SCENARIOS = (
     "control", "ratelimit", "metrics", "tcp", "daemon-restart", "envoy-hot-restart",
-    "envoy-restart",
+    "envoy-policy", "envoy-restart",
 )  # fmt: skip
 
 

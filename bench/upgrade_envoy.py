@@ -13,6 +13,13 @@ The operator action hits Envoy A, as the mrpc scenarios hit daemon A:
   connections for ``--drain-time-s`` (DRAIN_S) and is ended by the new one after
   ``--parent-shutdown-time-s`` (PARENT_SHUTDOWN_S). The command's interval runs
   from starting epoch 1 to the old process's exit.
+- ``envoy-policy``: Envoy's own way to attach a policy without a restart: Envoy A's
+  listener comes from a file it watches (LDS from the filesystem); the command
+  replaces the file with the same listener plus an HTTP local rate limit filter
+  (10^8 tokens per second: never limits, like mrpc's ratelimit scenario). Envoy
+  builds the new filter chain and drains the connections of the old one for
+  ``--drain-time-s`` (DRAIN_S); the interval runs to Envoy A reporting the update
+  applied and no filter chain left draining.
 - ``envoy-restart``: a plain restart, what a config change costs without hot
   restart: SIGTERM to Envoy A, then a new Envoy on the same port; the interval
   runs from the signal to the new one listing its listener.
@@ -52,8 +59,24 @@ STATS_RE = re.compile(
     r"^(http\.ingress\.downstream_(cx_total|cx_drain_close|cx_destroy_(local|remote)_active_rq|"
     r"rq_total|rq_5xx|rq_rx_reset|rq_tx_reset)|http2\.(goaway_sent|rx_reset|tx_reset)|"
     r"cluster\.upstream\.upstream_(cx_total|rq_total|rq_retry|rq_pending_failure_eject|"
-    r"cx_connect_fail)|server\.hot_restart_epoch)$"
+    r"cx_connect_fail)|server\.hot_restart_epoch|listener_manager\.(lds\.update_success|"
+    r"listener_in_place_updated|listener_modified|total_filter_chains_draining)|"
+    r"policy_ratelimit\.http_local_rate_limit\.(enabled|ok|rate_limited))$"
 )
+# the policy envoy-policy attaches (listener.yaml: policy_filters)
+RATELIMIT_FILTER = """
+        - name: envoy.filters.http.local_ratelimit
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            stat_prefix: policy_ratelimit
+            token_bucket: { max_tokens: 100000000, tokens_per_fill: 100000000, fill_interval: 1s }
+            filter_enabled:
+              runtime_key: policy_ratelimit_enabled
+              default_value: { numerator: 100, denominator: HUNDRED }
+            filter_enforced:
+              runtime_key: policy_ratelimit_enforced
+              default_value: { numerator: 100, denominator: HUNDRED }"""
+POLL_S = 0.02
 
 
 def available() -> str | None:
@@ -82,6 +105,20 @@ def envoy_stats(name: str, workdir: Path) -> dict[str, int]:
         if STATS_RE.match(key) and value.strip().isdigit():
             out[key] = int(value)
     return out
+
+
+def attach_policy(lds: Path, port: int, name: str, workdir: Path) -> None:
+    """Replace Envoy ``name``'s listener file with the rate limit filter added and wait
+    until Envoy applied it (a second LDS update) and drained the old filter chain."""
+    sidecars.write_listener(lds, port, RATELIMIT_FILTER)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        st = envoy_stats(name, workdir)
+        applied = st.get("listener_manager.lds.update_success", 0) >= 2
+        if applied and st.get("listener_manager.total_filter_chains_draining", 1) == 0:
+            return
+        time.sleep(POLL_S)
+    raise RuntimeError(f"{name} did not apply and drain the new listener in {EXIT_TIMEOUT_S:.0f}s")
 
 
 def run_once(
@@ -118,7 +155,13 @@ def run_once(
         started.append(envoy_b)
         port_a = sidecars.free_port()
         kw: dict[str, Any] = {"listen_port": port_a, "cpus": cpus}
-        envoy_a, _ = sidecars.start_sidecar("envoy-A", port_b, base, log_dir, hot_restart=hr, **kw)
+        lds = base / "envoy-A.lds.yaml"
+        if scn.peer == "policy":
+            sidecars.write_listener(lds, port_a)
+            kw_a = {"lds_path": lds, "extra_args": ["--drain-time-s", f"{DRAIN_S:g}"]}
+        else:
+            kw_a = {"hot_restart": hr}
+        envoy_a, _ = sidecars.start_sidecar("envoy-A", port_b, base, log_dir, **kw, **kw_a)
         started.append(envoy_a)
         plan.isolate(envoy_b, envoy_a)
         client = Client(
@@ -153,6 +196,11 @@ def run_once(
                     f"the old Envoy did not exit {EXIT_TIMEOUT_S:.0f}s after the hot restart"
                 ) from None
             what = ["envoy", "--restart-epoch", "1", *child_hr.flags()[2:]]
+            new_name = "envoy-A.1"
+        elif scn.peer == "policy":
+            attach_policy(lds, port_a, "envoy-A", base)
+            rc, t_ready, new_name = 0, time.monotonic_ns(), "envoy-A"
+            what = ["mv", "listener+local_ratelimit.yaml", str(lds.name)]
         else:
             procs.stop(envoy_a)
             rc = envoy_a.popen.returncode
@@ -161,6 +209,7 @@ def run_once(
             t_ready = time.monotonic_ns()
             plan.isolate(child)
             what = ["kill -TERM envoy-A", "&&", "envoy", "(same config, same port)"]
+            new_name = "envoy-A.1"
         t1 = time.monotonic_ns()
         rec["command"] = {
             "argv": what,
@@ -176,7 +225,7 @@ def run_once(
         res = client.expect("result", RESULT_TIMEOUT_S)
         rec["client"] = res
         rec["started_ns"] = started_ns
-        rec["envoy_a_stats"] = envoy_stats("envoy-A.1", base)
+        rec["envoy_a_stats"] = envoy_stats(new_name, base)
         srv = res["server"]
         rec["unanswered"] = max(0, srv["received"] - srv["duplicates"] - res["calls"])
         done, lat = read_calls(calls_path)

@@ -61,8 +61,13 @@ SIDE_BY_SIDE = (
         "envoy-hot-restart",
     ),
     (
-        "change the config: mrpc upgrades a policy live; Envoy without hot restart restarts",
+        "change a policy without a restart, each its own way (mrpc: engine upgrade; Envoy: LDS)",
         "ratelimit",
+        "envoy-policy",
+    ),
+    (
+        "restart the process; Envoy without hot restart (stop + start)",
+        "daemon-restart",
         "envoy-restart",
     ),
 )

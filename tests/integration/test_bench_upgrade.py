@@ -56,6 +56,7 @@ def test_quick_upgrade_bench_measures_a_ratelimit_upgrade(tmp_path: Path) -> Non
     else:  # the bench ran it: the run completed (its figures are the hot restart's business)
         (restart,) = results["scenarios"]["daemon-restart"]["runs"]
         assert "analysis" in restart, restart.get("error")
+        assert restart["tracebacks"] == 0  # nor in the successor's log (the GC probe's fd)
         print("daemon restart:", restart["analysis"]["stall_ms"], "ms,", restart["client"])
     if importlib.util.find_spec("matplotlib") is not None:
         png = out / "upgrade_ratelimit.png"
@@ -71,13 +72,15 @@ def _envoy_missing() -> str | None:
 
 def test_quick_upgrade_bench_runs_envoy_hot_restart_next_to_mrpc(tmp_path: Path) -> None:
     """The peer scenarios: grpc.aio -> Envoy -> Envoy -> grpc.aio under the same load, a real
-    Envoy hot restart (epoch 1 takes over) and a plain restart, next to mrpc's hot restart."""
+    Envoy hot restart (epoch 1 takes over), a policy attached by LDS and a plain restart,
+    next to mrpc's hot restart."""
     why = _envoy_missing()
     if why:
         pytest.skip(why)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "bench", "upgrade", "--runs", "1", "--phase", "0.7"]
-    argv += ["--scenarios", "daemon-restart,envoy-hot-restart,envoy-restart", "--out", str(out)]
+    argv += ["--scenarios", "daemon-restart,envoy-hot-restart,envoy-policy,envoy-restart"]
+    argv += ["--out", str(out)]
     t0 = time.monotonic()
     r = subprocess.run(
         argv,
@@ -99,6 +102,12 @@ def test_quick_upgrade_bench_runs_envoy_hot_restart_next_to_mrpc(tmp_path: Path)
     assert hot["envoy_a_stats"]["http.ingress.downstream_rq_total"] > 0
     assert hot["command"]["rc"] == 0  # the old Envoy exited by itself, after its drain
     assert hot["analysis"]["command_s"] >= 2.5  # --parent-shutdown-time-s 3, from epoch 1's start
+    (policy,) = results["scenarios"]["envoy-policy"]["runs"]
+    assert "error" not in policy, policy["error"]
+    st = policy["envoy_a_stats"]  # Envoy took the new listener by LDS, the filter saw calls
+    assert st["listener_manager.lds.update_success"] == 2, st
+    assert st["policy_ratelimit.http_local_rate_limit.enabled"] > 0, st
+    assert st["policy_ratelimit.http_local_rate_limit.rate_limited"] == 0, st
     (plain,) = results["scenarios"]["envoy-restart"]["runs"]
     assert "error" not in plain, plain["error"]
     c = plain["client"]
