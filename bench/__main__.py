@@ -238,11 +238,12 @@ def run_cmd(
 @click.option(
     "--daemon-gc",
     "daemon_gc",
-    type=click.Choice(["default", "no-full"]),
+    type=click.Choice(["default", "no-full", "freeze"]),
     default="default",
-    help="no-full: DIAGNOSTIC variant, the daemons run without automatic full (generation-2) "
-    "garbage collections (set by the bench's GC probe, not how mrpcd ships): the load "
-    "without their pauses.",
+    help="DIAGNOSTIC variants (set by the bench's GC probe, not how mrpcd ships): no-full, the "
+    "daemons run without automatic full (generation-2) garbage collections; freeze, each "
+    "daemon calls gc.freeze() after its first full collection (start-up objects no longer "
+    "scanned).",
 )
 @click.option(
     "--rt",

@@ -40,6 +40,18 @@ def _swap_cell(sm: dict[str, Any]) -> str:
     return f"{_cell(at)}<br>55-ms slots before, p90: {_cell(slot)}{own}"
 
 
+GC_VARIANTS = {
+    "no-full": (
+        "the daemons ran without automatic full (generation-2) garbage collections "
+        "(`gc.set_threshold(700, 10, 10**9)`)"
+    ),
+    "freeze": (
+        "each daemon called `gc.freeze()` at the end of its first full collection (start-up "
+        "objects moved to the permanent generation, no longer scanned)"
+    ),
+}
+
+
 def _failed(sm: dict[str, Any]) -> str:
     codes = sm.get("codes") or {}
     by_code = f" ({', '.join(f'{c} {n:,}' for c, n in sorted(codes.items()))})" if codes else ""
@@ -205,11 +217,10 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
         *(
             [
                 (
-                    f"**DIAGNOSTIC VARIANT `--daemon-gc {variant}`: the daemons ran without "
-                    "automatic full (generation-2) garbage collections (set by the bench's GC "
-                    "probe, `gc.set_threshold(700, 10, 10**9)`); mrpcd does not ship this way. "
-                    "It shows the load, and the upgrades, without the daemons' full-collection "
-                    "pauses.**"
+                    f"**DIAGNOSTIC VARIANT `--daemon-gc {variant}`: "
+                    f"{GC_VARIANTS.get(variant, '')}; set by the bench's GC probe "
+                    "(`bench/gcprobe`), mrpcd does not ship this way. It shows the load, and "
+                    "the upgrades, without the daemons' full-collection pauses.**"
                 ),
                 "",
             ]
@@ -237,7 +248,7 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"fresh daemons every run; {'every process on CPU 0' if plan['pinned'] else 'scheduled'}"
             f"{' (SCHED_RR 10)' if plan.get('rt') else ''}"
             f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs. "
-            "*control* runs `mrpcctl status` instead of an upgrade: compare every row with it."
+            "*control* runs `mrpcctl list` instead of an upgrade: compare every row with it."
         ),
         "",
         (
@@ -259,7 +270,7 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"{_cell(sm['command_s'], '{:.2f}')} | {sm['calls']:,} | "
             f"{_failed(sm)} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
             f"{_gc_cell(sm)} | {_cell(sm.get('stall_clear_of_gc_ms', {}))} · "
-            f"{_cell(sm.get('gap_before_clear_of_gc_ms', {}))} | {'control: no upgrade' if sc.get('control') else verdict(sm)} |"
+            f"{_cell(sm.get('gap_before_clear_of_gc_ms', {}))} | {'no upgrade: ' + sc['control'] if sc.get('control') else verdict(sm)} |"
         )
     lines += side_by_side(results)
     lines += gc_section(results)

@@ -18,7 +18,7 @@ from typing import Any
 from bench import procs
 
 PROBE_DIR = Path(__file__).resolve().parent
-FULL_GC_VARIANTS = ("default", "no-full")
+FULL_GC_VARIANTS = ("default", "no-full", "freeze")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,12 @@ collection in any process. A ``gc.callbacks`` entry: two clock reads per collect
 
 ``MRPC_BENCH_GC=no-full``: the diagnostic variant (``--daemon-gc no-full``): automatic
 full collections never run in this process (``gc.set_threshold(700, 10, 10**9)``;
-generations 0 and 1 as usual). Not how mrpcd ships: it shows what the load looks like
-without full-collection pauses.
+generations 0 and 1 as usual). ``MRPC_BENCH_GC=freeze`` (``--daemon-gc freeze``): at the
+end of the process's first full collection, ``gc.freeze()``: every object alive then
+(the start-up's modules, classes, functions) moves to the permanent generation, which
+later collections do not scan: what a ``gc.freeze()`` after the daemon's start-up would
+do. Neither is how mrpcd ships: they show the load without (or with cheaper)
+full-collection pauses.
 """
 
 import gc
@@ -58,3 +62,11 @@ if os.environ.get("MRPC_BENCH_GC_LOG"):
     _install(os.environ["MRPC_BENCH_GC_LOG"])
 if os.environ.get("MRPC_BENCH_GC") == "no-full":
     gc.set_threshold(700, 10, 10**9)
+elif os.environ.get("MRPC_BENCH_GC") == "freeze":
+
+    def _freeze_once(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            gc.callbacks.remove(_freeze_once)
+            gc.freeze()
+
+    gc.callbacks.append(_freeze_once)
