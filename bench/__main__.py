@@ -5,7 +5,7 @@ python -m bench run [--quick] [--systems a,b] [--workloads w,x] [--out DIR] [--i
                      [--baseline REV]           # also run mrpc@REV, windows alternating
                      [--runs N]                 # measured windows per case
 python -m bench upgrade [--quick] [--out DIR] [--runs N] [--scenarios a,b] [--phase S] [--pinned]
-                        [--daemon-gc no-full] [--rt] [--no-gc-probe]
+                        [--daemon-gc freeze|no-full] [--rt|--nice] [--no-gc-probe]
                                              # calls stalled by a live upgrade (bench/upgrade.py)
 python -m bench report DIR                   # redo results.md and the plots
 python -m bench list                         # systems and whether they can run
@@ -249,7 +249,14 @@ def run_cmd(
     "--rt",
     is_flag=True,
     help="Variant: every app, daemon and Envoy thread SCHED_RR priority 10 (root): shielded "
-    "from the other processes of the host, not from each other.",
+    "from the other processes of the host, not from each other; the kernel's RT throttling "
+    "(95 %% per second) then pauses them for up to 50 ms when they saturate a CPU.",
+)
+@click.option(
+    "--nice",
+    is_flag=True,
+    help="Variant: every app, daemon and Envoy thread at nice -20 (root): the host's other "
+    "processes get ~1/87 of their CPU share; no RT throttling.",
 )
 @click.option(
     "--gc-probe/--no-gc-probe",
@@ -266,6 +273,7 @@ def upgrade_cmd(
     pinned: bool,
     daemon_gc: str,
     rt: bool,
+    nice: bool,
     gc_probe: bool,
     verbose: bool,
 ) -> None:
@@ -289,6 +297,8 @@ def upgrade_cmd(
         raise click.ClickException(
             f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(upgrade.SCENARIOS)}"
         )
+    if rt and nice:
+        raise click.ClickException("--rt and --nice are two variants: choose one")
     plan = upgrade.QUICK if quick else upgrade.FULL
     plan = dataclasses.replace(
         plan,
@@ -297,6 +307,7 @@ def upgrade_cmd(
         pinned=pinned,
         daemon_gc=daemon_gc,
         rt=rt,
+        nice=nice,
         gc_probe=gc_probe,
     )
     out = out_opt or RESULTS_ROOT / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-upgrade")

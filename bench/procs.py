@@ -319,6 +319,24 @@ def set_rt_all_threads(pids: Iterable[int], priority: int) -> int:
     return n
 
 
+def set_nice_all_threads(pids: Iterable[int], nice: int) -> int:
+    """``nice`` for every thread of every pid (inherited by threads created later); the
+    number of threads set."""
+    n = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                n += 1
+            except OSError:
+                continue
+    return n
+
+
 def shm_entries() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))

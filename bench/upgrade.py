@@ -52,6 +52,7 @@ ENGINE_GOAL_MS = 10.0
 RESTART_GOAL_MS = 100.0
 NOT_AVAILABLE = "daemon hot restart: not available in this build"
 RT_PRIORITY = 10  # --rt: SCHED_RR priority of the measured processes (chrt -r 10)
+NICE = -20  # --nice: their nice value (SCHED_OTHER; a CPU share ~87 times a nice-0 process's)
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,16 @@ class UpgradePlan:
     gc_probe: bool = True  # log every process's GC pauses (bench/gcprobe), matched to gaps
     daemon_gc: str = "default"  # "no-full": diagnostic variant, daemons without full GCs
     rt: bool = False  # variant: every app, daemon and Envoy thread SCHED_RR (RT_PRIORITY)
+    nice: bool = False  # variant: the same threads at nice NICE
 
     def isolate(self, *procs_: procs.Proc | int) -> None:
-        """Apply the plan's real-time variant to these processes (and their threads and
+        """Apply the plan's priority variant to these processes (and their threads and
         children)."""
-        if self.rt:
-            pids = [p if isinstance(p, int) else p.pid for p in procs_]
-            if not procs.set_rt_all_threads(procs.descendants(pids), RT_PRIORITY):
-                raise RuntimeError("--rt: could not set SCHED_RR (needs CAP_SYS_NICE / root)")
+        pids = procs.descendants([p if isinstance(p, int) else p.pid for p in procs_])
+        if self.rt and not procs.set_rt_all_threads(pids, RT_PRIORITY):
+            raise RuntimeError("--rt: could not set SCHED_RR (needs CAP_SYS_NICE / root)")
+        if self.nice and not procs.set_nice_all_threads(pids, NICE):
+            raise RuntimeError(f"--nice: could not set nice {NICE} (needs CAP_SYS_NICE / root)")
 
 
 FULL = UpgradePlan()
@@ -348,6 +351,9 @@ def run_once(
             r = ctl(base / "A", attach)
             if r["rc"] != 0:
                 raise RuntimeError(f"attaching {scn.engine} failed: {r['stderr'].strip()}")
+        if plan.daemon_gc == "freeze":  # status runs a full collection: the probe freezes then,
+            for prefix in (base / "B", base / "A"):  # before the load, not in its window
+                ctl(prefix, ["status", "--json"])
         new_code = new_version(base, scn.module) if scn.module else None
         client = Client(
             procs.python_argv(
@@ -522,6 +528,7 @@ def run(
             "cpus": len(procs.ALL_CPUS),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "loadavg_start": list(os.getloadavg()),
         },
         "scenarios": {},
         "skipped": {},
@@ -556,6 +563,7 @@ def run(
     for name, sc in results["scenarios"].items():
         sc["summary"] = stall.summarize(sc["runs"], sc["goal_ms"])
     results["seconds"] = time.monotonic() - t0
+    results["host"]["loadavg_end"] = list(os.getloadavg())
     return results
 
 

@@ -52,6 +52,13 @@ GC_VARIANTS = {
 }
 
 
+def _load(host: dict[str, Any]) -> str:
+    a, b = host.get("loadavg_start"), host.get("loadavg_end")
+    if not a or not b:
+        return ""
+    return f", host load average (1 min) {a[0]:.1f} at the start, {b[0]:.1f} at the end"
+
+
 def _failed(sm: dict[str, Any]) -> str:
     codes = sm.get("codes") or {}
     by_code = f" ({', '.join(f'{c} {n:,}' for c, n in sorted(codes.items()))})" if codes else ""
@@ -233,11 +240,25 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
                     "**VARIANT `--rt`: every thread of the apps, the daemons and the Envoys ran "
                     "SCHED_RR priority 10 (`chrt -r 10`): the host's other processes could not "
                     "preempt them; they still share the 2 CPUs with each other and `mrpcctl` "
-                    "(normal priority).**"
+                    "(normal priority). When they saturate a CPU the kernel's RT throttling "
+                    "(`sched_rt_runtime_us` 950000 of 1000000) stops them for up to 50 ms: "
+                    "pauses of 50–60 ms in this variant can be that.**"
                 ),
                 "",
             ]
             if plan.get("rt")
+            else []
+        ),
+        *(
+            [
+                (
+                    "**VARIANT `--nice`: every thread of the apps, the daemons and the Envoys "
+                    "ran at nice -20: the host's other processes got ~1/87 of their CPU share; "
+                    "they still share the 2 CPUs with each other and `mrpcctl` (nice 0).**"
+                ),
+                "",
+            ]
+            if plan.get("nice")
             else []
         ),
         (
@@ -246,8 +267,9 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"Envoy A -> Envoy B -> grpc.aio server, the same load), {plan['phase_s']:g} s steady, the command, "
             f"{plan['phase_s']:g} s more; {plan['runs']} run(s) per scenario, scenarios alternating, "
             f"fresh daemons every run; {'every process on CPU 0' if plan['pinned'] else 'scheduled'}"
-            f"{' (SCHED_RR 10)' if plan.get('rt') else ''}"
-            f" on {host['cpus']} CPUs, Python {host['python']}. Medians with [min–max] over runs. "
+            f"{' (SCHED_RR 10)' if plan.get('rt') else ''}{' (nice -20)' if plan.get('nice') else ''}"
+            f" on {host['cpus']} CPUs, Python {host['python']}"
+            f"{_load(host)}. Medians with [min–max] over runs. "
             "*control* runs `mrpcctl list` instead of an upgrade: compare every row with it."
         ),
         "",

@@ -13,7 +13,8 @@ generations 0 and 1 as usual). ``MRPC_BENCH_GC=freeze`` (``--daemon-gc freeze``)
 end of the process's first full collection, ``gc.freeze()``: every object alive then
 (the start-up's modules, classes, functions) moves to the permanent generation, which
 later collections do not scan: what a ``gc.freeze()`` after the daemon's start-up would
-do. Neither is how mrpcd ships: they show the load without (or with cheaper)
+do (the bench runs ``mrpcctl status``, whose answer makes the daemon collect, on both
+daemons before the load, so the freeze happens then). Neither is how mrpcd ships: they show the load without (or with cheaper)
 full-collection pauses.
 """
 
