@@ -376,8 +376,19 @@ def plot(name: str, sc: dict[str, Any], out: Path) -> Path | None:
     c0, c1 = ((cmd["start_ns"] - rec["started_ns"]) / NS, (cmd["end_ns"] - rec["started_ns"]) / NS)
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9))
 
+    client = rec.get("client", {})
+    failing = None
+    if client.get("failed") and client.get("error_ns"):
+        failing = (
+            (client["error_ns"][0] - rec["started_ns"]) / NS,
+            (client.get("last_error_ns") or client["error_ns"][-1]) - rec["started_ns"],
+        )
+        failing = (failing[0], failing[1] / NS)
+
     def mark(ax: Any) -> None:
         ax.axvspan(c0, c1, color="tab:orange", alpha=0.25, label="command running")
+        if failing:
+            ax.axvspan(*failing, ymin=0.9, color="black", alpha=0.5, label="calls failing")
         if "swap_at_s" in a:
             ax.axvline(a["swap_at_s"], color="tab:red", lw=1, ls="--", label="swap logged")
 
@@ -396,7 +407,8 @@ def plot(name: str, sc: dict[str, Any], out: Path) -> Path | None:
     else:
         g_at, g_ms, what = a["stall_at_s"], a["stall_ms"], "the longest pause in the window"
         mid = g_at + g_ms / 2e3
-        lo, hi = mid - 0.1, mid + 0.1
+        half = max(0.1, g_ms / 2e3 + 0.05)  # a long outage whole, with 50 ms either side
+        lo, hi = mid - half, mid + half
     edges = np.arange(lo, hi + 0.001, 0.001)
     counts, _ = np.histogram(t, bins=edges)
     ax2.bar(edges[:-1], counts, width=0.001, align="edge")
