@@ -206,8 +206,10 @@ def _full_gc(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     by_role: dict[str, list[float]] = {}
     load_s = 0.0
     for r in runs:
+        if "gc" not in r:  # the probe was off
+            continue
         load_s += (r["client"]["stopped_ns"] - r["started_ns"]) / NS
-        for p in r.get("gc", []):
+        for p in r["gc"]:
             if p["generation"] == 2:
                 by_role.setdefault(p["role"], []).append(p["ms"])
     out = {}
