@@ -52,6 +52,12 @@ GC_VARIANTS = {
 }
 
 
+def _control(sc: dict[str, Any]) -> str:
+    """The control cell: which command ran (results before `list` had ``control: true``)."""
+    command = sc["control"] if isinstance(sc["control"], str) else "status"
+    return f"no upgrade: {command}"
+
+
 def _load(host: dict[str, Any]) -> str:
     a, b = host.get("loadavg_start"), host.get("loadavg_end")
     if not a or not b:
@@ -292,7 +298,7 @@ def markdown(results: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -
             f"{_cell(sm['command_s'], '{:.2f}')} | {sm['calls']:,} | "
             f"{_failed(sm)} / {sm['mismatched']} / {sm['duplicates']} / {sm['unanswered']} | "
             f"{_gc_cell(sm)} | {_cell(sm.get('stall_clear_of_gc_ms', {}))} · "
-            f"{_cell(sm.get('gap_before_clear_of_gc_ms', {}))} | {'no upgrade: ' + sc['control'] if sc.get('control') else verdict(sm)} |"
+            f"{_cell(sm.get('gap_before_clear_of_gc_ms', {}))} | {_control(sc) if sc.get('control') else verdict(sm)} |"
         )
     lines += side_by_side(results)
     lines += gc_section(results)
