@@ -25,180 +25,36 @@ import json
 import logging
 import os
 import platform
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import gcprobe, procs, stall
-from bench.systems.mrpc_systems import RATELIMIT_NEVER, start_daemon
+from bench import gcprobe, procs, stall, upgrade_envoy
+from bench.systems.mrpc_systems import start_daemon
 from bench.upgrade_apps import read_calls
+from bench.upgrade_client import Client, add_gc, app_env
+from bench.upgrade_plan import (  # noqa: F401 - the names python -m bench and the tests use
+    CLIENT_APP,
+    COMMAND_TIMEOUT_S,
+    CONC,
+    DEFAULT_SCENARIOS,
+    FULL,
+    NOT_AVAILABLE,
+    QUICK,
+    READY_TIMEOUT_S,
+    RESULT_TIMEOUT_S,
+    SCENARIOS,
+    Scenario,
+    UpgradePlan,
+)
 
 log = logging.getLogger(__name__)
-
-CLIENT_APP = "bench-upgrade"
-CONC = 64
-READY_TIMEOUT_S = 60.0
-COMMAND_TIMEOUT_S = 60.0
-RESULT_TIMEOUT_S = 90.0
-ENGINE_GOAL_MS = 10.0
-RESTART_GOAL_MS = 100.0
-NOT_AVAILABLE = "daemon hot restart: not available in this build"
-RT_PRIORITY = 10  # --rt: SCHED_RR priority of the measured processes (chrt -r 10)
-NICE = -20  # --nice: their nice value (SCHED_OTHER; a CPU share ~87 times a nice-0 process's)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    what: str  # one line for the report
-    goal_ms: float
-    engine: str | None = None  # engine upgrade: the engine's name ...
-    module: str | None = None  # ... and the module the new version subclasses
-    policy: bool = False  # attach ``engine`` as a policy first, with these --set pairs:
-    sets: tuple[str, ...] = ()
-    restart: bool = False  # daemon hot restart instead
-    control: str = ""  # no upgrade: this read-only mrpcctl command, what any command costs
-    peer: str | None = None  # the peer through Envoy sidecars instead (bench/upgrade_envoy.py):
-    # "hot-restart" (Envoy's hot restart of the client's sidecar) or "restart" (stop + start)
-    versus: str | None = None  # the mrpc scenario doing the same operator action
-
-    def command(self, new_code: Path | None) -> list[str]:
-        """The mrpcctl arguments (after ``--prefix A``) this scenario runs."""
-        if self.restart:
-            return ["daemon", "restart", "--json"]
-        if self.control:
-            return [self.control, "--json"]
-        assert self.engine is not None and new_code is not None
-        return [
-            "engine", "upgrade", self.engine, "--file", str(new_code), "--app", CLIENT_APP, "--json"
-        ]  # fmt: skip
-
-
-SCENARIOS = {
-    s.name: s
-    for s in (
-        Scenario(
-            "control",
-            "control, no upgrade: `mrpcctl list --json` on daemon A, timed the same way "
-            "(what starting an operator command does to the load)",
-            ENGINE_GOAL_MS,
-            control="list",
-        ),
-        Scenario(
-            "status",
-            "no upgrade: `mrpcctl status --json` on daemon A (its answer counts the bind "
-            "cache after a full `gc.collect()` in the daemon: mrpcd/binding.py Bindings.stats)",
-            ENGINE_GOAL_MS,
-            control="status",
-        ),
-        Scenario(
-            "ratelimit",
-            "policy: ratelimit on the client app (daemon A, send side, a limit never reached) "
-            "upgraded to a new version",
-            ENGINE_GOAL_MS,
-            "ratelimit",
-            "engines.ratelimit",
-            policy=True,
-            sets=RATELIMIT_NEVER,
-        ),
-        Scenario(
-            "metrics",
-            "policy: metrics on the client app (daemon A, send side) upgraded",
-            ENGINE_GOAL_MS,
-            "metrics",
-            "engines.metrics",
-            policy=True,
-        ),
-        Scenario(
-            "tcp",
-            "transport: the client app's tcp engine on daemon A (its open connection to B "
-            "handed over) upgraded",
-            ENGINE_GOAL_MS,
-            "tcp",
-            "engines.tcp",
-        ),
-        Scenario(
-            "frontend",
-            "frontend: the client app's frontend on daemon A (its rings) upgraded",
-            ENGINE_GOAL_MS,
-            "frontend",
-            "engines.frontend",
-        ),
-        Scenario(
-            "daemon-restart",
-            "daemon hot restart of daemon A (`mrpcctl daemon restart`) under the client app",
-            RESTART_GOAL_MS,
-            restart=True,
-        ),
-        Scenario(
-            "envoy-hot-restart",
-            "peer: grpc.aio client -> Envoy A -> Envoy B -> grpc.aio server, the same load; "
-            "Envoy's hot restart of Envoy A (the client's sidecar): a second Envoy with "
-            "`--restart-epoch 1` and the same `--base-id` takes the listener, the old one "
-            "drains for 2 s (`--drain-time-s 2`) and is ended after 3 s "
-            "(`--parent-shutdown-time-s 3`); the interval runs to the old process's exit",
-            RESTART_GOAL_MS,
-            peer="hot-restart",
-            versus="daemon-restart",
-        ),
-        Scenario(
-            "envoy-policy",
-            "peer: the same, a policy attached to Envoy A its own way without a restart: its "
-            "listener file (LDS from the filesystem) replaced with an HTTP local rate limit "
-            "filter added (10^8 tokens/s: never limits); Envoy drains the old filter chain's "
-            "connections (`--drain-time-s 2`); the interval runs to the update applied and "
-            "drained",
-            ENGINE_GOAL_MS,
-            peer="policy",
-            versus="ratelimit",
-        ),
-        Scenario(
-            "envoy-restart",
-            "peer: the same, Envoy A stopped (SIGTERM) and started again on the same port "
-            "(a config change without hot restart); the interval runs to the new Envoy "
-            "listing its listener",
-            RESTART_GOAL_MS,
-            peer="restart",
-            versus="daemon-restart",
-        ),
-    )
-}
-DEFAULT_SCENARIOS = (
-    "control", "ratelimit", "metrics", "tcp", "daemon-restart", "envoy-hot-restart",
-    "envoy-policy", "envoy-restart",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class UpgradePlan:
-    runs: int = 5
-    phase_s: float = 2.0  # steady load before the command, and load after it
-    pinned: bool = False  # every app and daemon thread on CPU 0 (default: scheduled)
-    gc_probe: bool = True  # log every process's GC pauses (bench/gcprobe), matched to gaps
-    daemon_gc: str = "default"  # "no-full": diagnostic variant, daemons without full GCs
-    rt: bool = False  # variant: every app, daemon and Envoy thread SCHED_RR (RT_PRIORITY)
-    nice: bool = False  # variant: the same threads at nice NICE
-
-    def isolate(self, *procs_: procs.Proc | int) -> None:
-        """Apply the plan's priority variant to these processes (and their threads and
-        children)."""
-        pids = procs.descendants([p if isinstance(p, int) else p.pid for p in procs_])
-        if self.rt and not procs.set_rt_all_threads(pids, RT_PRIORITY):
-            raise RuntimeError("--rt: could not set SCHED_RR (needs CAP_SYS_NICE / root)")
-        if self.nice and not procs.set_nice_all_threads(pids, NICE):
-            raise RuntimeError(f"--nice: could not set nice {NICE} (needs CAP_SYS_NICE / root)")
-
-
-FULL = UpgradePlan()
-QUICK = UpgradePlan(runs=2, phase_s=1.5)
 
 
 def _ctl_argv(prefix: Path, args: list[str]) -> list[str]:
@@ -258,52 +114,6 @@ def new_version(workdir: Path, module: str) -> Path:
         "class Next(_Old):\n    VERSION = _Old.VERSION + 1\n\n\nENGINE = Next\n"
     )
     return path
-
-
-class Client:
-    """The client app process, driven over its stdin/stdout."""
-
-    def __init__(
-        self, argv: list[str], log_dir: Path, cpus: Any, env: dict[str, str] | None = None
-    ) -> None:
-        self.proc = procs.spawn(
-            "client-app",
-            argv,
-            log_dir=log_dir,
-            cpus=cpus,
-            stdin_pipe=True,
-            stdout_pipe=True,
-            env=procs.child_env(env),
-        )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._reader, daemon=True).start()
-
-    def _reader(self) -> None:
-        out = self.proc.popen.stdout
-        assert out is not None
-        for line in out:
-            try:
-                self.events.put(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("client app said: %s", line[:200])
-        self.events.put({"event": "eof"})
-
-    def send(self, cmd: str) -> None:
-        stdin = self.proc.popen.stdin
-        assert stdin is not None
-        stdin.write(cmd.encode() + b"\n")
-        stdin.flush()
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        try:
-            got = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"the client app did not say {event!r} in {timeout:.0f}s") from None
-        if got.get("event") != event:
-            raise RuntimeError(
-                f"the client app said {got} instead of {event!r}:\n{self.proc.log_tail()}"
-            )
-        return got
 
 
 def run_once(
@@ -412,38 +222,6 @@ def run_once(
     return rec
 
 
-def app_env(plan: UpgradePlan, log_dir: Path, role: str) -> dict[str, str]:
-    """The GC probe's environment for a bench app (apps always collect as usual)."""
-    return gcprobe.env(log_dir, role, probe=plan.gc_probe)
-
-
-def add_gc(rec: dict[str, Any], log_dir: Path, done: Any) -> None:
-    """Every process's GC pauses of at least 1 ms during the load into ``rec["gc"]``; the
-    pauses that make up the stall, and the longest gap before (cover at least a third of
-    it), into the analysis (``gc_at_stall``, ``gc_at_gap_before``); and both figures again
-    over the gaps that are not a collection's (``*_clear_of_gc_ms``)."""
-    a, t0 = rec["analysis"], rec["started_ns"]
-    if not any(log_dir.glob("gc-*")):
-        return  # the probe was off
-    ps = gcprobe.pauses(log_dir, t0 - 5 * stall.NS, rec["client"]["stopped_ns"])
-    rec["gc"] = gcprobe.record([p for p in ps if p.ns >= 1_000_000 and p.start_ns >= t0], t0)
-    spans = [(p.start_ns, p.start_ns + p.ns) for p in ps if p.ns >= 1_000_000]
-    sec = lambda x: t0 + int(x * stall.NS)
-    for key, (lo, hi) in (("stall", a["window_s"]), ("gap_before", a["before_window_s"])):
-        if hi > lo:
-            g = stall.longest_gap_clear_of(done, sec(lo), sec(hi), spans)
-            a[f"{key}_clear_of_gc_ms"] = g / 1e6
-    for key, at, ms in (
-        ("gc_at_stall", a["stall_at_s"], a["stall_ms"]),
-        ("gc_at_gap_before", a.get("gap_before_at_s"), a["gap_before_ms"]),
-    ):
-        if at is None or not ms:
-            continue
-        start, end = t0 + int(at * stall.NS), t0 + int(at * stall.NS) + int(ms * 1e6)
-        if stall.covered(start, end, spans) >= stall.GC_SHARE * (end - start):
-            a[key] = [p.brief() for p in gcprobe.overlapping(ps, start, end)]
-
-
 def swap_logged_ns(log_path: Path, wall_offset_ns: int, after_ns: int) -> int | None:
     """CLOCK_MONOTONIC ns of daemon A's first "upgraded ..." log line after ``after_ns``
     (its wall-clock stamp, ms resolution, moved by ``wall_offset_ns`` = wall - monotonic)."""
@@ -533,7 +311,6 @@ def run(
         "scenarios": {},
         "skipped": {},
     }
-    from bench import upgrade_envoy  # it imports this module
 
     active = []
     for name in names:

@@ -39,17 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs, sidecars, stall
-from bench.upgrade import (
-    CONC,
-    READY_TIMEOUT_S,
-    RESULT_TIMEOUT_S,
-    Client,
-    Scenario,
-    UpgradePlan,
-    add_gc,
-    app_env,
-)
 from bench.upgrade_apps import read_calls
+from bench.upgrade_client import Client, add_gc, app_env
+from bench.upgrade_plan import CONC, READY_TIMEOUT_S, RESULT_TIMEOUT_S, Scenario, UpgradePlan
 
 DRAIN_S = 2.0  # --drain-time-s (Envoy's default 600 s)
 PARENT_SHUTDOWN_S = 3.0  # --parent-shutdown-time-s (Envoy's default 900 s)
