@@ -69,6 +69,9 @@ def run(
         raise click.ClickException(str(e)) from None
     hotrestart.RUN_OPTIONS.update(config_path=config_path, overrides=overrides)
     daemon.notifier = notifier
+    from mrpcd.gcwatch import freeze_startup_objects
+
+    freeze_startup_objects()
     serve(daemon, notifier, config, config_path, overrides)
 
 

@@ -67,8 +67,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"mrpcd {r['version']} pid {r['pid']} listening on {r['listen']}\n"
         f"prefix {r['prefix']}  uptime {r['uptime_s']:.0f}s  apps {r['apps']}  "
         f"transport {r['transport']}\nruntimes {rts}\nbind cache {r['bind_cache']}"
+        + (f"\ngc {_gc_line(r['gc'])}" if r.get("gc") else "")
         + (f"\nmetrics http://{r['metrics']}/metrics" if r.get("metrics") else ""),
     )
+
+
+def _gc_line(g: dict[str, Any]) -> str:
+    per_gen = ", ".join(
+        f"gen{i} {n} ({t:.0f} ms, longest {m:.1f} ms)"
+        for i, (n, t, m) in enumerate(zip(g["collections"], g["total_ms"], g["longest_ms"]))
+    )
+    return f"{g['frozen_objects']} start-up objects frozen; collections: {per_gen}"
 
 
 @main.command("list")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from libmrpc._control import error_reply
 from libmrpc.status import MrpcError, RpcError, StatusCode
-from mrpcd import VERSION
+from mrpcd import VERSION, gcwatch
 
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
@@ -160,6 +160,7 @@ class OperatorHandler:
                 for rt in d.runtimes
             ],
             "bind_cache": dict(d.bindings.stats, dir=str(d.bindings.cache_dir)),
+            "gc": gcwatch.WATCH.stats(),
             "metrics": self.metrics_addr,
             "config": d.config.to_dict(),
         }

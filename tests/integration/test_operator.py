@@ -42,6 +42,12 @@ def test_status_and_list(cluster: Cluster) -> None:
         check=True,
     ).stdout
     assert f"listening on {a.listen}" in text
+    # start-up objects are frozen out of the collector's reach; status collected once itself
+    gcs = a.ctl("status")["gc"]
+    print("daemon gc:", gcs)
+    assert gcs["frozen_objects"] > 5000
+    assert gcs["collections"][2] >= 2 and 0 < gcs["longest_ms"][2] <= gcs["total_ms"][2]
+    assert "start-up objects frozen" in text
 
 
 def test_other_users_cannot_reach_the_operator_socket(cluster: Cluster) -> None:
