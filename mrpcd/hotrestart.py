@@ -46,6 +46,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from engines.handover_calls import CALLS_VERSION
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
 from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
@@ -163,12 +164,14 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         check_peer(ours, None)
         listeners, fds = collect_listeners(daemon)
         send_doc(ours, {"msg": "listeners", **listeners}, fds)
-        _expect(ours, deadline, "loaded", child)
+        loaded, _ = _expect(ours, deadline, "loaded", child)
         t_loaded = time.monotonic()
+        # calls waiting for an answer move over, if the new code restores our format
+        waiting = CALLS_VERSION in loaded.get("calls_versions", ())
         quiesced = []
-        _quiesce(daemon, deadline, quiesced)
+        _quiesce(daemon, deadline, quiesced, waiting)
         t_quiet = time.monotonic()
-        state, fds = collect_state(daemon)
+        state, fds = collect_state(daemon, waiting)
         send_doc(ours, {"msg": "state", **state}, fds)
         _expect(ours, deadline, "restored", child)
         if notifier is not None:
@@ -236,9 +239,10 @@ def _expect(
     return doc, fds
 
 
-def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park]) -> None:
-    """Stop everything at a settled point (see the module doc); on return every runtime
-    is parked. Raises HandoverError when it does not settle by ``deadline``."""
+def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park], waiting: bool) -> None:
+    """Stop everything at a settled point (see the module doc; with ``waiting`` calls
+    that wait for an answer need not finish); on return every runtime is parked.
+    Raises HandoverError when it does not settle by ``deadline``."""
     _set_quiesce(daemon, True)
     while True:
         parks[:] = [_Park(rt) for rt in daemon.runtimes]
@@ -247,15 +251,19 @@ def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park]) -> None:
         for park in parks:
             if not park.parked.wait(max(0.0, deadline - time.monotonic())):
                 raise HandoverError(f"timed out waiting for runtime {park.runtime.name} to pause")
-        if settled(daemon):
+        if settled(daemon, waiting):
             return
         for park in parks:
             park.release.set()
         parks.clear()
         if time.monotonic() >= deadline:
             raise HandoverError(
-                "timed out waiting for in-flight calls to finish (a peer or a server app "
-                "does not answer, or an app does not read its completions)"
+                "timed out waiting for in-flight calls to settle (an app does not read its "
+                "completions, or a policy holds calls)"
+                if waiting
+                else "timed out waiting for in-flight calls to finish (a peer or a server app "
+                "does not answer, or an app does not read its completions; the new mrpcd "
+                "cannot take over calls in flight)"
             )
         time.sleep(0.001)
 

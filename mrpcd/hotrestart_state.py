@@ -33,31 +33,37 @@ import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
+from mrpcd.hotrestart_calls import export_served, waiting_only
+
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
     from mrpcd.daemon import Daemon
 
 
-def settled(daemon: Daemon) -> bool:
-    """Nothing in flight: no call taken and unanswered, nothing queued between
-    engines, no frame half read or half written, no completion waiting for ring space."""
+def settled(daemon: Daemon, waiting: bool = False) -> bool:
+    """Nothing half done: nothing queued between engines, no frame half read or half
+    written, no completion waiting for ring space; and no call in flight, unless
+    ``waiting``: then calls that only wait for an answer (a peer's or a server app's)
+    may stay, since the document carries them (``mrpcd/hotrestart_calls.py``)."""
     with daemon.apps_lock:
         apps = list(daemon.apps.values())
     for app in apps:
         if app.closed:
             return False  # its cleanup runs: wait for it
         dp = app.datapath
-        if dp is None:
+        if dp is None or app.inbox:
             return False
-        if app.inflight or app.server_calls or app.inbox or app.bytes_inflight:
+        if not waiting and (app.inflight or app.server_calls or app.bytes_inflight):
             return False
         for engine in dp.engines:
             if engine.tx_in or engine.tx_out or engine.rx_in or engine.rx_out:
                 return False
-        if not dp.frontend.settled() or not dp.transport.settled():  # type: ignore[attr-defined]
+        if not dp.frontend.settled(waiting) or not dp.transport.settled(waiting):  # type: ignore[attr-defined]
+            return False
+        if waiting and not waiting_only(app):
             return False
     ingress = daemon.ingress
-    return ingress is None or ingress.settled()  # type: ignore[attr-defined]
+    return ingress is None or ingress.settled(waiting)  # type: ignore[attr-defined]
 
 
 class _Fds:
@@ -86,7 +92,9 @@ def collect_listeners(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
     return doc, fds.fds
 
 
-def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
+def collect_state(daemon: Daemon, waiting: bool = False) -> tuple[dict[str, Any], list[int]]:
+    """The document and its fds; with ``waiting`` (the new process restores calls in
+    flight) the calls that wait for an answer too. Reads only: a rollback resumes."""
     fds = _Fds()
     control = daemon.control
     by_app = {}
@@ -122,9 +130,12 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
         app_docs.append(doc)
     ingress_doc: dict[str, Any] = {"conns": [], "counters": {}}
     ingress_socks: list[int] = []
+    socks: list[Any] = []
     if daemon.ingress is not None:
         ingress_doc, socks = daemon.ingress.export_state()  # type: ignore[attr-defined]
         ingress_socks = [fds.add(s.fileno()) for s in socks]
+    exported = {doc["app_id"] for doc in app_docs}
+    calls = export_served(apps, socks, exported) if waiting else None
     with daemon.router.lock:
         owners = [
             (svc, o.uid, o.app_name, o.pid, o.app_id, o.since)
@@ -139,6 +150,7 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
         "ingress": ingress_doc,
         "ingress_socks": ingress_socks,
         "peer_connections": peers + len(ingress_socks),
+        "calls": calls,
     }
     return state, fds.fds
 
