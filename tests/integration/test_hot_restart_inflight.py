@@ -241,13 +241,25 @@ def test_64_calls_in_flight_with_slow_ones_lose_nothing_across_restarts(
         t = threading.Thread(target=_load, args=(stub, stop, out))
         t.start()
         stalls = []
+        held = []  # and two calls that run until each restart is over
         for d in (a, b):
             time.sleep(1.5)
-            r = _restart(d)
+            srv.release.clear()
+            reqs = [
+                testing.Request(payload=f"held-{d.prefix.name}{i}".encode(), key="until-released")
+                for i in range(2)
+            ]
+            held += [(bytes(req.payload), stub.Call.future(req, timeout=60)) for req in reqs]
+            while not all(srv.runs[bytes(req.payload)] for req in reqs):
+                time.sleep(0.01)
+            r = _restart(d, *(f for _, f in held[-2:]))
+            srv.release.set()
             stalls.append(r["stall_ms"])
             print(f"restart of {d.prefix.name} under load: {r}")
+            assert r["in_flight"] == 2, r
         time.sleep(1.0)
         stop.set()
+        assert [bytes(f.result().payload) for _, f in held] == [p for p, _ in held]
         t.join(40)
         assert not t.is_alive(), "calls left unanswered"
         ok, errors = out["ok"], out["errors"]
@@ -255,7 +267,7 @@ def test_64_calls_in_flight_with_slow_ones_lose_nothing_across_restarts(
         assert not errors, errors
         assert all(n == 1 for n in ok.values()), "a reply came twice or with a wrong payload"
         assert sum(ok.values()) == out["sent"] == len(ok) > 200, out["sent"]
-        runs = {p: n for p, n in srv.runs.items() if p != b"warm"}
+        runs = {p: n for p, n in srv.runs.items() if p != b"warm" and not p.startswith(b"held")}
         assert runs == dict.fromkeys(ok, 1), "a call ran twice or a call did not run"
         assert all(s < 1000 for s in stalls), stalls
     finally:
