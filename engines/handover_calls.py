@@ -11,8 +11,8 @@ an :class:`~mrpcd.engine.Rpc` the new code's engines complete like any other.
 They read the old objects and never change them: a failed take-over leaves
 the old process with everything as it was.
 
-Format version :data:`CALLS_VERSION` (the new process refuses a document with
-a version it does not know, and the old process keeps serving).
+The documents' layout has a version (``CALLS_VERSION`` in
+``mrpcd/hotrestart_calls.py``): change it with them.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+from engines.local_calls import GoneOrigin, LocalOrigin
+from engines.tcp_conn import Conn
 from mrpcd.engine import AppPort, ConnSpec, Landed, MethodRef, Rpc, RpcKind, RxCall, TxCall
-
-#: The layout of the call documents below; bumped when it changes.
-CALLS_VERSION = 1
-#: The versions this code restores (a new process says so before the old one quiesces).
-CALLS_VERSIONS = (CALLS_VERSION,)
 
 
 def _plain(meta: dict[str, Any]) -> dict[str, Any]:
@@ -121,3 +118,33 @@ def inbound_rpc(doc: dict[str, Any], app: AppPort, origin: Any) -> Rpc:
         peer=str(doc["peer"]),
         _state=RxCall(origin, int(doc["wire_id"]), binding, landed, app),
     )
+
+
+def export_served(app: AppPort, ingress_socks: dict[int, int]) -> list[dict[str, Any]]:
+    """The calls server app ``app`` holds unanswered (``ingress_socks``: id of an
+    exported ingress connection's socket -> its index in the document)."""
+    docs = []
+    for srv in app.server_calls.values():
+        rx: RxCall = srv._state
+        origin = rx.origin
+        where: tuple[Any, ...] = ("gone",)
+        if isinstance(origin, LocalOrigin) and not origin.closed:
+            where = ("local", getattr(origin.owner.app, "app_id", -1))
+        elif isinstance(origin, Conn) and not origin.closed and id(origin.sock) in ingress_socks:
+            entry = origin.rx_calls.get(rx.wire_id)
+            if entry is not None:
+                where = ("tcp", ingress_socks[id(origin.sock)], entry[1])
+        docs.append(inbound_doc(srv, where))
+    return docs
+
+
+def import_served(app: AppPort, doc: dict[str, Any], origin: Any) -> Rpc:
+    """Give server app ``app`` back an ``inbound_doc`` call; ``origin``: the ingress
+    connection or the client transport's LocalOrigin it names, or None (gone)."""
+    srv = inbound_rpc(doc, app, origin if origin is not None else GoneOrigin())
+    app.server_calls[srv.call_id] = srv
+    if isinstance(origin, Conn):
+        origin.owner.adopt_call(origin, srv, int(doc["origin"][2]))  # the ingress
+    elif isinstance(origin, LocalOrigin):
+        origin.routed[int(doc["wire_id"])] = (srv, app)
+    return srv

@@ -797,10 +797,9 @@ class TcpTransport(TransportEngine):
             rpc = handover_calls.outbound_rpc(doc, self.app)
             wire_id = rpc._wire_id
             if doc["via"][0] == "local":
-                if self.local is None:
-                    self.local = LocalOrigin(self)
-                self.local.calls.add(wire_id)
-                self.pending[wire_id] = (rpc, self.local)  # type: ignore[assignment]
+                local = self.local_origin()
+                local.calls.add(wire_id)
+                self.pending[wire_id] = (rpc, local)  # type: ignore[assignment]
             else:
                 conn = conns[doc["via"][1]]
                 conn.calls.add(wire_id)
@@ -809,6 +808,21 @@ class TcpTransport(TransportEngine):
                 heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
         self._wire_ids = itertools.count(int(state.get("next_wire_id", 1)))
         self.counters.update(state.get("counters", {}))
+
+    def export_served(self, ingress_socks: dict[int, int]) -> list[dict[str, Any]]:
+        """Hot restart: the calls this (server) app holds unanswered, as plain data."""
+        return handover_calls.export_served(self.app, ingress_socks)
+
+    def import_served(self, doc: dict[str, Any], origin: Any) -> None:
+        """Hot restart: this server app holds ``doc``'s call again; its answer goes to
+        ``origin`` (an ingress connection, a client's LocalOrigin; None: dropped)."""
+        handover_calls.import_served(self.app, doc, origin)
+
+    def local_origin(self) -> LocalOrigin:
+        """Where server apps of this daemon answer this app's local calls."""
+        if self.local is None:
+            self.local = LocalOrigin(self)
+        return self.local
 
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:

@@ -15,15 +15,20 @@
    (they are kept alive, never run, so no finalizer closes a reused descriptor).
 2. Quiesce: frontends take no new CALL from the submit rings (those stay posted,
    the new process takes them); the ingress reads every inbound connection up to
-   a frame boundary and then stops (the rest waits in the kernel). Calls already
-   taken finish here: peers answer and local server apps reply, as usual. Then
-   every runtime parks (a blocked ``Runtime.post``), and with all of them parked
-   the daemon is checked to be settled (nothing in flight, nothing half read or
-   half sent); if not, they run for a moment and it is checked again.
+   a frame boundary and then stops (the rest waits in the kernel). What is half
+   done finishes here (frames half read or written, calls between engines or
+   held by a policy, completions waiting for ring room); calls that only wait
+   for an answer (a peer's reply, a server app's) are carried over as data
+   (``mrpcd/hotrestart_calls.py``) when the new process says it restores them
+   (``loaded``: ``calls_versions``), else they finish here too. Then every
+   runtime parks (a blocked ``Runtime.post``), and with all of them parked the
+   daemon is checked to be settled (``hotrestart_state.settled``); if not, they
+   run for a moment and it is checked again.
 3. Hand over (``mrpcd/handover.py``): the lock, the listeners, every app's
    control socket and eventfds, every peer connection (SCM_RIGHTS), and as plain
    data the app records, receive-heap allocations, descriptors popped but not
-   taken, routes and service owners (``mrpcd/hotrestart_state.py``).
+   taken, calls waiting for an answer, routes and service owners
+   (``mrpcd/hotrestart_state.py``).
 4. The new process restores and says ``restored``; this one tells systemd
    ``MAINPID=``, says ``commit`` and exits without closing or unlinking anything
    (``Daemon.exit_handed_over``). If the new process fails, times out or dies
@@ -46,9 +51,9 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from engines.handover_calls import CALLS_VERSION
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
+from mrpcd.hotrestart_calls import CALLS_VERSION
 from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
 
 if TYPE_CHECKING:

@@ -1,15 +1,21 @@
 """Hot restart: what the old daemon hands over, and when it may.
 
-:func:`settled` says the quiesced daemon holds nothing half done; then
+:func:`settled` says the quiesced daemon holds nothing half done (calls that
+only wait for an answer may stay when the new process restores them); then
 :func:`collect_state` turns it into one plain-data document plus a list of fds
 (the document names fds by their index in that list). Its inverse, in the new
 process, is ``mrpcd/takeover.py``. Call both with every runtime parked and the
-control loop paused.
+control loop paused. Neither changes the old daemon's state: after a failed
+take-over it resumes as it was (rollback).
 
 Document (``version`` is ``mrpcd.handover.VERSION``)::
 
     listeners (first, by collect_listeners): lock, listener, app_listener, op_listener,
         metrics_listener (or None)   fd indexes
+
+    loaded (new -> old): calls_versions   the formats of calls in flight the new code
+        restores (``mrpcd.hotrestart_calls.CALLS_VERSIONS``); absent in older code:
+        then nothing in flight is carried and the old process waits for every call
 
     state:
     next_app_id, from_pid
@@ -18,12 +24,34 @@ Document (``version`` is ``mrpcd.handover.VERSION``)::
     unregistered [{sock, pid, uid, gid, groups, left}]           app sockets not registered yet
     ingress     {"conns": [conn doc], "counters": ...}, ingress_socks: [fd index]
     peer_connections   how many peer connections (for the report)
+    calls       None (nothing carried) or {"version": CALLS_VERSION, "served":
+                [(app_id, inbound call)]}: the calls server apps hold unanswered
+                (``mrpcd/hotrestart_calls.py``); a version the new code does not
+                know fails the take-over and the old process serves on
 
     app: app_id, name, pid, uid, gid, groups, registered_at, counters, sock, submit_efd,
          complete_efd (fd indexes; the new process keeps the mappings of the regions), schema_texts (per slot), conns
          [(conn_id, host, port, slot)], served [(service, slot)], next_token,
          recv_heap (BuddyAllocator.export_state), frontend (Frontend.export_state),
          transport (TcpTransport.export_state), transport_socks [fd index]
+
+    transport: conns [(target, conn doc)], retired [(target, conn doc)] (retired
+         connections while calls wait on them; their sockets follow the conns'),
+         calls [outbound call], next_wire_id, counters
+
+    outbound call (engines.handover_calls.outbound_doc): an app's call sent and
+         waiting for its reply: wire_id, via (("conn", i): the i-th of conns +
+         retired; ("local",): a server app of this daemon), call_id, conn
+         (conn_id, host, port, slot), rec_off (its request in the app's send heap,
+         which the app keeps until the completion), method_id, deadline (daemon
+         clock = CLOCK_MONOTONIC), created, size, metadata, meta (a policy's
+         scratch space if it is plain data, else {})
+
+    inbound call (engines.handover_calls.inbound_doc): token, wire_id, origin
+         (("tcp", i, reserved): the i-th ingress connection and the bytes the call
+         reserves on it; ("local", client app_id); ("gone",): nobody waits),
+         slot, heap_off, length (the request in the receive heap), method_id,
+         deadline, created, size, metadata, peer, meta
 """
 
 from __future__ import annotations

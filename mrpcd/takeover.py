@@ -25,7 +25,6 @@ import socket
 import time
 from typing import Any
 
-from engines.handover_calls import CALLS_VERSIONS
 from libmrpc._heap import Heap
 from libmrpc._shm import DaemonRegions, ShmLayout
 from libmrpc.status import LocalError
@@ -37,7 +36,12 @@ from mrpcd.daemon import Daemon
 from mrpcd.engine import Binding, ConnSpec
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
 from mrpcd.hotrestart import Inherited
-from mrpcd.hotrestart_calls import UnknownCallsFormat, check_version, import_served
+from mrpcd.hotrestart_calls import (
+    CALLS_VERSIONS,
+    UnknownCallsFormat,
+    check_version,
+    import_served,
+)
 from mrpcd.notify import Notifier
 from mrpcd.operator import OperatorHandler
 from mrpcd.registry import EngineRegistry
