@@ -368,3 +368,12 @@ def test_a_failed_take_over_leaves_the_calls_it_carried_with_the_old_process(
         ]
     assert all(n == 1 for n in srv.runs.values()), srv.runs
     assert stub.Call(testing.Request(payload=b"after"), timeout=10).payload == b"after"
+
+
+def test_a_calls_format_the_new_code_does_not_know_fails_the_take_over() -> None:
+    from mrpcd.hotrestart_calls import CALLS_VERSION, UnknownCallsFormat, check_version
+
+    check_version(None)  # nothing carried (an old daemon's document)
+    check_version({"version": CALLS_VERSION, "served": []})
+    with pytest.raises(UnknownCallsFormat, match="format 99"):
+        check_version({"version": 99, "served": []})
