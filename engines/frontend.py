@@ -724,10 +724,14 @@ class Frontend(FrontendEngine):
 
     # ------------------------------------------------------------------ hot restart
 
-    def settled(self) -> bool:
-        """Quiescing for a hot restart: nothing of this app's is in flight here."""
+    def settled(self, waiting: bool = False) -> bool:
+        """Quiescing for a hot restart: no completion waits for ring room, no reply
+        or release is half taken; no call of this app's is in flight either, unless
+        ``waiting`` (the hand-over then checks each is waiting at its transport)."""
         return (
-            not self.backlog and not self.outgoing and all(d[0] == SUB_CALL for d in self.pending)
+            not self.backlog
+            and (waiting or not self.outgoing)
+            and all(d[0] == SUB_CALL for d in self.pending)
         )
 
     def export_state(self) -> dict[str, Any]:
@@ -738,6 +742,13 @@ class Frontend(FrontendEngine):
     def import_state(self, state: Mapping[str, Any]) -> None:
         self.pending.extend(tuple(d) for d in state.get("pending", ()))
         self.counters.update(state.get("counters", {}))
+
+    def adopt_calls(self, rpcs: list[Rpc]) -> None:
+        """A hot restart: the app's calls the transport took over wait for their
+        replies; count them in flight (quotas, cancel) as when they were taken."""
+        for rpc in rpcs:
+            self.outgoing[rpc.call_id] = rpc
+            self.admission.admit_call(rpc.call_id, rpc.size)
 
 
 ENGINE = Frontend

@@ -63,6 +63,25 @@ class LocalOrigin:
             )
 
 
+class GoneOrigin:
+    """Where the answer to an inbound call goes when nobody waits for it any more
+    (a hot restart found its caller's connection or app gone): the server app's
+    reply is dropped and its memory given back, as for a caller that left."""
+
+    peer = "a caller that is gone"
+    closed = True
+
+    def __init__(self) -> None:
+        self.owner = self
+        self.calls: set[int] = set()
+
+    def post(self, reply: Rpc) -> None:
+        drop(reply)
+
+    def flush(self) -> None:
+        pass
+
+
 def _copy_into(dest: memoryview, head: Any, segs: list[Any]) -> None:
     pos = len(head)
     dest[:pos] = head

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engines import local_calls, tcp_resolve
+from engines import handover_calls, local_calls, tcp_resolve
 from engines import tcp_features as wf
 from engines.local_calls import LocalOrigin
 from engines.tcp_conn import (
@@ -725,30 +725,57 @@ class TcpTransport(TransportEngine):
 
     # ------------------------------------------------------------------ hot restart
 
-    def settled(self) -> bool:
-        """Quiescing for a hot restart: no call pending, nothing half sent or read."""
-        if self.pending or self.unsent or self.resolving or self._resolved:
+    def settled(self, waiting: bool = False) -> bool:
+        """Quiescing for a hot restart: nothing half sent or read, no answer of a
+        local call to take; no call pending either, unless ``waiting`` (then calls
+        fully sent may wait for their reply: ``export_state`` carries them)."""
+        if self.unsent or self.resolving or self._resolved or self.replies:
             return False
-        return all(c.closed or conn_settled(c) for c in [*self.conns.values(), *self.retired])
+        if self.pending and not waiting:
+            return False
+        conns = [*self.conns.values(), *self.retired]
+        return all(c.closed or conn_settled(c, waiting=waiting) for c in conns)
 
     def export_state(self) -> tuple[dict[str, Any], list[socket.socket]]:
         """Plain data and sockets for the next daemon (only when ``settled``): the
-        open connections (retired ones, without calls, are left to close)."""
-        docs, socks = [], []
+        open connections (retired ones only while calls wait on them) and the calls
+        waiting for a reply (:mod:`engines.handover_calls`). Changes nothing."""
+        docs: list[Any] = []
+        retired: list[Any] = []
+        socks: list[socket.socket] = []
+        index: dict[int, int] = {}  # id(conn) -> its place in docs + retired
         for key, conn in self.conns.items():
             if not conn.closed:
                 doc, sock = export_conn(conn)
+                index[id(conn)] = len(socks)
                 docs.append((tuple(key), doc))
                 socks.append(sock)
+        for conn in self.retired:
+            if not conn.closed and conn.calls:
+                doc, sock = export_conn(conn)
+                index[id(conn)] = len(socks)
+                retired.append((tuple(conn.info.get("conn_id", ("", 0, 0))), doc))
+                socks.append(sock)
+        calls = []
+        for wire_id, (rpc, conn) in self.pending.items():
+            via: tuple[Any, ...] = (
+                ("local",) if isinstance(conn, LocalOrigin) else ("conn", index[id(conn)])
+            )
+            calls.append(handover_calls.outbound_doc(wire_id, rpc, via))
         return {
             "conns": docs,
+            "retired": retired,
+            "calls": calls,
             "next_wire_id": next(self._wire_ids),
             "counters": dict(self.counters),
         }, socks
 
     def import_state(self, state: Mapping[str, Any], socks: list[socket.socket]) -> None:
-        """Adopt ``export_state``'s connections (their sockets in the same order)."""
-        for (key, doc), sock in zip(state["conns"], socks, strict=True):
+        """Adopt ``export_state``'s connections (their sockets in the same order)
+        and the calls waiting on them, with their deadlines."""
+        docs = [*state["conns"], *state.get("retired", ())]
+        conns: list[Conn] = []
+        for i, ((key, doc), sock) in enumerate(zip(docs, socks, strict=True)):
             conn = import_conn(
                 doc,
                 sock,
@@ -759,11 +786,43 @@ class TcpTransport(TransportEngine):
                 max_sendq=sys.maxsize,
             )
             conn.info["conn_id"] = tuple(key)
-            self.conns[tuple(key)] = conn
+            if i < len(state["conns"]):
+                self.conns[tuple(key)] = conn
+            else:
+                self.retired.add(conn)
+            conns.append(conn)
             if wf.sync(conn, self.WIRE_FEATURES):  # the new code may understand more (or less)
                 self.dirty.add(conn)
+        for doc in state.get("calls", ()):
+            rpc = handover_calls.outbound_rpc(doc, self.app)
+            wire_id = rpc._wire_id
+            if doc["via"][0] == "local":
+                local = self.local_origin()
+                local.calls.add(wire_id)
+                self.pending[wire_id] = (rpc, local)  # type: ignore[assignment]
+            else:
+                conn = conns[doc["via"][1]]
+                conn.calls.add(wire_id)
+                self.pending[wire_id] = (rpc, conn)
+            if rpc.deadline is not None:
+                heapq.heappush(self.deadlines, (rpc.deadline, wire_id))
         self._wire_ids = itertools.count(int(state.get("next_wire_id", 1)))
         self.counters.update(state.get("counters", {}))
+
+    def export_served(self, ingress_socks: dict[int, int]) -> list[dict[str, Any]]:
+        """Hot restart: the calls this (server) app holds unanswered, as plain data."""
+        return handover_calls.export_served(self.app, ingress_socks)
+
+    def import_served(self, doc: dict[str, Any], origin: Any) -> None:
+        """Hot restart: this server app holds ``doc``'s call again; its answer goes to
+        ``origin`` (an ingress connection, a client's LocalOrigin; None: dropped)."""
+        handover_calls.import_served(self.app, doc, origin)
+
+    def local_origin(self) -> LocalOrigin:
+        """Where server apps of this daemon answer this app's local calls."""
+        if self.local is None:
+            self.local = LocalOrigin(self)
+        return self.local
 
     def close(self) -> None:
         for conn in [*self.conns.values(), *self.retired]:

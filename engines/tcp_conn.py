@@ -585,15 +585,16 @@ def configure(
 HANDOVER_INFO = ("conn_id", "schema_hash", "peer_daemon", "peer_max", "ip", "hello", "metadata")
 
 
-def conn_settled(conn: Conn) -> bool:
+def conn_settled(conn: Conn, *, waiting: bool = False) -> bool:
     """Nothing of this connection's is half done: no partial frame, nothing queued,
-    no call awaiting an answer; a hot restart may hand it over as it is."""
+    and (unless ``waiting``) no call awaiting an answer; a hot restart may hand it
+    over as it is. With ``waiting`` calls fully sent (``calls``) or fully received
+    (``rx_calls``) may wait for their answer: the owner exports them as data."""
     return (
         conn.state is not _CONNECTING
         and not conn.assembler.partial
         and not len(conn.sendq)
-        and not conn.calls
-        and not conn.rx_calls
+        and (waiting or (not conn.calls and not conn.rx_calls))
         and conn.cur is None
         and not conn._batch  # small frames waiting for their BATCH
     )

@@ -602,15 +602,36 @@ class TcpIngress(IngressEngine):
             if conn.hold != on and not conn.closed:
                 conn.set_hold(on)
 
-    def settled(self) -> bool:
-        """Quiescing: every connection held at a frame boundary, nothing to answer or send."""
+    def settled(self, waiting: bool = False) -> bool:
+        """Quiescing: every connection held at a frame boundary, nothing to answer or
+        send; no inbound call unanswered either, unless ``waiting`` (then a call its
+        server app holds, ``AppPort.server_calls``, may wait: the hand-over carries it)."""
         self.quiesce(True)  # connections accepted since
         if self.outbox:
             return False
-        return all(c.closed or (c.held and conn_settled(c)) for c in self.conns)
+        for conn in self.conns:
+            if conn.closed:
+                continue
+            if not conn.held or not conn_settled(conn, waiting=waiting):
+                return False
+            if conn.rx_calls and not all(self.waiting_call(conn, w) for w in conn.rx_calls):
+                return False
+        return True
+
+    @staticmethod
+    def waiting_call(conn: Conn, wire_id: int) -> Rpc | None:
+        """The call ``wire_id`` of ``conn`` if its server app holds it unanswered
+        (delivered, not answered), else None (it is on its way, or its app left)."""
+        entry = conn.rx_calls.get(wire_id)
+        rpc = conn.info.get("routed", {}).get(wire_id)
+        if entry is None or rpc is None:
+            return None
+        app: AppPort = entry[0]
+        return rpc if not app.closed and app.server_calls.get(rpc.call_id) is rpc else None
 
     def export_state(self) -> tuple[dict[str, Any], list[socket.socket]]:
-        """Plain data and sockets of the inbound connections (only when ``settled``)."""
+        """Plain data and sockets of the inbound connections (only when ``settled``;
+        the calls waiting on them are exported with their server apps). Changes nothing."""
         docs, socks = [], []
         for conn in self.conns:
             if not conn.closed:
@@ -619,7 +640,9 @@ class TcpIngress(IngressEngine):
                 socks.append(sock)
         return {"conns": docs, "counters": dict(self.counters)}, socks
 
-    def import_state(self, state: Mapping[str, Any], socks: list[socket.socket]) -> None:
+    def import_state(self, state: Mapping[str, Any], socks: list[socket.socket]) -> list[Conn]:
+        """Adopt ``export_state``'s connections; returns them in the same order."""
+        conns = []
         for doc, sock in zip(state["conns"], socks, strict=True):
             conn = import_conn(
                 doc,
@@ -633,9 +656,20 @@ class TcpIngress(IngressEngine):
             ip = str(conn.info.get("ip"))
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
             self.conns.add(conn)
+            conns.append(conn)
             if wf.sync(conn, self.WIRE_FEATURES):  # the new code may understand more (or less)
                 self.dirty.add(conn)
         self.counters.update(state.get("counters", {}))
+        return conns
+
+    def adopt_call(self, conn: Conn, rpc: Rpc, reserved: int) -> None:
+        """A hot restart: ``rpc`` (its RxCall's origin is ``conn``) waits for its server
+        app's answer; a CANCEL from the peer reaches it, the reply settles it."""
+        rx: RxCall = rpc._state
+        with conn.lock:
+            conn.rx_calls[rx.wire_id] = (rx.port, reserved)
+            conn.reserved += reserved
+        conn.info.setdefault("routed", {})[rx.wire_id] = rpc
 
     def close(self) -> None:
         self.poller.unregister(self.listener.fileno())

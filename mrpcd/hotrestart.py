@@ -15,15 +15,20 @@
    (they are kept alive, never run, so no finalizer closes a reused descriptor).
 2. Quiesce: frontends take no new CALL from the submit rings (those stay posted,
    the new process takes them); the ingress reads every inbound connection up to
-   a frame boundary and then stops (the rest waits in the kernel). Calls already
-   taken finish here: peers answer and local server apps reply, as usual. Then
-   every runtime parks (a blocked ``Runtime.post``), and with all of them parked
-   the daemon is checked to be settled (nothing in flight, nothing half read or
-   half sent); if not, they run for a moment and it is checked again.
+   a frame boundary and then stops (the rest waits in the kernel). What is half
+   done finishes here (frames half read or written, calls between engines or
+   held by a policy, completions waiting for ring room); calls that only wait
+   for an answer (a peer's reply, a server app's) are carried over as data
+   (``mrpcd/hotrestart_calls.py``) when the new process says it restores them
+   (``loaded``: ``calls_versions``), else they finish here too. Then every
+   runtime parks (a blocked ``Runtime.post``), and with all of them parked the
+   daemon is checked to be settled (``hotrestart_state.settled``); if not, they
+   run for a moment and it is checked again.
 3. Hand over (``mrpcd/handover.py``): the lock, the listeners, every app's
    control socket and eventfds, every peer connection (SCM_RIGHTS), and as plain
    data the app records, receive-heap allocations, descriptors popped but not
-   taken, routes and service owners (``mrpcd/hotrestart_state.py``).
+   taken, calls waiting for an answer, routes and service owners
+   (``mrpcd/hotrestart_state.py``).
 4. The new process restores and says ``restored``; this one tells systemd
    ``MAINPID=``, says ``commit`` and exits without closing or unlinking anything
    (``Daemon.exit_handed_over``). If the new process fails, times out or dies
@@ -48,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import RpcError, StatusCode
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
+from mrpcd.hotrestart_calls import CALLS_VERSION
 from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
 
 if TYPE_CHECKING:
@@ -163,12 +169,14 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         check_peer(ours, None)
         listeners, fds = collect_listeners(daemon)
         send_doc(ours, {"msg": "listeners", **listeners}, fds)
-        _expect(ours, deadline, "loaded", child)
+        loaded, _ = _expect(ours, deadline, "loaded", child)
         t_loaded = time.monotonic()
+        # calls waiting for an answer move over, if the new code restores our format
+        waiting = CALLS_VERSION in loaded.get("calls_versions", ())
         quiesced = []
-        _quiesce(daemon, deadline, quiesced)
+        _quiesce(daemon, deadline, quiesced, waiting)
         t_quiet = time.monotonic()
-        state, fds = collect_state(daemon)
+        state, fds = collect_state(daemon, waiting)
         send_doc(ours, {"msg": "state", **state}, fds)
         _expect(ours, deadline, "restored", child)
         if notifier is not None:
@@ -236,9 +244,10 @@ def _expect(
     return doc, fds
 
 
-def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park]) -> None:
-    """Stop everything at a settled point (see the module doc); on return every runtime
-    is parked. Raises HandoverError when it does not settle by ``deadline``."""
+def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park], waiting: bool) -> None:
+    """Stop everything at a settled point (see the module doc; with ``waiting`` calls
+    that wait for an answer need not finish); on return every runtime is parked.
+    Raises HandoverError when it does not settle by ``deadline``."""
     _set_quiesce(daemon, True)
     while True:
         parks[:] = [_Park(rt) for rt in daemon.runtimes]
@@ -247,15 +256,19 @@ def _quiesce(daemon: Daemon, deadline: float, parks: list[_Park]) -> None:
         for park in parks:
             if not park.parked.wait(max(0.0, deadline - time.monotonic())):
                 raise HandoverError(f"timed out waiting for runtime {park.runtime.name} to pause")
-        if settled(daemon):
+        if settled(daemon, waiting):
             return
         for park in parks:
             park.release.set()
         parks.clear()
         if time.monotonic() >= deadline:
             raise HandoverError(
-                "timed out waiting for in-flight calls to finish (a peer or a server app "
-                "does not answer, or an app does not read its completions)"
+                "timed out waiting for in-flight calls to settle (an app does not read its "
+                "completions, or a policy holds calls)"
+                if waiting
+                else "timed out waiting for in-flight calls to finish (a peer or a server app "
+                "does not answer, or an app does not read its completions; the new mrpcd "
+                "cannot take over calls in flight)"
             )
         time.sleep(0.001)
 

@@ -1,15 +1,21 @@
 """Hot restart: what the old daemon hands over, and when it may.
 
-:func:`settled` says the quiesced daemon holds nothing half done; then
+:func:`settled` says the quiesced daemon holds nothing half done (calls that
+only wait for an answer may stay when the new process restores them); then
 :func:`collect_state` turns it into one plain-data document plus a list of fds
 (the document names fds by their index in that list). Its inverse, in the new
 process, is ``mrpcd/takeover.py``. Call both with every runtime parked and the
-control loop paused.
+control loop paused. Neither changes the old daemon's state: after a failed
+take-over it resumes as it was (rollback).
 
 Document (``version`` is ``mrpcd.handover.VERSION``)::
 
     listeners (first, by collect_listeners): lock, listener, app_listener, op_listener,
         metrics_listener (or None)   fd indexes
+
+    loaded (new -> old): calls_versions   the formats of calls in flight the new code
+        restores (``mrpcd.hotrestart_calls.CALLS_VERSIONS``); absent in older code:
+        then nothing in flight is carried and the old process waits for every call
 
     state:
     next_app_id, from_pid
@@ -18,12 +24,34 @@ Document (``version`` is ``mrpcd.handover.VERSION``)::
     unregistered [{sock, pid, uid, gid, groups, left}]           app sockets not registered yet
     ingress     {"conns": [conn doc], "counters": ...}, ingress_socks: [fd index]
     peer_connections   how many peer connections (for the report)
+    calls       None (nothing carried) or {"version": CALLS_VERSION, "served":
+                [(app_id, inbound call)]}: the calls server apps hold unanswered
+                (``mrpcd/hotrestart_calls.py``); a version the new code does not
+                know fails the take-over and the old process serves on
 
     app: app_id, name, pid, uid, gid, groups, registered_at, counters, sock, submit_efd,
          complete_efd (fd indexes; the new process keeps the mappings of the regions), schema_texts (per slot), conns
          [(conn_id, host, port, slot)], served [(service, slot)], next_token,
          recv_heap (BuddyAllocator.export_state), frontend (Frontend.export_state),
          transport (TcpTransport.export_state), transport_socks [fd index]
+
+    transport: conns [(target, conn doc)], retired [(target, conn doc)] (retired
+         connections while calls wait on them; their sockets follow the conns'),
+         calls [outbound call], next_wire_id, counters
+
+    outbound call (engines.handover_calls.outbound_doc): an app's call sent and
+         waiting for its reply: wire_id, via (("conn", i): the i-th of conns +
+         retired; ("local",): a server app of this daemon), call_id, conn
+         (conn_id, host, port, slot), rec_off (its request in the app's send heap,
+         which the app keeps until the completion), method_id, deadline (daemon
+         clock = CLOCK_MONOTONIC), created, size, metadata, meta (a policy's
+         scratch space if it is plain data, else {})
+
+    inbound call (engines.handover_calls.inbound_doc): token, wire_id, origin
+         (("tcp", i, reserved): the i-th ingress connection and the bytes the call
+         reserves on it; ("local", client app_id); ("gone",): nobody waits),
+         slot, heap_off, length (the request in the receive heap), method_id,
+         deadline, created, size, metadata, peer, meta
 """
 
 from __future__ import annotations
@@ -33,31 +61,37 @@ import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
+from mrpcd.hotrestart_calls import export_served, waiting_only
+
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
     from mrpcd.daemon import Daemon
 
 
-def settled(daemon: Daemon) -> bool:
-    """Nothing in flight: no call taken and unanswered, nothing queued between
-    engines, no frame half read or half written, no completion waiting for ring space."""
+def settled(daemon: Daemon, waiting: bool = False) -> bool:
+    """Nothing half done: nothing queued between engines, no frame half read or half
+    written, no completion waiting for ring space; and no call in flight, unless
+    ``waiting``: then calls that only wait for an answer (a peer's or a server app's)
+    may stay, since the document carries them (``mrpcd/hotrestart_calls.py``)."""
     with daemon.apps_lock:
         apps = list(daemon.apps.values())
     for app in apps:
         if app.closed:
             return False  # its cleanup runs: wait for it
         dp = app.datapath
-        if dp is None:
+        if dp is None or app.inbox:
             return False
-        if app.inflight or app.server_calls or app.inbox or app.bytes_inflight:
+        if not waiting and (app.inflight or app.server_calls or app.bytes_inflight):
             return False
         for engine in dp.engines:
             if engine.tx_in or engine.tx_out or engine.rx_in or engine.rx_out:
                 return False
-        if not dp.frontend.settled() or not dp.transport.settled():  # type: ignore[attr-defined]
+        if not dp.frontend.settled(waiting) or not dp.transport.settled(waiting):  # type: ignore[attr-defined]
+            return False
+        if waiting and not waiting_only(app):
             return False
     ingress = daemon.ingress
-    return ingress is None or ingress.settled()  # type: ignore[attr-defined]
+    return ingress is None or ingress.settled(waiting)  # type: ignore[attr-defined]
 
 
 class _Fds:
@@ -86,7 +120,9 @@ def collect_listeners(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
     return doc, fds.fds
 
 
-def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
+def collect_state(daemon: Daemon, waiting: bool = False) -> tuple[dict[str, Any], list[int]]:
+    """The document and its fds; with ``waiting`` (the new process restores calls in
+    flight) the calls that wait for an answer too. Reads only: a rollback resumes."""
     fds = _Fds()
     control = daemon.control
     by_app = {}
@@ -122,9 +158,12 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
         app_docs.append(doc)
     ingress_doc: dict[str, Any] = {"conns": [], "counters": {}}
     ingress_socks: list[int] = []
+    socks: list[Any] = []
     if daemon.ingress is not None:
         ingress_doc, socks = daemon.ingress.export_state()  # type: ignore[attr-defined]
         ingress_socks = [fds.add(s.fileno()) for s in socks]
+    exported = {doc["app_id"] for doc in app_docs}
+    calls = export_served(apps, socks, exported) if waiting else None
     with daemon.router.lock:
         owners = [
             (svc, o.uid, o.app_name, o.pid, o.app_id, o.since)
@@ -139,6 +178,7 @@ def collect_state(daemon: Daemon) -> tuple[dict[str, Any], list[int]]:
         "ingress": ingress_doc,
         "ingress_socks": ingress_socks,
         "peer_connections": peers + len(ingress_socks),
+        "calls": calls,
     }
     return state, fds.fds
 

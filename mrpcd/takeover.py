@@ -36,6 +36,12 @@ from mrpcd.daemon import Daemon
 from mrpcd.engine import Binding, ConnSpec
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
 from mrpcd.hotrestart import Inherited
+from mrpcd.hotrestart_calls import (
+    CALLS_VERSIONS,
+    UnknownCallsFormat,
+    check_version,
+    import_served,
+)
 from mrpcd.notify import Notifier
 from mrpcd.operator import OperatorHandler
 from mrpcd.registry import EngineRegistry
@@ -68,7 +74,7 @@ def child_main(
             raise HandoverError(f"expected the listeners, got {listeners.get('msg')!r}")
         config, bindings = _load(old_daemon, options)
         daemon = prebuild(config, listeners, listener_fds, bindings)
-        send_doc(sock, {"msg": "loaded"})
+        send_doc(sock, {"msg": "loaded", "calls_versions": list(CALLS_VERSIONS)})
         deadline = time.monotonic() + config.restart_timeout
         state, fds = recv_doc(sock, deadline)
         t0 = time.monotonic()
@@ -215,6 +221,10 @@ def restore(daemon: Daemon, state: dict[str, Any], fds: list[int], old_daemon: A
         return socket.socket(fileno=fds[i])
 
     assert daemon.operator is not None
+    try:
+        check_version(state.get("calls"))
+    except UnknownCallsFormat as e:
+        raise TakeoverFailed(str(e)) from None
     daemon._app_ids = itertools.count(int(state["next_app_id"]))
     with daemon.router.lock:
         for svc, uid, app_name, pid, app_id, since in state["owners"]:
@@ -241,9 +251,10 @@ def restore(daemon: Daemon, state: dict[str, Any], fds: list[int], old_daemon: A
             )
         )
     assert daemon.ingress is not None
-    daemon.ingress.import_state(  # type: ignore[attr-defined]
+    ingress_conns = daemon.ingress.import_state(  # type: ignore[attr-defined]
         state["ingress"], [sock(i) for i in state["ingress_socks"]]
     )
+    import_served(daemon, state.get("calls"), ingress_conns)  # the calls server apps hold
 
 
 def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]]) -> None:
@@ -322,6 +333,8 @@ def _restore_app(daemon: Daemon, doc: dict[str, Any], fds: list[int], old_daemon
     dp.transport.import_state(  # type: ignore[attr-defined]
         doc["transport"], [socket.socket(fileno=fds[i]) for i in doc["transport_socks"]]
     )
+    waiting = [rpc for rpc, _ in dp.transport.pending.values()]  # type: ignore[attr-defined]
+    dp.frontend.adopt_calls(waiting)  # type: ignore[attr-defined]
     attach()  # the runtime is not running yet: on this thread
     with daemon.router.lock:
         for svc, slot in doc["served"]:

@@ -179,9 +179,10 @@ def _scrape(port: int) -> str:
         return r.read().decode()
 
 
-def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -> None:
-    """A call the daemon took is finished by the old process (calls do not move
-    between processes): a slow handler makes the pause as long as its rest."""
+def test_a_slow_call_in_flight_moves_to_the_new_process(cluster: Cluster) -> None:
+    """A call that waits for its answer is handed over as data (calls move between
+    processes, ``mrpcd/hotrestart_calls.py``): a slow handler does not lengthen the
+    pause, and the new process completes the call."""
     a, b = cluster.daemon("a"), cluster.daemon("b")
     try:
         cluster.server(b, name="srv")
@@ -191,14 +192,16 @@ def test_a_slow_call_in_flight_finishes_before_the_hand_over(cluster: Cluster) -
             fut = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=1500), timeout=10)
             time.sleep(0.2)
             r = _restart(d)
-            assert fut.result().payload == b"slow"  # answered by the old process, not lost
-            left = 1.3 - r["startup_ms"] / 1e3  # the new process loads first, then the pause
+            in_flight = not fut.done()
+            assert fut.result().payload == b"slow"  # answered through the new process
             print(
-                f"{d.prefix.name}: a call with {max(left, 0):.1f} s left when the pause began "
-                f"paused the others {r['stall_ms']} ms (settle {r['settle_ms']} ms)"
+                f"{d.prefix.name}: a 1.5-s call in flight (still running when the restart "
+                f"answered: {in_flight}) paused the others {r['stall_ms']} ms "
+                f"(settle {r['settle_ms']} ms)"
             )
-            if left > 0.5:  # a loaded machine may take longer to load than the call takes
-                assert r["settle_ms"] >= 250, r
+            assert r["stall_ms"] < 1000, r
+            # carried over, not finished first (unless loading took longer than the call)
+            assert in_flight or r["startup_ms"] > 1000, r
         assert stub.Call(testing.Request(payload=b"after"), timeout=10).payload == b"after"
     finally:
         assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
