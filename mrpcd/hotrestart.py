@@ -34,7 +34,6 @@
 from __future__ import annotations
 
 import fcntl
-import gc
 import importlib
 import logging
 import os
@@ -47,6 +46,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import RpcError, StatusCode
+from mrpcd import hotrestart_operator
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
 from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
 
@@ -125,8 +125,7 @@ def _fork(daemon: Daemon, ours: socket.socket, theirs: socket.socket) -> int:
 
 
 def _child(daemon: Daemon, fd: int, options: dict[str, Any], notify: tuple[Any, int]) -> int:
-    old_world = (daemon, dict(sys.modules))  # kept alive, never used again: see the module doc
-    gc.freeze()
+    old_world = (daemon, dict(sys.modules))  # emptied by the new code: mrpcd/oldworld.py
     inherited = {n for n in map(int, os.listdir("/proc/self/fd")) if _is_open(n)}  # not listdir's
     for name in list(sys.modules):
         if name.split(".")[0] in ("mrpcd", "engines", "libmrpc", "policies"):
@@ -169,6 +168,7 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         _quiesce(daemon, deadline, quiesced)
         t_quiet = time.monotonic()
         state, fds = collect_state(daemon)
+        state["operator"] = hotrestart_operator.collect(daemon)
         send_doc(ours, {"msg": "state", **state}, fds)
         _expect(ours, deadline, "restored", child)
         if notifier is not None:

@@ -33,6 +33,8 @@ import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
+from mrpcd.registry import engine_source
+
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
     from mrpcd.daemon import Daemon
@@ -171,6 +173,11 @@ def _app_doc(app: AppState, conn: Any, fds: _Fds) -> dict[str, Any]:
         "transport": transport,
         "transport_socks": [fds.add(s.fileno()) for s in socks],
         "policies": [_policy_doc(e) for e in dp.policies],
+        # the classes and ids of its always-on engines (a live upgrade or transport switch)
+        "engine_classes": {
+            role: [e.ctx.engine_id, engine_source(type(e))]
+            for role, e in (("frontend", dp.frontend), ("transport", dp.transport))
+        },
     }
 
 
@@ -184,6 +191,8 @@ def _policy_doc(engine: Any) -> dict[str, Any]:
         state = None
     ctx = engine.ctx
     return {
+        "engine_id": ctx.engine_id,  # what `mrpcctl list` shows and operators' scripts name
+        "module": engine_source(type(engine)),  # a live upgrade of this app's engine
         "engine": engine.NAME,
         "version": engine.VERSION,
         "side": ctx.side.value,
