@@ -92,8 +92,20 @@ class _Park:
 
 
 def hot_restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
-    if not _one_at_a_time.acquire(blocking=False) or daemon.restarting:
-        raise RpcError(StatusCode.FAILED_PRECONDITION, "a hot restart is already under way")
+    """One at a time: a second one asked for meanwhile (or once this process has
+    handed over) fails with FAILED_PRECONDITION and changes nothing."""
+    if daemon.handed_over:
+        raise RpcError(
+            StatusCode.FAILED_PRECONDITION,
+            f"a hot restart just handed over to the new mrpcd (pid {daemon.successor_pid}); "
+            f"this one exits: retry against the new one",
+        )
+    if not _one_at_a_time.acquire(blocking=False):
+        raise RpcError(
+            StatusCode.FAILED_PRECONDITION,
+            "a hot restart is already under way; wait for it to finish (mrpcctl status shows "
+            "the new pid) and retry if needed",
+        )
     try:
         if daemon.draining:
             raise RpcError(StatusCode.FAILED_PRECONDITION, "mrpcd is shutting down; no restart")

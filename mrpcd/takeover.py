@@ -12,7 +12,10 @@ reason and exits: the old daemon rolls back.
 
 Test hook: ``MRPC_TEST_FAIL_TAKEOVER=load`` or ``=restore`` (in the old daemon's
 environment) makes the new process fail at that step, ``=hang`` makes it hang
-while loading, so tests can check the rollback; it is read nowhere else.
+while loading, so tests can check the rollback; ``MRPC_TEST_PAUSE_TAKEOVER=STEP[:SECONDS]``
+(``load``, ``restore``: before the restore, ``commit``: after the commit, before
+serving) makes it pause there (2 s), so tests can act in that window. Read
+nowhere else.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from mrpcd.services import Claimant
 
 log = logging.getLogger(__name__)
 TEST_HOOK = "MRPC_TEST_FAIL_TAKEOVER"
+PAUSE_HOOK = "MRPC_TEST_PAUSE_TAKEOVER"
 
 
 class TakeoverFailed(Exception):
@@ -58,6 +62,9 @@ def child_main(
     notify: tuple[str | None, int],
 ) -> int:
     """The forked process's life; returns its exit status."""
+    from mrpcd.cli import Signals, serve
+
+    caught = Signals()  # first: a signal from now on is handled once we serve
     old_daemon = oldworld.keep(old_world[0])  # the regions' mappings, the schema texts
     released = oldworld.release(old_world)  # before any descriptor is received or opened
     inherited = {n for n in inherited if _is_open(n)}  # the old objects closed their copies
@@ -107,6 +114,7 @@ def child_main(
     # this frame stays on the stack below serve() for the process's life (and below
     # the next hot restart's): it must not hold the hand-over's documents
     del state, fds, listeners, listener_fds, old_daemon, go
+    _hook("commit")
     daemon._go()
     try:
         send_doc(sock, {"msg": "serving", "pid": os.getpid()})  # mrpcd.json is ours now
@@ -121,9 +129,15 @@ def child_main(
         (t1 - t0) * 1e3,
         (time.monotonic() - t0) * 1e3,
     )
-    from mrpcd.cli import serve
-
-    serve(daemon, notifier, config, options["config_path"], options["overrides"], takeover=True)
+    serve(
+        daemon,
+        notifier,
+        config,
+        options["config_path"],
+        options["overrides"],
+        takeover=True,
+        caught=caught,
+    )
     return 0
 
 
@@ -154,6 +168,11 @@ def _restore_priority(priority: int | None) -> None:
 
 
 def _hook(step: str) -> None:
+    pause = os.environ.get(PAUSE_HOOK, "").split(":")
+    if pause[0] == step:
+        seconds = float(pause[1]) if len(pause) > 1 else 2.0
+        log.info("%s: the new mrpcd pauses %.1f s at %s (a test hook)", PAUSE_HOOK, seconds, step)
+        time.sleep(seconds)
     if os.environ.get(TEST_HOOK) == "hang" and step == "load":
         time.sleep(3600)  # the old process times out and kills us
     if os.environ.get(TEST_HOOK) == step:

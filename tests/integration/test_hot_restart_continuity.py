@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import Cluster, Daemon, mrpcd_running, stop_successor
+import pytest
+
+import libmrpc
+from tests.integration.conftest import ROOT, Cluster, Daemon, mrpcd_running, stop_successor
 
 
 def _state(d: Daemon) -> dict[str, Any]:
@@ -173,6 +180,182 @@ def test_what_the_operator_changed_survives_a_hot_restart(cluster: Cluster) -> N
         assert fresh not in ids, (fresh, ids)
         number = int(fresh.rsplit("-", 1)[1])
         assert all(number > int(i.rsplit("-", 1)[1]) for i in ids if i[-1].isdigit()), (fresh, ids)
+        (got,) = [cli.result(60)]
+        assert got["errors"] == {} and got["mismatches"] == 0, got
+    finally:
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
+
+
+# --------------------------------------------------------------------------- around a restart
+# MRPC_TEST_PAUSE_TAKEOVER=STEP:SECONDS makes the new process pause at STEP (and log
+# it), so a test can act in that window: "load" (the old one serves, the control
+# loop is paused), "restore" (the old one is quiesced), "commit" (the old one has
+# committed; the new one does not serve yet).
+
+
+def _pause(step: str, seconds: float = 1.5) -> dict[str, str]:
+    return {"MRPC_TEST_PAUSE_TAKEOVER": f"{step}:{seconds}"}
+
+
+def _ctl_in_background(d: Daemon, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mrpcd.ctl", "--prefix", str(d.prefix), "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_paused(d: Daemon, count: int = 1) -> int:
+    """Wait until the new process logged its pause (the ``count``-th one); its pid."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [ln for ln in d.log().splitlines() if "the new mrpcd pauses" in ln]
+        if len(lines) >= count:
+            return int(lines[count - 1].split("mrpcd[", 1)[1].split("]", 1)[0])
+        time.sleep(0.02)
+    raise AssertionError(f"the new mrpcd never paused:\n{d.log()[-3000:]}")
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while mrpcd_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not mrpcd_running(pid)
+
+
+@pytest.mark.parametrize(
+    ("step", "target"),
+    [("restore", "old"), ("commit", "old"), ("commit", "new")],
+    ids=["before-commit", "after-commit", "new-before-serving"],
+)
+def test_sigterm_during_a_hot_restart_stops_the_daemon_cleanly(
+    cluster: Cluster, step: str, target: str
+) -> None:
+    """SIGTERM while a hot restart is under way means what it always means: the
+    daemon drains and exits. Nothing is left running, half handed over or not."""
+    a = cluster.daemon("a", env=_pause(step), config="drain_timeout: 1\n")
+    old = a.pid
+    apps = [
+        cluster.server(a, name="srv"),
+        cluster.app("client_app.py", str(a.prefix), a.listen, "--forever", name="cli"),
+    ]
+    restart = _ctl_in_background(a, "daemon", "restart")
+    new = _wait_paused(a)
+    t0 = time.monotonic()
+    os.kill(old if target == "old" else new, signal.SIGTERM)
+    out, err = restart.communicate(timeout=30)
+
+    print(f"SIGTERM to the {target} mrpcd at {step}: mrpcctl daemon restart said {out or err}")
+    code = a.proc.wait(20)
+    assert _gone(new), f"the new mrpcd (pid {new}) still runs after SIGTERM:\n{a.log()[-3000:]}"
+    print(f"both processes gone {time.monotonic() - t0:.2f} s after the SIGTERM")
+    assert code == 0, a.log()[-3000:]
+    assert not (a.prefix / "mrpcd.json").exists(), "the daemon did not stop cleanly"
+    assert not (a.prefix / "mrpcd.sock").exists() or not _serving(a)
+    print("\n".join(ln for ln in a.log().splitlines() if "signal" in ln or "stop" in ln))
+    for app in apps:  # their daemon is gone: nothing to wait for
+        app.proc.kill()
+        app.proc.wait()
+
+
+def _serving(d: Daemon) -> bool:
+    r = d.ctl("status", check=False)
+    return not isinstance(r, subprocess.CompletedProcess)
+
+
+def test_apps_that_register_during_a_hot_restart_end_up_with_the_new_daemon(
+    cluster: Cluster,
+) -> None:
+    """Registrations, schema binds and a new service while the control loop is
+    paused and the state is handed over: they wait, then the new process serves
+    them; none gets an error."""
+    at = libmrpc.load_proto(ROOT / "schemas" / "alltypes.proto")
+    a = cluster.daemon("a", env=_pause("restore"))
+    try:
+        cluster.server(a, name="srv")
+        cli = cluster.app("client_app.py", str(a.prefix), a.listen, "--forever", name="cli")
+        restart = _ctl_in_background(a, "daemon", "restart")
+        _wait_paused(a)  # the old process is quiesced, its control loop paused
+        late = [
+            cluster.app(
+                "client_app.py",
+                str(a.prefix),
+                a.listen,
+                "--calls",
+                "200",
+                "--name",
+                f"late{i}",
+                name=f"late{i}",
+                wait=False,
+            )
+            for i in range(2)
+        ]
+        errors: list[BaseException] = []
+        answers: list[Any] = []
+        channels: list[Any] = []
+
+        class AllTypes(at.AllTypesServiceServicer):  # type: ignore[name-defined,misc]
+            def Ping(self, request: Any, context: Any) -> Any:
+                return at.Empty()
+
+        server = libmrpc.Server(prefix=str(a.prefix), name="late_srv")
+        server.add_servicer(AllTypes())
+
+        def serve_late() -> None:
+            try:
+                server.start()  # registers, binds its schemas, serves a new service
+                channels.append(libmrpc.connect(a.listen, prefix=str(a.prefix), name="late_cli"))
+                stub = at.AllTypesServiceStub(channels[0])
+                answers.append(stub.Ping(at.Empty(), timeout=30))
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+
+        t = threading.Thread(target=serve_late)
+        t.start()
+        out, err = restart.communicate(timeout=30)
+        assert restart.returncode == 0, err
+        new_pid = json.loads(out)["new_pid"]
+        t.join(30)
+        assert not errors and len(answers) == 1, errors
+        results = [x.result(60) for x in late]
+        print("late clients:", results)
+        for got in results:
+            assert got["errors"] == {} and got["ok"] == 200, got
+        names = {x["name"] for x in a.apps()}
+        assert {"srv", "client", "late_srv"} <= names, names  # late_cli shares our session
+        assert a.ctl("status")["pid"] == new_pid
+        services = {s["service"]: s["served_by"] for s in a.ctl("services")["services"]}
+        late_service = [s for s, by in services.items() if by and by["app"] == "late_srv"]
+        assert late_service, services
+        server.stop(1.0)
+        (got,) = [cli.result(60)]
+        assert got["errors"] == {} and got["mismatches"] == 0, got
+    finally:
+        assert stop_successor(a), "the new mrpcd did not stop on SIGTERM"
+
+
+def test_a_second_restart_while_one_is_under_way_is_refused(cluster: Cluster) -> None:
+    """Two `mrpcctl daemon restart` at once: one runs, the other gets
+    FAILED_PRECONDITION and changes nothing; right after it, another one runs."""
+    a = cluster.daemon("a", env=_pause("load", 1.0))
+    try:
+        cluster.server(a, name="srv")
+        cli = cluster.app("client_app.py", str(a.prefix), a.listen, "--forever", name="cli")
+        first = _ctl_in_background(a, "daemon", "restart")
+        _wait_paused(a)
+        second = a.ctl("daemon", "restart", check=False)
+        print("the second restart said:", second.stderr.strip())
+        assert second.returncode != 0 and "FAILED_PRECONDITION" in second.stderr, second.stderr
+        assert "already under way" in second.stderr, second.stderr
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 0, err
+        one = json.loads(out)
+        assert _gone(one["old_pid"])
+        two = _restart(a)  # in quick succession: runs against the new process
+        assert two["old_pid"] == one["new_pid"] and two["new_pid"] != one["new_pid"]
+        assert [x["name"] for x in a.apps()].count("srv") == 1
         (got,) = [cli.result(60)]
         assert got["errors"] == {} and got["mismatches"] == 0, got
     finally:
