@@ -12,7 +12,7 @@
    writable mapping of each app's receive heap cannot be made again (the heap is
    sealed ``F_SEAL_FUTURE_WRITE`` so apps can only read it), so the child keeps
    the mappings it inherited; it uses nothing else of the old code's objects
-   (they are kept alive, never run, so no finalizer closes a reused descriptor).
+   and empties them before it opens anything (``mrpcd/oldworld.py``).
 2. Quiesce: frontends take no new CALL from the submit rings (those stay posted,
    the new process takes them); the ingress reads every inbound connection up to
    a frame boundary and then stops (the rest waits in the kernel). Calls already

@@ -20,9 +20,9 @@ policies with ``hotrestart_state``) the new process takes over:
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from mrpcd.registry import EngineLoadError, engine_source, load_fresh_engine_class
@@ -99,10 +99,22 @@ def apply_after(daemon: Daemon, doc: dict[str, Any]) -> None:
             previous[eid] = engine_class(daemon, name, source)
         except EngineLoadError as e:
             log.warning("hot restart: %s cannot be rolled back any more: %s", eid, e)
+    registry, samples = daemon.services.metrics_registry, doc.get("metrics", [])
     try:
-        import_samples(daemon.services.metrics_registry, doc.get("metrics", []))
+        if registry is not None and samples and not hasattr(registry, "_mrpc_families"):
+            _register_families(daemon, registry)  # detached since: its series stay
+        import_samples(registry, samples)
     except Exception as e:  # noqa: BLE001 - the metrics start from 0, the daemon serves
         log.warning("hot restart: the metrics' values did not carry over: %s", e)
+
+
+def _register_families(daemon: Daemon, registry: Any) -> None:
+    """The ``metrics`` engine's metric families in ``registry`` (by its configured
+    module, as the daemon loads every engine) although no such policy is attached."""
+    cls = daemon.registry.get("metrics")
+    families = getattr(sys.modules.get(cls.__module__), "families", None)
+    if families is not None:
+        families(registry)
 
 
 def export_samples(registry: Any) -> list[tuple[str, dict[str, str], float]]:
@@ -117,8 +129,6 @@ def import_samples(registry: Any, samples: list[tuple[str, dict[str, str], float
     histograms; their ``_created`` times too, so no reset shows)."""
     if registry is None or not samples:
         return
-    if getattr(registry, "_mrpc_families", None) is None:
-        importlib.import_module("engines.metrics").families(registry)  # no metrics policy now
     named = registry._names_to_collectors
     buckets: dict[int, tuple[Any, list[tuple[float, float]]]] = {}  # id(child) -> cumulative
     for name, labels, value in samples:

@@ -18,12 +18,15 @@ Document (``version`` is ``mrpcd.handover.VERSION``)::
     unregistered [{sock, pid, uid, gid, groups, left}]           app sockets not registered yet
     ingress     {"conns": [conn doc], "counters": ...}, ingress_socks: [fd index]
     peer_connections   how many peer connections (for the report)
+    operator    what operators changed (``mrpcd/hotrestart_operator.py``; added by the caller)
 
     app: app_id, name, pid, uid, gid, groups, registered_at, counters, sock, submit_efd,
          complete_efd (fd indexes; the new process keeps the mappings of the regions), schema_texts (per slot), conns
          [(conn_id, host, port, slot)], served [(service, slot)], next_token,
          recv_heap (BuddyAllocator.export_state), frontend (Frontend.export_state),
-         transport (TcpTransport.export_state), transport_socks [fd index]
+         transport (TcpTransport.export_state), transport_socks [fd index],
+         policies [{engine_id, module, engine, version, side, method, config, state}],
+         engine_classes {"frontend"|"transport": [engine_id, module]}
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ def release(old_world: tuple[Any, dict[str, Any]]) -> dict[str, float]:
     Call before any descriptor is received or opened, once :func:`keep` has run."""
     t0 = time.monotonic()
     gc.unfreeze()  # an older _child froze the old world: its objects must be visible
+    for name in [n for n in sys.modules if "__mrpc_v" in n]:  # engines an upgrade loaded
+        old_world[1].setdefault(name, sys.modules.pop(name))  # (from a file, say): loaded again
     modules = {n: m for n, m in old_world[1].items() if is_old_module(n, m)}
     classes = _classes(modules.values())
     _fix_logging(classes)

@@ -282,6 +282,7 @@ def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]])
     assert app.datapath is not None and daemon.operator is not None
     manager = daemon.operator.policies
     fresh = list(app.datapath.policies)
+    order: list[Any] = []  # the policies as they were in the chain
     for doc in docs:
         key = (doc["engine"], doc["side"], doc["method"], doc["config"])
         engine = next(
@@ -311,6 +312,7 @@ def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]])
             continue
         if doc.get("engine_id"):
             _rename(manager, engine, doc["engine_id"])
+        order.append(engine)
         state = doc["state"]
         if state is None:
             continue
@@ -324,6 +326,30 @@ def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]])
                 app.name,
                 e,
             )
+    _reorder(app, order)
+
+
+def _reorder(app: AppState, order: list[Any]) -> None:
+    """Put the policies in the chain in ``order`` (the standing rules attached theirs
+    first): each engine keeps its input deques, its outputs are pointed at the next
+    engine's inputs (as ``Datapath.insert`` does); only while none holds an item."""
+    dp, runtime = app.datapath, app.runtime
+    assert dp is not None and runtime is not None
+    now = dp.policies
+    wanted = order + [e for e in now if e not in order]  # new standing ones: last
+    if wanted == now:
+        return
+    if any(e.tx_in or e.tx_out or e.rx_in or e.rx_out for e in dp.engines[:-1]):
+        log.warning("hot restart: the policies of app %r keep a new order", app.name)
+        return
+    chain = [dp.frontend, *wanted, dp.transport]
+    for a, b in itertools.pairwise(chain):
+        a.tx_out = b.tx_in
+        b.rx_out = a.rx_in
+    dp.engines[:] = chain
+    slots = sorted(runtime.engines.index(e) for e in wanted)
+    for slot, engine in zip(slots, wanted, strict=True):
+        runtime.engines[slot] = engine
 
 
 def _policy_class(daemon: Daemon, doc: dict[str, Any]) -> Any:

@@ -149,6 +149,13 @@ def test_what_the_operator_changed_survives_a_hot_restart(cluster: Cluster) -> N
             "--app", "client",
         )  # fmt: skip
         assert [u["to_version"] for u in r["engines"]] == [2], r
+        # a recorded policy (a standing rule attaches it again), upgraded for its app only
+        a.ctl("policy", "attach", "null", "--app", "srv", "--side", "receive")
+        r = a.ctl(
+            "engine", "upgrade", "null", "--module", "tests.integration.engines.null_v2",
+            "--app", "srv",
+        )  # fmt: skip
+        assert [u["to_version"] for u in r["engines"]] == [2], r
         r = a.ctl("engine", "upgrade", "tcp", "--module", "engines.local", "--app", "client")
         assert [u["ok"] for u in r["engines"]] == [True], r
         time.sleep(0.5)
