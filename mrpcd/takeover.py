@@ -1,7 +1,8 @@
 """Hot restart, the new process's side: load, restore what the old daemon handed over, serve.
 
 Imported fresh (from the code installed now) in the process the old daemon
-forked (``mrpcd/hotrestart.py``). :func:`child_main` loads the config anew, binds
+forked (``mrpcd/hotrestart.py``). :func:`child_main` catches signals, empties
+the old generation's objects (``mrpcd/oldworld.py``), loads the config anew, binds
 the apps' schemas and says ``loaded``; then it receives the quiesced state
 (``mrpcd/hotrestart_state.py`` describes the document), closes every descriptor
 it inherited by the fork and does not need, rebuilds the daemon from the
@@ -65,13 +66,13 @@ def child_main(
     from mrpcd.cli import Signals, serve
 
     caught = Signals()  # first: a signal from now on is handled once we serve
-    old_daemon = oldworld.keep(old_world[0])  # the regions' mappings, the schema texts
-    released = oldworld.release(old_world)  # before any descriptor is received or opened
-    inherited = {n for n in inherited if _is_open(n)}  # the old objects closed their copies
-    log.debug("hot restart: the old generation's objects released: %s", released)
-    sock = socket.socket(fileno=fd)
+    sock = socket.socket(fileno=fd)  # inherited, kept: no descriptor is opened here
     priority = _yield_cpu()
     try:
+        old_daemon = oldworld.keep(old_world[0])  # the regions' mappings, the schema texts
+        released = oldworld.release(old_world)  # before any descriptor is received or opened
+        inherited = {n for n in inherited if _is_open(n)}  # old objects closed their copies
+        log.debug("hot restart: the old generation's objects released: %s", released)
         check_peer(sock, os.getppid())
         deadline = time.monotonic() + 60.0
         listeners, listener_fds = recv_doc(sock, deadline)
