@@ -4,7 +4,8 @@ To an operator a hot restart is the same daemon, so besides the apps (their
 policies with ``hotrestart_state``) the new process takes over:
 
 * the next policy engine id, so ids stay unique, and every attached engine
-  keeps its id (``mrpcctl policy set``/``engine call`` scripts go on working);
+  keeps its id (``mrpcctl policy set``/``engine call`` scripts go on working),
+  every standing rule made at runtime its rule id (``--transient`` ones too);
 * engines upgraded for every app (``engine upgrade NAME --all``: the class later
   apps get), and for one app its upgraded classes (``engine upgrade --app``, a
   transport switch ``tcp`` -> ``local``): the same module, loaded again (fresh,
@@ -25,6 +26,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+from mrpcd.engine import Side
 from mrpcd.registry import EngineLoadError, engine_source, load_fresh_engine_class
 
 if TYPE_CHECKING:
@@ -54,6 +56,11 @@ def collect(daemon: Daemon) -> dict[str, Any]:
             if not eid.startswith("daemon/")
         },
         "metrics": export_samples(daemon.services.metrics_registry),
+        "rules": [  # standing rules made at runtime (--all --future), by their ids
+            [r.rule_id, r.engine, r.selector, r.side.value, r.method, r.config, r.record_id]
+            for r in list(policies.standing.values())
+            if r.rule_id.startswith("rule-")
+        ],
     }
 
 
@@ -79,6 +86,7 @@ def apply_before(daemon: Daemon, doc: dict[str, Any]) -> None:
     if not doc or operator is None:
         return
     operator.policies._ids = itertools.count(int(doc["next_policy_id"]))
+    _standing_rules(operator.policies, doc.get("rules", []))
     for name, source in doc.get("engine_modules", {}).items():
         try:
             cls = engine_class(daemon, name, source)
@@ -86,6 +94,25 @@ def apply_before(daemon: Daemon, doc: dict[str, Any]) -> None:
             log.warning("hot restart: engine %r is back to its configured code: %s", name, e)
             continue
         operator.upgrades._install(name, cls)
+
+
+def _standing_rules(manager: Any, rules: list[list[Any]]) -> None:
+    """The runtime standing rules under their ids: a recorded one came back from the
+    record under its entry id (renamed), a ``--transient`` one is made again."""
+    from mrpcd.policy import Standing
+
+    for rule_id, engine, selector, side, method, config, record_id in rules:
+        rule = manager.standing.pop(record_id, None) if record_id else None
+        if rule is None:
+            spec = {"engine": engine, "side": side, "method": method, "config": config}
+            try:
+                manager._prepare(spec)
+            except Exception as e:  # noqa: BLE001 - one rule lost is logged, not fatal
+                log.warning("hot restart: standing rule %s not made again: %s", rule_id, e)
+                continue
+            rule = Standing(rule_id, engine, selector, Side(side), method, dict(config))
+        rule.rule_id = rule_id
+        manager.standing[rule_id] = rule
 
 
 def apply_after(daemon: Daemon, doc: dict[str, Any]) -> None:

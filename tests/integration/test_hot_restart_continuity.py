@@ -158,6 +158,10 @@ def test_what_the_operator_changed_survives_a_hot_restart(cluster: Cluster) -> N
         assert [u["to_version"] for u in r["engines"]] == [2], r
         r = a.ctl("engine", "upgrade", "tcp", "--module", "engines.local", "--app", "client")
         assert [u["ok"] for u in r["engines"]] == [True], r
+        # standing rules made at runtime, recorded or not: by their ids
+        a.ctl("policy", "attach", "null", "--all", "--future", "--side", "receive")
+        a.ctl("policy", "attach", "null", "--all", "--future", "--transient", "--method", "Ping")
+        rules = a.ctl("policy", "rules")["rules"]
         time.sleep(0.5)
         before, scraped = _engines(a), _scrape(port)
         local_before = _tcp_stats(a, "client")["local_calls"]
@@ -166,6 +170,8 @@ def test_what_the_operator_changed_survives_a_hot_restart(cluster: Cluster) -> N
         after = _engines(a)
         print("after: ", json.dumps(after))
         assert after == before  # ids, engines, versions, modules: the transport is local
+        known = {r["rule_id"] for r in rules}  # (app entries of the record come back as rules too)
+        assert [r for r in a.ctl("policy", "rules")["rules"] if r["rule_id"] in known] == rules
         time.sleep(0.5)
         local_after = _tcp_stats(a, "client")["local_calls"]
         print(f"local calls of the client: {local_before} before, {local_after} after")
