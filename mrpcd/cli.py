@@ -62,17 +62,34 @@ def run(
 
     configure_logging(config.log_level)
     notifier = Notifier.from_environ()  # unsets NOTIFY_SOCKET: children must not notify
+    from mrpcd.gcwatch import freeze_startup_objects
+
     try:
         daemon = Daemon(config)
+        freeze_startup_objects()  # before any app: an app's state must stay collectable
         daemon.start()
     except LocalError as e:
         raise click.ClickException(str(e)) from None
     hotrestart.RUN_OPTIONS.update(config_path=config_path, overrides=overrides)
     daemon.notifier = notifier
-    from mrpcd.gcwatch import freeze_startup_objects
-
-    freeze_startup_objects()
     serve(daemon, notifier, config, config_path, overrides)
+
+
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP, recorded by the handler and handled by the main
+    loop. A hot restart's new process installs this first thing (the handler it
+    inherited belongs to the old process's loop, which no longer runs), so a
+    signal that arrives before it serves is handled once it does, not lost."""
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[int] = collections.deque()
+        self.wake = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.pending.append(signum)  # handled by serve()'s loop, not in the handler
+        self.wake.set()
 
 
 def serve(
@@ -83,23 +100,18 @@ def serve(
     overrides: dict[str, str | None],
     *,
     takeover: bool = False,
+    caught: Signals | None = None,
 ) -> None:
     """The main thread's life once the daemon serves: signals, systemd, then the drain.
-    A hot restart's new process (``takeover``) comes here too."""
+    A hot restart's new process (``takeover``) comes here too, with the signals it
+    ``caught`` meanwhile."""
     from mrpcd import hotrestart
     from mrpcd.notify import Watchdog
 
     hotrestart.RUN_OPTIONS.update(config_path=config_path, overrides=overrides)
     log = logging.getLogger("mrpcd")
-    signals: collections.deque[int] = collections.deque()
-    wake = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        signals.append(signum)  # handled by the loop below, not in the handler
-        wake.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    caught = caught or Signals()
+    signals, wake = caught.pending, caught.wake
     if takeover:
         notifier.send(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={_status(daemon)}")
     else:
@@ -120,6 +132,7 @@ def serve(
                     "signal %d during a hot restart: passed on to whichever mrpcd serves", signum
                 )
                 daemon.pending_stop = True
+                _pass_on_if_handed_over(daemon)
             else:
                 log.info("signal %d: draining in-flight RPCs", signum)
                 stopping = True
@@ -156,6 +169,17 @@ def _hot_restart(daemon: Daemon, watchdog: Watchdog, signals: collections.deque[
     if any(s != signal.SIGHUP for s in signals):  # a stop asked for meanwhile
         daemon.pending_stop = True
     daemon.exit_handed_over()
+
+
+def _pass_on_if_handed_over(daemon: Daemon) -> None:
+    """A stop asked for once the new process took over: this process may be past the
+    point where it passes ``pending_stop`` on (``Daemon.exit_handed_over``; it sets
+    ``handed_over`` before it looks), so pass it on here too (twice does no harm)."""
+    if daemon.handed_over and daemon.successor_pid:
+        try:
+            os.kill(daemon.successor_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _status(daemon: Daemon) -> str:

@@ -402,7 +402,7 @@ class Daemon:
 
     def _operate(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.operator is not None
-        if self.restarting or self.handed_over:
+        if (self.restarting or self.handed_over) and msg.get("op") != "daemon_restart":
             return error_reply(
                 StatusCode.UNAVAILABLE,
                 "mrpcd is handing over to a new process (hot restart); retry in a moment",

@@ -20,8 +20,13 @@ from typing import Any
 
 
 def freeze_startup_objects() -> None:
-    """Collect once, then freeze whatever survives (call it once the daemon serves,
-    and in a hot restart's new process once it has restored); starts :data:`WATCH`."""
+    """Collect once, then freeze whatever survives; starts :data:`WATCH`.
+
+    Call it before any app's state exists (``mrpcd run`` before the daemon starts,
+    a hot restart's new process before it restores the apps): frozen objects are
+    still freed by reference counting, but never by the collector, so an app's
+    cyclic state frozen here would outlive the app. A hot restart's new process
+    unfreezes everything first (``mrpcd/oldworld.py``)."""
     WATCH.install()
     gc.collect()
     gc.freeze()

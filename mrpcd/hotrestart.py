@@ -12,7 +12,7 @@
    writable mapping of each app's receive heap cannot be made again (the heap is
    sealed ``F_SEAL_FUTURE_WRITE`` so apps can only read it), so the child keeps
    the mappings it inherited; it uses nothing else of the old code's objects
-   (they are kept alive, never run, so no finalizer closes a reused descriptor).
+   and empties them before it opens anything (``mrpcd/oldworld.py``).
 2. Quiesce: frontends take no new CALL from the submit rings (those stay posted,
    the new process takes them); the ingress reads every inbound connection up to
    a frame boundary and then stops (the rest waits in the kernel). What is half
@@ -39,7 +39,6 @@
 from __future__ import annotations
 
 import fcntl
-import gc
 import importlib
 import logging
 import os
@@ -52,6 +51,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from libmrpc.status import RpcError, StatusCode
+from mrpcd import hotrestart_operator
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
 from mrpcd.hotrestart_calls import CALLS_VERSION
 from mrpcd.hotrestart_state import collect_listeners, collect_state, settled
@@ -98,8 +98,20 @@ class _Park:
 
 
 def hot_restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
-    if not _one_at_a_time.acquire(blocking=False) or daemon.restarting:
-        raise RpcError(StatusCode.FAILED_PRECONDITION, "a hot restart is already under way")
+    """One at a time: a second one asked for meanwhile (or once this process has
+    handed over) fails with FAILED_PRECONDITION and changes nothing."""
+    if daemon.handed_over:
+        raise RpcError(
+            StatusCode.FAILED_PRECONDITION,
+            f"a hot restart just handed over to the new mrpcd (pid {daemon.successor_pid}); "
+            f"this one exits: retry against the new one",
+        )
+    if not _one_at_a_time.acquire(blocking=False):
+        raise RpcError(
+            StatusCode.FAILED_PRECONDITION,
+            "a hot restart is already under way; wait for it to finish (mrpcctl status shows "
+            "the new pid) and retry if needed",
+        )
     try:
         if daemon.draining:
             raise RpcError(StatusCode.FAILED_PRECONDITION, "mrpcd is shutting down; no restart")
@@ -131,8 +143,7 @@ def _fork(daemon: Daemon, ours: socket.socket, theirs: socket.socket) -> int:
 
 
 def _child(daemon: Daemon, fd: int, options: dict[str, Any], notify: tuple[Any, int]) -> int:
-    old_world = (daemon, dict(sys.modules))  # kept alive, never used again: see the module doc
-    gc.freeze()
+    old_world = (daemon, dict(sys.modules))  # emptied by the new code: mrpcd/oldworld.py
     inherited = {n for n in map(int, os.listdir("/proc/self/fd")) if _is_open(n)}  # not listdir's
     for name in list(sys.modules):
         if name.split(".")[0] in ("mrpcd", "engines", "libmrpc", "policies"):
@@ -177,6 +188,7 @@ def _restart(daemon: Daemon, timeout: float) -> dict[str, Any]:
         _quiesce(daemon, deadline, quiesced, waiting)
         t_quiet = time.monotonic()
         state, fds = collect_state(daemon, waiting)
+        state["operator"] = hotrestart_operator.collect(daemon)
         send_doc(ours, {"msg": "state", **state}, fds)
         _expect(ours, deadline, "restored", child)
         if notifier is not None:

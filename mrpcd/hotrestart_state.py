@@ -28,12 +28,15 @@ Document (``version`` is ``mrpcd.handover.VERSION``)::
                 [(app_id, inbound call)]}: the calls server apps hold unanswered
                 (``mrpcd/hotrestart_calls.py``); a version the new code does not
                 know fails the take-over and the old process serves on
+    operator    what operators changed (``mrpcd/hotrestart_operator.py``; added by the caller)
 
     app: app_id, name, pid, uid, gid, groups, registered_at, counters, sock, submit_efd,
          complete_efd (fd indexes; the new process keeps the mappings of the regions), schema_texts (per slot), conns
          [(conn_id, host, port, slot)], served [(service, slot)], next_token,
          recv_heap (BuddyAllocator.export_state), frontend (Frontend.export_state),
-         transport (TcpTransport.export_state), transport_socks [fd index]
+         transport (TcpTransport.export_state), transport_socks [fd index],
+         policies [{engine_id, module, engine, version, side, method, config, state}],
+         engine_classes {"frontend"|"transport": [engine_id, module]}
 
     transport: conns [(target, conn doc)], retired [(target, conn doc)] (retired
          connections while calls wait on them; their sockets follow the conns'),
@@ -62,6 +65,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mrpcd.hotrestart_calls import export_served, waiting_only
+from mrpcd.registry import engine_source
 
 if TYPE_CHECKING:
     from mrpcd.appstate import AppState
@@ -211,6 +215,11 @@ def _app_doc(app: AppState, conn: Any, fds: _Fds) -> dict[str, Any]:
         "transport": transport,
         "transport_socks": [fds.add(s.fileno()) for s in socks],
         "policies": [_policy_doc(e) for e in dp.policies],
+        # the classes and ids of its always-on engines (a live upgrade or transport switch)
+        "engine_classes": {
+            role: [e.ctx.engine_id, engine_source(type(e))]
+            for role, e in (("frontend", dp.frontend), ("transport", dp.transport))
+        },
     }
 
 
@@ -224,6 +233,8 @@ def _policy_doc(engine: Any) -> dict[str, Any]:
         state = None
     ctx = engine.ctx
     return {
+        "engine_id": ctx.engine_id,  # what `mrpcctl list` shows and operators' scripts name
+        "module": engine_source(type(engine)),  # a live upgrade of this app's engine
         "engine": engine.NAME,
         "version": engine.VERSION,
         "side": ctx.side.value,

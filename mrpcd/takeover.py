@@ -1,7 +1,8 @@
 """Hot restart, the new process's side: load, restore what the old daemon handed over, serve.
 
 Imported fresh (from the code installed now) in the process the old daemon
-forked (``mrpcd/hotrestart.py``). :func:`child_main` loads the config anew, binds
+forked (``mrpcd/hotrestart.py``). :func:`child_main` catches signals, empties
+the old generation's objects (``mrpcd/oldworld.py``), loads the config anew, binds
 the apps' schemas and says ``loaded``; then it receives the quiesced state
 (``mrpcd/hotrestart_state.py`` describes the document), closes every descriptor
 it inherited by the fork and does not need, rebuilds the daemon from the
@@ -12,7 +13,10 @@ reason and exits: the old daemon rolls back.
 
 Test hook: ``MRPC_TEST_FAIL_TAKEOVER=load`` or ``=restore`` (in the old daemon's
 environment) makes the new process fail at that step, ``=hang`` makes it hang
-while loading, so tests can check the rollback; it is read nowhere else.
+while loading, so tests can check the rollback; ``MRPC_TEST_PAUSE_TAKEOVER=STEP[:SECONDS]``
+(``load``, ``restore``: before the restore, ``commit``: after the commit, before
+serving) makes it pause there (2 s), so tests can act in that window. Read
+nowhere else.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from typing import Any
 from libmrpc._heap import Heap
 from libmrpc._shm import DaemonRegions, ShmLayout
 from libmrpc.status import LocalError
+from mrpcd import hotrestart_operator, oldworld
 from mrpcd.appstate import AppState, ServiceOwner
 from mrpcd.binding import BindingCache
 from mrpcd.config import Config, load_config
 from mrpcd.control_loop import AppConn
 from mrpcd.daemon import Daemon
 from mrpcd.engine import Binding, ConnSpec
+from mrpcd.gcwatch import freeze_startup_objects
 from mrpcd.handover import HandoverError, check_peer, recv_doc, send_doc
-from mrpcd.hotrestart import Inherited
+from mrpcd.hotrestart import Inherited, _is_open
 from mrpcd.hotrestart_calls import (
     CALLS_VERSIONS,
     UnknownCallsFormat,
@@ -44,11 +50,12 @@ from mrpcd.hotrestart_calls import (
 )
 from mrpcd.notify import Notifier
 from mrpcd.operator import OperatorHandler
-from mrpcd.registry import EngineRegistry
+from mrpcd.registry import EngineLoadError, EngineRegistry, engine_source
 from mrpcd.services import Claimant
 
 log = logging.getLogger(__name__)
 TEST_HOOK = "MRPC_TEST_FAIL_TAKEOVER"
+PAUSE_HOOK = "MRPC_TEST_PAUSE_TAKEOVER"
 
 
 class TakeoverFailed(Exception):
@@ -63,10 +70,16 @@ def child_main(
     notify: tuple[str | None, int],
 ) -> int:
     """The forked process's life; returns its exit status."""
-    old_daemon = old_world[0]
-    sock = socket.socket(fileno=fd)
+    from mrpcd.cli import Signals, serve
+
+    caught = Signals()  # first: a signal from now on is handled once we serve
+    sock = socket.socket(fileno=fd)  # inherited, kept: no descriptor is opened here
     priority = _yield_cpu()
     try:
+        old_daemon = oldworld.keep(old_world[0])  # the regions' mappings, the schema texts
+        released = oldworld.release(old_world)  # before any descriptor is received or opened
+        inherited = {n for n in inherited if _is_open(n)}  # old objects closed their copies
+        log.debug("hot restart: the old generation's objects released: %s", released)
         check_peer(sock, os.getppid())
         deadline = time.monotonic() + 60.0
         listeners, listener_fds = recv_doc(sock, deadline)
@@ -74,6 +87,7 @@ def child_main(
             raise HandoverError(f"expected the listeners, got {listeners.get('msg')!r}")
         config, bindings = _load(old_daemon, options)
         daemon = prebuild(config, listeners, listener_fds, bindings)
+        freeze_startup_objects()  # no app restored yet: their state stays collectable
         send_doc(sock, {"msg": "loaded", "calls_versions": list(CALLS_VERSIONS)})
         deadline = time.monotonic() + config.restart_timeout
         state, fds = recv_doc(sock, deadline)
@@ -83,7 +97,9 @@ def child_main(
             raise HandoverError(f"expected the state, got {state.get('msg')!r}")
         _close_inherited(inherited, keep={fd})
         _hook("restore")
+        hotrestart_operator.apply_before(daemon, state.get("operator") or {})
         restore(daemon, state, fds, old_daemon)
+        hotrestart_operator.apply_after(daemon, state.get("operator") or {})
         send_doc(sock, {"msg": "restored"})
         t1 = time.monotonic()
     except Exception as e:
@@ -103,6 +119,11 @@ def child_main(
         return 1
     if go.get("msg") != "commit":
         return 1
+    from_pid = state["from_pid"]
+    # this frame stays on the stack below serve() for the process's life (and below
+    # the next hot restart's): it must not hold the hand-over's documents
+    del state, fds, listeners, listener_fds, old_daemon, go
+    _hook("commit")
     daemon._go()
     try:
         send_doc(sock, {"msg": "serving", "pid": os.getpid()})  # mrpcd.json is ours now
@@ -113,13 +134,19 @@ def child_main(
     daemon.notifier = notifier
     log.info(
         "hot restart: took over from pid %d (restored in %.1f ms, serving %.1f ms after the state arrived)",
-        state["from_pid"],
+        from_pid,
         (t1 - t0) * 1e3,
         (time.monotonic() - t0) * 1e3,
     )
-    from mrpcd.cli import serve
-
-    serve(daemon, notifier, config, options["config_path"], options["overrides"], takeover=True)
+    serve(
+        daemon,
+        notifier,
+        config,
+        options["config_path"],
+        options["overrides"],
+        takeover=True,
+        caught=caught,
+    )
     return 0
 
 
@@ -150,6 +177,11 @@ def _restore_priority(priority: int | None) -> None:
 
 
 def _hook(step: str) -> None:
+    pause = os.environ.get(PAUSE_HOOK, "").split(":")
+    if pause[0] == step:
+        seconds = float(pause[1]) if len(pause) > 1 else 2.0
+        log.info("%s: the new mrpcd pauses %.1f s at %s (a test hook)", PAUSE_HOOK, seconds, step)
+        time.sleep(seconds)
     if os.environ.get(TEST_HOOK) == "hang" and step == "load":
         time.sleep(3600)  # the old process times out and kills us
     if os.environ.get(TEST_HOOK) == step:
@@ -259,33 +291,42 @@ def restore(daemon: Daemon, state: dict[str, Any], fds: list[int], old_daemon: A
 
 def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]]) -> None:
     """The policies the app had: those the standing rules attached again take their
-    state; the others (``--transient`` ones, say) are attached as they were."""
+    state; the others (``--transient`` ones, say) are attached as they were. Each
+    runs the class it ran (an upgrade of this app) under the id it had."""
     assert app.datapath is not None and daemon.operator is not None
     manager = daemon.operator.policies
     fresh = list(app.datapath.policies)
+    order: list[Any] = []  # the policies as they were in the chain
     for doc in docs:
         key = (doc["engine"], doc["side"], doc["method"], doc["config"])
         engine = next(
             (e for e in fresh if (e.NAME, e.ctx.side.value, e.ctx.method, dict(e.config)) == key),
             None,
         )
-        if engine is not None:
-            fresh.remove(engine)
-        else:
-            try:
-                cls, config, side, method = manager._prepare(
+        try:
+            cls = _policy_class(daemon, doc)
+            if engine is not None:
+                fresh.remove(engine)
+                if cls is not None and type(engine) is not cls:  # upgraded for this app
+                    daemon.operator.upgrades._swap(app, app.datapath, engine, cls)
+                    engine = manager.engines[engine.ctx.engine_id][1]
+            else:
+                prepared, config, side, method = manager._prepare(
                     {k: doc[k] for k in ("engine", "side", "method", "config")}
                 )
-                engine_id = manager._attach_to(app, cls, config, side, method)
-            except Exception as e:  # noqa: BLE001 - one policy lost is logged, not fatal
-                log.warning(
-                    "hot restart: policy %s of app %r not attached again: %s",
-                    doc["engine"],
-                    app.name,
-                    e,
-                )
-                continue
-            engine = manager.engines[engine_id][1]
+                engine_id = manager._attach_to(app, cls or prepared, config, side, method)
+                engine = manager.engines[engine_id][1]
+        except Exception as e:  # noqa: BLE001 - one policy lost is logged, not fatal
+            log.warning(
+                "hot restart: policy %s of app %r not attached again: %s",
+                doc["engine"],
+                app.name,
+                e,
+            )
+            continue
+        if doc.get("engine_id"):
+            _rename(manager, engine, doc["engine_id"])
+        order.append(engine)
         state = doc["state"]
         if state is None:
             continue
@@ -299,6 +340,82 @@ def _restore_policies(daemon: Daemon, app: AppState, docs: list[dict[str, Any]])
                 app.name,
                 e,
             )
+    _reorder(app, order)
+
+
+def _reorder(app: AppState, order: list[Any]) -> None:
+    """Put the policies in the chain in ``order`` (the standing rules attached theirs
+    first): each engine keeps its input deques, its outputs are pointed at the next
+    engine's inputs (as ``Datapath.insert`` does); only while none holds an item."""
+    dp, runtime = app.datapath, app.runtime
+    assert dp is not None and runtime is not None
+    now = dp.policies
+    wanted = order + [e for e in now if e not in order]  # new standing ones: last
+    if wanted == now:
+        return
+    if any(e.tx_in or e.tx_out or e.rx_in or e.rx_out for e in dp.engines[:-1]):
+        log.warning("hot restart: the policies of app %r keep a new order", app.name)
+        return
+    chain = [dp.frontend, *wanted, dp.transport]
+    for a, b in itertools.pairwise(chain):
+        a.tx_out = b.tx_in
+        b.rx_out = a.rx_in
+    dp.engines[:] = chain
+    slots = sorted(runtime.engines.index(e) for e in wanted)
+    for slot, engine in zip(slots, wanted, strict=True):
+        runtime.engines[slot] = engine
+
+
+def _policy_class(daemon: Daemon, doc: dict[str, Any]) -> Any:
+    """The class the policy ran, when it is not the registry's (None: the registry's)."""
+    source = doc.get("module")
+    if not source:
+        return None
+    return hotrestart_operator.engine_class(daemon, doc["engine"], source)
+
+
+def _rename(manager: Any, engine: Any, engine_id: str) -> None:
+    """Give a re-attached policy the id it had (the new id was never shown)."""
+    was = engine.ctx.engine_id
+    if was == engine_id:
+        return
+    with manager._lock:
+        manager.engines[engine_id] = manager.engines.pop(was)
+        if was in manager._recorded:
+            manager._recorded[engine_id] = manager._recorded.pop(was)
+        for rule in manager.standing.values():
+            rule.engine_ids[:] = [engine_id if e == was else e for e in rule.engine_ids]
+    engine.ctx.engine_id = engine_id
+
+
+def _make_datapath(daemon: Daemon, app: AppState, classes: dict[str, Any]) -> Any:
+    """``Daemon._make_datapath`` with the frontend and transport the app ran (an
+    upgrade for this app, a transport switch), under the ids they had."""
+    default = {"frontend": daemon.frontend_cls, "transport": daemon.transport_cls}
+    chosen = dict(default)
+    for role, (_eid, source) in classes.items():
+        if engine_source(default[role]) != source:
+            try:
+                chosen[role] = hotrestart_operator.engine_class(daemon, default[role].NAME, source)
+            except EngineLoadError as e:
+                log.warning(
+                    "hot restart: the %s of app %r is back to %s: %s",
+                    role,
+                    app.name,
+                    engine_source(default[role]),
+                    e,
+                )
+    daemon.frontend_cls, daemon.transport_cls = chosen["frontend"], chosen["transport"]
+    try:
+        attach = daemon._make_datapath(app)
+    finally:
+        daemon.frontend_cls, daemon.transport_cls = default["frontend"], default["transport"]
+    dp = app.datapath
+    assert dp is not None
+    for role, engine in (("frontend", dp.frontend), ("transport", dp.transport)):
+        if role in classes:
+            engine.ctx.engine_id = classes[role][0]
+    return attach
 
 
 def _restore_app(daemon: Daemon, doc: dict[str, Any], fds: list[int], old_daemon: Any) -> AppState:
@@ -326,7 +443,7 @@ def _restore_app(daemon: Daemon, doc: dict[str, Any], fds: list[int], old_daemon
         app.schema_texts.append(texts)
     for conn_id, host, port, slot in doc["conns"]:
         app.conns[conn_id] = ConnSpec(conn_id, host, port, slot)
-    attach = daemon._make_datapath(app)
+    attach = _make_datapath(daemon, app, doc.get("engine_classes") or {})
     dp = app.datapath
     assert dp is not None
     dp.frontend.import_state(doc["frontend"])  # type: ignore[attr-defined]
