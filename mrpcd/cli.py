@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import faulthandler
 import logging
 import os
 import signal
@@ -61,6 +62,9 @@ def run(
     from mrpcd.notify import Notifier
 
     configure_logging(config.log_level)
+    # `kill -USR1 <pid>`: every thread's stack on stderr (the journal), for a daemon
+    # that seems stuck; the daemon runs on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier.from_environ()  # unsets NOTIFY_SOCKET: children must not notify
     from mrpcd.gcwatch import freeze_startup_objects
 

@@ -61,10 +61,12 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks into its log
+            time.sleep(0.5)
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(
-                f"mrpcd did not stop within {timeout}s:\n{self.log()[-3000:]}"
+                f"mrpcd did not stop within {timeout}s:\n{self.log()[-6000:]}"
             ) from None
 
 
