@@ -240,10 +240,10 @@ def run_cmd(
     "daemon_gc",
     type=click.Choice(["default", "no-full", "freeze"]),
     default="default",
-    help="DIAGNOSTIC variants (set by the bench's GC probe, not how mrpcd ships): no-full, the "
-    "daemons run without automatic full (generation-2) garbage collections; freeze, each "
-    "daemon calls gc.freeze() after its first full collection (start-up objects no longer "
-    "scanned).",
+    help="DIAGNOSTIC variants (set by the bench's GC probe): no-full, the daemons run "
+    "without automatic full (generation-2) garbage collections; freeze, each daemon calls "
+    "gc.freeze() again after its first full collection (mrpcd itself freezes its start-up "
+    "objects since this was measured).",
 )
 @click.option(
     "--rt",
