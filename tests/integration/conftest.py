@@ -336,3 +336,21 @@ def other_user() -> User:
 def third_user() -> User:
     """A third unprivileged Unix user ("mrpc-mallory")."""
     return _ensure_user("mrpc-mallory")
+
+
+def mrpcd_state(d: Daemon) -> dict[str, Any]:
+    return json.loads((d.prefix / "mrpcd.json").read_text())
+
+
+def hot_restart(d: Daemon, *args: str) -> dict[str, Any]:
+    """``mrpcctl daemon restart``: checks the old process left and the new one serves."""
+    old = mrpcd_state(d)["pid"]
+    r = d.ctl("daemon", "restart", *args)
+    assert r["old_pid"] == old and r["new_pid"] != old, r
+    deadline = time.monotonic() + 10
+    while mrpcd_running(old) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mrpcd_running(old), f"the old mrpcd (pid {old}) is still running after the hand-over"
+    assert mrpcd_state(d)["pid"] == r["new_pid"]  # the new process rewrote mrpcd.json
+    assert d.ctl("status")["pid"] == r["new_pid"]
+    return r

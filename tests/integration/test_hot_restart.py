@@ -16,26 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import libmrpc
-from tests.integration.conftest import ROOT, App, Cluster, Daemon, mrpcd_running, stop_successor
+from tests.integration.conftest import (
+    ROOT,
+    App,
+    Cluster,
+    hot_restart,
+    mrpcd_state,
+    stop_successor,
+)
 
 testing = libmrpc.load_proto(ROOT / "schemas" / "testing.proto")
-
-
-def _state(d: Daemon) -> dict[str, Any]:
-    return json.loads((d.prefix / "mrpcd.json").read_text())
-
-
-def _restart(d: Daemon, *args: str) -> dict[str, Any]:
-    old = _state(d)["pid"]
-    r = d.ctl("daemon", "restart", *args)
-    assert r["old_pid"] == old and r["new_pid"] != old, r
-    deadline = time.monotonic() + 10
-    while mrpcd_running(old) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not mrpcd_running(old), f"the old mrpcd (pid {old}) is still running after the hand-over"
-    assert _state(d)["pid"] == r["new_pid"]  # the new process rewrote mrpcd.json
-    assert d.ctl("status")["pid"] == r["new_pid"]
-    return r
 
 
 def _finish(clients: list[App], servers: list[App]) -> list[dict[str, Any]]:
@@ -55,7 +45,7 @@ def test_hot_restart_under_load_fails_and_duplicates_nothing(cluster: Cluster) -
         restarts = []
         for d in (a, b, a):  # the client's daemon and the server's, each under load
             time.sleep(1.0)
-            r = _restart(d)
+            r = hot_restart(d)
             r["at"] = time.strftime("%H:%M:%S")
             restarts.append(r)
             print(f"hot restart of {d.prefix.name}: {json.dumps(r)}")
@@ -98,7 +88,7 @@ def test_a_failed_new_process_leaves_the_old_one_serving(cluster: Cluster) -> No
     print("mrpcctl daemon restart said:", r.stderr.strip())
     assert "hot restart failed, the old mrpcd serves on" in r.stderr, r.stderr
     assert "MRPC_TEST_FAIL_TAKEOVER=restore" in r.stderr, r.stderr  # the new process's reason
-    assert _state(a)["pid"] == a.proc.pid and a.ctl("status")["pid"] == a.proc.pid
+    assert mrpcd_state(a)["pid"] == a.proc.pid and a.ctl("status")["pid"] == a.proc.pid
     time.sleep(0.5)
     got, served = _finish([cli], [srv])
     print("client:", got, "server:", served)
@@ -121,7 +111,7 @@ def test_a_config_that_no_longer_loads_is_refused_and_nothing_changes(
         assert "runtimes" in r.stderr, r.stderr
         assert a.ctl("status")["pid"] == a.proc.pid
         cfg.write_text("runtimes: 2\n")  # fixed: the next restart applies it
-        done = _restart(a)
+        done = hot_restart(a)
         assert len(a.ctl("status")["runtimes"]) == 2, done
         (got,) = _finish([cli], [])
         assert got["errors"] == {} and got["mismatches"] == 0, got
@@ -150,7 +140,7 @@ def test_the_metrics_endpoint_and_the_policies_carry_over_with_their_state(
         time.sleep(0.5)
         before = _scrape(port)
         assert "mrpc_" in before
-        _restart(a)  # the old process held the port: the new one serves the same socket
+        hot_restart(a)  # the old process held the port: the new one serves the same socket
         time.sleep(0.5)
         after = _scrape(port)
         print(f"metrics on 127.0.0.1:{port} before and after: {len(before)}, {len(after)} bytes")
@@ -191,7 +181,7 @@ def test_a_slow_call_in_flight_moves_to_the_new_process(cluster: Cluster) -> Non
         for d in (a, b):  # the caller's daemon, then the server's
             fut = stub.Call.future(testing.Request(payload=b"slow", sleep_ms=1500), timeout=10)
             time.sleep(0.2)
-            r = _restart(d)
+            r = hot_restart(d)
             in_flight = not fut.done()
             assert fut.result().payload == b"slow"  # answered through the new process
             print(

@@ -24,23 +24,14 @@ from typing import Any
 import pytest
 
 import libmrpc
-from tests.integration.conftest import ROOT, Cluster, Daemon, mrpcd_running, stop_successor
-
-
-def _state(d: Daemon) -> dict[str, Any]:
-    return json.loads((d.prefix / "mrpcd.json").read_text())
-
-
-def _restart(d: Daemon, *args: str) -> dict[str, Any]:
-    old = _state(d)["pid"]
-    r = d.ctl("daemon", "restart", *args)
-    assert r["old_pid"] == old and r["new_pid"] != old, r
-    deadline = time.monotonic() + 10
-    while mrpcd_running(old) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not mrpcd_running(old), f"the old mrpcd (pid {old}) is still running after the hand-over"
-    assert _state(d)["pid"] == r["new_pid"]
-    return r
+from tests.integration.conftest import (
+    ROOT,
+    Cluster,
+    Daemon,
+    hot_restart,
+    mrpcd_running,
+    stop_successor,
+)
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -72,7 +63,7 @@ def test_memory_fds_and_threads_stay_flat_over_many_hot_restarts(cluster: Cluste
         time.sleep(0.3)
         figures = [_figures(a.pid)]
         for _ in range(8):
-            r = _restart(a)
+            r = hot_restart(a)
             time.sleep(0.3)  # calls flow on the new process
             figures.append(_figures(r["new_pid"]))
         for i, (rss, anon, fds, threads) in enumerate(figures):
@@ -166,7 +157,7 @@ def test_what_the_operator_changed_survives_a_hot_restart(cluster: Cluster) -> N
         before, scraped = _engines(a), _scrape(port)
         local_before = _tcp_stats(a, "client")["local_calls"]
         print("before:", json.dumps(before))
-        _restart(a)
+        hot_restart(a)
         after = _engines(a)
         print("after: ", json.dumps(after))
         assert after == before  # ids, engines, versions, modules: the transport is local
@@ -366,7 +357,7 @@ def test_a_second_restart_while_one_is_under_way_is_refused(cluster: Cluster) ->
         assert first.returncode == 0, err
         one = json.loads(out)
         assert _gone(one["old_pid"])
-        two = _restart(a)  # in quick succession: runs against the new process
+        two = hot_restart(a)  # in quick succession: runs against the new process
         assert two["old_pid"] == one["new_pid"] and two["new_pid"] != one["new_pid"]
         assert [x["name"] for x in a.apps()].count("srv") == 1
         (got,) = [cli.result(60)]
