@@ -88,6 +88,18 @@ class HotRestart:
         ]  # fmt: skip
 
 
+def remove_hot_restart_memory(base_id_path: Path) -> None:
+    """Remove the shared memory of a hot-restarted Envoy's base id once all its epochs
+    are stopped (``/dev/shm/envoy_shared_memory_<base id × 10>``: Envoy leaves it behind
+    when it is stopped by a signal, one per run otherwise)."""
+    try:
+        base_id = int(base_id_path.read_text().strip())
+    except (OSError, ValueError):
+        return  # epoch 0 never wrote it: nothing was created
+    for name in {f"envoy_shared_memory_{base_id * 10}", f"envoy_shared_memory_{base_id}"}:
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 def write_listener(path: Path, listen_port: int, policy_filters: str = "") -> None:
     """Write the LDS file of a ``lds_path`` sidecar: its listener on ``listen_port`` with
     ``policy_filters`` (YAML list items, indented for listener.yaml) before the router.

@@ -233,6 +233,8 @@ def run_once(
     finally:
         for p in reversed(started):
             procs.stop(p)
+        if hr is not None:
+            sidecars.remove_hot_restart_memory(hr.base_id_path)
         rec["tracebacks"] = sum(
             p.read_text(errors="replace").count("Traceback") for p in log_dir.glob("*.log")
         )

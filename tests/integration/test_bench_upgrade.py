@@ -81,6 +81,7 @@ def test_quick_upgrade_bench_runs_envoy_hot_restart_next_to_mrpc(tmp_path: Path)
     argv = [sys.executable, "-m", "bench", "upgrade", "--runs", "1", "--phase", "0.7"]
     argv += ["--scenarios", "daemon-restart,envoy-hot-restart,envoy-policy,envoy-restart"]
     argv += ["--out", str(out)]
+    shm_before = set(Path("/dev/shm").glob("envoy_shared_memory_*"))
     t0 = time.monotonic()
     r = subprocess.run(
         argv,
@@ -93,6 +94,8 @@ def test_quick_upgrade_bench_runs_envoy_hot_restart_next_to_mrpc(tmp_path: Path)
     )
     print(f"took {time.monotonic() - t0:.1f}s\n{r.stderr}")
     assert r.returncode == 0, r.stderr[-2000:]
+    left = set(Path("/dev/shm").glob("envoy_shared_memory_*")) - shm_before
+    assert not left, f"the hot-restarted Envoy's shared memory was left behind: {left}"
     results = json.loads((out / "results.json").read_text())
     (hot,) = results["scenarios"]["envoy-hot-restart"]["runs"]
     assert "error" not in hot, hot["error"]
