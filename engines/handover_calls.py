@@ -46,6 +46,22 @@ def _common(rpc: Rpc) -> dict[str, Any]:
     }
 
 
+def _common_rpc(doc: dict[str, Any], app: AppPort, call_id: int, method: Any) -> Rpc:
+    """The inverse of ``_common``: a CALL of ``app`` with the fields both kinds carry."""
+    return Rpc(
+        RpcKind.CALL,
+        app.name,
+        app.pid,
+        call_id,
+        MethodRef.of(method),
+        deadline=doc["deadline"],
+        size=int(doc["size"]),
+        created=float(doc["created"]),
+        meta=dict(doc["meta"]),
+        metadata=tuple(doc["metadata"]),
+    )
+
+
 def outbound_doc(wire_id: int, rpc: Rpc, via: tuple[Any, ...]) -> dict[str, Any]:
     """An app's call waiting for its reply; ``via`` names the connection it waits on
     (``("conn", i)``: the transport's i-th exported connection; ``("local",)``)."""
@@ -66,20 +82,10 @@ def outbound_rpc(doc: dict[str, Any], app: AppPort) -> Rpc:
     conn_id, host, port, slot = doc["conn"]
     spec = app.conns.get(conn_id) or ConnSpec(conn_id, host, port, slot)
     binding = app.bindings[slot]
-    return Rpc(
-        RpcKind.CALL,
-        app.name,
-        app.pid,
-        int(doc["call_id"]),
-        MethodRef.of(binding.module.METHODS[doc["method_id"]]),
-        deadline=doc["deadline"],
-        size=int(doc["size"]),
-        created=float(doc["created"]),
-        meta=dict(doc["meta"]),
-        metadata=tuple(doc["metadata"]),
-        _state=TxCall(spec, binding, int(doc["rec_off"])),
-        _wire_id=int(doc["wire_id"]),
-    )
+    rpc = _common_rpc(doc, app, int(doc["call_id"]), binding.module.METHODS[doc["method_id"]])
+    rpc._state = TxCall(spec, binding, int(doc["rec_off"]))
+    rpc._wire_id = int(doc["wire_id"])
+    return rpc
 
 
 def inbound_doc(srv: Rpc, origin: tuple[Any, ...]) -> dict[str, Any]:
@@ -104,20 +110,10 @@ def inbound_rpc(doc: dict[str, Any], app: AppPort, origin: Any) -> Rpc:
     """The new process's copy of an ``inbound_doc`` call served by ``app``."""
     binding = app.bindings[doc["slot"]]
     landed = None if doc["heap_off"] is None else Landed(int(doc["heap_off"]), int(doc["length"]))
-    return Rpc(
-        RpcKind.CALL,
-        app.name,
-        app.pid,
-        int(doc["token"]),
-        MethodRef.of(binding.module.METHODS[doc["method_id"]]),
-        deadline=doc["deadline"],
-        size=int(doc["size"]),
-        created=float(doc["created"]),
-        meta=dict(doc["meta"]),
-        metadata=tuple(doc["metadata"]),
-        peer=str(doc["peer"]),
-        _state=RxCall(origin, int(doc["wire_id"]), binding, landed, app),
-    )
+    rpc = _common_rpc(doc, app, int(doc["token"]), binding.module.METHODS[doc["method_id"]])
+    rpc.peer = str(doc["peer"])
+    rpc._state = RxCall(origin, int(doc["wire_id"]), binding, landed, app)
+    return rpc
 
 
 def export_served(app: AppPort, ingress_socks: dict[int, int]) -> list[dict[str, Any]]:
